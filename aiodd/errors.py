@@ -1,0 +1,65 @@
+"""One exception hierarchy for everything aiodd reports.
+
+Two families, after h11: :class:`UsageError` is *you asked for something invalid*
+(operands, options, paths), :class:`ImageError` is *the image is invalid* (corrupt,
+unsupported or hostile input).  The CLI turns any :class:`AioddError` into one line on
+stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+
+class AioddError(Exception):
+    """Base class of every error aiodd raises on purpose."""
+
+
+class UsageError(AioddError, ValueError):
+    """An operand, option or argument is invalid."""
+
+
+class ImageError(AioddError):
+    """An input image is corrupt, unsupported or refers to something it may not.
+
+    ``file`` is the image's name as the user (or the referring image) spelled it;
+    ``fmt`` the format being decoded, when known.
+    """
+
+    def __init__(self, file: str, message: str, fmt: str | None = None) -> None:
+        self.file = file
+        self.fmt = fmt
+        self.detail = message
+        super().__init__(f"{file}: {message}")
+
+
+class UnsupportedImageError(ImageError):
+    """The image is valid but uses a feature aiodd does not read."""
+
+
+class PolicyError(ImageError):
+    """An image refers to a file the backing-file policy does not allow."""
+
+
+class OutputError(AioddError):
+    """The output could not be created, written or put in place."""
+
+
+class StageError(AioddError):
+    """A pipeline stage failed for a reason that is not an :class:`AioddError` itself."""
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        self.stage = stage
+        self.cause = cause
+        super().__init__(f"{stage} stage failed: {describe(cause)}")
+
+
+class IsolationError(AioddError):
+    """The guest reader could not be started, died, or was killed by the watchdog."""
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line human description of an exception (``OSError`` without the errno noise)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    text = str(exc)
+    return text if text else type(exc).__name__

@@ -1,0 +1,1 @@
+"""Disk image formats: sans-IO decoders (input) and encoders (output plans)."""

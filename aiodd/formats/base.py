@@ -1,0 +1,125 @@
+"""The interfaces every format module plugs into.
+
+Decoders are sans-IO in the sense that matters: they never open a path.  They are
+handed :class:`RandomAccessFile` objects (already opened by the host under the
+backing-file policy) and a :class:`Resolver` that turns the references an image makes
+(backing file, data file, extents, parents) into more of the same.  Whether the bytes
+come from a local descriptor or from the isolated guest process is not their concern.
+
+Encoders are pure: from the output's geometry they build an :class:`OutputPlan`, which
+says where each byte of the window lands in the container file and which metadata
+blocks surround it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+ReferenceKind = Literal["backing", "data_file", "extent", "parent"]
+
+
+@runtime_checkable
+class RandomAccessFile(Protocol):
+    """A file opened read-only, read by offset.  Thread-safe (``pread``)."""
+
+    @property
+    def name(self) -> str:
+        """The name as the user or the referring image spelled it, for messages."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """The file's size in bytes, taken when it was opened."""
+        ...
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; shorter only at the end of the file."""
+        ...
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        """Fill ``buf`` from ``offset``; returns the byte count (short only at EOF)."""
+        ...
+
+
+class VirtualDisk(Protocol):
+    """A decoded image: a virtual disk of ``virtual_size`` bytes."""
+
+    @property
+    def format_name(self) -> str: ...
+
+    @property
+    def virtual_size(self) -> int: ...
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill all of ``buf`` with the virtual bytes at ``[offset, offset + len(buf))``.
+
+        The caller keeps the range inside ``[0, virtual_size)``; except for raw disks,
+        whose tail past the file's end (up to the 512-byte rounding) reads as zeros.
+        Raises :class:`aiodd.errors.ImageError` on corruption.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release what the disk holds (its backing chain included)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A file named inside an image."""
+
+    kind: ReferenceKind
+    name: str  # exactly as written in the image
+    referrer: str  # the name of the image that holds the reference
+    format: str | None = None  # the format the referrer declares (qcow2 backing_fmt), if any
+
+
+class Resolver(Protocol):
+    """Turns references into opened files, under the policy of whoever supplies it."""
+
+    def open_file(self, ref: Reference) -> RandomAccessFile:
+        """A referenced file read as bytes (vmdk extents, qcow2 data files)."""
+        ...
+
+    def open_disk(self, ref: Reference) -> VirtualDisk:
+        """A referenced image decoded as a disk (backing files, parents).
+
+        Uses ``ref.format`` when given, probes the content once otherwise.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class Extent:
+    """``length`` bytes of the window land at ``file_offset`` in the container."""
+
+    file_offset: int
+    length: int
+
+
+class OutputPlan(Protocol):
+    """Where the window's bytes go in an output container, and what surrounds them.
+
+    Built by a pure function of the window's length (see ``formats.encoders``).  The
+    data extents of ``[0, virtual_size)`` and the metadata blocks together cover every
+    byte of ``[0, file_size)`` exactly once (zero padding is metadata too), so the sink
+    writes a dense file without tracking gaps.  The windower pads the window with zeros
+    up to ``virtual_size`` (the 512-byte rounding, or VHD's CHS rounding).
+    """
+
+    @property
+    def virtual_size(self) -> int: ...
+
+    @property
+    def file_size(self) -> int: ...
+
+    def data_extents(self, offset: int, length: int) -> list[Extent]:
+        """Map output bytes ``[offset, offset + length)`` to container extents, in order."""
+        ...
+
+    def metadata(self) -> Iterator[tuple[int, bytes]]:
+        """``(file_offset, bytes)`` blocks of metadata, in ascending offset order,
+        produced lazily so a 2 TiB output's tables need not all be in memory at once."""
+        ...

@@ -1,0 +1,76 @@
+"""Input formats: detection from content and the decoder registry.
+
+Each decoder module exposes ``NAME``, ``probe(head) -> int`` (a qemu-style score: 0 for
+"not mine", 100 for a sure match; raw answers 1) and
+``open_disk(file, resolver) -> VirtualDisk``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Protocol
+
+from aiodd.errors import UsageError
+from aiodd.formats.base import RandomAccessFile, Resolver, VirtualDisk
+from aiodd.formats.decoders import raw
+
+# How much of the file's start the probes see, as qemu's BLOCK_PROBE_BUF_SIZE.
+PROBE_SIZE = 2048
+
+
+class Decoder(Protocol):
+    NAME: str
+
+    def probe(self, head: bytes) -> int: ...
+
+    def open_disk(self, file: RandomAccessFile, resolver: Resolver) -> VirtualDisk: ...
+
+
+def _load() -> dict[str, ModuleType]:
+    modules: dict[str, ModuleType] = {"raw": raw}
+    import importlib
+
+    for name in ("qcow2", "vmdk", "vpc", "vhdx"):
+        try:
+            modules[name] = importlib.import_module(f"aiodd.formats.decoders.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"aiodd.formats.decoders.{name}":
+                raise
+    return modules
+
+
+DECODERS: dict[str, ModuleType] = _load()
+
+
+def input_formats() -> list[str]:
+    return sorted(DECODERS)
+
+
+def detect(head: bytes) -> str:
+    """The format qemu's probes would pick for a file starting with ``head``."""
+    best, best_score = "raw", 0
+    for name, module in DECODERS.items():
+        score = module.probe(head)
+        if score > best_score:
+            best, best_score = name, score
+    return best
+
+
+def decoder(name: str) -> ModuleType:
+    try:
+        return DECODERS[name]
+    except KeyError:
+        supported = ", ".join(input_formats())
+        raise UsageError(
+            f"unknown input format '{name}': supported formats are {supported}"
+        ) from None
+
+
+def open_disk(
+    file: RandomAccessFile, resolver: Resolver, fmt: str | None = None
+) -> VirtualDisk:
+    """Decode ``file`` as ``fmt``, or as the format its content shows."""
+    if fmt is None:
+        fmt = detect(file.pread(0, PROBE_SIZE))
+    disk: VirtualDisk = decoder(fmt).open_disk(file, resolver)
+    return disk

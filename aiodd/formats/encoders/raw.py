@@ -1,0 +1,30 @@
+"""raw output: the file is the window, padded with zeros to a whole sector."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from aiodd.formats.base import Extent
+
+NAME = "raw"
+SECTOR = 512
+
+
+@dataclass(frozen=True)
+class RawPlan:
+    virtual_size: int
+
+    @property
+    def file_size(self) -> int:
+        return self.virtual_size
+
+    def data_extents(self, offset: int, length: int) -> list[Extent]:
+        return [Extent(offset, length)] if length else []
+
+    def metadata(self) -> Iterator[tuple[int, bytes]]:
+        return iter(())
+
+
+def plan(out: int) -> RawPlan:
+    return RawPlan(-(-out // SECTOR) * SECTOR)

@@ -1,0 +1,63 @@
+"""Shared fixtures: the anyio backends and the real qemu-img, the oracle."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+QEMU_IMG = shutil.which("qemu-img")
+QEMU_IO = shutil.which("qemu-io")
+
+needs_qemu = pytest.mark.skipif(
+    QEMU_IMG is None or QEMU_IO is None,
+    reason="qemu-img/qemu-io not installed (apt-get install qemu-utils); .ci/run installs it",
+)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="asyncio+uvloop"),
+        pytest.param(("trio", {}), id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    backend: tuple[str, dict[str, object]] = request.param
+    return backend
+
+
+def run_qemu(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """Run a qemu-img / qemu-io command line (first arg names the tool)."""
+    return subprocess.run([str(a) for a in args], capture_output=True, check=check)
+
+
+def qemu_img(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    return run_qemu("qemu-img", *args, check=check)
+
+
+def qemu_io(image: str | Path, commands: Sequence[str], fmt: str | None = None) -> None:
+    """Run qemu-io commands (e.g. ``write -P 0xab 0 64k``) against an image."""
+    args: list[str | Path] = ["qemu-io"]
+    if fmt:
+        args += ["-f", fmt]
+    for command in commands:
+        args += ["-c", command]
+    args.append(image)
+    run_qemu(*args)
+
+
+def qemu_raw_bytes(image: str | Path, tmp_path: Path, fmt: str | None = None) -> bytes:
+    """The image's virtual disk as qemu reads it (``qemu-img convert -O raw``)."""
+    out = tmp_path / "qemu-view.raw"
+    args: list[str | Path] = ["convert"]
+    if fmt:
+        args += ["-f", fmt]
+    args += ["-O", "raw", image, out]
+    qemu_img(*args)
+    data = out.read_bytes()
+    out.unlink()
+    return data
