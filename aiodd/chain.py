@@ -1,87 +1,95 @@
-"""Opening an input image and the files it refers to, on the host.
+"""Opening an input image and the files it refers to.
 
-:class:`LocalResolver` is the inline resolver: it resolves each reference an image
-makes under the backing-file policy (:mod:`aiodd.policy` when present; until then a
-conservative stand-in that admits only plain names in the referrer's own directory) and
-decodes referenced images in this process.
+:func:`open_input` opens the user's image (any path the user names is allowed) and
+decodes it either in the guest reader (``isolation="sandbox"``, the default: see
+:mod:`aiodd.guest`) or in this process (``isolation="inline"``, for embedders who trust
+their input).  Either way every file the image names is resolved on the host under the
+backing-file policy (:mod:`aiodd.policy`); :class:`LocalResolver` is the inline resolver.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
-import stat
+from collections.abc import Sequence
+from typing import Literal
 
-from aiodd.errors import ImageError, PolicyError
+from aiodd.errors import ImageError, UsageError
 from aiodd.formats import decoders
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.io import LocalFile
+from aiodd.policy import MAX_CHAIN, Layer, Policy
 
-MAX_CHAIN = 64
+__all__ = ("MAX_CHAIN", "LocalResolver", "open_input")
+
+Isolation = Literal["sandbox", "inline"]
 
 
 class LocalResolver:
-    def __init__(self, image_dir: str, depth: int = 0, seen: frozenset[tuple[int, int]] = frozenset()) -> None:
-        self._dir = image_dir
-        self._depth = depth
-        self._seen = seen
+    """Resolves references under ``policy`` and decodes referenced images in-process."""
 
-    def _open(self, ref: Reference) -> LocalFile:
-        name = ref.name
-        if (
-            not name
-            or os.path.isabs(name)
-            or ":" in name.split("/", 1)[0]
-            or any(part in ("..", "") for part in name.split("/"))
-        ):
-            raise PolicyError(
-                ref.referrer,
-                f"{ref.kind} '{name}' is refused: only files in the image's own directory"
-                " are allowed",
-            )
-        path = os.path.join(self._dir, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError as exc:
-            raise ImageError(ref.referrer, f"cannot open {ref.kind} '{name}': {exc.strerror}") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise PolicyError(ref.referrer, f"{ref.kind} '{name}' is not a regular file")
-        if (st.st_dev, st.st_ino) in self._seen:
-            os.close(fd)
-            raise PolicyError(ref.referrer, f"{ref.kind} '{name}' makes the chain loop")
-        return LocalFile(fd, name)
+    def __init__(self, policy: Policy, layer: Layer) -> None:
+        self._policy = policy
+        self._layer = layer
 
     def open_file(self, ref: Reference) -> RandomAccessFile:
-        return self._open(ref)
+        fd, _ = self._policy.open_reference(self._layer, ref, disk=False)
+        return _local(fd, ref.name)
 
     def open_disk(self, ref: Reference) -> VirtualDisk:
-        if self._depth + 1 >= MAX_CHAIN:
-            raise PolicyError(ref.referrer, f"backing chain deeper than {MAX_CHAIN} layers")
-        file = self._open(ref)
-        st = os.fstat(file.fd)
-        child = LocalResolver(
-            os.path.dirname(os.path.join(self._dir, ref.name)),
-            self._depth + 1,
-            self._seen | {(st.st_dev, st.st_ino)},
-        )
+        fd, layer = self._policy.open_reference(self._layer, ref, disk=True)
+        file = _local(fd, ref.name)
         try:
-            return decoders.open_disk(file, child, ref.format)
+            return decoders.open_disk(file, LocalResolver(self._policy, layer), ref.format)
         except BaseException:
             file.close()
             raise
 
 
-def open_input(path: str, fmt: str | None) -> VirtualDisk:
-    """Open the user's input image (any path the user names is allowed) and decode it."""
+def _local(fd: int, name: str) -> LocalFile:
+    try:
+        return LocalFile(fd, name)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_input(
+    path: str,
+    fmt: str | None,
+    *,
+    isolation: Isolation = "sandbox",
+    allow_dirs: Sequence[str] = (),
+    require_isolation: bool = False,
+    memory: mmap.mmap | None = None,
+) -> VirtualDisk:
+    """Open the user's input image and decode it.
+
+    ``allow_dirs`` widens the backing-file policy (``--allow-backing DIR``).  With
+    ``isolation="sandbox"`` the returned disk is served by a guest process; ``memory``
+    is the caller's buffer pool, ideally from :func:`aiodd.guest.shared_buffer` so the
+    guest writes straight into it (any other buffer works, through a copy).
+    ``require_isolation`` refuses to run when a sandbox layer cannot be set up.
+    """
+    if isolation not in ("sandbox", "inline"):
+        raise UsageError(f"unknown isolation mode '{isolation}': use 'sandbox' or 'inline'")
+    if fmt is not None:
+        decoders.decoder(fmt)  # an unknown format is a usage error, before anything else
+    policy = Policy(allow_dirs)
     try:
         file = LocalFile.open(path)
     except OSError as exc:
         raise ImageError(path, f"cannot open: {exc.strerror}") from None
-    st = os.fstat(file.fd)
-    resolver = LocalResolver(os.path.dirname(os.path.abspath(path)), 0, frozenset({(st.st_dev, st.st_ino)}))
     try:
-        return decoders.open_disk(file, resolver, fmt)
+        top = policy.top(path, file.fd)
+        if isolation == "inline":
+            return decoders.open_disk(file, LocalResolver(policy, top), fmt)
+        from aiodd.guest.host import GuestOptions, open_guest
+
+        options = GuestOptions(require_isolation=require_isolation)
+        disk = open_guest(path, file.fd, fmt, policy, top, memory=memory, options=options)
     except BaseException:
         file.close()
         raise
+    file.close()  # the guest holds its own copy of the descriptor
+    return disk

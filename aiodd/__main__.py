@@ -1,0 +1,5 @@
+import sys
+
+from aiodd.cli import main
+
+sys.exit(main())

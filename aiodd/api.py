@@ -1,0 +1,141 @@
+"""The library API: ``await aiodd.dd(...)``."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+
+from aiodd import chain
+from aiodd.errors import UsageError
+from aiodd.formats import encoders
+from aiodd.formats.base import VirtualDisk
+from aiodd.pipeline.buffers import DEFAULT_COUNT, DEFAULT_UNIT, BufferPool
+from aiodd.pipeline.progress import ProgressCallback, ProgressMeter
+from aiodd.pipeline.run import run_pipeline
+from aiodd.stages.sink import OutputFile
+from aiodd.window import BS_MAX, INT64_MAX, Window, compute_window, parse_size
+
+Isolation = Literal["sandbox", "inline"]
+SKIP_WARNING = "cannot skip to specified offset"
+
+
+@dataclass(frozen=True)
+class DdResult:
+    """What a finished copy did."""
+
+    input_format: str
+    output_format: str
+    virtual_size: int  # of the input
+    window: Window  # the input bytes [start, end) that were copied
+    output_size: int  # the output's virtual size (the window, zero-padded)
+    elapsed: float
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def bytes_copied(self) -> int:
+        return self.window.length
+
+
+def _size_operand(name: str, value: int | str | None, low: int, high: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        from aiodd.window import SizeRangeError, SizeSyntaxError
+
+        try:
+            number = parse_size(value).value
+        except SizeRangeError:
+            number = high + 1
+        except SizeSyntaxError:
+            raise UsageError(
+                f"invalid {name} '{value}': not a size (a number with an optional"
+                " k, M, G, T, P or E suffix, e.g. 4K or 1.5M)"
+            ) from None
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"invalid {name} {value!r}: must be an integer or a size string")
+    else:
+        number = value
+    if not low <= number <= high:
+        raise UsageError(f"invalid {name} '{value}': must be between {low} and {high}")
+    return number
+
+
+def _same_file(src: str, dst: str) -> bool:
+    try:
+        a, b = os.stat(src), os.stat(dst)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+async def dd(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    bs: int | str = 512,
+    count: int | str | None = None,
+    skip: int | str = 0,
+    input_format: str | None = None,
+    output_format: str = "raw",
+    on_progress: ProgressCallback | None = None,
+    progress_interval: float = 0.1,
+    isolation: Isolation = "inline",
+    allow_backing: Sequence[str | os.PathLike[str]] = (),
+    require_isolation: bool = False,
+    io_size: int = DEFAULT_UNIT,
+) -> DdResult:
+    """Copy the window ``skip*bs`` … ``count*bs`` of ``src``'s virtual disk to ``dst``.
+
+    Sizes may be given as integers (bytes or blocks) or as strings with qemu's
+    suffixes (``"4K"``, ``"1.5M"``).  Raises :class:`~aiodd.errors.UsageError` for bad
+    arguments, :class:`~aiodd.errors.ImageError` for a bad input image and
+    :class:`~aiodd.errors.OutputError` when the output cannot be written.  Cancelling
+    the caller's scope stops the copy and removes the partial output.
+    """
+    started = time.monotonic()
+    bs_value = _size_operand("bs", bs, 1, BS_MAX)
+    count_value = _size_operand("count", count, 0, INT64_MAX)
+    skip_value = _size_operand("skip", skip, 0, INT64_MAX)
+    assert bs_value is not None and skip_value is not None
+    src_path, dst_path = os.fspath(src), os.fspath(dst)
+    encoders.check_output_format(output_format)
+    if isolation not in ("sandbox", "inline"):
+        raise UsageError(f"unknown isolation '{isolation}': use 'sandbox' or 'inline'")
+    if _same_file(src_path, dst_path):
+        raise UsageError(f"if= and of= name the same file: {src_path}")
+
+    disk: VirtualDisk = await anyio.to_thread.run_sync(
+        chain.open_input, src_path, input_format
+    )
+    try:
+        window = compute_window(disk.virtual_size, bs_value, count_value, skip_value)
+        warnings = (f"{src_path}: {SKIP_WARNING}",) if window.skip_past_end else ()
+        plan = encoders.plan(output_format, window.length)
+        meter = ProgressMeter(plan.virtual_size, on_progress, progress_interval)
+        output = await anyio.to_thread.run_sync(
+            lambda: OutputFile.create(dst_path, plan.file_size, raw=output_format == "raw")
+        )
+        pool = BufferPool(DEFAULT_COUNT, io_size)
+        try:
+            await run_pipeline(disk, window.start, window.end, plan, output, pool, meter)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(output.commit, plan.file_size)
+        finally:
+            output.abort()
+            pool.close()
+    finally:
+        disk.close()
+    return DdResult(
+        input_format=disk.format_name,
+        output_format=output_format,
+        virtual_size=disk.virtual_size,
+        window=window,
+        output_size=plan.virtual_size,
+        elapsed=time.monotonic() - started,
+        warnings=warnings,
+    )

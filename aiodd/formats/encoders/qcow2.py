@@ -1,0 +1,220 @@
+"""qcow2 output: version 3 (compat 1.1), 64 KiB clusters, 16-bit refcounts, every
+cluster of the window allocated.
+
+Layout, one cluster per structure unless it needs more, all metadata first so the
+data clusters are one contiguous run in guest order::
+
+    header (+ feature name table) | refcount table | refcount blocks | L1 | L2 ... | data
+
+The refcount blocks cover every cluster of the file, themselves included, with
+refcount 1; nothing leaks and nothing is shared, so ``qemu-img check`` is clean.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from aiodd.errors import UsageError
+from aiodd.formats.base import Extent
+from aiodd.formats.encoders._common import (
+    SECTOR,
+    div_round_up,
+    lanes,
+    pack_u16_ones,
+    pad,
+    round_up,
+    zeros,
+)
+
+NAME = "qcow2"
+
+CLUSTER_BITS = 16
+CLUSTER = 1 << CLUSTER_BITS
+REFCOUNT_ORDER = 4  # 16-bit refcounts
+ENTRIES_PER_L2 = CLUSTER // 8
+REFCOUNTS_PER_BLOCK = CLUSTER * 8 >> REFCOUNT_ORDER
+HEADER_LENGTH = 112  # v3 header with the compression type byte, padded to 8
+OFLAG_COPIED = 1 << 63
+# qemu's QCOW_MAX_L1_SIZE (32 MiB of L1 entries): the largest image qemu opens.
+MAX_L1_ENTRIES = (32 << 20) // 8
+
+_HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")
+
+# The feature name table qemu 7.2 writes (type, bit, name): informational only.
+_FEATURES = (
+    (0, 0, b"dirty bit"),
+    (0, 1, b"corrupt bit"),
+    (0, 2, b"external data file"),
+    (0, 3, b"compression type"),
+    (0, 4, b"extended L2 entries"),
+    (1, 0, b"lazy refcounts"),
+    (2, 0, b"bitmaps"),
+    (2, 1, b"raw external data"),
+)
+EXT_FEATURE_NAMES = 0x6803F857
+
+
+def _header_extensions() -> bytes:
+    table = b"".join(struct.pack(">BB46s", kind, bit, name) for kind, bit, name in _FEATURES)
+    return struct.pack(">II", EXT_FEATURE_NAMES, len(table)) + table + bytes(8)  # + end
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Cluster indexes of every structure, a pure function of the virtual size."""
+
+    virtual_size: int
+    data_clusters: int
+    l1_entries: int
+    refcount_table_clusters: int
+    refcount_blocks: int
+    l1_clusters: int
+
+    @property
+    def refcount_table_offset(self) -> int:
+        return CLUSTER
+
+    @property
+    def refcount_blocks_offset(self) -> int:
+        return self.refcount_table_offset + self.refcount_table_clusters * CLUSTER
+
+    @property
+    def l1_offset(self) -> int:
+        return self.refcount_blocks_offset + self.refcount_blocks * CLUSTER
+
+    @property
+    def l2_offset(self) -> int:
+        return self.l1_offset + self.l1_clusters * CLUSTER
+
+    @property
+    def data_offset(self) -> int:
+        return self.l2_offset + self.l1_entries * CLUSTER
+
+    @property
+    def total_clusters(self) -> int:
+        return self.data_offset // CLUSTER + self.data_clusters
+
+
+def layout(virtual_size: int) -> Layout:
+    data = div_round_up(virtual_size, CLUSTER)
+    l1_entries = div_round_up(data, ENTRIES_PER_L2)
+    if l1_entries > MAX_L1_ENTRIES:
+        raise UsageError(
+            f"qcow2 cannot hold {virtual_size} bytes with 64 KiB clusters: "
+            f"the L1 table would exceed qemu's limit of {MAX_L1_ENTRIES} entries"
+        )
+    l1_clusters = div_round_up(l1_entries * 8, CLUSTER)
+    fixed = 1 + l1_clusters + l1_entries + data
+    # The refcount structures count themselves: grow them until they cover everything.
+    table, blocks = 1, 1
+    while True:
+        total = fixed + table + blocks
+        need_blocks = div_round_up(total, REFCOUNTS_PER_BLOCK)
+        need_table = div_round_up(need_blocks * 8, CLUSTER)
+        if (need_blocks, need_table) == (blocks, table):
+            break
+        blocks, table = max(blocks, need_blocks), max(table, need_table)
+    return Layout(virtual_size, data, l1_entries, table, blocks, l1_clusters)
+
+
+@dataclass(frozen=True)
+class Qcow2Plan:
+    layout: Layout
+
+    @property
+    def virtual_size(self) -> int:
+        return self.layout.virtual_size
+
+    @property
+    def file_size(self) -> int:
+        return self.layout.total_clusters * CLUSTER
+
+    def data_extents(self, offset: int, length: int) -> list[Extent]:
+        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+            raise ValueError(f"range {offset}+{length} outside the virtual disk")
+        return [Extent(self.layout.data_offset + offset, length)] if length else []
+
+    def header(self) -> bytes:
+        lay = self.layout
+        fields = _HEADER.pack(
+            b"QFI\xfb",
+            3,  # version
+            0,  # backing_file_offset
+            0,  # backing_file_size
+            CLUSTER_BITS,
+            lay.virtual_size,
+            0,  # crypt_method
+            lay.l1_entries,
+            lay.l1_offset if lay.l1_entries else 0,
+            lay.refcount_table_offset,
+            lay.refcount_table_clusters,
+            0,  # nb_snapshots
+            0,  # snapshots_offset
+            0,  # incompatible_features
+            0,  # compatible_features
+            0,  # autoclear_features
+            REFCOUNT_ORDER,
+            HEADER_LENGTH,
+        )
+        # compression_type (zlib) and padding fill the header up to HEADER_LENGTH.
+        return pad(pad(fields, HEADER_LENGTH) + _header_extensions(), CLUSTER)
+
+    def metadata(self) -> Iterator[tuple[int, bytes]]:
+        lay = self.layout
+        yield 0, self.header()
+        # Refcount table: refcount block i is at refcount_blocks_offset + i clusters.
+        yield from _table_clusters(
+            lay.refcount_table_offset,
+            lay.refcount_table_clusters,
+            lay.refcount_blocks_offset,
+            lay.refcount_blocks,
+            copied=False,
+        )
+        # Refcount blocks: 1 for every cluster of the file, 0 past its end.
+        total = lay.total_clusters
+        full = pack_u16_ones(REFCOUNTS_PER_BLOCK)
+        for i in range(lay.refcount_blocks):
+            covered = min(REFCOUNTS_PER_BLOCK, total - i * REFCOUNTS_PER_BLOCK)
+            block = full if covered == REFCOUNTS_PER_BLOCK else pad(pack_u16_ones(covered), CLUSTER)
+            yield lay.refcount_blocks_offset + i * CLUSTER, block
+        # L1: entry i points at L2 table i, which is in use once (COPIED).
+        yield from _table_clusters(
+            lay.l1_offset, lay.l1_clusters, lay.l2_offset, lay.l1_entries, copied=True
+        )
+        # L2 tables: data cluster j at data_offset + j clusters, COPIED.
+        for i in range(lay.l1_entries):
+            first = i * ENTRIES_PER_L2
+            count = min(ENTRIES_PER_L2, lay.data_clusters - first)
+            start = lay.data_offset + first * CLUSTER
+            yield lay.l2_offset + i * CLUSTER, _entries(start, count, CLUSTER, copied=True)
+        # The last data cluster's tail past the virtual size.
+        tail = lay.data_clusters * CLUSTER - lay.virtual_size
+        yield from zeros(lay.data_offset + lay.virtual_size, tail)
+
+
+def _entries(first: int, count: int, step: int, *, copied: bool) -> bytes:
+    """One cluster of big-endian 64-bit entries ``first + k * step`` for ``k < count``,
+    with the COPIED flag (bit 63) when asked, zero-filled after them."""
+    table = lanes(first | OFLAG_COPIED if copied else first, count, step, 8, "big")
+    return table + bytes(CLUSTER - len(table)) if len(table) < CLUSTER else table
+
+
+def _table_clusters(
+    offset: int, clusters: int, first: int, count: int, *, copied: bool
+) -> Iterator[tuple[int, bytes]]:
+    """A table of ``count`` entries pointing at consecutive clusters from ``first``,
+    spread over ``clusters`` clusters at ``offset``, yielded a cluster at a time."""
+    per = CLUSTER // 8
+    for c in range(clusters):
+        lo = c * per
+        n = max(0, min(per, count - lo))
+        yield offset + c * CLUSTER, _entries(first + lo * CLUSTER, n, CLUSTER, copied=copied)
+
+
+def plan(out: int) -> Qcow2Plan:
+    """The plan for a window of ``out`` bytes (virtual size: ``out`` rounded up to 512)."""
+    if out < 0:
+        raise ValueError("negative window length")
+    return Qcow2Plan(layout(round_up(out, SECTOR)))

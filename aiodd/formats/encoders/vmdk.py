@@ -1,0 +1,193 @@
+"""vmdk output: a monolithicSparse extent (version 1 header, 64 KiB grains) with an
+embedded descriptor and a redundant grain directory, laid out as ``qemu-img create -f
+vmdk`` lays it out, with every grain of the window allocated in order::
+
+    header | descriptor (20 sectors) | redundant GD | redundant GTs | GD | GTs | pad | grains
+
+All offsets are in 512-byte sectors; grain table entries are 32-bit sector numbers, so
+no grain may start at or past sector 2**32 (qemu's ``VMDK_EXTENT_MAX_SECTORS``): a
+window whose grains would is refused up front, where qemu-img dd fails part-way.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from aiodd.errors import UsageError
+from aiodd.formats.base import Extent
+from aiodd.formats.encoders._common import (
+    SECTOR,
+    Identity,
+    div_round_up,
+    lanes,
+    pad,
+    round_up,
+    zeros,
+)
+
+NAME = "vmdk"
+
+GRAIN_SECTORS = 128
+GRAIN = GRAIN_SECTORS * SECTOR
+GTES_PER_GT = 512
+GT_SECTORS = GTES_PER_GT * 4 // SECTOR
+DESCRIPTOR_OFFSET = 1
+DESCRIPTOR_SECTORS = 20
+FLAGS = 0x3  # valid new-line detection | redundant grain table
+MAX_SECTOR = 1 << 32
+# Grain tables are emitted this many at a time (256 KiB) to bound the metadata pieces.
+_GTS_PER_PIECE = 128
+
+_HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")
+
+DEFAULT_FILENAME = "image.vmdk"
+
+
+@dataclass(frozen=True)
+class Layout:
+    capacity: int  # sectors
+    grains: int
+    gt_count: int
+    gd_sectors: int
+
+    @property
+    def rgd_offset(self) -> int:
+        return DESCRIPTOR_OFFSET + DESCRIPTOR_SECTORS
+
+    @property
+    def gd_offset(self) -> int:
+        return self.rgd_offset + self.gd_sectors + GT_SECTORS * self.gt_count
+
+    @property
+    def grain_offset(self) -> int:
+        return round_up(
+            self.gd_offset + self.gd_sectors + GT_SECTORS * self.gt_count, GRAIN_SECTORS
+        )
+
+
+def layout(capacity: int) -> Layout:
+    grains = div_round_up(capacity, GRAIN_SECTORS)
+    gt_count = div_round_up(grains, GTES_PER_GT)
+    lay = Layout(capacity, grains, gt_count, div_round_up(gt_count * 4, SECTOR))
+    if lay.grain_offset + (grains - 1) * GRAIN_SECTORS >= MAX_SECTOR:
+        raise UsageError(
+            f"vmdk cannot hold {capacity * SECTOR} bytes densely: a monolithicSparse "
+            "extent addresses grains by 32-bit sector numbers (at most 2 TiB of file)"
+        )
+    return lay
+
+
+def descriptor(capacity: int, cid: int, filename: str) -> bytes:
+    """The embedded descriptor, line for line as qemu 7.2 writes it."""
+    safe = "".join(c if c.isprintable() and c != '"' else "_" for c in filename) or "_"
+    cylinders = capacity * SECTOR // (63 * 16 * SECTOR)
+    text = (
+        "# Disk DescriptorFile\n"
+        "version=1\n"
+        f"CID={cid:08x}\n"
+        "parentCID=ffffffff\n"
+        'createType="monolithicSparse"\n'
+        "\n"
+        "# Extent description\n"
+        f'RW {capacity} SPARSE "{safe}"\n'
+        "\n"
+        "# The Disk Data Base\n"
+        "#DDB\n"
+        "\n"
+        'ddb.virtualHWVersion = "4"\n'
+        f'ddb.geometry.cylinders = "{cylinders}"\n'
+        'ddb.geometry.heads = "16"\n'
+        'ddb.geometry.sectors = "63"\n'
+        'ddb.adapterType = "ide"\n'
+        'ddb.toolsVersion = "2147483647"\n'
+    )
+    raw = text.encode("utf-8")
+    if len(raw) > DESCRIPTOR_SECTORS * SECTOR:
+        raise UsageError("vmdk descriptor does not fit: the output file name is too long")
+    return pad(raw, DESCRIPTOR_SECTORS * SECTOR)
+
+
+@dataclass(frozen=True)
+class VmdkPlan:
+    layout: Layout
+    filename: str = DEFAULT_FILENAME
+    identity: Identity = field(default_factory=Identity)
+
+    @property
+    def virtual_size(self) -> int:
+        return self.layout.capacity * SECTOR
+
+    @property
+    def file_size(self) -> int:
+        return (self.layout.grain_offset + self.layout.grains * GRAIN_SECTORS) * SECTOR
+
+    def data_extents(self, offset: int, length: int) -> list[Extent]:
+        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+            raise ValueError(f"range {offset}+{length} outside the virtual disk")
+        return [Extent(self.layout.grain_offset * SECTOR + offset, length)] if length else []
+
+    def header(self) -> bytes:
+        lay = self.layout
+        raw = _HEADER.pack(
+            b"KDMV",
+            1,  # version
+            FLAGS,
+            lay.capacity,
+            GRAIN_SECTORS,
+            DESCRIPTOR_OFFSET,
+            DESCRIPTOR_SECTORS,
+            GTES_PER_GT,
+            lay.rgd_offset,
+            lay.gd_offset,
+            lay.grain_offset,  # overHead
+            0,  # uncleanShutdown
+            b"\n \r\n",  # new-line detection characters
+            0,  # compressAlgorithm
+        )
+        return pad(raw, SECTOR)
+
+    def metadata(self) -> Iterator[tuple[int, bytes]]:
+        lay = self.layout
+        yield 0, self.header()
+        cid = self.identity.u32("vmdk CID")
+        yield DESCRIPTOR_OFFSET * SECTOR, descriptor(lay.capacity, cid, self.filename)
+        yield from self._directory(lay.rgd_offset)
+        yield from self._directory(lay.gd_offset)
+        end = lay.gd_offset + lay.gd_sectors + GT_SECTORS * lay.gt_count
+        yield from zeros(end * SECTOR, (lay.grain_offset - end) * SECTOR)
+        tail = lay.grains * GRAIN - self.virtual_size
+        yield from zeros(self.file_size - tail, tail)
+
+    def _directory(self, gd_offset: int) -> Iterator[tuple[int, bytes]]:
+        """A grain directory at ``gd_offset`` followed by the grain tables it points at."""
+        lay = self.layout
+        first_gt = gd_offset + lay.gd_sectors
+        gd = lanes(first_gt, lay.gt_count, GT_SECTORS, 4, "little")
+        yield gd_offset * SECTOR, pad(gd, lay.gd_sectors * SECTOR)
+        for piece in range(0, lay.gt_count, _GTS_PER_PIECE):
+            gts = min(_GTS_PER_PIECE, lay.gt_count - piece)
+            first_grain = piece * GTES_PER_GT
+            count = min(gts * GTES_PER_GT, lay.grains - first_grain)
+            start = lay.grain_offset + first_grain * GRAIN_SECTORS
+            table = lanes(start, count, GRAIN_SECTORS, 4, "little")
+            yield (first_gt + piece * GT_SECTORS) * SECTOR, pad(table, gts * GT_SECTORS * SECTOR)
+
+
+def plan(
+    out: int, *, filename: str = DEFAULT_FILENAME, identity: Identity | None = None
+) -> VmdkPlan:
+    """The plan for a window of ``out`` bytes (capacity: ``out`` rounded up to sectors).
+
+    ``filename`` is the name the embedded descriptor's extent line gives the file
+    (qemu writes the output's base name; readers of monolithicSparse ignore it).
+    """
+    if out < 0:
+        raise ValueError("negative window length")
+    if out == 0:
+        raise UsageError(
+            "vmdk cannot hold an empty image: a monolithicSparse extent needs a capacity "
+            "of at least one sector (the window is 0 bytes)"
+        )
+    return VmdkPlan(layout(div_round_up(out, SECTOR)), filename, identity or Identity())

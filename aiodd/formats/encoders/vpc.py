@@ -1,0 +1,211 @@
+"""vpc output: a dynamic VHD with 2 MiB blocks, as qemu 7.2's ``vpc`` driver creates
+it, with every block of the window allocated in order::
+
+    footer copy | dynamic header | BAT (padded to 512) | {bitmap, block} ... | footer
+
+Each block is a 512-byte sector bitmap of all ones (every sector present, as qemu sets
+it when it allocates a block) followed by 2 MiB of data.  The virtual size is the CHS
+geometry's product (the VHD specification's algorithm, searched upwards as qemu does),
+so the window is padded with zeros up to it; above the geometry's ceiling (about
+127.5 GiB) qemu keeps the exact size and records the maximum geometry.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from aiodd.errors import UsageError
+from aiodd.formats.base import Extent
+from aiodd.formats.encoders._common import (
+    SECTOR,
+    Identity,
+    div_round_up,
+    lanes,
+    round_up,
+    strided_extents,
+    zeros,
+)
+
+NAME = "vpc"
+
+BLOCK = 2 << 20
+BITMAP = SECTOR  # 2 MiB / 512 sectors, one bit each, padded to a sector
+STRIDE = BITMAP + BLOCK
+FOOTER_SIZE = 512
+DYN_HEADER_SIZE = 1024
+DYN_HEADER_OFFSET = FOOTER_SIZE
+BAT_OFFSET = DYN_HEADER_OFFSET + DYN_HEADER_SIZE
+# qemu's VHD_MAX_GEOMETRY and VHD_MAX_SECTORS (2040 GiB).
+MAX_GEOMETRY = 65535 * 16 * 255
+MAX_SECTORS = 0xFF000000
+DISK_TYPE_DYNAMIC = 3
+# Seconds from the Unix epoch to the VHD epoch, 2000-01-01 00:00:00 UTC.
+VHD_EPOCH = 946684800
+# BAT entries per metadata piece (256 KiB).
+_BAT_PIECE = 65536
+
+_FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB427s")
+_DYN = struct.Struct(">8sQQIIII16sII512s192s256s")
+
+
+def geometry(sectors: int) -> tuple[int, int, int]:
+    """(cylinders, heads, sectors per track) for ``sectors``, the VHD specification's
+    algorithm as qemu 7.2's ``calculate_geometry`` implements it."""
+    total = min(sectors, MAX_GEOMETRY)
+    if total >= 65535 * 16 * 63:
+        spt, heads = 255, 16
+        cth = total // spt
+    else:
+        spt = 17
+        cth = total // spt
+        heads = max(4, (cth + 1023) // 1024)
+        if cth >= heads * 1024 or heads > 16:
+            spt, heads = 31, 16
+            cth = total // spt
+        if cth >= heads * 1024:
+            spt, heads = 63, 16
+            cth = total // spt
+    return cth // heads, heads, spt
+
+
+@dataclass(frozen=True)
+class Size:
+    """The disk's size and geometry for a window of ``n`` sectors."""
+
+    sectors: int
+    cylinders: int
+    heads: int
+    spt: int
+
+
+def size_for(n: int) -> Size:
+    """qemu's search: the first ``geometry(n + i)`` whose product holds ``n`` sectors;
+    the exact size (with the maximum geometry) when that is the ceiling."""
+    if n == 0:
+        return Size(0, 0, 0, 0)
+    target = min(n, MAX_GEOMETRY)
+    cyls = heads = spt = 0
+    i = 0
+    while cyls * heads * spt < target:
+        cyls, heads, spt = geometry(target + i)
+        i += 1
+    if cyls * heads * spt == MAX_GEOMETRY:
+        if n > MAX_SECTORS:
+            raise UsageError(
+                f"vpc cannot hold {n * SECTOR} bytes: the VHD format's maximum is 2040 GiB"
+            )
+        return Size(n, cyls, heads, spt)
+    return Size(cyls * heads * spt, cyls, heads, spt)
+
+
+def checksum(data: bytes) -> int:
+    """VHD's checksum: the one's complement of the byte sum."""
+    return ~sum(data) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class VpcPlan:
+    size: Size
+    identity: Identity = field(default_factory=Identity)
+
+    @property
+    def virtual_size(self) -> int:
+        return self.size.sectors * SECTOR
+
+    @property
+    def blocks(self) -> int:
+        return div_round_up(self.virtual_size, BLOCK)
+
+    @property
+    def bat_bytes(self) -> int:
+        return round_up(self.blocks * 4, SECTOR)
+
+    @property
+    def data_start(self) -> int:
+        """Offset of block 0's bitmap."""
+        return BAT_OFFSET + self.bat_bytes
+
+    @property
+    def file_size(self) -> int:
+        return self.data_start + self.blocks * STRIDE + FOOTER_SIZE
+
+    def data_extents(self, offset: int, length: int) -> list[Extent]:
+        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+            raise ValueError(f"range {offset}+{length} outside the virtual disk")
+        base = self.data_start + BITMAP
+        return strided_extents(offset, length, base=base, block=BLOCK, stride=STRIDE)
+
+    def footer(self) -> bytes:
+        size = self.size
+        timestamp = max(0, self.identity.timestamp - VHD_EPOCH) & 0xFFFFFFFF
+        fields = [
+            b"conectix",
+            2,  # features: reserved bit, always set
+            0x00010000,  # file format version 1.0
+            DYN_HEADER_OFFSET,
+            timestamp,
+            b"qemu",  # creator application: qemu sizes these disks by CHS
+            0x00050003,  # creator version, as qemu writes it
+            b"Wi2k",  # creator host OS
+            size.sectors * SECTOR,  # original size
+            size.sectors * SECTOR,  # current size
+            size.cylinders,
+            size.heads,
+            size.spt,
+            DISK_TYPE_DYNAMIC,
+            0,  # checksum, filled below
+            self.identity.guid("vpc unique id"),
+            0,  # saved state
+            b"",
+        ]
+        fields[14] = checksum(_FOOTER.pack(*fields))
+        return _FOOTER.pack(*fields)
+
+    def dynamic_header(self) -> bytes:
+        fields = [
+            b"cxsparse",
+            0xFFFFFFFFFFFFFFFF,  # data offset: unused
+            BAT_OFFSET,
+            0x00010000,  # header version
+            self.blocks,  # max table entries
+            BLOCK,
+            0,  # checksum, filled below
+            bytes(16),  # parent UUID
+            0,  # parent timestamp
+            0,  # reserved
+            b"",  # parent unicode name
+            b"",  # parent locators
+            b"",  # reserved
+        ]
+        fields[6] = checksum(_DYN.pack(*fields))
+        return _DYN.pack(*fields)
+
+    def metadata(self) -> Iterator[tuple[int, bytes]]:
+        footer = self.footer()
+        yield 0, footer
+        yield DYN_HEADER_OFFSET, self.dynamic_header()
+        # BAT: block b's bitmap sits at data_start + b * STRIDE (sector numbers); the
+        # padding to a whole sector is 0xff (unallocated) like qemu's.
+        first = self.data_start // SECTOR
+        step = STRIDE // SECTOR
+        for lo in range(0, self.blocks, _BAT_PIECE):
+            n = min(_BAT_PIECE, self.blocks - lo)
+            yield BAT_OFFSET + lo * 4, lanes(first + lo * step, n, step, 4, "big")
+        slack = self.bat_bytes - self.blocks * 4
+        if slack:
+            yield BAT_OFFSET + self.blocks * 4, b"\xff" * slack
+        bitmap = b"\xff" * BITMAP
+        for b in range(self.blocks):
+            yield self.data_start + b * STRIDE, bitmap
+        tail = self.blocks * BLOCK - self.virtual_size
+        yield from zeros(self.file_size - FOOTER_SIZE - tail, tail)
+        yield self.file_size - FOOTER_SIZE, footer
+
+
+def plan(out: int, *, identity: Identity | None = None) -> VpcPlan:
+    """The plan for a window of ``out`` bytes (virtual size: CHS-rounded, see module)."""
+    if out < 0:
+        raise ValueError("negative window length")
+    return VpcPlan(size_for(div_round_up(out, SECTOR)), identity or Identity())

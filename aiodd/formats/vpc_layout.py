@@ -1,0 +1,224 @@
+"""VHD (qemu's "vpc") structures, parsed from bytes with no I/O.
+
+The footer (512 bytes, big-endian) sits at the end of every VHD and, for dynamic and
+differencing disks, also at offset 0.  A dynamic disk's footer points at the dynamic
+header ("cxsparse", 1024 bytes), which gives the block allocation table (BAT) and,
+for a differencing disk, the parent locators.
+
+The virtual size follows qemu 7.2's ``vpc_open``: the CHS geometry's product, except
+for creator applications known to size the disk by the footer's current size
+(``win ``, ``qem2``, ``d2v ``, ``CTXS``, ``tap\\0``) and for images whose geometry is
+the maximum CHS (65535/16/255), which use the current size.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from dataclasses import dataclass
+from sys import byteorder
+from urllib.parse import unquote, urlsplit
+
+FOOTER_SIZE = 512
+DYN_HEADER_SIZE = 1024
+SECTOR = 512
+
+FOOTER_COOKIE = b"conectix"
+DYN_COOKIE = b"cxsparse"
+
+TYPE_FIXED = 2
+TYPE_DYNAMIC = 3
+TYPE_DIFFERENCING = 4
+
+# qemu 7.2 block/vpc.c: VHD_MAX_SECTORS (2040 GiB) and VHD_MAX_GEOMETRY.
+MAX_SECTORS = 0xFF000000
+MAX_GEOMETRY = 65535 * 16 * 255
+# The block sizes a BAT may describe: qemu takes any power of two >= 512; the
+# specification's default is 2 MiB.  Above 256 MiB a single bitmap read grows past 64
+# KiB and no known writer goes there, so larger blocks are refused as hostile.
+MAX_BLOCK_SIZE = 256 << 20
+UNALLOCATED = 0xFFFFFFFF
+
+# Creator applications that qemu 7.2 sizes by the footer's current_size.
+CURRENT_SIZE_CREATORS = frozenset({b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0"})
+
+# Parent locator platform codes, in the order they are tried.
+PLATFORM_W2RU = b"W2ru"  # relative Windows path, UTF-16LE
+PLATFORM_W2KU = b"W2ku"  # absolute Windows path, UTF-16LE
+PLATFORM_MACX = b"MacX"  # file URL, UTF-8
+LOCATOR_PREFERENCE = (PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_MACX)
+MAX_LOCATOR_LENGTH = 64 * 1024
+
+_FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB")
+_DYN = struct.Struct(">8sQQIIII16sII512s")
+_LOCATOR = struct.Struct(">4sIIIQ")
+
+
+class LayoutError(ValueError):
+    """A VHD structure is invalid; the decoder turns it into an ImageError."""
+
+
+def checksum(data: bytes | bytearray) -> int:
+    """VHD's checksum: the one's complement of the byte sum."""
+    return ~sum(data) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Footer:
+    data_offset: int
+    creator_app: bytes
+    current_size: int
+    cylinders: int
+    heads: int
+    sectors_per_track: int
+    disk_type: int
+    uuid: bytes
+
+    @property
+    def virtual_size(self) -> int:
+        """The disk's size in bytes as qemu 7.2 computes it."""
+        sectors = self.cylinders * self.heads * self.sectors_per_track
+        use_chs = self.creator_app not in CURRENT_SIZE_CREATORS
+        if not use_chs or sectors == MAX_GEOMETRY:
+            sectors = self.current_size // SECTOR
+        return sectors * SECTOR
+
+
+def parse_footer(raw: bytes) -> Footer:
+    if len(raw) < FOOTER_SIZE:
+        raise LayoutError("vpc footer is truncated")
+    (
+        cookie,
+        _features,
+        _version,
+        data_offset,
+        _timestamp,
+        creator_app,
+        _creator_version,
+        _creator_os,
+        _original_size,
+        current_size,
+        cylinders,
+        heads,
+        spt,
+        disk_type,
+        stored,
+        uuid,
+        _saved,
+    ) = _FOOTER.unpack_from(raw)
+    if cookie != FOOTER_COOKIE:
+        raise LayoutError("vpc footer has no 'conectix' cookie")
+    zeroed = bytearray(raw[:FOOTER_SIZE])
+    zeroed[64:68] = bytes(4)
+    if checksum(zeroed) != stored:
+        raise LayoutError("vpc footer checksum is incorrect")
+    footer = Footer(data_offset, creator_app, current_size, cylinders, heads, spt, disk_type, uuid)
+    if footer.virtual_size > MAX_SECTORS * SECTOR:
+        raise LayoutError(f"vpc virtual size {footer.virtual_size} is larger than 2040 GiB")
+    return footer
+
+
+@dataclass(frozen=True)
+class Locator:
+    platform: bytes
+    data_length: int
+    data_offset: int
+
+
+@dataclass(frozen=True)
+class DynamicHeader:
+    table_offset: int
+    max_table_entries: int
+    block_size: int
+    parent_uuid: bytes
+    parent_name: str
+    locators: tuple[Locator, ...]
+
+    @property
+    def bitmap_size(self) -> int:
+        """Bytes of sector bitmap before each block, rounded up to a sector."""
+        return -(-(self.block_size // (8 * SECTOR)) // SECTOR) * SECTOR
+
+
+def parse_dynamic_header(raw: bytes, virtual_size: int) -> DynamicHeader:
+    if len(raw) < DYN_HEADER_SIZE:
+        raise LayoutError("vpc dynamic header is truncated")
+    (
+        cookie,
+        _data_offset,
+        table_offset,
+        _version,
+        entries,
+        block_size,
+        _checksum,
+        parent_uuid,
+        _parent_timestamp,
+        _reserved,
+        parent_name_raw,
+    ) = _DYN.unpack_from(raw)
+    if cookie != DYN_COOKIE:
+        raise LayoutError("vpc dynamic header has no 'cxsparse' cookie")
+    if block_size < SECTOR or block_size & (block_size - 1):
+        raise LayoutError(f"vpc block size {block_size} is not a power of two >= 512")
+    if block_size > MAX_BLOCK_SIZE:
+        raise LayoutError(f"vpc block size {block_size} is larger than 256 MiB")
+    if entries * block_size < virtual_size:
+        raise LayoutError(
+            f"vpc BAT of {entries} entries is too small for the virtual size {virtual_size}"
+        )
+    locators = []
+    for i in range(8):
+        platform, _space, length, _res, offset = _LOCATOR.unpack_from(raw, 576 + 24 * i)
+        if platform != bytes(4):
+            locators.append(Locator(platform, length, offset))
+    parent_name = parent_name_raw.decode("utf-16-be", "replace").split("\0", 1)[0]
+    return DynamicHeader(
+        table_offset, entries, block_size, parent_uuid, parent_name, tuple(locators)
+    )
+
+
+def parse_bat(raw: bytes, entries: int) -> array[int]:
+    """The BAT as host-order 32-bit sector numbers."""
+    if len(raw) < 4 * entries:
+        raise LayoutError("vpc BAT is truncated")
+    bat = array("I")
+    bat.frombytes(raw[: 4 * entries])
+    if byteorder == "little":
+        bat.byteswap()
+    return bat
+
+
+def choose_locator(locators: tuple[Locator, ...]) -> Locator | None:
+    """The parent locator to follow: relative Windows path first, then absolute, then
+    a Mac OS X URL (the Mac alias form cannot be resolved and is ignored)."""
+    for platform in LOCATOR_PREFERENCE:
+        for locator in locators:
+            if locator.platform == platform and locator.data_length > 0:
+                return locator
+    return None
+
+
+def decode_locator(platform: bytes, data: bytes) -> str:
+    """The parent's path from a locator's data, as a relative POSIX-style name when the
+    locator holds a Windows path (``.\\base.vhd`` becomes ``base.vhd``)."""
+    try:
+        if platform in (PLATFORM_W2RU, PLATFORM_W2KU):
+            text = data.decode("utf-16-le")
+        else:
+            text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LayoutError(
+            f"vpc parent locator '{platform.decode('latin-1')}' is not valid text"
+        ) from None
+    text = text.split("\0", 1)[0]
+    if platform == PLATFORM_MACX:
+        parts = urlsplit(text)
+        if parts.scheme != "file":
+            raise LayoutError(f"vpc parent locator 'MacX' is not a file URL: {text!r}")
+        return unquote(parts.path)
+    text = text.replace("\\", "/")
+    while text.startswith("./"):
+        text = text[2:]
+    if not text:
+        raise LayoutError(f"vpc parent locator '{platform.decode('latin-1')}' is empty")
+    return text

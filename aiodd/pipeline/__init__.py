@@ -1,0 +1,1 @@
+"""The streaming pipeline: buffer pool, progress accounting and the task-group wiring."""

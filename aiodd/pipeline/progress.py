@@ -1,0 +1,67 @@
+"""Progress events, for embedders (``on_progress``) and the terminal renderers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot of a running copy.  ``total_bytes`` is the output's data length
+    (the window plus the zero tail up to the output's virtual size)."""
+
+    bytes_done: int
+    total_bytes: int
+    elapsed: float  # seconds since the copy started
+
+    @property
+    def percent(self) -> float:
+        return 100.0 if self.total_bytes == 0 else 100.0 * self.bytes_done / self.total_bytes
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second so far."""
+        return self.bytes_done / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.bytes_done >= self.total_bytes
+
+
+ProgressCallback = Callable[[Progress], object]
+
+
+class ProgressMeter:
+    """Counts bytes written and reports to a callback, at most every ``interval`` seconds
+    (and always at the start and the end), so a fast copy does not drown its observer."""
+
+    def __init__(
+        self, total: int, callback: ProgressCallback | None, interval: float = 0.1
+    ) -> None:
+        self.total = total
+        self.done = 0
+        self._callback = callback
+        self._interval = interval
+        self._start = time.monotonic()
+        self._last = float("-inf")
+
+    def start(self) -> None:
+        self._start = time.monotonic()
+        self._emit(force=True)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self._emit(force=self.done >= self.total)
+
+    def snapshot(self) -> Progress:
+        return Progress(self.done, self.total, time.monotonic() - self._start)
+
+    def _emit(self, force: bool) -> None:
+        if self._callback is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last >= self._interval:
+            self._last = now
+            self._callback(Progress(self.done, self.total, now - self._start))

@@ -1,0 +1,1 @@
+"""The four pipeline stages: guest reader → block windower → format encoder → file sink."""

@@ -1,0 +1,48 @@
+"""Running aiodd and qemu-img dd side by side."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiodd.cli import main
+
+
+@dataclass
+class Outcome:
+    status: int
+    stderr: str
+    output: bytes | None  # None: no output file
+
+
+def _read(path: Path) -> bytes | None:
+    return path.read_bytes() if path.exists() else None
+
+
+def aiodd_run(args: list[str], output: Path) -> Outcome:
+    """The CLI's main(), in this process (the same code path as the command)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(args)
+    return Outcome(status, err.getvalue(), _read(output))
+
+
+def aiodd_subprocess(args: list[str], output: Path) -> Outcome:
+    proc = subprocess.run(
+        [sys.executable, "-m", "aiodd", *args], capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+    return Outcome(proc.returncode, proc.stderr, _read(output))
+
+
+def qemu_dd(args: list[str], output: Path) -> Outcome:
+    proc = subprocess.run(["qemu-img", "dd", *args], capture_output=True, text=True)
+    return Outcome(proc.returncode, proc.stderr, _read(output))
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Temporary files aiodd may have left behind."""
+    return sorted(p.name for p in directory.iterdir() if "aiodd-tmp" in p.name)

@@ -1,0 +1,219 @@
+"""The command line: grammar, errors and exit statuses (SPEC §1)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aiodd.cli import parse_args
+from aiodd.errors import UsageError
+from tests.conftest import needs_qemu
+from tests.harness import aiodd_run, aiodd_subprocess, leftovers, qemu_dd
+
+
+@pytest.fixture
+def sample(tmp_path: Path) -> Path:
+    path = tmp_path / "in.raw"
+    path.write_bytes(os.urandom(3000))
+    return path
+
+
+def test_operands_parse() -> None:
+    inv = parse_args(["-f", "raw", "-O", "raw", "if=a", "of=b", "bs=1K", "count=3", "skip=2"])
+    assert (inv.src, inv.dst, inv.bs, inv.count, inv.skip) == ("a", "b", 1024, 3, 2)
+    assert inv.input_format == "raw"
+
+
+def test_last_duplicate_wins() -> None:
+    inv = parse_args(["if=a", "of=b", "bs=1", "bs=2", "count=1", "count=9", "if=c"])
+    assert (inv.src, inv.bs, inv.count) == ("c", 2, 9)
+
+
+def test_options_may_follow_operands_like_gnu_getopt() -> None:
+    assert parse_args(["if=a", "of=b", "-O", "raw"]).output_format == "raw"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["foo=1", "bs=0"], "unrecognized operand 'foo'"),
+        (["bs=0", "foo=1"], "invalid bs '0': must be between 1 and 2147483647"),
+        (["BS=1", "if=a", "of=b"], "unrecognized operand 'BS'"),
+        (["bs", "if=a", "of=b"], "unrecognized operand 'bs'"),
+        (["=5", "if=a", "of=b"], "unrecognized operand ''"),
+        (["conv=notrunc", "if=a", "of=b"], "unrecognized operand 'conv'"),
+        (["seek=1"], "unrecognized operand 'seek'"),
+        (["ibs=1"], "unrecognized operand 'ibs'"),
+        (["status=none"], "unrecognized operand 'status'"),
+        (["osize=1"], "unrecognized operand 'osize'"),
+        (["if=a"], "must specify both input (if=) and output (of=) files"),
+        (["of=a"], "must specify both input (if=) and output (of=) files"),
+        ([], "must specify both input (if=) and output (of=) files"),
+        (["if=a", "of=b", "bs=2G"], "invalid bs '2G': must be between 1 and 2147483647"),
+        (["if=a", "of=b", "bs=1T"], "invalid bs '1T': must be between 1 and 2147483647"),
+        (["if=a", "of=b", "count=8E"], "invalid count '8E': must be between 0 and 9223372036854775807"),
+        (["if=a", "of=b", "skip=-1"], "invalid skip '-1': not a size"),
+        (["if=a", "of=b", "bs=1KB"], "invalid bs '1KB': not a size"),
+        (["-O", "qed", "if=a", "of=b"], "unknown output format 'qed': supported formats are raw"),
+        (["-f", "nope", "if=a", "of=b"], "unknown input format 'nope'"),
+        (["-x", "if=a", "of=b"], "option -x not recognized"),
+        (["--progress=loud", "if=a", "of=b"], "invalid --progress 'loud'"),
+    ],
+)
+def test_usage_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_args(argv)
+    assert message in str(info.value)
+
+
+def test_count_7e_is_valid() -> None:
+    assert parse_args(["if=a", "of=b", "count=7E"]).count == 7 << 60
+
+
+def test_help_documents_every_operand(capsys: pytest.CaptureFixture[str]) -> None:
+    from aiodd.cli import main
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for operand in ("if=", "of=", "bs=", "count=", "skip=", "-f FMT", "-O FMT", "-p"):
+        assert operand in text
+    assert "e.g. bs=1M" in text
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from aiodd import __version__
+    from aiodd.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"aiodd {__version__}\n"
+    assert main(["--version", "--verbose"]) == 0
+    assert "input formats: " in capsys.readouterr().out
+
+
+BAD_OPERANDS = [
+    ["bs=0"],
+    ["bs=-1"],
+    ["bs=2G"],
+    ["bs=1.5"],
+    ["bs=1KiB"],
+    ["bs="],
+    ["count=8E"],
+    ["count=abc"],
+    ["skip=1e3"],
+    ["skip=99999999999999999999"],
+    ["conv=notrunc"],
+    ["BS=512"],
+    ["bogus"],
+    ["foo=1", "bs=0"],
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize("extra", BAD_OPERANDS, ids=" ".join)
+def test_bad_operands_exit_1_like_qemu_and_write_nothing(
+    tmp_path: Path, sample: Path, extra: list[str]
+) -> None:
+    ours = aiodd_run([f"if={sample}", f"of={tmp_path / 'a.raw'}", *extra], tmp_path / "a.raw")
+    theirs = qemu_dd([f"if={sample}", f"of={tmp_path / 'q.raw'}", *extra], tmp_path / "q.raw")
+    assert ours.status == theirs.status == 1
+    assert ours.output is None and theirs.output is None
+    assert ours.stderr.startswith("aiodd: ") and ours.stderr.count("\n") == 1
+    assert leftovers(tmp_path) == []
+
+
+@needs_qemu
+def test_missing_input_file(tmp_path: Path) -> None:
+    out = tmp_path / "o.raw"
+    ours = aiodd_run([f"if={tmp_path / 'nope'}", f"of={out}"], out)
+    theirs = qemu_dd([f"if={tmp_path / 'nope'}", f"of={out}"], out)
+    assert ours.status == theirs.status == 1
+    assert "No such file or directory" in ours.stderr
+    assert ours.output is None
+
+
+def test_output_directory_missing(tmp_path: Path, sample: Path) -> None:
+    out = tmp_path / "no" / "o.raw"
+    ours = aiodd_run([f"if={sample}", f"of={out}"], out)
+    assert ours.status == 1
+    assert "cannot create output: No such file or directory" in ours.stderr
+
+
+def test_same_file_is_refused(tmp_path: Path, sample: Path) -> None:
+    before = sample.read_bytes()
+    link = tmp_path / "alias.raw"
+    link.symlink_to(sample)
+    for target in (sample, link):
+        ours = aiodd_run([f"if={sample}", f"of={target}"], target)
+        assert ours.status == 1
+        assert "if= and of= name the same file" in ours.stderr
+    assert sample.read_bytes() == before
+
+
+def test_skip_warning(tmp_path: Path, sample: Path) -> None:
+    out = tmp_path / "o.raw"
+    ours = aiodd_run([f"if={sample}", f"of={out}", "skip=7"], out)
+    assert ours.status == 0
+    assert ours.stderr == f"aiodd: {sample}: cannot skip to specified offset\n"
+    assert ours.output == b""
+
+
+def test_hex_suffix_warning(tmp_path: Path, sample: Path) -> None:
+    out = tmp_path / "o.raw"
+    ours = aiodd_run([f"if={sample}", f"of={out}", "bs=0x1K", "count=1"], out)
+    assert ours.status == 0
+    assert "deprecated: 0x1K" in ours.stderr
+    assert ours.output == sample.read_bytes()[:1024]
+
+
+def test_python_m_and_progress_json(tmp_path: Path, sample: Path) -> None:
+    out = tmp_path / "o.raw"
+    result = aiodd_subprocess([f"if={sample}", f"of={out}", "--progress=json"], out)
+    assert result.status == 0, result.stderr
+    import json
+
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert records[-1]["bytes_done"] == records[-1]["total_bytes"] == 3072
+    assert records[-1]["percent"] == 100.0
+    assert set(records[0]) == {"bytes_done", "total_bytes", "percent", "rate", "elapsed"}
+
+
+def test_progress_percent(tmp_path: Path, sample: Path) -> None:
+    out = tmp_path / "o.raw"
+    proc = subprocess.run(
+        [sys.executable, "-m", "aiodd", "-p", f"if={sample}", f"of={out}"],
+        capture_output=True,
+    )
+    assert proc.returncode == 0
+    # qemu-img convert -p's format, on stdout, redrawn with carriage returns
+    assert proc.stdout.startswith(b"    (0.00/100%)\r")
+    assert proc.stdout.endswith(b"    (100.00/100%)\r\n")
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
+    big = tmp_path / "big.raw"
+    with big.open("wb") as f:
+        f.truncate(64 << 30)  # sparse: reads fast, never finishes before the signal
+    out = tmp_path / "o.raw"
+    out.write_bytes(b"precious")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aiodd", f"if={big}", f"of={out}", "--progress=json"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    with proc.stderr:
+        proc.stderr.readline()  # the first progress record: the copy has started
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+    status = proc.wait(timeout=60)
+    assert status == 130
+    assert rest.endswith("aiodd: interrupted; no output was written\n")
+    assert out.read_bytes() == b"precious"
+    assert leftovers(tmp_path) == []

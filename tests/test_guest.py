@@ -1,0 +1,356 @@
+"""The guest reader: the sandboxed child, its protocol, its watchdog and each sandbox layer.
+
+Each layer has a test that makes the guest attempt the forbidden thing (the test-only
+``attempt`` requests, enabled by ``AIODD_GUEST_TEST=1``) and a control that shows the
+same attempt succeeding without the layer, so the test can fail.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aiodd.chain import open_input
+from aiodd.errors import ImageError, IsolationError, UsageError
+from aiodd.guest import host, isolation_report, seccomp, shared_buffer
+from aiodd.guest.host import GuestDisk, GuestOptions, IsolationWarning, open_guest
+from aiodd.guest.protocol import clean
+from aiodd.policy import Policy
+
+SECRET = b"HOST-SECRET-" + b"s" * 52
+
+
+@pytest.fixture(autouse=True)
+def _test_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIODD_GUEST_TEST", "1")
+
+
+@pytest.fixture
+def raw_image(tmp_path: Path) -> tuple[Path, bytes]:
+    data = os.urandom(3 * 1024 * 1024 + 1000)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(data)
+    return path, data
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Path:
+    path = tmp_path / "secret"
+    path.write_bytes(SECRET)
+    return path
+
+
+def guest(path: Path, layers: tuple[str, ...] = host.sandbox.LAYERS, **kw: object) -> GuestDisk:
+    pol = Policy()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        top = pol.top(str(path), fd)
+        return open_guest(str(path), fd, None, pol, top,
+                          options=GuestOptions(layers=layers, **kw))  # type: ignore[arg-type]  # fmt: skip
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def make_guest(raw_image: tuple[Path, bytes]) -> Iterator[object]:
+    made: list[GuestDisk] = []
+
+    def make(layers: tuple[str, ...] = host.sandbox.LAYERS, **kw: object) -> GuestDisk:
+        disk = guest(raw_image[0], layers, **kw)
+        made.append(disk)
+        return disk
+
+    yield make
+    for disk in made:
+        disk.close()
+
+
+# -- the seccomp program, interpreted -------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", sorted(seccomp.SYSCALLS))
+def test_seccomp_program(arch: str) -> None:
+    table = seccomp.SYSCALLS[arch]
+    prog = seccomp.build_filter(arch, 7)
+    assert len(prog) // 8 < 4096
+    eperm = seccomp.RET_ERRNO | errno.EPERM
+    for name in seccomp.ALLOW:
+        if name in table:
+            assert seccomp.run_filter(prog, arch, table[name]) == seccomp.RET_ALLOW, name
+    for name in seccomp.KILL:
+        if name in table:
+            assert seccomp.run_filter(prog, arch, table[name]) == seccomp.RET_KILL_PROCESS, name
+    for name in seccomp.ALLOW_ON_CONTROL:
+        assert seccomp.run_filter(prog, arch, table[name], 7) == seccomp.RET_ALLOW
+        assert seccomp.run_filter(prog, arch, table[name], 1) == eperm
+        assert seccomp.run_filter(prog, arch, table[name], 7 | 1 << 32) == eperm
+    assert seccomp.run_filter(prog, arch, 999) == eperm  # unknown calls: EPERM
+    assert not set(seccomp.ALLOW) & set(seccomp.KILL)
+    for name in ("open" if arch == "x86_64" else "openat", "execve", "socket", "connect",
+                 "ptrace", "openat", "clone3", "memfd_create"):  # fmt: skip
+        assert name in seccomp.KILL and name in table
+
+
+def test_seccomp_program_checks_the_abi() -> None:
+    prog = seccomp.build_filter("x86_64", 3)
+    x32_read = 0x40000000
+    assert seccomp.run_filter(prog, "x86_64", x32_read) == seccomp.RET_KILL_PROCESS
+    # a program for one architecture kills calls made under another
+    import struct
+
+    data_arch = seccomp.AUDIT_ARCH["aarch64"]
+    code, jt, jf, k = struct.unpack_from("=HBBI", prog, 8)
+    assert k == seccomp.AUDIT_ARCH["x86_64"] != data_arch
+
+
+# -- reading through the guest --------------------------------------------------------
+
+
+def test_reads_into_shared_memory_and_plain_buffers(raw_image: tuple[Path, bytes]) -> None:
+    path, data = raw_image
+    memory = shared_buffer(8 << 20)
+    disk = open_input(str(path), None, memory=memory)
+    try:
+        assert disk.format_name == "raw" and disk.virtual_size == -(-len(data) // 512) * 512
+        view = memoryview(memory)
+        disk.read_into(0, view[4096 : 4096 + len(data)])
+        assert view[4096 : 4096 + len(data)] == data
+        tail = view[100 : 100 + 1000 + 512]
+        disk.read_into(len(data) - 1000, tail)
+        assert bytes(tail) == data[-1000:] + bytes(512)
+        plain = bytearray(len(data))  # not shared: goes through the staging slots
+        disk.read_into(0, memoryview(plain))
+        assert plain == data
+        disk.read_into(5, memoryview(plain)[0:0])
+    finally:
+        disk.close()
+        del tail
+        view.release()
+        memory.close()
+
+
+def test_two_threads_read_concurrently(raw_image: tuple[Path, bytes]) -> None:
+    path, data = raw_image
+    memory = shared_buffer(4 << 20)
+    disk = open_input(str(path), None, memory=memory)
+    view = memoryview(memory)
+    errors: list[BaseException] = []
+
+    def reader(half: int) -> None:
+        try:
+            for i in range(20):
+                start = (i * 65536 + half * 1000) % (len(data) - (2 << 20))
+                part = view[half << 21 : (half << 21) + (1 << 20)]
+                disk.read_into(start, part)
+                assert part == data[start : start + (1 << 20)]
+                part.release()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(h,)) for h in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    disk.close()
+    view.release()
+    memory.close()
+    assert errors == []
+
+
+def test_close_ends_the_guest(make_guest: object) -> None:
+    disk = make_guest()  # type: ignore[operator]
+    pid = disk.pid
+    disk.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(IsolationError):
+        disk.read_into(0, memoryview(bytearray(512)))
+    disk.close()  # idempotent
+
+
+def test_inline_mode_and_bad_modes(raw_image: tuple[Path, bytes]) -> None:
+    path, data = raw_image
+    disk = open_input(str(path), "raw", isolation="inline")
+    buf = bytearray(4096)
+    disk.read_into(0, memoryview(buf))
+    disk.close()
+    assert buf == data[:4096]
+    with pytest.raises(UsageError):
+        open_input(str(path), None, isolation="nope")  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        open_input(str(path), "floppy")
+
+
+def test_image_errors_cross_the_boundary_as_themselves(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(b"QFI\xfb\0\0\0\x03" + b"\0" * 200)
+    got = []
+    for mode in ("inline", "sandbox"):
+        with pytest.raises(ImageError) as info:
+            open_input(str(bad), None, isolation=mode)  # type: ignore[arg-type]
+        got.append((type(info.value), str(info.value), info.value.fmt))
+    assert got[0] == got[1]
+
+
+def test_isolation_report_and_start_up() -> None:
+    lines = isolation_report()
+    layers = [line.split(":")[0] for line in lines]
+    assert layers == [*host.sandbox.LAYERS, "guest start-up"]
+    for line in lines[:-1]:
+        assert ": active: " in line, line  # every layer works on this host
+
+
+def test_prestarted_guest_opens_fast(raw_image: tuple[Path, bytes]) -> None:
+    host.prestart()
+    time.sleep(1.0)  # the guest imports while the host does other things
+    started = time.perf_counter()
+    disk = open_input(str(raw_image[0]), None)
+    elapsed = time.perf_counter() - started
+    disk.close()
+    assert elapsed < 0.5  # typically a few ms; generous for a loaded CI machine
+
+
+def test_guest_environment_is_empty(make_guest: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIODD_FAKE_TOKEN", "hunter2")
+    disk = make_guest(())  # type: ignore[operator]
+    result = disk.attempt("open", "/proc/self/environ")
+    assert result.startswith("ok: ")
+    assert b"hunter2".hex() not in result and "AIODD" not in bytes.fromhex(result[4:]).decode()
+
+
+# -- each layer stops what it should --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("what", "arg"),
+    [("open", "/etc/hostname"), ("exec", "/bin/true"), ("connect", "1"), ("ptrace", "1"),
+     ("stat", "/etc/hostname"), ("setrlimit", None)],
+)  # fmt: skip
+def test_seccomp_kills_the_guest(make_guest: object, what: str, arg: object) -> None:
+    disk = make_guest()  # type: ignore[operator]
+    if what == "stat":  # not on the kill list: answered EPERM, the guest lives on
+        assert "Operation not permitted" in disk.attempt(what, arg)
+        return
+    with pytest.raises(IsolationError, match="seccomp filter"):
+        disk.attempt(what, arg)
+
+
+def test_without_seccomp_open_works(make_guest: object, secret: Path) -> None:
+    disk = make_guest(())  # type: ignore[operator]
+    assert disk.attempt("open", str(secret)) == "ok: " + SECRET[:64].hex()
+
+
+def test_landlock_denies_opening(make_guest: object, secret: Path) -> None:
+    disk = make_guest(("no_new_privs", "landlock"))  # type: ignore[operator]
+    assert disk.isolation["landlock"].startswith("active")
+    assert disk.attempt("open", str(secret)).startswith("PermissionError")
+    assert disk.attempt("exec", "/bin/true").startswith("PermissionError")
+
+
+def test_namespaces_give_an_empty_root(make_guest: object, secret: Path) -> None:
+    disk = make_guest(("namespaces",))  # type: ignore[operator]
+    assert disk.attempt("open", str(secret)).startswith("FileNotFoundError")
+    assert disk.attempt("listdir", "/") == "ok: "
+    assert disk.attempt("ids").startswith("uid=65534 ")
+
+
+def test_network_namespace(make_guest: object) -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    try:
+        control = make_guest(())  # type: ignore[operator]
+        assert control.attempt("connect", port) == "ok: connected"
+        disk = make_guest(("namespaces",))  # type: ignore[operator]
+        result = disk.attempt("connect", port)
+        assert not result.startswith("ok"), result
+    finally:
+        server.close()
+
+
+def test_no_new_privs(make_guest: object) -> None:
+    assert make_guest(()).attempt("ids").endswith("nnp=0")  # type: ignore[operator]
+    assert make_guest(("no_new_privs",)).attempt("ids").endswith("nnp=1")  # type: ignore[operator]
+
+
+def test_rlimit_fsize_and_nofile(make_guest: object) -> None:
+    control = make_guest(())  # type: ignore[operator]
+    assert control.attempt("write_memfd", "new") == "ok: wrote"
+    disk = make_guest(("rlimits",))  # type: ignore[operator]
+    assert "File too large" in disk.attempt("write_memfd", "new")
+    result = disk.attempt("dup")
+    assert result.startswith("stopped after ") and "Too many open files" in result
+    assert int(result.split()[2].rstrip(":")) < 2048
+
+
+def test_rlimit_as_bounds_memory(make_guest: object) -> None:
+    control = make_guest(())  # type: ignore[operator]
+    assert control.attempt("alloc", 300 << 20) == f"ok: {300 << 20}"
+    disk = make_guest(memory_limit=64 << 20)  # type: ignore[operator]
+    with pytest.raises(IsolationError, match="ran out of memory"):
+        disk.attempt("alloc", 300 << 20)
+    assert disk.attempt("alloc", 1 << 20) == f"ok: {1 << 20}"  # and it lives on
+
+
+def test_rlimit_cpu(make_guest: object) -> None:
+    disk = make_guest(("rlimits",), start_cpu=1)  # type: ignore[operator]
+    with pytest.raises(IsolationError, match="CPU time"):
+        disk.attempt("spin", timeout=30)
+
+
+def test_watchdog_kills_a_guest_that_stops_answering(make_guest: object) -> None:
+    disk = make_guest(watchdog_floor=1.0)  # type: ignore[operator]
+    spinners = [threading.Thread(target=_swallow, args=(disk,)) for _ in range(2)]
+    for t in spinners:
+        t.start()
+    time.sleep(0.3)  # both workers now spin; the read below waits behind them
+    started = time.perf_counter()
+    with pytest.raises(IsolationError, match="watchdog") as info:
+        disk.read_into(0, memoryview(bytearray(4096)))
+    assert time.perf_counter() - started < 10
+    assert "did not finish reading 4096 bytes at offset 0" in str(info.value)
+    for t in spinners:
+        t.join()
+    with pytest.raises(IsolationError):
+        disk.read_into(0, memoryview(bytearray(512)))
+
+
+def _swallow(disk: GuestDisk) -> None:
+    try:
+        disk.attempt("spin", timeout=60)
+    except IsolationError:
+        pass
+
+
+def test_missing_layer_warns_or_refuses(raw_image: tuple[Path, bytes]) -> None:
+    # seccomp without no_new_privs cannot be installed: that layer is "missing"
+    with pytest.warns(IsolationWarning, match="without seccomp"):
+        disk = guest(raw_image[0], ("seccomp",))
+    disk.close()
+    with pytest.raises(IsolationError, match="isolation required"):
+        guest(raw_image[0], ("seccomp",), require_isolation=True)
+
+
+def test_death_reasons() -> None:
+    disk = GuestDisk.__new__(GuestDisk)
+    disk._killed_for = None
+    disk._closed = False
+    assert "seccomp" in disk._death_reason(-signal.SIGSYS)
+    assert "CPU" in disk._death_reason(-signal.SIGXCPU)
+    assert "SIGSEGV" in disk._death_reason(-signal.SIGSEGV)
+    assert "status 7" in disk._death_reason(7)
+
+
+def test_guest_strings_are_cleaned() -> None:
+    assert clean("a\nb\x1b[2Jc") == "a\\nb\\x1b[2Jc"
+    assert len(clean("x" * 10_000)) < 600
