@@ -109,9 +109,7 @@ async def dd(
     if _same_file(src_path, dst_path):
         raise UsageError(f"if= and of= name the same file: {src_path}")
 
-    disk: VirtualDisk = await anyio.to_thread.run_sync(
-        chain.open_input, src_path, input_format
-    )
+    disk: VirtualDisk = await anyio.to_thread.run_sync(chain.open_input, src_path, input_format)
     try:
         window = compute_window(disk.virtual_size, bs_value, count_value, skip_value)
         warnings = (f"{src_path}: {SKIP_WARNING}",) if window.skip_past_end else ()

@@ -102,7 +102,9 @@ def _size(name: str, text: str, inv: Invocation) -> int:
     if not low <= parsed.value <= high:
         raise UsageError(f"invalid {name} '{text}': must be between {low} and {high}")
     if parsed.deprecated_hex_suffix:
-        inv.warnings.append(f"warning: using a multiplier suffix on hex numbers is deprecated: {text}")
+        inv.warnings.append(
+            f"warning: using a multiplier suffix on hex numbers is deprecated: {text}"
+        )
     return parsed.value
 
 

@@ -238,7 +238,9 @@ class Policy:
                     fd, cur_fd = cur_fd, -1
                     return fd, cur_real, comp
                 if not stat.S_ISDIR(st.st_mode):
-                    raise ImageError(image, f"cannot open {what}: a path component is not a directory")
+                    raise ImageError(
+                        image, f"cannot open {what}: a path component is not a directory"
+                    )
                 try:
                     next_fd = os.open(comp, _DIR_FLAGS, dir_fd=cur_fd)
                 except OSError as exc:
@@ -256,8 +258,10 @@ class Policy:
         """The allowed directory ``spelled`` lies in (lexically), or a refusal."""
         for pseudo in _PSEUDO_DIRS:
             if _inside(spelled, pseudo):
-                rule = "it is a /proc or /sys entry" if not via_link else (
-                    "a symlink on its path leads into /proc or /sys"
+                rule = (
+                    "it is a /proc or /sys entry"
+                    if not via_link
+                    else ("a symlink on its path leads into /proc or /sys")
                 )
                 self._refuse(image, what, rule, None)
         inside = [root for root in roots if _inside(spelled, root)]

@@ -33,7 +33,10 @@ def aiodd_run(args: list[str], output: Path) -> Outcome:
 
 def aiodd_subprocess(args: list[str], output: Path) -> Outcome:
     proc = subprocess.run(
-        [sys.executable, "-m", "aiodd", *args], capture_output=True, text=True, stdin=subprocess.DEVNULL
+        [sys.executable, "-m", "aiodd", *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     return Outcome(proc.returncode, proc.stderr, _read(output))
 

@@ -57,7 +57,10 @@ def test_options_may_follow_operands_like_gnu_getopt() -> None:
         ([], "must specify both input (if=) and output (of=) files"),
         (["if=a", "of=b", "bs=2G"], "invalid bs '2G': must be between 1 and 2147483647"),
         (["if=a", "of=b", "bs=1T"], "invalid bs '1T': must be between 1 and 2147483647"),
-        (["if=a", "of=b", "count=8E"], "invalid count '8E': must be between 0 and 9223372036854775807"),
+        (
+            ["if=a", "of=b", "count=8E"],
+            "invalid count '8E': must be between 0 and 9223372036854775807",
+        ),
         (["if=a", "of=b", "skip=-1"], "invalid skip '-1': not a size"),
         (["if=a", "of=b", "bs=1KB"], "invalid bs '1KB': not a size"),
         (["-O", "qed", "if=a", "of=b"], "unknown output format 'qed': supported formats are raw"),

@@ -860,7 +860,7 @@ def test_qemu_agrees_on_refusals(tmp_path: Path) -> None:
         b"\n" * L.DESC_READ_MAX,
         b" \n" * (L.DESC_READ_MAX // 2),
         b"\n" * (L.DESC_READ_MAX // 2) + b"RW " + b"9" * (L.DESC_READ_MAX // 2 - 10),
-        b"RW 1 FLAT \"" + b"\n" * (L.DESC_READ_MAX - 20) + b'a" 0\n',
+        b'RW 1 FLAT "' + b"\n" * (L.DESC_READ_MAX - 20) + b'a" 0\n',
     ],
     ids=["newlines", "blank-lines", "long-number", "split-line"],
 )
@@ -871,3 +871,33 @@ def test_hostile_descriptors_parse_in_linear_time(text: bytes) -> None:
     with contextlib.suppress(ImageError):
         L.parse_extents(text, "x")
     assert time.perf_counter() - start < 5
+
+
+@needs_qemu
+def test_qemu_parity_parent_behind_later_extents(tmp_path: Path) -> None:
+    """Unallocated grains of the second and third extents read the parent at the disk's
+    offset, not the extent's."""
+    size = 4 * GiB + 512 * KiB
+    base = tmp_path / "base.vmdk"
+    qemu_img("create", "-f", "vmdk", base, str(size - 256 * KiB))
+    qemu_io(
+        base,
+        [f"write -P 0x21 {2 * GiB - 64 * KiB} 192k", f"write -P 0x32 {4 * GiB - 64 * KiB} 128k"],
+        "vmdk",
+    )
+    top = tmp_path / "top.vmdk"
+    qemu_img(
+        "create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", "-b", "base.vmdk",
+        "-F", "vmdk", top, str(size),
+    )  # fmt: skip
+    qemu_io(top, [f"write -P 0x43 {2 * GiB + 3 * KiB} 10k", f"write -P 0x54 {4 * GiB} 1k"], "vmdk")
+    disk = open_inline(top)
+    for offset, length in [
+        (2 * GiB - 70 * KiB, 300 * KiB),
+        (4 * GiB - 65 * KiB, 130 * KiB),
+        (size - 520 * KiB, 520 * KiB),  # the parent ends 256 KiB before the disk does
+    ]:
+        got = read_all(disk, offset, length)
+        assert got == qemu_window(top, tmp_path, offset, length)
+        assert got.strip(b"\0")
+    disk.close()

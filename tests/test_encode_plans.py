@@ -138,7 +138,7 @@ def test_data_extents_of_a_subrange_agree_with_the_whole(
         assert last[0].file_offset == extent.file_offset + extent.length - 1
         position += extent.length
     # Adjacent extents are never contiguous in the file (they would be one extent).
-    for a, b in zip(extents, extents[1:], strict=False):
+    for a, b in itertools.pairwise(extents):
         assert a.file_offset + a.length != b.file_offset
 
 
@@ -163,7 +163,7 @@ def test_data_is_few_extents(fmt: str) -> None:
 def test_registry_lists_every_format() -> None:
     assert encoders.output_formats() == ["raw", "qcow2", "vmdk", "vpc", "vhdx"]
     for name in FORMATS:
-        assert encoders.ENCODERS[name].NAME == name
+        assert name == encoders.ENCODERS[name].NAME
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

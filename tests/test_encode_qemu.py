@@ -189,7 +189,8 @@ def test_huge_plan_sparse(fmt: str, out: int, tmp_path: Path) -> None:
     expected = plan.data_extents(0, plan.virtual_size)
     pieces = [e for e in map_extents(ours, fmt) if e["data"]]
     assert sum(int(str(e["length"])) for e in pieces) == plan.virtual_size
-    if fmt != "vpc":
+    # qemu's vpc map splits at every block; its vhdx driver reports no file offsets.
+    if fmt in ("qcow2", "vmdk"):
         assert len(expected) == 1
         for piece in pieces:
             start = int(str(piece["start"]))

@@ -7,6 +7,7 @@ same attempt succeeding without the layer, so the test can fail.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -20,7 +21,7 @@ import pytest
 
 from aiodd.chain import open_input
 from aiodd.errors import ImageError, IsolationError, UsageError
-from aiodd.guest import host, isolation_report, seccomp, shared_buffer
+from aiodd.guest import host, isolation_report, sandbox, seccomp, shared_buffer
 from aiodd.guest.host import GuestDisk, GuestOptions, IsolationWarning, open_guest
 from aiodd.guest.protocol import clean
 from aiodd.policy import Policy
@@ -48,7 +49,7 @@ def secret(tmp_path: Path) -> Path:
     return path
 
 
-def guest(path: Path, layers: tuple[str, ...] = host.sandbox.LAYERS, **kw: object) -> GuestDisk:
+def guest(path: Path, layers: tuple[str, ...] = sandbox.LAYERS, **kw: object) -> GuestDisk:
     pol = Policy()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -63,7 +64,7 @@ def guest(path: Path, layers: tuple[str, ...] = host.sandbox.LAYERS, **kw: objec
 def make_guest(raw_image: tuple[Path, bytes]) -> Iterator[object]:
     made: list[GuestDisk] = []
 
-    def make(layers: tuple[str, ...] = host.sandbox.LAYERS, **kw: object) -> GuestDisk:
+    def make(layers: tuple[str, ...] = sandbox.LAYERS, **kw: object) -> GuestDisk:
         disk = guest(raw_image[0], layers, **kw)
         made.append(disk)
         return disk
@@ -107,7 +108,7 @@ def test_seccomp_program_checks_the_abi() -> None:
     import struct
 
     data_arch = seccomp.AUDIT_ARCH["aarch64"]
-    code, jt, jf, k = struct.unpack_from("=HBBI", prog, 8)
+    _code, _jt, _jf, k = struct.unpack_from("=HBBI", prog, 8)
     assert k == seccomp.AUDIT_ARCH["x86_64"] != data_arch
 
 
@@ -196,7 +197,7 @@ def test_image_errors_cross_the_boundary_as_themselves(tmp_path: Path) -> None:
     got = []
     for mode in ("inline", "sandbox"):
         with pytest.raises(ImageError) as info:
-            open_input(str(bad), None, isolation=mode)  # type: ignore[arg-type]
+            open_input(str(bad), None, isolation=mode)
         got.append((type(info.value), str(info.value), info.value.fmt))
     assert got[0] == got[1]
 
@@ -204,7 +205,7 @@ def test_image_errors_cross_the_boundary_as_themselves(tmp_path: Path) -> None:
 def test_isolation_report_and_start_up() -> None:
     lines = isolation_report()
     layers = [line.split(":")[0] for line in lines]
-    assert layers == [*host.sandbox.LAYERS, "guest start-up"]
+    assert layers == [*sandbox.LAYERS, "guest start-up"]
     for line in lines[:-1]:
         assert ": active: " in line, line  # every layer works on this host
 
@@ -326,10 +327,8 @@ def test_watchdog_kills_a_guest_that_stops_answering(make_guest: object) -> None
 
 
 def _swallow(disk: GuestDisk) -> None:
-    try:
+    with contextlib.suppress(IsolationError):
         disk.attempt("spin", timeout=60)
-    except IsolationError:
-        pass
 
 
 def test_missing_layer_warns_or_refuses(raw_image: tuple[Path, bytes]) -> None:

@@ -1,6 +1,6 @@
 """Raw parity with the real ``qemu-img dd``: exit status and output bytes, exactly.
 
-The whole matrix (input sizes × bs × count × skip) runs with ``-m full_matrix``; the
+The whole matrix (input sizes, bs, count, skip) runs with ``-m full_matrix``; the
 default run takes an evenly spread slice of it, plus the cases picked by hand below.
 """
 
@@ -111,7 +111,9 @@ def _check(inputs: Path, tmp_path: Path, case: tuple[int, str, str | None, str |
 
 
 @pytest.mark.parametrize("case", SLICE, ids=str)
-def test_raw_parity(inputs: Path, tmp_path: Path, case: tuple[int, str, str | None, str | None]) -> None:
+def test_raw_parity(
+    inputs: Path, tmp_path: Path, case: tuple[int, str, str | None, str | None]
+) -> None:
     _check(inputs, tmp_path, case)
 
 

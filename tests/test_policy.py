@@ -124,8 +124,8 @@ def test_lexical_refusal_touches_nothing_outside(
         return wrapper
 
     for name in ("stat", "lstat", "open", "readlink"):
-        monkeypatch.setattr(policy_mod.os, name, spy(getattr(os, name)))
-    monkeypatch.setattr(policy_mod.os.path, "realpath", spy(os.path.realpath))
+        monkeypatch.setattr(os, name, spy(getattr(os, name)))
+    monkeypatch.setattr(os.path, "realpath", spy(os.path.realpath))
     texts = []
     for name in (str(tree / "outside/secret"), str(tree / "outside/missing"), "/etc/shadow",
                  "/nonexistent/x", "../outside/secret", "../outside/missing"):  # fmt: skip

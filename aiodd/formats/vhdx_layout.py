@@ -30,6 +30,7 @@ HEADER_SIZE = 4 * KiB
 REGION_TABLE_OFFSET = 192 * KiB
 REGION_TABLE_SIZE = 64 * KiB
 METADATA_TABLE_SIZE = 64 * KiB
+MAX_METADATA_ITEM = 1024 * KiB
 LOG_SECTOR = 4 * KiB
 MAX_SECTORS_PER_BLOCK = 1 << 23
 MIN_BLOCK_SIZE = 1 * MiB
@@ -230,6 +231,8 @@ def parse_metadata_table(raw: bytes, region_length: int) -> dict[bytes, Region]:
             continue
         if guid in items:
             raise LayoutError(f"vhdx metadata lists the {name} item twice")
+        if length > MAX_METADATA_ITEM:
+            raise LayoutError(f"vhdx metadata {name} item is larger than 1 MiB")
         if length and (offset < METADATA_TABLE_SIZE or offset + length > region_length):
             raise LayoutError(f"vhdx metadata {name} item lies outside the metadata region")
         items[guid] = Region(offset, length)
@@ -268,20 +271,19 @@ class Parameters:
         return blocks + (blocks - 1) // self.chunk_ratio
 
 
-def _item(items: dict[bytes, Region], guid: bytes, region: bytes, size: int) -> bytes:
-    place = items[guid]
-    if place.length < size:
+def _item(items: dict[bytes, bytes], guid: bytes, size: int) -> bytes:
+    value = items[guid]
+    if len(value) < size:
         raise LayoutError(f"vhdx metadata {_KNOWN_ITEMS[guid]} item is too short")
-    return region[place.offset : place.offset + size]
+    return value[:size]
 
 
-def parse_parameters(items: dict[bytes, Region], region: bytes) -> Parameters:
-    """The disk's parameters from the metadata region's bytes (at least up to the last
-    item's end)."""
-    block_size, bits = struct.unpack("<II", _item(items, FILE_PARAMETERS_GUID, region, 8))
-    (virtual_size,) = struct.unpack("<Q", _item(items, VIRTUAL_DISK_SIZE_GUID, region, 8))
-    (logical,) = struct.unpack("<I", _item(items, LOGICAL_SECTOR_GUID, region, 4))
-    (physical,) = struct.unpack("<I", _item(items, PHYSICAL_SECTOR_GUID, region, 4))
+def parse_parameters(items: dict[bytes, bytes]) -> Parameters:
+    """The disk's parameters from the metadata items' bytes."""
+    block_size, bits = struct.unpack("<II", _item(items, FILE_PARAMETERS_GUID, 8))
+    (virtual_size,) = struct.unpack("<Q", _item(items, VIRTUAL_DISK_SIZE_GUID, 8))
+    (logical,) = struct.unpack("<I", _item(items, LOGICAL_SECTOR_GUID, 4))
+    (physical,) = struct.unpack("<I", _item(items, PHYSICAL_SECTOR_GUID, 4))
     if block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
         raise LayoutError(f"vhdx block size {block_size} is not a power of two in 1M..256M")
     if logical not in (512, 4096):

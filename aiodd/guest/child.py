@@ -9,6 +9,7 @@ decides under the backing-file policy and answers with a descriptor or a refusal
 
 from __future__ import annotations
 
+import codecs
 import mmap
 import os
 import queue
@@ -16,23 +17,18 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
 # Everything decoding may need is imported here, before the sandbox forbids open().
 import zlib  # noqa: F401
+from collections.abc import Callable
+from typing import Any
 
-try:  # the qcow2 decoder's zstd clusters
-    import zstandard  # noqa: F401
-except ImportError:  # pragma: no cover - a declared dependency
-    pass
-
-import codecs
+import zstandard  # noqa: F401  # the qcow2 decoder's zstd clusters
 
 from aiodd.errors import ImageError
 from aiodd.formats import decoders
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
-from aiodd.guest import protocol, sandbox
+from aiodd.guest import protocol, sandbox, seccomp
 from aiodd.guest.protocol import Message
 from aiodd.io import LocalFile
 
@@ -42,6 +38,7 @@ for _codec in ("utf-8", "utf-16-le", "utf-16-be", "utf-16", "latin-1", "ascii"):
 
 WORKERS = 2
 M_TRIM_THRESHOLD = -1
+M_ARENA_MAX = -8
 THREAD_STACK = 1 << 20  # worker threads need little stack; keeps RLIMIT_AS meaningful
 MAX_FDS = 2048
 
@@ -161,6 +158,12 @@ class Guest:
         # glibc reads /proc/sys/vm/overcommit_memory the first time it shrinks a thread's
         # heap: an open() the seccomp filter would kill.  Never shrinking avoids it.
         sandbox.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        # Each thread arena reserves 64-128 MiB of address space up front, which would eat
+        # the RLIMIT_AS budget; one arena for all threads keeps the limit about real memory.
+        sandbox.mallopt(M_ARENA_MAX, 1)
+        # glibc loads libgcc_s on demand (thread exit and unwinding after a failed
+        # allocation): an open() the seccomp filter would kill.  Load it while we may.
+        sandbox.preload_unwinder()
         time.localtime()  # loads the time zone (a file) now rather than later
         attempt("namespaces", sandbox.namespaces)
         attempt("no_new_privs", sandbox.no_new_privs)
@@ -185,13 +188,12 @@ class Guest:
             else:
                 status["seccomp"] = "disabled: not requested"
         else:
-            attempt(
-                "seccomp",
-                lambda: (
-                    sandbox.seccomp.install(self.channel.sock.fileno()),
-                    "allow-list; open/exec/socket/ptrace/... kill the guest",
-                )[1],
-            )
+
+            def install_seccomp() -> str:
+                seccomp.install(self.channel.sock.fileno())
+                return "allow-list; open/exec/socket/ptrace/... kill the guest"
+
+            attempt("seccomp", install_seccomp)
         return status
 
     # -- work ----------------------------------------------------------------------
@@ -216,7 +218,7 @@ class Guest:
                     "virtual_size": self.disk.virtual_size,
                 }
             )
-        except BaseException as exc:  # noqa: BLE001 - everything is reported, nothing leaks
+        except BaseException as exc:
             self.channel.send({"op": "failed", "error": protocol.error_to_wire(exc)})
 
     def read(self, message: Message) -> None:
@@ -232,7 +234,7 @@ class Guest:
             with memoryview(mem) as view:
                 disk.read_into(offset, view[moff : moff + length])
             self.channel.send({"op": "done", "id": rid})
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             self.channel.send({"op": "done", "id": rid, "error": protocol.error_to_wire(exc)})
 
     def attempt(self, message: Message) -> None:
@@ -245,7 +247,7 @@ class Guest:
         except MemoryError as exc:
             self.channel.send({"op": "done", "id": rid, "error": protocol.error_to_wire(exc)})
             return
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             result = f"{type(exc).__name__}: {exc}"
         self.channel.send({"op": "done", "id": rid, "result": result})
 

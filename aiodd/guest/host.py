@@ -14,6 +14,7 @@ spinning on the CPU dies of it even if the host stopped watching.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
@@ -34,7 +35,7 @@ from aiodd.errors import AioddError, ImageError, IsolationError, PolicyError, Us
 from aiodd.formats.base import Reference
 from aiodd.guest import protocol, sandbox
 from aiodd.guest.protocol import Message
-from aiodd.policy import Layer, Policy, printable
+from aiodd.policy import Layer, Policy
 
 MAX_FILES = 4096
 """References one image may resolve (vmdk extents included) before the guest is stopped."""
@@ -198,7 +199,10 @@ class GuestDisk:
         try:
             socket.send_fds(self._sock, [protocol.encode(init)], fds)
         except OSError as exc:
-            raise self._died(f"cannot hand the image to the guest reader: {exc.strerror}")
+            self._kill("could not be handed the image")
+            raise IsolationError(
+                f"{self._name}: cannot hand the image to the guest reader: {exc.strerror}"
+            ) from None
         self._pump.start()
         self._wait_progress(self._ready, "starting")
         missing = {k: v for k, v in self.isolation.items() if v.startswith("missing")}
@@ -304,12 +308,10 @@ class GuestDisk:
             self._pending[rid] = pending
             self._cpu_budget += seconds
             budget = int(self._cpu_budget) + 1
-        try:  # the CPU limit grows with the work asked
+        with contextlib.suppress(OSError):  # the CPU limit grows with the work asked
             resource.prlimit(
                 self._process.proc.pid, resource.RLIMIT_CPU, (budget, resource.RLIM_INFINITY)
             )
-        except OSError:
-            pass
         self._send({**message, "id": rid})
         return pending
 
@@ -436,10 +438,8 @@ class GuestDisk:
         with self._lock:
             if self._killed_for is None:
                 self._killed_for = why
-        try:
+        with contextlib.suppress(OSError):
             self._process.proc.kill()
-        except OSError:  # pragma: no cover
-            pass
 
     def _on_exit(self) -> None:
         proc = self._process.proc
@@ -572,6 +572,3 @@ def isolation_report(options: GuestOptions | None = None) -> list[str]:
     lines = [f"{layer}: {line}" for layer, line in disk.isolation.items()]
     lines.append(f"guest start-up: {elapsed:.0f} ms")
     return lines
-
-
-

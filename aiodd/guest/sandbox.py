@@ -21,6 +21,7 @@ returns one status line per layer.  The order matters:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -71,9 +72,7 @@ def namespaces() -> str:
     """New namespaces, an empty read-only root, no capabilities."""
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
     _check(_libc.unshare(flags), "unshare(user, mount, net, ipc, uts)")
-    _check(
-        _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /"
-    )
+    _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
     mount_flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
     _check(_libc.mount(b"none", b"/tmp", b"tmpfs", mount_flags, b"size=4k,nr_inodes=1"),
            "mount an empty tmpfs")  # fmt: skip
@@ -112,7 +111,10 @@ def landlock_abi() -> int:
         raise OSError(errno.ENOSYS, f"Landlock syscall numbers unknown on {arch}")
     create, _ = _SYS_LANDLOCK[arch]
     rc = _libc.syscall(
-        ctypes.c_long(create), None, ctypes.c_long(0), ctypes.c_long(LANDLOCK_CREATE_RULESET_VERSION)
+        ctypes.c_long(create),
+        None,
+        ctypes.c_long(0),
+        ctypes.c_long(LANDLOCK_CREATE_RULESET_VERSION),
     )
     _check(rc, "landlock_create_ruleset(VERSION)")
     return int(rc)
@@ -177,3 +179,9 @@ def mallopt(param: int, value: int) -> None:
     fn = getattr(_libc, "mallopt", None)
     if fn is not None:
         fn(param, value)
+
+
+def preload_unwinder() -> None:
+    """Load libgcc_s now, so that glibc never has to open it inside the sandbox."""
+    with contextlib.suppress(OSError):  # a static or musl build has none to load
+        ctypes.CDLL("libgcc_s.so.1")

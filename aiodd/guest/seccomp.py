@@ -198,7 +198,7 @@ def run_filter(program: bytes, arch: str, nr: int, arg0: int = 0) -> int:
         elif code == _JGE_K:
             pc += jt if acc >= k else jf
         elif code == _RET_K:
-            return k
+            return int(k)
         else:  # pragma: no cover - build_filter emits nothing else
             raise ValueError(f"unknown BPF opcode {code:#x}")
 

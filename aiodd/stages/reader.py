@@ -38,9 +38,7 @@ async def read_window(
                 length = min(pool.size, end - offset)
                 next_offset += length
                 try:
-                    await anyio.to_thread.run_sync(
-                        disk.read_into, offset, buffer.view[:length]
-                    )
+                    await anyio.to_thread.run_sync(disk.read_into, offset, buffer.view[:length])
                 except BaseException:
                     pool.release(buffer)
                     raise

@@ -86,9 +86,7 @@ class OutputFile:
         capacity = os.lseek(fd, 0, os.SEEK_END)
         if capacity < size:
             os.close(fd)
-            raise OutputError(
-                f"{path}: the device holds {capacity} bytes, the output needs {size}"
-            )
+            raise OutputError(f"{path}: the device holds {capacity} bytes, the output needs {size}")
         return cls(fd, target, None)
 
     def write(self, writes: list[tuple[int, Bytes]]) -> None:

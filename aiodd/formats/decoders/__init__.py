@@ -66,9 +66,7 @@ def decoder(name: str) -> ModuleType:
         ) from None
 
 
-def open_disk(
-    file: RandomAccessFile, resolver: Resolver, fmt: str | None = None
-) -> VirtualDisk:
+def open_disk(file: RandomAccessFile, resolver: Resolver, fmt: str | None = None) -> VirtualDisk:
     """Decode ``file`` as ``fmt``, or as the format its content shows."""
     if fmt is None:
         fmt = detect(file.pread(0, PROBE_SIZE))

@@ -307,13 +307,14 @@ def open_disk(file: RandomAccessFile, resolver: Resolver) -> VirtualDisk:
         meta = regions.metadata
         table = _read_exact(view, meta.offset, L.METADATA_TABLE_SIZE, "metadata table")
         items = L.parse_metadata_table(table, meta.length)
-        end = max(place.offset + place.length for place in items.values())
-        region = _read_exact(view, meta.offset, end, "metadata region")
-        params = L.parse_parameters(items, region)
+        values = {
+            guid: _read_exact(view, meta.offset + place.offset, place.length, "metadata item")
+            for guid, place in items.items()
+        }
+        params = L.parse_parameters(values)
         parent_name = None
         if params.has_parent:
-            place = items[L.PARENT_LOCATOR_GUID]
-            locator = L.parse_parent_locator(region[place.offset : place.offset + place.length])
+            locator = L.parse_parent_locator(values[L.PARENT_LOCATOR_GUID])
             parent_name = L.parent_path(locator)
     except L.LayoutError as exc:
         raise _fail(file, str(exc)) from None

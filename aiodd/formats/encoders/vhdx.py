@@ -33,7 +33,6 @@ from aiodd.formats.encoders._common import (
     Identity,
     MiB,
     div_round_up,
-    lanes,
     pad,
     round_up,
     zeros,
