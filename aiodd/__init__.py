@@ -1,4 +1,12 @@
-"""aiodd: copy a byte window out of a virtual-machine disk image, qemu-img dd compatible."""
+"""aiodd: copy a byte window out of a virtual-machine disk image, qemu-img dd compatible.
+
+The public API is re-exported here: :func:`dd`, its :class:`DdResult`, the
+:class:`Progress` events and the exceptions.  ``dd`` and its types load on first use,
+so the guest reader process, which imports this package too, does not pay for the
+pipeline's imports at start-up.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from aiodd.errors import AioddError as AioddError
 from aiodd.errors import ImageError as ImageError
@@ -9,16 +17,50 @@ from aiodd.errors import StageError as StageError
 from aiodd.errors import UnsupportedImageError as UnsupportedImageError
 from aiodd.errors import UsageError as UsageError
 
+if TYPE_CHECKING:
+    from aiodd.api import DdResult as DdResult
+    from aiodd.api import Isolation as Isolation
+    from aiodd.api import dd as dd
+    from aiodd.pipeline.progress import Progress as Progress
+    from aiodd.pipeline.progress import ProgressCallback as ProgressCallback
+    from aiodd.window import Window as Window
+
 __version__ = "0.1.0"
 
 __all__ = (
     "AioddError",
+    "DdResult",
     "ImageError",
+    "Isolation",
     "IsolationError",
     "OutputError",
     "PolicyError",
+    "Progress",
+    "ProgressCallback",
     "StageError",
     "UnsupportedImageError",
     "UsageError",
+    "Window",
     "__version__",
+    "dd",
 )
+
+_LAZY = {
+    "DdResult": "aiodd.api",
+    "Isolation": "aiodd.api",
+    "dd": "aiodd.api",
+    "Progress": "aiodd.pipeline.progress",
+    "ProgressCallback": "aiodd.pipeline.progress",
+    "Window": "aiodd.window",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aiodd' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from collections.abc import Sequence
@@ -84,7 +85,7 @@ async def dd(
     output_format: str = "raw",
     on_progress: ProgressCallback | None = None,
     progress_interval: float = 0.1,
-    isolation: Isolation = "inline",
+    isolation: Isolation = "sandbox",
     allow_backing: Sequence[str | os.PathLike[str]] = (),
     require_isolation: bool = False,
     io_size: int = DEFAULT_UNIT,
@@ -109,7 +110,28 @@ async def dd(
     if _same_file(src_path, dst_path):
         raise UsageError(f"if= and of= name the same file: {src_path}")
 
-    disk: VirtualDisk = await anyio.to_thread.run_sync(chain.open_input, src_path, input_format)
+    allow_dirs = [os.fspath(d) for d in allow_backing]
+    memory: mmap.mmap | None = None
+    if isolation == "sandbox":
+        from aiodd.guest import shared_buffer
+
+        # The pool lives in shared memory, so the guest decodes straight into it.
+        memory = shared_buffer(DEFAULT_COUNT * io_size)
+    try:
+        disk: VirtualDisk = await anyio.to_thread.run_sync(
+            lambda: chain.open_input(
+                src_path,
+                input_format,
+                isolation=isolation,
+                allow_dirs=allow_dirs,
+                require_isolation=require_isolation,
+                memory=memory,
+            )
+        )
+    except BaseException:
+        if memory is not None:
+            memory.close()
+        raise
     try:
         window = compute_window(disk.virtual_size, bs_value, count_value, skip_value)
         warnings = (f"{src_path}: {SKIP_WARNING}",) if window.skip_past_end else ()
@@ -118,7 +140,7 @@ async def dd(
         output = await anyio.to_thread.run_sync(
             lambda: OutputFile.create(dst_path, plan.file_size, raw=output_format == "raw")
         )
-        pool = BufferPool(DEFAULT_COUNT, io_size)
+        pool = BufferPool(DEFAULT_COUNT, io_size, memory)
         try:
             await run_pipeline(disk, window.start, window.end, plan, output, pool, meter)
             with anyio.CancelScope(shield=True):
@@ -128,6 +150,8 @@ async def dd(
             pool.close()
     finally:
         disk.close()
+        if memory is not None:
+            memory.close()
     return DdResult(
         input_format=disk.format_name,
         output_format=output_format,

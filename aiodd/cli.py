@@ -5,6 +5,7 @@ from __future__ import annotations
 import getopt
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -72,7 +73,7 @@ class Invocation:
     output_format: str = "raw"
     progress: str = "none"
     allow_backing: list[str] = field(default_factory=list)
-    isolation: Isolation = "inline"
+    isolation: Isolation = "sandbox"
     require_isolation: bool = False
     src: str | None = None
     dst: str | None = None
@@ -240,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         for warning in inv.warnings:
             _print_error(sys.stderr, warning)
+        if inv.isolation == "sandbox":
+            from aiodd.guest import prestart
+
+            prestart()  # the guest's interpreter starts while this one sets up
+        warnings.showwarning = _show_warning
         anyio.run(_run, inv, backend_options=_backend_options())
     except AioddError as exc:
         _print_error(sys.stderr, str(exc))
@@ -256,6 +262,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(sys.stderr, describe(exc))
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Warnings (a sandbox layer missing, say) as one ``aiodd: warning:`` line."""
+    _print_error(sys.stderr, f"warning: {message}")
 
 
 def _backend_options() -> dict[str, object]:

@@ -517,11 +517,14 @@ class SharedBuffer(mmap.mmap):
     memfd: int
 
     def close(self) -> None:
-        super().close()
         fd = getattr(self, "memfd", -1)
         if fd >= 0:
             os.close(fd)
             self.memfd = -1
+        # A view may outlive the copy (a traceback of a cancelled read holds one): the
+        # pages are then unmapped when the last view goes, not now.
+        with contextlib.suppress(BufferError):
+            super().close()
 
 
 def shared_buffer(size: int) -> SharedBuffer:
