@@ -26,6 +26,14 @@ async def _stage(name: str, fn: Callable[[], Awaitable[None]]) -> None:
         await fn()
     except AioddError:
         raise
+    except BaseExceptionGroup as group:
+        # A stage with task groups of its own (the reader's workers) fails as a group.
+        first = _first_error(group)
+        if first is None:
+            raise
+        if isinstance(first, AioddError | KeyboardInterrupt):
+            raise first from None
+        raise StageError(name, first) from first
     except Exception as exc:
         raise StageError(name, exc) from exc
 

@@ -1,0 +1,140 @@
+"""The file sink: atomic replacement, clean-up on failure, block devices written in place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aiodd.errors import OutputError, UsageError
+from aiodd.stages.sink import OutputFile
+from tests.harness import aiodd_subprocess
+
+MiB = 1024 * 1024
+
+
+def _temp_files(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name.endswith(".aiodd-tmp")]
+
+
+def test_commit_renames_and_abort_removes(tmp_path: Path) -> None:
+    target = tmp_path / "out.raw"
+    target.write_bytes(b"old")
+    out = OutputFile.create(str(target), 4096, raw=True)
+    out.write([(0, b"x" * 4096)])
+    assert target.read_bytes() == b"old"  # nothing visible before the commit
+    assert len(_temp_files(tmp_path)) == 1
+    out.commit(4096)
+    out.abort()  # after a commit, abort has nothing left to undo
+    assert target.read_bytes() == b"x" * 4096
+    assert _temp_files(tmp_path) == []
+
+    out = OutputFile.create(str(target), 4096, raw=True)
+    out.write([(0, b"y" * 4096)])
+    out.abort()
+    assert target.read_bytes() == b"x" * 4096
+    assert _temp_files(tmp_path) == []
+
+
+def test_commit_pads_to_the_planned_size(tmp_path: Path) -> None:
+    target = tmp_path / "out.raw"
+    out = OutputFile.create(str(target), 1024, raw=True)
+    out.write([(0, b"a" * 700)])
+    out.commit(1024)
+    assert target.read_bytes() == b"a" * 700 + b"\0" * 324
+
+
+def test_writes_through_a_symlink_to_its_target(tmp_path: Path) -> None:
+    real = tmp_path / "real.raw"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.raw"
+    link.symlink_to(real)
+    out = OutputFile.create(str(link), 512, raw=True)
+    out.write([(0, b"n" * 512)])
+    out.commit(512)
+    assert link.is_symlink() and real.read_bytes() == b"n" * 512
+
+
+def test_refuses_a_directory_or_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target in (tmp_path, fifo):
+        with pytest.raises(OutputError, match="not a regular file or block device"):
+            OutputFile.create(str(target), 512, raw=True)
+
+
+def test_a_failure_mid_copy_leaves_the_old_output(tmp_path: Path) -> None:
+    """A qcow2 whose second L2 table lies past the end of the file fails half-way."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        pytest.skip("qemu-img not installed (apt-get install qemu-utils)")
+    image = tmp_path / "broken.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(image), "2G"], check=True)
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 1G 1M", str(image)],
+        check=True,
+        capture_output=True,
+    )
+    raw = bytearray(image.read_bytes())
+    l1_offset = int.from_bytes(raw[40:48], "big")
+    # L1 entry 2 covers 1 GiB..1.5 GiB with 64 KiB clusters: point it far past the end.
+    entry = l1_offset + 2 * 8
+    raw[entry : entry + 8] = ((1 << 63) | (1 << 40)).to_bytes(8, "big")
+    image.write_bytes(raw)
+    out = tmp_path / "out.raw"
+    out.write_bytes(b"previous")
+    for mode in ("sandbox", "inline"):
+        result = aiodd_subprocess([f"--isolation={mode}", f"if={image}", f"of={out}", "bs=1M"], out)
+        assert result.status == 1
+        assert "L2 table" in result.stderr and "past the end" in result.stderr
+        assert len(result.stderr.splitlines()) == 1
+        assert out.read_bytes() == b"previous"
+        assert _temp_files(tmp_path) == []
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Path]:
+    backing = tmp_path / "device.img"
+    backing.write_bytes(b"\xee" * (4 * MiB))
+    losetup = shutil.which("losetup")
+    if losetup is None or os.geteuid() != 0:
+        pytest.skip("needs root and losetup to make a block device")
+    made = subprocess.run(
+        [losetup, "--find", "--show", str(backing)], capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"no loop device: {made.stderr.strip()}")
+    device = Path(made.stdout.strip())
+    try:
+        yield device
+    finally:
+        with contextlib.suppress(OSError):
+            subprocess.run([losetup, "-d", str(device)], check=False)
+
+
+def test_block_device_is_written_in_place(loop_device: Path, tmp_path: Path) -> None:
+    data = os.urandom(MiB + 1000)
+    src = tmp_path / "in.raw"
+    src.write_bytes(data)
+    result = aiodd_subprocess([f"if={src}", f"of={loop_device}", "bs=4096"], tmp_path / "none")
+    assert result.status == 0, result.stderr
+    with loop_device.open("rb") as dev:
+        written = dev.read(4 * MiB)
+    padded = data + b"\0" * (-len(data) % 512)
+    assert written[: len(padded)] == padded  # the window, zero-padded to 512
+    assert written[len(padded) :] == b"\xee" * (4 * MiB - len(padded))  # the rest untouched
+    assert loop_device.is_block_device()
+
+
+def test_block_device_refuses_containers_and_small_devices(
+    loop_device: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(UsageError, match="only raw output"):
+        OutputFile.create(str(loop_device), 512, raw=False)
+    with pytest.raises(OutputError, match="the device holds 4194304 bytes"):
+        OutputFile.create(str(loop_device), 8 * MiB, raw=True)
