@@ -23,6 +23,7 @@ from aiodd.window import BS_MAX, INT64_MAX, Window, compute_window, parse_size
 
 Isolation = Literal["sandbox", "inline"]
 SKIP_WARNING = "cannot skip to specified offset"
+IO_SIZE_MIN = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,10 @@ async def dd(
     encoders.check_output_format(output_format)
     if isolation not in ("sandbox", "inline"):
         raise UsageError(f"unknown isolation '{isolation}': use 'sandbox' or 'inline'")
+    if not isinstance(io_size, int) or io_size < IO_SIZE_MIN or io_size % 4096:
+        raise UsageError(
+            f"invalid io_size {io_size!r}: must be a multiple of 4096 of at least {IO_SIZE_MIN}"
+        )
     if _same_file(src_path, dst_path):
         raise UsageError(f"if= and of= name the same file: {src_path}")
 
@@ -135,19 +140,23 @@ async def dd(
     try:
         window = compute_window(disk.virtual_size, bs_value, count_value, skip_value)
         warnings = (f"{src_path}: {SKIP_WARNING}",) if window.skip_past_end else ()
-        plan = encoders.plan(output_format, window.length)
+        plan = encoders.plan(
+            output_format, window.length, filename=os.path.basename(dst_path)
+        )
         meter = ProgressMeter(plan.virtual_size, on_progress, progress_interval)
         output = await anyio.to_thread.run_sync(
             lambda: OutputFile.create(dst_path, plan.file_size, raw=output_format == "raw")
         )
-        pool = BufferPool(DEFAULT_COUNT, io_size, memory)
+        pool: BufferPool | None = None
         try:
+            pool = BufferPool(DEFAULT_COUNT, io_size, memory)
             await run_pipeline(disk, window.start, window.end, plan, output, pool, meter)
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(output.commit, plan.file_size)
         finally:
             output.abort()
-            pool.close()
+            if pool is not None:
+                pool.close()
     finally:
         disk.close()
         if memory is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 from collections.abc import Sequence
 from typing import Literal
 
@@ -80,6 +81,9 @@ def open_input(
         file = LocalFile.open(path)
     except OSError as exc:
         raise ImageError(path, f"cannot open: {exc.strerror}") from None
+    if stat.S_ISDIR(os.fstat(file.fd).st_mode):
+        file.close()
+        raise ImageError(path, "cannot open: Is a directory")
     try:
         top = policy.top(path, file.fd)
         if isolation == "inline":

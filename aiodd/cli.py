@@ -52,8 +52,9 @@ options:
   --allow-backing DIR  allow images to refer to files under DIR (repeatable); by default a
                        backing file, data file, extent or parent must sit beside the image
                        that names it, or below
-  --isolation=MODE     sandbox (default where available): decode in an isolated guest
-                       process; inline: decode in this process (trusted input only)
+  --isolation=MODE     sandbox (default): decode in an isolated guest process, with every
+                       sandbox layer the host offers (a missing one is warned about);
+                       inline: decode in this process (trusted input only)
   --require-isolation  fail instead of running with a sandbox layer missing
   -U, --force-share    accepted for qemu-img compatibility (input is always opened read-only)
   -h, --help           show this help and exit
@@ -226,6 +227,7 @@ async def _run(inv: Invocation) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    warnings.showwarning = _show_warning
     try:
         inv = parse_args(args)
         if inv.show_help:
@@ -245,7 +247,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from aiodd.guest import prestart
 
             prestart()  # the guest's interpreter starts while this one sets up
-        warnings.showwarning = _show_warning
         anyio.run(_run, inv, backend_options=_backend_options())
     except AioddError as exc:
         _print_error(sys.stderr, str(exc))

@@ -220,3 +220,13 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
     assert rest.endswith("aiodd: interrupted; no output was written\n")
     assert out.read_bytes() == b"precious"
     assert leftovers(tmp_path) == []
+
+
+def test_input_directory_is_one_clear_line(tmp_path: Path) -> None:
+    out = tmp_path / "o.raw"
+    result = aiodd_run([f"if={tmp_path}", f"of={out}"], out)
+    assert (result.status, result.stderr) == (
+        1,
+        f"aiodd: {tmp_path}: cannot open: Is a directory\n",
+    )
+    assert result.output is None

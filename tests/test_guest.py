@@ -21,7 +21,7 @@ import pytest
 
 from aiodd.chain import open_input
 from aiodd.errors import ImageError, IsolationError, UsageError
-from aiodd.guest import host, isolation_report, sandbox, seccomp, shared_buffer
+from aiodd.guest import child, host, isolation_report, sandbox, seccomp, shared_buffer
 from aiodd.guest.host import GuestDisk, GuestOptions, IsolationWarning, open_guest
 from aiodd.guest.protocol import clean
 from aiodd.policy import Policy
@@ -291,7 +291,7 @@ def test_rlimit_fsize_and_nofile(make_guest: object) -> None:
     assert "File too large" in disk.attempt("write_memfd", "new")
     result = disk.attempt("dup")
     assert result.startswith("stopped after ") and "Too many open files" in result
-    assert int(result.split()[2].rstrip(":")) < 2048
+    assert int(result.split()[2].rstrip(":")) < child.MAX_FDS
 
 
 def test_rlimit_as_bounds_memory(make_guest: object) -> None:

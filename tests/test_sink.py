@@ -138,3 +138,32 @@ def test_block_device_refuses_containers_and_small_devices(
         OutputFile.create(str(loop_device), 512, raw=False)
     with pytest.raises(OutputError, match="the device holds 4194304 bytes"):
         OutputFile.create(str(loop_device), 8 * MiB, raw=True)
+
+
+def test_the_first_corruption_in_disk_order_is_reported(tmp_path: Path) -> None:
+    """Two readers race; the error is still the one a sequential read meets first.
+
+    The first 4 MiB chunk fails at its last cluster (slow), the second at its first
+    (fast): before the reader ordered its failures, the second one's often won.
+    """
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        pytest.skip("qemu-img not installed (apt-get install qemu-utils)")
+    image = tmp_path / "cut.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+    writes = ["write -P 1 0 4032k", "write -P 2 4M 4M", "write -P 3 4032k 64k"]
+    subprocess.run(
+        ["qemu-io", *(a for w in writes for a in ("-c", w)), str(image)],
+        check=True,
+        capture_output=True,
+    )
+    os.truncate(image, 0x440000)  # the file ends where the second chunk's data began
+    messages = set()
+    for mode in ("sandbox", "inline") * 3:
+        out = tmp_path / "out.raw"
+        result = aiodd_subprocess([f"--isolation={mode}", f"if={image}", f"of={out}"], out)
+        assert result.status == 1 and result.output is None
+        messages.add(result.stderr)
+    assert messages == {
+        f"aiodd: {image}: qcow2 data cluster at 0x840000 lies past the end of the file\n"
+    }

@@ -40,7 +40,9 @@ WORKERS = 2
 M_TRIM_THRESHOLD = -1
 M_ARENA_MAX = -8
 THREAD_STACK = 1 << 20  # worker threads need little stack; keeps RLIMIT_AS meaningful
-MAX_FDS = 2048
+# A vmdk descriptor may name up to 4096 extents (vmdk_layout.MAX_EXTENTS), each an open
+# file, plus a chain of 64 layers: the guest must be able to hold them all.
+MAX_FDS = 4096 + 256
 
 
 class Channel:

@@ -50,8 +50,13 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | No
             leaves.append(exc)
 
     walk(group)
+    # A stage's own error first: a StageError downstream may only be its echo (the
+    # windower finding the stream ended early because the reader failed).
     for exc in leaves:
-        if isinstance(exc, AioddError | KeyboardInterrupt):
+        if isinstance(exc, AioddError | KeyboardInterrupt) and not isinstance(exc, StageError):
+            return exc
+    for exc in leaves:
+        if isinstance(exc, StageError):
             return exc
     cancelled = anyio.get_cancelled_exc_class()
     return next((exc for exc in leaves if not isinstance(exc, cancelled)), None)

@@ -2,6 +2,9 @@
 
 Several workers read disjoint chunks at once, so a decoder that decompresses (and
 releases the GIL) keeps both cores busy; the windower puts the chunks back in order.
+
+A corrupt image is reported as a sequential reader would report it: the error of the
+lowest chunk that fails, whichever worker happened to fail first.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
+from aiodd.errors import AioddError
 from aiodd.formats.base import VirtualDisk
 from aiodd.pipeline.buffers import BufferPool, Chunk
 
@@ -23,15 +27,17 @@ async def read_window(
 ) -> None:
     """Send ``[start, end)`` of ``disk`` as chunks of at most ``pool.size`` bytes."""
     next_offset = start
+    limit = end  # lowered to the first failing chunk: nothing past it is started
+    failures: list[tuple[int, AioddError]] = []
 
     async def worker(out: MemoryObjectSendStream[Chunk]) -> None:
-        nonlocal next_offset
+        nonlocal next_offset, limit
         async with out:
             while True:
                 # Take the buffer before the offset: a chunk that has an offset always
                 # has a buffer, so the windower's reordering can never starve it.
                 buffer = await pool.acquire()
-                if next_offset >= end:
+                if next_offset >= limit:
                     pool.release(buffer)
                     return
                 offset = next_offset
@@ -39,11 +45,20 @@ async def read_window(
                 next_offset += length
                 try:
                     await anyio.to_thread.run_sync(disk.read_into, offset, buffer.view[:length])
+                except AioddError as exc:
+                    pool.release(buffer)
+                    failures.append((offset, exc))
+                    limit = min(limit, offset)
+                    return
                 except BaseException:
                     pool.release(buffer)
                     raise
                 await out.send(Chunk(offset, length, buffer))
 
-    async with send, anyio.create_task_group() as tg:
-        for _ in range(max(1, workers)):
-            tg.start_soon(worker, send.clone())
+    async with send:
+        async with anyio.create_task_group() as tg:
+            for _ in range(max(1, workers)):
+                tg.start_soon(worker, send.clone())
+        if failures:
+            # Every chunk below the lowest failure was handed out before it and read.
+            raise min(failures, key=lambda failure: failure[0])[1]

@@ -40,6 +40,12 @@ def check_output_format(name: str) -> str:
     return name
 
 
-def plan(name: str, out: int) -> OutputPlan:
-    result: OutputPlan = ENCODERS[check_output_format(name)].plan(out)
+def plan(name: str, out: int, *, filename: str | None = None) -> OutputPlan:
+    """The plan for a window of ``out`` bytes; ``filename`` is the output's base name,
+    which a vmdk's embedded descriptor names as its extent (as qemu writes it)."""
+    module = ENCODERS[check_output_format(name)]
+    if name == "vmdk" and filename:
+        result: OutputPlan = module.plan(out, filename=filename)
+    else:
+        result = module.plan(out)
     return result
