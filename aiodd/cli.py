@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getopt
 import os
+import stat
 import sys
 import warnings
 from collections.abc import Sequence
@@ -228,6 +229,7 @@ async def _run(inv: Invocation) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     warnings.showwarning = _show_warning
+    inv = Invocation()
     try:
         inv = parse_args(args)
         if inv.show_help:
@@ -252,17 +254,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(sys.stderr, str(exc))
         return EXIT_ERROR
     except KeyboardInterrupt:
-        _print_error(sys.stderr, "interrupted; no output was written")
+        _print_error(sys.stderr, _interrupted(inv.dst))
         return EXIT_INTERRUPTED
     except BaseExceptionGroup as group:
         if group.subgroup(KeyboardInterrupt) is not None:
-            _print_error(sys.stderr, "interrupted; no output was written")
+            _print_error(sys.stderr, _interrupted(inv.dst))
             return EXIT_INTERRUPTED
         raise
     except OSError as exc:
         _print_error(sys.stderr, describe(exc))
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _interrupted(dst: str | None) -> str:
+    """What Ctrl-C left: nothing, except on a block device, written in place."""
+    try:
+        device = dst is not None and stat.S_ISBLK(os.stat(dst).st_mode)
+    except OSError:
+        device = False
+    if device:
+        return f"interrupted; {dst} was partly written (a block device is written in place)"
+    return "interrupted; no output was written"
 
 
 def _show_warning(
