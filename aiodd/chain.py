@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from aiodd.errors import ImageError, UsageError
-from aiodd.formats import decoders
+from aiodd.formats import check_input_format
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.io import LocalFile
 from aiodd.policy import MAX_CHAIN, Layer, Policy
@@ -38,6 +38,8 @@ class LocalResolver:
         return _local(fd, ref.name)
 
     def open_disk(self, ref: Reference) -> VirtualDisk:
+        from aiodd.formats import decoders
+
         fd, layer = self._policy.open_reference(self._layer, ref, disk=True)
         file = _local(fd, ref.name)
         try:
@@ -75,7 +77,7 @@ def open_input(
     if isolation not in ("sandbox", "inline"):
         raise UsageError(f"unknown isolation mode '{isolation}': use 'sandbox' or 'inline'")
     if fmt is not None:
-        decoders.decoder(fmt)  # an unknown format is a usage error, before anything else
+        check_input_format(fmt)  # an unknown format is a usage error, before anything else
     policy = Policy(allow_dirs)
     try:
         file = LocalFile.open(path)
@@ -87,6 +89,8 @@ def open_input(
     try:
         top = policy.top(path, file.fd)
         if isolation == "inline":
+            from aiodd.formats import decoders
+
             return decoders.open_disk(file, LocalResolver(policy, top), fmt)
         from aiodd.guest.host import GuestOptions, open_guest
 

@@ -9,16 +9,20 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
-
-import anyio
+from typing import TYPE_CHECKING, Literal, TextIO
 
 from aiodd import __version__
-from aiodd.api import Isolation, dd
 from aiodd.errors import AioddError, UsageError, describe
-from aiodd.formats import decoders, encoders
-from aiodd.terminal import JsonRenderer, PercentRenderer
+from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS, check_input_format, check_output_format
 from aiodd.window import SizeRangeError, SizeSyntaxError, parse_size
+
+if TYPE_CHECKING:
+    from aiodd.terminal import JsonRenderer, PercentRenderer
+
+# The pipeline's modules (anyio, the API, the decoders) are imported only once the
+# command line is known good and the guest reader is starting: its start-up then
+# overlaps ours.  Isolation is spelled out here for the same reason.
+Isolation = Literal["sandbox", "inline"]
 
 PROG = "aiodd"
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
@@ -139,10 +143,9 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         elif opt == "--verbose":
             inv.verbose = True
         elif opt == "-f":
-            decoders.decoder(value)
-            inv.input_format = value
+            inv.input_format = check_input_format(value)
         elif opt == "-O":
-            inv.output_format = encoders.check_output_format(value)
+            inv.output_format = check_output_format(value)
         elif opt == "-p":
             inv.progress = "percent"
         elif opt == "--progress":
@@ -187,8 +190,8 @@ def _print_error(stream: TextIO, message: str) -> None:
 def _version_text(verbose: bool) -> str:
     lines = [f"aiodd {__version__}"]
     if verbose:
-        lines.append(f"input formats: {', '.join(decoders.input_formats())}")
-        lines.append(f"output formats: {', '.join(encoders.output_formats())}")
+        lines.append(f"input formats: {', '.join(INPUT_FORMATS)}")
+        lines.append(f"output formats: {', '.join(OUTPUT_FORMATS)}")
         try:
             from aiodd.guest import isolation_report  # type: ignore[attr-defined,unused-ignore]
         except ImportError:
@@ -199,6 +202,9 @@ def _version_text(verbose: bool) -> str:
 
 
 async def _run(inv: Invocation) -> None:
+    from aiodd.api import dd
+    from aiodd.terminal import JsonRenderer, PercentRenderer
+
     assert inv.src is not None and inv.dst is not None
     renderer: PercentRenderer | JsonRenderer | None = None
     if inv.progress == "percent":
@@ -235,8 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if inv.show_help:
             sys.stdout.write(
                 HELP.format(
-                    inputs=", ".join(decoders.input_formats()),
-                    outputs=", ".join(encoders.output_formats()),
+                    inputs=", ".join(INPUT_FORMATS),
+                    outputs=", ".join(OUTPUT_FORMATS),
                 )
             )
             return EXIT_OK
@@ -249,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from aiodd.guest import prestart
 
             prestart()  # the guest's interpreter starts while this one sets up
+        import anyio
+
         anyio.run(_run, inv, backend_options=_backend_options())
     except AioddError as exc:
         _print_error(sys.stderr, str(exc))

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def zero_fill(buf: memoryview) -> None:
+    """Zero ``buf`` in place, without allocating a buffer of its size."""
+    pos, n = 0, len(buf)
+    while pos < n:
+        k = min(n - pos, len(_ZEROS))
+        buf[pos : pos + k] = _ZEROS[:k]
+        pos += k
 
 
 class LocalFile:
@@ -56,6 +68,38 @@ class LocalFile:
                 break
             done += n
         return done
+
+    def readinto_sparse(self, offset: int, buf: memoryview) -> int:
+        """Like :meth:`readinto`, but holes are zeroed here rather than read.
+
+        Reading a hole makes the kernel zero a page-cache page for every 4 KiB of it,
+        several times slower than zeroing our buffer; ``SEEK_DATA``/``SEEK_HOLE`` tell
+        where the holes are.  Returns the bytes filled before the end of the file.
+        """
+        end = min(offset + len(buf), self._size)
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
+                    data = end
+                elif exc.errno == errno.EINVAL:  # SEEK_DATA unsupported here: plain reads
+                    return pos - offset + self.readinto(pos, buf[pos - offset : end - offset])
+                else:
+                    raise
+            data = min(data, end)
+            if data > pos:
+                zero_fill(buf[pos - offset : data - offset])
+                pos = data
+                if pos >= end:
+                    break
+            hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
+            n = self.readinto(pos, buf[pos - offset : hole - offset])
+            pos += n
+            if pos < hole:  # the file shrank under us
+                break
+        return pos - offset
 
     def close(self) -> None:
         if self._owned and self._fd >= 0:

@@ -163,7 +163,7 @@ def test_data_is_few_extents(fmt: str) -> None:
 def test_registry_lists_every_format() -> None:
     assert encoders.output_formats() == ["raw", "qcow2", "vmdk", "vpc", "vhdx"]
     for name in FORMATS:
-        assert name == encoders.ENCODERS[name].NAME
+        assert name == encoders.encoder(name).NAME
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
-import secrets
 import stat
 
 import anyio
@@ -26,7 +24,8 @@ from aiodd.stages.encoder import Bytes, WriteOp
 def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     """libc's sync_file_range, which Python's os module does not offer."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The process's own symbols: find_library would run ldconfig at every start-up.
+        libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.sync_file_range
     except (OSError, AttributeError):
         return None
@@ -64,7 +63,7 @@ class OutputFile:
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise OutputError(f"{path}: cannot create output: not a regular file or block device")
         directory, base = os.path.split(target)
-        temp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.aiodd-tmp")
+        temp = os.path.join(directory, f".{base}.{os.urandom(4).hex()}.aiodd-tmp")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as exc:

@@ -10,9 +10,8 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Protocol
 
-from aiodd.errors import UsageError
+from aiodd.formats import INPUT_FORMATS, check_input_format
 from aiodd.formats.base import RandomAccessFile, Resolver, VirtualDisk
-from aiodd.formats.decoders import raw
 
 # How much of the file's start the probes see, as qemu's BLOCK_PROBE_BUF_SIZE.
 PROBE_SIZE = 2048
@@ -27,23 +26,18 @@ class Decoder(Protocol):
 
 
 def _load() -> dict[str, ModuleType]:
-    modules: dict[str, ModuleType] = {"raw": raw}
     import importlib
 
-    for name in ("qcow2", "vmdk", "vpc", "vhdx"):
-        try:
-            modules[name] = importlib.import_module(f"aiodd.formats.decoders.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"aiodd.formats.decoders.{name}":
-                raise
-    return modules
+    return {
+        name: importlib.import_module(f"aiodd.formats.decoders.{name}") for name in INPUT_FORMATS
+    }
 
 
 DECODERS: dict[str, ModuleType] = _load()
 
 
 def input_formats() -> list[str]:
-    return sorted(DECODERS)
+    return list(INPUT_FORMATS)
 
 
 def detect(head: bytes) -> str:
@@ -57,13 +51,7 @@ def detect(head: bytes) -> str:
 
 
 def decoder(name: str) -> ModuleType:
-    try:
-        return DECODERS[name]
-    except KeyError:
-        supported = ", ".join(input_formats())
-        raise UsageError(
-            f"unknown input format '{name}': supported formats are {supported}"
-        ) from None
+    return DECODERS[check_input_format(name)]
 
 
 def open_disk(file: RandomAccessFile, resolver: Resolver, fmt: str | None = None) -> VirtualDisk:

@@ -26,11 +26,11 @@ from aiodd.formats.qcow2_layout import (
     OFLAG_ZERO,
     Header,
 )
+from aiodd.io import zero_fill
 
 NAME = "qcow2"
 L2_CACHE_BYTES = 32 * 1024 * 1024
 
-_ZEROS = bytes(1024 * 1024)
 
 # Run kinds.
 _NONE, _DATA, _ZERO, _BACKING = 0, 1, 2, 3
@@ -42,11 +42,7 @@ def probe(head: bytes) -> int:
 
 
 def _zero_fill(buf: memoryview, start: int, stop: int) -> None:
-    step = len(_ZEROS)
-    while start < stop:
-        n = min(step, stop - start)
-        buf[start : start + n] = _ZEROS[:n]
-        start += n
+    zero_fill(buf[start:stop])
 
 
 def _close(obj: object) -> None:

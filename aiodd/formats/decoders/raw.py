@@ -4,6 +4,7 @@ as qemu sees it: the tail past the end of the file reads as zeros."""
 from __future__ import annotations
 
 from aiodd.formats.base import RandomAccessFile, Resolver
+from aiodd.io import LocalFile, zero_fill
 
 NAME = "raw"
 SECTOR = 512
@@ -30,9 +31,13 @@ class RawDisk:
         return self._file
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        n = self._file.readinto(offset, buf)
+        file = self._file
+        if isinstance(file, LocalFile):
+            n = file.readinto_sparse(offset, buf)
+        else:
+            n = file.readinto(offset, buf)
         if n < len(buf):
-            buf[n:] = bytes(len(buf) - n)
+            zero_fill(buf[n:])
 
     def close(self) -> None:
         close = getattr(self._file, "close", None)

@@ -15,6 +15,7 @@ from sys import byteorder
 from aiodd.errors import ImageError
 from aiodd.formats import vhdx_layout as L
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
+from aiodd.io import zero_fill
 
 NAME = "vhdx"
 _ZERO_STATES = frozenset(
@@ -53,7 +54,7 @@ class LoggedFile:
         view = buf[:want]
         n = self._file.readinto(offset, view) if offset < self._file.size else 0
         if n < want:
-            view[n:] = bytes(want - n)
+            zero_fill(view[n:])
         self._overlay.apply(offset, view)
         return want
 
@@ -149,13 +150,13 @@ class VhdxDisk:
     def _fill_parent(self, offset: int, view: memoryview) -> None:
         parent = self._parent
         if parent is None:
-            view[:] = bytes(len(view))
+            zero_fill(view)
             return
         inside = max(0, min(len(view), parent.virtual_size - offset))
         if inside:
             parent.read_into(offset, view[:inside])
         if inside < len(view):
-            view[inside:] = bytes(len(view) - inside)
+            zero_fill(view[inside:])
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         bs = self._block_size
@@ -185,7 +186,7 @@ class VhdxDisk:
             if state == L.PAYLOAD_NOT_PRESENT:
                 self._fill_parent(offset + pos, view)
             elif state in _ZERO_STATES:
-                view[:] = bytes(n)
+                zero_fill(view[:n])
             elif state == L.PAYLOAD_PARTIALLY_PRESENT and self._parent is not None:
                 self._read_partial(block, entry, within, offset + pos, view)
             else:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats import vmdk_layout as L
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
+from aiodd.io import zero_fill
 
 NAME = "vmdk"
 probe = L.probe
@@ -26,18 +27,8 @@ probe = L.probe
 # Grain tables kept in memory per disk (a hosted GT is 2 KiB, a COWD GT 16 KiB).
 TABLE_CACHE_ENTRIES = 1024
 
-_ZEROS = memoryview(bytes(1 << 20))
-
 # Kinds of runs in a sparse read.
 _DATA, _ZERO, _UNALLOC = 0, 1, 2
-
-
-def _zero(mv: memoryview) -> None:
-    pos, n = 0, len(mv)
-    while pos < n:
-        k = min(n - pos, len(_ZEROS))
-        mv[pos : pos + k] = _ZEROS[:k]
-        pos += k
 
 
 def _err(name: str, message: str) -> ImageError:
@@ -82,7 +73,7 @@ class _FlatExtent:
     def read(self, disk: VmdkDisk, eoff: int, voff: int, mv: memoryview) -> None:
         got = self.file.readinto(self.start + eoff, mv)
         if got < len(mv):
-            _zero(mv[got:])
+            zero_fill(mv[got:])
 
 
 class _SparseExtent:
@@ -242,7 +233,7 @@ class VmdkDisk:
             while i < len(ends) and voff >= ends[i]:
                 i += 1
             if i >= len(ends):
-                _zero(buf[pos:])
+                zero_fill(buf[pos:])
                 return
             n = min(total - pos, ends[i] - voff)
             extents[i].read(self, voff - starts[i], voff, buf[pos : pos + n])
@@ -255,9 +246,9 @@ class VmdkDisk:
         if kind == _DATA:
             got = file.readinto(foff, out)
             if got < len(out):  # a grain cut short by the end of the file: zeros, as qemu
-                _zero(out[got:])
+                zero_fill(out[got:])
         elif kind == _ZERO or self.parent is None:
-            _zero(out)
+            zero_fill(out)
         else:
             self._read_parent(voff, out)
 
@@ -274,12 +265,12 @@ class VmdkDisk:
             )
         size = parent.virtual_size
         if voff >= size:
-            _zero(out)
+            zero_fill(out)
             return
         k = min(len(out), size - voff)
         parent.read_into(voff, out[:k])
         if k < len(out):
-            _zero(out[k:])
+            zero_fill(out[k:])
 
     def close(self) -> None:
         parent, self.parent = self.parent, None

@@ -15,6 +15,7 @@ from array import array
 from aiodd.errors import ImageError
 from aiodd.formats import vpc_layout as L
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
+from aiodd.io import zero_fill
 
 NAME = "vpc"
 
@@ -26,13 +27,13 @@ def probe(head: bytes) -> int:
 def _fill_parent(parent: VirtualDisk | None, offset: int, view: memoryview) -> None:
     """``view`` from the parent at ``offset``; zeros past its end or without one."""
     if parent is None:
-        view[:] = bytes(len(view))
+        zero_fill(view)
         return
     inside = max(0, min(len(view), parent.virtual_size - offset))
     if inside:
         parent.read_into(offset, view[:inside])
     if inside < len(view):
-        view[inside:] = bytes(len(view) - inside)
+        zero_fill(view[inside:])
 
 
 def _bit(bitmap: bytes, rel: int) -> int:
