@@ -1,0 +1,1 @@
+"""aiodd's benchmark suite: ``python bench/run.py --help``."""

@@ -1,0 +1,142 @@
+"""The input files, made once per run in the work directory and shared by the sections."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.measure import Log, human
+
+CHUNK = 64 * 1024  # one qcow2 cluster: every chunk is compressed on its own
+
+
+@dataclass(frozen=True)
+class ImageKind:
+    key: str  # file-name stem
+    fmt: str  # qemu format name, for -f
+    label: str  # for the tables
+    options: tuple[str, ...]  # extra qemu-img convert arguments
+    compressed: bool
+
+
+IMAGE_KINDS = (
+    ImageKind("qcow2", "qcow2", "qcow2", (), False),
+    ImageKind(
+        "qcow2-zlib",
+        "qcow2",
+        "qcow2 compressed (zlib)",
+        ("-c", "-o", "compression_type=zlib"),
+        True,
+    ),
+    ImageKind(
+        "vmdk-stream", "vmdk", "vmdk streamOptimized", ("-o", "subformat=streamOptimized"), True
+    ),
+    ImageKind("vhdx", "vhdx", "vhdx (dynamic)", (), False),
+)
+
+
+class Data:
+    """Makes each input on first use; ``describe()`` lists what was made."""
+
+    def __init__(self, workdir: Path, log: Log) -> None:
+        self._dir = workdir / "in"
+        self._dir.mkdir(exist_ok=True)
+        self._log = log
+        self._made: dict[Path, str] = {}
+
+    def random_raw(self, size: int) -> Path:
+        """Incompressible data: a raw copy moves every byte, nothing to skip."""
+        path = self._dir / f"random-{size}.raw"
+        if path not in self._made:
+            self._log(f"making {path.name} ({human(size)} from os.urandom)")
+            with path.open("wb") as f:
+                done = 0
+                while done < size:
+                    n = min(8 << 20, size - done)
+                    f.write(os.urandom(n))
+                    done += n
+            self._made[path] = f"random, {human(size)}"
+        return path
+
+    def mixed_raw(self, size: int) -> Path:
+        """Data that compresses like a used disk: neither trivially nor not at all.
+
+        Each 64 KiB chunk is, at random (fixed seed): 30% random bytes, 40% text-like
+        lines from a 2000-word vocabulary, 20% fixed-size records with counters (a
+        table-like layout), 10% zeros.  zlib shrinks it to roughly half.
+        """
+        path = self._dir / f"mixed-{size}.raw"
+        if path in self._made:
+            return path
+        self._log(f"making {path.name} ({human(size)} of mixed compressible data)")
+        rng = random.Random(20240613)
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        words = ["".join(rng.choices(letters, k=rng.randint(2, 11))) for _ in range(2000)]
+        texts = [_text_chunk(rng, words) for _ in range(64)]
+        zeros = bytes(CHUNK)
+        with path.open("wb") as f:
+            for index in range(size // CHUNK):
+                kind = rng.random()
+                if kind < 0.30:
+                    f.write(rng.randbytes(CHUNK))
+                elif kind < 0.70:
+                    f.write(texts[rng.randrange(len(texts))])
+                elif kind < 0.90:
+                    f.write(_records(index, rng.getrandbits(32)))
+                else:
+                    f.write(zeros)
+            f.write(bytes(size % CHUNK))
+        self._made[path] = f"mixed compressible, {human(size)}"
+        return path
+
+    def image(self, kind: ImageKind, size: int) -> Path:
+        """``mixed_raw(size)`` converted by ``qemu-img convert`` to ``kind``."""
+        path = self._dir / f"{kind.key}-{size}.{kind.fmt}"
+        if path not in self._made:
+            raw = self.mixed_raw(size)
+            self._log(f"making {path.name} (qemu-img convert {' '.join(kind.options)})")
+            argv = ["qemu-img", "convert", "-f", "raw", "-O", kind.fmt, *kind.options]
+            subprocess.run([*argv, str(raw), str(path)], check=True)
+            self._made[path] = f"{kind.label} of {raw.name}"
+        return path
+
+    def sparse(self, size: int) -> Path:
+        """A raw file of ``size`` bytes with no data blocks (``truncate``)."""
+        path = self._dir / f"sparse-{size}.raw"
+        if path not in self._made:
+            with path.open("wb") as f:
+                f.truncate(size)
+            self._made[path] = f"sparse (truncate), {human(size)}"
+        return path
+
+    def describe(self) -> list[tuple[str, str, int, int]]:
+        """(file, what, apparent size, allocated bytes) for each input made so far."""
+        rows = []
+        for path, what in self._made.items():
+            st = path.stat()
+            rows.append((path.name, what, st.st_size, st.st_blocks * 512))
+        return rows
+
+
+def _text_chunk(rng: random.Random, words: list[str]) -> bytes:
+    out = bytearray()
+    while len(out) < CHUNK:
+        line = " ".join(rng.choices(words, k=rng.randint(4, 14)))
+        out += line.encode() + b"\n"
+    return bytes(out[:CHUNK])
+
+
+_RECORD = struct.Struct("<QQI4x16s16s")  # 56 bytes, padded to 64 below
+
+
+def _records(index: int, salt: int) -> bytes:
+    name = f"file{index:08d}".encode()
+    tag = f"owner{salt % 97:03d}".encode()
+    rec = bytearray()
+    for i in range(CHUNK // 64):
+        rec += _RECORD.pack(index * 1024 + i, salt + i * 4096, i & 0xFFFF, name, tag) + bytes(8)
+    return bytes(rec)

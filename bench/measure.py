@@ -1,0 +1,255 @@
+"""Running one command line and measuring it: wall time, CPU time, peak memory.
+
+Every run is a fresh child started with :func:`os.posix_spawnp` and reaped with
+:func:`os.wait4`, so the peak RSS is the child's own (``ru_maxrss``), never the bench's.
+Linux folds a reaped grandchild into that figure as a *maximum*, not a sum: for aiodd
+with ``--isolation=sandbox`` it is the larger of the host process and its guest.  Where
+the sum matters, :class:`TreeSampler` polls the proportional set size (PSS, which
+splits shared pages between the processes that map them) of the whole process tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+Argv = tuple[str, ...]
+Log = Callable[[str], None]
+
+
+def human(n: int) -> str:
+    """``n`` bytes in the largest unit that divides it: ``1 GiB``, ``512 B``."""
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One run of a case."""
+
+    wall: float  # seconds, spawn to reap, summed over the case's steps
+    cpu: float  # user + system seconds of the children (and their reaped children)
+    max_rss: int  # bytes: the largest ru_maxrss among the steps
+    tree_pss: int | None  # bytes: sampled peak PSS of the whole tree, when asked for
+    stderr_tail: str  # the last lines of the last step's stderr
+
+
+class CommandFailed(RuntimeError):
+    """A measured command exited with a non-zero status."""
+
+    def __init__(self, argv: Argv, status: int, stderr: str) -> None:
+        self.argv = argv
+        self.status = status
+        self.stderr = stderr
+        shown = " ".join(argv)
+        super().__init__(f"{shown}: exit {status}: {stderr.strip()[-500:]}")
+
+
+class TreeSampler:
+    """Polls the summed PSS of a process and all its descendants in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self._pid = pid
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peak = 0
+        self._thread = threading.Thread(target=self._run, name=f"pss-{pid}", daemon=True)
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = sum(_pss(pid) for pid in _tree(self._pid))
+            self.peak = max(self.peak, total)
+            self._stop.wait(self._interval)
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and its descendants, from ``/proc/PID/task/TID/children``."""
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+                    todo.extend(int(child) for child in text.split())
+    return found
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes, 0 when the process is gone or unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except (OSError, ValueError):
+        return 0
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_once(
+    steps: Sequence[Argv],
+    *,
+    stderr_path: Path,
+    sample_tree: bool = False,
+    env: dict[str, str] | None = None,
+) -> Sample:
+    """Run ``steps`` one after the other; fail on the first non-zero exit."""
+    wall = cpu = 0.0
+    max_rss = 0
+    tree_peak: int | None = 0 if sample_tree else None
+    tail = ""
+    for argv in steps:
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+            (
+                os.POSIX_SPAWN_OPEN,
+                2,
+                str(stderr_path),
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                0o644,
+            ),
+        ]
+        started = time.perf_counter()
+        pid = os.posix_spawnp(argv[0], list(argv), env or dict(os.environ), file_actions=actions)
+        if sample_tree:
+            with TreeSampler(pid) as sampler:
+                _, status, usage = os.wait4(pid, 0)
+            assert tree_peak is not None
+            tree_peak = max(tree_peak, sampler.peak)
+        else:
+            _, status, usage = os.wait4(pid, 0)
+        wall += time.perf_counter() - started
+        cpu += usage.ru_utime + usage.ru_stime
+        max_rss = max(max_rss, usage.ru_maxrss * 1024)  # Linux reports KiB
+        tail = _tail(stderr_path)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            raise CommandFailed(argv, code, tail)
+    return Sample(wall, cpu, max_rss, tree_peak, tail)
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-limit:].decode("utf-8", "replace")
+
+
+@dataclass
+class Result:
+    """All runs of one case, and what the tables show of them."""
+
+    section: str
+    table: str
+    tool: str
+    case: str
+    nbytes: int  # bytes of the window, for MiB/s
+    samples: list[Sample] = field(default_factory=list)
+    error: str | None = None
+    note: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.samples)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(s.wall for s in self.samples)
+
+    @property
+    def mib_s(self) -> float:
+        return self.nbytes / MiB / self.median if self.median > 0 else float("inf")
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(s.cpu for s in self.samples)
+
+    @property
+    def max_rss(self) -> int:
+        return max(s.max_rss for s in self.samples)
+
+    @property
+    def tree_pss(self) -> int | None:
+        values = [s.tree_pss for s in self.samples if s.tree_pss is not None]
+        return max(values) if values else None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "section": self.section,
+            "table": self.table,
+            "tool": self.tool,
+            "case": self.case,
+            "nbytes": self.nbytes,
+            "error": self.error,
+            "note": self.note,
+            "extra": self.extra,
+            "walls": [s.wall for s in self.samples],
+            "cpus": [s.cpu for s in self.samples],
+            "max_rss": [s.max_rss for s in self.samples],
+            "tree_pss": [s.tree_pss for s in self.samples],
+        }
+
+
+Hook = Callable[[Sample], None]
+
+
+@dataclass
+class Case:
+    """A command (or a short sequence of commands) to time, and what to do around it.
+
+    ``output`` is deleted before and after every run (and the page cache's dirty data
+    flushed before it) so one run's writeback does not land in the next.  ``check``
+    runs after the first run, before the output is deleted, and returns an error text
+    if the output is wrong: speed of a wrong copy is not reported.
+    """
+
+    result: Result
+    steps: tuple[Argv, ...]
+    outputs: tuple[Path, ...] = ()
+    check: Callable[[], str | None] | None = None
+    sample_tree: bool = False
+    runs: int | None = None  # fixed number of runs for this case (else the suite's)
+    after: Hook | None = None  # sees every sample, e.g. to parse aiodd's progress
+
+
+def find(results: Sequence[Result], tool: str, case: str) -> Result:
+    for r in results:
+        if r.tool == tool and r.case == case:
+            return r
+    raise KeyError((tool, case))
+
+
+def clear(paths: Sequence[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
