@@ -81,7 +81,9 @@ def layout(capacity: int) -> Layout:
 
 def descriptor(capacity: int, cid: int, filename: str) -> bytes:
     """The embedded descriptor, line for line as qemu 7.2 writes it."""
-    safe = "".join(c if c.isprintable() and c != '"' else "_" for c in filename) or "_"
+    # qemu writes the name as it is, quotes included (libvmdk and qemu read it back);
+    # only a character that would break the line-based descriptor is replaced.
+    safe = "".join(c if c.isprintable() else "_" for c in filename) or "_"
     cylinders = capacity * SECTOR // (63 * 16 * SECTOR)
     text = (
         "# Disk DescriptorFile\n"
