@@ -355,8 +355,8 @@ def test_vmdk_header_and_descriptor() -> None:
 
 
 def test_vmdk_descriptor_sanitizes_the_file_name() -> None:
-    raw = vmdk.descriptor(8, 1, 'a"b\nc.vmdk')
-    assert b'RW 8 SPARSE "a_b_c.vmdk"\n' in raw
+    raw = vmdk.descriptor(8, 1, 'a"b\nc\td.vmdk')
+    assert b'RW 8 SPARSE "a"b_c_d.vmdk"\n' in raw  # quotes kept, as qemu keeps them
     with pytest.raises(UsageError, match="too long"):
         vmdk.descriptor(8, 1, "x" * 20000)
 
