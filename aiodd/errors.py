@@ -25,10 +25,11 @@ class ImageError(AioddError):
     """
 
     def __init__(self, file: str, message: str, fmt: str | None = None) -> None:
-        self.file = file
+        # Names and text quoted from an image reach a terminal: one line, no escapes.
+        self.file = one_line(file)
         self.fmt = fmt
-        self.detail = message
-        super().__init__(f"{file}: {message}")
+        self.detail = one_line(message)
+        super().__init__(f"{self.file}: {self.detail}")
 
 
 class UnsupportedImageError(ImageError):
@@ -54,6 +55,14 @@ class StageError(AioddError):
 
 class IsolationError(AioddError):
     """The guest reader could not be started, died, or was killed by the watchdog."""
+
+
+def one_line(text: str) -> str:
+    """``text`` with every unprintable character (newline, escape...) spelled out, so
+    that it stays one harmless line on a terminal; idempotent."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def describe(exc: BaseException) -> str:

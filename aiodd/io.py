@@ -49,6 +49,8 @@ class LocalFile:
         return self._size
 
     def pread(self, offset: int, length: int) -> bytes:
+        if offset >= self._size:  # also keeps an image's 2**64 offsets away from the kernel
+            return b""
         chunks: list[bytes] = []
         while length > 0:
             chunk = os.pread(self._fd, length, offset)
@@ -60,6 +62,8 @@ class LocalFile:
         return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
     def readinto(self, offset: int, buf: memoryview) -> int:
+        if offset >= self._size:
+            return 0
         done = 0
         total = len(buf)
         while done < total:
