@@ -704,3 +704,38 @@ def test_mutated_images_raise_only_image_errors(
         disk.read_into(0, memoryview(bytearray(length)))
     except ImageError:
         pass
+
+
+def _reference_search(log: bytes, guid: bytes) -> list[int]:
+    """The search as first written, walking every chain from every entry (quadratic)."""
+    size = len(log)
+    valid = {}
+    for position in range(0, size, 4096):
+        entry = L.parse_log_entry(log, position, guid)
+        if entry is not None:
+            valid[position] = entry
+    best: list[L.LogEntry] = []
+    for entry in valid.values():
+        chain = [entry]
+        while True:
+            following = valid.get((chain[-1].position + chain[-1].length) % size)
+            if following is None or following.sequence != chain[-1].sequence + 1:
+                break
+            chain.append(following)
+        if not best or (chain[-1].sequence, len(chain)) > (best[-1].sequence, len(best)):
+            best = chain
+    return [e.position for e in best]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.integers(1, 12)), min_size=1, max_size=32))
+def test_log_search_matches_the_exhaustive_search(slots: list[int | None]) -> None:
+    """Entries of 4 KiB in consecutive slots (None: an empty slot), any sequence numbers."""
+    guid = b"g" * 16
+    log = bytearray(len(slots) * 4096)
+    for i, seq in enumerate(slots):
+        if seq is not None:
+            entry = log_entry(seq, guid, [], 0, 0)
+            log[i * 4096 : i * 4096 + len(entry)] = entry
+    got = [e.position for e in L.find_active_sequence(bytes(log), guid)]
+    assert got == _reference_search(bytes(log), guid)

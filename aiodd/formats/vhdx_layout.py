@@ -14,9 +14,10 @@ checksum is CRC-32C over the structure with its checksum field zeroed.
 
 from __future__ import annotations
 
+import heapq
 import struct
 import uuid
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from aiodd.formats.crc32c import crc32c
@@ -429,23 +430,32 @@ def find_active_sequence(log: bytes, log_guid: bytes) -> list[LogEntry]:
             entry = parse_log_entry(log, position, log_guid)
             if entry is not None:
                 valid[position] = entry
-    best: list[LogEntry] = []
-    for entry in valid.values():
-        chain = [entry]
-        seen = {entry.position}
-        while True:
-            position = (chain[-1].position + chain[-1].length) % size
-            following = valid.get(position)
-            if following is None or following.sequence != chain[-1].sequence + 1:
-                break
-            if position in seen:
-                break
-            seen.add(position)
-            chain.append(following)
-        key = (chain[-1].sequence, len(chain))
-        if not best or key > (best[-1].sequence, len(best)):
-            best = chain
-    return best
+    # Each entry has at most one successor (the entry right after it, one sequence number
+    # up), and sequence numbers only grow along a chain: chains are paths, and the end
+    # and length of the chain from each entry follow from its successor's, in one pass
+    # from the highest sequence number down.
+    successor: dict[int, int] = {}
+    for position, entry in valid.items():
+        following = valid.get((position + entry.length) % size)
+        if following is not None and following.sequence == entry.sequence + 1:
+            successor[position] = following.position
+    reach: dict[int, tuple[int, int]] = {}  # position -> (last sequence, length)
+    for entry in sorted(valid.values(), key=lambda e: e.sequence, reverse=True):
+        nxt = successor.get(entry.position)
+        if nxt is None:
+            reach[entry.position] = (entry.sequence, 1)
+        else:
+            last, length = reach[nxt]
+            reach[entry.position] = (last, length + 1)
+    best_start, best_key = None, (0, 0)
+    for position in valid:  # ties go to the first in the log, as a scan finds them
+        if reach[position] > best_key:
+            best_start, best_key = position, reach[position]
+    chain: list[LogEntry] = []
+    while best_start is not None:
+        chain.append(valid[best_start])
+        best_start = successor.get(best_start)
+    return chain
 
 
 class Overlay:
@@ -455,28 +465,47 @@ class Overlay:
     """
 
     def __init__(self, writes: list[Write]) -> None:
+        # A sweep over the writes' edges, keeping the newest write that covers each
+        # stretch (a heap of the covering writes' ages): O(n log n) in the writes.
+        events: list[tuple[int, int, int]] = []  # (offset, 0 = ends / 1 = starts, age)
+        for age, write in enumerate(writes):
+            if write.length > 0:
+                events.append((write.offset, 1, age))
+                events.append((write.offset + write.length, 0, age))
+        events.sort()
         starts: list[int] = []
         ends: list[int] = []
         pieces: dict[int, tuple[int, bytes | None, int]] = {}  # start -> (end, data, skip)
-        for write in reversed(writes):
-            lo, hi = write.offset, write.offset + write.length
-            cursor = lo
-            i = bisect_right(ends, lo)
-            gaps: list[tuple[int, int]] = []
-            while cursor < hi:
-                if i < len(starts) and starts[i] < hi:
-                    if starts[i] > cursor:
-                        gaps.append((cursor, starts[i]))
-                    cursor = max(cursor, ends[i])
-                    i += 1
-                else:
-                    gaps.append((cursor, hi))
-                    cursor = hi
-            for a, b in gaps:
-                pieces[a] = (b, write.data, a - lo)
-                j = bisect_left(starts, a)
-                starts.insert(j, a)
-                ends.insert(j, b)
+        covering: list[int] = []  # a max-heap of ages, by negation; stale ages linger
+        active = [False] * len(writes)
+        i = 0
+        while i < len(events):
+            at = events[i][0]
+            while i < len(events) and events[i][0] == at:
+                _, starting, age = events[i]
+                active[age] = bool(starting)
+                if starting:
+                    heapq.heappush(covering, -age)
+                i += 1
+            while covering and not active[-covering[0]]:
+                heapq.heappop(covering)
+            if not covering or i == len(events):
+                continue
+            newest = -covering[0]
+            stop = events[i][0]
+            write = writes[newest]
+            if (
+                ends
+                and ends[-1] == at
+                and pieces[starts[-1]][1] is write.data
+                and (pieces[starts[-1]][2] + (at - starts[-1]) == at - write.offset)
+            ):
+                ends[-1] = stop  # the same write goes on: one piece
+                pieces[starts[-1]] = (stop, write.data, pieces[starts[-1]][2])
+                continue
+            starts.append(at)
+            ends.append(stop)
+            pieces[at] = (stop, write.data, at - write.offset)
         self._starts = starts
         self._ends = ends
         self._pieces = pieces

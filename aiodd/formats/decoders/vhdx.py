@@ -107,8 +107,12 @@ def _replay_log(file: RandomAccessFile, header: L.Header) -> RandomAccessFile:
                     " of the file",
                 )
         writes.extend(entry.writes)
-        size = max(size, entry.last_file_offset)
-    return LoggedFile(file, L.Overlay(writes), size)
+    overlay = L.Overlay(writes)
+    # An entry may say the file grew (last_file_offset), but only bytes the file or the
+    # log holds exist: a table claimed in the growth would be read from nothing, so the
+    # file ends where its last real byte does.
+    size = max(size, overlay.end)
+    return LoggedFile(file, overlay, size)
 
 
 class VhdxDisk:
