@@ -19,6 +19,7 @@ from aiodd.formats import vhdx_layout as L
 from aiodd.formats.crc32c import crc32c
 from aiodd.formats.decoders import vhdx
 from tests.conftest import QEMU_IMG, needs_qemu, qemu_img, qemu_io, qemu_raw_bytes
+from tests.hostile import VhdxImage as Image
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -52,36 +53,6 @@ def reseal(raw: bytearray, at: int = 4) -> bytearray:
     raw[at : at + 4] = bytes(4)
     raw[at : at + 4] = struct.pack("<I", crc32c(raw))
     return raw
-
-
-class Image:
-    """A vhdx file's bytes with its structures located (by this project's parser; the
-    expected contents in the tests come from qemu)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data = bytearray(path.read_bytes())
-        headers = [L.parse_header(bytes(self.data[a : a + 4096])) for a in L.HEADER_OFFSETS]
-        self.header = L.choose_header(*headers)
-        rt = L.REGION_TABLE_OFFSET
-        self.regions = L.parse_region_table(bytes(self.data[rt : rt + L.REGION_TABLE_SIZE]))
-        meta = self.regions.metadata.offset
-        self.items = L.parse_metadata_table(
-            bytes(self.data[meta : meta + L.METADATA_TABLE_SIZE]), self.regions.metadata.length
-        )
-
-    def item_at(self, guid: bytes) -> int:
-        return self.regions.metadata.offset + self.items[guid].offset
-
-    def bat(self, index: int) -> int:
-        value: int = struct.unpack_from("<Q", self.data, self.regions.bat.offset + 8 * index)[0]
-        return value
-
-    def set_bat(self, index: int, value: int) -> None:
-        struct.pack_into("<Q", self.data, self.regions.bat.offset + 8 * index, value)
-
-    def save(self) -> None:
-        self.path.write_bytes(bytes(self.data))
 
 
 def log_entry(
