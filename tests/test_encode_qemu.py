@@ -99,7 +99,10 @@ def reader_accepts(fmt: str, path: Path) -> None:
 
 def window_bytes(out: int) -> bytes:
     rng = random.Random(out)
-    data = bytearray(rng.randbytes(out))
+    # randbytes takes at most 2**31 bits at a time: draw in pieces.
+    data = bytearray()
+    while len(data) < out:
+        data += rng.randbytes(min(out - len(data), 64 << 20))
     # Some zero stretches too: a dense writer must not drop them.
     for start in range(0, out, 3 * 65536):
         data[start : start + 40000] = bytes(len(data[start : start + 40000]))
