@@ -20,6 +20,7 @@ from aiodd.formats.crc32c import crc32c
 from aiodd.formats.decoders import vhdx
 from tests.conftest import QEMU_IMG, needs_qemu, qemu_img, qemu_io, qemu_raw_bytes
 from tests.hostile import VhdxImage as Image
+from tests.hostile import vhdx_locator_item as locator_item
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -521,19 +522,6 @@ def test_bat_entry_states(tmp_path: Path) -> None:
 
 
 # --- differencing ----------------------------------------------------------------------
-
-
-def locator_item(pairs: list[tuple[str, str]]) -> bytes:
-    raw = bytearray(L.PARENT_LOCATOR_TYPE_VHDX + struct.pack("<2xH", len(pairs)))
-    table_end = len(raw) + 12 * len(pairs)
-    blob = b""
-    for key, value in pairs:
-        k, v = key.encode("utf-16-le"), value.encode("utf-16-le")
-        raw += struct.pack(
-            "<IIHH", table_end + len(blob), table_end + len(blob) + len(k), len(k), len(v)
-        )
-        blob += k + v
-    return bytes(raw + blob)
 
 
 def make_differencing(img: Image, parent_name: str) -> None:
