@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 from bench.context import Bench
 from bench.measure import Case, Result, find, human
@@ -18,6 +19,19 @@ NAME = "raw"
 
 def _r(table: str, tool: str, case: str, nbytes: int) -> Result:
     return Result(NAME, table, tool, case, nbytes)
+
+
+def _aiodd_cases(b: Bench, table: str, src: Path, out: Path, size: int, bs: str) -> list[Case]:
+    """aiodd at ``bs`` in each isolation mode, its output checked against ``src``."""
+    return [
+        Case(
+            _r(table, f"aiodd ({mode})", f"bs={bs}", size),
+            (b.aiodd(src, out, bs=bs, isolation=mode),),
+            (out,),
+            check=b.same_bytes(src, out, size),
+        )
+        for mode in MODES
+    ]
 
 
 def copy_seconds(sample_stderr: str) -> float | None:
@@ -88,15 +102,7 @@ def run(b: Bench) -> Section:
     out = b.out("sweep.raw")
     sweep: list[Case] = []
     for bs in BS_SWEEP:
-        for mode in MODES:
-            sweep.append(
-                Case(
-                    _r("sweep", f"aiodd ({mode})", f"bs={bs}", s.sweep),
-                    (b.aiodd(small, out, bs=bs, isolation=mode),),
-                    (out,),
-                    check=b.same_bytes(small, out, s.sweep),
-                )
-            )
+        sweep += _aiodd_cases(b, "sweep", small, out, s.sweep, bs)
         sweep.append(
             Case(
                 _r("sweep", "qemu-img dd", f"bs={bs}", s.sweep),
@@ -110,17 +116,7 @@ def run(b: Bench) -> Section:
 
     # --- the main comparison ---------------------------------------------------------
     out = b.out("main.raw")
-    main_cases: list[Case] = []
-    for bs in BS_SWEEP:
-        for mode in MODES:
-            main_cases.append(
-                Case(
-                    _r("main", f"aiodd ({mode})", f"bs={bs}", s.main),
-                    (b.aiodd(main, out, bs=bs, isolation=mode),),
-                    (out,),
-                    check=b.same_bytes(main, out, s.main),
-                )
-            )
+    main_cases = [c for bs in BS_SWEEP for c in _aiodd_cases(b, "main", main, out, s.main, bs)]
     main_cases += [
         Case(_r("main", "qemu-img dd", "bs=1M", s.main), (b.qemu_dd(main, out, bs="1M"),), (out,)),
         Case(
