@@ -19,8 +19,8 @@ from aiodd.errors import UsageError as UsageError
 
 if TYPE_CHECKING:
     from aiodd.api import DdResult as DdResult
-    from aiodd.api import Isolation as Isolation
     from aiodd.api import dd as dd
+    from aiodd.chain import Isolation as Isolation
     from aiodd.pipeline.progress import Progress as Progress
     from aiodd.pipeline.progress import ProgressCallback as ProgressCallback
     from aiodd.window import Window as Window
@@ -47,7 +47,7 @@ __all__ = (
 
 _LAZY = {
     "DdResult": "aiodd.api",
-    "Isolation": "aiodd.api",
+    "Isolation": "aiodd.chain",
     "dd": "aiodd.api",
     "Progress": "aiodd.pipeline.progress",
     "ProgressCallback": "aiodd.pipeline.progress",

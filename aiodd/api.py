@@ -7,11 +7,11 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import anyio
 
 from aiodd import chain
+from aiodd.chain import Isolation
 from aiodd.errors import UsageError
 from aiodd.formats import encoders
 from aiodd.formats.base import VirtualDisk
@@ -21,7 +21,6 @@ from aiodd.pipeline.run import run_pipeline
 from aiodd.stages.sink import OutputFile
 from aiodd.window import BS_MAX, INT64_MAX, Window, compute_window, parse_size
 
-Isolation = Literal["sandbox", "inline"]
 SKIP_WARNING = "cannot skip to specified offset"
 IO_SIZE_MIN = 64 * 1024
 

@@ -9,20 +9,19 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from aiodd import __version__
 from aiodd.errors import AioddError, UsageError, describe
 from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS, check_input_format, check_output_format
 from aiodd.window import SizeRangeError, SizeSyntaxError, parse_size
 
-if TYPE_CHECKING:
-    from aiodd.terminal import JsonRenderer, PercentRenderer
-
 # The pipeline's modules (anyio, the API, the decoders) are imported only once the
 # command line is known good and the guest reader is starting: its start-up then
-# overlaps ours.  Isolation is spelled out here for the same reason.
-Isolation = Literal["sandbox", "inline"]
+# overlaps ours.
+if TYPE_CHECKING:
+    from aiodd.chain import Isolation
+    from aiodd.terminal import JsonRenderer, PercentRenderer
 
 PROG = "aiodd"
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
