@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from aiodd.errors import ImageError, PolicyError, UnsupportedImageError, UsageError
+from aiodd.errors import ImageError, PolicyError, UnsupportedImageError, UsageError, one_line
 
 MAX_MESSAGE = 65536
 
@@ -48,7 +48,7 @@ def clean(value: object, limit: int = 500) -> str:
     text = value if isinstance(value, str) else repr(value)
     if len(text) > limit:
         text = text[:limit] + "..."
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return one_line(text)
 
 
 def error_to_wire(exc: BaseException) -> Message:
