@@ -3,12 +3,21 @@
 The output is written to a temporary file beside ``of=`` and renamed over it only once
 complete and fsynced, so ``of=`` is either the whole new image or what it was before.
 An existing block device is the exception: it is written in place.
+
+Aligned data goes out through a second, ``O_DIRECT`` descriptor.  The fsync that
+SPEC §6 requires makes the copy wait for the disk anyway, so staging the output in
+the page cache only adds a memory copy per byte and fills memory with pages nobody
+will read; on these VMs, taking fresh page-cache pages is also what made half of
+the buffered copies two to three times slower.  Whatever the filesystem refuses to
+take directly (unaligned pieces, small metadata, or everything on a filesystem
+without ``O_DIRECT``) is written through the page cache as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import stat
 
@@ -37,6 +46,37 @@ def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-def
 _sync_file_range = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
+# O_DIRECT needs the file offset, the length and the memory address aligned to the
+# device's logical block.  512 is the common case; a device that wants 4096 says so
+# with EINVAL, and the writer moves up once before giving O_DIRECT up.
+_DIRECT_ALIGNMENTS = (512, 4096)
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def _open_direct(path: str) -> int | None:
+    """A second, ``O_DIRECT`` descriptor on ``path``, or None where that is refused."""
+    if not _O_DIRECT:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | _O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return None  # tmpfs before Linux 6.6, some FUSE filesystems, ...
+
+
+def _address(view: memoryview) -> int | None:
+    """Where ``view``'s bytes are in memory; None for read-only buffers (never aligned)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return None
+
+
+def direct_length(offset: int, length: int, address: int | None, alignment: int) -> int:
+    """How many leading bytes of a write can go through O_DIRECT (a multiple of ``alignment``)."""
+    if address is None or offset % alignment or address % alignment:
+        return 0
+    return length - length % alignment
+
 
 class OutputFile:
     """The destination being written: a temporary file, or a block device."""
@@ -45,6 +85,9 @@ class OutputFile:
         self.fd = fd
         self.path = path
         self.temp_path = temp_path  # None: written in place (a block device)
+        self.direct_fd = _open_direct(temp_path or path)
+        self._alignment = 0
+        self.direct_bytes = 0  # written through O_DIRECT, for tests and the bench
 
     @classmethod
     def create(cls, path: str, size: int, *, raw: bool) -> OutputFile:
@@ -91,25 +134,67 @@ class OutputFile:
     def write(self, writes: list[tuple[int, Bytes]]) -> None:
         try:
             for offset, data in writes:
-                start = offset
-                view = memoryview(data)
-                while view:
-                    n = os.pwrite(self.fd, view, offset)
-                    view = view[n:]
-                    offset += n
-                if _sync_file_range is not None and offset - start >= 1 << 20:
-                    # Start writeback now, so the fsync before the rename finds little
-                    # left to do: flushing overlaps copying instead of following it.
-                    _sync_file_range(self.fd, start, offset - start, _SYNC_FILE_RANGE_WRITE)
+                view = memoryview(data).cast("B")
+                done = self._write_direct(offset, view) if self.direct_fd is not None else 0
+                if done < len(view):
+                    self._write_buffered(offset + done, view[done:])
         except OSError as exc:
             raise OutputError(f"{self.path}: write failed: {exc.strerror}") from None
+
+    def _write_direct(self, offset: int, view: memoryview) -> int:
+        """Write what O_DIRECT takes of ``view``; return how many bytes that was."""
+        assert self.direct_fd is not None
+        address = _address(view)
+        while True:
+            alignment = _DIRECT_ALIGNMENTS[self._alignment]
+            length = direct_length(offset, len(view), address, alignment)
+            if not length:
+                return 0
+            try:
+                done = 0
+                while done < length:
+                    n = os.pwrite(self.direct_fd, view[done:length], offset + done)
+                    done += n
+                    if n % alignment:
+                        break  # a short, odd write: the rest goes buffered
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # The filesystem wants a coarser alignment, or no O_DIRECT at all.
+                # Returning 0 makes the buffered path redo the whole piece.
+                if self._alignment + 1 < len(_DIRECT_ALIGNMENTS):
+                    self._alignment += 1
+                    continue
+                self._stop_direct()
+                return 0
+            self.direct_bytes += done
+            return done
+
+    def _write_buffered(self, offset: int, view: memoryview) -> None:
+        start = offset
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+        if _sync_file_range is not None and offset - start >= 1 << 20:
+            # Start writeback now, so the fsync before the rename finds little
+            # left to do: flushing overlaps copying instead of following it.
+            _sync_file_range(self.fd, start, offset - start, _SYNC_FILE_RANGE_WRITE)
+
+    def _stop_direct(self) -> None:
+        if self.direct_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.direct_fd)
+            self.direct_fd = None
 
     def commit(self, size: int) -> None:
         """Finish the file at ``size`` bytes, make it durable and put it in place."""
         try:
             if self.temp_path is not None:
                 os.ftruncate(self.fd, size)
+            # fsync works on the inode: it covers what went through either descriptor.
             os.fsync(self.fd)
+            self._stop_direct()
             os.close(self.fd)
             self.fd = -1
             if self.temp_path is not None:
@@ -125,6 +210,7 @@ class OutputFile:
 
     def abort(self) -> None:
         """Forget the output: the temporary file goes, ``of=`` stays as it was."""
+        self._stop_direct()
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)

@@ -1,0 +1,171 @@
+"""The sink's O_DIRECT path: what goes direct, what goes buffered, and the fallback."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aiodd.errors import OutputError
+from aiodd.stages.sink import OutputFile, direct_length
+
+MiB = 1024 * 1024
+
+
+@given(
+    offset=st.integers(0, 1 << 40),
+    length=st.integers(0, 1 << 24),
+    address=st.none() | st.integers(0, 1 << 47),
+    alignment=st.sampled_from([512, 4096]),
+)
+def test_direct_length_is_the_aligned_prefix(
+    offset: int, length: int, address: int | None, alignment: int
+) -> None:
+    n = direct_length(offset, length, address, alignment)
+    assert 0 <= n <= length and n % alignment == 0
+    if address is None or offset % alignment or address % alignment:
+        assert n == 0
+    else:
+        assert length - n < alignment
+
+
+def _pool_memory(data: bytes) -> mmap.mmap:
+    """Page-aligned memory, as the pipeline's buffer pool is."""
+    memory = mmap.mmap(-1, len(data))
+    memory[:] = data
+    return memory
+
+
+@pytest.fixture
+def direct_output(tmp_path: Path) -> OutputFile:
+    out = OutputFile.create(str(tmp_path / "out.raw"), 8 * MiB, raw=True)
+    if out.direct_fd is None:
+        out.abort()
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    return out
+
+
+def test_aligned_pool_buffers_go_direct_and_the_rest_buffered(
+    direct_output: OutputFile, tmp_path: Path
+) -> None:
+    data = os.urandom(4 * MiB + 700)
+    memory = _pool_memory(data)
+    view = memoryview(memory)
+    direct_output.write(
+        [
+            (0, view[: 4 * MiB + 700]),  # 4 MiB + 512 direct, a 188-byte tail buffered
+            (5 * MiB + 3, view[1 : 2 * MiB]),  # unaligned offset and address: buffered
+            (7 * MiB, bytes(data[:4096])),  # read-only bytes: buffered
+        ]
+    )
+    assert direct_output.direct_bytes == 4 * MiB + 512
+    direct_output.commit(8 * MiB)
+    view.release()
+    memory.close()
+    got = (tmp_path / "out.raw").read_bytes()
+    expected = bytearray(8 * MiB)
+    expected[: 4 * MiB + 700] = data
+    expected[5 * MiB + 3 : 7 * MiB + 2] = data[1 : 2 * MiB]
+    expected[7 * MiB : 7 * MiB + 4096] = data[:4096]
+    assert got == bytes(expected)
+
+
+def test_einval_moves_to_4096_then_gives_up(
+    direct_output: OutputFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_pwrite = os.pwrite
+    direct_fd = direct_output.direct_fd
+    calls: list[tuple[int, int]] = []
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        if fd == direct_fd:
+            calls.append((offset, len(data)))
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    data = os.urandom(MiB)
+    memory = _pool_memory(data)
+    view = memoryview(memory)
+    direct_output.write([(0, view)])
+    assert calls == [(0, MiB), (0, MiB)]  # once at 512, once at 4096
+    assert direct_output.direct_fd is None and direct_output.direct_bytes == 0
+    direct_output.write([(MiB, view)])  # later writes go straight to the page cache
+    assert len(calls) == 2
+    direct_output.commit(2 * MiB)
+    view.release()
+    memory.close()
+    assert (tmp_path / "out.raw").read_bytes() == data + data
+
+
+def test_other_write_errors_are_reported_not_retried(
+    direct_output: OutputFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direct_fd = direct_output.direct_fd
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        if fd == direct_fd:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    memory = _pool_memory(bytes(MiB))
+    view = memoryview(memory)
+    with pytest.raises(OutputError, match="write failed: No space left on device"):
+        direct_output.write([(0, view)])
+    direct_output.abort()
+    view.release()
+    memory.close()
+
+
+def test_a_filesystem_without_o_direct_is_written_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def open_(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", open_)
+    out = OutputFile.create(str(tmp_path / "out.raw"), MiB, raw=True)
+    assert out.direct_fd is None
+    memory = _pool_memory(b"z" * MiB)
+    view = memoryview(memory)
+    out.write([(0, view)])
+    out.commit(MiB)
+    view.release()
+    memory.close()
+    assert (tmp_path / "out.raw").read_bytes() == b"z" * MiB
+
+
+def test_a_real_copy_goes_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline hands the sink pool buffers that O_DIRECT takes whole."""
+    import anyio
+
+    from aiodd.api import dd
+
+    outputs: list[OutputFile] = []
+    real_create = OutputFile.create
+
+    def create(path: str, size: int, *, raw: bool) -> OutputFile:
+        out = real_create(path, size, raw=raw)
+        outputs.append(out)
+        return out
+
+    monkeypatch.setattr(OutputFile, "create", create)
+    src = tmp_path / "in.raw"
+    data = os.urandom(9 * MiB + 512)
+    src.write_bytes(data)
+    anyio.run(lambda: dd(str(src), str(tmp_path / "out.raw"), isolation="inline"))
+    assert (tmp_path / "out.raw").read_bytes() == data
+    if outputs[0].direct_bytes == 0:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    assert outputs[0].direct_bytes == 9 * MiB + 512
