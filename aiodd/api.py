@@ -140,7 +140,7 @@ async def dd(
         window = compute_window(disk.virtual_size, bs_value, count_value, skip_value)
         warnings = (f"{src_path}: {SKIP_WARNING}",) if window.skip_past_end else ()
         plan = encoders.plan(output_format, window.length, filename=os.path.basename(dst_path))
-        meter = ProgressMeter(plan.virtual_size, on_progress, progress_interval)
+        meter = ProgressMeter(plan.data_size, on_progress, progress_interval)
         output = await anyio.to_thread.run_sync(
             lambda: OutputFile.create(dst_path, plan.file_size, raw=output_format == "raw")
         )

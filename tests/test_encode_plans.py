@@ -43,7 +43,7 @@ def check_tiling(plan: OutputPlan) -> dict[int, bytes]:
         previous = offset
         blocks[offset] = data
         intervals.append((offset, offset + len(data), "meta"))
-    for extent in plan.data_extents(0, plan.virtual_size):
+    for extent in plan.data_extents(0, plan.data_size):
         assert extent.length > 0
         intervals.append((extent.file_offset, extent.file_offset + extent.length, "data"))
     intervals.sort()
@@ -102,10 +102,7 @@ def test_tiling_property(fmt: str, out: int) -> None:
     # Count instead of keeping blocks: some of these plans have thousands.
     pieces = sorted(
         [(o, o + len(d)) for o, d in plan.metadata()]
-        + [
-            (e.file_offset, e.file_offset + e.length)
-            for e in plan.data_extents(0, plan.virtual_size)
-        ]
+        + [(e.file_offset, e.file_offset + e.length) for e in plan.data_extents(0, plan.data_size)]
     )
     position = 0
     for start, end in pieces:
@@ -124,7 +121,7 @@ def test_data_extents_of_a_subrange_agree_with_the_whole(
     fmt: str, out: int, data: st.DataObject
 ) -> None:
     plan = make_plan(fmt, out)
-    size = plan.virtual_size
+    size = plan.data_size
     offset = data.draw(st.integers(0, size))
     length = data.draw(st.integers(0, size - offset))
     extents = plan.data_extents(offset, length)
@@ -146,7 +143,7 @@ def test_data_extents_of_a_subrange_agree_with_the_whole(
 def test_data_extents_reject_ranges_outside_the_disk(fmt: str) -> None:
     plan = make_plan(fmt, 3000)
     with pytest.raises(ValueError):
-        plan.data_extents(0, plan.virtual_size + 1)
+        plan.data_extents(0, plan.data_size + 1)
     with pytest.raises(ValueError):
         plan.data_extents(-1, 1)
     assert plan.data_extents(plan.virtual_size, 0) == []
@@ -155,8 +152,8 @@ def test_data_extents_reject_ranges_outside_the_disk(fmt: str) -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_data_is_few_extents(fmt: str) -> None:
     plan = make_plan(fmt, 64 * MiB)
-    extents = plan.data_extents(0, plan.virtual_size)
-    blocks = -(-plan.virtual_size // (2 * MiB))  # a VHD's blocks are split by bitmaps
+    extents = plan.data_extents(0, plan.data_size)
+    blocks = -(-plan.data_size // (2 * MiB))  # a VHD's blocks are split by bitmaps
     assert len(extents) == (blocks if fmt == "vpc" else 1)
 
 
@@ -528,6 +525,24 @@ def test_vpc_structures() -> None:
         assert plan.data_extents(b * 2 * MiB, 1)[0].file_offset == sector * 512 + 512
 
 
+@pytest.mark.parametrize(
+    ("out", "qemu_file_size"),
+    # File sizes of `qemu-img dd -O vpc bs=OUT count=1` (qemu 7.2) on a larger input.
+    [(3000, 2100224), (2 * MiB, 2100224), (4 * MiB, 4197888), (100 * MiB, 104885760)],
+)
+def test_vpc_leaves_blocks_of_padding_only_unallocated(out: int, qemu_file_size: int) -> None:
+    plan = vpc.plan(out, identity=FIXED)
+    assert plan.virtual_size > plan.data_size or out == 3000
+    assert plan.file_size == qemu_file_size
+    blocks = check_tiling(plan)
+    bat = covered(blocks, 1536, plan.bat_bytes)
+    entries = [e for (e,) in struct.iter_unpack(">I", bat)]
+    allocated = -(-out // (2 * MiB))
+    assert all(e != 0xFFFFFFFF for e in entries[:allocated])
+    assert entries[allocated:] == [0xFFFFFFFF] * (len(entries) - allocated)
+    assert plan.blocks * 2 * MiB >= plan.virtual_size
+
+
 def test_vpc_empty_matches_qemu_layout() -> None:
     plan = vpc.plan(0)
     assert (plan.virtual_size, plan.file_size) == (0, 2048)
@@ -552,6 +567,28 @@ def test_vpc_empty_matches_qemu_layout() -> None:
 )
 def test_vhdx_block_size_rule(size: int, block: int) -> None:
     assert vhdx.block_size_for(size) == block
+
+
+@pytest.mark.parametrize(
+    ("out", "qemu_file_size"),
+    # File sizes of `qemu-img dd -O vhdx` (qemu 7.2), and of `qemu-img create -f vhdx`
+    # (no block written yet) for the large ones, whose BAT region grows.
+    [
+        (0, 74448896),
+        (3000, 16 * MiB),
+        (100 * MiB, 112 * MiB),
+        (5 * 1024 * GiB, 9 * MiB),
+        (16 * 1024 * GiB, 12 * MiB),
+        (30 * 1024 * GiB, 15 * MiB),
+    ],
+)
+def test_vhdx_places_blocks_where_qemu_does(out: int, qemu_file_size: int) -> None:
+    plan = vhdx.plan(out)
+    data = plan.layout.payload_blocks * plan.layout.block_size
+    if out > 1024 * GiB:
+        assert plan.file_size - data == qemu_file_size
+    else:
+        assert plan.file_size == qemu_file_size
 
 
 def test_vhdx_over_64_tib_is_a_usage_error() -> None:

@@ -35,7 +35,7 @@ INFO_TOOL = {"vmdk": "vmdkinfo", "vpc": "vhdiinfo", "vhdx": "vhdiinfo"}
 def write_image(plan: OutputPlan, window: bytes, path: Path, *, data: bool = True) -> None:
     """The reference sink: every metadata block and window byte at its offset.  With
     ``data=False`` the data extents are left as holes (sparse, for huge plans)."""
-    padded = window + bytes(plan.virtual_size - len(window)) if data else b""
+    padded = window + bytes(plan.data_size - len(window)) if data else b""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for offset, block in plan.metadata():
@@ -43,7 +43,7 @@ def write_image(plan: OutputPlan, window: bytes, path: Path, *, data: bool = Tru
         if data:
             position = 0
             view = memoryview(padded)
-            for extent in plan.data_extents(0, plan.virtual_size):
+            for extent in plan.data_extents(0, plan.data_size):
                 os.pwrite(fd, view[position : position + extent.length], extent.file_offset)
                 position += extent.length
         os.ftruncate(fd, plan.file_size)
@@ -188,10 +188,10 @@ def test_huge_plan_sparse(fmt: str, out: int, tmp_path: Path) -> None:
     assert info(ours, fmt)["virtual-size"] == plan.virtual_size
     if fmt in CHECKABLE:
         check_clean(ours, fmt)
-    # Every byte is allocated and maps where the plan says.
-    expected = plan.data_extents(0, plan.virtual_size)
+    # Every byte of the data stream is allocated and maps where the plan says.
+    expected = plan.data_extents(0, plan.data_size)
     pieces = [e for e in map_extents(ours, fmt) if e["data"]]
-    assert sum(int(str(e["length"])) for e in pieces) == plan.virtual_size
+    assert sum(int(str(e["length"])) for e in pieces) == plan.data_size
     # qemu's vpc map splits at every block; its vhdx driver reports no file offsets.
     if fmt in ("qcow2", "vmdk"):
         assert len(expected) == 1

@@ -161,6 +161,8 @@ def check_parity(
         return Parity(ours, theirs, 0, data)
     judged = judge(ours, theirs, out_fmt)
     assert judged.sizes[0] == judged.sizes[1], "virtual size"
+    # The same layout, block for block, gives the same file size (ls -l shows it).
+    assert ours.stat().st_size == theirs.stat().st_size, "file size"
     raw_ours, raw_theirs = judged.data
     assert len(raw_ours) == len(raw_theirs) == judged.sizes[1]
     assert raw_ours == raw_theirs, f"bytes differ from {first_difference(raw_ours, raw_theirs)}"

@@ -103,14 +103,21 @@ class OutputPlan(Protocol):
     """Where the window's bytes go in an output container, and what surrounds them.
 
     Built by a pure function of the window's length (see ``formats.encoders``).  The
-    data extents of ``[0, virtual_size)`` and the metadata blocks together cover every
+    data extents of ``[0, data_size)`` and the metadata blocks together cover every
     byte of ``[0, file_size)`` exactly once (zero padding is metadata too), so the sink
     writes a dense file without tracking gaps.  The windower pads the window with zeros
-    up to ``virtual_size`` (the 512-byte rounding, or VHD's CHS rounding).
+    up to ``data_size``.
     """
 
     @property
     def virtual_size(self) -> int: ...
+
+    @property
+    def data_size(self) -> int:
+        """How much of the virtual disk the data stream covers: the window and its zero
+        padding up to ``virtual_size`` (the 512-byte rounding), except for VHD, whose
+        blocks holding only CHS padding stay unallocated, as qemu leaves them."""
+        ...
 
     @property
     def file_size(self) -> int: ...

@@ -86,7 +86,7 @@ async def run_pipeline(
             tg.start_soon(
                 _stage,
                 "windower",
-                lambda: window_stream(start, end, plan.virtual_size, pool, read_rx, win_tx),
+                lambda: window_stream(start, end, plan.data_size, pool, read_rx, win_tx),
             )
             tg.start_soon(_stage, "encoder", lambda: encode_stream(plan, win_rx, enc_tx))
             tg.start_soon(_stage, "sink", lambda: sink_stream(output, pool, enc_rx, meter))

@@ -1,7 +1,7 @@
 """Stage 2, the block windower: turns disk chunks into the output's data stream.
 
 It restores the order the readers lost, moves offsets from the disk's ``[start, end)``
-to the output's ``[0, out)``, and appends the zero tail up to the output's virtual size
+to the output's ``[0, out)``, and appends the zero tail up to where the output plan's data ends
 (512-byte rounding, or VHD's CHS rounding).
 """
 

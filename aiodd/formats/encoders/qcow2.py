@@ -128,6 +128,10 @@ class Qcow2Plan:
         return self.layout.virtual_size
 
     @property
+    def data_size(self) -> int:
+        return self.virtual_size
+
+    @property
     def file_size(self) -> int:
         return self.layout.total_clusters * CLUSTER
 

@@ -16,6 +16,10 @@ class RawPlan:
     virtual_size: int
 
     @property
+    def data_size(self) -> int:
+        return self.virtual_size
+
+    @property
     def file_size(self) -> int:
         return self.virtual_size
 

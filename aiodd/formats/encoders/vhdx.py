@@ -8,6 +8,8 @@ every payload block present and in order::
     2 MiB   BAT (a whole number of MiB)
     ...     metadata region (1 MiB): file parameters, virtual disk size, page 83 data,
             logical and physical sector sizes
+    ...     4 MiB of zeros: qemu-img create leaves the file this much longer, and
+            qemu places the first block at the end of the file
     ...     payload blocks, contiguous; the last one zero-padded to the block size
 
 Every payload BAT entry is PAYLOAD_BLOCK_FULLY_PRESENT; the sector bitmap entries that
@@ -53,6 +55,9 @@ LOG_OFFSET = 1 * MiB
 LOG_LENGTH = 1 * MiB
 BAT_OFFSET = 2 * MiB
 METADATA_LENGTH = 1 * MiB
+# A new qemu vhdx file ends 4 MiB past its metadata region, whatever the BAT size
+# (seen with qemu-img create 7.2 from 3000 bytes to 60 TiB); blocks are then appended.
+CREATE_SLACK = 4 * MiB
 METADATA_ITEMS_OFFSET = 64 * KiB  # within the metadata region
 LOGICAL_SECTOR = 512
 PHYSICAL_SECTOR = 512  # what qemu 7.2 writes
@@ -125,7 +130,7 @@ class Layout:
 
     @property
     def payload_offset(self) -> int:
-        return self.metadata_offset + METADATA_LENGTH
+        return self.metadata_offset + METADATA_LENGTH + CREATE_SLACK
 
     @property
     def file_size(self) -> int:
@@ -144,6 +149,10 @@ class VhdxPlan:
 
     @property
     def virtual_size(self) -> int:
+        return self.layout.virtual_size
+
+    @property
+    def data_size(self) -> int:
         return self.layout.virtual_size
 
     @property
@@ -215,6 +224,7 @@ class VhdxPlan:
         yield from zeros(LOG_OFFSET, LOG_LENGTH)
         yield from self._bat()
         yield lay.metadata_offset, self.metadata_region()
+        yield from zeros(lay.metadata_offset + METADATA_LENGTH, CREATE_SLACK)
         tail = lay.payload_blocks * lay.block_size - lay.virtual_size
         yield from zeros(lay.file_size - tail, tail)
 

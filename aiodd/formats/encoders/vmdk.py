@@ -122,6 +122,10 @@ class VmdkPlan:
         return self.layout.capacity * SECTOR
 
     @property
+    def data_size(self) -> int:
+        return self.virtual_size
+
+    @property
     def file_size(self) -> int:
         return (self.layout.grain_offset + self.layout.grains * GRAIN_SECTORS) * SECTOR
 

@@ -3,6 +3,9 @@ it, with every block of the window allocated in order::
 
     footer copy | dynamic header | BAT (padded to 512) | {bitmap, block} ... | footer
 
+Blocks that hold only the CHS padding past the window stay unallocated, as in
+qemu-img dd's output, which never writes there: the files are then the same size.
+
 Each block is a 512-byte sector bitmap of all ones (every sector present, as qemu sets
 it when it allocates a block) followed by 2 MiB of data.  The virtual size is the CHS
 geometry's product (the VHD specification's algorithm, searched upwards as qemu does),
@@ -108,6 +111,7 @@ def checksum(data: bytes) -> int:
 @dataclass(frozen=True)
 class VpcPlan:
     size: Size
+    window: int  # bytes of data the window holds, before the CHS padding
     identity: Identity = field(default_factory=Identity)
 
     @property
@@ -116,7 +120,17 @@ class VpcPlan:
 
     @property
     def blocks(self) -> int:
+        """BAT entries: the whole virtual disk."""
         return div_round_up(self.virtual_size, BLOCK)
+
+    @property
+    def allocated(self) -> int:
+        """Blocks written: those the window touches."""
+        return div_round_up(self.window, BLOCK)
+
+    @property
+    def data_size(self) -> int:
+        return min(self.virtual_size, self.allocated * BLOCK)
 
     @property
     def bat_bytes(self) -> int:
@@ -129,11 +143,11 @@ class VpcPlan:
 
     @property
     def file_size(self) -> int:
-        return self.data_start + self.blocks * STRIDE + FOOTER_SIZE
+        return self.data_start + self.allocated * STRIDE + FOOTER_SIZE
 
     def data_extents(self, offset: int, length: int) -> list[Extent]:
-        if offset < 0 or length < 0 or offset + length > self.virtual_size:
-            raise ValueError(f"range {offset}+{length} outside the virtual disk")
+        if offset < 0 or length < 0 or offset + length > self.data_size:
+            raise ValueError(f"range {offset}+{length} outside the allocated blocks")
         base = self.data_start + BITMAP
         return strided_extents(offset, length, base=base, block=BLOCK, stride=STRIDE)
 
@@ -190,16 +204,17 @@ class VpcPlan:
         # padding to a whole sector is 0xff (unallocated) like qemu's.
         first = self.data_start // SECTOR
         step = STRIDE // SECTOR
-        for lo in range(0, self.blocks, _BAT_PIECE):
-            n = min(_BAT_PIECE, self.blocks - lo)
+        for lo in range(0, self.allocated, _BAT_PIECE):
+            n = min(_BAT_PIECE, self.allocated - lo)
             yield BAT_OFFSET + lo * 4, lanes(first + lo * step, n, step, 4, "big")
-        slack = self.bat_bytes - self.blocks * 4
+        # Unallocated entries, then the padding to a whole sector: 0xff, like qemu's.
+        slack = self.bat_bytes - self.allocated * 4
         if slack:
-            yield BAT_OFFSET + self.blocks * 4, b"\xff" * slack
+            yield BAT_OFFSET + self.allocated * 4, b"\xff" * slack
         bitmap = b"\xff" * BITMAP
-        for b in range(self.blocks):
+        for b in range(self.allocated):
             yield self.data_start + b * STRIDE, bitmap
-        tail = self.blocks * BLOCK - self.virtual_size
+        tail = self.allocated * BLOCK - self.data_size
         yield from zeros(self.file_size - FOOTER_SIZE - tail, tail)
         yield self.file_size - FOOTER_SIZE, footer
 
@@ -208,4 +223,4 @@ def plan(out: int, *, identity: Identity | None = None) -> VpcPlan:
     """The plan for a window of ``out`` bytes (virtual size: CHS-rounded, see module)."""
     if out < 0:
         raise ValueError("negative window length")
-    return VpcPlan(size_for(div_round_up(out, SECTOR)), identity or Identity())
+    return VpcPlan(size_for(div_round_up(out, SECTOR)), out, identity or Identity())
