@@ -160,8 +160,10 @@ class Bench:
         return ("sync", str(path))
 
     @staticmethod
-    def coreutils_dd(src: Path, dst: Path, *, fsync: bool = False) -> Argv:
-        argv = ("dd", f"if={src}", f"of={dst}", "bs=4M", "status=none")
+    def coreutils_dd(src: Path, dst: Path, *, fsync: bool = False, direct: bool = False) -> Argv:
+        argv: Argv = ("dd", f"if={src}", f"of={dst}", "bs=4M", "status=none")
+        if direct:
+            argv = (*argv, "oflag=direct")
         return (*argv, "conv=fsync") if fsync else argv
 
     # --- checks ----------------------------------------------------------------------
