@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from aiodd import __version__
-from aiodd.errors import AioddError, UsageError, describe
+from aiodd.errors import AioddError, PolicyError, UsageError, describe
 from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS, check_input_format, check_output_format
 from aiodd.window import SizeRangeError, SizeSyntaxError, parse_size
 
@@ -152,6 +152,8 @@ def parse_args(argv: Sequence[str]) -> Invocation:
                 raise UsageError(f"invalid --progress '{value}': use none, percent or json")
             inv.progress = value
         elif opt == "--allow-backing":
+            if not os.path.isdir(value):
+                raise UsageError(f"invalid --allow-backing '{value}': not a directory")
             inv.allow_backing.append(value)
         elif opt == "--isolation":
             if value not in ("sandbox", "inline"):
@@ -257,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         import anyio
 
         anyio.run(_run, inv, backend_options=_backend_options())
+    except PolicyError as exc:
+        _print_error(sys.stderr, exc.naming("--allow-backing DIR"))
+        return EXIT_ERROR
     except AioddError as exc:
         _print_error(sys.stderr, str(exc))
         return EXIT_ERROR

@@ -37,7 +37,32 @@ class UnsupportedImageError(ImageError):
 
 
 class PolicyError(ImageError):
-    """An image refers to a file the backing-file policy does not allow."""
+    """An image refers to a file the backing-file policy does not allow.
+
+    ``allowable`` says whether trusting more directories would allow the file (True),
+    whether nothing would (False), or is None when the message says it already.  The
+    message names the library's parameter; :meth:`naming` names another spelling of
+    it, such as the command line's ``--allow-backing DIR``.
+    """
+
+    LIBRARY_OPTION = "allow_backing=[DIR]"
+
+    def __init__(
+        self, file: str, message: str, fmt: str | None = None, *, allowable: bool | None = None
+    ) -> None:
+        self.rule = message
+        self.allowable = allowable
+        super().__init__(file, _with_hint(message, allowable, self.LIBRARY_OPTION), fmt)
+
+    def naming(self, option: str) -> str:
+        """The message, with ``option`` as the way to allow the file."""
+        return f"{self.file}: {one_line(_with_hint(self.rule, self.allowable, option))}"
+
+
+def _with_hint(message: str, allowable: bool | None, option: str) -> str:
+    if allowable is None:
+        return message
+    return f"{message} ({f'allow it with {option}' if allowable else 'no option allows this'})"
 
 
 class OutputError(AioddError):

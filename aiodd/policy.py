@@ -46,7 +46,6 @@ MAX_CHAIN = 64
 MAX_SYMLINKS = 40
 """Symlinks followed while resolving one reference (the kernel's own limit)."""
 
-ALLOW_OPTION = "--allow-backing DIR"
 
 _KIND_NAMES = {
     "backing": "backing file",
@@ -135,7 +134,7 @@ class Policy:
         for directory in allow_dirs:
             real = os.path.realpath(directory)
             if not os.path.isdir(real):
-                raise UsageError(f"--allow-backing '{directory}': not a directory")
+                raise UsageError(f"invalid allow_backing '{directory}': not a directory")
             roots.append(real)
         self.allow_dirs: tuple[str, ...] = tuple(roots)
 
@@ -164,12 +163,12 @@ class Policy:
         image = layer.name
         what = describe(ref)
         if disk and layer.depth + 1 >= MAX_CHAIN:
-            self._refuse(image, what, f"the chain would exceed {MAX_CHAIN} layers", None)
+            self._refuse(image, what, f"the chain would exceed {MAX_CHAIN} layers")
         name = ref.name
         if not name or "\0" in name:
-            self._refuse(image, what, "it is not a file name", None)
+            self._refuse(image, what, "it is not a file name")
         if name.startswith("json:"):
-            self._refuse(image, what, "qemu's json: pseudo-protocol is not supported", None)
+            self._refuse(image, what, "qemu's json: pseudo-protocol is not supported")
         protocol = _PROTOCOL.match(name)
         if protocol:
             self._refuse(
@@ -177,7 +176,6 @@ class Policy:
                 what,
                 f"protocol prefix '{printable(protocol.group(1))[1:-1]}:' is not supported;"
                 " only plain file paths are",
-                None,
             )
         roots = (layer.directory, *self.allow_dirs)
         spelled = posixpath.normpath(posixpath.join(layer.directory, name))
@@ -190,7 +188,7 @@ class Policy:
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
             if disk and key in layer.chain:
-                self._refuse(image, what, "the chain loops back to a layer above it", None)
+                self._refuse(image, what, "the chain loops back to a layer above it")
             depth = layer.depth + 1 if disk else layer.depth
             return fd, Layer(name, real_dir, depth, layer.chain | {key})
         except BaseException:
@@ -209,7 +207,7 @@ class Policy:
         try:
             while True:
                 if not pending:
-                    self._refuse(image, what, "it names a directory, not a regular file", None)
+                    self._refuse(image, what, "it names a directory, not a regular file")
                 comp = pending.pop(0)
                 try:
                     st = os.stat(comp, dir_fd=cur_fd, follow_symlinks=False)
@@ -218,7 +216,7 @@ class Policy:
                 if stat.S_ISLNK(st.st_mode):
                     links += 1
                     if links > MAX_SYMLINKS:
-                        self._refuse(image, what, "too many levels of symbolic links", None)
+                        self._refuse(image, what, "too many levels of symbolic links")
                     try:
                         target = os.readlink(comp, dir_fd=cur_fd)
                     except OSError as exc:
@@ -226,7 +224,7 @@ class Policy:
                     joined = posixpath.join(cur_real, target, *pending)
                     spelled = posixpath.normpath(joined)
                     if not target or "\0" in target:
-                        self._refuse(image, what, "a symlink on its path is empty", None)
+                        self._refuse(image, what, "a symlink on its path is empty")
                     root = self._root_of(image, what, spelled, roots, via_link=True)
                     os.close(cur_fd)
                     cur_fd = -1
@@ -263,7 +261,7 @@ class Policy:
                     if not via_link
                     else ("a symlink on its path leads into /proc or /sys")
                 )
-                self._refuse(image, what, rule, None)
+                self._refuse(image, what, rule)
         inside = [root for root in roots if _inside(spelled, root)]
         if not inside:
             where = " or ".join(printable(r) for r in roots)
@@ -272,7 +270,7 @@ class Policy:
                 if via_link
                 else f"it lies outside the allowed directories ({where})"
             )
-            self._refuse(image, what, rule, ALLOW_OPTION)
+            self._refuse(image, what, rule, allowable=True)
         return max(inside, key=len)
 
     @staticmethod
@@ -289,7 +287,7 @@ class Policy:
             raise self._missing(image, what, exc) from None
         if not stat.S_ISREG(st.st_mode):
             kind = _file_kind(st.st_mode)
-            self._refuse(image, what, f"it is a {kind}, not a regular file", None)
+            self._refuse(image, what, f"it is a {kind}, not a regular file")
         try:
             fd = os.open(leaf, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
@@ -300,11 +298,11 @@ class Policy:
                 st.st_dev,
                 st.st_ino,
             ):
-                self._refuse(image, what, "it changed while being opened", None)
+                self._refuse(image, what, "it changed while being opened")
             magic = _fs_magic(fd)
             if magic in _PSEUDO_FS_MAGIC:
                 fs = _PSEUDO_FS_MAGIC[magic]
-                self._refuse(image, what, f"it is on the kernel's {fs} filesystem", None)
+                self._refuse(image, what, f"it is on the kernel's {fs} filesystem")
             return fd
         except BaseException:
             os.close(fd)
@@ -316,9 +314,8 @@ class Policy:
         return ImageError(image, f"cannot open {what}: {reason}")
 
     @staticmethod
-    def _refuse(image: str, what: str, rule: str, option: str | None) -> NoReturn:
-        hint = f"allow it with {option}" if option else "no option allows this"
-        raise PolicyError(image, f"{what} is refused: {rule} ({hint})")
+    def _refuse(image: str, what: str, rule: str, *, allowable: bool = False) -> NoReturn:
+        raise PolicyError(image, f"{what} is refused: {rule}", allowable=allowable)
 
 
 def _file_kind(mode: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import subprocess
 from pathlib import Path
 
 import anyio
@@ -16,6 +17,7 @@ import pytest
 
 import aiodd
 from aiodd import DdResult, Progress
+from tests.conftest import needs_qemu
 
 pytestmark = pytest.mark.anyio
 
@@ -98,6 +100,7 @@ async def test_skip_past_the_end_warns_and_writes_an_empty_file(
         ({"skip": -1}, "invalid skip '-1': must be between 0"),
         ({"output_format": "qed"}, "qed"),
         ({"isolation": "none"}, "unknown isolation 'none'"),
+        ({"allow_backing": ["/nonexistent/dir"]}, "invalid allow_backing '/nonexistent/dir'"),
     ],
 )
 async def test_usage_errors(
@@ -115,6 +118,32 @@ async def test_same_file_is_refused(sample: tuple[Path, bytes]) -> None:
     with pytest.raises(aiodd.UsageError, match="same file"):
         await aiodd.dd(src, src)
     assert src.read_bytes() == data
+
+
+@needs_qemu
+@pytest.mark.parametrize("isolation", MODES)
+async def test_policy_refusals_name_the_library_parameter(
+    tmp_path: Path, isolation: aiodd.Isolation
+) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "base.raw").write_bytes(bytes(MiB))
+    images = tmp_path / "images"
+    images.mkdir()
+    overlay = images / "overlay.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "../base/base.raw",
+         str(overlay)],
+        check=True,
+    )  # fmt: skip
+    dst = tmp_path / "out.raw"
+    with pytest.raises(aiodd.PolicyError) as info:
+        await aiodd.dd(overlay, dst, isolation=isolation)
+    assert str(info.value).endswith("(allow it with allow_backing=[DIR])")
+    assert info.value.allowable is True
+    assert not dst.exists()
+    result = await aiodd.dd(overlay, dst, isolation=isolation, allow_backing=[base])
+    assert result.bytes_copied == MiB
 
 
 @pytest.mark.parametrize("isolation", MODES)

@@ -67,6 +67,10 @@ def test_options_may_follow_operands_like_gnu_getopt() -> None:
         (["-f", "nope", "if=a", "of=b"], "unknown input format 'nope'"),
         (["-x", "if=a", "of=b"], "option -x not recognized"),
         (["--progress=loud", "if=a", "of=b"], "invalid --progress 'loud'"),
+        (
+            ["--allow-backing", "/nonexistent/dir", "if=a", "of=b"],
+            "invalid --allow-backing '/nonexistent/dir': not a directory",
+        ),
     ],
 )
 def test_usage_errors(argv: list[str], message: str) -> None:

@@ -83,7 +83,7 @@ def test_references_resolve_against_the_referrers_directory(tree: Path) -> None:
     assert resolve(pol, deep, "next.img")[0] == str(tree / "images/sub/next.img")
     # the deeper image's own tree is sub/: its parent directory is not allowed
     text = refusal(pol, deep, "../base.img")
-    assert "'../base.img'" in text and "--allow-backing DIR" in text
+    assert "'../base.img'" in text and "allow_backing=[DIR]" in text
     pol2 = Policy([str(tree / "images")])
     assert resolve(pol2, deep, "../base.img")[0] == str(tree / "images/base.img")
 
@@ -101,7 +101,14 @@ def test_outside_is_refused_and_allow_backing_widens(tree: Path, spelling: str) 
     assert f"backing file '{name}' is refused" in text
     assert "outside the allowed directories" in text
     assert text.startswith(str(tree / "images/top.img") + ": ")
-    assert "allow it with --allow-backing DIR" in text
+    assert text.endswith("(allow it with allow_backing=[DIR])")
+    with pytest.raises(PolicyError) as info:
+        resolve(pol, top, name)
+    assert info.value.allowable is True
+    assert "allow it" not in info.value.rule
+    assert info.value.naming("--allow-backing DIR") == text.replace(
+        "allow_backing=[DIR]", "--allow-backing DIR"
+    )
     wide = Policy([str(tree / "outside")])
     assert resolve(wide, top_layer(wide, tree / "images/top.img"), name)[0] == str(
         tree / "outside/secret"
@@ -155,7 +162,7 @@ def test_symlinks_followed_only_while_inside(tree: Path) -> None:
         text = refusal(pol, top, name)
         assert "a symlink on its path leads outside" in text
         assert "outside/secret" not in text.split("allowed directories")[0].replace(name, "")
-        assert "--allow-backing DIR" in text
+        assert "allow_backing=[DIR]" in text
     wide = Policy([str(tree / "outside")])
     assert resolve(wide, top_layer(wide, images / "top.img"), "out-link")[0] == str(
         tree / "outside/secret"
