@@ -42,14 +42,19 @@ class DdResult:
         return self.window.length
 
 
-def _size_operand(name: str, value: int | str | None, low: int, high: int) -> int | None:
+def _size_operand(
+    name: str, value: int | str | None, low: int, high: int, warnings: list[str]
+) -> int | None:
     if value is None:
         return None
     if isinstance(value, str):
-        from aiodd.window import SizeRangeError, SizeSyntaxError
+        from aiodd.window import SizeRangeError, SizeSyntaxError, hex_suffix_warning
 
         try:
-            number = parse_size(value).value
+            parsed = parse_size(value)
+            number = parsed.value
+            if parsed.deprecated_hex_suffix:
+                warnings.append(hex_suffix_warning(value))
         except SizeRangeError:
             number = high + 1
         except SizeSyntaxError:
@@ -99,9 +104,10 @@ async def dd(
     the caller's scope stops the copy and removes the partial output.
     """
     started = time.monotonic()
-    bs_value = _size_operand("bs", bs, 1, BS_MAX)
-    count_value = _size_operand("count", count, 0, INT64_MAX)
-    skip_value = _size_operand("skip", skip, 0, INT64_MAX)
+    warnings: list[str] = []
+    bs_value = _size_operand("bs", bs, 1, BS_MAX, warnings)
+    count_value = _size_operand("count", count, 0, INT64_MAX, warnings)
+    skip_value = _size_operand("skip", skip, 0, INT64_MAX, warnings)
     assert bs_value is not None and skip_value is not None
     src_path, dst_path = os.fspath(src), os.fspath(dst)
     encoders.check_output_format(output_format)
@@ -138,7 +144,8 @@ async def dd(
         raise
     try:
         window = compute_window(disk.virtual_size, bs_value, count_value, skip_value)
-        warnings = (f"{src_path}: {SKIP_WARNING}",) if window.skip_past_end else ()
+        if window.skip_past_end:
+            warnings.append(f"{src_path}: {SKIP_WARNING}")
         plan = encoders.plan(output_format, window.length, filename=os.path.basename(dst_path))
         meter = ProgressMeter(plan.data_size, on_progress, progress_interval)
         output = await anyio.to_thread.run_sync(
@@ -165,5 +172,5 @@ async def dd(
         window=window,
         output_size=plan.virtual_size,
         elapsed=time.monotonic() - started,
-        warnings=warnings,
+        warnings=tuple(warnings),
     )

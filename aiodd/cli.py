@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, TextIO
 from aiodd import __version__
 from aiodd.errors import AioddError, PolicyError, UsageError, describe
 from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS, check_input_format, check_output_format
-from aiodd.window import SizeRangeError, SizeSyntaxError, parse_size
+from aiodd.window import SizeRangeError, SizeSyntaxError, hex_suffix_warning, parse_size
 
 # The pipeline's modules (anyio, the API, the decoders) are imported only once the
 # command line is known good and the guest reader is starting: its start-up then
@@ -108,9 +108,7 @@ def _size(name: str, text: str, inv: Invocation) -> int:
     if not low <= parsed.value <= high:
         raise UsageError(f"invalid {name} '{text}': must be between {low} and {high}")
     if parsed.deprecated_hex_suffix:
-        inv.warnings.append(
-            f"warning: using a multiplier suffix on hex numbers is deprecated: {text}"
-        )
+        inv.warnings.append(hex_suffix_warning(text))
     return parsed.value
 
 

@@ -41,6 +41,11 @@ class ParsedSize:
     deprecated_hex_suffix: bool = False
 
 
+def hex_suffix_warning(text: str) -> str:
+    """qemu's deprecation warning for a suffix on a hex number, such as ``0x10K``."""
+    return f"warning: using a multiplier suffix on hex numbers is deprecated: {text}"
+
+
 def parse_size(text: str) -> ParsedSize:
     """Parse ``text`` exactly as ``qemu_strtosz`` does; raise on what qemu refuses."""
     stripped = text.lstrip(_SPACE)

@@ -91,6 +91,20 @@ async def test_skip_past_the_end_warns_and_writes_an_empty_file(
     assert dst.read_bytes() == b""
 
 
+async def test_a_hex_size_with_a_suffix_warns_as_qemu_does(
+    sample: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    src, data = sample
+    dst = tmp_path / "out.raw"
+    result = await aiodd.dd(src, dst, bs="0x1K", count="0x2", skip=1)
+    # qemu's window ends at count * bs from the start of the input, not after skip
+    assert (result.window.start, result.window.end) == (1024, 2048)
+    assert result.warnings == (
+        "warning: using a multiplier suffix on hex numbers is deprecated: 0x1K",
+    )
+    assert dst.read_bytes() == data[1024:2048]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
