@@ -17,6 +17,20 @@ def zero_fill(buf: memoryview) -> None:
         pos += k
 
 
+def filesystem_magic(fd: int) -> int | None:
+    """The filesystem type of ``fd`` (``fstatfs().f_type``), or None if unknown."""
+    import ctypes  # only the host asks; the guest never imports it
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - no libc
+        return None
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is the first field
+    if libc.fstatfs(fd, buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
 class LocalFile:
     """A read-only descriptor read with ``pread``; safe to share between threads."""
 

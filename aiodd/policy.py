@@ -27,7 +27,6 @@ spelled ``../base.qcow2`` is refused unless the parent directory is allowed.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import posixpath
@@ -39,6 +38,7 @@ from typing import NoReturn
 
 from aiodd.errors import ImageError, PolicyError, UsageError
 from aiodd.formats.base import Reference
+from aiodd.io import filesystem_magic
 
 MAX_CHAIN = 64
 """The most layers a chain may hold, the user's image included."""
@@ -108,18 +108,6 @@ def _inside(path: str, root: str) -> bool:
 def _components(path: str, root: str) -> list[str]:
     rest = path[len(root) :]
     return [part for part in rest.split("/") if part]
-
-
-def _fs_magic(fd: int) -> int | None:
-    """The filesystem type of ``fd`` (``fstatfs().f_type``), or None if unknown."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover - no libc
-        return None
-    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is the first field
-    if libc.fstatfs(fd, buf) != 0:
-        return None
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 class Policy:
@@ -299,7 +287,7 @@ class Policy:
                 st.st_ino,
             ):
                 self._refuse(image, what, "it changed while being opened")
-            magic = _fs_magic(fd)
+            magic = filesystem_magic(fd)
             if magic in _PSEUDO_FS_MAGIC:
                 fs = _PSEUDO_FS_MAGIC[magic]
                 self._refuse(image, what, f"it is on the kernel's {fs} filesystem")

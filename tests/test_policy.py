@@ -13,6 +13,7 @@ import pytest
 from aiodd import policy as policy_mod
 from aiodd.errors import ImageError, PolicyError, UsageError
 from aiodd.formats.base import Reference
+from aiodd.io import filesystem_magic
 from aiodd.policy import MAX_CHAIN, Layer, Policy
 
 SECRET = b"TOP-SECRET-HOST-BYTES-0123456789"
@@ -210,12 +211,12 @@ def test_devices_and_proc(tree: Path) -> None:
 def test_kernel_filesystems_recognised_by_magic() -> None:
     fd = os.open("/proc/self/status", os.O_RDONLY)
     try:
-        assert policy_mod._fs_magic(fd) == 0x9FA0
+        assert filesystem_magic(fd) == 0x9FA0
     finally:
         os.close(fd)
     fd = os.open("/", os.O_RDONLY)
     try:
-        assert policy_mod._fs_magic(fd) not in policy_mod._PSEUDO_FS_MAGIC
+        assert filesystem_magic(fd) not in policy_mod._PSEUDO_FS_MAGIC
     finally:
         os.close(fd)
 

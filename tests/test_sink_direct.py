@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aiodd.errors import OutputError
-from aiodd.stages.sink import OutputFile, direct_length
+from aiodd.io import filesystem_magic
+from aiodd.stages.sink import DIRECT_FILESYSTEMS, OutputFile, direct_length
 
 MiB = 1024 * 1024
 
@@ -144,6 +145,28 @@ def test_a_filesystem_without_o_direct_is_written_buffered(
     view.release()
     memory.close()
     assert (tmp_path / "out.raw").read_bytes() == b"z" * MiB
+
+
+def test_only_local_disk_filesystems_go_direct(tmp_path: Path) -> None:
+    """/dev/shm is tmpfs: O_DIRECT there would save nothing, so it is not used."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    out = OutputFile.create(str(shm / f"aiodd-test-{os.getpid()}.raw"), MiB, raw=True)
+    try:
+        assert out.direct_fd is None
+    finally:
+        out.abort()
+    out = OutputFile.create(str(tmp_path / "out.raw"), MiB, raw=True)
+    try:
+        fd = os.open(tmp_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            local = filesystem_magic(fd) in DIRECT_FILESYSTEMS
+        finally:
+            os.close(fd)
+        assert (out.direct_fd is not None) == local
+    finally:
+        out.abort()
 
 
 def test_a_real_copy_goes_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,8 +9,8 @@ SPEC §6 requires makes the copy wait for the disk anyway, so staging the output
 the page cache only adds a memory copy per byte and fills memory with pages nobody
 will read; on these VMs, taking fresh page-cache pages is also what made half of
 the buffered copies two to three times slower.  Whatever the filesystem refuses to
-take directly (unaligned pieces, small metadata, or everything on a filesystem
-without ``O_DIRECT``) is written through the page cache as before.
+take directly (unaligned pieces, small metadata) is written through the page cache,
+and so is everything on a filesystem that is not a local disk's (NFS, tmpfs, FUSE...).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from aiodd.errors import OutputError, UsageError
+from aiodd.io import filesystem_magic
 from aiodd.pipeline.buffers import BufferPool
 from aiodd.pipeline.progress import ProgressMeter
 from aiodd.stages.encoder import Bytes, WriteOp
@@ -51,16 +52,27 @@ _SYNC_FILE_RANGE_WRITE = 2
 # with EINVAL, and the writer moves up once before giving O_DIRECT up.
 _DIRECT_ALIGNMENTS = (512, 4096)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+# Local disk filesystems, where a large O_DIRECT write goes to the device as it is.
+# Elsewhere it can cost more than it saves: on NFS each one is a synchronous round
+# trip, on tmpfs there is no disk to go to.
+DIRECT_FILESYSTEMS = {
+    0xEF53: "ext2/3/4",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0xF2F52010: "f2fs",
+}
 
 
-def _open_direct(path: str) -> int | None:
-    """A second, ``O_DIRECT`` descriptor on ``path``, or None where that is refused."""
+def _open_direct(path: str, fd: int) -> int | None:
+    """A second, ``O_DIRECT`` descriptor on ``path`` (open as ``fd``), or None."""
     if not _O_DIRECT:
+        return None
+    if not stat.S_ISBLK(os.fstat(fd).st_mode) and filesystem_magic(fd) not in DIRECT_FILESYSTEMS:
         return None
     try:
         return os.open(path, os.O_WRONLY | _O_DIRECT | os.O_CLOEXEC)
     except OSError:
-        return None  # tmpfs before Linux 6.6, some FUSE filesystems, ...
+        return None
 
 
 def _address(view: memoryview) -> int | None:
@@ -85,7 +97,7 @@ class OutputFile:
         self.fd = fd
         self.path = path
         self.temp_path = temp_path  # None: written in place (a block device)
-        self.direct_fd = _open_direct(temp_path or path)
+        self.direct_fd = _open_direct(temp_path or path, fd)
         self._alignment = 0
         self.direct_bytes = 0  # written through O_DIRECT, for tests and the bench
 
