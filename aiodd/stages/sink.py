@@ -63,11 +63,11 @@ DIRECT_FILESYSTEMS = {
 }
 
 
-def _open_direct(path: str, fd: int) -> int | None:
+def _open_direct(path: str, fd: int, *, device: bool) -> int | None:
     """A second, ``O_DIRECT`` descriptor on ``path`` (open as ``fd``), or None."""
     if not _O_DIRECT:
         return None
-    if not stat.S_ISBLK(os.fstat(fd).st_mode) and filesystem_magic(fd) not in DIRECT_FILESYSTEMS:
+    if not device and filesystem_magic(fd) not in DIRECT_FILESYSTEMS:
         return None
     try:
         return os.open(path, os.O_WRONLY | _O_DIRECT | os.O_CLOEXEC)
@@ -97,7 +97,7 @@ class OutputFile:
         self.fd = fd
         self.path = path
         self.temp_path = temp_path  # None: written in place (a block device)
-        self.direct_fd = _open_direct(temp_path or path, fd)
+        self.direct_fd = _open_direct(temp_path or path, fd, device=temp_path is None)
         self._alignment = 0
         self.direct_bytes = 0  # written through O_DIRECT, for tests and the bench
 

@@ -1,8 +1,9 @@
 """Stage 2, the block windower: turns disk chunks into the output's data stream.
 
 It restores the order the readers lost, moves offsets from the disk's ``[start, end)``
-to the output's ``[0, out)``, and appends the zero tail up to where the output plan's data ends
-(512-byte rounding, or VHD's CHS rounding).
+to the output's ``[0, out)``, and appends the zero tail up to the output plan's
+``data_size`` (the 512-byte rounding; for VHD, the end of the last block the window
+touches, capped at the CHS-rounded size).
 """
 
 from __future__ import annotations
