@@ -758,9 +758,15 @@ def test_parent_cid_mismatch(tmp_path: Path) -> None:
     qemu_io(child, ["write -P 1 0 64k"], "vmdk")
     data = bytearray(child.read_bytes())
     at = data.find(b"parentCID=") + len(b"parentCID=")
-    data[at : at + 8] = b"12345678"
-    child.write_bytes(bytes(data))
+    # qemu writes the CID in hex without leading zeros: keep the value's width, or the
+    # descriptor (and every offset after it) would shift.
+    width = data.index(b"\n", at) - at
     cid = L.read_cid(base.read_bytes()[512:], parent=False)
+    wrong = int("f" * width, 16)
+    if wrong == cid:
+        wrong = int("e" * width, 16)
+    data[at : at + width] = f"{wrong:x}".encode()
+    child.write_bytes(bytes(data))
     # qemu-img dd reads every block, so it meets the check (convert skips unallocated ones)
     result = qemu_img("dd", "-f", "vmdk", f"if={child}", f"of={tmp_path / 'o.raw'}", check=False)
     assert result.returncode == 1
@@ -770,7 +776,8 @@ def test_parent_cid_mismatch(tmp_path: Path) -> None:
         read_all(disk)
     disk.close()
     assert str(info.value) == (
-        f"{child}: vmdk parentCID 12345678 does not match the CID ({cid:08x}) of parent 'base.vmdk'"
+        f"{child}: vmdk parentCID {wrong:08x} does not match the CID ({cid:08x}) of parent"
+        " 'base.vmdk'"
     )
 
 
