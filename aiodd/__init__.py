@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiodd.errors import AioddError as AioddError
 from aiodd.errors import ImageError as ImageError
+from aiodd.errors import InUseError as InUseError
 from aiodd.errors import IsolationError as IsolationError
 from aiodd.errors import OutputError as OutputError
 from aiodd.errors import PolicyError as PolicyError
@@ -31,6 +32,7 @@ __all__ = (
     "AioddError",
     "DdResult",
     "ImageError",
+    "InUseError",
     "Isolation",
     "IsolationError",
     "OutputError",

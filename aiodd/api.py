@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,9 +16,11 @@ from aiodd.chain import Isolation
 from aiodd.errors import UsageError
 from aiodd.formats import encoders
 from aiodd.formats.base import VirtualDisk
+from aiodd.locks import OutputLock
 from aiodd.pipeline.buffers import DEFAULT_COUNT, DEFAULT_UNIT, BufferPool
 from aiodd.pipeline.progress import ProgressCallback, ProgressMeter
 from aiodd.pipeline.run import run_pipeline
+from aiodd.policy import Policy
 from aiodd.stages.sink import OutputFile
 from aiodd.window import BS_MAX, INT64_MAX, Window, compute_window, parse_size
 
@@ -71,12 +74,24 @@ def _size_operand(
     return number
 
 
-def _same_file(src: str, dst: str) -> bool:
+def _check_output(src: str, dst: str, policy: Policy) -> None:
+    """Refuse an output that is a file the input reads (by inode: any spelling)."""
     try:
-        a, b = os.stat(src), os.stat(dst)
+        st = os.stat(dst)  # through symlinks, as the output is written
     except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+        return  # nothing there yet (or nothing to compare): the sink reports the rest
+    file = policy.reads(st)
+    if file is not None:
+        if file.kind == "image":
+            raise UsageError(f"of={dst} and if={src} name the same file; choose another output")
+        raise UsageError(f"of={dst} is {file.role()} (the input reads it); choose another output")
+    if stat.S_ISBLK(st.st_mode):
+        for file in policy.opened:
+            if file.key[0] == st.st_rdev:
+                raise UsageError(
+                    f"of={dst} is the device that holds {file.role()} (the input reads it);"
+                    " choose another output"
+                )
 
 
 async def dd(
@@ -94,6 +109,7 @@ async def dd(
     allow_backing: Sequence[str | os.PathLike[str]] = (),
     require_isolation: bool = False,
     io_size: int = DEFAULT_UNIT,
+    force_share: bool = False,
 ) -> DdResult:
     """Copy the window ``skip*bs`` … ``count*bs`` of ``src``'s virtual disk to ``dst``.
 
@@ -102,6 +118,12 @@ async def dd(
     arguments, :class:`~aiodd.errors.ImageError` for a bad input image and
     :class:`~aiodd.errors.OutputError` when the output cannot be written.  Cancelling
     the caller's scope stops the copy and removes the partial output.
+
+    Every file the input's chain opens holds qemu's reader locks for the whole copy,
+    and one another process has open for writing is refused
+    (:class:`~aiodd.errors.InUseError`) unless ``force_share`` (qemu's ``-U``); the
+    output holds qemu's writer locks.  ``dst`` may not be any file the input reads.
+    See docs/usage.md, "Image locks and the input's files".
     """
     started = time.monotonic()
     warnings: list[str] = []
@@ -117,10 +139,7 @@ async def dd(
         raise UsageError(
             f"invalid io_size {io_size!r}: must be a multiple of 4096 of at least {IO_SIZE_MIN}"
         )
-    if _same_file(src_path, dst_path):
-        raise UsageError(f"if= and of= name the same file: {src_path}")
-
-    allow_dirs = [os.fspath(d) for d in allow_backing]
+    policy = Policy([os.fspath(d) for d in allow_backing], force_share=force_share)
     memory: mmap.mmap | None = None
     if isolation == "sandbox":
         from aiodd.guest import shared_buffer
@@ -133,9 +152,9 @@ async def dd(
                 src_path,
                 input_format,
                 isolation=isolation,
-                allow_dirs=allow_dirs,
                 require_isolation=require_isolation,
                 memory=memory,
+                policy=policy,
             )
         )
     except BaseException:
@@ -148,19 +167,26 @@ async def dd(
             warnings.append(f"{src_path}: {SKIP_WARNING}")
         plan = encoders.plan(output_format, window.length, filename=os.path.basename(dst_path))
         meter = ProgressMeter(plan.data_size, on_progress, progress_interval)
-        output = await anyio.to_thread.run_sync(
-            lambda: OutputFile.create(dst_path, plan.file_size, raw=output_format == "raw")
-        )
-        pool: BufferPool | None = None
+        _check_output(src_path, dst_path, policy)
+        raw = output_format == "raw"
+        guard = await anyio.to_thread.run_sync(lambda: OutputLock.acquire(dst_path, raw=raw))
         try:
-            pool = BufferPool(DEFAULT_COUNT, io_size, memory)
-            await run_pipeline(disk, window.start, window.end, plan, output, pool, meter)
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(output.commit, plan.file_size)
+            output = await anyio.to_thread.run_sync(
+                lambda: OutputFile.create(dst_path, plan.file_size, raw=raw)
+            )
+            pool: BufferPool | None = None
+            try:
+                guard.hold(output.fd, dst_path)
+                pool = BufferPool(DEFAULT_COUNT, io_size, memory)
+                await run_pipeline(disk, window.start, window.end, plan, output, pool, meter)
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(output.commit, plan.file_size)
+            finally:
+                output.abort()
+                if pool is not None:
+                    pool.close()
         finally:
-            output.abort()
-            if pool is not None:
-                pool.close()
+            guard.close()
     finally:
         disk.close()
         if memory is not None:

@@ -65,6 +65,7 @@ def open_input(
     allow_dirs: Sequence[str] = (),
     require_isolation: bool = False,
     memory: mmap.mmap | None = None,
+    policy: Policy | None = None,
 ) -> VirtualDisk:
     """Open the user's input image and decode it.
 
@@ -73,12 +74,15 @@ def open_input(
     is the caller's buffer pool, ideally from :func:`aiodd.guest.shared_buffer` so the
     guest writes straight into it (any other buffer works, through a copy).
     ``require_isolation`` refuses to run when a sandbox layer cannot be set up.
+    ``policy``, when given, is used instead of a new one made from ``allow_dirs``: it
+    then records every file the chain opened, and is sealed once the chain is open.
     """
     if isolation not in ("sandbox", "inline"):
         raise UsageError(f"unknown isolation mode '{isolation}': use 'sandbox' or 'inline'")
     if fmt is not None:
         check_input_format(fmt)  # an unknown format is a usage error, before anything else
-    policy = Policy(allow_dirs)
+    if policy is None:
+        policy = Policy(allow_dirs)
     try:
         file = LocalFile.open(path)
     except OSError as exc:
@@ -91,7 +95,9 @@ def open_input(
         if isolation == "inline":
             from aiodd.formats import decoders
 
-            return decoders.open_disk(file, LocalResolver(policy, top), fmt)
+            disk: VirtualDisk = decoders.open_disk(file, LocalResolver(policy, top), fmt)
+            policy.seal()  # decoders open what they need in open_disk, never later
+            return disk
         from aiodd.guest.host import GuestOptions, open_guest
 
         options = GuestOptions(require_isolation=require_isolation)
@@ -99,5 +105,8 @@ def open_input(
     except BaseException:
         file.close()
         raise
-    file.close()  # the guest holds its own copy of the descriptor
+    # A guest asking for a file from now on is not decoding any more: refuse it.
+    policy.seal()
+    # The guest holds its own copy of the descriptor, and with it qemu's locks.
+    file.close()
     return disk

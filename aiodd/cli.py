@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from aiodd import __version__
-from aiodd.errors import AioddError, PolicyError, UsageError, describe
+from aiodd.errors import AioddError, InUseError, PolicyError, UsageError, describe
 from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS, check_input_format, check_output_format
 from aiodd.window import SizeRangeError, SizeSyntaxError, hex_suffix_warning, parse_size
 
@@ -60,7 +60,8 @@ options:
                        sandbox layer the host offers (a missing one is warned about);
                        inline: decode in this process (trusted input only)
   --require-isolation  fail instead of running with a sandbox layer missing
-  -U, --force-share    accepted for qemu-img compatibility (input is always opened read-only)
+  -U, --force-share    read the input even while another process has it open for writing
+                       (qemu's image locks: see docs/usage.md)
   -h, --help           show this help and exit
   --version            show the version and exit (with --verbose: the isolation layers)
 
@@ -80,6 +81,7 @@ class Invocation:
     allow_backing: list[str] = field(default_factory=list)
     isolation: Isolation = "sandbox"
     require_isolation: bool = False
+    force_share: bool = False
     src: str | None = None
     dst: str | None = None
     bs: int = 512
@@ -159,7 +161,8 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             inv.isolation = "sandbox" if value == "sandbox" else "inline"
         elif opt == "--require-isolation":
             inv.require_isolation = True
-        # -U / --force-share: accepted, nothing to do (the input is opened read-only)
+        elif opt in ("-U", "--force-share"):
+            inv.force_share = True
     if inv.show_help or inv.show_version:
         return inv
     for token in operands:
@@ -223,6 +226,7 @@ async def _run(inv: Invocation) -> None:
             isolation=inv.isolation,
             allow_backing=inv.allow_backing,
             require_isolation=inv.require_isolation,
+            force_share=inv.force_share,
         )
     finally:
         if renderer is not None:
@@ -257,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         import anyio
 
         anyio.run(_run, inv, backend_options=_backend_options())
+    except InUseError as exc:
+        _print_error(sys.stderr, exc.naming("-U"))
+        return EXIT_ERROR
     except PolicyError as exc:
         _print_error(sys.stderr, exc.naming("--allow-backing DIR"))
         return EXIT_ERROR

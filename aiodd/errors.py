@@ -59,6 +59,30 @@ class PolicyError(ImageError):
         return f"{self.file}: {one_line(_with_hint(self.rule, self.allowable, option))}"
 
 
+class InUseError(PolicyError):
+    """A file of the input is in use by another process, which qemu's image locks say.
+
+    ``forceable`` says whether sharing the file anyway (``-U``, ``force_share=True``)
+    would read it; the message names the library's parameter, :meth:`naming` another
+    spelling of it.  A :class:`PolicyError`, so that it reaches the caller unchanged
+    from wherever the chain is opened.
+    """
+
+    LIBRARY_OPTION = "force_share=True"
+
+    def __init__(self, file: str, message: str, *, forceable: bool) -> None:
+        self.forceable = forceable
+        super().__init__(file, self._hinted(message, forceable, self.LIBRARY_OPTION))
+        self.rule = message
+
+    @staticmethod
+    def _hinted(message: str, forceable: bool, option: str) -> str:
+        return f"{message}; use {option} to read it anyway" if forceable else message
+
+    def naming(self, option: str) -> str:
+        return f"{self.file}: {one_line(self._hinted(self.rule, self.forceable, option))}"
+
+
 def _with_hint(message: str, allowable: bool | None, option: str) -> str:
     if allowable is None:
         return message

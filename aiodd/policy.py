@@ -18,6 +18,13 @@ host, before the file is handed to a decoder:
    similar kernel filesystem, not a layer already in the chain (by device and inode, not
    by spelling), and the chain may hold at most :data:`MAX_CHAIN` layers.  It is opened
    read-only with ``O_NOFOLLOW``; only the descriptor leaves this module.
+4. **Then locked and recorded.**  Every file the chain opens, the user's image
+   included, gets qemu's reader locks (:mod:`aiodd.locks`) before anything decodes it,
+   and is refused when another process has it open for writing (unless
+   ``force_share``); the locks stay with the open file, wherever its descriptor goes.
+   The Policy remembers each file (:attr:`Policy.opened`), so that the output can be
+   checked against all of them, and once :meth:`Policy.seal` is called it opens nothing
+   more.
 
 The allowed directories for a reference are the referring image's own directory (and
 everything below it) plus the directories the user allowed explicitly
@@ -36,7 +43,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from aiodd.errors import ImageError, PolicyError, UsageError
+from aiodd import locks
+from aiodd.errors import ImageError, InUseError, PolicyError, UsageError
 from aiodd.formats.base import Reference
 from aiodd.io import filesystem_magic
 
@@ -87,6 +95,24 @@ class Layer:
     chain: frozenset[tuple[int, int]]  # (st_dev, st_ino) of this layer and those above
 
 
+@dataclass(frozen=True)
+class Opened:
+    """A file the chain opened: what it is to the chain, for the output's check."""
+
+    key: tuple[int, int]  # (st_dev, st_ino)
+    rdev: int  # the device, for a block device (the user's image may be one); else 0
+    kind: str  # "image" (the user's), "backing", "data_file", "extent" or "parent"
+    name: str  # as the user or the referring image spelled it
+    referrer: str  # the image that names it ("" for the user's image)
+
+    def role(self) -> str:
+        """``the backing file 'b.qcow2' of a.qcow2``: for messages."""
+        if self.kind == "image":
+            return f"the input image {self.name}"
+        kind = _KIND_NAMES.get(self.kind, self.kind)
+        return f"the {kind} {printable(self.name)} of {self.referrer}"
+
+
 def describe(ref: Reference) -> str:
     """``backing file 'x'``: the reference as written, for messages."""
     return f"{_KIND_NAMES.get(ref.kind, ref.kind)} {printable(ref.name)!s}"
@@ -117,7 +143,10 @@ class Policy:
     directory; they are the user's own choice, so they are resolved with ``realpath``.
     """
 
-    def __init__(self, allow_dirs: Sequence[str] = ()) -> None:
+    def __init__(self, allow_dirs: Sequence[str] = (), *, force_share: bool = False) -> None:
+        self.force_share = force_share
+        self.opened: list[Opened] = []
+        self._sealed = False
         roots: list[str] = []
         for directory in allow_dirs:
             real = os.path.realpath(directory)
@@ -137,7 +166,40 @@ class Policy:
         """
         directory = os.path.realpath(os.path.dirname(os.path.abspath(path)))
         st = os.fstat(fd)
+        self._lock(fd, path, "the image")
+        self._record(st, "image", path, "")
         return Layer(path, directory, 0, frozenset({(st.st_dev, st.st_ino)}))
+
+    def seal(self) -> None:
+        """The chain is open: refuse every later reference (see docs/security.md)."""
+        self._sealed = True
+
+    def reads(self, st: os.stat_result) -> Opened | None:
+        """The file of the chain that ``st`` is (same inode, or same block device)."""
+        device = st.st_rdev if stat.S_ISBLK(st.st_mode) else 0
+        for file in self.opened:
+            if file.key == (st.st_dev, st.st_ino) or (device and file.rdev == device):
+                return file
+        return None
+
+    def _record(self, st: os.stat_result, kind: str, name: str, referrer: str) -> None:
+        rdev = st.st_rdev if stat.S_ISBLK(st.st_mode) else 0
+        self.opened.append(Opened((st.st_dev, st.st_ino), rdev, kind, name, referrer))
+
+    def _lock(self, fd: int, image: str, what: str) -> None:
+        """qemu's reader locks on ``fd``, or :class:`InUseError` naming who holds what."""
+        held = locks.INPUT_SHARED if self.force_share else locks.INPUT
+        byte = locks.take(fd, held)
+        if byte is None:
+            return
+        reason = locks.conflict_reason(byte)
+        # -U helps unless the holder refuses even readers that share everything.
+        forceable = byte not in locks.INPUT_SHARED.test
+        raise InUseError(
+            image,
+            f"{what} is in use: another process {reason} (qemu's image lock)",
+            forceable=forceable,
+        )
 
     # -- references ------------------------------------------------------------------
 
@@ -150,6 +212,8 @@ class Policy:
         """
         image = layer.name
         what = describe(ref)
+        if self._sealed:
+            self._refuse(image, what, "the image asked for it after the chain was opened")
         if disk and layer.depth + 1 >= MAX_CHAIN:
             self._refuse(image, what, f"the chain would exceed {MAX_CHAIN} layers")
         name = ref.name
@@ -177,6 +241,8 @@ class Policy:
             key = (st.st_dev, st.st_ino)
             if disk and key in layer.chain:
                 self._refuse(image, what, "the chain loops back to a layer above it")
+            self._lock(fd, image, what)
+            self._record(st, ref.kind, name, image)
             depth = layer.depth + 1 if disk else layer.depth
             return fd, Layer(name, real_dir, depth, layer.chain | {key})
         except BaseException:

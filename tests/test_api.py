@@ -129,8 +129,9 @@ async def test_usage_errors(
 
 async def test_same_file_is_refused(sample: tuple[Path, bytes]) -> None:
     src, data = sample
-    with pytest.raises(aiodd.UsageError, match="same file"):
+    with pytest.raises(aiodd.UsageError) as info:
         await aiodd.dd(src, src)
+    assert str(info.value) == f"of={src} and if={src} name the same file; choose another output"
     assert src.read_bytes() == data
 
 

@@ -35,6 +35,12 @@ def test_last_duplicate_wins() -> None:
     assert (inv.src, inv.bs, inv.count) == ("c", 2, 9)
 
 
+def test_force_share_is_parsed() -> None:
+    assert parse_args(["if=a", "of=b"]).force_share is False
+    assert parse_args(["-U", "if=a", "of=b"]).force_share is True
+    assert parse_args(["if=a", "of=b", "--force-share"]).force_share is True
+
+
 def test_options_may_follow_operands_like_gnu_getopt() -> None:
     assert parse_args(["if=a", "of=b", "-O", "raw"]).output_format == "raw"
 
@@ -158,7 +164,9 @@ def test_same_file_is_refused(tmp_path: Path, sample: Path) -> None:
     for target in (sample, link):
         ours = aiodd_run([f"if={sample}", f"of={target}"], target)
         assert ours.status == 1
-        assert "if= and of= name the same file" in ours.stderr
+        assert ours.stderr == (
+            f"aiodd: of={target} and if={sample} name the same file; choose another output\n"
+        )
     assert sample.read_bytes() == before
 
 
