@@ -74,6 +74,17 @@ def _size_operand(
     return number
 
 
+def _loop_backing(rdev: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file behind loop device ``rdev``, if it is one."""
+    where = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/loop/backing_file"
+    try:
+        with open(where, encoding="utf-8", errors="surrogateescape") as f:
+            st = os.stat(f.read().rstrip("\n"))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _check_output(src: str, dst: str, policy: Policy) -> None:
     """Refuse an output that is a file the input reads (by inode: any spelling)."""
     try:
@@ -86,10 +97,23 @@ def _check_output(src: str, dst: str, policy: Policy) -> None:
             raise UsageError(f"of={dst} and if={src} name the same file; choose another output")
         raise UsageError(f"of={dst} is {file.role()} (the input reads it); choose another output")
     if stat.S_ISBLK(st.st_mode):
+        backing = _loop_backing(st.st_rdev)
         for file in policy.opened:
             if file.key[0] == st.st_rdev:
                 raise UsageError(
                     f"of={dst} is the device that holds {file.role()} (the input reads it);"
+                    " choose another output"
+                )
+            if file.key == backing:
+                raise UsageError(
+                    f"of={dst} is a loop device over {file.role()} (the input reads it);"
+                    " choose another output"
+                )
+    elif stat.S_ISREG(st.st_mode):
+        for file in policy.opened:
+            if file.rdev and _loop_backing(file.rdev) == (st.st_dev, st.st_ino):
+                raise UsageError(
+                    f"of={dst} is the file behind the loop device if={file.name};"
                     " choose another output"
                 )
 

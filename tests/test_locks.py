@@ -696,3 +696,108 @@ def test_references_after_the_chain_is_open_are_refused(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert [f.kind for f in policy.opened] == ["image"]
+
+
+# -- block devices -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A loop device over ``tmp_path/disk.raw`` (8 MiB of a pattern): (device, file)."""
+    backing = tmp_path / "disk.raw"
+    backing.write_bytes(bytes(range(256)) * (8 * MiB // 256))
+    made = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"no loop device here: {made.stderr.strip() or 'not root'}")
+    device = Path(made.stdout.strip())
+    try:
+        yield device, backing
+    finally:
+        subprocess.run(["losetup", "-d", str(device)], check=True)
+
+
+@pytest.mark.parametrize("isolation", MODES)
+def test_a_loop_device_and_its_file_are_one_output(
+    tmp_path: Path, loop_device: tuple[Path, Path], isolation: str
+) -> None:
+    device, backing = loop_device
+    before = digest(backing)
+    src = tmp_path / "small.raw"
+    src.write_bytes(b"\xee" * 4096)
+    # The input is the file behind the device ...
+    args = [f"--isolation={isolation}", f"if={backing}", f"of={device}", "count=1"]
+    outcome = aiodd_run(args, backing)
+    assert (outcome.status, outcome.stderr) == (
+        1,
+        f"aiodd: of={device} is a loop device over the input image {backing} (the input"
+        " reads it); choose another output\n",
+    )
+    # ... or the device is the input, and the output the file behind it.
+    args = [f"--isolation={isolation}", f"if={device}", f"of={backing}", "count=1"]
+    outcome = aiodd_run(args, backing)
+    assert (outcome.status, outcome.stderr) == (
+        1,
+        f"aiodd: of={backing} is the file behind the loop device if={device};"
+        " choose another output\n",
+    )
+    # The device itself, by another name.
+    alias = tmp_path / "alias"
+    alias.symlink_to(device)
+    args = [f"--isolation={isolation}", f"if={device}", f"of={alias}", "count=1"]
+    outcome = aiodd_run(args, backing)
+    assert (outcome.status, outcome.stderr) == (
+        1,
+        f"aiodd: of={alias} and if={device} name the same file; choose another output\n",
+    )
+    assert digest(backing) == before
+
+
+@needs_qemu
+def test_a_block_device_output_is_locked_while_written(
+    tmp_path: Path, loop_device: tuple[Path, Path], hold: Callable[..., Holder]
+) -> None:
+    device, backing = loop_device
+    src = tmp_path / "small.raw"
+    src.write_bytes(b"\xee" * MiB)
+    holder = hold(device, "-f", "raw", expect={100, 101})
+    refused = aiodd_run([f"if={src}", f"of={device}"], backing)
+    assert refused.stderr == (
+        f"aiodd: of={device}: the file is in use: another process has it open for writing"
+        " (qemu's image lock); stop that process or choose another output\n"
+    )
+    holder.stop()
+    copy = Paused(src, device, bs="64K", isolation="inline")
+    try:
+        assert lock_bytes_held(device) == {100, 101}  # as qemu-img dd -O raw holds it
+        again = aiodd_run([f"if={src}", f"of={device}"], backing)
+        assert again.status == 1 and "the file is in use" in again.stderr
+    finally:
+        copy.finish()
+    assert lock_bytes_held(device) == set()
+    assert backing.read_bytes()[:MiB] == b"\xee" * MiB
+
+
+def test_the_device_under_the_input_is_refused(
+    tmp_path: Path, loop_device: tuple[Path, Path]
+) -> None:
+    device, _ = loop_device
+    if shutil.which("mke2fs") is None:
+        pytest.skip("mke2fs is not installed")
+    subprocess.run(["mke2fs", "-q", "-F", str(device)], check=True, capture_output=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", str(device), str(mnt)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here: {mounted.stderr.strip()}")
+    try:
+        src = mnt / "in.raw"
+        src.write_bytes(b"\x42" * 4096)
+        outcome = aiodd_run([f"if={src}", f"of={device}"], src)
+        assert (outcome.status, outcome.stderr) == (
+            1,
+            f"aiodd: of={device} is the device that holds the input image {src} (the input"
+            " reads it); choose another output\n",
+        )
+        assert src.read_bytes() == b"\x42" * 4096
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
