@@ -101,7 +101,8 @@ async def dd(
     suffixes (``"4K"``, ``"1.5M"``).  Raises :class:`~aiodd.errors.UsageError` for bad
     arguments, :class:`~aiodd.errors.ImageError` for a bad input image and
     :class:`~aiodd.errors.OutputError` when the output cannot be written.  Cancelling
-    the caller's scope stops the copy and removes the partial output.
+    the caller's scope stops the copy and removes the partial output; a cancel that
+    comes once the output is being put in place (a link and a rename) lets that finish.
     """
     started = time.monotonic()
     warnings: list[str] = []
@@ -127,18 +128,28 @@ async def dd(
 
         # The pool lives in shared memory, so the guest decodes straight into it.
         memory = shared_buffer(DEFAULT_COUNT * io_size)
-    try:
-        disk: VirtualDisk = await anyio.to_thread.run_sync(
-            lambda: chain.open_input(
-                src_path,
-                input_format,
-                isolation=isolation,
-                allow_dirs=allow_dirs,
-                require_isolation=require_isolation,
-                memory=memory,
-            )
+    # What a worker thread opened is kept here too: a cancel that comes while it works
+    # drops the thread's result, and it must still be closed.
+    opened: list[VirtualDisk] = []
+    created: list[OutputFile] = []
+
+    def open_disk() -> VirtualDisk:
+        disk = chain.open_input(
+            src_path,
+            input_format,
+            isolation=isolation,
+            allow_dirs=allow_dirs,
+            require_isolation=require_isolation,
+            memory=memory,
         )
+        opened.append(disk)
+        return disk
+
+    try:
+        disk: VirtualDisk = await anyio.to_thread.run_sync(open_disk)
     except BaseException:
+        for opened_disk in opened:
+            opened_disk.close()
         if memory is not None:
             memory.close()
         raise
@@ -148,19 +159,33 @@ async def dd(
             warnings.append(f"{src_path}: {SKIP_WARNING}")
         plan = encoders.plan(output_format, window.length, filename=os.path.basename(dst_path))
         meter = ProgressMeter(plan.data_size, on_progress, progress_interval)
-        output = await anyio.to_thread.run_sync(
-            lambda: OutputFile.create(dst_path, plan.file_size, raw=output_format == "raw")
-        )
+
+        def create_output() -> OutputFile:
+            output = OutputFile.create(dst_path, plan.file_size, raw=output_format == "raw")
+            created.append(output)
+            return output
+
+        try:
+            output = await anyio.to_thread.run_sync(create_output)
+        except BaseException:
+            for created_output in created:
+                created_output.abort()
+            raise
         pool: BufferPool | None = None
         try:
             pool = BufferPool(DEFAULT_COUNT, io_size, memory)
             await run_pipeline(disk, window.start, window.end, plan, output, pool, meter)
+            # A cancel during the flush (which the kernel finishes regardless) still
+            # undoes the copy; once the output is being put in place, that completes.
+            await anyio.to_thread.run_sync(output.flush, plan.file_size)
+            await anyio.lowlevel.checkpoint_if_cancelled()
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(output.commit, plan.file_size)
+                await anyio.to_thread.run_sync(output.publish)
         finally:
             output.abort()
             if pool is not None:
                 pool.close()
+        warnings.extend(output.warnings)
     finally:
         disk.close()
         if memory is not None:

@@ -6,12 +6,14 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from aiodd.errors import OutputError, UsageError
+from aiodd.stages import sink
 from aiodd.stages.sink import OutputFile
 from tests.harness import aiodd_subprocess
 
@@ -22,23 +24,87 @@ def _temp_files(directory: Path) -> list[str]:
     return [p.name for p in directory.iterdir() if p.name.endswith(".aiodd-tmp")]
 
 
-def test_commit_renames_and_abort_removes(tmp_path: Path) -> None:
+def _names(directory: Path) -> set[str]:
+    """Every entry, hidden ones included."""
+    return {p.name for p in directory.iterdir()}
+
+
+@pytest.fixture
+def named_temp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem without O_TMPFILE: the sink falls back to a named temporary file."""
+    monkeypatch.setattr(sink, "_open_unnamed", lambda directory: None)
+
+
+def test_the_output_has_no_name_until_commit(tmp_path: Path) -> None:
     target = tmp_path / "out.raw"
     target.write_bytes(b"old")
     out = OutputFile.create(str(target), 4096, raw=True)
+    assert out.unnamed and out.temp_path is None
     out.write([(0, b"x" * 4096)])
     assert target.read_bytes() == b"old"  # nothing visible before the commit
-    assert len(_temp_files(tmp_path)) == 1
+    assert _names(tmp_path) == {"out.raw"}
     out.commit(4096)
     out.abort()  # after a commit, abort has nothing left to undo
     assert target.read_bytes() == b"x" * 4096
-    assert _temp_files(tmp_path) == []
+    assert _names(tmp_path) == {"out.raw"}
 
     out = OutputFile.create(str(target), 4096, raw=True)
     out.write([(0, b"y" * 4096)])
     out.abort()
     assert target.read_bytes() == b"x" * 4096
-    assert _temp_files(tmp_path) == []
+    assert _names(tmp_path) == {"out.raw"}
+
+
+def test_a_new_output_is_linked_straight_to_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    links: list[str] = []
+    real_link = os.link
+
+    def link(src: str, dst: str, **kwargs: bool) -> None:
+        links.append(os.path.basename(dst))
+        real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "link", link)
+    target = tmp_path / "new.raw"
+    out = OutputFile.create(str(target), 512, raw=True)
+    out.write([(0, b"n" * 512)])
+    out.commit(512)
+    assert links == ["new.raw"]
+    assert target.read_bytes() == b"n" * 512
+    assert _names(tmp_path) == {"new.raw"}
+
+
+def test_an_output_that_appears_meanwhile_is_replaced(tmp_path: Path) -> None:
+    """of= did not exist when the copy began: linking to it fails, a rename replaces it."""
+    target = tmp_path / "out.raw"
+    out = OutputFile.create(str(target), 512, raw=True)
+    out.write([(0, b"n" * 512)])
+    target.write_bytes(b"someone else's")
+    out.commit(512)
+    assert target.read_bytes() == b"n" * 512
+    assert _names(tmp_path) == {"out.raw"}
+
+
+@pytest.mark.usefixtures("named_temp")
+def test_without_o_tmpfile_a_hidden_named_file_is_renamed(tmp_path: Path) -> None:
+    target = tmp_path / "out.raw"
+    target.write_bytes(b"old")
+    out = OutputFile.create(str(target), 4096, raw=True)
+    assert not out.unnamed
+    out.write([(0, b"x" * 4096)])
+    assert target.read_bytes() == b"old"
+    (temp,) = _temp_files(tmp_path)
+    assert temp.startswith(".out.raw.") and len(temp) == len(".out.raw.12345678.aiodd-tmp")
+    out.commit(4096)
+    assert target.read_bytes() == b"x" * 4096
+    assert _names(tmp_path) == {"out.raw"}
+
+    out = OutputFile.create(str(target), 4096, raw=True)
+    out.write([(0, b"y" * 4096)])
+    out.abort()
+    assert target.read_bytes() == b"x" * 4096
+    assert _names(tmp_path) == {"out.raw"}
 
 
 def test_commit_pads_to_the_planned_size(tmp_path: Path) -> None:
@@ -60,12 +126,38 @@ def test_writes_through_a_symlink_to_its_target(tmp_path: Path) -> None:
     assert link.is_symlink() and real.read_bytes() == b"n" * 512
 
 
-def test_refuses_a_directory_or_fifo(tmp_path: Path) -> None:
+def test_refuses_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(OutputError) as caught:
+        OutputFile.create(str(tmp_path), 512, raw=True)
+    assert str(caught.value) == f"{tmp_path}: cannot create output: Is a directory"
+
+
+def test_refuses_streams_and_special_files(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    for target in (tmp_path, fifo):
-        with pytest.raises(OutputError, match="not a regular file or block device"):
-            OutputFile.create(str(target), 512, raw=True)
+    for target in (str(fifo), "/dev/null"):
+        with pytest.raises(OutputError) as caught:
+            OutputFile.create(target, 512, raw=True)
+        assert str(caught.value) == (
+            f"of={target}: aiodd writes image files and block devices, not streams"
+        )
+    assert _names(tmp_path) == {"fifo"}
+
+
+def test_stdout_into_a_pipe_is_refused_as_a_stream(tmp_path: Path) -> None:
+    """/dev/stdout is a symlink to /proc/self/fd/1, whose target is no path ('pipe:[…]')."""
+    src = tmp_path / "in.raw"
+    src.write_bytes(bytes(4096))
+    proc = subprocess.run(
+        [sys.executable, "-m", "aiodd", f"if={src}", "of=/dev/stdout"],
+        capture_output=True,
+        text=True,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        1,
+        "",
+        "aiodd: of=/dev/stdout: aiodd writes image files and block devices, not streams\n",
+    )
 
 
 def test_a_failure_mid_copy_leaves_the_old_output(tmp_path: Path) -> None:
