@@ -128,28 +128,18 @@ async def dd(
 
         # The pool lives in shared memory, so the guest decodes straight into it.
         memory = shared_buffer(DEFAULT_COUNT * io_size)
-    # What a worker thread opened is kept here too: a cancel that comes while it works
-    # drops the thread's result, and it must still be closed.
-    opened: list[VirtualDisk] = []
-    created: list[OutputFile] = []
-
-    def open_disk() -> VirtualDisk:
-        disk = chain.open_input(
-            src_path,
-            input_format,
-            isolation=isolation,
-            allow_dirs=allow_dirs,
-            require_isolation=require_isolation,
-            memory=memory,
-        )
-        opened.append(disk)
-        return disk
-
     try:
-        disk: VirtualDisk = await anyio.to_thread.run_sync(open_disk)
+        disk: VirtualDisk = await anyio.to_thread.run_sync(
+            lambda: chain.open_input(
+                src_path,
+                input_format,
+                isolation=isolation,
+                allow_dirs=allow_dirs,
+                require_isolation=require_isolation,
+                memory=memory,
+            )
+        )
     except BaseException:
-        for opened_disk in opened:
-            opened_disk.close()
         if memory is not None:
             memory.close()
         raise
@@ -159,18 +149,12 @@ async def dd(
             warnings.append(f"{src_path}: {SKIP_WARNING}")
         plan = encoders.plan(output_format, window.length, filename=os.path.basename(dst_path))
         meter = ProgressMeter(plan.data_size, on_progress, progress_interval)
-
-        def create_output() -> OutputFile:
-            output = OutputFile.create(dst_path, plan.file_size, raw=output_format == "raw")
-            created.append(output)
-            return output
-
-        try:
-            output = await anyio.to_thread.run_sync(create_output)
-        except BaseException:
-            for created_output in created:
-                created_output.abort()
-            raise
+        # A cancel that comes while a worker thread opens the input or creates the
+        # output waits for it, and takes effect at the next await: within the try
+        # blocks that close them.
+        output = await anyio.to_thread.run_sync(
+            lambda: OutputFile.create(dst_path, plan.file_size, raw=output_format == "raw")
+        )
         pool: BufferPool | None = None
         try:
             pool = BufferPool(DEFAULT_COUNT, io_size, memory)

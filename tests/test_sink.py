@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from aiodd.api import DdResult
 from aiodd.errors import OutputError, UsageError
 from aiodd.stages import sink
 from aiodd.stages.sink import OutputFile
-from tests.harness import aiodd_subprocess
+from tests.harness import aiodd_run, aiodd_subprocess
 
 MiB = 1024 * 1024
 
@@ -259,3 +262,151 @@ def test_the_first_corruption_in_disk_order_is_reported(tmp_path: Path) -> None:
     assert messages == {
         f"aiodd: {image}: qcow2 data cluster at 0x840000 lies past the end of the file\n"
     }
+
+
+# -- replacing a file: owner, group, mode, hard links ----------------------------------
+
+
+def _copy(src: Path, dst: str) -> DdResult:
+    import anyio
+
+    from aiodd.api import dd
+
+    return anyio.run(lambda: dd(str(src), dst, isolation="inline"))
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    src = tmp_path / "in.raw"
+    src.write_bytes(os.urandom(64 * 1024))
+    return src
+
+
+def test_overwriting_keeps_owner_group_and_mode(tmp_path: Path, source: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file another owner")
+    target = tmp_path / "out.raw"
+    target.write_bytes(b"old")
+    os.chown(target, 1234, 5678)
+    target.chmod(0o6751)  # set-user-ID and set-group-ID too, which a chown clears
+    result = _copy(source, str(target))
+    st = target.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o6751)
+    assert target.read_bytes() == source.read_bytes()
+    assert result.warnings == ()
+
+
+def test_a_new_output_belongs_to_whoever_wrote_it(tmp_path: Path, source: Path) -> None:
+    target = tmp_path / "new.raw"
+    old_umask = os.umask(0o022)
+    try:
+        _copy(source, str(target))
+    finally:
+        os.umask(old_umask)
+    st = target.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), os.getegid(), 0o644)
+
+
+def test_an_owner_that_cannot_be_kept_is_a_warning(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an unprivileged user overwriting someone else's writable file sees."""
+    target = tmp_path / "out.raw"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    old = target.stat()
+    new_owner = (old.st_uid + 1, old.st_gid + 1)
+    real_stat = os.stat
+
+    def stat_(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        st = real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+        if path == str(target):  # the file to replace seems to be someone else's
+            fields = list(st)
+            fields[4:6] = new_owner
+            return os.stat_result(fields)
+        return st
+
+    def fchown(fd: int, uid: int, gid: int) -> None:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "stat", stat_)
+    monkeypatch.setattr(os, "fchown", fchown)
+    result = _copy(source, str(target))
+    assert result.warnings == (
+        f"of={target}: could not keep the owner (uid {new_owner[0]}, gid {new_owner[1]}):"
+        f" Operation not permitted; the new file belongs to uid {old.st_uid},"
+        f" gid {old.st_gid}",
+    )
+    assert stat.S_IMODE(real_stat(target).st_mode) == 0o640  # the mode is kept all the same
+    assert target.read_bytes() == source.read_bytes()
+
+
+def test_other_hard_links_keep_the_old_data(tmp_path: Path, source: Path) -> None:
+    target = tmp_path / "out.raw"
+    target.write_bytes(b"old")
+    os.link(target, tmp_path / "second")
+    os.link(target, tmp_path / "third")
+    result = _copy(source, str(target))
+    assert result.warnings == (
+        f"of={target}: 2 other hard links keep the old data"
+        " (the output replaces the file with a new one)",
+    )
+    assert target.read_bytes() == source.read_bytes()
+    assert (tmp_path / "second").read_bytes() == b"old"
+    assert target.stat().st_nlink == 1
+
+
+def test_the_cli_prints_the_warnings_after_the_copy(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("out.raw").write_bytes(b"old")
+    os.link("out.raw", "other")
+    result = aiodd_run(["--isolation=inline", f"if={source}", "of=out.raw"], Path("out.raw"))
+    assert (result.status, result.stderr) == (
+        0,
+        "aiodd: of=out.raw: 1 other hard link keeps the old data"
+        " (the output replaces the file with a new one)\n",
+    )
+
+
+# -- messages name of= as the user typed it ----------------------------------------------
+
+
+def test_write_errors_name_of_as_typed(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    monkeypatch.chdir(tmp_path)
+    Path("link").symlink_to("real")
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    result = aiodd_run(["--isolation=inline", f"if={source}", "of=link/out.raw"], real / "out.raw")
+    assert (result.status, result.stderr, result.output) == (
+        1,
+        "aiodd: link/out.raw: write failed: No space left on device\n",
+        None,
+    )
+    assert _names(real) == set()
+
+
+def test_finishing_errors_name_of_as_typed(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    result = aiodd_run(["--isolation=inline", f"if={source}", "of=out.raw"], Path("out.raw"))
+    assert (result.status, result.stderr, result.output) == (
+        1,
+        "aiodd: out.raw: cannot finish output: Input/output error\n",
+        None,
+    )
+    assert _names(tmp_path) == {"in.raw"}
