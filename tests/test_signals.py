@@ -29,6 +29,7 @@ import pytest
 import aiodd
 from aiodd import chain
 from aiodd.cli import main
+from aiodd.stages import sink
 from aiodd.stages.sink import OutputFile
 
 MiB = 1024 * 1024
@@ -267,6 +268,36 @@ def test_a_signal_during_the_final_flush_undoes_the_copy(
     assert _names(out_dir) == {"o.raw"}
     assert out.read_bytes() == PRECIOUS
     assert _guests() <= before
+
+
+@pytest.mark.parametrize("stage", ["mid-data", "final flush"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_without_o_tmpfile_the_hidden_file_is_removed(
+    small: tuple[Path, Path, Path, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    signum: int,
+    stage: str,
+) -> None:
+    """The named fallback: the hidden file exists while the copy runs, and goes."""
+    src, out_dir, out, _data = small
+    monkeypatch.setattr(sink, "_open_unnamed", lambda directory: None)
+    seen: list[set[str]] = []
+
+    def signal_now() -> None:
+        if not seen:
+            seen.append(_names(out_dir))
+            _signal_self(signum)
+
+    if stage == "mid-data":
+        _wrap(monkeypatch, OutputFile, "write", signal_now)
+    else:
+        _wrap(monkeypatch, os, "fsync", signal_now)
+    status, stderr = _main(["--isolation=inline", f"if={src}", f"of={out}"])
+    assert (status, stderr) == (128 + signum, _expected_line(signum))
+    (hidden,) = seen[0] - {"o.raw"}
+    assert hidden.startswith(".o.raw.") and hidden.endswith(".aiodd-tmp")
+    assert _names(out_dir) == {"o.raw"}
+    assert out.read_bytes() == PRECIOUS
 
 
 @pytest.mark.parametrize("when", ["while linking", "after linking"])
