@@ -6,9 +6,11 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 from aiodd.api import DdResult
 from aiodd.errors import OutputError, UsageError
 from aiodd.stages import sink
+from aiodd.stages.encoder import Bytes
 from aiodd.stages.sink import OutputFile
 from tests.harness import aiodd_run, aiodd_subprocess
 
@@ -223,6 +226,28 @@ def test_block_device_is_written_in_place(loop_device: Path, tmp_path: Path) -> 
     padded = data + b"\0" * (-len(data) % 512)
     assert written[: len(padded)] == padded  # the window, zero-padded to 512
     assert written[len(padded) :] == b"\xee" * (4 * MiB - len(padded))  # the rest untouched
+    assert loop_device.is_block_device()
+
+
+def test_a_signal_on_a_block_device_says_it_was_partly_written(
+    loop_device: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "in.raw"
+    src.write_bytes(os.urandom(2 * MiB))
+    real_write = OutputFile.write
+
+    def write(self: OutputFile, writes: list[tuple[int, Bytes]]) -> None:
+        real_write(self, writes)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+
+    monkeypatch.setattr(OutputFile, "write", write)
+    result = aiodd_run(["--isolation=inline", f"if={src}", f"of={loop_device}"], tmp_path / "x")
+    assert (result.status, result.stderr) == (
+        143,
+        f"aiodd: interrupted by SIGTERM; {loop_device} was partly written"
+        " (a block device is written in place)\n",
+    )
     assert loop_device.is_block_device()
 
 
