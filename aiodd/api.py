@@ -141,7 +141,8 @@ async def dd(
     suffixes (``"4K"``, ``"1.5M"``).  Raises :class:`~aiodd.errors.UsageError` for bad
     arguments, :class:`~aiodd.errors.ImageError` for a bad input image and
     :class:`~aiodd.errors.OutputError` when the output cannot be written.  Cancelling
-    the caller's scope stops the copy and removes the partial output.
+    the caller's scope stops the copy and removes the partial output; a cancel that
+    comes once the output is being put in place (a link and a rename) lets that finish.
 
     Every file the input's chain opens holds qemu's reader locks for the whole copy,
     and one another process has open for writing is refused
@@ -195,6 +196,8 @@ async def dd(
         raw = output_format == "raw"
         guard = await anyio.to_thread.run_sync(lambda: OutputLock.acquire(dst_path, raw=raw))
         try:
+            # A cancel that comes while a worker thread creates the output waits for
+            # it, and takes effect at the next await: within the try blocks that close it.
             output = await anyio.to_thread.run_sync(
                 lambda: OutputFile.create(dst_path, plan.file_size, raw=raw)
             )
@@ -203,12 +206,17 @@ async def dd(
                 guard.hold(output.fd, dst_path)
                 pool = BufferPool(DEFAULT_COUNT, io_size, memory)
                 await run_pipeline(disk, window.start, window.end, plan, output, pool, meter)
+                # A cancel during the flush (which the kernel finishes regardless) still
+                # undoes the copy; once the output is being put in place, that completes.
+                await anyio.to_thread.run_sync(output.flush, plan.file_size)
+                await anyio.lowlevel.checkpoint_if_cancelled()
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(output.commit, plan.file_size)
+                    await anyio.to_thread.run_sync(output.publish)
             finally:
                 output.abort()
                 if pool is not None:
                     pool.close()
+            warnings.extend(output.warnings)
         finally:
             guard.close()
     finally:

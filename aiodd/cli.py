@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import getopt
 import os
+import signal
 import stat
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TextIO
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TextIO
 
 from aiodd import __version__
 from aiodd.errors import AioddError, InUseError, PolicyError, UsageError, describe
@@ -238,7 +241,17 @@ async def _run(inv: Invocation) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     warnings.showwarning = _show_warning
+    signals = _Signals()
+    signals.install()
+    try:
+        return _main(args, signals)
+    finally:
+        signals.restore()
+
+
+def _main(args: list[str], signals: _Signals) -> int:
     inv = Invocation()
+    completed = False
     try:
         inv = parse_args(args)
         if inv.show_help:
@@ -254,45 +267,128 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         for warning in inv.warnings:
             _print_error(sys.stderr, warning)
-        if inv.isolation == "sandbox":
-            from aiodd.guest import prestart
+        if signals.received is None:
+            if inv.isolation == "sandbox":
+                from aiodd.guest import prestart
 
-            prestart()  # the guest's interpreter starts while this one sets up
-        import anyio
+                prestart()  # the guest's interpreter starts while this one sets up
+            import anyio
 
-        anyio.run(_run, inv, backend_options=_backend_options())
-    except InUseError as exc:
-        _print_error(sys.stderr, exc.naming("-U"))
-        return EXIT_ERROR
-    except PolicyError as exc:
-        _print_error(sys.stderr, exc.naming("--allow-backing DIR"))
-        return EXIT_ERROR
-    except AioddError as exc:
-        _print_error(sys.stderr, str(exc))
-        return EXIT_ERROR
+            completed = anyio.run(
+                _run_interruptible, inv, signals, backend_options=_backend_options()
+            )
+    except (AioddError, OSError) as exc:
+        # After a signal, a failure is most likely its echo (Ctrl-C at a terminal
+        # reaches the guest reader too): the interruption is what happened.
+        if signals.received is None:
+            _print_error(sys.stderr, _error_line(exc))
+            return EXIT_ERROR
     except KeyboardInterrupt:
-        _print_error(sys.stderr, _interrupted(inv.dst))
-        return EXIT_INTERRUPTED
+        # Only where the handlers could not be installed (main() outside the main thread).
+        signals.received = signals.received or signal.SIGINT
     except BaseExceptionGroup as group:
-        if group.subgroup(KeyboardInterrupt) is not None:
-            _print_error(sys.stderr, _interrupted(inv.dst))
-            return EXIT_INTERRUPTED
-        raise
-    except OSError as exc:
-        _print_error(sys.stderr, describe(exc))
-        return EXIT_ERROR
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
+        signals.received = signals.received or signal.SIGINT
+    finally:
+        if "aiodd.guest.host" in sys.modules:
+            from aiodd.guest import discard_prestarted
+
+            discard_prestarted()
+    if signals.received is not None:
+        _print_error(sys.stderr, _interrupted(inv.dst, signals.received, completed=completed))
+        return 128 + signals.received
     return EXIT_OK
 
 
-def _interrupted(dst: str | None) -> str:
-    """What Ctrl-C left: nothing, except on a block device, written in place."""
+def _error_line(exc: AioddError | OSError) -> str:
+    if isinstance(exc, InUseError):
+        return exc.naming("-U")
+    if isinstance(exc, PolicyError):
+        return exc.naming("--allow-backing DIR")
+    if isinstance(exc, AioddError):
+        return str(exc)
+    return describe(exc)
+
+
+class _Signals:
+    """SIGINT, SIGTERM and SIGHUP, all handled as Ctrl-C.
+
+    The first one is remembered; while the copy runs, any of them cancels it, and the
+    copy's own clean-up then removes the unfinished output and closes the guest reader.
+    The handlers never raise: before the copy starts, the signal is only noted, and
+    start-up stops at the next step.  See docs/usage.md, "What aiodd guarantees about
+    your files".
+    """
+
+    NAMES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._cancel: Callable[[], object] | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal.signal() works only there
+        for signum in self.NAMES:
+            # An ignored signal stays ignored: nohup, or a shell's background job.
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def attach(self, cancel: Callable[[], object]) -> None:
+        """Call ``cancel`` on the next signal, or now if one came already."""
+        self._cancel = cancel
+        if self.received is not None:
+            cancel()
+
+    def detach(self) -> None:
+        self._cancel = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+        if self._cancel is not None:
+            self._cancel()
+
+
+async def _run_interruptible(inv: Invocation, signals: _Signals) -> bool:
+    """Run the copy; False when a signal stopped it before the output was in place."""
+    import asyncio
+
+    import anyio
+
+    loop = asyncio.get_running_loop()
+    with anyio.CancelScope() as scope:
+        # The handler runs between two bytecodes of whatever the loop was doing: it
+        # only schedules the cancel.
+        signals.attach(lambda: loop.call_soon_threadsafe(scope.cancel))
+        try:
+            await _run(inv)
+        finally:
+            signals.detach()
+        return True
+    return False
+
+
+def _interrupted(dst: str | None, signum: int, *, completed: bool = False) -> str:
+    """What the signal left: nothing, except on a block device, written in place."""
+    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    if completed:
+        return f"interrupted{by} after the copy had finished; {dst} is complete"
     try:
         device = dst is not None and stat.S_ISBLK(os.stat(dst).st_mode)
     except OSError:
         device = False
     if device:
-        return f"interrupted; {dst} was partly written (a block device is written in place)"
-    return "interrupted; no output was written"
+        return f"interrupted{by}; {dst} was partly written (a block device is written in place)"
+    return f"interrupted{by}; no output was written"
 
 
 def _show_warning(

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from aiodd.guest.host import GuestOptions as GuestOptions
     from aiodd.guest.host import IsolationWarning as IsolationWarning
     from aiodd.guest.host import SharedBuffer as SharedBuffer
+    from aiodd.guest.host import discard_prestarted as discard_prestarted
     from aiodd.guest.host import isolation_report as isolation_report
     from aiodd.guest.host import open_guest as open_guest
     from aiodd.guest.host import prestart as prestart
@@ -28,6 +29,7 @@ __all__ = (
     "GuestOptions",
     "IsolationWarning",
     "SharedBuffer",
+    "discard_prestarted",
     "isolation_report",
     "open_guest",
     "prestart",

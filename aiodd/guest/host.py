@@ -110,6 +110,18 @@ def prestart() -> None:
             _spare = _Process()
 
 
+def discard_prestarted() -> None:
+    """Stop the guest :func:`prestart` started if no copy took it (one stopped first)."""
+    global _spare
+    with _spare_lock:
+        proc, _spare = _spare, None
+    if proc is not None:
+        proc.sock.close()
+        with contextlib.suppress(OSError):
+            proc.proc.kill()
+        proc.proc.wait()
+
+
 def _take() -> _Process:
     global _spare
     with _spare_lock:

@@ -1,7 +1,11 @@
 """Stage 4, the file sink: writes the container and puts it in place atomically.
 
-The output is written to a temporary file beside ``of=`` and renamed over it only once
-complete and fsynced, so ``of=`` is either the whole new image or what it was before.
+The output is written to an unnamed file (``O_TMPFILE``) in ``of=``'s directory and
+linked into place only once complete and fsynced, so ``of=`` is either the whole new
+image or what it was before, and a process killed outright (or a power cut) leaves no
+file behind: the kernel frees an unnamed file with its last descriptor.  Where the
+filesystem has no ``O_TMPFILE``, a hidden named temporary file beside ``of=`` takes
+its place, renamed over ``of=`` at the end (docs/usage.md says what that one can leave).
 An existing block device is the exception: it is written in place.
 
 Aligned data goes out through a second, ``O_DIRECT`` descriptor.  The fsync that
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import stat
 
@@ -90,14 +95,75 @@ def direct_length(offset: int, length: int, address: int | None, alignment: int)
     return length - length % alignment
 
 
-class OutputFile:
-    """The destination being written: a temporary file, or a block device."""
+_TEMP_SUFFIX = ".aiodd-tmp"
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 
-    def __init__(self, fd: int, path: str, temp_path: str | None) -> None:
+
+def _proc_fd(fd: int) -> str:
+    """The name under which the kernel lets a descriptor's file be reopened or linked."""
+    return f"/proc/self/fd/{fd}"
+
+
+def _temp_name(target: str) -> str:
+    directory, base = os.path.split(target)
+    return os.path.join(directory, f".{base}.{os.urandom(4).hex()}{_TEMP_SUFFIX}")
+
+
+def _open_unnamed(directory: str) -> int | None:
+    """An ``O_TMPFILE`` in ``directory`` that can be linked into it later, or None.
+
+    None where the kernel or the filesystem has no ``O_TMPFILE``, or where ``/proc``
+    is missing (linking goes through ``/proc/self/fd``): the caller then falls back to
+    a named temporary file, which also reports what is wrong with the directory.
+    """
+    if not _O_TMPFILE:
+        return None
+    try:
+        fd = os.open(directory, _O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    try:
+        linkable = os.stat(_proc_fd(fd)).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        linkable = False
+    if not linkable:
+        os.close(fd)
+        return None
+    return fd
+
+
+class OutputFile:
+    """The destination being written: an unnamed or a hidden temporary file, or a block device.
+
+    ``path`` is the file finally written (``of=`` with symlinks resolved); ``name`` is
+    ``of=`` as the user typed it, for messages.  ``warnings`` collects what the user
+    should know about a successful replace (an owner that could not be kept, hard links
+    that keep the old data).
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        path: str,
+        *,
+        name: str | None = None,
+        temp_path: str | None = None,
+        unnamed: bool = False,
+        replacing: bool = False,
+    ) -> None:
         self.fd = fd
         self.path = path
-        self.temp_path = temp_path  # None: written in place (a block device)
-        self.direct_fd = _open_direct(temp_path or path, fd, device=temp_path is None)
+        self.name = path if name is None else name
+        # The temporary file's name while it has one: the named fallback's from the
+        # start, an unnamed file's only between its link and the rename over of=.
+        self.temp_path = temp_path
+        self.unnamed = unnamed  # an O_TMPFILE, not yet linked anywhere
+        self.device = temp_path is None and not unnamed  # written in place
+        self.replacing = replacing
+        self.published = False
+        self.warnings: list[str] = []
+        direct_path = _proc_fd(fd) if unnamed else (temp_path or path)
+        self.direct_fd = _open_direct(direct_path, fd, device=self.device)
         self._alignment = 0
         self.direct_bytes = 0  # written through O_DIRECT, for tests and the bench
 
@@ -105,43 +171,99 @@ class OutputFile:
     def create(cls, path: str, size: int, *, raw: bool) -> OutputFile:
         if not path:
             raise UsageError("of= names no file")
-        # Like qemu, write through a symlink to the file it names.
-        target = os.path.realpath(path)
         try:
-            st: os.stat_result | None = os.stat(target)
+            # Follows symlinks, and /dev/stdout's /proc magic link to what it really is.
+            st: os.stat_result | None = os.stat(path)
         except FileNotFoundError:
             st = None
         except OSError as exc:
             raise OutputError(f"{path}: cannot create output: {exc.strerror}") from None
         if st is not None and stat.S_ISBLK(st.st_mode):
-            return cls._open_device(path, target, size, raw=raw)
+            return cls._open_device(path, size, raw=raw)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"{path}: cannot create output: Is a directory")
         if st is not None and not stat.S_ISREG(st.st_mode):
-            raise OutputError(f"{path}: cannot create output: not a regular file or block device")
-        directory, base = os.path.split(target)
-        temp = os.path.join(directory, f".{base}.{os.urandom(4).hex()}.aiodd-tmp")
+            raise OutputError(f"of={path}: aiodd writes image files and block devices, not streams")
+        # Like qemu, write through a symlink to the file it names.
+        target = os.path.realpath(path)
+        if st is not None and not os.access(target, os.W_OK, effective_ids=True):
+            # Replacing needs only the directory's permission; qemu would have to open
+            # the file for writing, and so must whoever overwrites it.
+            raise OutputError(f"{path}: cannot create output: Permission denied")
+        fd = _open_unnamed(os.path.dirname(target))
+        temp = None
+        if fd is None:
+            temp = _temp_name(target)
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise OutputError(f"{path}: cannot create output: {exc.strerror}") from None
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise OutputError(f"{path}: cannot create output: {exc.strerror}") from None
+            out = cls(
+                fd,
+                target,
+                name=path,
+                temp_path=temp,
+                unnamed=temp is None,
+                replacing=st is not None,
+            )
+        except BaseException:
+            os.close(fd)
+            if temp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+            raise
         if st is not None:
-            # Replacing a file: keep its permissions, as writing into it would.
-            with contextlib.suppress(OSError):
-                os.fchmod(fd, stat.S_IMODE(st.st_mode))
-        return cls(fd, target, temp)
+            out._keep_attributes(st)
+        return out
 
     @classmethod
-    def _open_device(cls, path: str, target: str, size: int, *, raw: bool) -> OutputFile:
+    def _open_device(cls, path: str, size: int, *, raw: bool) -> OutputFile:
         if not raw:
             raise UsageError(f"{path}: only raw output can be written into a block device")
         try:
-            fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise OutputError(f"{path}: cannot open output device: {exc.strerror}") from None
         capacity = os.lseek(fd, 0, os.SEEK_END)
         if capacity < size:
             os.close(fd)
             raise OutputError(f"{path}: the device holds {capacity} bytes, the output needs {size}")
-        return cls(fd, target, None)
+        return cls(fd, os.path.realpath(path), name=path)
+
+    def _keep_attributes(self, old: os.stat_result) -> None:
+        """Give the new file the replaced one's owner, group and mode, as writing into
+        the old file would have kept them."""
+        new = os.fstat(self.fd)
+        if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+            try:
+                os.fchown(self.fd, old.st_uid, old.st_gid)
+            except OSError as exc:
+                # Without the privilege, a user may still give the file a group it is in.
+                if new.st_gid != old.st_gid:
+                    with contextlib.suppress(OSError):
+                        os.fchown(self.fd, -1, old.st_gid)
+                now = os.fstat(self.fd)
+                self.warnings.append(
+                    f"of={self.name}: could not keep the owner (uid {old.st_uid},"
+                    f" gid {old.st_gid}): {exc.strerror}; the new file belongs to"
+                    f" uid {now.st_uid}, gid {now.st_gid}"
+                )
+        # After the chown, which clears the set-user-ID and set-group-ID bits.
+        try:
+            os.fchmod(self.fd, stat.S_IMODE(old.st_mode))
+        except OSError as exc:  # pragma: no cover - the file is ours to chmod
+            self.warnings.append(
+                f"of={self.name}: could not keep the mode {stat.S_IMODE(old.st_mode):04o}:"
+                f" {exc.strerror}"
+            )
+        if old.st_nlink > 1:
+            others = old.st_nlink - 1
+            links = "hard link keeps" if others == 1 else "hard links keep"
+            self.warnings.append(
+                f"of={self.name}: {others} other {links} the old data"
+                " (the output replaces the file with a new one)"
+            )
 
     def write(self, writes: list[tuple[int, Bytes]]) -> None:
         try:
@@ -151,7 +273,7 @@ class OutputFile:
                 if done < len(view):
                     self._write_buffered(offset + done, view[done:])
         except OSError as exc:
-            raise OutputError(f"{self.path}: write failed: {exc.strerror}") from None
+            raise OutputError(f"{self.name}: write failed: {exc.strerror}") from None
 
     def _write_direct(self, offset: int, view: memoryview) -> int:
         """Write what O_DIRECT takes of ``view``; return how many bytes that was."""
@@ -199,29 +321,77 @@ class OutputFile:
                 os.close(self.direct_fd)
             self.direct_fd = None
 
-    def commit(self, size: int) -> None:
-        """Finish the file at ``size`` bytes, make it durable and put it in place."""
+    def flush(self, size: int) -> None:
+        """Finish the file at ``size`` bytes and make it durable; still invisible."""
         try:
-            if self.temp_path is not None:
+            if not self.device:
                 os.ftruncate(self.fd, size)
             # fsync works on the inode: it covers what went through either descriptor.
             os.fsync(self.fd)
+        except OSError as exc:
+            raise OutputError(f"{self.name}: cannot finish output: {exc.strerror}") from None
+
+    def publish(self) -> None:
+        """Put the flushed file in place: the one step after which of= is the new image."""
+        try:
             self._stop_direct()
-            os.close(self.fd)
-            self.fd = -1
-            if self.temp_path is not None:
-                os.rename(self.temp_path, self.path)
-                self.temp_path = None
-                dir_fd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_CLOEXEC)
+            if not self.device:
+                dir_fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_CLOEXEC)
                 try:
+                    self._link_into_place(dir_fd)
+                    self.published = True
                     os.fsync(dir_fd)
                 finally:
                     os.close(dir_fd)
+            self.published = True
+            os.close(self.fd)
+            self.fd = -1
         except OSError as exc:
-            raise OutputError(f"{self.path}: cannot finish output: {exc.strerror}") from None
+            raise OutputError(f"{self.name}: cannot finish output: {exc.strerror}") from None
+
+    def commit(self, size: int) -> None:
+        """Finish the file at ``size`` bytes, make it durable and put it in place."""
+        self.flush(size)
+        self.publish()
+
+    def _link_into_place(self, dir_fd: int) -> None:
+        base = os.path.basename(self.path)
+        if self.unnamed:
+            # A directory descriptor makes os.link call linkat, which can follow the
+            # /proc link to the unnamed file (plain link() would link the symlink).
+            link = functools.partial(
+                os.link, _proc_fd(self.fd), src_dir_fd=dir_fd, dst_dir_fd=dir_fd
+            )
+            if not self.replacing:
+                try:
+                    link(base, follow_symlinks=True)
+                except FileExistsError:
+                    pass  # of= appeared meanwhile: replace it, as the rename below would
+                else:
+                    self.unnamed = False
+                    return
+            # linkat cannot replace a name: link under a temporary one, then rename.
+            for _ in range(16):
+                temp = _temp_name(self.path)
+                try:
+                    link(os.path.basename(temp), follow_symlinks=True)
+                except FileExistsError:
+                    continue
+                self.temp_path = temp
+                self.unnamed = False
+                break
+            else:  # pragma: no cover - 16 random names all taken
+                raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+        assert self.temp_path is not None
+        os.rename(os.path.basename(self.temp_path), base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        self.temp_path = None
 
     def abort(self) -> None:
-        """Forget the output: the temporary file goes, ``of=`` stays as it was."""
+        """Forget the output: the temporary file goes, ``of=`` stays as it was.
+
+        Once published, nothing is undone.  An unnamed file needs no removal: closing
+        its last descriptor frees it.
+        """
         self._stop_direct()
         if self.fd >= 0:
             with contextlib.suppress(OSError):
