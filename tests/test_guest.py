@@ -225,6 +225,20 @@ def test_guest_environment_is_empty(make_guest: object, monkeypatch: pytest.Monk
     assert b"hunter2".hex() not in result and "AIODD" not in bytes.fromhex(result[4:]).decode()
 
 
+def test_the_shipped_guest_answers_no_test_request(raw_image: tuple[Path, bytes]) -> None:
+    pol = Policy()
+    fd = os.open(raw_image[0], os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        disk = open_guest(str(raw_image[0]), fd, None, pol, pol.top(str(raw_image[0]), fd))
+    finally:
+        os.close(fd)
+    try:
+        with pytest.raises(IsolationError, match=r"exited unexpectedly \(status 2\)"):
+            attempt(disk, "ids")
+    finally:
+        disk.close()
+
+
 # -- each layer stops what it should --------------------------------------------------
 
 
