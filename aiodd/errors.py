@@ -70,9 +70,11 @@ class InUseError(PolicyError):
 
     LIBRARY_OPTION = "force_share=True"
 
-    def __init__(self, file: str, message: str, *, forceable: bool) -> None:
+    def __init__(
+        self, file: str, message: str, fmt: str | None = None, *, forceable: bool = False
+    ) -> None:
         self.forceable = forceable
-        super().__init__(file, self._hinted(message, forceable, self.LIBRARY_OPTION))
+        super().__init__(file, self._hinted(message, forceable, self.LIBRARY_OPTION), fmt)
         self.rule = message
 
     @staticmethod

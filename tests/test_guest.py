@@ -1,8 +1,8 @@
 """The guest reader: the sandboxed child, its protocol, its watchdog and each sandbox layer.
 
 Each layer has a test that makes the guest attempt the forbidden thing (the test-only
-``attempt`` requests, enabled by ``AIODD_GUEST_TEST=1``) and a control that shows the
-same attempt succeeding without the layer, so the test can fail.
+``attempt`` requests of tests/guest_attempts.py, which these tests' guests run) and a
+control that shows the same attempt succeeding without the layer, so the test can fail.
 """
 
 from __future__ import annotations
@@ -23,15 +23,12 @@ from aiodd.chain import open_input
 from aiodd.errors import ImageError, IsolationError, UsageError
 from aiodd.guest import child, host, isolation_report, sandbox, seccomp, shared_buffer
 from aiodd.guest.host import GuestDisk, GuestOptions, IsolationWarning, open_guest
+from aiodd.guest.process import death_reason
 from aiodd.guest.protocol import clean
 from aiodd.policy import Policy
+from tests.guest_attempts import ENTRY, attempt
 
 SECRET = b"HOST-SECRET-" + b"s" * 52
-
-
-@pytest.fixture(autouse=True)
-def _test_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AIODD_GUEST_TEST", "1")
 
 
 @pytest.fixture
@@ -55,7 +52,7 @@ def guest(path: Path, layers: tuple[str, ...] = sandbox.LAYERS, **kw: object) ->
     try:
         top = pol.top(str(path), fd)
         return open_guest(str(path), fd, None, pol, top,
-                          options=GuestOptions(layers=layers, **kw))  # type: ignore[arg-type]  # fmt: skip
+                          options=GuestOptions(layers=layers, entry=ENTRY, **kw))  # type: ignore[arg-type]  # fmt: skip
     finally:
         os.close(fd)
 
@@ -223,9 +220,23 @@ def test_prestarted_guest_opens_fast(raw_image: tuple[Path, bytes]) -> None:
 def test_guest_environment_is_empty(make_guest: object, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIODD_FAKE_TOKEN", "hunter2")
     disk = make_guest(())  # type: ignore[operator]
-    result = disk.attempt("open", "/proc/self/environ")
+    result = attempt(disk, "open", "/proc/self/environ")
     assert result.startswith("ok: ")
     assert b"hunter2".hex() not in result and "AIODD" not in bytes.fromhex(result[4:]).decode()
+
+
+def test_the_shipped_guest_answers_no_test_request(raw_image: tuple[Path, bytes]) -> None:
+    pol = Policy()
+    fd = os.open(raw_image[0], os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        disk = open_guest(str(raw_image[0]), fd, None, pol, pol.top(str(raw_image[0]), fd))
+    finally:
+        os.close(fd)
+    try:
+        with pytest.raises(IsolationError, match=r"exited unexpectedly \(status 2\)"):
+            attempt(disk, "ids")
+    finally:
+        disk.close()
 
 
 # -- each layer stops what it should --------------------------------------------------
@@ -239,29 +250,29 @@ def test_guest_environment_is_empty(make_guest: object, monkeypatch: pytest.Monk
 def test_seccomp_kills_the_guest(make_guest: object, what: str, arg: object) -> None:
     disk = make_guest()  # type: ignore[operator]
     if what == "stat":  # not on the kill list: answered EPERM, the guest lives on
-        assert "Operation not permitted" in disk.attempt(what, arg)
+        assert "Operation not permitted" in attempt(disk, what, arg)
         return
     with pytest.raises(IsolationError, match="seccomp filter"):
-        disk.attempt(what, arg)
+        attempt(disk, what, arg)
 
 
 def test_without_seccomp_open_works(make_guest: object, secret: Path) -> None:
     disk = make_guest(())  # type: ignore[operator]
-    assert disk.attempt("open", str(secret)) == "ok: " + SECRET[:64].hex()
+    assert attempt(disk, "open", str(secret)) == "ok: " + SECRET[:64].hex()
 
 
 def test_landlock_denies_opening(make_guest: object, secret: Path) -> None:
     disk = make_guest(("no_new_privs", "landlock"))  # type: ignore[operator]
     assert disk.isolation["landlock"].startswith("active")
-    assert disk.attempt("open", str(secret)).startswith("PermissionError")
-    assert disk.attempt("exec", "/bin/true").startswith("PermissionError")
+    assert attempt(disk, "open", str(secret)).startswith("PermissionError")
+    assert attempt(disk, "exec", "/bin/true").startswith("PermissionError")
 
 
 def test_namespaces_give_an_empty_root(make_guest: object, secret: Path) -> None:
     disk = make_guest(("namespaces",))  # type: ignore[operator]
-    assert disk.attempt("open", str(secret)).startswith("FileNotFoundError")
-    assert disk.attempt("listdir", "/") == "ok: "
-    assert disk.attempt("ids").startswith("uid=65534 ")
+    assert attempt(disk, "open", str(secret)).startswith("FileNotFoundError")
+    assert attempt(disk, "listdir", "/") == "ok: "
+    assert attempt(disk, "ids").startswith("uid=65534 ")
 
 
 def test_network_namespace(make_guest: object) -> None:
@@ -271,42 +282,42 @@ def test_network_namespace(make_guest: object) -> None:
     port = server.getsockname()[1]
     try:
         control = make_guest(())  # type: ignore[operator]
-        assert control.attempt("connect", port) == "ok: connected"
+        assert attempt(control, "connect", port) == "ok: connected"
         disk = make_guest(("namespaces",))  # type: ignore[operator]
-        result = disk.attempt("connect", port)
+        result = attempt(disk, "connect", port)
         assert not result.startswith("ok"), result
     finally:
         server.close()
 
 
 def test_no_new_privs(make_guest: object) -> None:
-    assert make_guest(()).attempt("ids").endswith("nnp=0")  # type: ignore[operator]
-    assert make_guest(("no_new_privs",)).attempt("ids").endswith("nnp=1")  # type: ignore[operator]
+    assert attempt(make_guest(()), "ids").endswith("nnp=0")  # type: ignore[operator]
+    assert attempt(make_guest(("no_new_privs",)), "ids").endswith("nnp=1")  # type: ignore[operator]
 
 
 def test_rlimit_fsize_and_nofile(make_guest: object) -> None:
     control = make_guest(())  # type: ignore[operator]
-    assert control.attempt("write_memfd", "new") == "ok: wrote"
+    assert attempt(control, "write_memfd", "new") == "ok: wrote"
     disk = make_guest(("rlimits",))  # type: ignore[operator]
-    assert "File too large" in disk.attempt("write_memfd", "new")
-    result = disk.attempt("dup")
+    assert "File too large" in attempt(disk, "write_memfd", "new")
+    result = attempt(disk, "dup")
     assert result.startswith("stopped after ") and "Too many open files" in result
     assert int(result.split()[2].rstrip(":")) < child.MAX_FDS
 
 
 def test_rlimit_as_bounds_memory(make_guest: object) -> None:
     control = make_guest(())  # type: ignore[operator]
-    assert control.attempt("alloc", 300 << 20) == f"ok: {300 << 20}"
+    assert attempt(control, "alloc", 300 << 20) == f"ok: {300 << 20}"
     disk = make_guest(memory_limit=64 << 20)  # type: ignore[operator]
     with pytest.raises(IsolationError, match="ran out of memory"):
-        disk.attempt("alloc", 300 << 20)
-    assert disk.attempt("alloc", 1 << 20) == f"ok: {1 << 20}"  # and it lives on
+        attempt(disk, "alloc", 300 << 20)
+    assert attempt(disk, "alloc", 1 << 20) == f"ok: {1 << 20}"  # and it lives on
 
 
 def test_rlimit_cpu(make_guest: object) -> None:
     disk = make_guest(("rlimits",), start_cpu=1)  # type: ignore[operator]
     with pytest.raises(IsolationError, match="CPU time"):
-        disk.attempt("spin", timeout=30)
+        attempt(disk, "spin", timeout=30)
 
 
 def test_watchdog_kills_a_guest_that_stops_answering(make_guest: object) -> None:
@@ -328,7 +339,7 @@ def test_watchdog_kills_a_guest_that_stops_answering(make_guest: object) -> None
 
 def _swallow(disk: GuestDisk) -> None:
     with contextlib.suppress(IsolationError):
-        disk.attempt("spin", timeout=60)
+        attempt(disk, "spin", timeout=60)
 
 
 def test_missing_layer_warns_or_refuses(raw_image: tuple[Path, bytes]) -> None:
@@ -341,13 +352,10 @@ def test_missing_layer_warns_or_refuses(raw_image: tuple[Path, bytes]) -> None:
 
 
 def test_death_reasons() -> None:
-    disk = GuestDisk.__new__(GuestDisk)
-    disk._killed_for = None
-    disk._closed = False
-    assert "seccomp" in disk._death_reason(-signal.SIGSYS)
-    assert "CPU" in disk._death_reason(-signal.SIGXCPU)
-    assert "SIGSEGV" in disk._death_reason(-signal.SIGSEGV)
-    assert "status 7" in disk._death_reason(7)
+    assert "seccomp" in death_reason(-signal.SIGSYS)
+    assert "CPU" in death_reason(-signal.SIGXCPU)
+    assert "SIGSEGV" in death_reason(-signal.SIGSEGV)
+    assert "status 7" in death_reason(7)
 
 
 def test_guest_strings_are_cleaned() -> None:

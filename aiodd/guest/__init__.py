@@ -1,6 +1,11 @@
-"""The guest reader: image decoding in a sandboxed child process.
+"""The guest reader: image decoding in a sandboxed child process (docs/security.md).
 
-- :mod:`aiodd.guest.host` — the host's side: start, feed, answer and watch a guest.
+- :mod:`aiodd.guest.host` — the host's entry points: open an image in a guest, report
+  the sandbox.
+- :mod:`aiodd.guest.disk` — the :class:`~aiodd.formats.base.VirtualDisk` a guest decodes,
+  over a :mod:`~aiodd.guest.channel` (the interface a transport implements).
+- :mod:`aiodd.guest.process` — the transport: a child process on a socket pair.
+- :mod:`aiodd.guest.protocol` — every message between host and guest, both directions.
 - :mod:`aiodd.guest.child` — the guest's side (``python -m aiodd.guest`` runs it too).
 - :mod:`aiodd.guest.sandbox` and :mod:`aiodd.guest.seccomp` — the layers the guest puts
   itself in before it reads a byte of the image.
@@ -14,15 +19,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from aiodd.guest.host import GuestDisk as GuestDisk
-    from aiodd.guest.host import GuestOptions as GuestOptions
-    from aiodd.guest.host import IsolationWarning as IsolationWarning
-    from aiodd.guest.host import SharedBuffer as SharedBuffer
-    from aiodd.guest.host import discard_prestarted as discard_prestarted
+    from aiodd.guest.disk import GuestDisk as GuestDisk
+    from aiodd.guest.disk import IsolationWarning as IsolationWarning
     from aiodd.guest.host import isolation_report as isolation_report
     from aiodd.guest.host import open_guest as open_guest
-    from aiodd.guest.host import prestart as prestart
-    from aiodd.guest.host import shared_buffer as shared_buffer
+    from aiodd.guest.memory import SharedBuffer as SharedBuffer
+    from aiodd.guest.memory import shared_buffer as shared_buffer
+    from aiodd.guest.options import GuestOptions as GuestOptions
+    from aiodd.guest.process import discard_prestarted as discard_prestarted
+    from aiodd.guest.process import prestart as prestart
+
+# Each name, by the module that defines it: ``prestart`` must not wait for the host's
+# machinery, it runs first thing in the CLI.
+_HOMES = {
+    "GuestDisk": "disk",
+    "GuestOptions": "options",
+    "IsolationWarning": "disk",
+    "SharedBuffer": "memory",
+    "discard_prestarted": "process",
+    "isolation_report": "host",
+    "open_guest": "host",
+    "prestart": "process",
+    "shared_buffer": "memory",
+}
 
 __all__ = (
     "GuestDisk",
@@ -38,8 +57,9 @@ __all__ = (
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from aiodd.guest import host
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'aiodd.guest' has no attribute {name!r}")
+    import importlib
 
-        return getattr(host, name)
-    raise AttributeError(f"module 'aiodd.guest' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"aiodd.guest.{home}"), name)

@@ -1,4 +1,4 @@
-"""The guest reader's side: runs in a fresh process started by :mod:`aiodd.guest.host`.
+"""The guest reader's side: runs in a fresh process started by :mod:`aiodd.guest.process`.
 
 It imports everything decoding needs, receives its descriptors (the input image and the
 shared memory), puts itself in the sandbox (:mod:`aiodd.guest.sandbox`) and only then
@@ -10,6 +10,7 @@ decides under the backing-file policy and answers with a descriptor or a refusal
 from __future__ import annotations
 
 import codecs
+import functools
 import mmap
 import os
 import queue
@@ -20,7 +21,7 @@ import time
 
 # Everything decoding may need is imported here, before the sandbox forbids open().
 import zlib  # noqa: F401
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import zstandard  # noqa: F401  # the qcow2 decoder's zstd clusters
@@ -29,7 +30,19 @@ from aiodd.errors import ImageError
 from aiodd.formats import decoders
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.guest import protocol, sandbox, seccomp
-from aiodd.guest.protocol import Message
+from aiodd.guest.protocol import (
+    Call,
+    Close,
+    Done,
+    Failed,
+    Init,
+    Opened,
+    Read,
+    Ready,
+    Resolve,
+    Resolved,
+    WireError,
+)
 from aiodd.io import LocalFile
 
 # Codecs are imported on first use: look up every one a decoder may use, now.
@@ -45,8 +58,8 @@ THREAD_STACK = 1 << 20  # worker threads need little stack; keeps RLIMIT_AS mean
 MAX_FDS = 4096 + 256
 
 
-class Channel:
-    """The control socket, shared by the receiving thread and the workers."""
+class HostLink:
+    """The control socket to the host, shared by the receiving thread and the workers."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -55,15 +68,15 @@ class Channel:
         self._lock = threading.Lock()
         self._next = 0
 
-    def send(self, message: Message) -> None:
-        data = protocol.encode(message)
+    def send(self, message: protocol.GuestMessage) -> None:
+        data = protocol.to_bytes(message)
         with self._send_lock:
             try:
                 self.sock.send(data)
             except OSError:
                 os._exit(1)
 
-    def ask(self, message: Message) -> tuple[Message, list[int]]:
+    def ask(self, request: Resolve) -> tuple[Resolved, list[int]]:
         """Send a request to the host and wait for its answer."""
         event = threading.Event()
         with self._lock:
@@ -71,15 +84,15 @@ class Channel:
             rid = self._next
             slot: list[Any] = [event, None, []]
             self._waiters[rid] = slot
-        self.send({**message, "rid": rid})
+        self.send(request.replace(rid=rid))
         event.wait()
-        answer: Message = slot[1]
+        answer: Resolved = slot[1]
         fds: list[int] = slot[2]
         return answer, fds
 
-    def answered(self, message: Message, fds: list[int]) -> None:
+    def answered(self, message: Resolved, fds: list[int]) -> None:
         with self._lock:
-            slot = self._waiters.pop(message.get("rid", -1), None)
+            slot = self._waiters.pop(message.rid, None)
         if slot is None:
             for fd in fds:
                 os.close(fd)
@@ -91,30 +104,21 @@ class Channel:
 class GuestResolver:
     """Resolver whose every answer comes from the host's policy."""
 
-    def __init__(self, channel: Channel, layer: int) -> None:
-        self._channel = channel
+    def __init__(self, link: HostLink, layer: int) -> None:
+        self._link = link
         self._layer = layer
 
     def _ask(self, ref: Reference, disk: bool) -> tuple[LocalFile, int]:
-        answer, fds = self._channel.ask(
-            {
-                "op": "resolve",
-                "layer": self._layer,
-                "kind": ref.kind,
-                "name": ref.name,
-                "referrer": ref.referrer,
-                "format": ref.format,
-                "disk": disk,
-            }
+        answer, fds = self._link.ask(
+            Resolve(self._layer, ref.kind, ref.name, ref.referrer, ref.format, disk)
         )
-        error = answer.get("error")
-        if error is not None or len(fds) != 1:
+        if answer.error is not None or answer.layer is None or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            cls = protocol.ERROR_CLASSES.get(str(error and error.get("class")), ImageError)
-            err = error or {}
-            raise cls(str(err.get("file", ref.referrer)), str(err.get("message", "refused")))
-        return LocalFile(fds[0], ref.name), int(answer["layer"])
+            if answer.error is None:
+                raise ImageError(ref.referrer, "refused")
+            raise answer.error.exception(ref.referrer)
+        return LocalFile(fds[0], ref.name), answer.layer
 
     def open_file(self, ref: Reference) -> RandomAccessFile:
         return self._ask(ref, disk=False)[0]
@@ -122,29 +126,36 @@ class GuestResolver:
     def open_disk(self, ref: Reference) -> VirtualDisk:
         file, layer = self._ask(ref, disk=True)
         try:
-            return decoders.open_disk(file, GuestResolver(self._channel, layer), ref.format)
+            return decoders.open_disk(file, GuestResolver(self._link, layer), ref.format)
         except BaseException:
             file.close()
             raise
 
 
+Handler = Callable[["Guest", Call], str]
+"""Answers a :class:`~aiodd.guest.protocol.Call` its entry point registered; runs on a
+worker thread, inside the sandbox.  An exception is answered as the request's error."""
+
+
 class Guest:
-    def __init__(self, channel: Channel, init: Message, fds: list[int]) -> None:
-        self.channel = channel
+    def __init__(
+        self, link: HostLink, init: Init, fds: list[int], handlers: Mapping[str, Handler]
+    ) -> None:
+        self.link = link
         self.init = init
         self.input_fd = fds[0] if fds else -1
         self.mems: list[mmap.mmap] = []
-        for fd, size in zip(fds[1:], init.get("mems", []), strict=False):
+        for fd, size in zip(fds[1:], init.mems, strict=False):
             self.mems.append(mmap.mmap(fd, size))
             os.close(fd)
         self.disk: VirtualDisk | None = None
         self.jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self.test = bool(init.get("test"))
+        self.handlers = handlers
 
     # -- sandbox -------------------------------------------------------------------
 
     def enter_sandbox(self) -> dict[str, str]:
-        wanted = set(self.init.get("layers", sandbox.LAYERS))
+        wanted = set(self.init.layers)
         status: dict[str, str] = {}
         base_vm = sandbox.vm_size()
 
@@ -170,15 +181,12 @@ class Guest:
         attempt("namespaces", sandbox.namespaces)
         attempt("no_new_privs", sandbox.no_new_privs)
         attempt("landlock", sandbox.landlock)
-        nofile = int(self.init.get("nofile", MAX_FDS))
-        cpu = int(self.init.get("cpu", 60))
-        attempt("rlimits", lambda: sandbox.rlimits(nofile, cpu))
+        attempt("rlimits", lambda: sandbox.rlimits(MAX_FDS, self.init.cpu))
         threading.stack_size(THREAD_STACK)
         for _ in range(WORKERS):
             threading.Thread(target=self.worker, daemon=True).start()
         if "rlimits" in wanted and status["rlimits"].startswith("active"):
-            budget = int(self.init.get("memory_limit", 1 << 30))
-            limit = base_vm + budget + (WORKERS + 2) * 2 * THREAD_STACK
+            limit = base_vm + self.init.memory_limit + (WORKERS + 2) * 2 * THREAD_STACK
             try:
                 sandbox.limit_address_space(limit)
                 status["rlimits"] += f", AS={limit >> 20} MiB"
@@ -192,7 +200,7 @@ class Guest:
         else:
 
             def install_seccomp() -> str:
-                seccomp.install(self.channel.sock.fileno())
+                seccomp.install(self.link.sock.fileno())
                 return "allow-list; open/exec/socket/ptrace/... kill the guest"
 
             attempt("seccomp", install_seccomp)
@@ -209,52 +217,37 @@ class Guest:
 
     def open(self) -> None:
         try:
-            file = LocalFile(self.input_fd, str(self.init.get("name", "")))
-            resolver = GuestResolver(self.channel, 0)
-            fmt = self.init.get("fmt")
-            self.disk = decoders.open_disk(file, resolver, fmt if isinstance(fmt, str) else None)
-            self.channel.send(
-                {
-                    "op": "opened",
-                    "format": self.disk.format_name,
-                    "virtual_size": self.disk.virtual_size,
-                }
-            )
+            file = LocalFile(self.input_fd, self.init.name)
+            resolver = GuestResolver(self.link, 0)
+            self.disk = decoders.open_disk(file, resolver, self.init.fmt)
+            self.link.send(Opened(self.disk.format_name, self.disk.virtual_size))
         except BaseException as exc:
-            self.channel.send({"op": "failed", "error": protocol.error_to_wire(exc)})
+            self.link.send(Failed(WireError.of(exc)))
 
-    def read(self, message: Message) -> None:
-        rid = message.get("id")
+    def read(self, request: Read) -> None:
         try:
             disk = self.disk
             if disk is None:
-                raise ImageError(str(self.init.get("name")), "read before the image was opened")
-            mem = self.mems[protocol.int_field(message, "mem", 0, len(self.mems) - 1)]
-            moff = protocol.int_field(message, "moff", 0, len(mem))
-            length = protocol.int_field(message, "len", 0, len(mem) - moff)
-            offset = protocol.int_field(message, "offset")
+                raise ImageError(self.init.name, "read before the image was opened")
+            mem = self.mems[_within(request.mem, len(self.mems) - 1, "mem")]
+            moff = _within(request.moff, len(mem), "moff")
+            length = _within(request.len, len(mem) - moff, "len")
             with memoryview(mem) as view:
-                disk.read_into(offset, view[moff : moff + length])
-            self.channel.send({"op": "done", "id": rid})
+                disk.read_into(request.offset, view[moff : moff + length])
+            self.link.send(Done(request.id))
         except BaseException as exc:
-            self.channel.send({"op": "done", "id": rid, "error": protocol.error_to_wire(exc)})
+            self.link.send(Done(request.id, WireError.of(exc)))
 
-    def attempt(self, message: Message) -> None:
-        """Test-only: try a forbidden thing and say what happened."""
-        from aiodd.guest import attempts
-
-        rid = message.get("id")
+    def call(self, request: Call) -> None:
         try:
-            result = attempts.run(self, message)
-        except MemoryError as exc:
-            self.channel.send({"op": "done", "id": rid, "error": protocol.error_to_wire(exc)})
-            return
+            result = self.handlers[request.op](self, request)
         except BaseException as exc:
-            result = f"{type(exc).__name__}: {exc}"
-        self.channel.send({"op": "done", "id": rid, "result": result})
+            self.link.send(Done(request.id, WireError.of(exc)))
+            return
+        self.link.send(Done(request.id, result=result))
 
     def serve(self) -> None:
-        sock = self.channel.sock
+        sock = self.link.sock
         while True:
             try:
                 data, fds, _flags, _addr = socket.recv_fds(sock, protocol.MAX_MESSAGE, 16)
@@ -262,36 +255,43 @@ class Guest:
                 os._exit(1)
             if not data:
                 os._exit(0)
-            message = protocol.decode(data)
-            op = message["op"]
-            if op == "read":
-                self.jobs.put(lambda m=message: self.read(m))  # type: ignore[misc]
-            elif op == "resolved":
-                self.channel.answered(message, fds)
-            elif op == "attempt" and self.test:
-                self.jobs.put(lambda m=message: self.attempt(m))  # type: ignore[misc]
-            elif op == "close":
+            try:
+                message = protocol.from_host(data)
+            except (ValueError, KeyError, TypeError):
+                os._exit(2)
+            if isinstance(message, Read):
+                self.jobs.put(functools.partial(self.read, message))
+            elif isinstance(message, Resolved):
+                self.link.answered(message, fds)
+            elif isinstance(message, Call) and message.op in self.handlers:
+                self.jobs.put(functools.partial(self.call, message))
+            elif isinstance(message, Close):
                 os._exit(0)
             else:
                 os._exit(2)
 
 
-def main(control_fd: int) -> None:
+def _within(value: int, hi: int, key: str) -> int:
+    if not 0 <= value <= hi:
+        raise ValueError(f"bad field {key!r}")
+    return value
+
+
+def main(control_fd: int, handlers: Mapping[str, Handler] | None = None) -> None:
+    """Serve the host on ``control_fd``; ``handlers`` answer further requests (tests')."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=control_fd)
-    channel = Channel(sock)
+    link = HostLink(sock)
     data, fds, _flags, _addr = socket.recv_fds(sock, protocol.MAX_MESSAGE, 16)
     if not data:
         os._exit(0)
-    init = protocol.decode(data)
-    if init.get("test"):
-        from aiodd.guest import attempts  # noqa: F401 - imported while imports still work
-    guest = Guest(channel, init, fds)
+    init = Init.decode(protocol.decode(data))
+    guest = Guest(link, init, fds, handlers or {})
     status = guest.enter_sandbox()
     missing = [name for name, line in status.items() if line.startswith("missing")]
-    channel.send({"op": "ready", "layers": status})
-    if missing and init.get("require"):
+    link.send(Ready(status))
+    if missing and init.require:
         os._exit(3)
-    if init.get("probe"):
+    if init.probe:
         os._exit(0)
     guest.jobs.put(guest.open)
     guest.serve()

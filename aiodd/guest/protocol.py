@@ -1,29 +1,59 @@
-"""Messages between the host and the guest reader.
+"""The wire format between the host and the guest reader: every message, both directions.
 
 One JSON object per ``SOCK_SEQPACKET`` message (descriptors travel alongside with
-``SCM_RIGHTS``).  JSON, not pickle: the host must never run code the guest chose.  Every
-message from the guest is treated as hostile: size-bounded, type-checked field by field,
-and strings meant for messages are escaped to one printable line.
+``SCM_RIGHTS``).  JSON, not pickle: the host must never run code the guest chose.
+
+Each message is a class whose ``encode`` (to a JSON-ready dict) and ``decode``
+(from one) sit side by side; :func:`to_bytes`, :func:`from_guest` and :func:`from_host`
+add the framing.
+
+- host → guest: :class:`Init` (first, once), :class:`Read`, :class:`Call`,
+  :class:`Resolved`, :class:`Close`;
+- guest → host: :class:`Ready`, :class:`Opened` or :class:`Failed`, :class:`Done` (one per
+  request), :class:`Resolve`;
+- errors in either direction: :class:`WireError`.
+
+The host trusts nothing the guest says (docs/security.md, "The guest reader"): decoding a
+guest's message raises ``ValueError`` (or ``KeyError``/``TypeError``) on anything
+malformed, and every string meant for a message is escaped to one printable line and
+bounded (:func:`clean`).  The guest trusts its host, so decoding a host's message only
+checks types.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Self, TypeAlias
 
-from aiodd.errors import ImageError, PolicyError, UnsupportedImageError, UsageError, one_line
+from aiodd.errors import (
+    AioddError,
+    ImageError,
+    InUseError,
+    IsolationError,
+    PolicyError,
+    UnsupportedImageError,
+    UsageError,
+    one_line,
+)
 
 MAX_MESSAGE = 65536
 
 Message = dict[str, Any]
 
-# Exception classes that cross the boundary, by name.  Anything else is reported as a
-# decoder failure (an ImageError), never re-created from the guest's word.
+# Exception classes that cross the boundary as themselves, by name.  Anything else is
+# reported as a decoder failure (an ImageError), never re-created from the guest's word.
 ERROR_CLASSES: dict[str, type[ImageError]] = {
     "ImageError": ImageError,
     "UnsupportedImageError": UnsupportedImageError,
     "PolicyError": PolicyError,
+    "InUseError": InUseError,
 }
+
+REFERENCE_KINDS = ("backing", "data_file", "extent", "parent")
+
+
+# -- framing and fields ---------------------------------------------------------------
 
 
 def encode(message: Message) -> bytes:
@@ -51,22 +81,6 @@ def clean(value: object, limit: int = 500) -> str:
     return one_line(text)
 
 
-def error_to_wire(exc: BaseException) -> Message:
-    """An exception raised in the guest, as fields (class name + constructor fields)."""
-    if isinstance(exc, ImageError):
-        return {
-            "class": type(exc).__name__,
-            "file": exc.file,
-            "message": exc.detail,
-            "fmt": exc.fmt,
-        }
-    if isinstance(exc, UsageError):
-        return {"class": "UsageError", "message": str(exc)}
-    if isinstance(exc, MemoryError):
-        return {"class": "MemoryError", "message": "out of memory"}
-    return {"class": "internal", "type": type(exc).__name__, "message": str(exc)}
-
-
 def int_field(message: Message, key: str, lo: int = 0, hi: int = 1 << 63) -> int:
     value = message.get(key)
     if type(value) is not int or not lo <= value <= hi:
@@ -81,3 +95,471 @@ def str_field(message: Message, key: str, optional: bool = False) -> str | None:
     if not isinstance(value, str):
         raise ValueError(f"bad field {key!r}")
     return value
+
+
+def _str(message: Message, key: str) -> str:
+    value = str_field(message, key)
+    assert value is not None
+    return value
+
+
+class _Record:
+    """Equality and repr by fields: what the messages need of a dataclass.  Not one: the
+    guest imports this module while it starts, and a dozen dataclasses (or named tuples)
+    cost it milliseconds to define, these classes a tenth of that."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` (e.g. a request with its id)."""
+        new = object.__new__(type(self))
+        for k in self.__slots__:
+            setattr(new, k, changes[k] if k in changes else getattr(self, k))
+        return new
+
+
+# -- errors, both directions ----------------------------------------------------------
+
+
+class WireError(_Record):
+    """An exception as it crosses the wire: the name of its class and its fields.
+
+    ``kind`` is a name in :data:`ERROR_CLASSES`, ``"UsageError"``, ``"MemoryError"``,
+    ``"internal"`` (any other exception; ``type`` names it) or ``"malformed"`` (what the
+    host makes of an error that is not one).
+    """
+
+    __slots__ = ("file", "fmt", "kind", "message", "type")
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        file: str | None = None,
+        fmt: str | None = None,
+        type: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.message = message
+        self.file = file
+        self.fmt = fmt
+        self.type = type
+
+    @classmethod
+    def of(cls, exc: BaseException) -> WireError:
+        if isinstance(exc, ImageError):
+            return cls(_error_class(exc), exc.detail, exc.file, exc.fmt)
+        if isinstance(exc, UsageError):
+            return cls("UsageError", str(exc))
+        if isinstance(exc, MemoryError):
+            return cls("MemoryError", "out of memory")
+        return cls("internal", str(exc), type=type(exc).__name__)
+
+    def encode(self) -> Message:
+        wire: Message = {"class": self.kind}
+        if self.kind in ERROR_CLASSES:
+            if self.file is not None:
+                wire["file"] = self.file
+            wire["message"] = self.message
+            wire["fmt"] = self.fmt
+        elif self.kind == "internal":
+            wire["type"] = self.type
+            wire["message"] = self.message
+        elif self.kind != "malformed":
+            wire["message"] = self.message
+        return wire
+
+    @classmethod
+    def decode(cls, wire: object) -> WireError:
+        """Cleans every field; what is not a dict is a ``malformed`` error, still an error."""
+        if not isinstance(wire, dict) or wire.get("class") == "malformed":
+            return cls("malformed", "")
+        kind = wire.get("class")
+        message = clean(wire.get("message", ""))
+        if kind in ERROR_CLASSES:  # an unhashable class raises TypeError: a protocol break
+            fmt = wire.get("fmt")
+            file = clean(wire["file"]) if "file" in wire else None
+            return cls(kind, message, file, clean(fmt, 16) if isinstance(fmt, str) else None)
+        if kind in ("UsageError", "MemoryError"):
+            return cls(kind, message)
+        return cls("internal", message, type=clean(wire.get("type", "error"), 40))
+
+    def exception(self, name: str, memory_limit: int = 0) -> AioddError:
+        """The error to raise: ``name`` is the image the request was about (the default
+        file), ``memory_limit`` the guest's, in bytes."""
+        if self.kind in ERROR_CLASSES:
+            file = self.file if self.file is not None else clean(name)
+            return ERROR_CLASSES[self.kind](file, self.message, self.fmt)
+        if self.kind == "UsageError":
+            return UsageError(self.message)
+        if self.kind == "MemoryError":
+            limit = memory_limit >> 20
+            return IsolationError(
+                f"{name}: the guest reader ran out of memory (its limit is {limit} MiB)"
+            )
+        if self.kind == "malformed":
+            return IsolationError(f"{name}: the guest reader sent a malformed error")
+        return ImageError(name, f"the decoder failed on this image ({self.type}: {self.message})")
+
+
+def _error_class(exc: ImageError) -> str:
+    """The nearest class of ``exc`` that crosses the wire as itself."""
+    for cls in type(exc).__mro__:
+        if ERROR_CLASSES.get(cls.__name__) is cls:
+            return cls.__name__
+    return "ImageError"  # pragma: no cover - ImageError itself is in ERROR_CLASSES
+
+
+# -- host → guest ---------------------------------------------------------------------
+
+
+class Init(_Record):
+    """The first message: the guest's work and its sandbox.
+
+    Carries the image's descriptor (except in ``probe`` mode, which only reports the
+    sandbox) followed by one memfd per size in ``mems``: the shared memory reads go into.
+    """
+
+    __slots__ = ("cpu", "fmt", "layers", "memory_limit", "mems", "name", "probe", "require")
+
+    def __init__(
+        self,
+        name: str,
+        fmt: str | None,
+        mems: tuple[int, ...],
+        layers: tuple[str, ...],
+        require: bool,
+        memory_limit: int,
+        cpu: int,
+        probe: bool = False,
+    ) -> None:
+        self.name = name
+        self.fmt = fmt
+        self.mems = mems
+        self.layers = layers
+        self.require = require
+        self.memory_limit = memory_limit
+        self.cpu = cpu
+        self.probe = probe
+
+    def encode(self) -> Message:
+        return {
+            "op": "init",
+            "name": self.name,
+            "fmt": self.fmt,
+            "mems": list(self.mems),
+            "layers": list(self.layers),
+            "require": self.require,
+            "memory_limit": self.memory_limit,
+            "cpu": self.cpu,
+            "probe": self.probe,
+        }
+
+    @classmethod
+    def decode(cls, message: Message) -> Init:
+        mems, layers = message.get("mems"), message.get("layers")
+        if not isinstance(mems, list) or not all(type(m) is int and m >= 0 for m in mems):
+            raise ValueError("bad field 'mems'")
+        if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+            raise ValueError("bad field 'layers'")
+        return cls(
+            _str(message, "name"),
+            str_field(message, "fmt", optional=True),
+            tuple(mems),
+            tuple(layers),
+            message.get("require") is True,
+            int_field(message, "memory_limit"),
+            int_field(message, "cpu"),
+            message.get("probe") is True,
+        )
+
+
+class Read(_Record):
+    """Decode ``len`` bytes of the virtual disk at ``offset`` into shared memory ``mem``
+    (an index into :attr:`Init.mems`) at ``moff``.  Answered by :class:`Done`."""
+
+    __slots__ = ("id", "len", "mem", "moff", "offset")
+
+    def __init__(self, offset: int, mem: int, moff: int, len: int, id: int = 0) -> None:
+        self.offset = offset
+        self.mem = mem
+        self.moff = moff
+        self.len = len
+        self.id = id
+
+    def encode(self) -> Message:
+        return {
+            "op": "read",
+            "offset": self.offset,
+            "mem": self.mem,
+            "moff": self.moff,
+            "len": self.len,
+            "id": self.id,
+        }
+
+    @classmethod
+    def decode(cls, message: Message) -> Read:
+        return cls(
+            int_field(message, "offset"),
+            int_field(message, "mem"),
+            int_field(message, "moff"),
+            int_field(message, "len"),
+            int_field(message, "id"),
+        )
+
+
+class Call(_Record):
+    """A request the guest's entry point registered a handler for, under the name ``op``
+    (the shipped guest registers none; the tests' registers ``attempt``).  Answered by
+    :class:`Done` with a ``result``."""
+
+    __slots__ = ("args", "id", "op")
+
+    def __init__(self, op: str, args: Mapping[str, Any], id: int = 0) -> None:
+        self.op = op
+        self.args = args
+        self.id = id
+
+    def encode(self) -> Message:
+        return {**self.args, "op": self.op, "id": self.id}
+
+    @classmethod
+    def decode(cls, message: Message) -> Call:
+        args = {k: v for k, v in message.items() if k not in ("op", "id")}
+        return cls(_str(message, "op"), args, int_field(message, "id"))
+
+
+class Resolved(_Record):
+    """The answer to :class:`Resolve` ``rid``: the file, opened under the policy (its
+    descriptor alongside) and known from now on as layer ``layer``; or the ``error``."""
+
+    __slots__ = ("error", "layer", "rid")
+
+    def __init__(self, rid: int, layer: int | None = None, error: WireError | None = None) -> None:
+        self.rid = rid
+        self.layer = layer
+        self.error = error
+
+    def encode(self) -> Message:
+        if self.error is not None:
+            return {"op": "resolved", "rid": self.rid, "error": self.error.encode()}
+        return {"op": "resolved", "rid": self.rid, "layer": self.layer}
+
+    @classmethod
+    def decode(cls, message: Message) -> Resolved:
+        error = message.get("error")
+        layer = None if error is not None else int_field(message, "layer")
+        return cls(
+            int_field(message, "rid"),
+            layer,
+            WireError.decode(error) if error is not None else None,
+        )
+
+
+class Close(_Record):
+    """The host is done: the guest exits."""
+
+    __slots__ = ()
+
+    def encode(self) -> Message:
+        return {"op": "close"}
+
+    @classmethod
+    def decode(cls, message: Message) -> Close:
+        return cls()
+
+
+HostMessage: TypeAlias = Init | Read | Call | Resolved | Close
+Request: TypeAlias = Read | Call
+"""A host's message the guest answers with :class:`Done`."""
+
+_FROM_HOST: dict[str, type[Init | Read | Resolved | Close]] = {
+    "init": Init,
+    "read": Read,
+    "resolved": Resolved,
+    "close": Close,
+}
+
+
+def from_host(data: bytes) -> HostMessage:
+    """A message from the host; an op this module does not know is a :class:`Call`."""
+    message = decode(data)
+    kind = _FROM_HOST.get(message["op"])
+    return kind.decode(message) if kind is not None else Call.decode(message)
+
+
+# -- guest → host ---------------------------------------------------------------------
+
+
+class Ready(_Record):
+    """The sandbox is up: one status line per layer (``active: ...``, ``missing: ...``
+    or ``disabled: ...``)."""
+
+    __slots__ = ("layers",)
+
+    def __init__(self, layers: Mapping[str, str]) -> None:
+        self.layers = layers
+
+    def encode(self) -> Message:
+        return {"op": "ready", "layers": dict(self.layers)}
+
+    @classmethod
+    def decode(cls, message: Message) -> Ready:
+        layers = message.get("layers")
+        if not isinstance(layers, dict):
+            raise ValueError("bad layers")
+        return cls({clean(k): clean(v) for k, v in layers.items()})
+
+
+class Opened(_Record):
+    """The image is open: reads may come."""
+
+    __slots__ = ("format", "virtual_size")
+
+    def __init__(self, format: str, virtual_size: int) -> None:
+        self.format = format
+        self.virtual_size = virtual_size
+
+    def encode(self) -> Message:
+        return {"op": "opened", "format": self.format, "virtual_size": self.virtual_size}
+
+    @classmethod
+    def decode(cls, message: Message) -> Opened:
+        return cls(clean(str_field(message, "format"), 16), int_field(message, "virtual_size"))
+
+
+class Failed(_Record):
+    """The image could not be opened; the guest waits to be closed."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: WireError) -> None:
+        self.error = error
+
+    def encode(self) -> Message:
+        return {"op": "failed", "error": self.error.encode()}
+
+    @classmethod
+    def decode(cls, message: Message) -> Failed:
+        return cls(WireError.decode(message.get("error")))
+
+
+class Done(_Record):
+    """The answer to request ``id``: its ``error``, or success (with a :class:`Call`'s
+    ``result``)."""
+
+    __slots__ = ("error", "id", "result")
+
+    def __init__(self, id: int, error: WireError | None = None, result: str | None = None) -> None:
+        self.id = id
+        self.error = error
+        self.result = result
+
+    def encode(self) -> Message:
+        message: Message = {"op": "done", "id": self.id}
+        if self.error is not None:
+            message["error"] = self.error.encode()
+        if self.result is not None:
+            message["result"] = self.result
+        return message
+
+    @classmethod
+    def decode(cls, message: Message) -> Done:
+        result = message.get("result")
+        return cls(
+            int_field(message, "id"),
+            WireError.decode(message["error"]) if "error" in message else None,
+            clean(result) if result is not None else None,
+        )
+
+
+class Resolve(_Record):
+    """The image names a file (``kind``, ``name``, as written in layer ``layer``): the
+    guest asks the host to open it.  Answered by :class:`Resolved` ``rid``."""
+
+    __slots__ = ("disk", "format", "kind", "layer", "name", "referrer", "rid")
+
+    def __init__(
+        self,
+        layer: int,
+        kind: str,
+        name: str,
+        referrer: str,
+        format: str | None,
+        disk: bool,
+        rid: int = 0,
+    ) -> None:
+        self.layer = layer
+        self.kind = kind
+        self.name = name
+        self.referrer = referrer
+        self.format = format
+        self.disk = disk
+        self.rid = rid
+
+    def encode(self) -> Message:
+        return {
+            "op": "resolve",
+            "layer": self.layer,
+            "kind": self.kind,
+            "name": self.name,
+            "referrer": self.referrer,
+            "format": self.format,
+            "disk": self.disk,
+            "rid": self.rid,
+        }
+
+    @classmethod
+    def decode(cls, message: Message) -> Resolve:
+        rid = int_field(message, "rid")
+        layer = int_field(message, "layer")
+        kind = _str(message, "kind")
+        name = _str(message, "name")
+        fmt = str_field(message, "format", optional=True)
+        if kind not in REFERENCE_KINDS:
+            raise ValueError("bad reference kind")
+        referrer = message.get("referrer")  # the host knows it better: only informative
+        return cls(
+            layer,
+            kind,
+            name,
+            referrer if isinstance(referrer, str) else "",
+            fmt,
+            message.get("disk") is True,
+            rid,
+        )
+
+
+GuestMessage: TypeAlias = Ready | Opened | Failed | Done | Resolve
+
+_FROM_GUEST: dict[str, type[GuestMessage]] = {
+    "ready": Ready,
+    "opened": Opened,
+    "failed": Failed,
+    "done": Done,
+    "resolve": Resolve,
+}
+
+
+def from_guest(data: bytes) -> GuestMessage:
+    """A message from the guest; raises ValueError on anything else."""
+    message = decode(data)
+    kind = _FROM_GUEST.get(message["op"])
+    if kind is None:
+        raise ValueError("unknown message")
+    return kind.decode(message)
+
+
+def to_bytes(message: HostMessage | GuestMessage) -> bytes:
+    return encode(message.encode())

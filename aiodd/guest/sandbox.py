@@ -1,8 +1,9 @@
 """The guest's sandbox layers, applied by the child to itself before it reads an image.
 
 Each layer is a function that either applies itself or raises :class:`OSError` saying why
-it could not; :func:`apply` runs the requested layers in the only order that works and
-returns one status line per layer.  The order matters:
+it could not; the child (:meth:`aiodd.guest.child.Guest.enter_sandbox`) runs the requested
+layers in the only order that works and reports one status line per layer.  The order
+matters:
 
 1. ``namespaces`` — new user, mount, network, IPC and UTS namespaces, then an empty,
    read-only root (a tmpfs the child ``chroot``\\ s into) and no capabilities.  Needs a

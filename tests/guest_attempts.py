@@ -1,30 +1,58 @@
 """Test-only requests: the guest tries something its sandbox forbids and says what happened.
 
-The host sends ``attempt`` messages only when ``AIODD_GUEST_TEST=1`` is set in its own
-environment (the test-suite sets it); the guest ignores them otherwise.  Each attempt
-returns a short result string, e.g. ``"ok: ..."`` or ``"PermissionError: ..."``; an
-attempt stopped by seccomp never returns, because the filter kills the guest.
+Not shipped: the tests start their guests with the entry point :data:`ENTRY`
+(tests/guest_entry.py), which registers :func:`run` for the ``attempt`` request and then
+runs the real guest.  :func:`attempt` asks it from the host.  Each attempt returns a short
+result string, e.g. ``"ok: ..."`` or ``"PermissionError: ..."``; an attempt stopped by
+seccomp never returns, because the filter kills the guest.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import socket
 from typing import TYPE_CHECKING
 
 from aiodd.guest import sandbox
-from aiodd.guest.protocol import Message
+from aiodd.guest.protocol import Call
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the guest imports this module too: it needs neither
     from aiodd.guest.child import Guest
+    from aiodd.guest.disk import GuestDisk
+
+ENTRY = "tests.guest_entry"
+"""The module the guests of these tests run (:attr:`GuestOptions.entry`)."""
 
 PTRACE_ATTACH = 16
 
 
-def run(guest: Guest, message: Message) -> str:
-    what = message.get("what")
-    arg = message.get("arg")
+def attempt(disk: GuestDisk, what: str, arg: object = None, timeout: float = 10.0) -> str:
+    """Ask the guest of ``disk`` to try ``what``; its result, or the error it died of."""
+    done = disk.channel.call(
+        Call("attempt", {"what": what, "arg": arg}),
+        timeout,
+        cpu=0.0,
+        late=f"did not answer within {timeout:g} s (watchdog)",
+    )
+    if done.error is not None:
+        raise disk.error_of(done.error)
+    return done.result or ""
+
+
+def run(guest: Guest, request: Call) -> str:
+    """The guest's side (runs inside the sandbox); a failure is a result, except running
+    out of memory, which the host reports as it would for a read."""
+    try:
+        return _run(guest, request.args.get("what"), request.args.get("arg"))
+    except MemoryError:
+        raise
+    except BaseException as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _run(guest: Guest, what: object, arg: object) -> str:
     if what == "open":
         fd = os.open(str(arg), os.O_RDONLY)
         try:
@@ -77,8 +105,6 @@ def run(guest: Guest, message: Message) -> str:
     if what == "ids":
         return f"uid={os.getuid()} nnp={sandbox.get_no_new_privs()}"
     if what == "setrlimit":
-        import resource
-
         resource.setrlimit(resource.RLIMIT_CPU, (resource.RLIM_INFINITY,) * 2)
         return "ok"
     return f"unknown attempt {what!r}"

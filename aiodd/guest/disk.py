@@ -1,0 +1,199 @@
+"""The guest disk: the :class:`~aiodd.formats.base.VirtualDisk` a guest reader decodes.
+
+:class:`GuestDisk` is what the pipeline reads.  It talks to its guest through a
+:class:`~aiodd.guest.channel.Channel` and knows nothing of how the guest runs.  A read
+becomes :class:`~aiodd.guest.protocol.Read` requests: straight into the caller's buffer
+when that lies in the shared memory the guest maps, else through two staging slots.  The
+files the image names are asked of the host by the guest; the disk opens them under the
+:class:`~aiodd.policy.Policy` and the channel hands them over.
+"""
+
+from __future__ import annotations
+
+import mmap
+import queue
+import threading
+import warnings
+
+from aiodd.errors import AioddError, ImageError, IsolationError, PolicyError
+from aiodd.formats.base import Reference
+from aiodd.guest.channel import Channel, FileAnswer
+from aiodd.guest.memory import address, shared_buffer
+from aiodd.guest.options import GuestOptions
+from aiodd.guest.protocol import Failed, Init, Read, Resolve, Resolved, WireError
+from aiodd.policy import Layer, Policy
+
+MAX_FILES = 4096
+"""References one image may resolve (vmdk extents included) before the guest is stopped."""
+
+STAGE = 4 << 20
+"""Size of each staging slot used when the caller's buffer is not shared memory."""
+
+
+class IsolationWarning(UserWarning):
+    """A sandbox layer could not be set up; the guest runs with the others."""
+
+
+class GuestDisk:
+    """A virtual disk decoded by the guest reader at the other end of ``channel``."""
+
+    def __init__(
+        self,
+        name: str,
+        channel: Channel,
+        policy: Policy,
+        top: Layer,
+        options: GuestOptions,
+    ) -> None:
+        self.channel = channel
+        self._name = name
+        self._policy = policy
+        self._layers: list[Layer] = [top]
+        self._options = options
+        self._lock = threading.Lock()
+        self._policy_error: ImageError | None = None
+        self._files = 0
+        self.isolation: dict[str, str] = {}
+        self.format_name = ""
+        self.virtual_size = 0
+        self._mems: list[tuple[int, int, int]] = []  # (mem id, base address, size)
+        self._stage: mmap.mmap | None = None
+        self._stage_slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    # -- start ---------------------------------------------------------------------
+
+    def start(
+        self, input_fd: int, fmt: str | None, memory: mmap.mmap | None, *, probe: bool = False
+    ) -> None:
+        fds = [] if probe else [input_fd]
+        sizes: list[int] = []
+        shared_fd = getattr(memory, "memfd", None)
+        if memory is not None and isinstance(shared_fd, int) and len(memory) > 0:
+            fds.append(shared_fd)
+            sizes.append(len(memory))
+            self._mems.append((0, address(memory), len(memory)))
+        if not probe:
+            stage = shared_buffer(2 * STAGE)
+            self._stage = stage
+            fds.append(stage.memfd)
+            sizes.append(len(stage))
+            self._stage_slots.put(0)
+            self._stage_slots.put(STAGE)
+        options = self._options
+        init = Init(
+            name=self._name,
+            fmt=fmt,
+            mems=tuple(sizes),
+            layers=tuple(options.layers),
+            require=options.require_isolation,
+            memory_limit=options.memory_limit,
+            cpu=options.start_cpu,
+            probe=probe,
+        )
+        ready = self.channel.start(init, fds, self._resolve)
+        self.isolation = dict(ready.layers)
+        missing = {k: v for k, v in self.isolation.items() if v.startswith("missing")}
+        if missing and options.require_isolation:
+            self.close()
+            lines = "; ".join(f"{k} {v}" for k, v in missing.items())
+            raise IsolationError(
+                f"{self._name}: isolation required but a sandbox layer is missing ({lines})"
+            )
+        for layer, line in missing.items():
+            warnings.warn(
+                IsolationWarning(f"guest reader runs without {layer} ({line})"), stacklevel=4
+            )
+        if probe:
+            return
+        opened = self.channel.opened()
+        if isinstance(opened, Failed):
+            raise self._policy_error or self.error_of(opened.error)
+        self.format_name = opened.format
+        self.virtual_size = opened.virtual_size
+
+    # -- reading -------------------------------------------------------------------
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        length = len(buf)
+        if length == 0:
+            return
+        where = self._locate(buf)
+        if where is not None:
+            self._request(offset, where[0], where[1], length)
+            return
+        assert self._stage is not None
+        slot = self._stage_slots.get()
+        try:
+            done = 0
+            while done < length:
+                n = min(STAGE, length - done)
+                self._request(offset + done, len(self._mems), slot, n)
+                buf[done : done + n] = self._stage[slot : slot + n]
+                done += n
+        finally:
+            self._stage_slots.put(slot)
+
+    def _locate(self, buf: memoryview) -> tuple[int, int] | None:
+        if not self._mems or buf.readonly:
+            return None
+        try:
+            start = address(buf)
+        except (TypeError, ValueError):
+            return None
+        for mem_id, base, size in self._mems:
+            if base <= start and start + len(buf) <= base + size:
+                return mem_id, start - base
+        return None
+
+    def _request(self, offset: int, mem: int, moff: int, length: int) -> None:
+        deadline = self._options.watchdog_floor + length / self._options.watchdog_rate
+        done = self.channel.call(
+            Read(offset, mem, moff, length),
+            deadline,
+            cpu=deadline,
+            late=f"did not finish reading {length} bytes at offset {offset} within"
+            f" {deadline:.1f} s (watchdog)",
+        )
+        if done.error is not None:
+            raise self.error_of(done.error)
+
+    def error_of(self, wire: WireError) -> AioddError:
+        """The exception a guest's error stands for."""
+        # A refusal the host decided is reported as the host worded it, not as the
+        # guest repeats it.
+        if wire.kind in ("PolicyError", "InUseError") and self._policy_error is not None:
+            return self._policy_error
+        return wire.exception(self._name, self._options.memory_limit)
+
+    # -- the files the image names -------------------------------------------------
+
+    def _resolve(self, request: Resolve) -> FileAnswer:
+        """Open a file the guest asks for, under the policy (runs on the channel's thread)."""
+        if request.layer >= len(self._layers):
+            raise ValueError("bad field 'layer'")
+        layer = self._layers[request.layer]
+        ref = Reference(request.kind, request.name, layer.name, request.format)  # type: ignore[arg-type]
+        self._files += 1
+        try:
+            if self._files > MAX_FILES:
+                raise PolicyError(layer.name, f"the image names more than {MAX_FILES} files")
+            fd, new = self._policy.open_reference(layer, ref, disk=request.disk)
+        except ImageError as exc:
+            if isinstance(exc, PolicyError) and self._policy_error is None:
+                self._policy_error = exc
+            return Resolved(request.rid, error=WireError.of(exc)), None
+        with self._lock:
+            self._layers.append(new)
+            new_id = len(self._layers) - 1
+        return Resolved(request.rid, new_id), fd
+
+    # -- the end -------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.channel.close()
+        if self._stage is not None:
+            self._stage.close()
+
+    @property
+    def pid(self) -> int:
+        return self.channel.pid

@@ -1,0 +1,25 @@
+"""The guest reader's knobs, shared by the disk and the transports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiodd.guest.sandbox import LAYERS
+
+ENTRY = "aiodd.guest.child"
+
+
+@dataclass(frozen=True)
+class GuestOptions:
+    """Knobs of the guest reader (the defaults are the product's)."""
+
+    layers: tuple[str, ...] = LAYERS
+    memory_limit: int = 1 << 30  # bytes the guest may allocate beyond its start-up size
+    watchdog_floor: float = 15.0  # seconds every request may take
+    watchdog_rate: float = 16 << 20  # bytes per second a request must at least progress
+    open_timeout: float = 30.0  # seconds without progress while opening
+    start_cpu: int = 35  # CPU seconds for start-up and opening; each request adds its deadline
+    require_isolation: bool = False
+    # The module whose ``main(control_fd)`` the guest runs: tests name one that adds
+    # test-only requests (tests/guest_entry.py); the product's is the plain guest.
+    entry: str = ENTRY

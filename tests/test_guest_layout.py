@@ -1,0 +1,208 @@
+"""How aiodd/guest/ is put together: who imports whom, what ships, and the channel
+interface a second transport would implement (docs/architecture-guest.md)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import mmap
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+import aiodd
+from aiodd.errors import PolicyError
+from aiodd.guest.channel import Channel, FileResolver
+from aiodd.guest.disk import STAGE, GuestDisk
+from aiodd.guest.memory import shared_buffer
+from aiodd.guest.options import GuestOptions
+from aiodd.guest.protocol import (
+    Done,
+    Failed,
+    Init,
+    Opened,
+    Read,
+    Ready,
+    Request,
+    Resolve,
+    WireError,
+)
+from aiodd.policy import Policy
+
+GUEST = Path(aiodd.__file__).parent / "guest"
+
+# Who may import whom inside aiodd/guest/ (at run time; type-only imports aside).  The
+# guest's side (child and what it needs) never reaches the host's machinery.
+ALLOWED: dict[str, set[str]] = {
+    "__init__": set(),  # loads its names lazily, by module name
+    "__main__": {"child"},
+    "child": {"protocol", "sandbox", "seccomp"},
+    "protocol": set(),
+    "sandbox": {"seccomp"},
+    "seccomp": set(),
+    "options": {"sandbox"},
+    "memory": set(),
+    "channel": {"protocol"},
+    "process": {"channel", "options", "protocol"},
+    "disk": {"channel", "memory", "options", "protocol"},
+    "host": {"disk", "memory", "options", "process"},
+}
+HOST_SIDE = ("host", "disk", "process", "channel", "memory", "options")
+
+
+def _imports(path: Path) -> set[str]:
+    """The aiodd.guest modules ``path`` imports at run time (``if TYPE_CHECKING`` aside)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for statement in node.orelse:
+                visit(statement)
+            return
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "aiodd.guest":
+                found.update(alias.name for alias in node.names)
+            elif node.module.startswith("aiodd.guest."):
+                found.add(node.module.split(".")[2])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("aiodd.guest."):
+                    found.add(alias.name.split(".")[2])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def test_the_import_graph_is_the_documented_one_and_has_no_cycle() -> None:
+    modules = {p.stem for p in GUEST.glob("*.py")}
+    assert modules == set(ALLOWED)
+    graph = {name: _imports(GUEST / f"{name}.py") for name in modules}
+    for name, deps in graph.items():
+        assert deps <= ALLOWED[name], f"{name} imports {sorted(deps - ALLOWED[name])}"
+    done: set[str] = set()
+    while len(done) < len(graph):  # peel off modules whose imports are all done
+        ready = {n for n, deps in graph.items() if n not in done and deps - {n} <= done}
+        assert ready, f"import cycle among {sorted(set(graph) - done)}"
+        done |= ready
+
+
+@pytest.mark.parametrize("name", sorted(set(ALLOWED) - {"__main__"}))
+def test_each_module_imports_alone(name: str) -> None:
+    module = "aiodd.guest" if name == "__init__" else f"aiodd.guest.{name}"
+    code = (
+        f"import sys, {module}\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('aiodd'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = set(result.stdout.split())
+    if name == "child":  # the guest pays for none of the host's machinery at start-up
+        assert not loaded & ({f"aiodd.guest.{m}" for m in HOST_SIDE} | {"aiodd.policy"})
+
+
+def test_the_test_hooks_are_not_shipped() -> None:
+    assert importlib.util.find_spec("aiodd.guest.attempts") is None
+    for path in Path(aiodd.__file__).parent.rglob("*.py"):
+        text = path.read_text()
+        assert "from tests" not in text and "import tests" not in text, path
+
+
+# -- the channel interface, implemented by something that is not a process -------------
+
+
+class BytesChannel:
+    """A guest that serves ``data`` in this process: what a new transport implements."""
+
+    def __init__(self, data: bytes, refuse: Resolve | None = None) -> None:
+        self.data = data
+        self.refuse = refuse
+        self.mems: list[mmap.mmap] = []
+        self.requests: list[Read] = []
+        self.closed = False
+        self._resolve: FileResolver | None = None
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    def start(self, init: Init, fds: Sequence[int], resolve: FileResolver) -> Ready:
+        assert len(fds) == 1 + len(init.mems)
+        self.mems = [
+            mmap.mmap(os.dup(fd), size) for fd, size in zip(fds[1:], init.mems, strict=True)
+        ]
+        self._resolve = resolve
+        return Ready({"layer": "active: in-process"})
+
+    def opened(self) -> Opened | Failed:
+        if self.refuse is not None:
+            assert self._resolve is not None
+            answer, fd = self._resolve(self.refuse)
+            assert fd is None and answer.error is not None
+            # the guest words the refusal its own way: the host's wording wins
+            return Failed(WireError("PolicyError", "the guest's account", "elsewhere"))
+        return Opened("raw", len(self.data))
+
+    def call(self, request: Request, timeout: float, *, cpu: float, late: str) -> Done:
+        assert isinstance(request, Read)
+        self.requests.append(request)
+        mem = self.mems[request.mem]
+        mem[request.moff : request.moff + request.len] = self.data[
+            request.offset : request.offset + request.len
+        ]
+        return Done(len(self.requests))
+
+    def close(self) -> None:
+        self.closed = True
+        for mem in self.mems:
+            mem.close()
+
+
+def _disk(tmp_path: Path, channel: Channel) -> GuestDisk:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(b"")
+    policy = Policy()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        disk = GuestDisk(str(path), channel, policy, policy.top(str(path), fd), GuestOptions())
+        memory = shared_buffer(1 << 20)
+        try:
+            disk.start(fd, None, memory)
+        finally:
+            memory.close()
+    finally:
+        os.close(fd)
+    return disk
+
+
+def test_the_disk_needs_only_the_channel_interface(tmp_path: Path) -> None:
+    data = os.urandom(STAGE + 5000)
+    channel = BytesChannel(data)
+    disk = _disk(tmp_path, channel)
+    assert (disk.format_name, disk.virtual_size) == ("raw", len(data))
+    assert disk.isolation == {"layer": "active: in-process"}
+    buf = bytearray(len(data) - 100)  # not shared: through the staging slots
+    disk.read_into(100, memoryview(buf))
+    assert buf == data[100:]
+    assert [(r.offset, r.mem, r.len) for r in channel.requests] == [
+        (100, 1, STAGE), (100 + STAGE, 1, len(data) - 100 - STAGE),
+    ]  # fmt: skip
+    disk.close()
+    assert channel.closed
+
+
+def test_a_refusal_is_reported_as_the_host_worded_it(tmp_path: Path) -> None:
+    refuse = Resolve(0, "backing", "/etc/passwd", "disk.raw", None, True, 1)
+    channel = BytesChannel(b"", refuse)
+    with pytest.raises(PolicyError) as info:
+        _disk(tmp_path, channel)
+    assert "/etc/passwd" in str(info.value) and "is refused" in str(info.value)
+    assert "the guest's account" not in str(info.value)
