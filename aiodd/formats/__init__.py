@@ -11,14 +11,31 @@ from aiodd.errors import UsageError
 INPUT_FORMATS = ("qcow2", "raw", "vhdx", "vmdk", "vpc")
 # The order qemu-img's users know them in; raw is the default.
 OUTPUT_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx")
+# What aiodd reads, as its refusals say it.
+READS = f"{', '.join(OUTPUT_FORMATS[:-1])} and {OUTPUT_FORMATS[-1]}"
+
+# Every format name qemu-img 7.2 accepts for -f (its --help lists them): one aiodd does
+# not read is a known format it refuses, not an unknown name.
+QEMU_FORMATS = frozenset(
+    {
+        "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress",
+        "copy-before-write", "copy-on-read", "dmg", "file", "ftp", "ftps", "gluster",
+        "host_cdrom", "host_device", "http", "https", "iscsi", "iser", "luks", "nbd", "nfs",
+        "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow", "qcow2", "qed",
+        "quorum", "raw", "rbd", "replication", "snapshot-access", "ssh", "throttle", "vdi",
+        "vhdx", "vmdk", "vpc", "vvfat",
+    }
+)  # fmt: skip
 
 
 def check_input_format(name: str) -> str:
-    if name not in INPUT_FORMATS:
-        raise UsageError(
-            f"unknown input format '{name}': supported formats are {', '.join(INPUT_FORMATS)}"
-        )
-    return name
+    if name in INPUT_FORMATS:
+        return name
+    if name in QEMU_FORMATS:
+        raise UsageError(f"input format '{name}' is not supported: aiodd reads {READS}")
+    raise UsageError(
+        f"unknown input format '{name}': supported formats are {', '.join(INPUT_FORMATS)}"
+    )
 
 
 def check_output_format(name: str) -> str:

@@ -1,0 +1,130 @@
+"""qemu's probes for the formats it detects and aiodd does not read.
+
+qemu-img detects vdi, qcow (version 1), qed, parallels, luks, bochs and cloop from the
+first 2048 bytes of a file, and dmg from the file's *name*.  aiodd runs the same tests,
+with the same scores, so that such an image is refused by name rather than copied as a
+raw disk (docs/formats.md).  Pure functions over bytes and names: no I/O.
+
+Every probe takes ``(head, filename)`` as qemu's do: ``head`` is the probe buffer,
+exactly :data:`PROBE_SIZE` bytes (qemu reads a shorter file's tail as zeros), and
+``filename`` the name the image was opened by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiodd.errors import UnsupportedImageError
+from aiodd.formats import READS
+
+# qemu's BLOCK_PROBE_BUF_SIZE.
+PROBE_SIZE = 2048
+
+Probe = Callable[[bytes, str], int]
+
+VDI_SIGNATURE = (0xBEDA107F).to_bytes(4, "little")  # at offset 64, after the text
+QCOW_MAGIC = b"QFI\xfb"  # qcow2's too: the version tells them apart
+QED_MAGIC = b"QED\x00"
+PARALLELS_MAGICS = (b"WithoutFreeSpace", b"WithouFreSpacExt")
+LUKS_MAGIC = b"LUKS\xba\xbe"
+BOCHS_MAGIC = b"Bochs Virtual HD Image"
+CLOOP_MAGIC = (
+    b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+)
+
+
+def _u32le(head: bytes, at: int) -> int:
+    return int.from_bytes(head[at : at + 4], "little")
+
+
+def _u32be(head: bytes, at: int) -> int:
+    return int.from_bytes(head[at : at + 4], "big")
+
+
+def _c_string_is(head: bytes, at: int, text: bytes) -> bool:
+    """``strcmp(head + at, text) == 0``: the text, then a NUL."""
+    return head[at : at + len(text) + 1] == text + b"\x00"
+
+
+def vdi(head: bytes, filename: str) -> int:
+    """The signature in a whole 512-byte header; the version is checked only on open."""
+    return 100 if len(head) >= 512 and head[64:68] == VDI_SIGNATURE else 0
+
+
+def qcow(head: bytes, filename: str) -> int:
+    """qcow version 1: the magic and exactly version 1 in a 48-byte header."""
+    if len(head) >= 48 and head[:4] == QCOW_MAGIC and _u32be(head, 4) == 1:
+        return 100
+    return 0
+
+
+def qed(head: bytes, filename: str) -> int:
+    """The magic in a whole 64-byte header; nothing else."""
+    return 100 if len(head) >= 64 and head[:4] == QED_MAGIC else 0
+
+
+def parallels(head: bytes, filename: str) -> int:
+    """Either magic, and version 2, in a 64-byte header."""
+    if len(head) >= 64 and head[:16] in PARALLELS_MAGICS and _u32le(head, 16) == 2:
+        return 100
+    return 0
+
+
+def luks(head: bytes, filename: str) -> int:
+    """LUKS version 1 only: a LUKS2 header is not qemu's, and reads as raw."""
+    if len(head) >= 8 and head[:6] == LUKS_MAGIC and int.from_bytes(head[6:8], "big") == 1:
+        return 100
+    return 0
+
+
+def bochs(head: bytes, filename: str) -> int:
+    """A growing redolog: three NUL-terminated strings and version 1 or 2 (as 0x00010000
+    or 0x00020000), in a 512-byte header."""
+    if (
+        len(head) >= 512
+        and _c_string_is(head, 0, BOCHS_MAGIC)
+        and _c_string_is(head, 32, b"Redolog")
+        and _c_string_is(head, 48, b"Growing")
+        and _u32le(head, 64) in (0x00010000, 0x00020000)
+    ):
+        return 100
+    return 0
+
+
+def cloop(head: bytes, filename: str) -> int:
+    """The version 2.0 shell header, or as much of it as the buffer holds; a weak score."""
+    return 2 if head[: len(CLOOP_MAGIC)] == CLOOP_MAGIC[: len(head)] else 0
+
+
+def dmg(head: bytes, filename: str) -> int:
+    """By name alone, as qemu decides it: longer than four characters and ending in
+    ``.dmg`` (case matters).  The content is never looked at."""
+    return 2 if len(filename) > 4 and filename.endswith(".dmg") else 0
+
+
+PROBES: dict[str, Probe] = {
+    "vdi": vdi,
+    "qcow": qcow,
+    "qed": qed,
+    "parallels": parallels,
+    "luks": luks,
+    "bochs": bochs,
+    "cloop": cloop,
+    "dmg": dmg,
+}
+
+TITLES = {
+    "vdi": "a VDI image",
+    "qcow": "a qcow (version 1) image",
+    "qed": "a QED image",
+    "parallels": "a Parallels image",
+    "luks": "a LUKS encrypted image",
+    "bochs": "a Bochs image",
+    "cloop": "a cloop image",
+    "dmg": "a DMG image (qemu-img goes by the .dmg name)",
+}
+
+
+def refusal(name: str, fmt: str) -> UnsupportedImageError:
+    """The error for an image that qemu would read as ``fmt``, a format aiodd does not read."""
+    return UnsupportedImageError(name, f"this is {TITLES[fmt]}; aiodd reads {READS}", fmt)
