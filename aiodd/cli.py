@@ -24,13 +24,17 @@ from aiodd.window import SizeRangeError, SizeSyntaxError, hex_suffix_warning, pa
 # overlaps ours.
 if TYPE_CHECKING:
     from aiodd.chain import Isolation
-    from aiodd.terminal import JsonRenderer, PercentRenderer
+    from aiodd.terminal import Renderer
 
 PROG = "aiodd"
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
 
 HELP = """\
-usage: aiodd [-f FMT] [-O FMT] [-p | --progress=MODE] if=INPUT of=OUTPUT [bs=N] [count=N] [skip=N]
+usage: aiodd [-f FMT] [-O FMT] [-U] [--allow-backing DIR]... [--isolation=MODE]
+             [--require-isolation] [-p | --progress=MODE]
+             if=INPUT of=OUTPUT [bs=N] [count=N] [skip=N]
+       aiodd -h | --help
+       aiodd --version [--verbose]
 
 Copy a window of INPUT's virtual disk into a new image OUTPUT, as `qemu-img dd` does.
 
@@ -42,9 +46,11 @@ operands (name=value; checked left to right; a repeated operand: the last one wi
               e.g. of=window.raw
   bs=SIZE     block size for count and skip (default 512; 1 to 2147483647)
               e.g. bs=1M
-  count=N     copy at most N blocks (default: to the end of the input)
+  count=N     the window ends at input block N, counted from the start of the input,
+              not from skip (unlike coreutils dd): skip=1 count=101 copies 100 blocks
+              (default: to the end of the input)
               e.g. count=100
-  skip=N      skip N blocks at the start of the input (default 0)
+  skip=N      the window starts at input block N (default 0)
               e.g. skip=2048
 
 SIZE and N take qemu's suffixes: k, M, G, T, P, E (powers of 1024, any case), b for bytes;
@@ -53,9 +59,14 @@ a fraction needs a suffix (1.5M); 0x10 is hexadecimal.
 options:
   -f FMT               input format ({inputs}); default: detected
   -O FMT               output format ({outputs}); default: raw
-  -p                   show progress like qemu-img convert -p:     (12.34/100%)
-  --progress=MODE      none (default), percent (same as -p), or json (one JSON object per
-                       line on stderr: bytes_done, total_bytes, percent, rate, elapsed)
+  -p                   show progress like qemu-img convert -p, on stdout:     (12.34/100%)
+  --progress=MODE      none (default); percent (the same as -p); bar (for people, on
+                       stderr: size copied / total, percent, rate, elapsed, ETA; redrawn
+                       in place on a terminal, a line a second otherwise, and a summary
+                       at the end); json (for programs: one JSON object per line on
+                       stderr: bytes_done, total_bytes, percent, rate, elapsed, done;
+                       the last one, once the output is in place, has "done": true).
+                       A progress stream that closes stops the progress, not the copy.
   --allow-backing DIR  allow images to refer to files under DIR (repeatable); by default a
                        backing file, data file, extent or parent must sit beside the image
                        that names it, or below
@@ -68,11 +79,14 @@ options:
   -h, --help           show this help and exit
   --version            show the version and exit (with --verbose: the isolation layers)
 
-exit status: 0 success, 1 any error, 130 interrupted (Ctrl-C); the output is then absent.
+exit status: 0 success, 1 any error, 128+N after signal N (130 Ctrl-C, 143 SIGTERM,
+129 SIGHUP); the output is then absent (a block device is partly written).
 
 examples:
-  aiodd if=disk.qcow2 of=boot.raw bs=512 count=1           # the boot sector
-  aiodd -O qcow2 -p if=disk.vmdk of=part.qcow2 bs=1M skip=1 count=100
+  aiodd if=disk.qcow2 of=boot.raw bs=512 count=1          # the boot sector: 512 bytes
+  aiodd -O qcow2 -p if=disk.vmdk of=part.qcow2 bs=1M skip=1 count=101
+                                       # 100 MiB: from 1 MiB into the disk up to 101 MiB
+  aiodd --progress=bar if=big.vhdx of=big.raw bs=4M       # the whole disk
 """
 
 
@@ -151,8 +165,8 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         elif opt == "-p":
             inv.progress = "percent"
         elif opt == "--progress":
-            if value not in ("none", "percent", "json"):
-                raise UsageError(f"invalid --progress '{value}': use none, percent or json")
+            if value not in ("none", "percent", "bar", "json"):
+                raise UsageError(f"invalid --progress '{value}': use none, percent, bar or json")
             inv.progress = value
         elif opt == "--allow-backing":
             if not os.path.isdir(value):
@@ -208,12 +222,14 @@ def _version_text(verbose: bool) -> str:
 
 async def _run(inv: Invocation) -> None:
     from aiodd.api import dd
-    from aiodd.terminal import JsonRenderer, PercentRenderer
+    from aiodd.terminal import BarRenderer, JsonRenderer, PercentRenderer, write_quietly
 
     assert inv.src is not None and inv.dst is not None
-    renderer: PercentRenderer | JsonRenderer | None = None
+    renderer: Renderer | None = None
     if inv.progress == "percent":
         renderer = PercentRenderer(sys.stdout)
+    elif inv.progress == "bar":
+        renderer = BarRenderer(sys.stderr)  # dd status=progress's stream
     elif inv.progress == "json":
         renderer = JsonRenderer(sys.stderr)
     try:
@@ -231,11 +247,16 @@ async def _run(inv: Invocation) -> None:
             require_isolation=inv.require_isolation,
             force_share=inv.force_share,
         )
-    finally:
+    except BaseException:
         if renderer is not None:
-            renderer.close()
+            renderer.close()  # ends the line, so that the error line starts afresh
+        raise
+    if renderer is not None:
+        renderer.finish()  # the summary, only once the output is in place
+    # The copy is done and its output in place: a closed stderr must not turn that into
+    # a failure.
     for warning in result.warnings:
-        _print_error(sys.stderr, warning)
+        write_quietly(sys.stderr, f"{PROG}: {warning}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

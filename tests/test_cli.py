@@ -1,8 +1,9 @@
-"""The command line: grammar, errors and exit statuses (SPEC §1)."""
+"""The command line: grammar, errors and exit statuses (docs/usage.md)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from aiodd.cli import parse_args
 from aiodd.errors import UsageError
 from tests.conftest import needs_qemu
 from tests.harness import aiodd_run, aiodd_subprocess, leftovers, qemu_dd
+
+MiB = 1 << 20
 
 
 @pytest.fixture
@@ -97,6 +100,88 @@ def test_help_documents_every_operand(capsys: pytest.CaptureFixture[str]) -> Non
     for operand in ("if=", "of=", "bs=", "count=", "skip=", "-f FMT", "-O FMT", "-p"):
         assert operand in text
     assert "e.g. bs=1M" in text
+
+
+def _help() -> str:
+    from aiodd.cli import HELP
+    from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS
+
+    return HELP.format(inputs=", ".join(INPUT_FORMATS), outputs=", ".join(OUTPUT_FORMATS))
+
+
+def test_help_usage_shows_every_option() -> None:
+    usage = _help().split("\n\n")[0]
+    for option in (
+        "[-f FMT]",
+        "[-O FMT]",
+        "[-U]",
+        "[--allow-backing DIR]...",
+        "[--isolation=MODE]",
+        "[--require-isolation]",
+        "[-p | --progress=MODE]",
+        "if=INPUT of=OUTPUT [bs=N] [count=N] [skip=N]",
+        "-h | --help",
+        "--version [--verbose]",
+    ):
+        assert option in usage, option
+    for mode in ("none", "percent", "bar", "json"):
+        assert parse_args([f"--progress={mode}", "if=a", "of=b"]).progress == mode
+        assert mode in _help()
+
+
+def test_help_says_where_count_ends() -> None:
+    text = " ".join(_help().split())
+    assert (
+        "count=N the window ends at input block N, counted from the start of the input,"
+        " not from skip (unlike coreutils dd): skip=1 count=101 copies 100 blocks"
+    ) in text
+    assert "at most N blocks" not in text
+
+
+def _help_examples() -> list[tuple[list[str], str]]:
+    """The examples' command lines, each with its comment (which may sit on the next line)."""
+    lines = _help().split("examples:\n")[1].splitlines()
+    examples: list[tuple[list[str], str]] = []
+    for line in lines:
+        command, _, comment = line.partition("#")
+        if command.strip():
+            examples.append((command.split(), comment.strip()))
+        elif comment:
+            examples[-1] = (examples[-1][0], comment.strip())
+    return examples
+
+
+def test_help_examples_do_what_their_comments_say(tmp_path: Path) -> None:
+    """Each example, on a generated 128 MiB input, copies the size its comment states."""
+    src = tmp_path / "disk.raw"
+    with src.open("wb") as f:
+        f.write(os.urandom(2 * MiB))
+        f.truncate(128 * MiB)
+    data = src.read_bytes()
+    examples = _help_examples()
+    assert len(examples) == 3
+    for argv, comment in examples:
+        assert argv[0] == "aiodd"
+        out, back = tmp_path / "out", tmp_path / "back.raw"
+        args = [a for a in argv[1:] if a != "-p" and not a.startswith("--progress")]
+        args = [f"if={src}" if a.startswith("if=") else a for a in args]
+        args = [f"of={out}" if a.startswith("of=") else a for a in args]
+        result = aiodd_run(args, out)
+        assert result.status == 0, (argv, result.stderr)
+        # Back to raw (the qcow2 example), to compare the bytes.
+        assert aiodd_run([f"if={out}", f"of={back}"], back).status == 0
+        copied = back.read_bytes()
+        stated = re.search(r"(\d+) (bytes|MiB)", comment)
+        if stated is None:
+            assert comment == "the whole disk"
+            assert copied == data
+        else:
+            assert len(copied) == int(stated[1]) * (MiB if stated[2] == "MiB" else 1), argv
+            inv = parse_args(args)
+            start = inv.skip * inv.bs
+            assert copied == data[start : start + len(copied)]
+        out.unlink()
+        back.unlink()
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -195,7 +280,9 @@ def test_python_m_and_progress_json(tmp_path: Path, sample: Path) -> None:
     records = [json.loads(line) for line in result.stderr.splitlines()]
     assert records[-1]["bytes_done"] == records[-1]["total_bytes"] == 3072
     assert records[-1]["percent"] == 100.0
-    assert set(records[0]) == {"bytes_done", "total_bytes", "percent", "rate", "elapsed"}
+    fields = {"bytes_done", "total_bytes", "percent", "rate", "elapsed", "done"}
+    assert set(records[0]) == fields
+    assert [r["done"] for r in records] == [False] * (len(records) - 1) + [True]
 
 
 def test_progress_percent(tmp_path: Path, sample: Path) -> None:
@@ -242,3 +329,20 @@ def test_input_directory_is_one_clear_line(tmp_path: Path) -> None:
         f"aiodd: {tmp_path}: cannot open: Is a directory\n",
     )
     assert result.output is None
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_docs_cite_no_spec_issue_numbers_or_machine_paths() -> None:
+    """The docs stand on their own: a rule is stated or linked to a docs/ page."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) > 3
+    banned = re.compile(r"\bSPEC\b|(?<![\w&/])#\d+\b|\bissues? \d|/work/")
+    found = [
+        f"{page.name}:{number}: {match[0]}"
+        for page in pages
+        for number, line in enumerate(page.read_text().splitlines(), 1)
+        for match in banned.finditer(line)
+    ]
+    assert found == []

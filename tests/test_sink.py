@@ -358,7 +358,7 @@ def test_an_owner_that_cannot_be_kept_is_a_warning(
     monkeypatch.setattr(os, "fchown", fchown)
     result = _copy(source, str(target))
     assert result.warnings == (
-        f"of={target}: could not keep the owner (uid {new_owner[0]}, gid {new_owner[1]}):"
+        f"warning: of={target}: could not keep the owner (uid {new_owner[0]}, gid {new_owner[1]}):"
         f" Operation not permitted; the new file belongs to uid {old.st_uid},"
         f" gid {old.st_gid}",
     )
@@ -373,7 +373,7 @@ def test_other_hard_links_keep_the_old_data(tmp_path: Path, source: Path) -> Non
     os.link(target, tmp_path / "third")
     result = _copy(source, str(target))
     assert result.warnings == (
-        f"of={target}: 2 other hard links keep the old data"
+        f"warning: of={target}: 2 other hard links keep the old data"
         " (the output replaces the file with a new one)",
     )
     assert target.read_bytes() == source.read_bytes()
@@ -390,7 +390,7 @@ def test_the_cli_prints_the_warnings_after_the_copy(
     result = aiodd_run(["--isolation=inline", f"if={source}", "of=out.raw"], Path("out.raw"))
     assert (result.status, result.stderr) == (
         0,
-        "aiodd: of=out.raw: 1 other hard link keeps the old data"
+        "aiodd: warning: of=out.raw: 1 other hard link keeps the old data"
         " (the output replaces the file with a new one)\n",
     )
 

@@ -1,10 +1,21 @@
-"""Progress events, for embedders (``on_progress``) and the terminal renderers."""
+"""Progress events, for embedders (``on_progress``) and the terminal renderers.
+
+A callback that raises fails the copy: the output is removed as for any other error,
+and ``dd`` raises :class:`~aiodd.errors.StageError` with ``stage == "progress"`` and the
+callback's exception as ``cause``, whether it raised on the first event or on a later
+one.  The callback is the caller's code, so its failure is the
+caller's to see; the CLI's renderers never raise (a broken progress stream only
+silences them, see aiodd/terminal.py).  Cancellation (a ``BaseException``) passes
+through unchanged.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from aiodd.errors import StageError
 
 
 @dataclass(frozen=True)
@@ -64,4 +75,9 @@ class ProgressMeter:
         now = time.monotonic()
         if force or now - self._last >= self._interval:
             self._last = now
-            self._callback(Progress(self.done, self.total, now - self._start))
+            try:
+                self._callback(Progress(self.done, self.total, now - self._start))
+            except Exception as exc:
+                # Wrapped here, not by the sink stage, so that the first event (sent
+                # before the stages start) fails the same way as the later ones.
+                raise StageError("progress", exc) from exc

@@ -77,8 +77,8 @@ async def run_pipeline(
     read_tx, read_rx = anyio.create_memory_object_stream[Chunk](depth)
     win_tx, win_rx = anyio.create_memory_object_stream[Chunk](depth)
     enc_tx, enc_rx = anyio.create_memory_object_stream[WriteOp](depth)
-    meter.start()
     try:
+        meter.start()  # inside: a callback that raises must not leave the streams open
         async with anyio.create_task_group() as tg:
             tg.start_soon(
                 _stage, "reader", lambda: read_window(disk, start, end, pool, read_tx, readers)

@@ -245,7 +245,7 @@ class OutputFile:
                         os.fchown(self.fd, -1, old.st_gid)
                 now = os.fstat(self.fd)
                 self.warnings.append(
-                    f"of={self.name}: could not keep the owner (uid {old.st_uid},"
+                    f"warning: of={self.name}: could not keep the owner (uid {old.st_uid},"
                     f" gid {old.st_gid}): {exc.strerror}; the new file belongs to"
                     f" uid {now.st_uid}, gid {now.st_gid}"
                 )
@@ -254,14 +254,14 @@ class OutputFile:
             os.fchmod(self.fd, stat.S_IMODE(old.st_mode))
         except OSError as exc:  # pragma: no cover - the file is ours to chmod
             self.warnings.append(
-                f"of={self.name}: could not keep the mode {stat.S_IMODE(old.st_mode):04o}:"
-                f" {exc.strerror}"
+                f"warning: of={self.name}: could not keep the mode"
+                f" {stat.S_IMODE(old.st_mode):04o}: {exc.strerror}"
             )
         if old.st_nlink > 1:
             others = old.st_nlink - 1
             links = "hard link keeps" if others == 1 else "hard links keep"
             self.warnings.append(
-                f"of={self.name}: {others} other {links} the old data"
+                f"warning: of={self.name}: {others} other {links} the old data"
                 " (the output replaces the file with a new one)"
             )
 
