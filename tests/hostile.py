@@ -638,7 +638,7 @@ class Case:
     qemu: QemuBehaviour | None = None  # qemu-img dd 7.2, observed; None: not compared
     bug: str | None = None  # a known aiodd bug this case shows (the test is xfail, strict)
     bug_in: tuple[str, ...] = ("sandbox", "inline")  # the isolation modes that show it
-    timeout: float | None = None  # a tighter time bound than the default, in seconds
+    timeout: float | None = None  # a tighter bound than the default, in CPU seconds
 
     def __repr__(self) -> str:
         return self.id
