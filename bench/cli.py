@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python bench/run.py",
         description="Benchmark aiodd against qemu-img dd, qemu-img convert and coreutils dd. "
-        "Prints one markdown table per case group and the floors of issues 2-5, pass or fail.",
+        "Prints one markdown table per case group and the floors (raw copy, input formats, "
+        "output formats, isolation), pass or fail.",
     )
     p.add_argument(
         "--quick",

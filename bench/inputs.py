@@ -1,4 +1,4 @@
-"""Issue 3: input formats → raw.  qcow2, compressed qcow2, vmdk streamOptimized and vhdx,
+"""Input formats → raw.  qcow2, compressed qcow2, vmdk streamOptimized and vhdx,
 all made by qemu-img from the same compressible raw file, copied back to raw."""
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from bench.measure import Case, MiB, Result, find, human
 from bench.report import Floor, Section, Table, ratio_floor
 
 NAME = "inputs"
+GROUP = "input formats"  # the first column of the floor tables
 MODES = ("sandbox", "inline")
 
 
 def run(b: Bench) -> Section:
     size = b.sizes.main
-    sec = Section(NAME, "Input formats → raw (issue 3)")
+    sec = Section(NAME, "Input formats → raw")
     raw = b.data.mixed_raw(size)
     images = {kind.key: b.data.image(kind, size) for kind in IMAGE_KINDS}
 
@@ -79,7 +80,7 @@ def run(b: Bench) -> Section:
             results,
             "cores: CPU seconds / wall seconds (aiodd's includes its guest's).  qemu-img "
             "convert writes holes where the input has none allocated; aiodd writes every "
-            "byte (SPEC §2).",
+            "byte (docs/window.md#the-rules: the copy is dense).",
             extra=[("cores", lambda r: f"{r.cpu / r.median:.2f}")],
         )
     )
@@ -94,13 +95,13 @@ def run(b: Bench) -> Section:
             ours = find(results, f"aiodd ({mode})", f"{label}, bs=1M")
             floors.append(
                 ratio_floor(
-                    "#3", f"aiodd ({mode}) {label} vs qemu-img convert", ours, convert, limit
+                    GROUP, f"aiodd ({mode}) {label} vs qemu-img convert", ours, convert, limit
                 )
             )
         ours = find(results, "aiodd (sandbox)", f"{label}, bs=1M")
         floors.append(
             ratio_floor(
-                "#3",
+                GROUP,
                 f"aiodd (sandbox) {label} vs qemu-img convert + sync (durable vs durable)",
                 ours,
                 convert_sync,

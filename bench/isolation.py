@@ -1,4 +1,4 @@
-"""Issue 5: the cost of the guest reader.  The same raw and qcow2 → raw copies with
+"""Isolation: the cost of the guest reader.  The same raw and qcow2 → raw copies with
 ``--isolation=sandbox`` and ``--isolation=inline``, and the guest's start-up."""
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from bench.measure import Case, Result, find, human
 from bench.report import Floor, Section, Table, ratio_floor
 
 NAME = "isolation"
+GROUP = "isolation"  # the first column of the floor tables
 MODES = ("sandbox", "inline")
 PROBE = Path(__file__).with_name("startup_probe.py")
 
 
 def run(b: Bench) -> Section:
     size = b.sizes.main
-    sec = Section(NAME, "Isolation: sandbox vs inline (issue 5)")
+    sec = Section(NAME, "Isolation: sandbox vs inline")
     qcow2 = IMAGE_KINDS[0]
     inputs = (
         (
@@ -52,7 +53,7 @@ def run(b: Bench) -> Section:
     for _, label, _, _ in inputs:
         floors.append(
             ratio_floor(
-                "#5",
+                GROUP,
                 f"sandbox within 10% of inline: {label}",
                 find(results, "aiodd (sandbox)", f"{label}, bs=1M"),
                 find(results, "aiodd (inline)", f"{label}, bs=1M"),
@@ -94,7 +95,7 @@ def run(b: Bench) -> Section:
         )
         floors.append(
             Floor(
-                "#5",
+                GROUP,
                 f"guest start-up under 50 ms ({name})",
                 f"{startup:.1f} ms",
                 "< 50 ms",

@@ -1,4 +1,4 @@
-"""Issue 4: output formats.  A random raw input → qcow2, vmdk, vpc, vhdx; and the peak
+"""Output formats.  A random raw input → qcow2, vmdk, vpc, vhdx; and the peak
 memory of a big sparse input → each format."""
 
 from __future__ import annotations
@@ -8,12 +8,13 @@ from bench.measure import Case, Result, find, human
 from bench.report import Floor, Section, Table, ratio_floor, rss_floor
 
 NAME = "outputs"
+GROUP = "output formats"  # the first column of the floor tables
 FORMATS = ("qcow2", "vmdk", "vpc", "vhdx")
 
 
 def run(b: Bench) -> Section:
     size = b.sizes.main
-    sec = Section(NAME, "Raw → output formats (issue 4)")
+    sec = Section(NAME, "Raw → output formats")
     src = b.data.random_raw(size)
 
     cases: list[Case] = []
@@ -87,14 +88,14 @@ def run(b: Bench) -> Section:
         ours = find(results, "aiodd (sandbox)", f"-O {fmt}, bs=1M")
         floors += [
             ratio_floor(
-                "#4",
+                GROUP,
                 f"aiodd -O {fmt} ≤ qemu-img convert -O {fmt}",
                 ours,
                 find(results, "qemu-img convert", f"-O {fmt}"),
                 1.0,
             ),
             ratio_floor(
-                "#4",
+                GROUP,
                 f"aiodd -O {fmt} ≤ qemu-img convert -O {fmt} + sync (durable vs durable)",
                 ours,
                 find(results, "qemu-img convert + sync", f"-O {fmt}"),
@@ -103,7 +104,7 @@ def run(b: Bench) -> Section:
             ),
         ]
     for r in big_results:
-        floor = rss_floor("#4", f"bounded memory, {r.case} (issue 2's 100 MiB)", r, 100)
+        floor = rss_floor(GROUP, f"bounded memory, {r.case} (the raw → raw memory limit)", r, 100)
         floors.append(floor)
     sec.floors = floors
     if reduced:

@@ -10,9 +10,13 @@ from bench.measure import MiB, Result
 
 @dataclass
 class Floor:
-    """A target from an issue (or, with ``informative``, a comparison shown for honesty)."""
+    """A target the project set (or, with ``informative``, a comparison shown for honesty).
 
-    issue: str
+    ``group`` names what the floor measures (the section it belongs to: "raw → raw",
+    "input formats", "output formats", "isolation").
+    """
+
+    group: str
     name: str
     measured: str
     limit: str
@@ -51,7 +55,7 @@ class Section:
 
 
 def ratio_floor(
-    issue: str,
+    group: str,
     name: str,
     a: Result,
     b: Result,
@@ -61,18 +65,18 @@ def ratio_floor(
 ) -> Floor:
     """``a``'s median time must be at most ``limit`` times ``b``'s."""
     if not (a.ok and b.ok):
-        return Floor(issue, name, "a run failed", f"≤ {limit:g}x", None, informative)
+        return Floor(group, name, "a run failed", f"≤ {limit:g}x", None, informative)
     ratio = a.median / b.median
     best_a, best_b = min(x.wall for x in a.samples), min(x.wall for x in b.samples)
     measured = f"{a.median:.3f} s vs {b.median:.3f} s = **{ratio:.2f}x**"
     if len(a.samples) > 1 or len(b.samples) > 1:
         measured += f" (best runs: {best_a:.3f} vs {best_b:.3f} = {best_a / best_b:.2f}x)"
-    return Floor(issue, name, measured, f"≤ {limit:g}x", ratio <= limit, informative)
+    return Floor(group, name, measured, f"≤ {limit:g}x", ratio <= limit, informative)
 
 
-def rss_floor(issue: str, name: str, result: Result, limit_mib: float) -> Floor:
+def rss_floor(group: str, name: str, result: Result, limit_mib: float) -> Floor:
     if not result.ok:
-        return Floor(issue, name, "the run failed", f"< {limit_mib:g} MiB", None)
+        return Floor(group, name, "the run failed", f"< {limit_mib:g} MiB", None)
     rss = result.max_rss / MiB
     measured = f"{rss:.1f} MiB"
     peak = rss
@@ -80,7 +84,7 @@ def rss_floor(issue: str, name: str, result: Result, limit_mib: float) -> Floor:
         pss = result.tree_pss / MiB
         measured += f" (tree PSS {pss:.1f} MiB)"
         peak = max(peak, pss)
-    return Floor(issue, name, measured, f"< {limit_mib:g} MiB", peak < limit_mib)
+    return Floor(group, name, measured, f"< {limit_mib:g} MiB", peak < limit_mib)
 
 
 def _fmt_seconds(x: float) -> str:
@@ -128,12 +132,12 @@ def render_table(table: Table) -> str:
 
 def render_floors(floors: Sequence[Floor]) -> str:
     lines = [
-        "| issue | floor | measured | limit | result |",
+        "| group | floor | measured | limit | result |",
         "|---|---|---|---|---|",
     ]
     for f in floors:
         name = f"{f.name} *(informative)*" if f.informative else f.name
-        lines.append(f"| {f.issue} | {name} | {f.measured} | {f.limit} | {f.verdict} |")
+        lines.append(f"| {f.group} | {name} | {f.measured} | {f.limit} | {f.verdict} |")
     return "\n".join(lines) + "\n"
 
 

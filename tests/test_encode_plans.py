@@ -394,7 +394,8 @@ def test_vmdk_refuses_grains_past_2_tib() -> None:
 
 # --- vpc ------------------------------------------------------------------------------
 
-# SPEC §3's table, observed with qemu-img 7.2: out bytes -> (virtual size, C, H, S).
+# docs/window.md's table (VHD geometry rounding), observed with qemu-img 7.2:
+# out bytes -> (virtual size, C, H, S).
 VPC_TABLE = [
     (1, 34816, 1, 4, 17),
     (34816, 34816, 1, 4, 17),
@@ -439,7 +440,7 @@ def test_vpc_over_2040_gib_is_a_usage_error() -> None:
 
 
 def reference_geometry(n: int) -> tuple[int, int, int]:
-    """SPEC §3's words, written independently of the module."""
+    """docs/window.md's words (VHD geometry rounding), written independently of the module."""
     n = min(n, 65535 * 16 * 255)
     if n >= 65535 * 16 * 63:
         spt, heads = 255, 16

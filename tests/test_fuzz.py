@@ -1,4 +1,4 @@
-"""A bounded fuzz target for the decoders (issue 5 item 6).
+"""A bounded fuzz target for the decoders (docs/architecture.md#adding-an-input-format).
 
 Hypothesis mutates small valid images of every input format -- qcow2 (v3, v2, extended
 L2, deflate- and zstd-compressed clusters), vmdk (monolithicSparse and a VMware-style

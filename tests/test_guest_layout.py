@@ -1,5 +1,5 @@
 """How aiodd/guest/ is put together: who imports whom, what ships, and the channel
-interface a second transport would implement (docs/architecture-guest.md)."""
+interface a second transport would implement (docs/architecture.md#the-guest-room)."""
 
 from __future__ import annotations
 

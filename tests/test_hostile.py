@@ -1,4 +1,5 @@
-"""The hostile corpus, end to end (SPEC §5, §6; issue 5 item 6).
+"""The hostile corpus, end to end (docs/security.md; the output guarantees of
+docs/usage.md#what-aiodd-guarantees-about-your-files).
 
 Every case in :mod:`tests.hostile` is run through the real command line, as a
 subprocess, under both isolation modes.  Each must end with exit status 1 and exactly
@@ -300,7 +301,7 @@ def test_bit_flips_end_to_end(name: str, seed: int, isolation: str, tmp_path: Pa
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in REFERENCE_CASES if c.qemu])
 def test_qemu_img_dd_on_the_same_corpus(case: Case, tmp_path: Path) -> None:
     """What qemu-img dd (7.2) does with each reference case: the leaks are the
-    difference this corpus documents (SPEC §5)."""
+    difference this corpus documents (docs/security.md#threat-model)."""
     assert QEMU_IMG is not None
     tree = make_tree(tmp_path)
     built = case.build(tree)
@@ -327,11 +328,11 @@ def test_qemu_img_dd_on_the_same_corpus(case: Case, tmp_path: Path) -> None:
 
 
 def test_qemu_leak_count() -> None:
-    """The corpus holds the cases SPEC §5 counts (qemu-img dd copied a host file in 6 of
-    its 14); this one has more of both."""
+    """The corpus holds at least the cases docs/security.md#threat-model counts: 55 images,
+    from 23 of which qemu-img dd copies a host file."""
     leaks = [c.id for c in REFERENCE_CASES if c.qemu == "leaks"]
-    assert len(leaks) >= 6
-    assert len(REFERENCE_CASES) >= 14
+    assert len(leaks) >= 23
+    assert len(REFERENCE_CASES) >= 55
 
 
 # --------------------------------------------------------------------------- the policy
@@ -367,7 +368,8 @@ def test_symlink_inside_the_tree_to_a_file_inside_is_followed(
 @pytest.mark.parametrize("kind", ["absolute", "symlink"])
 def test_no_oracle(kind: str, isolation: str, tmp_path: Path) -> None:
     """A reference outside the tree is refused by its spelling: the message for a host
-    file that exists equals the one for a file that does not (SPEC §5, no oracle)."""
+    file that exists equals the one for a file that does not: no oracle
+    (docs/security.md#the-backing-file-policy)."""
     tree = make_tree(tmp_path)
     missing = tree.root / "no-such-dir" / "no-such-file"
     lines = []
@@ -390,7 +392,8 @@ def test_no_oracle(kind: str, isolation: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_chain_of_64_layers_is_read_65_is_refused(isolation: str, tmp_path: Path) -> None:
-    """SPEC §5: a chain holds at most 64 layers, the user's image included."""
+    """A chain holds at most 64 layers, the user's image included
+    (docs/security.md#the-backing-file-policy)."""
     tree = make_tree(tmp_path)
     top = qcow2_chain(tree.img, 64)
     run = run_aiodd(tree, [f"if={top}", f"of={tree.out / OUTPUT}"], isolation)
@@ -426,7 +429,8 @@ def test_corruption_found_mid_copy_leaves_no_output(
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_existing_output_is_left_untouched(isolation: str, tmp_path: Path) -> None:
-    """SPEC §6: on an error an existing file at of= is left as it was."""
+    """On an error an existing file at of= is left as it was
+    (docs/usage.md#the-output-appears-whole-or-not-at-all)."""
     tree = make_tree(tmp_path)
     image = qcow2_with_data(tree.img / "late.qcow2")
     qcow2_set_l2(image, 225, (1 << 63) | (1 << 45))

@@ -1,5 +1,6 @@
 """End-to-end parity of the ``aiodd`` command with the real ``qemu-img dd`` for every
-input format (issue 3) and every output format (issue 4).
+input format (docs/formats.md#input-formats) and every output format
+(docs/formats.md#output-formats).
 
 Both tools run as commands with the same operands: ``python -m aiodd`` (``--isolation=
 inline`` in half of the cases, ``--isolation=sandbox`` in the other half) and ``qemu-img
@@ -319,12 +320,12 @@ def test_input_parity_full(corpus: Corpus, tmp_path: Path, case: Case) -> None:
     run_case(corpus, case, tmp_path)
 
 
-# --- what qemu cannot open, checked against its twin ----------------------------------------
+# --- what qemu cannot open, checked against its twin --------------------------------------
 
 
 @pytest.mark.parametrize("name", ["vhdx-dynamic-1M-4k", "vhdx-fixed-1M-4k"])
 def test_vhdx_4096_byte_sectors_qemu_refuses(corpus: Corpus, tmp_path: Path, name: str) -> None:
-    """qemu 7.2 refuses a VHDX with 4096-byte logical sectors; aiodd reads it (issue 3)
+    """qemu 7.2 refuses a VHDX with 4096-byte logical sectors; aiodd reads it (docs/formats.md#vhdx)
     and its bytes equal qemu's view of the same image with 512-byte sectors."""
     source = corpus.get(name)
     assert source.twin is not None
@@ -334,7 +335,7 @@ def test_vhdx_4096_byte_sectors_qemu_refuses(corpus: Corpus, tmp_path: Path, nam
     check_parity(source, "raw", [], "sandbox", tmp_path)
 
 
-# --- the output window matrix (issue 4) -----------------------------------------------------
+# --- the output window matrix (docs/window.md#output-sizes) -------------------------------
 
 SIZES = [1, 511, 513, 3000, MiB + 1]
 BS = ["1", "512", "64K", "1M"]
@@ -452,7 +453,7 @@ def test_output_windows_full(raw_inputs: Path, tmp_path: Path, case: WindowCase)
     run_window_case(raw_inputs, case, tmp_path)
 
 
-# --- round trips: aiodd -O X, then aiodd back to raw ------------------------------------------
+# --- round trips: aiodd -O X, then aiodd back to raw --------------------------------------
 
 
 def round_trip(corpus: Corpus, tmp_path: Path, name: str, window: str, out: str, n: int) -> None:
@@ -513,7 +514,7 @@ def test_round_trip_full(corpus: Corpus, tmp_path: Path, name: str, window: str,
     round_trip(corpus, tmp_path, name, window, out, ALL_ROUND_TRIPS.index((name, window, out)))
 
 
-# --- independent readers: libvmdk and libvhdi -------------------------------------------------
+# --- independent readers: libvmdk and libvhdi ---------------------------------------------
 
 INFO_TOOL = {"vmdk": "vmdkinfo", "vpc": "vhdiinfo", "vhdx": "vhdiinfo"}
 # Debian's libvmdk-utils and libvhdi-utils ship no export tool, only info and a FUSE mount
@@ -630,7 +631,8 @@ def descriptor(path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_vmdk_descriptor_matches_qemu(tmp_path: Path, isolation: str) -> None:
-    """The embedded descriptor as qemu writes it (issue 4): every line but the CID."""
+    """The embedded descriptor as qemu writes it (docs/formats.md#vmdk-1): every line but
+    the CID."""
     (tmp_path / "in").mkdir()
     (tmp_path / "out").mkdir()
     source_path = tmp_path / "in" / "in.raw"
@@ -675,7 +677,7 @@ def test_vmdk_extent_is_named_after_the_output(tmp_path: Path, name: str, isolat
     assert_libyal_reads("vmdk", ours, theirs, window, tmp_path)
 
 
-# --- VHD sizes (SPEC §3's table) and the formats' size limits, end to end ------------------
+# --- VHD sizes (docs/window.md's geometry table) and the formats' size limits, end to end ---
 
 VPC_TABLE = [1, 34_816, 34_817, 69_632, 99_999, 1_000_448, MiB, 10 * MiB]
 

@@ -1,4 +1,5 @@
-"""The backing-file policy (SPEC §5), tested on real directory trees in tmp_path."""
+"""The backing-file policy (docs/security.md#the-backing-file-policy), tested on real
+directory trees in tmp_path."""
 
 from __future__ import annotations
 

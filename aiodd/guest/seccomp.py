@@ -23,6 +23,15 @@ import struct
 
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 
+# Calls added since Linux 5.1 have one number on every architecture (the kernel's
+# unified syscall table), so both tables share them.
+_UNIFIED = {
+    "pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426,
+    "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+    "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_open": 434, "clone3": 435,
+    "openat2": 437, "pidfd_getfd": 438, "mount_setattr": 442, "futex_waitv": 449,
+}  # fmt: skip
+
 # Syscall numbers of the calls named below, per architecture.
 _X86_64 = {
     "read": 0, "write": 1, "open": 2, "close": 3, "stat": 4, "fstat": 5, "lstat": 6,
@@ -51,11 +60,7 @@ _X86_64 = {
     "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "finit_module": 313,
     "renameat2": 316, "seccomp": 317, "getrandom": 318, "memfd_create": 319,
     "kexec_file_load": 320, "bpf": 321, "execveat": 322, "userfaultfd": 323,
-    "preadv2": 327, "rseq": 334, "pidfd_send_signal": 424, "io_uring_setup": 425,
-    "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429,
-    "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_open": 434,
-    "clone3": 435, "openat2": 437, "pidfd_getfd": 438, "mount_setattr": 442,
-    "futex_waitv": 449,
+    "preadv2": 327, "rseq": 334, **_UNIFIED,
 }  # fmt: skip
 
 _AARCH64 = {
@@ -82,11 +87,7 @@ _AARCH64 = {
     "renameat2": 276, "seccomp": 277, "getrandom": 278, "memfd_create": 279, "bpf": 280,
     "execveat": 281, "userfaultfd": 282, "preadv2": 286, "rseq": 293,
     "kexec_load": 104, "init_module": 105, "delete_module": 106, "reboot": 142,
-    "kexec_file_load": 294, "pidfd_send_signal": 424, "io_uring_setup": 425,
-    "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429,
-    "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_open": 434,
-    "clone3": 435, "openat2": 437, "pidfd_getfd": 438, "mount_setattr": 442,
-    "futex_waitv": 449,
+    "kexec_file_load": 294, **_UNIFIED,
 }  # fmt: skip
 
 SYSCALLS: dict[str, dict[str, int]] = {"x86_64": _X86_64, "aarch64": _AARCH64}
