@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from aiodd.api import DdResult as DdResult
     from aiodd.api import dd as dd
     from aiodd.chain import Isolation as Isolation
-    from aiodd.pipeline.progress import Progress as Progress
-    from aiodd.pipeline.progress import ProgressCallback as ProgressCallback
+    from aiodd.progress import Progress as Progress
+    from aiodd.progress import ProgressCallback as ProgressCallback
     from aiodd.window import Window as Window
 
 __version__ = "0.1.0"
@@ -51,8 +51,8 @@ _LAZY = {
     "DdResult": "aiodd.api",
     "Isolation": "aiodd.chain",
     "dd": "aiodd.api",
-    "Progress": "aiodd.pipeline.progress",
-    "ProgressCallback": "aiodd.pipeline.progress",
+    "Progress": "aiodd.progress",
+    "ProgressCallback": "aiodd.progress",
     "Window": "aiodd.window",
 }
 

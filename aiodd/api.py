@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 import anyio
 
 from aiodd import chain
+from aiodd.buffers import DEFAULT_COUNT, DEFAULT_UNIT, BufferPool
 from aiodd.chain import Isolation
 from aiodd.errors import UsageError
 from aiodd.formats import encoders
 from aiodd.formats.base import VirtualDisk
 from aiodd.locks import OutputLock
-from aiodd.pipeline.buffers import DEFAULT_COUNT, DEFAULT_UNIT, BufferPool
-from aiodd.pipeline.progress import ProgressCallback, ProgressMeter
 from aiodd.pipeline.run import run_pipeline
 from aiodd.policy import Policy
+from aiodd.progress import ProgressCallback, ProgressMeter
 from aiodd.stages.sink import OutputFile
 from aiodd.window import BS_MAX, INT64_MAX, Window, compute_window, parse_size
 
