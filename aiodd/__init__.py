@@ -21,7 +21,7 @@ from aiodd.errors import UsageError as UsageError
 if TYPE_CHECKING:
     from aiodd.api import DdResult as DdResult
     from aiodd.api import dd as dd
-    from aiodd.chain import Isolation as Isolation
+    from aiodd.options import Isolation as Isolation
     from aiodd.progress import Progress as Progress
     from aiodd.progress import ProgressCallback as ProgressCallback
     from aiodd.window import Window as Window
@@ -49,7 +49,7 @@ __all__ = (
 
 _LAZY = {
     "DdResult": "aiodd.api",
-    "Isolation": "aiodd.chain",
+    "Isolation": "aiodd.options",
     "dd": "aiodd.api",
     "Progress": "aiodd.progress",
     "ProgressCallback": "aiodd.progress",
