@@ -21,9 +21,9 @@ from aiodd.errors import UsageError as UsageError
 if TYPE_CHECKING:
     from aiodd.api import DdResult as DdResult
     from aiodd.api import dd as dd
-    from aiodd.chain import Isolation as Isolation
-    from aiodd.pipeline.progress import Progress as Progress
-    from aiodd.pipeline.progress import ProgressCallback as ProgressCallback
+    from aiodd.options import Isolation as Isolation
+    from aiodd.progress import Progress as Progress
+    from aiodd.progress import ProgressCallback as ProgressCallback
     from aiodd.window import Window as Window
 
 __version__ = "0.1.0"
@@ -49,10 +49,10 @@ __all__ = (
 
 _LAZY = {
     "DdResult": "aiodd.api",
-    "Isolation": "aiodd.chain",
+    "Isolation": "aiodd.options",
     "dd": "aiodd.api",
-    "Progress": "aiodd.pipeline.progress",
-    "ProgressCallback": "aiodd.pipeline.progress",
+    "Progress": "aiodd.progress",
+    "ProgressCallback": "aiodd.progress",
     "Window": "aiodd.window",
 }
 

@@ -11,21 +11,20 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from aiodd import chain
-from aiodd.chain import Isolation
+from aiodd import chain, options
+from aiodd.buffers import DEFAULT_COUNT, DEFAULT_UNIT, BufferPool
 from aiodd.errors import UsageError
 from aiodd.formats import encoders
 from aiodd.formats.base import VirtualDisk
 from aiodd.locks import OutputLock
-from aiodd.pipeline.buffers import DEFAULT_COUNT, DEFAULT_UNIT, BufferPool
-from aiodd.pipeline.progress import ProgressCallback, ProgressMeter
+from aiodd.options import Isolation
 from aiodd.pipeline.run import run_pipeline
 from aiodd.policy import Policy
+from aiodd.progress import ProgressCallback, ProgressMeter
 from aiodd.stages.sink import OutputFile
-from aiodd.window import BS_MAX, INT64_MAX, Window, compute_window, parse_size
+from aiodd.window import Window, compute_window
 
 SKIP_WARNING = "cannot skip to specified offset"
-IO_SIZE_MIN = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -43,35 +42,6 @@ class DdResult:
     @property
     def bytes_copied(self) -> int:
         return self.window.length
-
-
-def _size_operand(
-    name: str, value: int | str | None, low: int, high: int, warnings: list[str]
-) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        from aiodd.window import SizeRangeError, SizeSyntaxError, hex_suffix_warning
-
-        try:
-            parsed = parse_size(value)
-            number = parsed.value
-            if parsed.deprecated_hex_suffix:
-                warnings.append(hex_suffix_warning(value))
-        except SizeRangeError:
-            number = high + 1
-        except SizeSyntaxError:
-            raise UsageError(
-                f"invalid {name} '{value}': not a size (a number with an optional"
-                " k, M, G, T, P or E suffix, e.g. 4K or 1.5M)"
-            ) from None
-    elif isinstance(value, bool) or not isinstance(value, int):
-        raise UsageError(f"invalid {name} {value!r}: must be an integer or a size string")
-    else:
-        number = value
-    if not low <= number <= high:
-        raise UsageError(f"invalid {name} '{value}': must be between {low} and {high}")
-    return number
 
 
 def _loop_backing(rdev: int) -> tuple[int, int] | None:
@@ -152,19 +122,14 @@ async def dd(
     """
     started = time.monotonic()
     warnings: list[str] = []
-    bs_value = _size_operand("bs", bs, 1, BS_MAX, warnings)
-    count_value = _size_operand("count", count, 0, INT64_MAX, warnings)
-    skip_value = _size_operand("skip", skip, 0, INT64_MAX, warnings)
-    assert bs_value is not None and skip_value is not None
+    bs_value = options.size_operand("bs", bs, warnings)
+    count_value = None if count is None else options.size_operand("count", count, warnings)
+    skip_value = options.size_operand("skip", skip, warnings)
     src_path, dst_path = os.fspath(src), os.fspath(dst)
     encoders.check_output_format(output_format)
-    if isolation not in ("sandbox", "inline"):
-        raise UsageError(f"unknown isolation '{isolation}': use 'sandbox' or 'inline'")
-    if not isinstance(io_size, int) or io_size < IO_SIZE_MIN or io_size % 4096:
-        raise UsageError(
-            f"invalid io_size {io_size!r}: must be a multiple of 4096 of at least {IO_SIZE_MIN}"
-        )
-    policy = Policy([os.fspath(d) for d in allow_backing], force_share=force_share)
+    isolation = options.isolation(isolation)
+    io_size = options.io_size(io_size)
+    policy = Policy(allow_backing, force_share=force_share)
     memory: mmap.mmap | None = None
     if isolation == "sandbox":
         from aiodd.guest import shared_buffer

@@ -13,17 +13,16 @@ import mmap
 import os
 import stat
 from collections.abc import Sequence
-from typing import Literal
 
-from aiodd.errors import ImageError, UsageError
+from aiodd import options
+from aiodd.errors import ImageError
 from aiodd.formats import check_input_format
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.io import LocalFile
+from aiodd.options import Isolation
 from aiodd.policy import MAX_CHAIN, Layer, Policy
 
-__all__ = ("MAX_CHAIN", "LocalResolver", "open_input")
-
-Isolation = Literal["sandbox", "inline"]
+__all__ = ("MAX_CHAIN", "Isolation", "LocalResolver", "open_input")
 
 
 class LocalResolver:
@@ -77,8 +76,7 @@ def open_input(
     ``policy``, when given, is used instead of a new one made from ``allow_dirs``: it
     then records every file the chain opened, and is sealed once the chain is open.
     """
-    if isolation not in ("sandbox", "inline"):
-        raise UsageError(f"unknown isolation mode '{isolation}': use 'sandbox' or 'inline'")
+    isolation = options.isolation(isolation)  # dd() checked it; other callers come here
     if fmt is not None:
         check_input_format(fmt)  # an unknown format is a usage error, before anything else
     if policy is None:
@@ -100,8 +98,8 @@ def open_input(
             return disk
         from aiodd.guest.host import GuestOptions, open_guest
 
-        options = GuestOptions(require_isolation=require_isolation)
-        disk = open_guest(path, file.fd, fmt, policy, top, memory=memory, options=options)
+        guest_options = GuestOptions(require_isolation=require_isolation)
+        disk = open_guest(path, file.fd, fmt, policy, top, memory=memory, options=guest_options)
     except BaseException:
         file.close()
         raise

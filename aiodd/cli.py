@@ -14,16 +14,15 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
-from aiodd import __version__
+from aiodd import __version__, options
 from aiodd.errors import AioddError, InUseError, PolicyError, UsageError, describe
 from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS, check_input_format, check_output_format
-from aiodd.window import SizeRangeError, SizeSyntaxError, hex_suffix_warning, parse_size
 
 # The pipeline's modules (anyio, the API, the decoders) are imported only once the
 # command line is known good and the guest reader is starting: its start-up then
 # overlaps ours.
 if TYPE_CHECKING:
-    from aiodd.chain import Isolation
+    from aiodd.options import Isolation
     from aiodd.terminal import Renderer
 
 PROG = "aiodd"
@@ -110,29 +109,32 @@ class Invocation:
     warnings: list[str] = field(default_factory=list)
 
 
-_RANGES = {"bs": (1, 2**31 - 1), "count": (0, 2**63 - 1), "skip": (0, 2**63 - 1)}
+# The command line's spellings of the library's option names, for UsageError.naming().
+_SPELLINGS = {
+    "allow_backing": "--allow-backing",
+    "isolation": "--isolation",
+    "progress": "--progress",
+}
 
 
-def _size(name: str, text: str, inv: Invocation) -> int:
-    low, high = _RANGES[name]
-    try:
-        parsed = parse_size(text)
-    except SizeSyntaxError:
-        raise UsageError(
-            f"invalid {name} '{text}': not a size (use a number with an optional"
-            " k, M, G, T, P or E suffix, e.g. 4K or 1.5M)"
-        ) from None
-    except SizeRangeError:
-        raise UsageError(f"invalid {name} '{text}': must be between {low} and {high}") from None
-    if not low <= parsed.value <= high:
-        raise UsageError(f"invalid {name} '{text}': must be between {low} and {high}")
-    if parsed.deprecated_hex_suffix:
-        inv.warnings.append(hex_suffix_warning(text))
-    return parsed.value
+def _spelled(exc: UsageError) -> str:
+    """The message, naming the option at fault (if any) as the command line spells it."""
+    if exc.option is None:
+        return str(exc)
+    return exc.naming(_SPELLINGS.get(exc.option, exc.option))
 
 
 def parse_args(argv: Sequence[str]) -> Invocation:
     """Parse a command line; raises UsageError naming the first bad option or operand."""
+    try:
+        return _parse_args(argv)
+    except UsageError as exc:
+        if exc.option is None:
+            raise
+        raise UsageError(_spelled(exc)) from None
+
+
+def _parse_args(argv: Sequence[str]) -> Invocation:
     inv = Invocation()
     try:
         opts, operands = getopt.gnu_getopt(
@@ -165,17 +167,11 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         elif opt == "-p":
             inv.progress = "percent"
         elif opt == "--progress":
-            if value not in ("none", "percent", "bar", "json"):
-                raise UsageError(f"invalid --progress '{value}': use none, percent, bar or json")
-            inv.progress = value
+            inv.progress = options.progress_mode(value)
         elif opt == "--allow-backing":
-            if not os.path.isdir(value):
-                raise UsageError(f"invalid --allow-backing '{value}': not a directory")
-            inv.allow_backing.append(value)
+            inv.allow_backing.append(options.allow_backing_dir(value))
         elif opt == "--isolation":
-            if value not in ("sandbox", "inline"):
-                raise UsageError(f"invalid --isolation '{value}': use sandbox or inline")
-            inv.isolation = "sandbox" if value == "sandbox" else "inline"
+            inv.isolation = options.isolation(value)
         elif opt == "--require-isolation":
             inv.require_isolation = True
         elif opt in ("-U", "--force-share"):
@@ -191,11 +187,11 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         elif name == "of":
             inv.dst = value
         elif name == "bs":
-            inv.bs = _size("bs", value, inv)
+            inv.bs = options.size_operand("bs", value, inv.warnings)
         elif name == "count":
-            inv.count = _size("count", value, inv)
+            inv.count = options.size_operand("count", value, inv.warnings)
         else:
-            inv.skip = _size("skip", value, inv)
+            inv.skip = options.size_operand("skip", value, inv.warnings)
     if inv.src is None or inv.dst is None:
         raise UsageError("must specify both input (if=) and output (of=) files")
     return inv
@@ -327,6 +323,8 @@ def _error_line(exc: AioddError | OSError) -> str:
         return exc.naming("-U")
     if isinstance(exc, PolicyError):
         return exc.naming("--allow-backing DIR")
+    if isinstance(exc, UsageError):
+        return _spelled(exc)
     if isinstance(exc, AioddError):
         return str(exc)
     return describe(exc)

@@ -14,7 +14,29 @@ class AioddError(Exception):
 
 
 class UsageError(AioddError, ValueError):
-    """An operand, option or argument is invalid."""
+    """An operand, option or argument is invalid.
+
+    An error made by :meth:`invalid` is about one option's value, ``invalid NAME VALUE:
+    RULE``: ``option`` is then the library's name for it (``bs``, ``isolation``,
+    ``allow_backing``), and :meth:`naming` gives the message with another spelling of
+    it, such as the command line's ``--isolation``.  Otherwise ``option`` is None.
+    """
+
+    option: str | None = None
+    value: str = ""  # as the message shows it: quoted, or a repr
+    rule: str = ""
+
+    @classmethod
+    def invalid(cls, option: str, value: str, rule: str) -> UsageError:
+        exc = cls(f"invalid {option} {one_line(value)}: {rule}")
+        exc.option, exc.value, exc.rule = option, one_line(value), rule
+        return exc
+
+    def naming(self, option: str) -> str:
+        """The message, with ``option`` as the name of the value at fault."""
+        if self.option is None:
+            return str(self)
+        return f"invalid {option} {self.value}: {self.rule}"
 
 
 class ImageError(AioddError):

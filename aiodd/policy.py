@@ -1,4 +1,6 @@
-"""The backing-file policy: which files an image may make aiodd open (SPEC §5).
+"""The backing-file policy: which files an image may make aiodd open.
+
+The rules, and why, are written down in docs/security.md ("The backing-file policy").
 
 An image names other files (qcow2 backing file and ``data_file``, vmdk extents, VHD and
 VHDX parents).  The image is untrusted, so every such reference is resolved here, on the
@@ -44,9 +46,10 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from aiodd import locks
-from aiodd.errors import ImageError, InUseError, PolicyError, UsageError
+from aiodd.errors import ImageError, InUseError, PolicyError
 from aiodd.formats.base import Reference
 from aiodd.io import filesystem_magic
+from aiodd.options import allow_backing_dir
 
 MAX_CHAIN = 64
 """The most layers a chain may hold, the user's image included."""
@@ -140,20 +143,19 @@ class Policy:
     """Resolves references under the backing-file policy and opens what it allows.
 
     ``allow_dirs`` are the directories the user trusts in addition to each image's own
-    directory; they are the user's own choice, so they are resolved with ``realpath``.
+    directory; they are the user's own choice, so they are resolved with ``realpath``
+    (and each must be a directory: :func:`aiodd.options.allow_backing_dir`).
     """
 
-    def __init__(self, allow_dirs: Sequence[str] = (), *, force_share: bool = False) -> None:
+    def __init__(
+        self, allow_dirs: Sequence[str | os.PathLike[str]] = (), *, force_share: bool = False
+    ) -> None:
         self.force_share = force_share
         self.opened: list[Opened] = []
         self._sealed = False
-        roots: list[str] = []
-        for directory in allow_dirs:
-            real = os.path.realpath(directory)
-            if not os.path.isdir(real):
-                raise UsageError(f"invalid allow_backing '{directory}': not a directory")
-            roots.append(real)
-        self.allow_dirs: tuple[str, ...] = tuple(roots)
+        self.allow_dirs: tuple[str, ...] = tuple(
+            os.path.realpath(allow_backing_dir(directory)) for directory in allow_dirs
+        )
 
     # -- the user's own image ---------------------------------------------------------
 

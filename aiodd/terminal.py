@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from aiodd.pipeline.progress import Progress
+from aiodd.progress import Progress
 
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 

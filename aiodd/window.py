@@ -3,8 +3,9 @@
 :func:`parse_size` reproduces qemu's ``qemu_strtosz`` as qemu-img 7.2 applies it to
 ``bs``, ``count`` and ``skip``, quirks included (``b`` means bytes, fractions round half
 up in 64.64 fixed point, a hex number may take a suffix with a deprecation warning).
-:func:`compute_window` is SPEC §2 with Python's unbounded integers standing in for
-qemu's overflow checks: a product that would overflow simply exceeds every size.
+:func:`compute_window` applies the window rules of docs/window.md, with Python's
+unbounded integers standing in for qemu's overflow checks: a product that would
+overflow simply exceeds every size.
 """
 
 from __future__ import annotations
@@ -119,7 +120,10 @@ class Window:
 
 
 def compute_window(virtual_size: int, bs: int, count: int | None, skip: int) -> Window:
-    """SPEC §2.  ``virtual_size`` is already rounded up to 512 for raw input."""
+    """The window of docs/window.md ("The rules").
+
+    ``virtual_size`` is already rounded up to 512 for raw input.
+    """
     if bs < 1:
         raise ValueError("bs must be positive")
     end = virtual_size if count is None else min(count * bs, virtual_size)

@@ -76,7 +76,11 @@ def test_options_may_follow_operands_like_gnu_getopt() -> None:
         (["-O", "qed", "if=a", "of=b"], "unknown output format 'qed': supported formats are raw"),
         (["-f", "nope", "if=a", "of=b"], "unknown input format 'nope'"),
         (["-x", "if=a", "of=b"], "option -x not recognized"),
-        (["--progress=loud", "if=a", "of=b"], "invalid --progress 'loud'"),
+        (
+            ["--progress=loud", "if=a", "of=b"],
+            "invalid --progress 'loud': use none, percent, bar or json",
+        ),
+        (["--isolation=none", "if=a", "of=b"], "invalid --isolation 'none': use sandbox or inline"),
         (
             ["--allow-backing", "/nonexistent/dir", "if=a", "of=b"],
             "invalid --allow-backing '/nonexistent/dir': not a directory",
@@ -87,6 +91,53 @@ def test_usage_errors(argv: list[str], message: str) -> None:
     with pytest.raises(UsageError) as info:
         parse_args(argv)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "kwargs", "message"),
+    [
+        (
+            ["bs=1KB"],
+            {"bs": "1KB"},
+            "invalid bs '1KB': not a size (use a number with an optional"
+            " k, M, G, T, P or E suffix, e.g. 4K or 1.5M)",
+        ),
+        (["count=8E"], {"count": "8E"}, "invalid count '8E': must be between 0 and {max}"),
+        (["skip=16E"], {"skip": "16E"}, "invalid skip '16E': must be between 0 and {max}"),
+        (["--isolation=none"], {"isolation": "none"}, "invalid {} 'none': use sandbox or inline"),
+        (
+            ["--allow-backing=/nonexistent/dir"],
+            {"allow_backing": ["/nonexistent/dir"]},
+            "invalid {} '/nonexistent/dir': not a directory",
+        ),
+    ],
+)
+def test_cli_and_library_say_the_same_but_for_the_option_name(
+    argv: list[str], kwargs: dict[str, object], message: str, sample: Path, tmp_path: Path
+) -> None:
+    """One rule, one message: only the option's spelling differs (docs/usage.md)."""
+    import anyio
+
+    import aiodd
+
+    names = {"isolation": "--isolation", "allow_backing": "--allow-backing"}
+    name = next(iter(kwargs))
+    expected = message.replace("{max}", str(2**63 - 1))
+    with pytest.raises(UsageError) as cli:
+        parse_args([*argv, "if=a", "of=b"])
+    assert str(cli.value) == expected.format(names.get(name, name))
+    with pytest.raises(UsageError) as lib:
+        anyio.run(lambda: aiodd.dd(sample, tmp_path / "never.raw", **kwargs))  # type: ignore[arg-type]
+    assert str(lib.value) == expected.format(name)
+
+
+def test_an_option_error_from_the_library_names_the_cli_option() -> None:
+    """dd() re-checks --allow-backing (the directory may go between the two checks)."""
+    from aiodd.cli import _error_line
+
+    exc = UsageError.invalid("allow_backing", "'/gone'", "not a directory")
+    assert str(exc) == "invalid allow_backing '/gone': not a directory"
+    assert _error_line(exc) == "invalid --allow-backing '/gone': not a directory"
 
 
 def test_count_7e_is_valid() -> None:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import aiodd
 from aiodd.errors import StageError
-from aiodd.pipeline.progress import Progress
+from aiodd.progress import Progress
 from aiodd.terminal import (
     BarRenderer,
     JsonRenderer,

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from aiodd.api import DdResult
+from aiodd.buffers import Bytes
 from aiodd.errors import OutputError, UsageError
 from aiodd.stages import sink
-from aiodd.stages.encoder import Bytes
 from aiodd.stages.sink import OutputFile
 from tests.harness import aiodd_run, aiodd_subprocess
 

@@ -1,1 +1,4 @@
-"""The streaming pipeline: buffer pool, progress accounting and the task-group wiring."""
+"""The wiring that runs the stages: one task group joined by bounded streams.
+
+See docs/architecture-flow.md.
+"""

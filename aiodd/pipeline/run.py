@@ -11,11 +11,11 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
+from aiodd.buffers import BufferPool, Chunk, WriteOp
 from aiodd.errors import AioddError, StageError
 from aiodd.formats.base import OutputPlan, VirtualDisk
-from aiodd.pipeline.buffers import BufferPool, Chunk
-from aiodd.pipeline.progress import ProgressMeter
-from aiodd.stages.encoder import WriteOp, encode_stream
+from aiodd.progress import ProgressMeter
+from aiodd.stages.encoder import encode_stream
 from aiodd.stages.reader import read_window
 from aiodd.stages.sink import OutputFile, sink_stream
 from aiodd.stages.windower import window_stream

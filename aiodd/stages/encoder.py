@@ -1,34 +1,23 @@
 """Stage 3, the format encoder: places the output data stream in the container.
 
-The output plan (a pure function of the window's length, see ``formats.encoders``) says
-which file offsets each data byte goes to and which metadata blocks surround it; this
-stage only turns that into write operations for the sink.
+The output plan (a pure function of the window's length, made by the output format's
+own ``encode`` module) says which file offsets each data byte goes to and which
+metadata blocks surround it; this stage only turns that into write operations for the
+sink.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from aiodd.buffers import Bytes, Chunk, WriteOp
 from aiodd.formats.base import OutputPlan
-from aiodd.pipeline.buffers import Chunk
-
-Bytes = bytes | memoryview
 
 # Metadata blocks are small and many (L2 tables, BAT pages): batch them into writes
 # of about a pool buffer so each thread hand-off moves enough bytes.
 METADATA_BATCH = 4 * 1024 * 1024
-
-
-@dataclass(eq=False)
-class WriteOp:
-    """Writes for the sink; ``chunk`` goes back to the pool once they are done."""
-
-    writes: list[tuple[int, Bytes]]
-    chunk: Chunk | None = None
-    data_bytes: int = 0  # window bytes in this op, for progress
 
 
 def _metadata_batches(plan: OutputPlan) -> Iterator[list[tuple[int, Bytes]]]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
+from aiodd.buffers import BufferPool, Chunk
 from aiodd.errors import AioddError
 from aiodd.formats.base import VirtualDisk
-from aiodd.pipeline.buffers import BufferPool, Chunk
 
 
 async def read_window(

@@ -9,12 +9,13 @@ its place, renamed over ``of=`` at the end (docs/usage.md says what that one can
 An existing block device is the exception: it is written in place.
 
 Aligned data goes out through a second, ``O_DIRECT`` descriptor.  The fsync that
-SPEC §6 requires makes the copy wait for the disk anyway, so staging the output in
-the page cache only adds a memory copy per byte and fills memory with pages nobody
-will read; on these VMs, taking fresh page-cache pages is also what made half of
-the buffered copies two to three times slower.  Whatever the filesystem refuses to
-take directly (unaligned pieces, small metadata) is written through the page cache,
-and so is everything on a filesystem that is not a local disk's (NFS, tmpfs, FUSE...).
+durability requires (docs/usage.md, "Durability") makes the copy wait for the disk
+anyway, so staging the output in the page cache only adds a memory copy per byte and
+fills memory with pages nobody will read; on these VMs, taking fresh page-cache pages
+is also what made half of the buffered copies two to three times slower.  Whatever the
+filesystem refuses to take directly (unaligned pieces, small metadata) is written
+through the page cache, and so is everything on a filesystem that is not a local
+disk's (NFS, tmpfs, FUSE...).
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ import stat
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from aiodd.buffers import BufferPool, Bytes, WriteOp
 from aiodd.errors import OutputError, UsageError
 from aiodd.io import filesystem_magic
-from aiodd.pipeline.buffers import BufferPool
-from aiodd.pipeline.progress import ProgressMeter
-from aiodd.stages.encoder import Bytes, WriteOp
+from aiodd.progress import ProgressMeter
 
 
 def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from aiodd.pipeline.buffers import BufferPool, Chunk
+from aiodd.buffers import BufferPool, Chunk
 
 
 async def window_stream(

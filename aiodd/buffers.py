@@ -1,9 +1,14 @@
-"""A fixed pool of I/O buffers, recycled from the sink back to the reader.
+"""The pipeline's memory: a fixed pool of I/O buffers, and the items that carry them.
 
 The pool is the pipeline's memory bound and its back-pressure: a reader that finds no
 free buffer waits until the sink has written one out.  All buffers are slices of one
 ``mmap`` so that, with isolation on, the guest process can fill them in place (the
 mmap is then backed by a memfd it maps too).
+
+A :class:`Chunk` carries a buffer from the reader through the windower to the encoder;
+a :class:`WriteOp` carries it (with the container's metadata) from the encoder to the
+sink, which gives it back to the pool.  They live here, below the stages, so that no
+stage imports another: see docs/architecture-flow.md.
 """
 
 from __future__ import annotations
@@ -36,6 +41,18 @@ class Chunk:
     @property
     def data(self) -> memoryview:
         return self.buffer.view[: self.length]
+
+
+Bytes = bytes | memoryview
+
+
+@dataclass(eq=False)
+class WriteOp:
+    """Writes for the sink; ``chunk`` goes back to the pool once they are done."""
+
+    writes: list[tuple[int, Bytes]]
+    chunk: Chunk | None = None
+    data_bytes: int = 0  # window bytes in this op, for progress
 
 
 class BufferPool:
