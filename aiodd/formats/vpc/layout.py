@@ -1,4 +1,4 @@
-"""VHD (qemu's "vpc") structures, parsed from bytes with no I/O.
+"""VHD (qemu's "vpc") structures, parsed from bytes and built into bytes with no I/O.
 
 The footer (512 bytes, big-endian) sits at the end of every VHD and, for dynamic and
 differencing disks, also at offset 0.  A dynamic disk's footer points at the dynamic
@@ -19,9 +19,12 @@ from dataclasses import dataclass
 from sys import byteorder
 from urllib.parse import unquote, urlsplit
 
+from aiodd.formats.common import SECTOR, round_up
+from aiodd.formats.common import LayoutError as LayoutError  # what the parsers raise
+
+NAME = "vpc"
 FOOTER_SIZE = 512
 DYN_HEADER_SIZE = 1024
-SECTOR = 512
 
 FOOTER_COOKIE = b"conectix"
 DYN_COOKIE = b"cxsparse"
@@ -29,6 +32,10 @@ DYN_COOKIE = b"cxsparse"
 TYPE_FIXED = 2
 TYPE_DYNAMIC = 3
 TYPE_DIFFERENCING = 4
+VERSION = 0x00010000  # of the footer's file format and of the dynamic header
+FEATURES = 2  # the footer's reserved feature bit, always set
+# Seconds from the Unix epoch to the VHD epoch, 2000-01-01 00:00:00 UTC.
+VHD_EPOCH = 946684800
 
 # qemu 7.2 block/vpc.c: VHD_MAX_SECTORS (2040 GiB) and VHD_MAX_GEOMETRY.
 MAX_SECTORS = 0xFF000000
@@ -49,18 +56,28 @@ PLATFORM_MACX = b"MacX"  # file URL, UTF-8
 LOCATOR_PREFERENCE = (PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_MACX)
 MAX_LOCATOR_LENGTH = 64 * 1024
 
-_FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB")
-_DYN = struct.Struct(">8sQQIIII16sII512s")
+_FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB427s")
+_FOOTER_CHECKSUM = 14  # the checksum's place among the fields
+_DYN = struct.Struct(">8sQQIIII16sII512s192s256s")
+_DYN_CHECKSUM = 6
 _LOCATOR = struct.Struct(">4sIIIQ")
 
 
-class LayoutError(ValueError):
-    """A VHD structure is invalid; the decoder turns it into an ImageError."""
+def probe(head: bytes) -> int:
+    """qemu's ``vpc_probe``: the footer copy's cookie at offset 0."""
+    return 100 if head[:8] == FOOTER_COOKIE else 0
 
 
 def checksum(data: bytes | bytearray) -> int:
     """VHD's checksum: the one's complement of the byte sum."""
     return ~sum(data) & 0xFFFFFFFF
+
+
+def _checksummed(layout: struct.Struct, fields: list[object], at: int) -> bytes:
+    """``fields`` packed, with the checksum of the packing (its own field zero) at ``at``."""
+    fields[at] = 0
+    fields[at] = checksum(layout.pack(*fields))
+    return layout.pack(*fields)
 
 
 @dataclass(frozen=True)
@@ -105,6 +122,7 @@ def parse_footer(raw: bytes) -> Footer:
         stored,
         uuid,
         _saved,
+        _reserved,
     ) = _FOOTER.unpack_from(raw)
     if cookie != FOOTER_COOKIE:
         raise LayoutError("vpc footer has no 'conectix' cookie")
@@ -137,7 +155,7 @@ class DynamicHeader:
     @property
     def bitmap_size(self) -> int:
         """Bytes of sector bitmap before each block, rounded up to a sector."""
-        return -(-(self.block_size // (8 * SECTOR)) // SECTOR) * SECTOR
+        return round_up(self.block_size // (8 * SECTOR), SECTOR)
 
 
 def parse_dynamic_header(raw: bytes, virtual_size: int) -> DynamicHeader:
@@ -155,6 +173,8 @@ def parse_dynamic_header(raw: bytes, virtual_size: int) -> DynamicHeader:
         _parent_timestamp,
         _reserved,
         parent_name_raw,
+        _locators,
+        _reserved_end,
     ) = _DYN.unpack_from(raw)
     if cookie != DYN_COOKIE:
         raise LayoutError("vpc dynamic header has no 'cxsparse' cookie")
@@ -222,3 +242,34 @@ def decode_locator(platform: bytes, data: bytes) -> str:
     if not text:
         raise LayoutError(f"vpc parent locator '{platform.decode('latin-1')}' is empty")
     return text
+
+
+def build_footer(
+    *,
+    data_offset: int,
+    timestamp: int,
+    creator: tuple[bytes, int, bytes],
+    size: int,
+    geometry: tuple[int, int, int],
+    disk_type: int,
+    uuid: bytes,
+) -> bytes:
+    """A footer: ``creator`` is (application, version, host OS), ``geometry`` (cylinders,
+    heads, sectors per track); the original and current sizes are both ``size``."""
+    app, version, host = creator
+    return _checksummed(
+        _FOOTER,
+        [FOOTER_COOKIE, FEATURES, VERSION, data_offset, timestamp, app, version, host,
+         size, size, *geometry, disk_type, 0, uuid, 0, b""],
+        _FOOTER_CHECKSUM,
+    )  # fmt: skip
+
+
+def build_dynamic_header(*, table_offset: int, entries: int, block_size: int) -> bytes:
+    """The dynamic header of a disk with no parent (no locators, no parent name)."""
+    return _checksummed(
+        _DYN,
+        [DYN_COOKIE, 0xFFFFFFFFFFFFFFFF, table_offset, VERSION, entries, block_size, 0,
+         bytes(16), 0, 0, b"", b"", b""],
+        _DYN_CHECKSUM,
+    )  # fmt: skip
