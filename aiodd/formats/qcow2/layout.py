@@ -41,12 +41,10 @@ EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857
 EXT_DATA_FILE = 0x44415441
 
-# Incompatible feature bits.
-INCOMPAT_DIRTY = 1 << 0
-INCOMPAT_CORRUPT = 1 << 1
-INCOMPAT_DATA_FILE = 1 << 2
-INCOMPAT_COMPRESSION = 1 << 3
-INCOMPAT_EXTL2 = 1 << 4
+# Incompatible feature bits 0 to 4, in the order FEATURE_NAMES names them.
+INCOMPAT_DIRTY, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2 = (
+    1 << bit for bit in range(5)
+)
 INCOMPAT_KNOWN = 0x1F
 # The feature name table qemu 7.2 writes (type, bit, name), types: 0 incompatible,
 # 1 compatible, 2 autoclear.  Informational: a reader finds an unknown bit's name in it.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections import namedtuple
 from dataclasses import dataclass
 from sys import byteorder
 from urllib.parse import unquote, urlsplit
@@ -56,10 +57,20 @@ PLATFORM_MACX = b"MacX"  # file URL, UTF-8
 LOCATOR_PREFERENCE = (PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_MACX)
 MAX_LOCATOR_LENGTH = 64 * 1024
 
+# Each structure's fields, named once for both parsing and building.
 _FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB427s")
-_FOOTER_CHECKSUM = 14  # the checksum's place among the fields
+_FooterFields = namedtuple(
+    "_FooterFields",
+    "cookie features version data_offset timestamp creator_app creator_version creator_os"
+    " original_size current_size cylinders heads spt disk_type checksum uuid saved_state"
+    " reserved",
+)
 _DYN = struct.Struct(">8sQQIIII16sII512s192s256s")
-_DYN_CHECKSUM = 6
+_DynFields = namedtuple(
+    "_DynFields",
+    "cookie data_offset table_offset version entries block_size checksum parent_uuid"
+    " parent_timestamp reserved parent_name locators reserved_end",
+)
 _LOCATOR = struct.Struct(">4sIIIQ")
 
 
@@ -73,11 +84,10 @@ def checksum(data: bytes | bytearray) -> int:
     return ~sum(data) & 0xFFFFFFFF
 
 
-def _checksummed(layout: struct.Struct, fields: list[object], at: int) -> bytes:
-    """``fields`` packed, with the checksum of the packing (its own field zero) at ``at``."""
-    fields[at] = 0
-    fields[at] = checksum(layout.pack(*fields))
-    return layout.pack(*fields)
+def _checksummed(layout: struct.Struct, fields: _FooterFields | _DynFields) -> bytes:
+    """``fields`` packed, with the checksum of the packing (its own field zero)."""
+    fields = fields._replace(checksum=0)
+    return layout.pack(*fields._replace(checksum=checksum(layout.pack(*fields))))
 
 
 @dataclass(frozen=True)
@@ -104,33 +114,23 @@ class Footer:
 def parse_footer(raw: bytes) -> Footer:
     if len(raw) < FOOTER_SIZE:
         raise LayoutError("vpc footer is truncated")
-    (
-        cookie,
-        _features,
-        _version,
-        data_offset,
-        _timestamp,
-        creator_app,
-        _creator_version,
-        _creator_os,
-        _original_size,
-        current_size,
-        cylinders,
-        heads,
-        spt,
-        disk_type,
-        stored,
-        uuid,
-        _saved,
-        _reserved,
-    ) = _FOOTER.unpack_from(raw)
-    if cookie != FOOTER_COOKIE:
+    f = _FooterFields._make(_FOOTER.unpack_from(raw))
+    if f.cookie != FOOTER_COOKIE:
         raise LayoutError("vpc footer has no 'conectix' cookie")
     zeroed = bytearray(raw[:FOOTER_SIZE])
     zeroed[64:68] = bytes(4)
-    if checksum(zeroed) != stored:
+    if checksum(zeroed) != f.checksum:
         raise LayoutError("vpc footer checksum is incorrect")
-    footer = Footer(data_offset, creator_app, current_size, cylinders, heads, spt, disk_type, uuid)
+    footer = Footer(
+        f.data_offset,
+        f.creator_app,
+        f.current_size,
+        f.cylinders,
+        f.heads,
+        f.spt,
+        f.disk_type,
+        f.uuid,
+    )
     if footer.virtual_size > MAX_SECTORS * SECTOR:
         raise LayoutError(f"vpc virtual size {footer.virtual_size} is larger than 2040 GiB")
     return footer
@@ -161,22 +161,9 @@ class DynamicHeader:
 def parse_dynamic_header(raw: bytes, virtual_size: int) -> DynamicHeader:
     if len(raw) < DYN_HEADER_SIZE:
         raise LayoutError("vpc dynamic header is truncated")
-    (
-        cookie,
-        _data_offset,
-        table_offset,
-        _version,
-        entries,
-        block_size,
-        _checksum,
-        parent_uuid,
-        _parent_timestamp,
-        _reserved,
-        parent_name_raw,
-        _locators,
-        _reserved_end,
-    ) = _DYN.unpack_from(raw)
-    if cookie != DYN_COOKIE:
+    d = _DynFields._make(_DYN.unpack_from(raw))
+    entries, block_size = d.entries, d.block_size
+    if d.cookie != DYN_COOKIE:
         raise LayoutError("vpc dynamic header has no 'cxsparse' cookie")
     if block_size < SECTOR or block_size & (block_size - 1):
         raise LayoutError(f"vpc block size {block_size} is not a power of two >= 512")
@@ -191,9 +178,9 @@ def parse_dynamic_header(raw: bytes, virtual_size: int) -> DynamicHeader:
         platform, _space, length, _res, offset = _LOCATOR.unpack_from(raw, 576 + 24 * i)
         if platform != bytes(4):
             locators.append(Locator(platform, length, offset))
-    parent_name = parent_name_raw.decode("utf-16-be", "replace").split("\0", 1)[0]
+    parent_name = d.parent_name.decode("utf-16-be", "replace").split("\0", 1)[0]
     return DynamicHeader(
-        table_offset, entries, block_size, parent_uuid, parent_name, tuple(locators)
+        d.table_offset, entries, block_size, d.parent_uuid, parent_name, tuple(locators)
     )
 
 
@@ -257,19 +244,45 @@ def build_footer(
     """A footer: ``creator`` is (application, version, host OS), ``geometry`` (cylinders,
     heads, sectors per track); the original and current sizes are both ``size``."""
     app, version, host = creator
-    return _checksummed(
-        _FOOTER,
-        [FOOTER_COOKIE, FEATURES, VERSION, data_offset, timestamp, app, version, host,
-         size, size, *geometry, disk_type, 0, uuid, 0, b""],
-        _FOOTER_CHECKSUM,
-    )  # fmt: skip
+    cylinders, heads, spt = geometry
+    fields = _FooterFields(
+        cookie=FOOTER_COOKIE,
+        features=FEATURES,
+        version=VERSION,
+        data_offset=data_offset,
+        timestamp=timestamp,
+        creator_app=app,
+        creator_version=version,
+        creator_os=host,
+        original_size=size,
+        current_size=size,
+        cylinders=cylinders,
+        heads=heads,
+        spt=spt,
+        disk_type=disk_type,
+        checksum=0,
+        uuid=uuid,
+        saved_state=0,
+        reserved=b"",
+    )
+    return _checksummed(_FOOTER, fields)
 
 
 def build_dynamic_header(*, table_offset: int, entries: int, block_size: int) -> bytes:
     """The dynamic header of a disk with no parent (no locators, no parent name)."""
-    return _checksummed(
-        _DYN,
-        [DYN_COOKIE, 0xFFFFFFFFFFFFFFFF, table_offset, VERSION, entries, block_size, 0,
-         bytes(16), 0, 0, b"", b"", b""],
-        _DYN_CHECKSUM,
-    )  # fmt: skip
+    fields = _DynFields(
+        cookie=DYN_COOKIE,
+        data_offset=0xFFFFFFFFFFFFFFFF,  # unused
+        table_offset=table_offset,
+        version=VERSION,
+        entries=entries,
+        block_size=block_size,
+        checksum=0,
+        parent_uuid=bytes(16),
+        parent_timestamp=0,
+        reserved=0,
+        parent_name=b"",
+        locators=b"",
+        reserved_end=b"",
+    )
+    return _checksummed(_DYN, fields)
