@@ -20,7 +20,7 @@ import uuid
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-from aiodd.formats.common import KiB
+from aiodd.formats.common import KiB, div_round_up
 from aiodd.formats.common import LayoutError as LayoutError  # what the parsers raise
 from aiodd.formats.common import MiB as MiB  # the unit of every region's alignment
 from aiodd.formats.crc32c import crc32c
@@ -310,7 +310,7 @@ class Parameters:
 
     @property
     def data_blocks(self) -> int:
-        return -(-self.virtual_size // self.block_size)
+        return div_round_up(self.virtual_size, self.block_size)
 
     @property
     def bat_entries(self) -> int:
@@ -319,7 +319,7 @@ class Parameters:
         if blocks == 0:
             return 0
         if self.has_parent:
-            return -(-blocks // self.chunk_ratio) * (self.chunk_ratio + 1)
+            return div_round_up(blocks, self.chunk_ratio) * (self.chunk_ratio + 1)
         return blocks + (blocks - 1) // self.chunk_ratio
 
 
@@ -439,7 +439,7 @@ def parse_log_entry(log: bytes, position: int, log_guid: bytes) -> LogEntry | No
         return None
     if length == 0 or length % LOG_SECTOR or length > size:
         return None
-    desc_sectors = -(-(count + 2) // 128)
+    desc_sectors = div_round_up(count + 2, 128)
     if desc_sectors * LOG_SECTOR > length:
         return None
     raw = _circular(log, position, length)

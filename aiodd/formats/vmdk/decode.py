@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
-from aiodd.formats.common import SECTOR, read_parent, zero_fill
+from aiodd.formats.common import SECTOR, read_parent, round_up, zero_fill
 from aiodd.formats.vmdk import layout as L
 
 NAME = L.NAME
@@ -305,7 +305,7 @@ def _open_sparse(
             )
         return header
     if header.gd_offset == L.GD_AT_END:
-        end = -(-file.size // SECTOR) * SECTOR
+        end = round_up(file.size, SECTOR)
         if end < 3 * SECTOR:
             raise _err(name, "file is too small to hold a footer")
         header = L.parse_footer(file.pread(end - 3 * SECTOR, 3 * SECTOR), name)

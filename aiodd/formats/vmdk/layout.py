@@ -30,7 +30,7 @@ from array import array
 from dataclasses import dataclass
 
 from aiodd.errors import ImageError, UnsupportedImageError
-from aiodd.formats.common import SECTOR
+from aiodd.formats.common import SECTOR, div_round_up
 
 NAME = "vmdk"
 
@@ -240,10 +240,10 @@ def sparse_layout(header: SparseHeader, file_size: int, name: str) -> SparseLayo
             f"compressed grains of {header.granularity} sectors are not supported"
             f" (max {MAX_COMPRESSED_GRAIN // SECTOR})",
         )
-    gd_entries = -(-header.capacity // gt_coverage)
+    gd_entries = div_round_up(header.capacity, gt_coverage)
     if gd_entries > MAX_GD_ENTRIES:
         raise _err(name, f"grain directory of {gd_entries} entries is too big")
-    sectors = -(-file_size // SECTOR)
+    sectors = div_round_up(file_size, SECTOR)
     if sectors < header.grain_offset:
         raise _err(
             name,
