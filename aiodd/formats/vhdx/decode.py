@@ -20,8 +20,8 @@ from aiodd.formats.vhdx import layout as L
 
 NAME = L.NAME
 probe = L.probe
-# A VHDX sector bitmap holds each byte's least significant bit first.
-_runs = partial(bit_runs, msb_first=False)
+# This format's sector bitmap, split in runs of equal bits (its bit order, tested).
+_runs = partial(bit_runs, msb_first=L.BITMAP_MSB_FIRST)
 _ZERO_STATES = frozenset(
     {L.PAYLOAD_UNDEFINED, L.PAYLOAD_ZERO, L.PAYLOAD_UNMAPPED, L.PAYLOAD_UNMAPPED_V095}
 )
@@ -203,7 +203,7 @@ class VhdxDisk:
             bitmap_at=bitmap_entry & L.OFFSET_MASK,
             origin=chunk * L.MAX_SECTORS_PER_BLOCK,  # the chunk's first sector
             sector=self._sector,
-            msb_first=False,
+            msb_first=L.BITMAP_MSB_FIRST,
             read_here=lambda lo, part: self._read_file(data + voffset + lo, part),
             parent=self._parent,
             voffset=voffset,

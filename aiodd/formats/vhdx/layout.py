@@ -75,6 +75,8 @@ PAYLOAD_PARTIALLY_PRESENT = 7
 SB_BLOCK_PRESENT = 6
 STATE_MASK = 7
 OFFSET_MASK = ~((1 << 20) - 1) & 0xFFFFFFFFFFFFFFFF
+# A sector bitmap holds sector 0 in its first byte's least significant bit.
+BITMAP_MSB_FIRST = False
 # Region table entry and metadata item flags.
 REGION_REQUIRED = 1
 ITEM_USER = 1

@@ -20,8 +20,8 @@ from aiodd.formats.vpc import layout as L
 
 NAME = L.NAME
 probe = L.probe
-# A VHD sector bitmap holds each byte's most significant bit first.
-_runs = partial(bit_runs, msb_first=True)
+# This format's sector bitmap, split in runs of equal bits (its bit order, tested).
+_runs = partial(bit_runs, msb_first=L.BITMAP_MSB_FIRST)
 
 
 class FixedVpcDisk:
@@ -103,7 +103,7 @@ class DynamicVpcDisk:
             bitmap_at=bitmap_at,
             origin=0,
             sector=SECTOR,
-            msb_first=True,
+            msb_first=L.BITMAP_MSB_FIRST,
             read_here=lambda lo, part: self._read_file(data + within + lo, part),
             parent=self._parent,
             voffset=voffset,

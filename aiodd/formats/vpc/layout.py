@@ -46,6 +46,8 @@ MAX_GEOMETRY = 65535 * 16 * 255
 # KiB and no known writer goes there, so larger blocks are refused as hostile.
 MAX_BLOCK_SIZE = 256 << 20
 UNALLOCATED = 0xFFFFFFFF
+# A sector bitmap holds sector 0 in its first byte's most significant bit.
+BITMAP_MSB_FIRST = True
 
 # Creator applications that qemu 7.2 sizes by the footer's current_size.
 CURRENT_SIZE_CREATORS = frozenset({b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0"})
