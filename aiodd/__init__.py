@@ -8,6 +8,7 @@ pipeline's imports at start-up.
 
 from typing import TYPE_CHECKING, Any
 
+from aiodd._version import __version__ as __version__
 from aiodd.errors import AioddError as AioddError
 from aiodd.errors import ImageError as ImageError
 from aiodd.errors import InUseError as InUseError
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
     from aiodd.progress import Progress as Progress
     from aiodd.progress import ProgressCallback as ProgressCallback
     from aiodd.window import Window as Window
-
-__version__ = "0.1.0"
 
 __all__ = (
     "AioddError",

@@ -14,7 +14,7 @@ import anyio
 from aiodd import chain, options
 from aiodd.buffers import DEFAULT_COUNT, DEFAULT_UNIT, BufferPool
 from aiodd.errors import UsageError
-from aiodd.formats import encoders
+from aiodd.formats import registry as encoders
 from aiodd.formats.base import VirtualDisk
 from aiodd.locks import OutputLock
 from aiodd.options import Isolation

@@ -37,7 +37,7 @@ class LocalResolver:
         return _local(fd, ref.name)
 
     def open_disk(self, ref: Reference) -> VirtualDisk:
-        from aiodd.formats import decoders
+        from aiodd.formats import registry as decoders
 
         fd, layer = self._policy.open_reference(self._layer, ref, disk=True)
         file = _local(fd, ref.name)
@@ -91,7 +91,7 @@ def open_input(
     try:
         top = policy.top(path, file.fd)
         if isolation == "inline":
-            from aiodd.formats import decoders
+            from aiodd.formats import registry as decoders
 
             disk: VirtualDisk = decoders.open_disk(file, LocalResolver(policy, top), fmt)
             policy.seal()  # decoders open what they need in open_disk, never later

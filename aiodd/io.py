@@ -1,20 +1,12 @@
-"""Local files behind the :class:`~aiodd.formats.base.RandomAccessFile` interface."""
+"""Local files behind the :class:`~aiodd.formats.base.RandomAccessFile` interface (with
+the :class:`~aiodd.formats.base.SparseFile` capability)."""
 
 from __future__ import annotations
 
 import errno
 import os
 
-_ZEROS = memoryview(bytes(1 << 20))
-
-
-def zero_fill(buf: memoryview) -> None:
-    """Zero ``buf`` in place, without allocating a buffer of its size."""
-    pos, n = 0, len(buf)
-    while pos < n:
-        k = min(n - pos, len(_ZEROS))
-        buf[pos : pos + k] = _ZEROS[:k]
-        pos += k
+from aiodd.formats.common import zero_fill
 
 
 def filesystem_magic(fd: int) -> int | None:

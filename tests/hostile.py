@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from aiodd.formats import vhdx_layout
 from aiodd.formats.crc32c import crc32c
+from aiodd.formats.vhdx import layout as vhdx_layout
 from tests.conftest import qemu_img, qemu_io
 
 KiB = 1 << 10

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from aiodd.chain import open_input
 from aiodd.errors import ImageError, PolicyError, UnsupportedImageError
-from aiodd.formats import qcow2_layout as layout
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
-from aiodd.formats.decoders import detect
-from aiodd.formats.decoders import qcow2 as decoder
+from aiodd.formats.qcow2 import decode as decoder
+from aiodd.formats.qcow2 import layout
+from aiodd.formats.registry import detect
 from tests.conftest import needs_qemu, qemu_img, qemu_io, qemu_raw_bytes, run_qemu
 
 # -- an in-memory image builder ------------------------------------------------------
@@ -51,6 +51,9 @@ class MemFile:
         buf[: len(chunk)] = chunk
         return len(chunk)
 
+    def close(self) -> None:
+        pass
+
 
 class MemResolver:
     """Serves named in-memory files; refuses everything else as the policy would."""
@@ -66,7 +69,7 @@ class MemResolver:
         return MemFile(self.files[ref.name], ref.name)
 
     def open_disk(self, ref: Reference) -> VirtualDisk:
-        from aiodd.formats.decoders import open_disk
+        from aiodd.formats.registry import open_disk
 
         file = self.open_file(ref)
         return open_disk(file, MemResolver(self.files), ref.format)

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from aiodd.chain import Isolation, open_input
 from aiodd.errors import ImageError
-from aiodd.formats import decoders
-from aiodd.formats import vhdx_layout as L
+from aiodd.formats import registry as decoders
 from aiodd.formats.crc32c import crc32c
-from aiodd.formats.decoders import vhdx
+from aiodd.formats.vhdx import decode as vhdx
+from aiodd.formats.vhdx import layout as L
 from tests.conftest import QEMU_IMG, needs_qemu, qemu_img, qemu_io, qemu_raw_bytes
 from tests.hostile import VhdxImage as Image
 from tests.hostile import vhdx_locator_item as locator_item
@@ -617,6 +617,9 @@ class MemoryFile:
         chunk = self._data[offset : offset + len(buf)]
         buf[: len(chunk)] = chunk
         return len(chunk)
+
+    def close(self) -> None:
+        pass
 
 
 class NoResolver:

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from aiodd.chain import open_input
 from aiodd.errors import ImageError, UnsupportedImageError
-from aiodd.formats import decoders
-from aiodd.formats import vmdk_layout as L
+from aiodd.formats import registry as decoders
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
-from aiodd.formats.decoders import vmdk
+from aiodd.formats.vmdk import decode as vmdk
+from aiodd.formats.vmdk import layout as L
 from tests.conftest import needs_qemu, qemu_img, qemu_io, qemu_raw_bytes
 
 KiB = 1024
@@ -51,6 +51,9 @@ class MemFile:
         chunk = self._data[offset : offset + len(buf)]
         buf[: len(chunk)] = chunk
         return len(chunk)
+
+    def close(self) -> None:
+        pass
 
 
 class MemResolver:

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from aiodd.chain import Isolation, open_input
 from aiodd.errors import ImageError
-from aiodd.formats import decoders
-from aiodd.formats import vpc_layout as L
-from aiodd.formats.decoders import vpc
+from aiodd.formats import registry as decoders
+from aiodd.formats.vpc import decode as vpc
+from aiodd.formats.vpc import layout as L
 from aiodd.io import LocalFile
 from tests.conftest import needs_qemu, qemu_img, qemu_io, qemu_raw_bytes
 
@@ -172,6 +172,9 @@ class MemoryFile:
         chunk = self._data[offset : offset + len(buf)]
         buf[: len(chunk)] = chunk
         return len(chunk)
+
+    def close(self) -> None:
+        pass
 
 
 class NoResolver:

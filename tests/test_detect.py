@@ -17,11 +17,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aiodd.errors import UnsupportedImageError, UsageError
-from aiodd.formats import QEMU_FORMATS, check_input_format, probes
+from aiodd.formats import QEMU_FORMATS, check_input_format
+from aiodd.formats import foreign as probes
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
-from aiodd.formats.decoders import PROBE_ORDER, PROBES, detect, open_disk
-from aiodd.formats.probes import PROBE_SIZE
-from aiodd.formats.qcow2_layout import EXT_BACKING_FORMAT
+from aiodd.formats.foreign import PROBE_SIZE
+from aiodd.formats.qcow2.layout import EXT_BACKING_FORMAT
+from aiodd.formats.registry import PROBE_ORDER, PROBES, detect, open_disk
 from aiodd.io import LocalFile
 from tests.conftest import needs_qemu, qemu_img
 from tests.harness import aiodd_run, aiodd_subprocess, leftovers, qemu_dd

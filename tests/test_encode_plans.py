@@ -15,11 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiodd.errors import UsageError
-from aiodd.formats import encoders
+from aiodd.formats import plans as _common
+from aiodd.formats import registry as encoders
 from aiodd.formats.base import OutputPlan
 from aiodd.formats.crc32c import crc32c
-from aiodd.formats.encoders import _common, qcow2, vhdx, vmdk, vpc
-from aiodd.formats.encoders._common import Identity
+from aiodd.formats.plans import Identity
+from aiodd.formats.qcow2 import encode as qcow2
+from aiodd.formats.vhdx import encode as vhdx
+from aiodd.formats.vmdk import encode as vmdk
+from aiodd.formats.vpc import encode as vpc
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 FORMATS = ("qcow2", "vmdk", "vpc", "vhdx")

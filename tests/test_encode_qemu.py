@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 
 from aiodd.errors import UsageError
-from aiodd.formats import encoders
+from aiodd.formats import registry as encoders
 from aiodd.formats.base import OutputPlan
-from aiodd.formats.encoders import vhdx, vmdk, vpc
+from aiodd.formats.vhdx import encode as vhdx
+from aiodd.formats.vmdk import encode as vmdk
+from aiodd.formats.vpc import encode as vpc
 from tests.conftest import needs_qemu, qemu_img
 
 pytestmark = needs_qemu

@@ -8,7 +8,8 @@ import tempfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiodd.io import LocalFile, zero_fill
+from aiodd.formats.common import zero_fill
+from aiodd.io import LocalFile
 
 BLOCK = 4096  # ext4 and tmpfs make holes in whole blocks
 

@@ -1,7 +1,8 @@
-"""Disk image formats: sans-IO decoders (input) and encoders (output plans).
+"""Disk image formats: one sans-IO package per format (``layout``, ``decode``,
+``encode``), listed by :mod:`aiodd.formats.registry` (docs/architecture-formats.md).
 
 The names are here, apart from the modules, so that checking ``-f``/``-O`` does not
-import every decoder and encoder (the CLI's start-up time is part of every copy).
+import any decoder or encoder (the CLI's start-up time is part of every copy).
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
-"""The interfaces every format module plugs into.
+"""The interfaces every format plugs into (docs/architecture-formats.md).
 
-Decoders are sans-IO in the sense that matters: they never open a path.  They are
-handed :class:`RandomAccessFile` objects (already opened by the host under the
-backing-file policy) and a :class:`Resolver` that turns the references an image makes
-(backing file, data file, extents, parents) into more of the same.  Whether the bytes
-come from a local descriptor or from the isolated guest process is not their concern.
+Decoders are sans-IO in the sense that matters: they never open a path and import
+nothing that does.  They are handed :class:`RandomAccessFile` objects (already opened
+by the host under the backing-file policy) and a :class:`Resolver` that turns the
+references an image makes (backing file, data file, extents, parents) into more of the
+same.  Whether the bytes come from a local descriptor or from the isolated guest
+process is not their concern.
 
 Encoders are pure: from the output's geometry they build an :class:`OutputPlan`, which
 says where each byte of the window lands in the container file and which metadata
 blocks surround it.
+
+A format's ``decode`` module satisfies :class:`Decoder` and its ``encode`` module
+:class:`Encoder`; the registry (:mod:`aiodd.formats.registry`) has mypy check both.
 """
 
 from __future__ import annotations
@@ -40,6 +44,24 @@ class RandomAccessFile(Protocol):
 
     def readinto(self, offset: int, buf: memoryview) -> int:
         """Fill ``buf`` from ``offset``; returns the byte count (short only at EOF)."""
+        ...
+
+    def close(self) -> None:
+        """Release the file; whoever holds it (a disk, a resolver's caller) closes it once."""
+        ...
+
+
+@runtime_checkable
+class SparseFile(Protocol):
+    """A capability some files have: reading that skips the file's holes.
+
+    A raw disk reads through it when its file has it (a local file knows its holes
+    from ``SEEK_DATA``/``SEEK_HOLE``): zeroing a hole in memory is several times faster
+    than having the kernel read it.
+    """
+
+    def readinto_sparse(self, offset: int, buf: memoryview) -> int:
+        """Like :meth:`RandomAccessFile.readinto`, holes zeroed instead of read."""
         ...
 
 
@@ -102,7 +124,7 @@ class Extent:
 class OutputPlan(Protocol):
     """Where the window's bytes go in an output container, and what surrounds them.
 
-    Built by a pure function of the window's length (see ``formats.encoders``).  The
+    Built by a pure function of the window's length (each format's ``encode`` module).  The
     data extents of ``[0, data_size)`` and the metadata blocks together cover every
     byte of ``[0, file_size)`` exactly once (zero padding is metadata too), so the sink
     writes a dense file without tracking gaps.  The windower pads the window with zeros
@@ -129,4 +151,33 @@ class OutputPlan(Protocol):
     def metadata(self) -> Iterator[tuple[int, bytes]]:
         """``(file_offset, bytes)`` blocks of metadata, in ascending offset order,
         produced lazily so a 2 TiB output's tables need not all be in memory at once."""
+        ...
+
+
+class Decoder(Protocol):
+    """An input format, as its ``decode`` module implements it."""
+
+    NAME: str
+
+    def probe(self, head: bytes) -> int:
+        """qemu's score for a file starting with ``head``: 0 "not mine", 100 a sure match
+        (raw answers 1)."""
+        ...
+
+    def open_disk(self, file: RandomAccessFile, resolver: Resolver) -> VirtualDisk:
+        """Decode ``file``.  The returned disk owns it (its ``close`` closes it); on an
+        error the caller still does."""
+        ...
+
+
+class Encoder(Protocol):
+    """An output format, as its ``encode`` module implements it."""
+
+    NAME: str
+
+    def plan(self, out: int, *, filename: str | None = None) -> OutputPlan:
+        """The plan for a window of ``out`` bytes, a pure function of it.  ``filename``
+        is the output's base name, for a format that records it (a vmdk descriptor
+        names its extent); the others ignore it.  A plan that cannot be built raises
+        :class:`aiodd.errors.UsageError`."""
         ...

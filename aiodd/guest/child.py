@@ -27,7 +27,7 @@ from typing import Any
 import zstandard  # noqa: F401  # the qcow2 decoder's zstd clusters
 
 from aiodd.errors import ImageError
-from aiodd.formats import decoders
+from aiodd.formats import registry as decoders
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.guest import protocol, sandbox, seccomp
 from aiodd.guest.protocol import (
@@ -45,6 +45,8 @@ from aiodd.guest.protocol import (
 )
 from aiodd.io import LocalFile
 
+# The registry imports decoders on first use: import them all, now.
+decoders.import_decoders()
 # Codecs are imported on first use: look up every one a decoder may use, now.
 for _codec in ("utf-8", "utf-16-le", "utf-16-be", "utf-16", "latin-1", "ascii"):
     codecs.lookup(_codec)
@@ -53,7 +55,7 @@ WORKERS = 2
 M_TRIM_THRESHOLD = -1
 M_ARENA_MAX = -8
 THREAD_STACK = 1 << 20  # worker threads need little stack; keeps RLIMIT_AS meaningful
-# A vmdk descriptor may name up to 4096 extents (vmdk_layout.MAX_EXTENTS), each an open
+# A vmdk descriptor may name up to 4096 extents (vmdk/layout.py's MAX_EXTENTS), each an open
 # file, plus a chain of 64 layers: the guest must be able to hold them all.
 MAX_FDS = 4096 + 256
 

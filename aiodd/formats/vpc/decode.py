@@ -11,54 +11,17 @@ and from the parent otherwise; the parent is found through the parent locators.
 from __future__ import annotations
 
 from array import array
+from functools import partial
 
 from aiodd.errors import ImageError
-from aiodd.formats import vpc_layout as L
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
-from aiodd.io import zero_fill
+from aiodd.formats.common import SECTOR, bit_runs, naming, read_by_bitmap, read_parent
+from aiodd.formats.vpc import layout as L
 
-NAME = "vpc"
-
-
-def probe(head: bytes) -> int:
-    return 100 if head[:8] == L.FOOTER_COOKIE else 0
-
-
-def _fill_parent(parent: VirtualDisk | None, offset: int, view: memoryview) -> None:
-    """``view`` from the parent at ``offset``; zeros past its end or without one."""
-    if parent is None:
-        zero_fill(view)
-        return
-    inside = max(0, min(len(view), parent.virtual_size - offset))
-    if inside:
-        parent.read_into(offset, view[:inside])
-    if inside < len(view):
-        zero_fill(view[inside:])
-
-
-def _bit(bitmap: bytes, rel: int) -> int:
-    return (bitmap[rel >> 3] >> (7 - (rel & 7))) & 1
-
-
-def _runs(bitmap: bytes, first: int, last: int, base: int) -> list[tuple[int, int, int]]:
-    """Runs ``(start, end, bit)`` of sectors ``first..last`` (inclusive) with equal bits;
-    ``bitmap`` starts at sector ``base``, most significant bit first."""
-    runs = []
-    start = first
-    current = _bit(bitmap, first - base)
-    sector = first + 1
-    while sector <= last:
-        rel = sector - base
-        if rel & 7 == 0 and sector + 8 <= last + 1 and bitmap[rel >> 3] == (0xFF if current else 0):
-            sector += 8
-            continue
-        bit = _bit(bitmap, rel)
-        if bit != current:
-            runs.append((start, sector, current))
-            start, current = sector, bit
-        sector += 1
-    runs.append((start, last + 1, current))
-    return runs
+NAME = L.NAME
+probe = L.probe
+# This format's sector bitmap, split in runs of equal bits (its bit order, tested).
+_runs = partial(bit_runs, msb_first=L.BITMAP_MSB_FIRST)
 
 
 class FixedVpcDisk:
@@ -78,9 +41,7 @@ class FixedVpcDisk:
             raise ImageError(self._file.name, "vpc fixed disk data is truncated", NAME)
 
     def close(self) -> None:
-        close = getattr(self._file, "close", None)
-        if close is not None:
-            close()
+        self._file.close()
 
 
 class DynamicVpcDisk:
@@ -122,9 +83,9 @@ class DynamicVpcDisk:
             view = buf[pos : pos + n]
             entry = self._bat[index] if index < len(self._bat) else L.UNALLOCATED
             if entry == L.UNALLOCATED:
-                _fill_parent(self._parent, offset + pos, view)
+                read_parent(self._parent, offset + pos, view)
             else:
-                start = entry * L.SECTOR
+                start = entry * SECTOR
                 data = start + self._bitmap_size
                 if self._differencing:
                     self._read_differencing(start, data, within, offset + pos, view)
@@ -135,29 +96,25 @@ class DynamicVpcDisk:
     def _read_differencing(
         self, bitmap_at: int, data: int, within: int, voffset: int, view: memoryview
     ) -> None:
-        first = within // L.SECTOR
-        last = (within + len(view) - 1) // L.SECTOR
-        byte0 = first // 8
-        bitmap = self._file.pread(bitmap_at + byte0, last // 8 - byte0 + 1)
-        if len(bitmap) < last // 8 - byte0 + 1:
-            raise ImageError(
-                self._file.name, f"vpc sector bitmap at {bitmap_at:#x} is truncated", NAME
-            )
-        for lo_sector, hi_sector, bit in _runs(bitmap, first, last, byte0 * 8):
-            lo = max(lo_sector * L.SECTOR, within) - within
-            hi = min(hi_sector * L.SECTOR, within + len(view)) - within
-            part = view[lo:hi]
-            if bit:
-                self._read_file(data + within + lo, part)
-            else:
-                _fill_parent(self._parent, voffset + lo, part)
+        read_by_bitmap(
+            view,
+            within,
+            bitmap=self._file,
+            bitmap_at=bitmap_at,
+            origin=0,
+            sector=SECTOR,
+            msb_first=L.BITMAP_MSB_FIRST,
+            read_here=lambda lo, part: self._read_file(data + within + lo, part),
+            parent=self._parent,
+            voffset=voffset,
+            truncated=f"vpc sector bitmap at {bitmap_at:#x} is truncated",
+            fmt=NAME,
+        )
 
     def close(self) -> None:
         if self._parent is not None:
             self._parent.close()
-        close = getattr(self._file, "close", None)
-        if close is not None:
-            close()
+        self._file.close()
 
 
 def _open_parent(
@@ -177,10 +134,8 @@ def _open_parent(
             NAME,
         )
     data = file.pread(locator.data_offset, locator.data_length)
-    try:
+    with naming(file.name, NAME):
         name = L.decode_locator(locator.platform, data)
-    except L.LayoutError as exc:
-        raise ImageError(file.name, str(exc), NAME) from None
     return resolver.open_disk(Reference("parent", name, referrer=file.name))
 
 
@@ -194,10 +149,8 @@ def open_disk(file: RandomAccessFile, resolver: Resolver) -> VirtualDisk:
         head = file.pread(file.size - L.FOOTER_SIZE, L.FOOTER_SIZE)
         if head[:8] != L.FOOTER_COOKIE:
             raise ImageError(name, "not in vpc format: no 'conectix' footer", NAME)
-    try:
+    with naming(name, NAME):
         footer = L.parse_footer(head)
-    except L.LayoutError as exc:
-        raise ImageError(name, str(exc), NAME) from None
     size = footer.virtual_size
 
     if not at_start:
@@ -221,10 +174,8 @@ def open_disk(file: RandomAccessFile, resolver: Resolver) -> VirtualDisk:
             f"vpc dynamic header at {footer.data_offset:#x} lies past the end of the file",
             NAME,
         )
-    try:
+    with naming(name, NAME):
         header = L.parse_dynamic_header(file.pread(footer.data_offset, L.DYN_HEADER_SIZE), size)
-    except L.LayoutError as exc:
-        raise ImageError(name, str(exc), NAME) from None
     bat_bytes = 4 * header.max_table_entries
     if header.table_offset + bat_bytes > file.size:
         raise ImageError(
@@ -233,18 +184,16 @@ def open_disk(file: RandomAccessFile, resolver: Resolver) -> VirtualDisk:
             " the end of the file",
             NAME,
         )
-    try:
+    with naming(name, NAME):
         bat = L.parse_bat(file.pread(header.table_offset, bat_bytes), header.max_table_entries)
-    except L.LayoutError as exc:
-        raise ImageError(name, str(exc), NAME) from None
     span = header.bitmap_size + header.block_size
     highest = max((e for e in bat if e != L.UNALLOCATED), default=None)
-    if highest is not None and highest * L.SECTOR + span > file.size:
-        limit = (file.size - span) // L.SECTOR
+    if highest is not None and highest * SECTOR + span > file.size:
+        limit = (file.size - span) // SECTOR
         index = next(i for i, e in enumerate(bat) if e != L.UNALLOCATED and e > limit)
         raise ImageError(
             name,
-            f"vpc BAT entry {index} (block at {bat[index] * L.SECTOR:#x}) lies past the end of"
+            f"vpc BAT entry {index} (block at {bat[index] * SECTOR:#x}) lies past the end of"
             " the file",
             NAME,
         )

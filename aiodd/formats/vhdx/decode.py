@@ -10,21 +10,21 @@ are not present come from the parent.
 from __future__ import annotations
 
 from array import array
+from functools import partial
 from sys import byteorder
 
 from aiodd.errors import ImageError
-from aiodd.formats import vhdx_layout as L
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
-from aiodd.io import zero_fill
+from aiodd.formats.common import MiB, bit_runs, naming, read_by_bitmap, read_parent, zero_fill
+from aiodd.formats.vhdx import layout as L
 
-NAME = "vhdx"
+NAME = L.NAME
+probe = L.probe
+# This format's sector bitmap, split in runs of equal bits (its bit order, tested).
+_runs = partial(bit_runs, msb_first=L.BITMAP_MSB_FIRST)
 _ZERO_STATES = frozenset(
     {L.PAYLOAD_UNDEFINED, L.PAYLOAD_ZERO, L.PAYLOAD_UNMAPPED, L.PAYLOAD_UNMAPPED_V095}
 )
-
-
-def probe(head: bytes) -> int:
-    return 100 if head[:8] == L.SIGNATURE else 0
 
 
 class LoggedFile:
@@ -59,9 +59,7 @@ class LoggedFile:
         return want
 
     def close(self) -> None:
-        close = getattr(self._file, "close", None)
-        if close is not None:
-            close()
+        self._file.close()
 
 
 def _fail(file: RandomAccessFile, message: str) -> ImageError:
@@ -79,7 +77,7 @@ def _replay_log(file: RandomAccessFile, header: L.Header) -> RandomAccessFile:
         return file
     if header.log_version != 0:
         raise _fail(file, f"vhdx log version {header.log_version} is not supported")
-    if header.log_offset < L.MiB or header.log_offset % L.MiB or header.log_length % L.MiB:
+    if header.log_offset < MiB or header.log_offset % MiB or header.log_length % MiB:
         raise _fail(file, f"vhdx log at {header.log_offset:#x} is misaligned")
     if header.log_length > L.MAX_LOG_SIZE:
         raise _fail(file, f"vhdx log of {header.log_length} bytes is larger than 256 MiB")
@@ -151,17 +149,6 @@ class VhdxDisk:
         if n < len(view):
             raise _fail(self._file, f"vhdx payload at {offset:#x} is truncated")
 
-    def _fill_parent(self, offset: int, view: memoryview) -> None:
-        parent = self._parent
-        if parent is None:
-            zero_fill(view)
-            return
-        inside = max(0, min(len(view), parent.virtual_size - offset))
-        if inside:
-            parent.read_into(offset, view[:inside])
-        if inside < len(view):
-            zero_fill(view[inside:])
-
     def read_into(self, offset: int, buf: memoryview) -> None:
         bs = self._block_size
         total = len(buf)
@@ -188,7 +175,7 @@ class VhdxDisk:
                 run_len = 0
             view = buf[pos : pos + n]
             if state == L.PAYLOAD_NOT_PRESENT:
-                self._fill_parent(offset + pos, view)
+                read_parent(self._parent, offset + pos, view)
             elif state in _ZERO_STATES:
                 zero_fill(view[:n])
             elif state == L.PAYLOAD_PARTIALLY_PRESENT and self._parent is not None:
@@ -202,63 +189,32 @@ class VhdxDisk:
     def _read_partial(
         self, block: int, entry: int, within: int, voffset: int, view: memoryview
     ) -> None:
-        sector = self._sector
         chunk = block // self._chunk_ratio
         bitmap_entry = int(self._bat[chunk * (self._chunk_ratio + 1) + self._chunk_ratio])
         if bitmap_entry & L.STATE_MASK != L.SB_BLOCK_PRESENT:
             raise _fail(
                 self._file, f"vhdx block {block} is partially present but has no sector bitmap"
             )
-        first = voffset // sector  # virtual sector numbers
-        last = (voffset + len(view) - 1) // sector
-        chunk_first = chunk * L.MAX_SECTORS_PER_BLOCK
-        byte0 = (first - chunk_first) // 8
-        byte1 = (last - chunk_first) // 8
-        bitmap = self._file.pread((bitmap_entry & L.OFFSET_MASK) + byte0, byte1 - byte0 + 1)
-        if len(bitmap) < byte1 - byte0 + 1:
-            raise _fail(self._file, f"vhdx sector bitmap of block {block} is truncated")
-        base = chunk_first + byte0 * 8
         data = (entry & L.OFFSET_MASK) - block * self._block_size
-        for lo_s, hi_s, bit in _runs(bitmap, first, last, base):
-            lo = max(lo_s * sector, voffset) - voffset
-            hi = min(hi_s * sector, voffset + len(view)) - voffset
-            part = view[lo:hi]
-            if bit:
-                self._read_file(data + voffset + lo, part)
-            else:
-                self._fill_parent(voffset + lo, part)
+        read_by_bitmap(
+            view,
+            voffset,  # sectors are numbered on the virtual disk
+            bitmap=self._file,
+            bitmap_at=bitmap_entry & L.OFFSET_MASK,
+            origin=chunk * L.MAX_SECTORS_PER_BLOCK,  # the chunk's first sector
+            sector=self._sector,
+            msb_first=L.BITMAP_MSB_FIRST,
+            read_here=lambda lo, part: self._read_file(data + voffset + lo, part),
+            parent=self._parent,
+            voffset=voffset,
+            truncated=f"vhdx sector bitmap of block {block} is truncated",
+            fmt=NAME,
+        )
 
     def close(self) -> None:
         if self._parent is not None:
             self._parent.close()
-        close = getattr(self._base, "close", None)
-        if close is not None:
-            close()
-
-
-def _bit(bitmap: bytes, rel: int) -> int:
-    return (bitmap[rel >> 3] >> (rel & 7)) & 1
-
-
-def _runs(bitmap: bytes, first: int, last: int, base: int) -> list[tuple[int, int, int]]:
-    """Runs ``(start, end, bit)`` of sectors ``first..last`` (inclusive) with equal bits;
-    ``bitmap`` starts at sector ``base``, least significant bit first."""
-    runs = []
-    start = first
-    current = _bit(bitmap, first - base)
-    sector = first + 1
-    while sector <= last:
-        rel = sector - base
-        if rel & 7 == 0 and sector + 8 <= last + 1 and bitmap[rel >> 3] == (0xFF if current else 0):
-            sector += 8
-            continue
-        bit = _bit(bitmap, rel)
-        if bit != current:
-            runs.append((start, sector, current))
-            start, current = sector, bit
-        sector += 1
-    runs.append((start, last + 1, current))
-    return runs
+        self._base.close()
 
 
 def _check_bat(
@@ -299,13 +255,11 @@ def _check_bat(
 def open_disk(file: RandomAccessFile, resolver: Resolver) -> VirtualDisk:
     if file.pread(0, 8) != L.SIGNATURE:
         raise _fail(file, "not in vhdx format: no 'vhdxfile' signature")
-    try:
+    with naming(file.name, NAME):
         first, second = (L.parse_header(file.pread(at, L.HEADER_SIZE)) for at in L.HEADER_OFFSETS)
         header = L.choose_header(first, second)
-    except L.LayoutError as exc:
-        raise _fail(file, str(exc)) from None
     view = _replay_log(file, header)
-    try:
+    with naming(file.name, NAME):
         regions = L.parse_region_table(
             _read_exact(view, L.REGION_TABLE_OFFSET, L.REGION_TABLE_SIZE, "region table")
         )
@@ -321,8 +275,6 @@ def open_disk(file: RandomAccessFile, resolver: Resolver) -> VirtualDisk:
         if params.has_parent:
             locator = L.parse_parent_locator(values[L.PARENT_LOCATOR_GUID])
             parent_name = L.parent_path(locator)
-    except L.LayoutError as exc:
-        raise _fail(file, str(exc)) from None
 
     entries = params.bat_entries
     if entries * 8 > regions.bat.length:
@@ -335,7 +287,7 @@ def open_disk(file: RandomAccessFile, resolver: Resolver) -> VirtualDisk:
     if byteorder == "big":
         bat.byteswap()
     structures = [
-        ("file header", 0, L.MiB),
+        ("file header", 0, MiB),
         ("BAT region", regions.bat.offset, regions.bat.length),
         ("metadata region", meta.offset, meta.length),
     ]

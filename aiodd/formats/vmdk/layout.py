@@ -1,4 +1,5 @@
-"""VMDK structures, parsed from bytes with no I/O (the decoder does the reading).
+"""VMDK structures, parsed from bytes and built into bytes with no I/O (the decoder
+does the reading).
 
 Facts follow QEMU's ``block/vmdk.c`` (the reference for what ``qemu-img dd`` reads) and
 VMware's *Virtual Disk Format 5.0* specification:
@@ -29,9 +30,9 @@ from array import array
 from dataclasses import dataclass
 
 from aiodd.errors import ImageError, UnsupportedImageError
+from aiodd.formats.common import SECTOR, div_round_up
 
-FORMAT = "vmdk"
-SECTOR = 512
+NAME = "vmdk"
 
 MAGIC_KDMV = b"KDMV"
 MAGIC_COWD = b"COWD"
@@ -63,6 +64,8 @@ EMBEDDED_DESC_OFFSET = 0x200
 MAX_GRAIN_SECTORS = 0x200000  # 1 GiB grains
 MAX_GD_ENTRIES = 32 * 1024 * 1024
 MAX_GTES_PER_GT = 512
+# Grain table entries are 32-bit sector numbers (qemu's VMDK_EXTENT_MAX_SECTORS).
+MAX_SECTOR = 1 << 32
 COWD_GTES_PER_GT = 4096
 # Our own bounds.
 MAX_EXTENTS = 4096
@@ -70,9 +73,10 @@ MAX_COMPRESSED_GRAIN = 16 << 20  # inflate allocates one grain
 MAX_PARENT_NAME = 4095  # qemu's PATH_MAX-sized backing_file buffer
 MAX_VIRTUAL_SIZE = (1 << 63) - SECTOR
 
-_HEADER = struct.Struct("<IIQQQQIQQQ")  # at offset 4, after the magic
-_COMPRESS = struct.Struct("<H")
-_COMPRESS_AT = 77
+# magic, the SparseHeader fields up to grain_offset (overHead), uncleanShutdown, the
+# new-line detection characters, then compressAlgorithm at offset 77.
+_HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")
+NEWLINE_DETECT = b"\n \r\n"
 _COWD = struct.Struct("<IIIIIIIIII")  # at offset 4
 _MARKER = struct.Struct("<QII")
 
@@ -80,11 +84,11 @@ _SPACE = b" \t\n\v\f\r"
 
 
 def _err(name: str, message: str) -> ImageError:
-    return ImageError(name, f"vmdk {message}", FORMAT)
+    return ImageError(name, f"vmdk {message}", NAME)
 
 
 def _unsupported(name: str, message: str) -> UnsupportedImageError:
-    return UnsupportedImageError(name, f"vmdk {message}", FORMAT)
+    return UnsupportedImageError(name, f"vmdk {message}", NAME)
 
 
 def _pad(data: bytes, size: int) -> bytes:
@@ -152,24 +156,20 @@ class SparseHeader:
 
 def parse_sparse_header(block: bytes) -> SparseHeader:
     """The header in ``block``, the extent's first bytes (zero-padded if short)."""
-    block = _pad(block, SECTOR)
-    (version, flags, capacity, granularity, desc_offset, desc_size, gtes, rgd, gd, grains) = (
-        _HEADER.unpack_from(block, 4)
-    )
-    (compress,) = _COMPRESS.unpack_from(block, _COMPRESS_AT)
-    return SparseHeader(
-        version,
-        flags,
-        capacity,
-        granularity,
-        desc_offset,
-        desc_size,
-        gtes,
-        rgd,
-        gd,
-        grains,
-        compress,
-    )
+    fields = _HEADER.unpack_from(_pad(block, SECTOR))
+    # The struct's fields after the magic are SparseHeader's, in order, up to overHead.
+    return SparseHeader(*[*fields[1:11], fields[13]])
+
+
+def build_sparse_header(header: SparseHeader) -> bytes:
+    """``header`` as a ``KDMV`` extent's first sector (a clean shutdown)."""
+    h = header
+    raw = _HEADER.pack(
+        MAGIC_KDMV, h.version, h.flags, h.capacity, h.granularity, h.desc_offset,
+        h.desc_size, h.num_gtes_per_gt, h.rgd_offset, h.gd_offset, h.grain_offset,
+        0, NEWLINE_DETECT, h.compress_algorithm,
+    )  # fmt: skip
+    return _pad(raw, SECTOR)
 
 
 def parse_footer(tail: bytes, name: str) -> SparseHeader:
@@ -240,10 +240,10 @@ def sparse_layout(header: SparseHeader, file_size: int, name: str) -> SparseLayo
             f"compressed grains of {header.granularity} sectors are not supported"
             f" (max {MAX_COMPRESSED_GRAIN // SECTOR})",
         )
-    gd_entries = -(-header.capacity // gt_coverage)
+    gd_entries = div_round_up(header.capacity, gt_coverage)
     if gd_entries > MAX_GD_ENTRIES:
         raise _err(name, f"grain directory of {gd_entries} entries is too big")
-    sectors = -(-file_size // SECTOR)
+    sectors = div_round_up(file_size, SECTOR)
     if sectors < header.grain_offset:
         raise _err(
             name,

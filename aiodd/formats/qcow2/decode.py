@@ -1,6 +1,6 @@
 """qcow2 input: versions 2 and 3, as QEMU reads them read-only.
 
-The header is parsed by :mod:`aiodd.formats.qcow2_layout` (no I/O); this module maps
+The header is parsed by :mod:`aiodd.formats.qcow2.layout` (no I/O); this module maps
 virtual ranges through the L1 and L2 tables and reads them.  A read is split into runs
 of one kind -- data (physically contiguous clusters, one ``readinto`` straight into the
 caller's buffer), zeros, backing (unallocated: the backing disk or zeros) and
@@ -15,9 +15,11 @@ from array import array
 from collections import OrderedDict
 
 from aiodd.errors import ImageError, UnsupportedImageError
-from aiodd.formats import qcow2_layout as layout
+from aiodd.formats import INPUT_FORMATS
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
-from aiodd.formats.qcow2_layout import (
+from aiodd.formats.common import read_parent, zero_fill
+from aiodd.formats.qcow2 import layout
+from aiodd.formats.qcow2.layout import (
     ALL_ALLOC,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -26,9 +28,9 @@ from aiodd.formats.qcow2_layout import (
     OFLAG_ZERO,
     Header,
 )
-from aiodd.io import zero_fill
 
-NAME = "qcow2"
+NAME = layout.NAME
+probe = layout.probe
 L2_CACHE_BYTES = 32 * 1024 * 1024
 
 
@@ -37,18 +39,8 @@ _NONE, _DATA, _ZERO, _BACKING = 0, 1, 2, 3
 _SPECIAL = OFLAG_COMPRESSED | OFLAG_ZERO
 
 
-def probe(head: bytes) -> int:
-    return layout.probe(head)
-
-
 def _zero_fill(buf: memoryview, start: int, stop: int) -> None:
     zero_fill(buf[start:stop])
-
-
-def _close(obj: object) -> None:
-    close = getattr(obj, "close", None)
-    if close is not None:
-        close()
 
 
 class Qcow2Disk:
@@ -93,8 +85,8 @@ class Qcow2Disk:
         if self._backing is not None:
             self._backing.close()
         if self._external:
-            _close(self._data)
-        _close(self._file)
+            self._data.close()
+        self._file.close()
 
     def _error(self, message: str) -> ImageError:
         return ImageError(self._file.name, message, NAME)
@@ -172,14 +164,7 @@ class _Reader:
         elif kind == _ZERO:
             _zero_fill(buf, start, start + length)
         else:
-            backing = self.disk._backing
-            n = 0
-            if backing is not None:
-                n = min(length, max(0, backing.virtual_size - source))
-                if n:
-                    backing.read_into(source, buf[start : start + n])
-            if n < length:
-                _zero_fill(buf, start + n, start + length)
+            read_parent(self.disk._backing, source, buf[start : start + length])
 
     def run(self, stop: int) -> None:
         disk = self.disk
@@ -365,19 +350,16 @@ def open_disk(file: RandomAccessFile, resolver: Resolver) -> Qcow2Disk:
             data_file = resolver.open_file(Reference("data_file", header.data_file, name))
         if header.backing_file is not None:
             fmt = header.backing_format
-            if fmt is not None:
-                from aiodd.formats.decoders import DECODERS
-
-                if fmt not in DECODERS:
-                    raise UnsupportedImageError(
-                        name,
-                        f"qcow2 backing file '{header.backing_file}' has format '{fmt}',"
-                        " which aiodd does not read",
-                        NAME,
-                    )
+            if fmt is not None and fmt not in INPUT_FORMATS:
+                raise UnsupportedImageError(
+                    name,
+                    f"qcow2 backing file '{header.backing_file}' has format '{fmt}',"
+                    " which aiodd does not read",
+                    NAME,
+                )
             backing = resolver.open_disk(Reference("backing", header.backing_file, name, fmt))
     except BaseException:
         if data_file is not None:
-            _close(data_file)
+            data_file.close()
         raise
     return Qcow2Disk(file, header, l1, data_file, backing)

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from aiodd.formats.base import Extent
+from aiodd.formats.raw import layout as L
 
-NAME = "raw"
-SECTOR = 512
+NAME = L.NAME
 
 
 @dataclass(frozen=True)
@@ -30,5 +30,5 @@ class RawPlan:
         return iter(())
 
 
-def plan(out: int) -> RawPlan:
-    return RawPlan(-(-out // SECTOR) * SECTOR)
+def plan(out: int, *, filename: str | None = None) -> RawPlan:
+    return RawPlan(L.virtual_size(out))

@@ -15,22 +15,13 @@ from functools import lru_cache
 from typing import Literal
 
 from aiodd.formats.base import Extent
+from aiodd.formats.common import MiB
 
-SECTOR = 512
-MiB = 1 << 20
 # Zero padding is handed out in pieces of at most this size, so a 64 MiB VHDX block
 # tail never sits in memory at once.
 ZERO_CHUNK = MiB
 _ZEROS = bytes(ZERO_CHUNK)
 _NATIVE: Literal["big", "little"] = "little" if sys.byteorder == "little" else "big"
-
-
-def round_up(n: int, unit: int) -> int:
-    return -(-n // unit) * unit
-
-
-def div_round_up(n: int, unit: int) -> int:
-    return -(-n // unit)
 
 
 @dataclass(frozen=True)

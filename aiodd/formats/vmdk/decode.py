@@ -5,7 +5,7 @@ Supported: hosted sparse extents (``monolithicSparse``, versions 1-3, zeroed gra
 COWD extents (ESX ``vmfsSparse``), and descriptor files naming FLAT, VMFS, SPARSE and
 VMFSSPARSE extents (``monolithicFlat``, ``twoGbMaxExtentSparse``/``Flat``, ``vmfs``…),
 plus parent chains (``parentFileNameHint``, checked by CID as qemu does).  seSparse
-extents are refused.  The structures are parsed in :mod:`aiodd.formats.vmdk_layout`.
+extents are refused.  The structures are parsed in :mod:`aiodd.formats.vmdk.layout`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from aiodd.errors import ImageError, UnsupportedImageError
-from aiodd.formats import vmdk_layout as L
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
-from aiodd.io import zero_fill
+from aiodd.formats.common import SECTOR, read_parent, round_up, zero_fill
+from aiodd.formats.vmdk import layout as L
 
-NAME = "vmdk"
+NAME = L.NAME
 probe = L.probe
 
 # Grain tables kept in memory per disk (a hosted GT is 2 KiB, a COWD GT 16 KiB).
@@ -90,7 +90,7 @@ class _SparseExtent:
 
     def _load_table(self, sector: int) -> array[int]:
         layout, file = self.layout, self.file
-        offset = sector * L.SECTOR
+        offset = sector * SECTOR
         what = "COWD grain table" if layout.cowd else "grain table"
         L.check_table(offset, layout.gt_bytes, file.size, file.name, what)
         table = L.u32_table(file.pread(offset, layout.gt_bytes))
@@ -134,7 +134,7 @@ class _SparseExtent:
                 elif gte == L.GTE_ZEROED and zero_grain:
                     kind = _ZERO
                 else:
-                    foff = gte * L.SECTOR
+                    foff = gte * SECTOR
                     if foff >= file_size:
                         what = "compressed grain" if compressed else "grain"
                         raise _err(file.name, f"{what} at {foff:#x} lies past the end of the file")
@@ -213,7 +213,7 @@ class VmdkDisk:
         end = 0
         for extent in extents:
             self._starts.append(end)
-            end += extent.sectors * L.SECTOR
+            end += extent.sectors * SECTOR
             self._ends.append(end)
             if end > L.MAX_VIRTUAL_SIZE:
                 raise _err(name, "virtual size is too large")
@@ -263,14 +263,7 @@ class VmdkDisk:
                 f"parentCID {self.parent_cid:08x} does not match the CID ({shown}) of"
                 f" parent '{self.parent_name}'",
             )
-        size = parent.virtual_size
-        if voff >= size:
-            zero_fill(out)
-            return
-        k = min(len(out), size - voff)
-        parent.read_into(voff, out[:k])
-        if k < len(out):
-            zero_fill(out[k:])
+        read_parent(parent, voff, out)
 
     def close(self) -> None:
         parent, self.parent = self.parent, None
@@ -281,17 +274,13 @@ class VmdkDisk:
             if id(file) in seen:
                 continue
             seen.add(id(file))
-            close = getattr(file, "close", None)
-            if close is not None:
-                close()
+            file.close()
         self._files = []
 
 
 def _close_all(files: list[RandomAccessFile]) -> None:
     for file in files:
-        close = getattr(file, "close", None)
-        if close is not None:
-            close()
+        file.close()
 
 
 def _open_sparse(
@@ -302,7 +291,7 @@ def _open_sparse(
     name = file.name
     if file.size < 4:
         raise _err(name, "file is too small to be an image")
-    block = file.pread(0, L.SECTOR)
+    block = file.pread(0, SECTOR)
     magic = block[:4]
     if magic == L.MAGIC_COWD:
         return _SparseExtent(index, file, L.cowd_layout(block, file.size, name))
@@ -316,10 +305,10 @@ def _open_sparse(
             )
         return header
     if header.gd_offset == L.GD_AT_END:
-        end = -(-file.size // L.SECTOR) * L.SECTOR
-        if end < 3 * L.SECTOR:
+        end = round_up(file.size, SECTOR)
+        if end < 3 * SECTOR:
             raise _err(name, "file is too small to hold a footer")
-        header = L.parse_footer(file.pread(end - 3 * L.SECTOR, 3 * L.SECTOR), name)
+        header = L.parse_footer(file.pread(end - 3 * SECTOR, 3 * SECTOR), name)
     return _SparseExtent(index, file, L.sparse_layout(header, file.size, name))
 
 
@@ -339,8 +328,8 @@ def _open_descriptor(
         extent_file = resolver.open_file(Reference("extent", line.file, referrer=name))
         files.append(extent_file)
         if line.kind in ("FLAT", "VMFS"):
-            start = line.offset * L.SECTOR
-            need = start + line.sectors * L.SECTOR
+            start = line.offset * SECTOR
+            need = start + line.sectors * SECTOR
             if need > extent_file.size:
                 raise _err(
                     name,
@@ -373,7 +362,7 @@ def open_disk(file: RandomAccessFile, resolver: Resolver) -> VmdkDisk:
                     else ("vmfsSparse" if opened.layout.cowd else "monolithicSparse")
                 )
             else:
-                desc_at = opened.desc_offset * L.SECTOR
+                desc_at = opened.desc_offset * SECTOR
                 text = L.c_string(file.pread(desc_at, min(file.size, L.DESC_READ_MAX)))
                 create_type, extents = _open_descriptor(text, file, resolver, files)
         else:

@@ -15,42 +15,30 @@ so the window is padded with zeros up to it; above the geometry's ceiling (about
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
-from aiodd.formats.encoders._common import (
-    SECTOR,
-    Identity,
-    div_round_up,
-    lanes,
-    round_up,
-    strided_extents,
-    zeros,
-)
+from aiodd.formats.common import SECTOR, div_round_up, round_up
+from aiodd.formats.plans import Identity, lanes, strided_extents, zeros
+from aiodd.formats.vpc import layout as L
+from aiodd.formats.vpc.layout import FOOTER_SIZE
+from aiodd.formats.vpc.layout import MAX_GEOMETRY as MAX_GEOMETRY
+from aiodd.formats.vpc.layout import MAX_SECTORS as MAX_SECTORS
+from aiodd.formats.vpc.layout import VHD_EPOCH as VHD_EPOCH
 
-NAME = "vpc"
+NAME = L.NAME
 
 BLOCK = 2 << 20
 BITMAP = SECTOR  # 2 MiB / 512 sectors, one bit each, padded to a sector
 STRIDE = BITMAP + BLOCK
-FOOTER_SIZE = 512
-DYN_HEADER_SIZE = 1024
 DYN_HEADER_OFFSET = FOOTER_SIZE
-BAT_OFFSET = DYN_HEADER_OFFSET + DYN_HEADER_SIZE
-# qemu's VHD_MAX_GEOMETRY and VHD_MAX_SECTORS (2040 GiB).
-MAX_GEOMETRY = 65535 * 16 * 255
-MAX_SECTORS = 0xFF000000
-DISK_TYPE_DYNAMIC = 3
-# Seconds from the Unix epoch to the VHD epoch, 2000-01-01 00:00:00 UTC.
-VHD_EPOCH = 946684800
+BAT_OFFSET = DYN_HEADER_OFFSET + L.DYN_HEADER_SIZE
+# qemu's creator fields (application, version, host OS): qemu sizes such disks by CHS.
+CREATOR = (b"qemu", 0x00050003, b"Wi2k")
 # BAT entries per metadata piece (256 KiB).
 _BAT_PIECE = 65536
-
-_FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB427s")
-_DYN = struct.Struct(">8sQQIIII16sII512s192s256s")
 
 
 def geometry(sectors: int) -> tuple[int, int, int]:
@@ -103,11 +91,6 @@ def size_for(n: int) -> Size:
     return Size(cyls * heads * spt, cyls, heads, spt)
 
 
-def checksum(data: bytes) -> int:
-    """VHD's checksum: the one's complement of the byte sum."""
-    return ~sum(data) & 0xFFFFFFFF
-
-
 @dataclass(frozen=True)
 class VpcPlan:
     size: Size
@@ -153,48 +136,20 @@ class VpcPlan:
 
     def footer(self) -> bytes:
         size = self.size
-        timestamp = max(0, self.identity.timestamp - VHD_EPOCH) & 0xFFFFFFFF
-        fields = [
-            b"conectix",
-            2,  # features: reserved bit, always set
-            0x00010000,  # file format version 1.0
-            DYN_HEADER_OFFSET,
-            timestamp,
-            b"qemu",  # creator application: qemu sizes these disks by CHS
-            0x00050003,  # creator version, as qemu writes it
-            b"Wi2k",  # creator host OS
-            size.sectors * SECTOR,  # original size
-            size.sectors * SECTOR,  # current size
-            size.cylinders,
-            size.heads,
-            size.spt,
-            DISK_TYPE_DYNAMIC,
-            0,  # checksum, filled below
-            self.identity.guid("vpc unique id"),
-            0,  # saved state
-            b"",
-        ]
-        fields[14] = checksum(_FOOTER.pack(*fields))
-        return _FOOTER.pack(*fields)
+        return L.build_footer(
+            data_offset=DYN_HEADER_OFFSET,
+            timestamp=max(0, self.identity.timestamp - VHD_EPOCH) & 0xFFFFFFFF,
+            creator=CREATOR,
+            size=size.sectors * SECTOR,
+            geometry=(size.cylinders, size.heads, size.spt),
+            disk_type=L.TYPE_DYNAMIC,
+            uuid=self.identity.guid("vpc unique id"),
+        )
 
     def dynamic_header(self) -> bytes:
-        fields = [
-            b"cxsparse",
-            0xFFFFFFFFFFFFFFFF,  # data offset: unused
-            BAT_OFFSET,
-            0x00010000,  # header version
-            self.blocks,  # max table entries
-            BLOCK,
-            0,  # checksum, filled below
-            bytes(16),  # parent UUID
-            0,  # parent timestamp
-            0,  # reserved
-            b"",  # parent unicode name
-            b"",  # parent locators
-            b"",  # reserved
-        ]
-        fields[6] = checksum(_DYN.pack(*fields))
-        return _DYN.pack(*fields)
+        return L.build_dynamic_header(
+            table_offset=BAT_OFFSET, entries=self.blocks, block_size=BLOCK
+        )
 
     def metadata(self) -> Iterator[tuple[int, bytes]]:
         footer = self.footer()
@@ -219,7 +174,7 @@ class VpcPlan:
         yield self.file_size - FOOTER_SIZE, footer
 
 
-def plan(out: int, *, identity: Identity | None = None) -> VpcPlan:
+def plan(out: int, *, filename: str | None = None, identity: Identity | None = None) -> VpcPlan:
     """The plan for a window of ``out`` bytes (virtual size: CHS-rounded, see module)."""
     if out < 0:
         raise ValueError("negative window length")

@@ -1,4 +1,4 @@
-"""VHD (qemu's "vpc") structures, parsed from bytes with no I/O.
+"""VHD (qemu's "vpc") structures, parsed from bytes and built into bytes with no I/O.
 
 The footer (512 bytes, big-endian) sits at the end of every VHD and, for dynamic and
 differencing disks, also at offset 0.  A dynamic disk's footer points at the dynamic
@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections import namedtuple
 from dataclasses import dataclass
 from sys import byteorder
 from urllib.parse import unquote, urlsplit
 
+from aiodd.formats.common import SECTOR, round_up
+from aiodd.formats.common import LayoutError as LayoutError  # what the parsers raise
+
+NAME = "vpc"
 FOOTER_SIZE = 512
 DYN_HEADER_SIZE = 1024
-SECTOR = 512
 
 FOOTER_COOKIE = b"conectix"
 DYN_COOKIE = b"cxsparse"
@@ -29,6 +33,10 @@ DYN_COOKIE = b"cxsparse"
 TYPE_FIXED = 2
 TYPE_DYNAMIC = 3
 TYPE_DIFFERENCING = 4
+VERSION = 0x00010000  # of the footer's file format and of the dynamic header
+FEATURES = 2  # the footer's reserved feature bit, always set
+# Seconds from the Unix epoch to the VHD epoch, 2000-01-01 00:00:00 UTC.
+VHD_EPOCH = 946684800
 
 # qemu 7.2 block/vpc.c: VHD_MAX_SECTORS (2040 GiB) and VHD_MAX_GEOMETRY.
 MAX_SECTORS = 0xFF000000
@@ -38,6 +46,8 @@ MAX_GEOMETRY = 65535 * 16 * 255
 # KiB and no known writer goes there, so larger blocks are refused as hostile.
 MAX_BLOCK_SIZE = 256 << 20
 UNALLOCATED = 0xFFFFFFFF
+# A sector bitmap holds sector 0 in its first byte's most significant bit.
+BITMAP_MSB_FIRST = True
 
 # Creator applications that qemu 7.2 sizes by the footer's current_size.
 CURRENT_SIZE_CREATORS = frozenset({b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0"})
@@ -49,18 +59,37 @@ PLATFORM_MACX = b"MacX"  # file URL, UTF-8
 LOCATOR_PREFERENCE = (PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_MACX)
 MAX_LOCATOR_LENGTH = 64 * 1024
 
-_FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB")
-_DYN = struct.Struct(">8sQQIIII16sII512s")
+# Each structure's fields, named once for both parsing and building.
+_FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB427s")
+_FooterFields = namedtuple(
+    "_FooterFields",
+    "cookie features version data_offset timestamp creator_app creator_version creator_os"
+    " original_size current_size cylinders heads spt disk_type checksum uuid saved_state"
+    " reserved",
+)
+_DYN = struct.Struct(">8sQQIIII16sII512s192s256s")
+_DynFields = namedtuple(
+    "_DynFields",
+    "cookie data_offset table_offset version entries block_size checksum parent_uuid"
+    " parent_timestamp reserved parent_name locators reserved_end",
+)
 _LOCATOR = struct.Struct(">4sIIIQ")
 
 
-class LayoutError(ValueError):
-    """A VHD structure is invalid; the decoder turns it into an ImageError."""
+def probe(head: bytes) -> int:
+    """qemu's ``vpc_probe``: the footer copy's cookie at offset 0."""
+    return 100 if head[:8] == FOOTER_COOKIE else 0
 
 
 def checksum(data: bytes | bytearray) -> int:
     """VHD's checksum: the one's complement of the byte sum."""
     return ~sum(data) & 0xFFFFFFFF
+
+
+def _checksummed(layout: struct.Struct, fields: _FooterFields | _DynFields) -> bytes:
+    """``fields`` packed, with the checksum of the packing (its own field zero)."""
+    fields = fields._replace(checksum=0)
+    return layout.pack(*fields._replace(checksum=checksum(layout.pack(*fields))))
 
 
 @dataclass(frozen=True)
@@ -87,32 +116,23 @@ class Footer:
 def parse_footer(raw: bytes) -> Footer:
     if len(raw) < FOOTER_SIZE:
         raise LayoutError("vpc footer is truncated")
-    (
-        cookie,
-        _features,
-        _version,
-        data_offset,
-        _timestamp,
-        creator_app,
-        _creator_version,
-        _creator_os,
-        _original_size,
-        current_size,
-        cylinders,
-        heads,
-        spt,
-        disk_type,
-        stored,
-        uuid,
-        _saved,
-    ) = _FOOTER.unpack_from(raw)
-    if cookie != FOOTER_COOKIE:
+    f = _FooterFields._make(_FOOTER.unpack_from(raw))
+    if f.cookie != FOOTER_COOKIE:
         raise LayoutError("vpc footer has no 'conectix' cookie")
     zeroed = bytearray(raw[:FOOTER_SIZE])
     zeroed[64:68] = bytes(4)
-    if checksum(zeroed) != stored:
+    if checksum(zeroed) != f.checksum:
         raise LayoutError("vpc footer checksum is incorrect")
-    footer = Footer(data_offset, creator_app, current_size, cylinders, heads, spt, disk_type, uuid)
+    footer = Footer(
+        f.data_offset,
+        f.creator_app,
+        f.current_size,
+        f.cylinders,
+        f.heads,
+        f.spt,
+        f.disk_type,
+        f.uuid,
+    )
     if footer.virtual_size > MAX_SECTORS * SECTOR:
         raise LayoutError(f"vpc virtual size {footer.virtual_size} is larger than 2040 GiB")
     return footer
@@ -137,26 +157,15 @@ class DynamicHeader:
     @property
     def bitmap_size(self) -> int:
         """Bytes of sector bitmap before each block, rounded up to a sector."""
-        return -(-(self.block_size // (8 * SECTOR)) // SECTOR) * SECTOR
+        return round_up(self.block_size // (8 * SECTOR), SECTOR)
 
 
 def parse_dynamic_header(raw: bytes, virtual_size: int) -> DynamicHeader:
     if len(raw) < DYN_HEADER_SIZE:
         raise LayoutError("vpc dynamic header is truncated")
-    (
-        cookie,
-        _data_offset,
-        table_offset,
-        _version,
-        entries,
-        block_size,
-        _checksum,
-        parent_uuid,
-        _parent_timestamp,
-        _reserved,
-        parent_name_raw,
-    ) = _DYN.unpack_from(raw)
-    if cookie != DYN_COOKIE:
+    d = _DynFields._make(_DYN.unpack_from(raw))
+    entries, block_size = d.entries, d.block_size
+    if d.cookie != DYN_COOKIE:
         raise LayoutError("vpc dynamic header has no 'cxsparse' cookie")
     if block_size < SECTOR or block_size & (block_size - 1):
         raise LayoutError(f"vpc block size {block_size} is not a power of two >= 512")
@@ -171,9 +180,9 @@ def parse_dynamic_header(raw: bytes, virtual_size: int) -> DynamicHeader:
         platform, _space, length, _res, offset = _LOCATOR.unpack_from(raw, 576 + 24 * i)
         if platform != bytes(4):
             locators.append(Locator(platform, length, offset))
-    parent_name = parent_name_raw.decode("utf-16-be", "replace").split("\0", 1)[0]
+    parent_name = d.parent_name.decode("utf-16-be", "replace").split("\0", 1)[0]
     return DynamicHeader(
-        table_offset, entries, block_size, parent_uuid, parent_name, tuple(locators)
+        d.table_offset, entries, block_size, d.parent_uuid, parent_name, tuple(locators)
     )
 
 
@@ -222,3 +231,60 @@ def decode_locator(platform: bytes, data: bytes) -> str:
     if not text:
         raise LayoutError(f"vpc parent locator '{platform.decode('latin-1')}' is empty")
     return text
+
+
+def build_footer(
+    *,
+    data_offset: int,
+    timestamp: int,
+    creator: tuple[bytes, int, bytes],
+    size: int,
+    geometry: tuple[int, int, int],
+    disk_type: int,
+    uuid: bytes,
+) -> bytes:
+    """A footer: ``creator`` is (application, version, host OS), ``geometry`` (cylinders,
+    heads, sectors per track); the original and current sizes are both ``size``."""
+    app, version, host = creator
+    cylinders, heads, spt = geometry
+    fields = _FooterFields(
+        cookie=FOOTER_COOKIE,
+        features=FEATURES,
+        version=VERSION,
+        data_offset=data_offset,
+        timestamp=timestamp,
+        creator_app=app,
+        creator_version=version,
+        creator_os=host,
+        original_size=size,
+        current_size=size,
+        cylinders=cylinders,
+        heads=heads,
+        spt=spt,
+        disk_type=disk_type,
+        checksum=0,
+        uuid=uuid,
+        saved_state=0,
+        reserved=b"",
+    )
+    return _checksummed(_FOOTER, fields)
+
+
+def build_dynamic_header(*, table_offset: int, entries: int, block_size: int) -> bytes:
+    """The dynamic header of a disk with no parent (no locators, no parent name)."""
+    fields = _DynFields(
+        cookie=DYN_COOKIE,
+        data_offset=0xFFFFFFFFFFFFFFFF,  # unused
+        table_offset=table_offset,
+        version=VERSION,
+        entries=entries,
+        block_size=block_size,
+        checksum=0,
+        parent_uuid=bytes(16),
+        parent_timestamp=0,
+        reserved=0,
+        parent_name=b"",
+        locators=b"",
+        reserved_end=b"",
+    )
+    return _checksummed(_DYN, fields)

@@ -12,23 +12,18 @@ refcount 1; nothing leaks and nothing is shared, so ``qemu-img check`` is clean.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
-from aiodd.formats.encoders._common import (
-    SECTOR,
-    div_round_up,
-    lanes,
-    pack_u16_ones,
-    pad,
-    round_up,
-    zeros,
-)
+from aiodd.formats.common import SECTOR, div_round_up, round_up
+from aiodd.formats.plans import lanes, pack_u16_ones, pad, zeros
+from aiodd.formats.qcow2 import layout as L
 
-NAME = "qcow2"
+NAME = L.NAME
+# The feature name table's extension type, by the name this module's readers know.
+EXT_FEATURE_NAMES = L.EXT_FEATURE_TABLE
 
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
@@ -36,29 +31,8 @@ REFCOUNT_ORDER = 4  # 16-bit refcounts
 ENTRIES_PER_L2 = CLUSTER // 8
 REFCOUNTS_PER_BLOCK = CLUSTER * 8 >> REFCOUNT_ORDER
 HEADER_LENGTH = 112  # v3 header with the compression type byte, padded to 8
-OFLAG_COPIED = 1 << 63
-# qemu's QCOW_MAX_L1_SIZE (32 MiB of L1 entries): the largest image qemu opens.
-MAX_L1_ENTRIES = (32 << 20) // 8
-
-_HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")
-
-# The feature name table qemu 7.2 writes (type, bit, name): informational only.
-_FEATURES = (
-    (0, 0, b"dirty bit"),
-    (0, 1, b"corrupt bit"),
-    (0, 2, b"external data file"),
-    (0, 3, b"compression type"),
-    (0, 4, b"extended L2 entries"),
-    (1, 0, b"lazy refcounts"),
-    (2, 0, b"bitmaps"),
-    (2, 1, b"raw external data"),
-)
-EXT_FEATURE_NAMES = 0x6803F857
-
-
-def _header_extensions() -> bytes:
-    table = b"".join(struct.pack(">BB46s", kind, bit, name) for kind, bit, name in _FEATURES)
-    return struct.pack(">II", EXT_FEATURE_NAMES, len(table)) + table + bytes(8)  # + end
+# The largest image qemu opens: the most L1 entries it accepts.
+MAX_L1_ENTRIES = L.MAX_L1_BYTES // 8
 
 
 @dataclass(frozen=True)
@@ -142,28 +116,17 @@ class Qcow2Plan:
 
     def header(self) -> bytes:
         lay = self.layout
-        fields = _HEADER.pack(
-            b"QFI\xfb",
-            3,  # version
-            0,  # backing_file_offset
-            0,  # backing_file_size
-            CLUSTER_BITS,
-            lay.virtual_size,
-            0,  # crypt_method
-            lay.l1_entries,
-            lay.l1_offset if lay.l1_entries else 0,
-            lay.refcount_table_offset,
-            lay.refcount_table_clusters,
-            0,  # nb_snapshots
-            0,  # snapshots_offset
-            0,  # incompatible_features
-            0,  # compatible_features
-            0,  # autoclear_features
-            REFCOUNT_ORDER,
-            HEADER_LENGTH,
+        header = L.build_header(
+            cluster_bits=CLUSTER_BITS,
+            size=lay.virtual_size,
+            l1_size=lay.l1_entries,
+            l1_table_offset=lay.l1_offset if lay.l1_entries else 0,
+            refcount_table_offset=lay.refcount_table_offset,
+            refcount_table_clusters=lay.refcount_table_clusters,
+            refcount_order=REFCOUNT_ORDER,
+            header_length=HEADER_LENGTH,
         )
-        # compression_type (zlib) and padding fill the header up to HEADER_LENGTH.
-        return pad(pad(fields, HEADER_LENGTH) + _header_extensions(), CLUSTER)
+        return pad(header, CLUSTER)
 
     def metadata(self) -> Iterator[tuple[int, bytes]]:
         lay = self.layout
@@ -201,7 +164,7 @@ class Qcow2Plan:
 def _entries(first: int, count: int, step: int, *, copied: bool) -> bytes:
     """One cluster of big-endian 64-bit entries ``first + k * step`` for ``k < count``,
     with the COPIED flag (bit 63) when asked, zero-filled after them."""
-    table = lanes(first | OFLAG_COPIED if copied else first, count, step, 8, "big")
+    table = lanes(first | L.OFLAG_COPIED if copied else first, count, step, 8, "big")
     return table + bytes(CLUSTER - len(table)) if len(table) < CLUSTER else table
 
 
@@ -217,7 +180,7 @@ def _table_clusters(
         yield offset + c * CLUSTER, _entries(first + lo * CLUSTER, n, CLUSTER, copied=copied)
 
 
-def plan(out: int) -> Qcow2Plan:
+def plan(out: int, *, filename: str | None = None) -> Qcow2Plan:
     """The plan for a window of ``out`` bytes (virtual size: ``out`` rounded up to 512)."""
     if out < 0:
         raise ValueError("negative window length")

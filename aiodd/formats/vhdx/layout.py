@@ -1,4 +1,4 @@
-"""VHDX structures (MS-VHDX), parsed from bytes with no I/O.
+"""VHDX structures (MS-VHDX), parsed from bytes and built into bytes with no I/O.
 
 The first megabyte holds the file identifier ("vhdxfile"), two headers (at 64 KiB and
 128 KiB, the valid one with the higher sequence number wins) and two region tables (at
@@ -20,15 +20,20 @@ import uuid
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
+from aiodd.formats.common import KiB, div_round_up
+from aiodd.formats.common import LayoutError as LayoutError  # what the parsers raise
+from aiodd.formats.common import MiB as MiB  # the unit of every region's alignment
 from aiodd.formats.crc32c import crc32c
 
-KiB = 1024
-MiB = 1024 * KiB
-
+NAME = "vhdx"
 SIGNATURE = b"vhdxfile"
-HEADER_OFFSETS = (64 * KiB, 128 * KiB)
+HEADER_1 = 64 * KiB
+HEADER_2 = 128 * KiB
+HEADER_OFFSETS = (HEADER_1, HEADER_2)
 HEADER_SIZE = 4 * KiB
-REGION_TABLE_OFFSET = 192 * KiB
+REGION_TABLE_1 = 192 * KiB
+REGION_TABLE_2 = 256 * KiB
+REGION_TABLE_OFFSET = REGION_TABLE_1  # the one read; the second copy is for repairs
 REGION_TABLE_SIZE = 64 * KiB
 METADATA_TABLE_SIZE = 64 * KiB
 MAX_METADATA_ITEM = 1024 * KiB
@@ -70,15 +75,36 @@ PAYLOAD_PARTIALLY_PRESENT = 7
 SB_BLOCK_PRESENT = 6
 STATE_MASK = 7
 OFFSET_MASK = ~((1 << 20) - 1) & 0xFFFFFFFFFFFFFFFF
+# A sector bitmap holds sector 0 in its first byte's least significant bit.
+BITMAP_MSB_FIRST = False
+# Region table entry and metadata item flags.
+REGION_REQUIRED = 1
+ITEM_USER = 1
+ITEM_VIRTUAL_DISK = 2
+ITEM_REQUIRED = 4
+# File parameters flags.
+LEAVE_BLOCKS_ALLOCATED = 1
+HAS_PARENT = 2
 
 
-class LayoutError(ValueError):
-    """A VHDX structure is invalid; the decoder turns it into an ImageError."""
+def probe(head: bytes) -> int:
+    """qemu's ``vhdx_probe``: the file identifier's signature at offset 0."""
+    return 100 if head[:8] == SIGNATURE else 0
 
 
 def _crc_ok(raw: bytes, at: int = 4) -> bool:
     stored = int.from_bytes(raw[at : at + 4], "little")
     return crc32c(raw[:at] + bytes(4) + raw[at + 4 :]) == stored
+
+
+def checksummed(raw: bytes, at: int = 4) -> bytes:
+    """``raw`` with its CRC-32C (computed with the field zero) stored at ``at``."""
+    return raw[:at] + crc32c(raw).to_bytes(4, "little") + raw[at + 4 :]
+
+
+def chunk_ratio(block_size: int, logical_sector_size: int) -> int:
+    """Payload blocks per sector bitmap block."""
+    return MAX_SECTORS_PER_BLOCK * logical_sector_size // block_size
 
 
 def _checked(fmt: struct.Struct, raw: bytes, offset: int = 0) -> tuple[object, ...]:
@@ -114,6 +140,16 @@ def parse_header(raw: bytes) -> Header | None:
     if sig != b"head" or version != 1:
         return None
     return Header(seq, log_guid, log_version, version, log_length, log_offset, raw[: _HEADER.size])
+
+
+def build_header(
+    sequence: int, file_write: bytes, data_write: bytes, log_length: int, log_offset: int
+) -> bytes:
+    """A header (4 KiB) whose log is empty (log GUID zero: nothing to replay)."""
+    raw = _HEADER.pack(
+        b"head", 0, sequence, file_write, data_write, ZERO_GUID, 0, 1, log_length, log_offset
+    )
+    return checksummed(raw.ljust(HEADER_SIZE, b"\0"))
 
 
 def choose_header(first: Header | None, second: Header | None) -> Header:
@@ -188,6 +224,15 @@ def parse_region_table(raw: bytes) -> Regions:
     return Regions(found[BAT_GUID], found[METADATA_GUID])
 
 
+def build_region_table(regions: Regions) -> bytes:
+    """A region table (64 KiB) listing the BAT and the metadata region, both required."""
+    entries = ((BAT_GUID, regions.bat), (METADATA_GUID, regions.metadata))
+    raw = _REGION_HEADER.pack(b"regi", 0, len(entries)) + b"".join(
+        _REGION_ENTRY.pack(guid, r.offset, r.length, REGION_REQUIRED) for guid, r in entries
+    )
+    return checksummed(raw.ljust(REGION_TABLE_SIZE, b"\0"))
+
+
 # --- metadata ------------------------------------------------------------------------
 
 _METADATA_HEADER = struct.Struct("<8s2xH20x")
@@ -243,6 +288,15 @@ def parse_metadata_table(raw: bytes, region_length: int) -> dict[bytes, Region]:
     return items
 
 
+def build_metadata_table(items: list[tuple[bytes, int, int, int]]) -> bytes:
+    """A metadata table (64 KiB) of ``(guid, offset, length, flags)`` items, offsets
+    relative to the metadata region."""
+    raw = _METADATA_HEADER.pack(b"metadata", len(items)) + b"".join(
+        _METADATA_ENTRY.pack(*item) for item in items
+    )
+    return raw.ljust(METADATA_TABLE_SIZE, b"\0")
+
+
 @dataclass(frozen=True)
 class Parameters:
     block_size: int
@@ -254,12 +308,11 @@ class Parameters:
 
     @property
     def chunk_ratio(self) -> int:
-        """Payload blocks per sector bitmap block."""
-        return MAX_SECTORS_PER_BLOCK * self.logical_sector_size // self.block_size
+        return chunk_ratio(self.block_size, self.logical_sector_size)
 
     @property
     def data_blocks(self) -> int:
-        return -(-self.virtual_size // self.block_size)
+        return div_round_up(self.virtual_size, self.block_size)
 
     @property
     def bat_entries(self) -> int:
@@ -268,7 +321,7 @@ class Parameters:
         if blocks == 0:
             return 0
         if self.has_parent:
-            return -(-blocks // self.chunk_ratio) * (self.chunk_ratio + 1)
+            return div_round_up(blocks, self.chunk_ratio) * (self.chunk_ratio + 1)
         return blocks + (blocks - 1) // self.chunk_ratio
 
 
@@ -297,10 +350,12 @@ def parse_parameters(items: dict[bytes, bytes]) -> Parameters:
         raise LayoutError(
             f"vhdx virtual size {virtual_size} is not a multiple of the sector size {logical}"
         )
-    has_parent = bool(bits & 2)
+    has_parent = bool(bits & HAS_PARENT)
     if has_parent and PARENT_LOCATOR_GUID not in items:
         raise LayoutError("vhdx differencing disk has no parent locator item")
-    return Parameters(block_size, bool(bits & 1), has_parent, virtual_size, logical, physical)
+    return Parameters(
+        block_size, bool(bits & LEAVE_BLOCKS_ALLOCATED), has_parent, virtual_size, logical, physical
+    )
 
 
 _LOCATOR_HEADER = struct.Struct("<16s2xH")
@@ -386,7 +441,7 @@ def parse_log_entry(log: bytes, position: int, log_guid: bytes) -> LogEntry | No
         return None
     if length == 0 or length % LOG_SECTOR or length > size:
         return None
-    desc_sectors = -(-(count + 2) // 128)
+    desc_sectors = div_round_up(count + 2, 128)
     if desc_sectors * LOG_SECTOR > length:
         return None
     raw = _circular(log, position, length)

@@ -11,36 +11,26 @@ window whose grains would is refused up front, where qemu-img dd fails part-way.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
-from aiodd.formats.encoders._common import (
-    SECTOR,
-    Identity,
-    div_round_up,
-    lanes,
-    pad,
-    round_up,
-    zeros,
-)
+from aiodd.formats.common import SECTOR, div_round_up, round_up
+from aiodd.formats.plans import Identity, lanes, pad, zeros
+from aiodd.formats.vmdk import layout as L
 
-NAME = "vmdk"
+NAME = L.NAME
 
 GRAIN_SECTORS = 128
 GRAIN = GRAIN_SECTORS * SECTOR
-GTES_PER_GT = 512
+GTES_PER_GT = L.MAX_GTES_PER_GT
 GT_SECTORS = GTES_PER_GT * 4 // SECTOR
 DESCRIPTOR_OFFSET = 1
 DESCRIPTOR_SECTORS = 20
-FLAGS = 0x3  # valid new-line detection | redundant grain table
-MAX_SECTOR = 1 << 32
+FLAGS = L.FLAG_NL_DETECT | L.FLAG_RGD
 # Grain tables are emitted this many at a time (256 KiB) to bound the metadata pieces.
 _GTS_PER_PIECE = 128
-
-_HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")
 
 DEFAULT_FILENAME = "image.vmdk"
 
@@ -71,7 +61,7 @@ def layout(capacity: int) -> Layout:
     grains = div_round_up(capacity, GRAIN_SECTORS)
     gt_count = div_round_up(grains, GTES_PER_GT)
     lay = Layout(capacity, grains, gt_count, div_round_up(gt_count * 4, SECTOR))
-    if lay.grain_offset + (grains - 1) * GRAIN_SECTORS >= MAX_SECTOR:
+    if lay.grain_offset + (grains - 1) * GRAIN_SECTORS >= L.MAX_SECTOR:
         raise UsageError(
             f"vmdk cannot hold {capacity * SECTOR} bytes densely: a monolithicSparse "
             "extent addresses grains by 32-bit sector numbers (at most 2 TiB of file)"
@@ -136,23 +126,21 @@ class VmdkPlan:
 
     def header(self) -> bytes:
         lay = self.layout
-        raw = _HEADER.pack(
-            b"KDMV",
-            1,  # version
-            FLAGS,
-            lay.capacity,
-            GRAIN_SECTORS,
-            DESCRIPTOR_OFFSET,
-            DESCRIPTOR_SECTORS,
-            GTES_PER_GT,
-            lay.rgd_offset,
-            lay.gd_offset,
-            lay.grain_offset,  # overHead
-            0,  # uncleanShutdown
-            b"\n \r\n",  # new-line detection characters
-            0,  # compressAlgorithm
+        return L.build_sparse_header(
+            L.SparseHeader(
+                version=1,
+                flags=FLAGS,
+                capacity=lay.capacity,
+                granularity=GRAIN_SECTORS,
+                desc_offset=DESCRIPTOR_OFFSET,
+                desc_size=DESCRIPTOR_SECTORS,
+                num_gtes_per_gt=GTES_PER_GT,
+                rgd_offset=lay.rgd_offset,
+                gd_offset=lay.gd_offset,
+                grain_offset=lay.grain_offset,
+                compress_algorithm=0,
+            )
         )
-        return pad(raw, SECTOR)
 
     def metadata(self) -> Iterator[tuple[int, bytes]]:
         lay = self.layout
@@ -181,13 +169,12 @@ class VmdkPlan:
             yield (first_gt + piece * GT_SECTORS) * SECTOR, pad(table, gts * GT_SECTORS * SECTOR)
 
 
-def plan(
-    out: int, *, filename: str = DEFAULT_FILENAME, identity: Identity | None = None
-) -> VmdkPlan:
+def plan(out: int, *, filename: str | None = None, identity: Identity | None = None) -> VmdkPlan:
     """The plan for a window of ``out`` bytes (capacity: ``out`` rounded up to sectors).
 
     ``filename`` is the name the embedded descriptor's extent line gives the file
-    (qemu writes the output's base name; readers of monolithicSparse ignore it).
+    (qemu writes the output's base name; readers of monolithicSparse ignore it);
+    :data:`DEFAULT_FILENAME` when not given.
     """
     if out < 0:
         raise ValueError("negative window length")
@@ -196,4 +183,6 @@ def plan(
             "vmdk cannot hold an empty image: a monolithicSparse extent needs a capacity "
             "of at least one sector (the window is 0 bytes)"
         )
-    return VmdkPlan(layout(div_round_up(out, SECTOR)), filename, identity or Identity())
+    return VmdkPlan(
+        layout(div_round_up(out, SECTOR)), filename or DEFAULT_FILENAME, identity or Identity()
+    )

@@ -20,37 +20,33 @@ from __future__ import annotations
 
 import struct
 import sys
-import uuid
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-import aiodd
+from aiodd._version import __version__
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
-from aiodd.formats.crc32c import crc32c
-from aiodd.formats.encoders._common import (
-    SECTOR,
-    Identity,
-    MiB,
-    div_round_up,
-    pad,
-    round_up,
-    zeros,
-)
+from aiodd.formats.common import SECTOR, KiB, MiB, div_round_up, round_up
+from aiodd.formats.plans import Identity, pad, zeros
+from aiodd.formats.vhdx import layout as L
+from aiodd.formats.vhdx.layout import BAT_GUID as BAT_GUID
+from aiodd.formats.vhdx.layout import FILE_PARAMETERS_GUID as FILE_PARAMETERS_GUID
+from aiodd.formats.vhdx.layout import HEADER_1 as HEADER_1
+from aiodd.formats.vhdx.layout import HEADER_2 as HEADER_2
+from aiodd.formats.vhdx.layout import LOGICAL_SECTOR_GUID as LOGICAL_SECTOR_GUID
+from aiodd.formats.vhdx.layout import METADATA_GUID as METADATA_GUID
+from aiodd.formats.vhdx.layout import PAGE83_GUID as PAGE83_GUID
+from aiodd.formats.vhdx.layout import PHYSICAL_SECTOR_GUID as PHYSICAL_SECTOR_GUID
+from aiodd.formats.vhdx.layout import REGION_TABLE_1 as REGION_TABLE_1
+from aiodd.formats.vhdx.layout import REGION_TABLE_2 as REGION_TABLE_2
+from aiodd.formats.vhdx.layout import VIRTUAL_DISK_SIZE_GUID as VIRTUAL_DISK_SIZE_GUID
 
-NAME = "vhdx"
+NAME = L.NAME
 
-KiB = 1 << 10
 GiB = 1 << 30
 TiB = 1 << 40
-HEADER_1 = 64 * KiB
-HEADER_2 = 128 * KiB
-REGION_TABLE_1 = 192 * KiB
-REGION_TABLE_2 = 256 * KiB
-HEADER_SIZE = 4 * KiB
-REGION_TABLE_SIZE = 64 * KiB
 LOG_OFFSET = 1 * MiB
 LOG_LENGTH = 1 * MiB
 BAT_OFFSET = 2 * MiB
@@ -59,34 +55,21 @@ METADATA_LENGTH = 1 * MiB
 # (seen with qemu-img create 7.2 from 3000 bytes to 60 TiB); blocks are then appended.
 CREATE_SLACK = 4 * MiB
 METADATA_ITEMS_OFFSET = 64 * KiB  # within the metadata region
-LOGICAL_SECTOR = 512
-PHYSICAL_SECTOR = 512  # what qemu 7.2 writes
-MAX_SIZE = 64 * TiB  # qemu's VHDX_MAX_IMAGE_SIZE
+LOGICAL_SECTOR = SECTOR
+PHYSICAL_SECTOR = SECTOR  # what qemu 7.2 writes
 # qemu 7.2 computes the BAT of a zero-size disk with an unsigned wrap-around
 # ((0 - 1) >> chunk_ratio_bits) and refuses to open one whose BAT region is smaller.
 EMPTY_BAT_ENTRIES = 0xFFFFFFFF >> 9
 
-FULLY_PRESENT = 6  # PAYLOAD_BLOCK_FULLY_PRESENT
-
-BAT_GUID = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08").bytes_le
-METADATA_GUID = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E").bytes_le
-FILE_PARAMETERS_GUID = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B").bytes_le
-VIRTUAL_DISK_SIZE_GUID = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8").bytes_le
-PAGE83_GUID = uuid.UUID("BECA12AB-B2E6-4523-93EF-C309E000C746").bytes_le
-LOGICAL_SECTOR_GUID = uuid.UUID("8141BF1D-A96F-4709-BA47-F233A8FAAB5F").bytes_le
-PHYSICAL_SECTOR_GUID = uuid.UUID("CDA348C7-445D-4471-9CC9-E9885251C556").bytes_le
-
-# Metadata item flags: IsUser 1, IsVirtualDisk 2, IsRequired 4.
+_VIRTUAL = L.ITEM_VIRTUAL_DISK | L.ITEM_REQUIRED
+# (guid, offset among the items, length, flags) of the metadata items qemu writes.
 _ITEMS = (
-    (FILE_PARAMETERS_GUID, 0, 8, 4),
-    (VIRTUAL_DISK_SIZE_GUID, 8, 8, 6),
-    (PAGE83_GUID, 16, 16, 6),
-    (LOGICAL_SECTOR_GUID, 32, 4, 6),
-    (PHYSICAL_SECTOR_GUID, 36, 4, 6),
+    (FILE_PARAMETERS_GUID, 0, 8, L.ITEM_REQUIRED),
+    (VIRTUAL_DISK_SIZE_GUID, 8, 8, _VIRTUAL),
+    (PAGE83_GUID, 16, 16, _VIRTUAL),
+    (LOGICAL_SECTOR_GUID, 32, 4, _VIRTUAL),
+    (PHYSICAL_SECTOR_GUID, 36, 4, _VIRTUAL),
 )
-REGION_REQUIRED = 1
-
-_HEADER = struct.Struct("<4sIQ16s16s16sHHIQ")
 _BAT_PIECE = 128 * KiB  # BAT entries per metadata piece (1 MiB)
 
 
@@ -108,7 +91,7 @@ class Layout:
 
     @property
     def chunk_ratio(self) -> int:
-        return (1 << 23) * LOGICAL_SECTOR // self.block_size
+        return L.chunk_ratio(self.block_size, LOGICAL_SECTOR)
 
     @property
     def payload_blocks(self) -> int:
@@ -137,11 +120,6 @@ class Layout:
         return self.payload_offset + self.payload_blocks * self.block_size
 
 
-def _checksummed(raw: bytes, at: int) -> bytes:
-    """``raw`` with its CRC-32C (computed with the field zero) stored at ``at``."""
-    return raw[:at] + crc32c(raw).to_bytes(4, "little") + raw[at + 4 :]
-
-
 @dataclass(frozen=True)
 class VhdxPlan:
     layout: Layout
@@ -165,40 +143,32 @@ class VhdxPlan:
         return [Extent(self.layout.payload_offset + offset, length)] if length else []
 
     def file_identifier(self) -> bytes:
-        creator = f"aiodd v{aiodd.__version__}".encode("utf-16-le")
-        return pad(b"vhdxfile" + creator, HEADER_1)
+        creator = f"aiodd v{__version__}".encode("utf-16-le")
+        return pad(L.SIGNATURE + creator, HEADER_1)
 
     def header(self, sequence: int) -> bytes:
-        raw = _HEADER.pack(
-            b"head",
-            0,  # checksum
+        return L.build_header(
             sequence,
             self.identity.guid("vhdx file write"),
             self.identity.guid("vhdx data write"),
-            bytes(16),  # log GUID: zero, the log is empty
-            0,  # log version
-            1,  # version
             LOG_LENGTH,
             LOG_OFFSET,
         )
-        return _checksummed(pad(raw, HEADER_SIZE), 4)
 
     def region_table(self) -> bytes:
         lay = self.layout
-        raw = struct.pack("<4sIII", b"regi", 0, 2, 0)
-        raw += struct.pack("<16sQII", BAT_GUID, BAT_OFFSET, lay.bat_length, REGION_REQUIRED)
-        raw += struct.pack(
-            "<16sQII", METADATA_GUID, lay.metadata_offset, METADATA_LENGTH, REGION_REQUIRED
+        return L.build_region_table(
+            L.Regions(
+                bat=L.Region(BAT_OFFSET, lay.bat_length),
+                metadata=L.Region(lay.metadata_offset, METADATA_LENGTH),
+            )
         )
-        return _checksummed(pad(raw, REGION_TABLE_SIZE), 4)
 
     def metadata_region(self) -> bytes:
         lay = self.layout
-        table = struct.pack("<8sHH20s", b"metadata", 0, len(_ITEMS), b"")
-        for guid, offset, length, flags in _ITEMS:
-            table += struct.pack(
-                "<16sIII4s", guid, METADATA_ITEMS_OFFSET + offset, length, flags, b""
-            )
+        table = L.build_metadata_table(
+            [(guid, METADATA_ITEMS_OFFSET + at, n, flags) for guid, at, n, flags in _ITEMS]
+        )
         items = struct.pack(
             "<IIQ16sII",
             lay.block_size,
@@ -208,7 +178,7 @@ class VhdxPlan:
             LOGICAL_SECTOR,
             PHYSICAL_SECTOR,
         )
-        return pad(pad(table, METADATA_ITEMS_OFFSET) + items, METADATA_LENGTH)
+        return pad(table + items, METADATA_LENGTH)
 
     def metadata(self) -> Iterator[tuple[int, bytes]]:
         lay = self.layout
@@ -219,7 +189,7 @@ class VhdxPlan:
         yield REGION_TABLE_1, table
         yield REGION_TABLE_2, table
         yield from zeros(
-            REGION_TABLE_2 + REGION_TABLE_SIZE, LOG_OFFSET - REGION_TABLE_2 - REGION_TABLE_SIZE
+            REGION_TABLE_2 + L.REGION_TABLE_SIZE, LOG_OFFSET - REGION_TABLE_2 - L.REGION_TABLE_SIZE
         )
         yield from zeros(LOG_OFFSET, LOG_LENGTH)
         yield from self._bat()
@@ -239,7 +209,7 @@ class VhdxPlan:
         offset = BAT_OFFSET
         for entry in range(0, lay.bat_entries, per_piece):
             first_block = entry // (ratio + 1) * ratio
-            start = (lay.payload_offset + first_block * lay.block_size) | FULLY_PRESENT
+            start = (lay.payload_offset + first_block * lay.block_size) | L.PAYLOAD_FULLY_PRESENT
             unit = start.to_bytes(8, "little") * ratio + bytes(8)
             value = template + int.from_bytes(unit * chunks_per_piece, "little")
             piece = value.to_bytes(per_piece * 8, "little")
@@ -264,11 +234,11 @@ def _bat_template(chunks: int, ratio: int, block_size: int) -> int:
     return int.from_bytes(table.tobytes(), "little")
 
 
-def plan(out: int, *, identity: Identity | None = None) -> VhdxPlan:
+def plan(out: int, *, filename: str | None = None, identity: Identity | None = None) -> VhdxPlan:
     """The plan for a window of ``out`` bytes (virtual size: ``out`` rounded up to 512)."""
     if out < 0:
         raise ValueError("negative window length")
     size = round_up(out, SECTOR)
-    if size > MAX_SIZE:
+    if size > L.MAX_VIRTUAL_SIZE:
         raise UsageError(f"vhdx cannot hold {size} bytes: the maximum is 64 TiB")
     return VhdxPlan(Layout(size, block_size_for(size)), identity or Identity())

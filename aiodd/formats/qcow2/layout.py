@@ -1,5 +1,6 @@
 """qcow2 on-disk layout: the header, its extensions, table entries and compressed
-clusters, parsed from bytes with no I/O (see QEMU's docs/interop/qcow2.txt).
+clusters, parsed from bytes and built into bytes with no I/O (see QEMU's
+docs/interop/qcow2.txt).
 
 Every function here raises :class:`~aiodd.errors.ImageError` (or its subclass
 :class:`~aiodd.errors.UnsupportedImageError`) on bad input and nothing else; the checks
@@ -16,8 +17,9 @@ from array import array
 from dataclasses import dataclass
 
 from aiodd.errors import ImageError, UnsupportedImageError
+from aiodd.formats.common import SECTOR
 
-FMT = "qcow2"
+NAME = "qcow2"
 MAGIC = b"QFI\xfb"
 
 MIN_CLUSTER_BITS = 9
@@ -32,7 +34,6 @@ MAX_SNAPSHOTS = 65536  # QCOW_MAX_SNAPSHOTS
 SNAPSHOT_HEADER_SIZE = 40  # the fixed part of one snapshot table entry
 INT64_MAX = (1 << 63) - 1
 INT_MAX = (1 << 31) - 1
-SECTOR = 512
 
 # Header extension types.
 EXT_END = 0x00000000
@@ -40,20 +41,23 @@ EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857
 EXT_DATA_FILE = 0x44415441
 
-# Incompatible feature bits.
-INCOMPAT_DIRTY = 1 << 0
-INCOMPAT_CORRUPT = 1 << 1
-INCOMPAT_DATA_FILE = 1 << 2
-INCOMPAT_COMPRESSION = 1 << 3
-INCOMPAT_EXTL2 = 1 << 4
+# Incompatible feature bits 0 to 4, in the order FEATURE_NAMES names them.
+INCOMPAT_DIRTY, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2 = (
+    1 << bit for bit in range(5)
+)
 INCOMPAT_KNOWN = 0x1F
-INCOMPAT_NAMES = {
-    0: "dirty bit",
-    1: "corrupt bit",
-    2: "external data file",
-    3: "compression type",
-    4: "extended L2 entries",
-}
+# The feature name table qemu 7.2 writes (type, bit, name), types: 0 incompatible,
+# 1 compatible, 2 autoclear.  Informational: a reader finds an unknown bit's name in it.
+FEATURE_NAMES = (
+    (0, 0, b"dirty bit"),
+    (0, 1, b"corrupt bit"),
+    (0, 2, b"external data file"),
+    (0, 3, b"compression type"),
+    (0, 4, b"extended L2 entries"),
+    (1, 0, b"lazy refcounts"),
+    (2, 0, b"bitmaps"),
+    (2, 1, b"raw external data"),
+)
 # Autoclear feature bits.
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 
@@ -126,11 +130,11 @@ def probe(head: bytes) -> int:
 
 
 def _err(name: str, message: str) -> ImageError:
-    return ImageError(name, message, FMT)
+    return ImageError(name, message, NAME)
 
 
 def _unsupported(name: str, message: str) -> UnsupportedImageError:
-    return UnsupportedImageError(name, message, FMT)
+    return UnsupportedImageError(name, message, NAME)
 
 
 def header_cluster_bits(head: bytes, name: str) -> int:
@@ -401,6 +405,30 @@ def parse_header(cluster: bytes, file_size: int, name: str) -> Header:
         backing_format=ext.backing_format or None,
         data_file=data_file,
     )
+
+
+def build_header(
+    *,
+    cluster_bits: int,
+    size: int,
+    l1_size: int,
+    l1_table_offset: int,
+    refcount_table_offset: int,
+    refcount_table_clusters: int,
+    refcount_order: int,
+    header_length: int,
+) -> bytes:
+    """A version 3 header with no backing file, snapshots or features, followed by the
+    feature name table extension and the end of the extensions.  The bytes between the
+    fields and ``header_length`` (the zlib compression type, padding) are zeros."""
+    # Version 3; no backing file name, no encryption, no snapshots; no feature bits.
+    fields = _HEADER_V2.pack(
+        MAGIC, 3, 0, 0, cluster_bits, size, 0, l1_size, l1_table_offset,
+        refcount_table_offset, refcount_table_clusters, 0, 0,
+    ) + _HEADER_V3.pack(0, 0, 0, refcount_order, header_length)  # fmt: skip
+    table = b"".join(struct.pack(">BB46s", kind, bit, name) for kind, bit, name in FEATURE_NAMES)
+    extension = _EXT.pack(EXT_FEATURE_TABLE, len(table)) + table + _EXT.pack(EXT_END, 0)
+    return fields.ljust(header_length, b"\0") + extension
 
 
 def be64_table(data: bytes) -> array[int]:

@@ -1,0 +1,132 @@
+"""What several formats share: units, the layout error, and the reading steps every
+decoder of a chained format repeats.  Pure; no I/O but through the interfaces of
+:mod:`aiodd.formats.base`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from aiodd.errors import ImageError
+from aiodd.formats.base import RandomAccessFile, VirtualDisk
+
+SECTOR = 512
+KiB = 1 << 10
+MiB = 1 << 20
+
+_ZEROS = memoryview(bytes(MiB))
+
+
+def round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+def div_round_up(n: int, unit: int) -> int:
+    return -(-n // unit)
+
+
+class LayoutError(ImageError):
+    """A structure is invalid, found by a layout function that is not told the file's
+    name: the decoder names the file (:func:`naming`).  Its text is the message alone."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("", message)
+        self.args = (self.detail,)
+
+
+@contextmanager
+def naming(file: str, fmt: str) -> Iterator[None]:
+    """Turn the :class:`LayoutError` raised inside into an :class:`ImageError` naming
+    ``file``: the one place a decoder adds the context a layout does not have."""
+    try:
+        yield
+    except LayoutError as exc:
+        raise ImageError(file, exc.detail, fmt) from None
+
+
+def zero_fill(buf: memoryview) -> None:
+    """Zero ``buf`` in place, without allocating a buffer of its size."""
+    pos, n = 0, len(buf)
+    while pos < n:
+        k = min(n - pos, len(_ZEROS))
+        buf[pos : pos + k] = _ZEROS[:k]
+        pos += k
+
+
+def read_parent(parent: VirtualDisk | None, offset: int, view: memoryview) -> None:
+    """``view`` from ``parent`` (a backing file, a parent disk) at ``offset``: zeros past
+    its end, or all zeros without one, as qemu reads what no layer holds."""
+    inside = 0 if parent is None else max(0, min(len(view), parent.virtual_size - offset))
+    if inside:
+        assert parent is not None
+        parent.read_into(offset, view[:inside])
+    if inside < len(view):
+        zero_fill(view[inside:])
+
+
+def bit_runs(
+    bitmap: bytes, first: int, last: int, base: int, *, msb_first: bool
+) -> list[tuple[int, int, int]]:
+    """Runs ``(start, end, bit)`` of sectors ``first..last`` (inclusive) with equal bits;
+    ``bitmap`` starts at sector ``base``, each byte's most (VHD) or least (VHDX)
+    significant bit first."""
+    flip = 7 if msb_first else 0
+
+    def bit(rel: int) -> int:
+        return (bitmap[rel >> 3] >> ((rel & 7) ^ flip)) & 1
+
+    runs = []
+    start = first
+    current = bit(first - base)
+    sector = first + 1
+    while sector <= last:
+        rel = sector - base
+        if rel & 7 == 0 and sector + 8 <= last + 1 and bitmap[rel >> 3] == (0xFF if current else 0):
+            sector += 8
+            continue
+        b = bit(rel)
+        if b != current:
+            runs.append((start, sector, current))
+            start, current = sector, b
+        sector += 1
+    runs.append((start, last + 1, current))
+    return runs
+
+
+def read_by_bitmap(
+    view: memoryview,
+    start: int,
+    *,
+    bitmap: RandomAccessFile,
+    bitmap_at: int,
+    origin: int,
+    sector: int,
+    msb_first: bool,
+    read_here: Callable[[int, memoryview], None],
+    parent: VirtualDisk | None,
+    voffset: int,
+    truncated: str,
+    fmt: str,
+) -> None:
+    """Fill ``view`` by a sector bitmap, as the differencing disks of VHD and VHDX read:
+    where a sector's bit is set from this layer, ``read_here(lo, part)`` (``lo`` relative
+    to ``view``), where it is clear from ``parent`` at ``voffset + lo``.
+
+    ``view`` holds the bytes from ``start`` in the bitmap's numbering, whose bit 0 is
+    sector ``origin``; the bitmap is read from ``bitmap`` at ``bitmap_at``, just the
+    bytes the range needs; ``truncated`` is the message when they are not all there.
+    """
+    first = start // sector
+    last = (start + len(view) - 1) // sector
+    byte0 = (first - origin) // 8
+    count = (last - origin) // 8 - byte0 + 1
+    bits = bitmap.pread(bitmap_at + byte0, count)
+    if len(bits) < count:
+        raise ImageError(bitmap.name, truncated, fmt)
+    end = start + len(view)
+    for lo_s, hi_s, b in bit_runs(bits, first, last, origin + byte0 * 8, msb_first=msb_first):
+        lo, hi = max(lo_s * sector, start) - start, min(hi_s * sector, end) - start
+        if b:
+            read_here(lo, view[lo:hi])
+        else:
+            read_parent(parent, voffset + lo, view[lo:hi])

@@ -1,0 +1,1 @@
+"""raw: the file is the disk (docs/formats.md#raw)."""

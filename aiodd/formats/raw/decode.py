@@ -1,0 +1,39 @@
+"""raw input: the file is the disk, read through its holes when it knows them."""
+
+from __future__ import annotations
+
+from aiodd.formats.base import RandomAccessFile, Resolver, SparseFile
+from aiodd.formats.common import zero_fill
+from aiodd.formats.raw import layout as L
+
+NAME = L.NAME
+probe = L.probe
+
+
+class RawDisk:
+    format_name = NAME
+
+    def __init__(self, file: RandomAccessFile) -> None:
+        self._file = file
+        self._virtual_size = L.virtual_size(file.size)
+        self._readinto = file.readinto_sparse if isinstance(file, SparseFile) else file.readinto
+
+    @property
+    def virtual_size(self) -> int:
+        return self._virtual_size
+
+    @property
+    def file(self) -> RandomAccessFile:
+        return self._file
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        n = self._readinto(offset, buf)
+        if n < len(buf):
+            zero_fill(buf[n:])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def open_disk(file: RandomAccessFile, resolver: Resolver) -> RawDisk:
+    return RawDisk(file)

@@ -1,0 +1,18 @@
+"""raw: no structure at all; the disk's size is the file's, rounded up to a sector."""
+
+from __future__ import annotations
+
+from aiodd.formats.common import SECTOR, round_up
+
+NAME = "raw"
+
+
+def probe(head: bytes) -> int:
+    """Anything is a raw disk, with the lowest confidence."""
+    return 1
+
+
+def virtual_size(file_size: int) -> int:
+    """The disk a file of ``file_size`` bytes holds, as qemu sees it: the tail past the
+    end of the file reads as zeros."""
+    return round_up(file_size, SECTOR)

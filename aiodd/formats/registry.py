@@ -1,0 +1,176 @@
+"""The formats aiodd reads and writes, one :class:`Format` each, and detection as qemu
+does it.
+
+A :class:`Format` is tiny: it imports its ``decode`` or ``encode`` module on first use,
+so a copy pays only for the formats it touches (detection runs every reader's probe, so
+it loads the decoders).  Nothing here knows one format from another: what a format
+needs is a property of its modules (:class:`~aiodd.formats.base.Decoder`,
+:class:`~aiodd.formats.base.Encoder`).  Detection also runs qemu's probes for the
+formats aiodd does not read (:mod:`aiodd.formats.foreign`), so that such an image is
+refused instead of being read as raw (docs/formats.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, cast
+
+from aiodd.formats import (
+    INPUT_FORMATS,
+    OUTPUT_FORMATS,
+    check_input_format,
+    check_output_format,
+    foreign,
+)
+from aiodd.formats.base import (
+    Decoder,
+    Encoder,
+    OutputPlan,
+    RandomAccessFile,
+    Resolver,
+    VirtualDisk,
+)
+from aiodd.formats.foreign import PROBE_SIZE, Probe
+
+__all__ = (
+    "FORMATS",
+    "PROBES",
+    "PROBE_ORDER",
+    "Format",
+    "check_input_format",
+    "check_output_format",
+    "decoder",
+    "detect",
+    "encoder",
+    "import_decoders",
+    "input_formats",
+    "open_disk",
+    "output_formats",
+    "plan",
+)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One format's room, ``aiodd/formats/<name>/``: its ``layout``, ``decode`` and
+    ``encode`` modules, the last two imported when first asked for."""
+
+    name: str
+    reads: bool = True
+    writes: bool = True
+
+    @cached_property
+    def decoder(self) -> Decoder:
+        return cast(Decoder, importlib.import_module(f"aiodd.formats.{self.name}.decode"))
+
+    @cached_property
+    def encoder(self) -> Encoder:
+        return cast(Encoder, importlib.import_module(f"aiodd.formats.{self.name}.encode"))
+
+
+FORMATS: dict[str, Format] = {
+    name: Format(name, name in INPUT_FORMATS, name in OUTPUT_FORMATS)
+    for name in sorted({*INPUT_FORMATS, *OUTPUT_FORMATS})
+}
+
+if TYPE_CHECKING:
+    # mypy holds every format's modules to the protocols the Format objects promise.
+    from aiodd.formats.qcow2 import decode as _qcow2_decode
+    from aiodd.formats.qcow2 import encode as _qcow2_encode
+    from aiodd.formats.raw import decode as _raw_decode
+    from aiodd.formats.raw import encode as _raw_encode
+    from aiodd.formats.vhdx import decode as _vhdx_decode
+    from aiodd.formats.vhdx import encode as _vhdx_encode
+    from aiodd.formats.vmdk import decode as _vmdk_decode
+    from aiodd.formats.vmdk import encode as _vmdk_encode
+    from aiodd.formats.vpc import decode as _vpc_decode
+    from aiodd.formats.vpc import encode as _vpc_encode
+
+    _DECODERS: tuple[Decoder, ...] = (
+        _qcow2_decode, _raw_decode, _vhdx_decode, _vmdk_decode, _vpc_decode,
+    )  # fmt: skip
+    _ENCODERS: tuple[Encoder, ...] = (
+        _qcow2_encode, _raw_encode, _vhdx_encode, _vmdk_encode, _vpc_encode,
+    )  # fmt: skip
+
+# qemu 7.2's list of format drivers, in the order it asks them.  The first highest score
+# wins, so the order settles a tie: a VDI signature at offset 64 of a qcow2, vmdk, vpc,
+# vhdx, qcow or luks header makes the file a VDI, of a qed or parallels header not; a
+# cloop file named *.dmg is a DMG.  Measured with `qemu-img --trace bdrv_open_common
+# info` on such files; the formats that cannot tie are in no particular place.
+PROBE_ORDER = (
+    "parallels", "qed", "vdi", "qcow", "qcow2", "vmdk", "vpc", "vhdx", "luks", "bochs",
+    "dmg", "cloop", "raw",
+)  # fmt: skip
+
+
+def input_formats() -> list[str]:
+    return list(INPUT_FORMATS)
+
+
+def output_formats() -> list[str]:
+    return list(OUTPUT_FORMATS)
+
+
+def decoder(name: str) -> Decoder:
+    return FORMATS[check_input_format(name)].decoder
+
+
+def encoder(name: str) -> Encoder:
+    """The encoder of output format ``name``, imported on first use: a copy needs one."""
+    return FORMATS[check_output_format(name)].encoder
+
+
+def import_decoders() -> None:
+    """Import every decoder now (a process about to lose the right to open files)."""
+    for fmt in FORMATS.values():
+        if fmt.reads:
+            fmt.decoder  # noqa: B018
+
+
+def _probes() -> list[tuple[str, Probe]]:
+    def of(fmt: Format) -> Probe:
+        return lambda head, filename: fmt.decoder.probe(head)
+
+    table = {
+        **foreign.PROBES,
+        **{name: of(fmt) for name, fmt in FORMATS.items() if fmt.reads},
+    }
+    return [(name, table[name]) for name in PROBE_ORDER]
+
+
+PROBES = _probes()
+
+
+def detect(head: bytes, filename: str = "") -> str:
+    """The format qemu 7.2 would pick for a file named ``filename`` that starts with
+    ``head`` (at least its first :data:`PROBE_SIZE` bytes, or all of a shorter file):
+    one of :data:`PROBE_ORDER`, not necessarily a format aiodd reads."""
+    if not head:
+        return "raw"  # qemu does not probe an empty file
+    # Past a short file's end qemu's probe buffer holds zeros.
+    buf = head[:PROBE_SIZE].ljust(PROBE_SIZE, b"\x00")
+    best, best_score = "raw", 0
+    for name, probe in PROBES:
+        score = probe(buf, filename)
+        if score > best_score:
+            best, best_score = name, score
+    return best
+
+
+def open_disk(file: RandomAccessFile, resolver: Resolver, fmt: str | None = None) -> VirtualDisk:
+    """Decode ``file`` as ``fmt``, or as the format qemu would detect; an image of a
+    format aiodd does not read is refused (:class:`~aiodd.errors.UnsupportedImageError`)."""
+    if fmt is None:
+        fmt = detect(file.pread(0, PROBE_SIZE), file.name)
+        if fmt not in INPUT_FORMATS:
+            raise foreign.refusal(file.name, fmt)
+    return decoder(fmt).open_disk(file, resolver)
+
+
+def plan(name: str, out: int, *, filename: str | None = None) -> OutputPlan:
+    """The plan for a window of ``out`` bytes; ``filename`` is the output's base name
+    (see :class:`~aiodd.formats.base.Encoder`)."""
+    return encoder(name).plan(out, filename=filename)
