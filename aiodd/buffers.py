@@ -8,7 +8,7 @@ mmap is then backed by a memfd it maps too).
 A :class:`Chunk` carries a buffer from the reader through the windower to the encoder;
 a :class:`WriteOp` carries it (with the container's metadata) from the encoder to the
 sink, which gives it back to the pool.  They live here, below the stages, so that no
-stage imports another: see docs/architecture-flow.md.
+stage imports another: see docs/architecture.md ("The flow").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The formats room's rules (docs/architecture-formats.md): sans-IO imports, a lazy
+"""The formats room's rules (docs/architecture.md ("The formats")): sans-IO imports, a lazy
 registry that covers every format name, one package per format."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Disk image formats: one sans-IO package per format (``layout``, ``decode``,
-``encode``), listed by :mod:`aiodd.formats.registry` (docs/architecture-formats.md).
+``encode``), listed by :mod:`aiodd.formats.registry` (docs/architecture.md, "The formats").
 
 The names are here, apart from the modules, so that checking ``-f``/``-O`` does not
 import any decoder or encoder (the CLI's start-up time is part of every copy).

@@ -1,4 +1,4 @@
-"""The interfaces every format plugs into (docs/architecture-formats.md).
+"""The interfaces every format plugs into (docs/architecture.md ("The formats")).
 
 Decoders are sans-IO in the sense that matters: they never open a path and import
 nothing that does.  They are handed :class:`RandomAccessFile` objects (already opened

@@ -1,4 +1,4 @@
 """The wiring that runs the stages: one task group joined by bounded streams.
 
-See docs/architecture-flow.md.
+See docs/architecture.md ("The flow").
 """

@@ -2,5 +2,5 @@
 
 A stage imports what flows (:mod:`aiodd.buffers`, :mod:`aiodd.progress`) and the
 formats' types, never another stage or :mod:`aiodd.pipeline`: see
-docs/architecture-flow.md.
+docs/architecture.md ("The flow").
 """
