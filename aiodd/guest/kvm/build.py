@@ -97,7 +97,7 @@ def build(
     archives = find_archives() if libraries else []
     with tempfile.TemporaryDirectory(prefix="aiodd-kvm-build-") as tmp:
         objects: list[str] = []
-        units = [(s, ()) for s in sources]
+        units: list[tuple[Path, tuple[str, ...]]] = [(Path(s), ()) for s in sources]
         units += [(RUNTIME / "start.c", ()), (RUNTIME / "libc.c", RUNTIME_CFLAGS)]
         for index, (source, extra) in enumerate(units):
             obj = str(Path(tmp) / f"{index}-{Path(source).stem}.o")

@@ -7,6 +7,7 @@ accepted; anything else is a :class:`ValueError`.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -80,7 +81,7 @@ def parse(data: bytes) -> Image:
             raise ValueError("segment outside the file")
         segments.append(Segment(vaddr, data[offset : offset + filesz], memsz, flags))
     segments.sort(key=lambda s: s.vaddr)
-    for before, after in zip(segments, segments[1:], strict=False):
+    for before, after in itertools.pairwise(segments):
         # Pages, not bytes: two segments sharing a page would share its rights.
         if before.vaddr + -(-before.memsz // PAGE) * PAGE > after.vaddr:
             raise ValueError("segments share a page")

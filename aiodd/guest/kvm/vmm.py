@@ -12,6 +12,7 @@ watchdog is a repeating ``ITIMER_PROF`` whose ``SIGPROF`` interrupts ``KVM_RUN``
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import mmap
@@ -228,7 +229,10 @@ def _on_tick(signum: int, frame: FrameType | None) -> None:
         raise _Expired
 
 
-def _stop_watchdog(previous: signal.Handlers | Callable[[int, FrameType | None], object] | int | None) -> None:
+_Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
+
+
+def _stop_watchdog(previous: _Handler) -> None:
     _Watchdog.deadline = None
     signal.setitimer(signal.ITIMER_PROF, 0, 0)
     signal.signal(signal.SIGPROF, previous)
@@ -272,9 +276,7 @@ class GuestVM:
                 raise OSError("KVM API version is not 12")
             vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
             self._fds.append(vm)
-            self._ram = ram = mmap.mmap(
-                -1, L.RAM_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-            )
+            self._ram = ram = mmap.mmap(-1, L.RAM_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             for addr, data in template.pieces:
                 ram[addr : addr + len(data)] = data
             canary = bytearray(os.urandom(8))
@@ -283,10 +285,8 @@ class GuestVM:
             host = ctypes.addressof(ctypes.c_char.from_buffer(ram))
             region = struct.pack("<IIQQQ", 0, 0, 0, L.RAM_SIZE, host)
             fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, region)
-            try:  # Intel VMX wants it before the first entry; PVM may not know it
+            with contextlib.suppress(OSError):  # Intel VMX wants it; PVM may not know it
                 fcntl.ioctl(vm, KVM_SET_TSS_ADDR, L.VMX_TSS)
-            except OSError:
-                pass
             self._vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
             self._fds.append(self._vcpu)
             size = fcntl.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
@@ -329,7 +329,8 @@ class GuestVM:
         seg(6, L.TSS_SELECTOR, 0xB, 0, 0, 0, 0, 0, base=L.TSS, limit=_TSS_LIMIT)
         _SEGMENT.pack_into(sregs, 7 * _SEGMENT.size, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0)
         _DTABLE.pack_into(sregs, 8 * _SEGMENT.size, L.GDT, 7 * 8 - 1)
-        _DTABLE.pack_into(sregs, 8 * _SEGMENT.size + _DTABLE.size, 0, 0)  # any exception: triple fault
+        # IDT limit 0: any exception in the guest becomes a triple fault.
+        _DTABLE.pack_into(sregs, 8 * _SEGMENT.size + _DTABLE.size, 0, 0)
         cr0 = CR0_PG | CR0_WP | CR0_NE | CR0_ET | CR0_MP | CR0_PE
         cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
         apic_base = struct.unpack_from("<Q", sregs, _SREGS_CR + 6 * 8)[0]
@@ -481,9 +482,7 @@ class GuestVM:
         if status == L.E_CORRUPT:
             raise ImageError(self.name, "compressed data does not decode")
         if status == L.E_TOOBIG:
-            raise ImageError(
-                self.name, f"compressed data decodes to more than {L.OUT_SIZE} bytes"
-            )
+            raise ImageError(self.name, f"compressed data decodes to more than {L.OUT_SIZE} bytes")
         if status == L.E_NOMEM:
             raise self._fail(f"ran out of memory (its limit is {L.HEAP_SIZE >> 20} MiB)")
         if status == L.E_IO:
