@@ -101,7 +101,8 @@ def build(
         units += [(RUNTIME / "start.c", ()), (RUNTIME / "libc.c", RUNTIME_CFLAGS)]
         for index, (source, extra) in enumerate(units):
             obj = str(Path(tmp) / f"{index}-{Path(source).stem}.o")
-            _run([compiler, *WARNINGS, *CFLAGS, *extra, "-c", str(source), "-o", obj])
+            args = [compiler, *WARNINGS, *CFLAGS, *extra, "-I", str(RUNTIME)]
+            _run([*args, "-c", str(source), "-o", obj])
             objects.append(obj)
         partial = Path(tmp) / "guest.elf"
         _run(

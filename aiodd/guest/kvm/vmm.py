@@ -85,6 +85,7 @@ _IOMAP_PORTS: Final = 256
 _TSS_LIMIT: Final = _TSS_SIZE + _IOMAP_PORTS // 8 + 1 - 1
 
 DEFAULT_TIMEOUT: Final = 10.0
+MAX_OFFSET: Final = (1 << 63) - 1  # off_t: the end of any read the host serves
 _TICK: Final = 0.005  # the watchdog's repeat: a lost SIGPROF costs at most this much
 
 
@@ -440,7 +441,7 @@ class GuestVM:
     def _serve_read(self, handle: int, offset: int, length: int) -> None:
         if handle >= len(self.files):
             raise self._fail(f"broke the ABI (read from handle {handle}, which does not exist)")
-        if length > L.IN_SIZE or offset > (1 << 63) - 1 - length:
+        if length > L.IN_SIZE or offset > MAX_OFFSET - length:
             raise self._fail(
                 f"broke the ABI (read of {length} bytes at offset {offset} is out of range)"
             )
@@ -509,7 +510,7 @@ class GuestVM:
 
     def raw(self, handle: int, offset: int, length: int) -> bytes:
         """``length`` bytes of file ``handle`` at ``offset``; short at its end, as pread."""
-        if not 0 <= length <= L.OUT_SIZE or offset < 0:
+        if not 0 <= length <= L.OUT_SIZE or not 0 <= offset <= MAX_OFFSET - length:
             raise ValueError("read out of range")
         return self.output(self.command(L.CMD_RAW, handle, offset, length))
 

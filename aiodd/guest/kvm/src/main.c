@@ -3,7 +3,7 @@
 #include <zstd.h>
 #include <zstd_errors.h>
 
-#include "../runtime/runtime.h"
+#include "runtime.h"
 
 /* zstd's window is capped: a frame asking more is refused, not allocated. */
 #define ZSTD_WINDOW_LOG_MAX 22
