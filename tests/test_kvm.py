@@ -392,3 +392,37 @@ def test_heap_is_capped(hostile: Path) -> None:
 def test_unknown_command_is_refused(vm: GuestVM) -> None:
     with pytest.raises(IsolationError, match=r"^disk.raw: the guest reader refused the request "):
         vm.command(0x201)  # the shipped guest has no hostile commands
+
+
+# -- availability ----------------------------------------------------------------------
+
+
+def test_availability_names_what_is_missing(tmp_path: Path) -> None:
+    assert availability() == (True, "")
+    assert availability(device=str(tmp_path / "kvm")) == (
+        False,
+        f"cannot open {tmp_path / 'kvm'} read-write: No such file or directory",
+    )
+    assert availability(device="/dev/null") == (
+        False,
+        "/dev/null: KVM_GET_API_VERSION failed: Inappropriate ioctl for device",
+    )
+    missing = tmp_path / "guest.elf"
+    assert availability(guest=missing) == (
+        False,
+        f"the guest binary {missing} was not built when aiodd was installed (install the "
+        "Debian packages gcc zlib1g-dev libzstd-dev, then reinstall aiodd)",
+    )
+
+
+def test_build_without_a_compiler_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-gcc"))
+    with pytest.raises(BuildError) as info:
+        build(tmp_path / "guest.elf")
+    assert str(info.value) == (
+        f"C compiler '{tmp_path / 'no-gcc'}' not found "
+        "(install the Debian packages: gcc zlib1g-dev libzstd-dev)"
+    )
+    assert not (tmp_path / "guest.elf").exists()
