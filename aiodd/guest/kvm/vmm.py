@@ -234,9 +234,10 @@ _Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers | N
 
 
 def _stop_watchdog(previous: _Handler) -> None:
-    _Watchdog.deadline = None
+    _Watchdog.deadline = None  # first: from here on the handler never raises
     signal.setitimer(signal.ITIMER_PROF, 0, 0)
-    signal.signal(signal.SIGPROF, previous)
+    # None: the previous handler was not set from Python; the default is all we can give
+    signal.signal(signal.SIGPROF, previous if previous is not None else signal.SIG_DFL)
 
 
 # -- the VM ----------------------------------------------------------------------------
@@ -361,18 +362,21 @@ class GuestVM:
         except ValueError:  # not the main thread
             raise self._fail("must run in the main thread") from None
         try:
-            _Watchdog.deadline = time.monotonic() + self.timeout
-            signal.setitimer(signal.ITIMER_PROF, _TICK, _TICK)
-            return body()
+            try:
+                _Watchdog.deadline = time.monotonic() + self.timeout
+                signal.setitimer(signal.ITIMER_PROF, _TICK, _TICK)
+                return body()
+            finally:
+                _stop_watchdog(previous)
         except _Expired:
+            # The handler fires once; if that was inside the first stop, finish it here.
+            _stop_watchdog(previous)
             raise self._fail(
                 f"did not finish within {self.timeout:g} s (watchdog) and was stopped"
             ) from None
         except BaseException:
             self.close()
             raise
-        finally:
-            _stop_watchdog(previous)
 
     def _exit(self) -> tuple[int, int]:
         """Run the vCPU to its next doorbell: (port, value) of the ``out``.  Any other
