@@ -137,19 +137,6 @@ def test_formats_are_sans_io() -> None:
     assert violations("aiodd.formats", FORMATS_MAY_NOT, face=True) == []
 
 
-def test_formats_reach_no_higher_room_but_io() -> None:
-    """The part of the formats rule that already holds today: the decoders still import
-    ``aiodd.io`` and the vhdx encoder the package face (for the version), both gone with
-    the refactor; then the strict test above passes."""
-    banned = tuple(b for b in FORMATS_MAY_NOT if b != "aiodd.io")
-    assert violations("aiodd.formats", banned) == []
-
-
-def test_stages_do_not_import_the_pipeline() -> None:
-    """The pipeline wires the stages; a stage knows its streams, not the wiring."""
-    assert violations("aiodd.stages", ("aiodd.pipeline",)) == []
-
-
 TOPS = {"aiodd", "aiodd.__main__", "aiodd.cli", "aiodd.api"}
 
 

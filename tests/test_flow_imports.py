@@ -1,4 +1,4 @@
-"""The copy's data path imports in one direction (docs/architecture.md ("The flow"))."""
+"""The copy's data path imports in one direction (docs/architecture.md, "The flow")."""
 
 from __future__ import annotations
 
