@@ -198,8 +198,12 @@ def _parse_args(argv: Sequence[str]) -> Invocation:
 
 
 def _print_error(stream: TextIO, message: str) -> None:
-    stream.write(f"{PROG}: {message}\n")
-    stream.flush()
+    # A closed or broken stderr must not change the exit status the line was for.
+    try:
+        stream.write(f"{PROG}: {message}\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _version_text(verbose: bool) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import signal
@@ -398,3 +399,11 @@ def test_input_directory_is_one_clear_line(tmp_path: Path) -> None:
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_an_error_line_into_a_closed_stream_does_not_raise() -> None:
+    from aiodd.cli import _print_error
+
+    stream = io.StringIO()
+    stream.close()
+    _print_error(stream, "x.raw: cannot open: No such file or directory")  # no ValueError
