@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import stat
@@ -55,6 +56,37 @@ def _loop_backing(rdev: int) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _block_family(rdev: int) -> set[int]:
+    """Device numbers that share storage with block device ``rdev``: itself, its whole
+    disk and partitions, and the devices stacked under or over it (dm, md, LVM), from
+    sysfs; just ``{rdev}`` where sysfs says nothing."""
+    family: set[int] = set()
+    pending = [f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"]
+    while pending:
+        node = os.path.realpath(pending.pop())
+        try:
+            with open(os.path.join(node, "dev"), encoding="ascii") as f:
+                major, minor = f.read().split(":")
+        except (OSError, ValueError):
+            continue
+        number = os.makedev(int(major), int(minor))
+        if number in family:
+            continue
+        family.add(number)
+        if os.path.exists(os.path.join(node, "partition")):
+            pending.append(os.path.dirname(node))  # the whole disk
+        with contextlib.suppress(OSError):
+            pending += [
+                entry.path
+                for entry in os.scandir(node)
+                if os.path.exists(os.path.join(entry.path, "partition"))
+            ]
+        for link in ("slaves", "holders"):
+            with contextlib.suppress(OSError):
+                pending += [entry.path for entry in os.scandir(os.path.join(node, link))]
+    return family or {rdev}
+
+
 def _check_output(src: str, dst: str, policy: Policy) -> None:
     """Refuse an output that is a file the input reads (by inode: any spelling)."""
     try:
@@ -68,11 +100,17 @@ def _check_output(src: str, dst: str, policy: Policy) -> None:
         raise UsageError(f"of={dst} is {file.role()} (the input reads it); choose another output")
     if stat.S_ISBLK(st.st_mode):
         backing = _loop_backing(st.st_rdev)
+        family = _block_family(st.st_rdev)
         for file in policy.opened:
-            if file.key[0] == st.st_rdev:
+            if file.key[0] in family:
                 raise UsageError(
                     f"of={dst} is the device that holds {file.role()} (the input reads it);"
                     " choose another output"
+                )
+            if file.rdev and file.rdev in family:
+                raise UsageError(
+                    f"of={dst} shares its storage with the device if={file.name}"
+                    " (a partition, its disk, or a device stacked on it); choose another output"
                 )
             if file.key == backing:
                 raise UsageError(

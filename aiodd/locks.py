@@ -256,8 +256,14 @@ class OutputLock:
     def acquire(cls, path: str, *, raw: bool) -> OutputLock:
         """Lock the existing ``path``; :class:`OutputError` if another process uses it."""
         guard = cls(raw)
+        target = os.path.realpath(path)
         try:
-            fd = os.open(os.path.realpath(path), _READ_FLAGS)
+            # Only a file or a block device is opened: opening some character devices
+            # acts (a watchdog arms, a tape rewinds), and the sink refuses them anyway.
+            mode = os.stat(target).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                return guard
+            fd = os.open(target, _READ_FLAGS)
         except OSError:
             return guard  # nothing there yet, or nothing aiodd may read: nobody to ask
         guard._adopt(fd, path, replacing=True)

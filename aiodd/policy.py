@@ -191,7 +191,10 @@ class Policy:
     def _lock(self, fd: int, image: str, what: str) -> None:
         """qemu's reader locks on ``fd``, or :class:`InUseError` naming who holds what."""
         held = locks.INPUT_SHARED if self.force_share else locks.INPUT
-        byte = locks.take(fd, held)
+        try:
+            byte = locks.take(fd, held)
+        except OSError as exc:
+            raise ImageError(image, f"cannot lock {what}: {exc.strerror}") from None
         if byte is None:
             return
         reason = locks.conflict_reason(byte)

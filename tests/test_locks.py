@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -799,5 +800,102 @@ def test_the_device_under_the_input_is_refused(
             " reads it); choose another output\n",
         )
         assert src.read_bytes() == b"\x42" * 4096
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def partitioned_loop(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """A loop device over a 16 MiB disk with one MBR partition from 1 MiB to the end:
+    (disk device, partition device, the file behind them)."""
+    backing = tmp_path / "parted.raw"
+    mbr = bytearray(512)
+    # One primary Linux partition: LBA 2048 for the remaining sectors.
+    mbr[446:462] = (
+        bytes([0, 0, 0, 0, 0x83, 0, 0, 0])
+        + (2048).to_bytes(4, "little")
+        + ((16 * MiB // 512) - 2048).to_bytes(4, "little")
+    )
+    mbr[510:512] = b"\x55\xaa"
+    with backing.open("wb") as f:
+        f.write(mbr)
+        f.truncate(16 * MiB)
+    made = subprocess.run(
+        ["losetup", "-f", "-P", "--show", str(backing)], capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"no loop device here: {made.stderr.strip() or 'not root'}")
+    disk = Path(made.stdout.strip())
+    try:
+        # The kernel lists the partition in sysfs; without udev nobody makes its node.
+        sysfs = Path("/sys/class/block") / f"{disk.name}p1" / "dev"
+        if not sysfs.exists() and shutil.which("partx"):
+            # Some kernels scan no partitions at attach time: ask for them.
+            subprocess.run(["partx", "-a", str(disk)], capture_output=True)
+        for _ in range(200):
+            if sysfs.exists():
+                break
+            threading.Event().wait(0.01)
+        else:
+            pytest.skip(f"{disk} shows no partition (no partition scanning here)")
+        part = Path(f"{disk}p1")
+        if not part.exists():
+            major, minor = (int(n) for n in sysfs.read_text().split(":"))
+            part = tmp_path / f"{disk.name}p1"
+            os.mknod(part, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+        yield disk, part, backing
+    finally:
+        subprocess.run(["losetup", "-d", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("isolation", MODES)
+def test_a_disk_and_its_partition_are_one_output(
+    partitioned_loop: tuple[Path, Path, Path], isolation: str
+) -> None:
+    disk, part, backing = partitioned_loop
+    before = digest(backing)
+    for src, dst in ((disk, part), (part, disk)):
+        args = [f"--isolation={isolation}", f"if={src}", f"of={dst}", "count=1"]
+        outcome = aiodd_run(args, backing)
+        assert (outcome.status, outcome.stderr) == (
+            1,
+            f"aiodd: of={dst} shares its storage with the device if={src} (a partition,"
+            " its disk, or a device stacked on it); choose another output\n",
+        )
+    assert digest(backing) == before
+
+
+def test_a_device_with_a_mounted_partition_is_refused(
+    tmp_path: Path, partitioned_loop: tuple[Path, Path, Path]
+) -> None:
+    disk, part, backing = partitioned_loop
+    if shutil.which("mke2fs") is None:
+        pytest.skip("mke2fs is not installed")
+    subprocess.run(["mke2fs", "-q", "-F", str(part)], check=True, capture_output=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", str(part), str(mnt)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here: {mounted.stderr.strip()}")
+    try:
+        src = tmp_path / "other.raw"  # an input that has nothing to do with the device
+        src.write_bytes(b"\x42" * 4096)
+        before = digest(backing)
+        outcome = aiodd_run([f"if={src}", f"of={disk}"], src)
+        assert (outcome.status, outcome.stderr) == (
+            1,
+            f"aiodd: of={disk}: the device is in use (mounted, or held by another device"
+            " or process); choose another output\n",
+        )
+        assert digest(backing) == before
+        # The input on the mounted partition, the output its disk: refused before opening.
+        inside = mnt / "in.raw"
+        inside.write_bytes(b"\x42" * 4096)
+        outcome = aiodd_run([f"if={inside}", f"of={disk}"], src)
+        assert (outcome.status, outcome.stderr) == (
+            1,
+            f"aiodd: of={disk} is the device that holds the input image {inside} (the input"
+            " reads it); choose another output\n",
+        )
     finally:
         subprocess.run(["umount", str(mnt)], check=True)

@@ -105,8 +105,11 @@ def take(entry: str = ENTRY) -> Spawned:
             _spare = None
         else:
             proc = None
-    if proc is not None and proc.proc.poll() is None:
-        return proc
+    if proc is not None:
+        if proc.proc.poll() is None:
+            return proc
+        proc.sock.close()  # it died waiting: reap it
+        proc.proc.wait()
     return Spawned(entry)
 
 

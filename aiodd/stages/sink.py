@@ -214,7 +214,11 @@ class OutputFile:
                     os.unlink(temp)
             raise
         if st is not None:
-            out._keep_attributes(st)
+            try:
+                out._keep_attributes(st)
+            except BaseException:
+                out.abort()  # its descriptors, and a named temporary file
+                raise
         return out
 
     @classmethod
@@ -222,8 +226,15 @@ class OutputFile:
         if not raw:
             raise UsageError(f"{path}: only raw output can be written into a block device")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            # O_EXCL claims the device: the kernel refuses it while it, a partition of
+            # it or its disk is mounted or held by another device (dm, md, LVM).
+            fd = os.open(path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
         except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise OutputError(
+                    f"of={path}: the device is in use (mounted, or held by another device"
+                    " or process); choose another output"
+                ) from None
             raise OutputError(f"{path}: cannot open output device: {exc.strerror}") from None
         capacity = os.lseek(fd, 0, os.SEEK_END)
         if capacity < size:
@@ -347,6 +358,13 @@ class OutputFile:
             os.close(self.fd)
             self.fd = -1
         except OSError as exc:
+            if self.published:
+                # of= already is the new image; only its directory entry may not be on
+                # disk yet.  Saying the copy failed would be wrong.
+                raise OutputError(
+                    f"{self.name}: the output is in place, but its directory could not be"
+                    f" flushed to disk: {exc.strerror}"
+                ) from None
             raise OutputError(f"{self.name}: cannot finish output: {exc.strerror}") from None
 
     def commit(self, size: int) -> None:
