@@ -7,6 +7,7 @@ qemu-io and qemu-img check that aiodd and qemu refuse each other as qemu refuses
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -717,6 +718,22 @@ def loop_device(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         subprocess.run(["losetup", "-d", str(device)], check=True)
 
 
+@contextlib.contextmanager
+def _mounted(device: Path, mnt: Path) -> Iterator[Path]:
+    """A fresh ext2 filesystem on ``device``, mounted at ``mnt`` for the block."""
+    if shutil.which("mke2fs") is None:
+        pytest.skip("mke2fs is not installed")
+    subprocess.run(["mke2fs", "-q", "-F", str(device)], check=True, capture_output=True)
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", str(device), str(mnt)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here: {mounted.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
 @pytest.mark.parametrize("isolation", MODES)
 def test_a_loop_device_and_its_file_are_one_output(
     tmp_path: Path, loop_device: tuple[Path, Path], isolation: str
@@ -782,15 +799,7 @@ def test_the_device_under_the_input_is_refused(
     tmp_path: Path, loop_device: tuple[Path, Path]
 ) -> None:
     device, _ = loop_device
-    if shutil.which("mke2fs") is None:
-        pytest.skip("mke2fs is not installed")
-    subprocess.run(["mke2fs", "-q", "-F", str(device)], check=True, capture_output=True)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", str(device), str(mnt)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a loop device here: {mounted.stderr.strip()}")
-    try:
+    with _mounted(device, tmp_path / "mnt") as mnt:
         src = mnt / "in.raw"
         src.write_bytes(b"\x42" * 4096)
         outcome = aiodd_run([f"if={src}", f"of={device}"], src)
@@ -800,8 +809,6 @@ def test_the_device_under_the_input_is_refused(
             " reads it); choose another output\n",
         )
         assert src.read_bytes() == b"\x42" * 4096
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 @pytest.fixture
@@ -869,15 +876,7 @@ def test_a_device_with_a_mounted_partition_is_refused(
     tmp_path: Path, partitioned_loop: tuple[Path, Path, Path]
 ) -> None:
     disk, part, backing = partitioned_loop
-    if shutil.which("mke2fs") is None:
-        pytest.skip("mke2fs is not installed")
-    subprocess.run(["mke2fs", "-q", "-F", str(part)], check=True, capture_output=True)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", str(part), str(mnt)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a loop device here: {mounted.stderr.strip()}")
-    try:
+    with _mounted(part, tmp_path / "mnt") as mnt:
         src = tmp_path / "other.raw"  # an input that has nothing to do with the device
         src.write_bytes(b"\x42" * 4096)
         before = digest(backing)
@@ -897,5 +896,3 @@ def test_a_device_with_a_mounted_partition_is_refused(
             f"aiodd: of={disk} is the device that holds the input image {inside} (the input"
             " reads it); choose another output\n",
         )
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
