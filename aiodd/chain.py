@@ -39,13 +39,16 @@ class LocalResolver:
     def open_disk(self, ref: Reference) -> VirtualDisk:
         from aiodd.formats import registry as decoders
 
-        fd, layer = self._policy.open_reference(self._layer, ref, disk=True)
-        file = _local(fd, ref.name)
+        file, resolver = self.open_layer(ref)
         try:
-            return decoders.open_disk(file, LocalResolver(self._policy, layer), ref.format)
+            return decoders.open_disk(file, resolver, ref.format)
         except BaseException:
             file.close()
             raise
+
+    def open_layer(self, ref: Reference) -> tuple[RandomAccessFile, LocalResolver]:
+        fd, layer = self._policy.open_reference(self._layer, ref, disk=True)
+        return _local(fd, ref.name), LocalResolver(self._policy, layer)
 
 
 def _local(fd: int, name: str) -> LocalFile:

@@ -61,3 +61,17 @@ def qemu_raw_bytes(image: str | Path, tmp_path: Path, fmt: str | None = None) ->
     data = out.read_bytes()
     out.unlink()
     return data
+
+
+@pytest.fixture(scope="session")
+def kvm_hostile_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The KVM tests' hostile guest (tests/kvm/hostile.c), built with the shipped guest's
+    runtime and flags, once per session."""
+    from aiodd.guest.kvm.build import BuildError, build
+
+    source = Path(__file__).parent / "kvm" / "hostile.c"
+    try:
+        return build(tmp_path_factory.mktemp("hostile") / "hostile.elf", [source],
+                     libraries=False)  # fmt: skip
+    except BuildError as exc:
+        pytest.skip(f"cannot build the hostile test guest: {exc}")

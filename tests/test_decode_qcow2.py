@@ -71,8 +71,11 @@ class MemResolver:
     def open_disk(self, ref: Reference) -> VirtualDisk:
         from aiodd.formats.registry import open_disk
 
-        file = self.open_file(ref)
-        return open_disk(file, MemResolver(self.files), ref.format)
+        file, resolver = self.open_layer(ref)
+        return open_disk(file, resolver, ref.format)
+
+    def open_layer(self, ref: Reference) -> tuple[RandomAccessFile, MemResolver]:
+        return self.open_file(ref), MemResolver(self.files)
 
 
 def header(

@@ -629,6 +629,9 @@ class NoResolver:
     def open_disk(self, ref: object) -> object:
         raise ImageError("mem.vhdx", "no references here")
 
+    def open_layer(self, ref: object) -> object:
+        raise ImageError("mem.vhdx", "no references here")
+
 
 @needs_qemu
 @settings(

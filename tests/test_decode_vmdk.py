@@ -70,6 +70,9 @@ class MemResolver:
     def open_disk(self, ref: Reference) -> VirtualDisk:
         raise ImageError(ref.referrer, f"no parent '{ref.name}' here")
 
+    def open_layer(self, ref: Reference) -> tuple[RandomAccessFile, MemResolver]:
+        raise ImageError(ref.referrer, f"no parent '{ref.name}' here")
+
 
 def read_all(disk: VirtualDisk, offset: int = 0, length: int | None = None) -> bytes:
     if length is None:

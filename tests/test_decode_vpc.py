@@ -184,6 +184,9 @@ class NoResolver:
     def open_disk(self, ref: object) -> object:
         raise ImageError("mem.vhd", "no references here")
 
+    def open_layer(self, ref: object) -> object:
+        raise ImageError("mem.vhd", "no references here")
+
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(min_size=0, max_size=4096), st.data())

@@ -480,6 +480,9 @@ class NoReferences:
     def open_disk(self, ref: Reference) -> VirtualDisk:
         raise AssertionError("no reference expected")
 
+    def open_layer(self, ref: Reference) -> tuple[RandomAccessFile, NoReferences]:
+        raise AssertionError("no reference expected")
+
 
 @pytest.mark.parametrize("fmt", sorted(probes.TITLES))
 def test_open_disk_refuses_what_it_cannot_read(tmp_path: Path, fmt: str) -> None:

@@ -112,6 +112,12 @@ class Resolver(Protocol):
         """
         ...
 
+    def open_layer(self, ref: Reference) -> tuple[RandomAccessFile, Resolver]:
+        """Open the image file ``ref`` names (under the policy, as :meth:`open_disk`
+        would) without decoding it: the file, and the resolver for the references it
+        makes in turn.  For a decoder that runs elsewhere (the KVM guest reader)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Extent:

@@ -133,6 +133,10 @@ class GuestResolver:
             file.close()
             raise
 
+    def open_layer(self, ref: Reference) -> tuple[RandomAccessFile, GuestResolver]:
+        file, layer = self._ask(ref, disk=True)
+        return file, GuestResolver(self._link, layer)
+
 
 Handler = Callable[["Guest", Call], str]
 """Answers a :class:`~aiodd.guest.protocol.Call` its entry point registered; runs on a

@@ -1,5 +1,7 @@
-/* A hostile guest, for tests/test_kvm.py only (never shipped): the runtime of the real
- * guest, with commands that misbehave on purpose.  Each command number is a behaviour. */
+/* A hostile guest, for tests/test_kvm.py and tests/test_kvm_reader.py only (never
+ * shipped): the runtime of the real guest, with commands that misbehave on purpose.  Each
+ * command number is a behaviour; RING sends whatever request the host put in IN, and
+ * CMD_OPEN runs a script from the image, so the tests can write any request in Python. */
 #include "runtime.h"
 
 enum {
@@ -21,7 +23,13 @@ enum {
     UNKNOWN_REQUEST,
     EXEC_HEAP,
     WRITE_PAST_OUT,
+    RING,
+    EXEC_AT,
 };
+
+/* A scripted image starts with this, then a u64 count of requests, each a u64 body
+ * length, a struct aiodd_desc and its REQ body. */
+static const char script_magic[8] = "AIODDRNG";
 
 static volatile uint64_t sink;
 
@@ -43,16 +51,70 @@ static __attribute__((noinline)) uint64_t recurse(uint64_t depth) {
     return recurse(depth + 1) + frame[0];
 }
 
+static uint64_t readv1(uint32_t handle, uint64_t offset, uint64_t length, uint64_t dest,
+                       uint64_t *got) {
+    volatile struct aiodd_segment *req = (volatile struct aiodd_segment *)AIODD_REQ_BASE;
+    req->handle = handle;
+    req->reserved = 0;
+    req->offset = offset;
+    req->length = length;
+    req->dest = dest;
+    req->got = 0;
+    struct aiodd_desc request = {AIODD_OP_READV, 0, 0, 1, 0, 0};
+    uint64_t status = aiodd_ring(request).status;
+    *got = req->got;
+    return status;
+}
+
 static uint64_t read_request(uint32_t handle, uint64_t length) {
-    struct aiodd_desc request = {AIODD_OP_READ, handle, 0, length, 0};
-    return aiodd_ring(request).status;
+    uint64_t got;
+    return readv1(handle, 0, length, AIODD_IN_BASE, &got);
+}
+
+/* CMD_OPEN: run the image's script if it has one, else answer with the format and size
+ * the host gave (virtual size = format << 40 | file size), so tests can see them. */
+static void scripted_open(const struct aiodd_desc *cmd, struct aiodd_desc *ready) {
+    const unsigned char *in = (const unsigned char *)AIODD_IN_BASE;
+    uint64_t want = cmd->length < AIODD_IN_SIZE ? cmd->length : AIODD_IN_SIZE;
+    uint64_t got = 0;
+    if (readv1(0, 0, want, AIODD_IN_BASE, &got) != AIODD_OK) {
+        ready->status = AIODD_E_IO;
+        return;
+    }
+    if (got < 16 || memcmp(in, script_magic, sizeof script_magic) != 0) {
+        ready->length = cmd->offset << 40 | cmd->length;
+        return;
+    }
+    uint64_t count;
+    memcpy(&count, in + 8, 8);
+    uint64_t at = 16;
+    struct aiodd_desc answer = {0, 0, 0, 0, 0, 0};
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t body;
+        struct aiodd_desc request;
+        memcpy(&body, in + at, 8);
+        memcpy(&request, in + at + 8, sizeof request);
+        memcpy((void *)AIODD_REQ_BASE, in + at + 8 + sizeof request, (size_t)body);
+        at += 8 + sizeof request + body;
+        if (request.op == AIODD_OP_READY) {
+            *ready = request;
+            return;
+        }
+        answer = aiodd_ring(request);
+        if (answer.status != AIODD_OK) {
+            ready->status = answer.status;
+            return;
+        }
+    }
+    ready->length = (uint64_t)answer.handle << 48 | answer.length << 40 | answer.offset;
 }
 
 void guest_main(void) {
-    struct aiodd_desc ready = {AIODD_OP_READY, 0, 0, 0, AIODD_OK};
+    struct aiodd_desc ready = {AIODD_OP_READY, 0, 0, 0, 0, AIODD_OK};
     const uintptr_t empty = heap_mark();
     for (;;) {
         struct aiodd_desc cmd = aiodd_ring(ready);
+        ready.op = AIODD_OP_READY;
         ready.length = 0;
         ready.status = AIODD_OK;
         switch (cmd.op) {
@@ -111,7 +173,7 @@ void guest_main(void) {
             __asm__ volatile("hlt");
             break;
         case UNKNOWN_REQUEST: {
-            struct aiodd_desc request = {99, 0, 0, 0, 0};
+            struct aiodd_desc request = {99, 0, 0, 0, 0, 0};
             sink = aiodd_ring(request).status;
             break;
         }
@@ -124,6 +186,42 @@ void guest_main(void) {
         case WRITE_PAST_OUT:
             *(volatile uint8_t *)(AIODD_OUT_BASE + AIODD_OUT_SIZE) = 1;
             break;
+        case RING: {
+            /* IN: a struct aiodd_desc, then cmd.length bytes for REQ.  A READY ends the
+             * command with it; any other request is rung, and OUT gets the answer and
+             * REQ as the host left it. */
+            struct aiodd_desc request;
+            unsigned char *out = (unsigned char *)AIODD_OUT_BASE;
+            uint64_t body = cmd.length < AIODD_REQ_SIZE ? cmd.length : AIODD_REQ_SIZE;
+            memcpy(&request, (const void *)AIODD_IN_BASE, sizeof request);
+            memcpy((void *)AIODD_REQ_BASE, (const unsigned char *)AIODD_IN_BASE + sizeof request,
+                   (size_t)body);
+            if (request.op == AIODD_OP_READY) {
+                ready = request;
+                break;
+            }
+            struct aiodd_desc answer = aiodd_ring(request);
+            memcpy(out, &answer, sizeof answer);
+            memcpy(out + sizeof answer, (const void *)AIODD_REQ_BASE, AIODD_REQ_SIZE);
+            ready.length = sizeof answer + AIODD_REQ_SIZE;
+            break;
+        }
+        case EXEC_AT:
+            *(volatile uint8_t *)(uintptr_t)cmd.offset = 0xC3; /* ret */
+            ((void (*)(void))(uintptr_t)cmd.offset)();
+            break;
+        case AIODD_CMD_OPEN:
+            scripted_open(&cmd, &ready);
+            break;
+        case AIODD_CMD_READ:
+            /* at offset 0, one byte more than asked; anywhere else, forever */
+            if (cmd.offset == 0) {
+                ready.length = cmd.length + 1;
+                break;
+            }
+            for (;;) {
+                sink++;
+            }
         default:
             ready.status = AIODD_E_REQUEST;
             break;

@@ -1,10 +1,15 @@
 """The virtual machine monitor of the KVM guest reader, in pure Python (docs/kvm.md).
 
 ``fcntl.ioctl`` and ``mmap`` over ``/dev/kvm``: one VM, one vCPU, guest RAM of a fixed
-size (:mod:`aiodd.guest.kvm.layout` maps it), the guest's ELF loaded W^X, and the guest
-entered straight in 64-bit mode at CPL3.  The guest talks to the host only through the
-mailbox and the doorbell port; every other way it can stop (a fault, a port the TSS
-does not open, a spin past the watchdog) ends the VM with one :class:`IsolationError`.
+size (:mod:`aiodd.guest.kvm.layout` maps it), the caller's shared buffers as further
+memory slots, the guest's ELF loaded W^X, and the guest entered straight in 64-bit mode
+at CPL3.  The guest talks to the host only through the mailbox, REQ and the doorbell
+port; every other way it can stop (a fault, a port the TSS does not open, a spin past
+the watchdog), and every request that breaks the ABI, ends the VM with one
+:class:`IsolationError`.
+
+The host reads files for the guest only through ``RandomAccessFile.readinto`` into a
+view of the guest's memory: no copy, and in-memory files work too.
 
 The vCPU runs in the calling thread, which must be the process's main thread: the
 watchdog is a repeating ``ITIMER_PROF`` whose ``SIGPROF`` interrupts ``KVM_RUN`` there.
@@ -26,7 +31,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Final, TypeVar
 
-from aiodd.errors import ImageError, IsolationError
+from aiodd.errors import ImageError, IsolationError, UnsupportedImageError
+from aiodd.formats.base import RandomAccessFile
 from aiodd.guest.kvm import elf
 from aiodd.guest.kvm import layout as L
 
@@ -143,8 +149,9 @@ def _page_tables(image: elf.Image) -> dict[int, bytes]:
         (L.MAILBOX, user | _RW | _NX),
     ):
         _U64.pack_into(low, (addr // L.PAGE) * 8, addr | bits)
-    for addr in range(L.STACK_BASE, L.STACK_TOP, L.PAGE):
-        _U64.pack_into(low, (addr // L.PAGE) * 8, addr | user | _RW | _NX)
+    for base, size in ((L.REQ_BASE, L.REQ_SIZE), (L.STACK_BASE, L.STACK_TOP - L.STACK_BASE)):
+        for addr in range(base, base + size, L.PAGE):
+            _U64.pack_into(low, (addr // L.PAGE) * 8, addr | user | _RW | _NX)
     text = bytearray(L.PAGE)
     for seg in image.segments:
         bits = user | (_RW if seg.writable else 0) | (0 if seg.executable else _NX)
@@ -167,6 +174,44 @@ def _page_tables(image: elf.Image) -> dict[int, bytes]:
         L.PT_LOW: bytes(low),
         L.PT_IMAGE: bytes(text),
     }
+
+
+def slot_address(index: int) -> int:
+    """Where slot ``index`` starts in the guest."""
+    return L.SLOT_BASE + index * L.SLOT_STRIDE
+
+
+def _slot_tables(index: int, size: int) -> list[tuple[int, bytes]]:
+    """The page tables that map slot ``index`` over ``size`` bytes (a multiple of 4 KiB,
+    at most one stride): 2 MiB pages, then 4 KiB pages for a tail, nothing past it."""
+    base = slot_address(index)
+    pd_addr = L.SLOT_TABLES + 2 * index * L.PAGE
+    pt_addr = pd_addr + L.PAGE
+    leaf = _P | _RW | _US | _NX
+    pd = bytearray(L.PAGE)
+    large = size // L.LARGE_PAGE
+    for i in range(large):
+        _U64.pack_into(pd, i * 8, (base + i * L.LARGE_PAGE) | leaf | _PS)
+    pieces = [(L.PDPT + (base >> 30) * 8, _U64.pack(pd_addr | _P | _RW | _US))]
+    tail = size - large * L.LARGE_PAGE
+    if tail:
+        _U64.pack_into(pd, large * 8, pt_addr | _P | _RW | _US)
+        pt = bytearray(L.PAGE)
+        start = base + large * L.LARGE_PAGE
+        for i in range(tail // L.PAGE):
+            _U64.pack_into(pt, i * 8, (start + i * L.PAGE) | leaf)
+        pieces.append((pt_addr, bytes(pt)))
+    pieces.append((pd_addr, bytes(pd)))
+    return pieces
+
+
+def _address(buffer: object) -> int:
+    """The address of a writable buffer's first byte (TypeError for a read-only one)."""
+    holder = ctypes.c_char.from_buffer(buffer)  # type: ignore[arg-type]
+    try:
+        return ctypes.addressof(holder)
+    finally:
+        del holder
 
 
 class _Template:
@@ -243,74 +288,140 @@ def _stop_watchdog(previous: _Handler) -> None:
 # -- the VM ----------------------------------------------------------------------------
 
 
+FORMAT_NAMES: Final = {L.FMT_RAW: "raw", L.FMT_QCOW2: "qcow2"}
+"""The formats the host names to the guest (``FMT_*``), by their registry names."""
+
+Opener = Callable[[int, int, str, str | None], tuple[int, int, int]]
+"""Opens a file the guest's layer ``referrer`` names: ``(referrer, kind, name, format or
+None) -> (handle, size, format code)``, the file added with :meth:`GuestVM.add_file`.
+Any :class:`Exception` refuses it (raised once the command ends); :class:`AbiViolation`
+ends the VM instead."""
+
+
+class AbiViolation(Exception):
+    """Raised by an :data:`Opener` when the request itself breaks the ABI (the reason)."""
+
+
+def _inside(address: int, length: int, base: int, size: int) -> bool:
+    """``[address, address + length)`` lies in ``[base, base + size)``; cannot overflow."""
+    return base <= address and length <= size and address - base <= size - length
+
+
 class GuestVM:
     """One guest reader in a KVM micro-VM, booted and waiting for its first command.
 
-    ``files`` are the descriptors the guest may read, by handle (their index);
-    ``name`` is the image, for messages.  Every method raises :class:`IsolationError`
-    when the guest misbehaves or the watchdog stops it; the VM is then closed.
+    ``files`` are what the guest may read, by handle (their index; more are added with
+    :meth:`add_file`); ``memories`` are the caller's shared buffers, mapped as slots
+    (memory ``i`` at :func:`slot_address` ``(i)``); ``opener`` answers the guest's
+    requests to open a file a layer names; ``name`` is the image, for messages.  Every
+    method raises :class:`IsolationError` when the guest misbehaves or the watchdog stops
+    it; the VM is then closed.
     """
 
     def __init__(
         self,
-        files: Sequence[int] = (),
+        files: Sequence[RandomAccessFile] = (),
         *,
         name: str = "image",
         guest: Path | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        memories: Sequence[mmap.mmap] = (),
+        opener: Opener | None = None,
     ) -> None:
         from aiodd.guest.kvm import GUEST, KVM_DEVICE
 
         if threading.current_thread() is not threading.main_thread():
             raise IsolationError(f"{name}: the KVM guest reader must run in the main thread")
+        if len(memories) > L.MAX_SLOTS:
+            raise ValueError(f"at most {L.MAX_SLOTS} memories, not {len(memories)}")
+        slots: list[tuple[mmap.mmap, int, int]] = []  # (memory, host address, mapped size)
+        for index, memory in enumerate(memories):
+            try:
+                host_address = _address(memory)
+            except (TypeError, ValueError):
+                raise ValueError(f"memory {index} is not a writable mapping") from None
+            size = min(-(-len(memory) // L.PAGE) * L.PAGE, L.SLOT_STRIDE)
+            slots.append((memory, host_address, size))
         self.name = name
-        self.files = tuple(files)
+        self.files: list[RandomAccessFile] = list(files)
+        self.formats: list[int] = [L.FMT_NONE] * len(self.files)
         self.timeout = timeout
+        self._opener = opener
+        self._slots = slots
+        self._output: tuple[int, int] | None = None  # the running command's output range
+        self._failure: Exception | None = None  # the host's own failure in this command
         self._fds: list[int] = []
         self._ram: mmap.mmap | None = None
         self._run: mmap.mmap | None = None
-        self._vcpu = -1
+        self._vm = self._vcpu = -1
         started = time.perf_counter()
         try:
             template = _template(guest if guest is not None else GUEST)
-            kvm = self._open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-            if fcntl.ioctl(kvm, KVM_GET_API_VERSION, 0) != API_VERSION:
-                raise OSError("KVM API version is not 12")
-            vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
-            self._fds.append(vm)
-            self._ram = ram = mmap.mmap(-1, L.RAM_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            for addr, data in template.pieces:
-                ram[addr : addr + len(data)] = data
-            canary = bytearray(os.urandom(8))
-            canary[0] = 0  # a string overflow cannot forge it (as glibc does)
-            ram[L.FS_PAGE + L.CANARY_OFFSET : L.FS_PAGE + L.CANARY_OFFSET + 8] = canary
-            host = ctypes.addressof(ctypes.c_char.from_buffer(ram))
-            region = struct.pack("<IIQQQ", 0, 0, 0, L.RAM_SIZE, host)
-            fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, region)
-            with contextlib.suppress(OSError):  # Intel VMX wants it; PVM may not know it
-                fcntl.ioctl(vm, KVM_SET_TSS_ADDR, L.VMX_TSS)
-            self._vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
-            self._fds.append(self._vcpu)
-            size = fcntl.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
-            self._run = mmap.mmap(self._vcpu, size, mmap.MAP_SHARED)
-            cpuid = _supported_cpuid(kvm)
-            fcntl.ioctl(self._vcpu, KVM_SET_CPUID2, cpuid, True)
-            self._set_registers(template.entry)
+            kvm = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                self._create(kvm, template)
+            finally:
+                os.close(kvm)  # the VM holds what it needs of it
         except OSError as exc:
             self.close()
             raise IsolationError(f"{name}: the KVM guest reader could not start: {exc}") from None
         except ValueError as exc:  # the guest binary failed the ELF checks
             self.close()
             raise IsolationError(f"{name}: the KVM guest binary is invalid: {exc}") from None
-        status, _ = self._guarded(self._wait_ready)
+        status, _ = self._guarded(self._wait_ready, self.timeout)
         if status != L.OK:
-            raise self._fail(f"broke the ABI (status {status} at start)")
+            raise self._broke(f"status {status} at start")
         self.start_time = time.perf_counter() - started
 
-    def _open(self, path: str, flags: int) -> int:
-        fd = os.open(path, flags)
-        self._fds.append(fd)
-        return fd
+    def _create(self, kvm: int, template: _Template) -> None:
+        if fcntl.ioctl(kvm, KVM_GET_API_VERSION, 0) != API_VERSION:
+            raise OSError("KVM API version is not 12")
+        self._vm = vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+        self._fds.append(vm)
+        self._ram = ram = mmap.mmap(-1, L.RAM_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for addr, data in template.pieces:
+            ram[addr : addr + len(data)] = data
+        canary = bytearray(os.urandom(8))
+        canary[0] = 0  # a string overflow cannot forge it (as glibc does)
+        ram[L.FS_PAGE + L.CANARY_OFFSET : L.FS_PAGE + L.CANARY_OFFSET + 8] = canary
+        regions = [(0, L.RAM_SIZE, _address(ram))]
+        for index, (_, host_address, size) in enumerate(self._slots):
+            for addr, data in _slot_tables(index, size):
+                ram[addr : addr + len(data)] = data
+            regions.append((slot_address(index), size, host_address))
+        for slot, (guest_address, size, host_address) in enumerate(regions):
+            region = struct.pack("<IIQQQ", slot, 0, guest_address, size, host_address)
+            fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, region)
+        with contextlib.suppress(OSError):  # Intel VMX wants it; PVM may not know it
+            fcntl.ioctl(vm, KVM_SET_TSS_ADDR, L.VMX_TSS)
+        self._vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
+        self._fds.append(self._vcpu)
+        size = fcntl.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
+        self._run = mmap.mmap(self._vcpu, size, mmap.MAP_SHARED)
+        cpuid = _supported_cpuid(kvm)
+        fcntl.ioctl(self._vcpu, KVM_SET_CPUID2, cpuid, True)
+        self._set_registers(template.entry)
+
+    @property
+    def ioctl_fds(self) -> tuple[int, ...]:
+        """The VM's and the vCPU's descriptors (-1 once closed)."""
+        return (self._vm, self._vcpu)
+
+    @property
+    def ioctl_requests(self) -> tuple[int, ...]:
+        """The ioctl requests the VM makes once it has started."""
+        return (KVM_RUN,)
+
+    def add_file(self, file: RandomAccessFile, fmt: int = L.FMT_NONE) -> int:
+        """Give the guest ``file`` (of format ``fmt``, an ``FMT_*``): its handle."""
+        self.files.append(file)
+        self.formats.append(fmt)
+        return len(self.files) - 1
+
+    def set_files(self, files: Sequence[tuple[RandomAccessFile, int]]) -> None:
+        """Replace every handle by ``files`` (file, format): the guest loses the others."""
+        self.files = [file for file, _ in files]
+        self.formats = [fmt for _, fmt in files]
 
     def _set_registers(self, entry: int) -> None:
         sregs = bytearray(0x138)
@@ -347,13 +458,56 @@ class GuestVM:
         regs[17] = 0x2  # rflags: IF clear
         fcntl.ioctl(self._vcpu, KVM_SET_REGS, struct.pack("<18Q", *regs))
 
+    # -- the guest's memory, as the host sees it ---------------------------------------
+
+    def locate(self, buf: memoryview) -> int | None:
+        """The guest address of ``buf`` when it lies inside one of the slots, else None."""
+        if not self._slots or buf.readonly or not buf.contiguous:
+            return None
+        try:
+            start = _address(buf)
+        except (TypeError, ValueError):
+            return None
+        length = buf.nbytes
+        for index, (memory, host_address, size) in enumerate(self._slots):
+            if _inside(start, length, host_address, min(size, len(memory))):
+                return slot_address(index) + (start - host_address)
+        return None
+
+    def _view(self, address: int, length: int) -> memoryview:
+        """The host's view of guest memory ``[address, address + length)``, which the
+        caller has checked lies in RAM or in one slot.  Release it after use."""
+        assert self._ram is not None
+        if _inside(address, length, 0, L.RAM_SIZE):
+            with memoryview(self._ram) as ram:
+                return ram[address : address + length]
+        index = (address - L.SLOT_BASE) // L.SLOT_STRIDE
+        memory, _, size = self._slots[index]
+        offset = address - slot_address(index)
+        assert _inside(offset, length, 0, min(size, len(memory)))
+        with memoryview(memory) as whole:
+            return whole[offset : offset + length]
+
+    def _writable(self, address: int, length: int) -> bool:
+        """Whether the host may hand ``[address, address + length)`` to a command as its
+        output: inside OUT, or inside one slot's buffer."""
+        if _inside(address, length, L.OUT_BASE, L.OUT_SIZE):
+            return True
+        return any(
+            _inside(address, length, slot_address(index), min(size, len(memory)))
+            for index, (memory, _, size) in enumerate(self._slots)
+        )
+
     # -- running -----------------------------------------------------------------------
 
     def _fail(self, what: str) -> IsolationError:
         self.close()
         return IsolationError(f"{self.name}: the guest reader {what}")
 
-    def _guarded(self, body: Callable[[], T]) -> T:
+    def _broke(self, why: str) -> IsolationError:
+        return self._fail(f"broke the ABI ({why})")
+
+    def _guarded(self, body: Callable[[], T], timeout: float) -> T:
         """Run ``body`` under the watchdog; any failure closes the VM."""
         if self._run is None:
             raise IsolationError(f"{self.name}: the guest reader is closed")
@@ -363,7 +517,7 @@ class GuestVM:
             raise self._fail("must run in the main thread") from None
         try:
             try:
-                _Watchdog.deadline = time.monotonic() + self.timeout
+                _Watchdog.deadline = time.monotonic() + timeout
                 signal.setitimer(signal.ITIMER_PROF, _TICK, _TICK)
                 return body()
             finally:
@@ -372,7 +526,7 @@ class GuestVM:
             # The handler fires once; if that was inside the first stop, finish it here.
             _stop_watchdog(previous)
             raise self._fail(
-                f"did not finish within {self.timeout:g} s (watchdog) and was stopped"
+                f"did not finish within {timeout:g} s (watchdog) and was stopped"
             ) from None
         except BaseException:
             self.close()
@@ -421,80 +575,196 @@ class GuestVM:
             return f"stopped on an internal KVM error (suberror {sub})"
         return f"stopped unexpectedly (KVM exit reason {reason})"
 
-    def _request(self) -> tuple[int, int, int, int, int]:
+    def _request(self) -> tuple[int, int, int, int, int, int]:
         """The guest's descriptor, copied out of shared memory once."""
         assert self._ram is not None
-        op, handle, offset, length, status = L.DESC.unpack_from(self._ram, L.MAILBOX)
-        return op, handle, offset, length, status
+        op, handle, offset, length, address, status = L.DESC.unpack_from(self._ram, L.MAILBOX)
+        return op, handle, offset, length, address, status
 
-    def _answer(self, op: int, handle: int, offset: int, length: int, status: int) -> None:
+    def _answer(
+        self, op: int, handle: int = 0, offset: int = 0, length: int = 0, address: int = 0,
+        status: int = L.OK,
+    ) -> None:  # fmt: skip
         assert self._ram is not None
-        L.DESC.pack_into(self._ram, L.MAILBOX, op, handle, offset, length, status)
+        L.DESC.pack_into(self._ram, L.MAILBOX, op, handle, offset, length, address, status)
+
+    def _req(self) -> bytes:
+        """REQ, copied out of shared memory once: the request is checked on the copy."""
+        assert self._ram is not None
+        return self._ram[L.REQ_BASE : L.REQ_BASE + L.REQ_SIZE]
 
     def _wait_ready(self) -> tuple[int, int]:
-        """Serve the guest's reads until it says the command is done: (status, length)."""
+        """Serve the guest's requests until it says the command is done: (status, length)."""
         while True:
             self._exit()
-            op, handle, offset, length, status = self._request()
+            op, _, _, length, _, status = self._request()
             if op == L.OP_READY:
                 return status, length
-            if op != L.OP_READ:
-                raise self._fail(f"broke the ABI (unknown request {op:#x})")
-            self._serve_read(handle, offset, length)
+            if op == L.OP_READV:
+                self._serve_readv(length)
+            elif op == L.OP_OPEN:
+                self._serve_open()
+            else:
+                raise self._broke(f"unknown request {op:#x}")
 
-    def _serve_read(self, handle: int, offset: int, length: int) -> None:
-        if handle >= len(self.files):
-            raise self._fail(f"broke the ABI (read from handle {handle}, which does not exist)")
-        if length > L.IN_SIZE or offset > MAX_OFFSET - length:
-            raise self._fail(
-                f"broke the ABI (read of {length} bytes at offset {offset} is out of range)"
-            )
+    def _serve_readv(self, count: int) -> None:
+        if count > L.MAX_SEGMENTS:
+            raise self._broke(f"readv of {count} segments, more than {L.MAX_SEGMENTS}")
         assert self._ram is not None
-        done = 0
+        req = self._req()
+        segments = [L.SEGMENT.unpack_from(req, i * L.SEGMENT.size) for i in range(count)]
+        for i, (handle, reserved, offset, length, dest, _) in enumerate(segments):
+            if handle >= len(self.files):
+                raise self._broke(f"readv segment {i} reads handle {handle}, which does not exist")
+            if reserved:
+                raise self._broke(f"readv segment {i} has reserved bits {reserved:#x}")
+            if length > MAX_OFFSET or offset > MAX_OFFSET - length:
+                raise self._broke(
+                    f"readv segment {i} reads {length} bytes at offset {offset}, past 2^63-1"
+                )
+            output = self._output
+            if not _inside(dest, length, L.IN_BASE, L.IN_SIZE) and (
+                output is None or not _inside(dest, length, *output)
+            ):
+                raise self._broke(
+                    f"readv segment {i} writes {length} bytes at {dest:#x}, outside IN and"
+                    " the command's output"
+                )
         status = L.OK
-        with memoryview(self._ram) as ram:
-            window = ram[L.IN_BASE : L.IN_BASE + length]
-            try:
-                while done < length:
-                    got = os.preadv(self.files[handle], [window[done:]], offset + done)
-                    if got == 0:
-                        break
-                    done += got
-            except OSError:
-                status = L.E_IO
-            finally:
-                window.release()
-        self._answer(L.OP_READ, handle, offset, done, status)
+        for i, (handle, _, offset, length, dest, _) in enumerate(segments):
+            got = 0
+            if status == L.OK and length:
+                with self._view(dest, length) as view:
+                    try:
+                        got = self.files[handle].readinto(offset, view)
+                    except OSError as exc:
+                        self._failure = self._failure or exc
+                        status = L.E_IO
+                        got = 0
+                if not 0 <= got <= length:
+                    raise IsolationError(
+                        f"{self.files[handle].name}: readinto returned {got} for {length} bytes"
+                    )
+            _U64.pack_into(self._ram, L.REQ_BASE + i * L.SEGMENT.size + L.SEGMENT_GOT, got)
+        self._answer(L.OP_READV, length=count, status=status)
+
+    def _serve_open(self) -> None:
+        req = self._req()
+        referrer, kind, name_length, format_length = L.OPEN_REQ.unpack_from(req)
+        if referrer >= len(self.files):
+            raise self._broke(f"open named by handle {referrer}, which does not exist")
+        if kind not in (L.REF_BACKING, L.REF_DATA_FILE):
+            raise self._broke(f"open of unknown kind {kind}")
+        room = L.REQ_SIZE - L.OPEN_REQ.size
+        if name_length > room or format_length > room - name_length:
+            raise self._broke(
+                f"open request of {name_length} + {format_length} bytes does not fit in REQ"
+            )
+        if self._opener is None:
+            raise self._broke("open asked of a VM that opens no file")
+        start = L.OPEN_REQ.size
+        name = req[start : start + name_length].decode("utf-8", "surrogateescape")
+        start += name_length
+        fmt = req[start : start + format_length].decode("utf-8", "surrogateescape")
+        try:
+            handle, size, code = self._opener(referrer, kind, name, fmt or None)
+        except AbiViolation as exc:
+            raise self._broke(str(exc)) from None
+        except Exception as exc:
+            self._failure = self._failure or exc
+            self._answer(L.OP_OPEN, status=L.E_REFUSED)
+            return
+        self._answer(L.OP_OPEN, handle, size, code)
+
+    def _image_error(self, status: int) -> ImageError:
+        """The error a command's error record (in REQ) stands for."""
+        req = self._req()
+        layer, length = L.ERROR.unpack_from(req)
+        if layer >= len(self.files):
+            raise self._broke(f"error about handle {layer}, which does not exist")
+        if length > L.REQ_SIZE - L.ERROR.size:
+            raise self._broke(
+                f"error message of {length} bytes, more than {L.REQ_SIZE - L.ERROR.size}"
+            )
+        message = req[L.ERROR.size : L.ERROR.size + length].decode("utf-8", "replace")
+        kind = ImageError if status == L.E_IMAGE else UnsupportedImageError
+        return kind(self.files[layer].name, message, FORMAT_NAMES.get(self.formats[layer]))
 
     # -- commands ----------------------------------------------------------------------
 
-    def command(self, op: int, handle: int = 0, offset: int = 0, length: int = 0) -> int:
-        """Run one command (``CMD_*``); returns the byte count it left in OUT.
+    def command(
+        self,
+        op: int,
+        handle: int = 0,
+        offset: int = 0,
+        length: int = 0,
+        address: int = 0,
+        *,
+        output: tuple[int, int] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Run one command (``CMD_*``): its result, READY's length.
 
-        Raises :class:`ImageError` when the data does not decode, IsolationError for
-        anything the guest does wrong.
+        ``output`` is the range ``(address, length)`` the guest may read files into
+        besides IN (inside OUT or one slot).  The host's own failure while serving the
+        command (a file that could not be read, a refused open) is raised as it was
+        raised; the guest's errors become :class:`ImageError` and its subclasses; anything
+        it does wrong is an IsolationError.
         """
+        if output is not None and not self._writable(*output):
+            raise ValueError("output range outside OUT and the slots")
 
         def run() -> tuple[int, int]:
-            self._answer(op, handle, offset, length, 0)
-            return self._wait_ready()
+            self._output = output
+            self._failure = None
+            self._answer(op, handle, offset, length, address)
+            try:
+                return self._wait_ready()
+            finally:
+                self._output = None
 
-        status, produced = self._guarded(run)
+        status, result = self._guarded(run, self.timeout if timeout is None else timeout)
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            # The host's failure decides, whatever the guest made of it: the Python
+            # decoders would have stopped at it.
+            raise failure
         if status == L.OK:
-            if produced > L.OUT_SIZE:
-                raise self._fail(f"broke the ABI (reported {produced} bytes of output)")
-            return produced
+            if op == L.CMD_OPEN and result > MAX_OFFSET:
+                raise self._broke(f"reported a virtual size of {result} bytes")
+            if op == L.CMD_READ and result != length:
+                raise self._broke(f"reported {result} bytes of output for a read of {length}")
+            if op not in (L.CMD_OPEN, L.CMD_READ) and result > L.OUT_SIZE:
+                raise self._broke(f"reported {result} bytes of output")
+            return result
+        if status in (L.E_IMAGE, L.E_UNSUPPORTED):
+            raise self._image_error(status)
         if status == L.E_CORRUPT:
             raise ImageError(self.name, "compressed data does not decode")
         if status == L.E_TOOBIG:
             raise ImageError(self.name, f"compressed data decodes to more than {L.OUT_SIZE} bytes")
         if status == L.E_NOMEM:
             raise self._fail(f"ran out of memory (its limit is {L.HEAP_SIZE >> 20} MiB)")
-        if status == L.E_IO:
-            raise ImageError(self.name, "the image could not be read")
         if status == L.E_REQUEST:
             raise self._fail(f"refused the request {op:#x}")
-        raise self._fail(f"broke the ABI (status {status})")
+        if status in (L.E_IO, L.E_REFUSED):
+            raise self._broke(f"status {status} when the host failed nothing")
+        raise self._broke(f"status {status}")
+
+    def open(self, fmt: int, *, timeout: float | None = None) -> int:
+        """Open the image in handle 0 as ``fmt`` (``FMT_*``): its virtual size."""
+        if not self.files:
+            raise ValueError("no image to open")
+        return self.command(L.CMD_OPEN, 0, fmt, self.files[0].size, timeout=timeout)
+
+    def read(self, offset: int, length: int, address: int, *, timeout: float | None = None) -> None:
+        """Decode the open image's ``[offset, offset + length)`` into guest memory at
+        ``address`` (inside OUT or one slot)."""
+        if not 0 <= offset <= MAX_OFFSET - length or length < 0:
+            raise ValueError("read out of range")
+        self.command(
+            L.CMD_READ, 0, offset, length, address, output=(address, length), timeout=timeout
+        )
 
     def output(self, length: int) -> bytes:
         """The first ``length`` bytes of OUT (``length`` as a command returned it)."""
@@ -504,7 +774,17 @@ class GuestVM:
             raise ValueError("length out of range")
         return self._ram[L.OUT_BASE : L.OUT_BASE + length]
 
-    def _input(self, data: bytes) -> int:
+    def copy_output(self, buf: memoryview) -> None:
+        """Fill ``buf`` from the start of OUT."""
+        if self._ram is None:
+            raise IsolationError(f"{self.name}: the guest reader is closed")
+        if len(buf) > L.OUT_SIZE:
+            raise ValueError("length out of range")
+        with self._view(L.OUT_BASE, len(buf)) as out:
+            buf[:] = out
+
+    def input(self, data: bytes) -> int:
+        """Put ``data`` at the start of IN: its length."""
         if self._ram is None:
             raise IsolationError(f"{self.name}: the guest reader is closed")
         if len(data) > L.IN_SIZE:
@@ -512,29 +792,31 @@ class GuestVM:
         self._ram[L.IN_BASE : L.IN_BASE + len(data)] = data
         return len(data)
 
-    def raw(self, handle: int, offset: int, length: int) -> bytes:
-        """``length`` bytes of file ``handle`` at ``offset``; short at its end, as pread."""
-        if not 0 <= length <= L.OUT_SIZE or not 0 <= offset <= MAX_OFFSET - length:
-            raise ValueError("read out of range")
-        return self.output(self.command(L.CMD_RAW, handle, offset, length))
-
     def zlib(self, data: bytes) -> bytes:
         """Inflate the zlib stream ``data``, inside the guest."""
-        return self.output(self.command(L.CMD_ZLIB, length=self._input(data)))
+        return self.output(self.command(L.CMD_ZLIB, length=self.input(data)))
 
     def zstd(self, data: bytes) -> bytes:
         """Decompress the zstd frames ``data``, inside the guest."""
-        return self.output(self.command(L.CMD_ZSTD, length=self._input(data)))
+        return self.output(self.command(L.CMD_ZSTD, length=self.input(data)))
+
+    @property
+    def closed(self) -> bool:
+        return self._run is None
 
     def close(self) -> None:
-        """Destroy the VM; idempotent.  The caller's files stay open."""
+        """Destroy the VM; idempotent.  The files and memories stay the caller's."""
         for area in (self._run, self._ram):
+            # A view may outlive the VM (a traceback of a stopped read holds one): the
+            # pages then go with the last view.
             if area is not None:
-                area.close()
+                with contextlib.suppress(BufferError):
+                    area.close()
         self._run = self._ram = None
         for fd in reversed(self._fds):
             os.close(fd)
         self._fds.clear()
+        self._vm = self._vcpu = -1
 
     def __enter__(self) -> GuestVM:
         return self

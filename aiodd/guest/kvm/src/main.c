@@ -1,4 +1,5 @@
-/* The shipped guest: the commands of abi.h, served one at a time. */
+/* The shipped guest, for now: raw images, zlib and zstd; the commands of abi.h served one
+ * at a time. */
 #include <zlib.h>
 #include <zstd.h>
 #include <zstd_errors.h>
@@ -11,40 +12,89 @@
 static unsigned char *const in_window = (unsigned char *)AIODD_IN_BASE;
 static unsigned char *const out_window = (unsigned char *)AIODD_OUT_BASE;
 
-/* Read `length` bytes of `handle` at `offset` into IN; returns the count the host read,
- * which the guest checks again before it trusts it. */
-static uint64_t host_read(uint32_t handle, uint64_t offset, uint64_t length, uint64_t *status) {
-    struct aiodd_desc request = {AIODD_OP_READ, handle, offset, length, 0};
-    struct aiodd_desc answer = aiodd_ring(request);
-    if (answer.length > length) {
+/* The open image: a raw file, the only format this build decodes. */
+static struct {
+    int open;
+    uint64_t size;
+} image;
+
+/* Read each segment straight into its destination; `got` comes back in each, checked
+ * against what was asked before it is trusted.  Returns the host's status. */
+static uint64_t host_readv(struct aiodd_segment *segments, uint32_t count) {
+    volatile struct aiodd_segment *req = (volatile struct aiodd_segment *)AIODD_REQ_BASE;
+    if (count > AIODD_MAX_SEGMENTS) {
         aiodd_fault(AIODD_FAULT_ABI);
     }
-    *status = answer.status;
-    return answer.length;
+    for (uint32_t i = 0; i < count; i++) {
+        req[i].handle = segments[i].handle;
+        req[i].reserved = 0;
+        req[i].offset = segments[i].offset;
+        req[i].length = segments[i].length;
+        req[i].dest = segments[i].dest;
+        req[i].got = 0;
+    }
+    struct aiodd_desc request = {AIODD_OP_READV, 0, 0, count, 0, 0};
+    struct aiodd_desc answer = aiodd_ring(request);
+    for (uint32_t i = 0; i < count; i++) {
+        uint64_t got = req[i].got;
+        if (got > segments[i].length) {
+            aiodd_fault(AIODD_FAULT_ABI);
+        }
+        segments[i].got = got;
+    }
+    if (answer.status != AIODD_OK && answer.status != AIODD_E_IO) {
+        aiodd_fault(AIODD_FAULT_ABI);
+    }
+    return answer.status;
 }
 
-static uint64_t do_raw(const struct aiodd_desc *cmd, uint64_t *produced) {
-    if (cmd->length > AIODD_OUT_SIZE || cmd->offset > UINT64_MAX - cmd->length) {
+static int inside(uint64_t address, uint64_t length, uint64_t base, uint64_t size) {
+    return base <= address && length <= size && address - base <= size - length;
+}
+
+/* A command's output lies in OUT or in one slot: the host chose it, the guest checks. */
+static int output_range(uint64_t address, uint64_t length) {
+    if (inside(address, length, AIODD_OUT_BASE, AIODD_OUT_SIZE)) {
+        return 1;
+    }
+    if (!inside(address, length, AIODD_SLOT_BASE, AIODD_MAX_SLOTS * AIODD_SLOT_STRIDE)) {
+        return 0;
+    }
+    uint64_t slot = (address - AIODD_SLOT_BASE) / AIODD_SLOT_STRIDE;
+    return inside(address, length, AIODD_SLOT_BASE + slot * AIODD_SLOT_STRIDE,
+                  AIODD_SLOT_STRIDE);
+}
+
+static uint64_t do_open(const struct aiodd_desc *cmd, uint64_t *result) {
+    image.open = 0;
+    if (cmd->handle != 0 || cmd->offset != AIODD_FMT_RAW || cmd->length > UINT64_MAX - 511) {
         return AIODD_E_REQUEST;
     }
-    uint64_t done = 0;
-    while (done < cmd->length) {
-        uint64_t chunk = cmd->length - done;
-        if (chunk > AIODD_IN_SIZE) {
-            chunk = AIODD_IN_SIZE;
-        }
-        uint64_t status = 0;
-        uint64_t got = host_read(cmd->handle, cmd->offset + done, chunk, &status);
-        if (status != AIODD_OK) {
-            return status == AIODD_E_IO ? AIODD_E_IO : AIODD_E_REQUEST;
-        }
-        memcpy(out_window + done, in_window, (size_t)got);
-        done += got;
-        if (got < chunk) {
-            break;
-        }
+    image.size = cmd->length;
+    image.open = 1;
+    *result = (cmd->length + 511) & ~(uint64_t)511;  /* the tail reads as zeros */
+    return AIODD_OK;
+}
+
+static uint64_t do_read(const struct aiodd_desc *cmd, uint64_t *result) {
+    uint64_t offset = cmd->offset;
+    uint64_t length = cmd->length;
+    if (!image.open || !output_range(cmd->address, length) || offset > UINT64_MAX - length) {
+        return AIODD_E_REQUEST;
     }
-    *produced = done;
+    uint64_t got = 0;
+    if (offset < image.size && length > 0) {
+        uint64_t left = image.size - offset;
+        struct aiodd_segment segment = {0, 0, offset, left < length ? left : length,
+                                        cmd->address, 0};
+        uint64_t status = host_readv(&segment, 1);
+        if (status != AIODD_OK) {
+            return status;
+        }
+        got = segment.got;
+    }
+    memset((unsigned char *)(uintptr_t)cmd->address + got, 0, (size_t)(length - got));
+    *result = length;
     return AIODD_OK;
 }
 
@@ -115,14 +165,17 @@ static uint64_t do_zstd(const struct aiodd_desc *cmd, uint64_t *produced) {
 
 void guest_main(void) {
     const uintptr_t empty = heap_mark();
-    struct aiodd_desc ready = {AIODD_OP_READY, 0, 0, 0, AIODD_OK};
+    struct aiodd_desc ready = {AIODD_OP_READY, 0, 0, 0, 0, AIODD_OK};
     for (;;) {
         struct aiodd_desc cmd = aiodd_ring(ready);
         uint64_t produced = 0;
         uint64_t status;
         switch (cmd.op) {
-        case AIODD_CMD_RAW:
-            status = do_raw(&cmd, &produced);
+        case AIODD_CMD_OPEN:
+            status = do_open(&cmd, &produced);
+            break;
+        case AIODD_CMD_READ:
+            status = do_read(&cmd, &produced);
             break;
         case AIODD_CMD_ZLIB:
             status = do_zlib(&cmd, &produced);

@@ -1,0 +1,245 @@
+"""The KVM guest reader, as the guest child uses it: images decoded inside a micro-VM.
+
+:class:`KvmReader` is one VM (:class:`~aiodd.guest.kvm.vmm.GuestVM`), created before the
+child seals itself and used after; :meth:`KvmReader.open_disk` decodes an image in it
+and returns a :class:`~aiodd.formats.base.VirtualDisk` whose reads run in the guest.
+Formats are detected here, in Python, exactly as :func:`aiodd.formats.registry.open_disk`
+detects them, for the user's image and for every backing file the guest asks for; the
+files themselves are opened by the caller's :class:`~aiodd.formats.base.Resolver`, under
+its policy.  Errors come out as the Python decoders raise them (docs/kvm.md, "The
+reader").
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from aiodd.errors import IsolationError, UnsupportedImageError
+from aiodd.formats import INPUT_FORMATS, check_input_format, foreign
+from aiodd.formats.base import RandomAccessFile, Reference, Resolver
+from aiodd.formats.common import zero_fill
+from aiodd.guest.kvm import layout as L
+from aiodd.guest.kvm.vmm import MAX_OFFSET, AbiViolation, GuestVM
+
+__all__ = ("GUEST_FORMATS", "GuestFormatError", "KvmDisk", "KvmReader", "guest_format")
+
+GUEST_FORMATS: frozenset[str] = frozenset({"raw", "qcow2"})
+"""The formats the guest decodes; every layer of a chain must be one of them."""
+
+_CODES: Final = {"raw": L.FMT_RAW, "qcow2": L.FMT_QCOW2}
+
+OPEN_TIMEOUT: Final = 30.0
+"""Seconds the guest has to open an image (its whole chain): GuestOptions' default."""
+WATCHDOG_FLOOR: Final = 15.0
+WATCHDOG_RATE: Final = 16 << 20
+"""A read of ``n`` bytes has ``WATCHDOG_FLOOR + n / WATCHDOG_RATE`` seconds, as in the
+process guest (GuestOptions' defaults)."""
+
+MAX_FILES: Final = 128
+"""The most files one chain gives the guest: 64 layers (the policy's limit), each with a
+data file."""
+
+
+class GuestFormatError(UnsupportedImageError):
+    """A layer of the chain is in a format the KVM guest does not decode (yet).
+
+    Under ``auto`` the child falls back to the Python decoders (sandbox mode); under
+    ``kvm`` it is the error the user sees.
+    """
+
+    @classmethod
+    def of(cls, name: str, fmt: str) -> GuestFormatError:
+        """The error for file ``name``, an image of format ``fmt`` (as the registry names it)."""
+        return cls(
+            name, f"this is a {fmt} image, which the KVM guest reader does not decode yet", fmt
+        )
+
+
+def guest_format(file: RandomAccessFile, fmt: str | None) -> str:
+    """The format the guest decodes ``file`` as: ``fmt`` when one is named (as
+    :func:`aiodd.formats.registry.open_disk` honours it), else the detected one; a
+    format aiodd does not read is refused as the registry refuses it, one the guest does
+    not decode with :class:`GuestFormatError`."""
+    if fmt is None:
+        from aiodd.formats import registry
+
+        fmt = registry.detect(file.pread(0, foreign.PROBE_SIZE), file.name)
+        if fmt not in INPUT_FORMATS:
+            raise foreign.refusal(file.name, fmt)
+    else:
+        check_input_format(fmt)
+    if fmt not in GUEST_FORMATS:
+        raise GuestFormatError.of(file.name, fmt)
+    return fmt
+
+
+class KvmReader:
+    """One micro-VM, created in the guest child before it seals itself, used after.
+
+    ``memories`` are the shared buffers reads should land in: memory ``i`` becomes slot
+    ``i`` of the guest, which then writes straight into it.  Raises
+    :class:`IsolationError` (with the reason) when KVM cannot run.  Every call must come
+    from the main thread.  The keyword knobs are the watchdog's (the product's defaults;
+    the tests shorten them).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        memories: Sequence[mmap.mmap] = (),
+        *,
+        guest: Path | None = None,
+        open_timeout: float = OPEN_TIMEOUT,
+        watchdog_floor: float = WATCHDOG_FLOOR,
+        watchdog_rate: float = WATCHDOG_RATE,
+    ) -> None:
+        self.name = name
+        self._open_timeout = open_timeout
+        self._watchdog_floor = watchdog_floor
+        self._watchdog_rate = watchdog_rate
+        # The resolver of each handle's references (None: a data file names nothing).
+        self._resolvers: list[Resolver | None] = []
+        self._disk: KvmDisk | None = None
+        self._vm = GuestVM(
+            name=name, guest=guest, memories=memories, opener=self._open_reference,
+            timeout=open_timeout,
+        )  # fmt: skip
+
+    @property
+    def ioctl_fds(self) -> tuple[int, ...]:
+        """The VM's and the vCPU's descriptors, which reads use after sealing."""
+        return self._vm.ioctl_fds
+
+    @property
+    def ioctl_requests(self) -> tuple[int, ...]:
+        """The ioctl requests reads make after sealing (``KVM_RUN``)."""
+        return self._vm.ioctl_requests
+
+    @property
+    def start_time(self) -> float:
+        """Seconds from opening ``/dev/kvm`` to the guest's first doorbell."""
+        return self._vm.start_time
+
+    def open_disk(self, file: RandomAccessFile, resolver: Resolver, fmt: str | None) -> KvmDisk:
+        """Decode ``file`` (the chain's top layer) in the guest.
+
+        The returned disk owns ``file`` and every file the chain opened (its ``close``
+        closes them); on an error the caller still owns ``file`` and the rest are
+        closed.  One disk at a time: the previous one must be closed first.
+        """
+        if self._disk is not None and not self._disk.closed:
+            raise RuntimeError("the KVM guest reader already has an open disk")
+        name = guest_format(file, fmt)
+        self._vm.set_files([(file, _CODES[name])])
+        self._resolvers = [resolver]
+        try:
+            virtual_size = self._vm.open(_CODES[name], timeout=self._open_timeout)
+        except BaseException:
+            self._forget(keep=1)
+            raise
+        self._disk = KvmDisk(self, name, virtual_size)
+        return self._disk
+
+    def _open_reference(
+        self, referrer: int, kind: int, name: str, fmt: str | None
+    ) -> tuple[int, int, int]:
+        """The guest asks for a file its layer ``referrer`` names (an ``Opener``)."""
+        if len(self._vm.files) >= MAX_FILES:
+            raise AbiViolation(f"open of more than {MAX_FILES} files")
+        resolver = self._resolvers[referrer]
+        if resolver is None:
+            raise AbiViolation(f"open named by handle {referrer}, which is not an image")
+        image = self._vm.files[referrer].name
+        file: RandomAccessFile
+        layer: Resolver | None
+        if kind == L.REF_DATA_FILE:
+            file = resolver.open_file(Reference("data_file", name, image))
+            layer, code = None, L.FMT_NONE
+        else:
+            file, layer = resolver.open_layer(Reference("backing", name, image, fmt))
+            try:
+                code = _CODES[guest_format(file, fmt)]
+            except BaseException:
+                file.close()
+                raise
+        self._resolvers.append(layer)
+        return self._vm.add_file(file, code), file.size, code
+
+    def _forget(self, keep: int) -> None:
+        """Close the files given to the guest but the first ``keep``; the guest loses
+        them all."""
+        files = self._vm.files[keep:]
+        self._vm.set_files([])
+        self._resolvers = []
+        for file in reversed(files):
+            file.close()
+
+    def _read(self, disk: KvmDisk, offset: int, buf: memoryview) -> None:
+        if disk is not self._disk or disk.closed:
+            raise IsolationError(f"{self.name}: the disk is closed")
+        length = buf.nbytes
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
+        # Past the virtual disk every format reads zeros: the guest is not asked.
+        inside = min(length, max(0, disk.virtual_size - offset))
+        if inside < length:
+            zero_fill(buf[inside:])
+        if inside == 0:
+            return
+        assert offset <= MAX_OFFSET - inside  # the virtual size is at most MAX_OFFSET
+        view = buf[:inside] if inside < length else buf
+        address = self._vm.locate(view)
+        if address is not None:
+            self._vm.read(offset, inside, address, timeout=self._deadline(inside))
+            return
+        done = 0
+        while done < inside:
+            n = min(L.OUT_SIZE, inside - done)
+            self._vm.read(offset + done, n, L.OUT_BASE, timeout=self._deadline(n))
+            self._vm.copy_output(view[done : done + n])
+            done += n
+
+    def _deadline(self, length: int) -> float:
+        return self._watchdog_floor + length / self._watchdog_rate
+
+    def _close_disk(self, disk: KvmDisk) -> None:
+        if disk is self._disk:
+            self._forget(keep=0)
+            self._disk = None
+
+    def close(self) -> None:
+        """Destroy the VM; idempotent.  An open disk's files stay the disk's to close."""
+        self._vm.close()
+
+
+class KvmDisk:
+    """A :class:`~aiodd.formats.base.VirtualDisk` decoded by the guest of a
+    :class:`KvmReader`.  ``read_into`` must be called from the main thread; it writes
+    straight into a buffer inside one of the reader's memories, and through OUT and one
+    copy into any other."""
+
+    def __init__(self, reader: KvmReader, fmt: str, virtual_size: int) -> None:
+        self._reader = reader
+        self._format = fmt
+        self._virtual_size = virtual_size
+        self.closed = False
+
+    @property
+    def format_name(self) -> str:
+        return self._format
+
+    @property
+    def virtual_size(self) -> int:
+        return self._virtual_size
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self._reader._read(self, offset, buf)
+
+    def close(self) -> None:
+        """Close every file of the chain (the top layer included); idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._reader._close_disk(self)
