@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pytest
+
+from aiodd.guest.kvm import availability
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -16,6 +18,26 @@ needs_qemu = pytest.mark.skipif(
     QEMU_IMG is None or QEMU_IO is None,
     reason="qemu-img/qemu-io not installed (apt-get install qemu-utils); .ci/run installs it",
 )
+
+KVM_AVAILABLE, KVM_WHY = availability()
+needs_kvm = pytest.mark.skipif(
+    not KVM_AVAILABLE, reason=f"the KVM guest reader cannot run here: {KVM_WHY}"
+)
+
+# The input formats the KVM guest reader decodes, for the tests that rotate
+# --isolation=kvm into their runs where every layer of the input is of one of them
+# (tests/test_isolation.py checks the reader agrees).
+KVM_FORMATS = frozenset({"raw"})
+
+
+def with_kvm(isolations: Sequence[str], formats: Collection[str]) -> tuple[str, ...]:
+    """``isolations``, and ``kvm`` too when the KVM guest decodes every one of ``formats``."""
+    return (*isolations, "kvm") if set(formats) <= KVM_FORMATS else tuple(isolations)
+
+
+def kvm_marks(isolation: str) -> list[pytest.MarkDecorator]:
+    """The marks of a test run with ``--isolation=isolation``: kvm needs /dev/kvm."""
+    return [needs_kvm] if isolation == "kvm" else []
 
 
 @pytest.fixture(
