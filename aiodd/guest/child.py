@@ -204,7 +204,6 @@ class Guest:
     def enter_sandbox(self) -> dict[str, str]:
         wanted = set(self.init.layers)
         status: dict[str, str] = {}
-        base_vm = sandbox.vm_size()
 
         def attempt(name: str, fn: Callable[[], str]) -> None:
             if name not in wanted:
@@ -228,6 +227,7 @@ class Guest:
         # The namespaces in two halves, the VM between them (sandbox.unshare says why).
         attempt("namespaces", _unshare)
         self.start_vm()
+        base_vm = sandbox.vm_size()  # the VM's memory is part of the start-up size
         if status["namespaces"].startswith("active"):
             attempt("namespaces", sandbox.empty_root)
         attempt("no_new_privs", sandbox.no_new_privs)
