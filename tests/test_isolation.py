@@ -21,6 +21,7 @@ import pytest
 import aiodd
 from aiodd import options
 from aiodd.chain import open_input
+from aiodd.cli import main
 from aiodd.errors import IsolationError, UnsupportedImageError
 from aiodd.guest import isolation_report, shared_buffer
 from aiodd.guest.disk import GuestDisk
@@ -29,7 +30,15 @@ from aiodd.guest.kvm.build import build
 from aiodd.guest.kvm.reader import GUEST_FORMATS, GuestFormatError
 from aiodd.guest.options import KVM_DEVICE_VARIABLE, GuestOptions
 from aiodd.policy import Policy
-from tests.conftest import KVM_FORMATS, QEMU_IMG, needs_kvm, needs_qemu, qemu_img
+from tests.conftest import (
+    KVM_AVAILABLE,
+    KVM_FORMATS,
+    KVM_WHY,
+    QEMU_IMG,
+    needs_kvm,
+    needs_qemu,
+    qemu_img,
+)
 from tests.guest_attempts import ENTRY, attempt
 from tests.harness import aiodd_run, leftovers, qemu_dd
 
@@ -225,9 +234,6 @@ def test_a_kvm_device_that_is_not_kvm_is_named(
 
 
 def test_version_verbose_says_what_auto_picks(capsys: pytest.CaptureFixture[str]) -> None:
-    from aiodd.cli import main
-    from tests.conftest import KVM_AVAILABLE, KVM_WHY
-
     assert main(["--version", "--verbose"]) == 0
     lines = capsys.readouterr().out.splitlines()
     if KVM_AVAILABLE:
@@ -279,7 +285,7 @@ def test_the_kvm_guest_readers_process_is_sealed(images: dict[str, Path]) -> Non
 _WATCHDOG_SCRIPT = """
 import os, sys
 from pathlib import Path
-from aiodd.errors import IsolationError, UnsupportedImageError
+from aiodd.errors import IsolationError
 from aiodd.guest import sandbox, seccomp
 from aiodd.guest.kvm.vmm import KVM_RUN, GuestVM
 
