@@ -39,6 +39,11 @@ class DdResult:
     output_size: int  # the output's virtual size (the window, zero-padded)
     elapsed: float
     warnings: tuple[str, ...] = field(default=())
+    # Where the input was decoded: "kvm" (the KVM guest reader), "sandbox" (the Python
+    # decoders in the guest process) or "inline" (this process); and why, e.g.
+    # "auto: /dev/kvm available" (docs/usage.md, "Isolation modes").
+    isolation: str = ""
+    isolation_reason: str = ""
 
     @property
     def bytes_copied(self) -> int:
@@ -137,7 +142,7 @@ async def dd(
     output_format: str = "raw",
     on_progress: ProgressCallback | None = None,
     progress_interval: float = 0.1,
-    isolation: Isolation = "sandbox",
+    isolation: Isolation = "auto",
     allow_backing: Sequence[str | os.PathLike[str]] = (),
     require_isolation: bool = False,
     io_size: int = DEFAULT_UNIT,
@@ -169,7 +174,7 @@ async def dd(
     io_size = options.io_size(io_size)
     policy = Policy(allow_backing, force_share=force_share)
     memory: mmap.mmap | None = None
-    if isolation == "sandbox":
+    if isolation != "inline":
         from aiodd.guest import shared_buffer
 
         # The pool lives in shared memory, so the guest decodes straight into it.
@@ -190,11 +195,12 @@ async def dd(
             memory.close()
         raise
     try:
+        mode = ("inline", "requested", None) if isolation == "inline" else _guest_mode(disk)
         window = compute_window(disk.virtual_size, bs_value, count_value, skip_value)
         if window.skip_past_end:
             warnings.append(f"{src_path}: {SKIP_WARNING}")
         plan = encoders.plan(output_format, window.length, filename=os.path.basename(dst_path))
-        meter = ProgressMeter(plan.data_size, on_progress, progress_interval)
+        meter = ProgressMeter(plan.data_size, on_progress, progress_interval, mode[:2])
         _check_output(src_path, dst_path, policy)
         raw = output_format == "raw"
         guard = await anyio.to_thread.run_sync(lambda: OutputLock.acquire(dst_path, raw=raw))
@@ -233,5 +239,19 @@ async def dd(
         window=window,
         output_size=plan.virtual_size,
         elapsed=time.monotonic() - started,
-        warnings=tuple(warnings),
+        warnings=tuple(warnings) if mode[2] is None else (mode[2], *warnings),
+        isolation=mode[0],
+        isolation_reason=mode[1],
     )
+
+
+def _guest_mode(disk: VirtualDisk) -> tuple[str, str, str | None]:
+    """Where the guest reader decodes ``disk``, why, and the note to give when ``auto``
+    could not use the KVM guest reader for a layer it does not decode."""
+    from aiodd.guest.disk import GuestDisk
+
+    assert isinstance(disk, GuestDisk)
+    note = None
+    if disk.note is not None:
+        note = f"note: {disk.note}; it is decoded in the sandboxed process instead"
+    return disk.mode, disk.mode_reason, note

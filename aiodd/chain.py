@@ -1,10 +1,11 @@
 """Opening an input image and the files it refers to.
 
 :func:`open_input` opens the user's image (any path the user names is allowed) and
-decodes it either in the guest reader (``isolation="sandbox"``, the default: see
-:mod:`aiodd.guest`) or in this process (``isolation="inline"``, for embedders who trust
-their input).  Either way every file the image names is resolved on the host under the
-backing-file policy (:mod:`aiodd.policy`); :class:`LocalResolver` is the inline resolver.
+decodes it either in the guest reader (``isolation="auto"``, the default, ``"kvm"`` or
+``"sandbox"``: see :mod:`aiodd.guest`) or in this process (``isolation="inline"``, for
+embedders who trust their input).  Either way every file the image names is resolved on
+the host under the backing-file policy (:mod:`aiodd.policy`); :class:`LocalResolver` is
+the inline resolver.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def open_input(
     path: str,
     fmt: str | None,
     *,
-    isolation: Isolation = "sandbox",
+    isolation: Isolation = "auto",
     allow_dirs: Sequence[str] = (),
     require_isolation: bool = False,
     memory: mmap.mmap | None = None,
@@ -71,8 +72,9 @@ def open_input(
 ) -> VirtualDisk:
     """Open the user's input image and decode it.
 
-    ``allow_dirs`` widens the backing-file policy (``--allow-backing DIR``).  With
-    ``isolation="sandbox"`` the returned disk is served by a guest process; ``memory``
+    ``allow_dirs`` widens the backing-file policy (``--allow-backing DIR``).  Unless
+    ``isolation="inline"`` the returned disk is served by a guest process (a
+    :class:`~aiodd.guest.disk.GuestDisk`, which says where it decodes); ``memory``
     is the caller's buffer pool, ideally from :func:`aiodd.guest.shared_buffer` so the
     guest writes straight into it (any other buffer works, through a copy).
     ``require_isolation`` refuses to run when a sandbox layer cannot be set up.
@@ -101,7 +103,7 @@ def open_input(
             return disk
         from aiodd.guest.host import GuestOptions, open_guest
 
-        guest_options = GuestOptions(require_isolation=require_isolation)
+        guest_options = GuestOptions(require_isolation=require_isolation, isolation=isolation)
         disk = open_guest(path, file.fd, fmt, policy, top, memory=memory, options=guest_options)
     except BaseException:
         file.close()

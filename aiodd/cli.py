@@ -69,14 +69,22 @@ options:
   --allow-backing DIR  allow images to refer to files under DIR (repeatable); by default a
                        backing file, data file, extent or parent must sit beside the image
                        that names it, or below
-  --isolation=MODE     sandbox (default): decode in an isolated guest process, with every
-                       sandbox layer the host offers (a missing one is warned about);
-                       inline: decode in this process (trusted input only)
-  --require-isolation  fail instead of running with a sandbox layer missing
+  --isolation=MODE     where the input is decoded:
+                       auto (default): kvm where it runs here, else sandbox; a layer
+                       kvm does not decode yet (vmdk, vpc, vhdx) goes to sandbox, with
+                       a note; --progress=json and --version --verbose say which ran;
+                       kvm: in a KVM micro-VM inside the guest process (needs read-write
+                       /dev/kvm; decodes raw and qcow2), or fail;
+                       sandbox: in an isolated guest process, with every sandbox layer
+                       the host offers (a missing one is warned about);
+                       inline: in this process (trusted input only)
+  --require-isolation  fail instead of running with a sandbox layer missing (under any
+                       mode but inline; KVM itself is required only by --isolation=kvm)
   -U, --force-share    read the input even while another process has it open for writing
                        (qemu's image locks: see docs/usage.md)
   -h, --help           show this help and exit
-  --version            show the version and exit (with --verbose: the isolation layers)
+  --version            show the version and exit (with --verbose: the isolation layers,
+                       whether kvm runs here and what auto picks)
 
 exit status: 0 success, 1 any error, 128+N after signal N (130 Ctrl-C, 143 SIGTERM,
 129 SIGHUP); the output is then absent (a block device is partly written).
@@ -95,7 +103,7 @@ class Invocation:
     output_format: str = "raw"
     progress: str = "none"
     allow_backing: list[str] = field(default_factory=list)
-    isolation: Isolation = "sandbox"
+    isolation: Isolation = "auto"
     require_isolation: bool = False
     force_share: bool = False
     src: str | None = None
@@ -289,7 +297,7 @@ def _main(args: list[str], signals: _Signals) -> int:
         for warning in inv.warnings:
             _print_error(sys.stderr, warning)
         if signals.received is None:
-            if inv.isolation == "sandbox":
+            if inv.isolation != "inline":
                 from aiodd.guest import prestart
 
                 prestart()  # the guest's interpreter starts while this one sets up

@@ -27,7 +27,8 @@ from aiodd.window import (
     parse_size,
 )
 
-Isolation = Literal["sandbox", "inline"]
+Isolation = Literal["auto", "kvm", "sandbox", "inline"]
+ISOLATION_MODES: tuple[Isolation, ...] = ("auto", "kvm", "sandbox", "inline")
 PROGRESS_MODES = ("none", "percent", "bar", "json")
 
 # qemu-img dd's ranges: bs is an int, count and skip are int64.
@@ -75,12 +76,13 @@ def size_operand(name: str, value: object, warnings: list[str] | None = None) ->
 
 
 def isolation(value: object) -> Isolation:
-    """Where the image is decoded: ``sandbox`` (a guest process) or ``inline``."""
-    if value == "sandbox":
-        return "sandbox"
-    if value == "inline":
-        return "inline"
-    raise UsageError.invalid("isolation", _shown(value), "use sandbox or inline")
+    """Where the image is decoded: ``kvm`` (a micro-VM inside the guest process),
+    ``sandbox`` (the guest process), ``auto`` (``kvm`` where it runs, else ``sandbox``)
+    or ``inline`` (this process)."""
+    for mode in ISOLATION_MODES:
+        if value == mode and isinstance(value, str):
+            return mode
+    raise UsageError.invalid("isolation", _shown(value), "use auto, kvm, sandbox or inline")
 
 
 def progress_mode(value: str) -> str:

@@ -21,11 +21,15 @@ from aiodd.errors import StageError
 @dataclass(frozen=True)
 class Progress:
     """A snapshot of a running copy.  ``total_bytes`` is the output's data length
-    (the window plus the zero tail up to the output's virtual size)."""
+    (the window plus the zero tail up to the output's virtual size).  ``isolation`` and
+    ``isolation_reason`` say where the input is decoded and why, as
+    :class:`~aiodd.api.DdResult` does."""
 
     bytes_done: int
     total_bytes: int
     elapsed: float  # seconds since the copy started
+    isolation: str = ""
+    isolation_reason: str = ""
 
     @property
     def percent(self) -> float:
@@ -49,12 +53,17 @@ class ProgressMeter:
     (and always at the start and the end), so a fast copy does not drown its observer."""
 
     def __init__(
-        self, total: int, callback: ProgressCallback | None, interval: float = 0.1
+        self,
+        total: int,
+        callback: ProgressCallback | None,
+        interval: float = 0.1,
+        isolation: tuple[str, str] = ("", ""),
     ) -> None:
         self.total = total
         self.done = 0
         self._callback = callback
         self._interval = interval
+        self._isolation = isolation
         self._start = time.monotonic()
         self._last = float("-inf")
 
@@ -67,7 +76,7 @@ class ProgressMeter:
         self._emit(force=self.done >= self.total)
 
     def snapshot(self) -> Progress:
-        return Progress(self.done, self.total, time.monotonic() - self._start)
+        return Progress(self.done, self.total, time.monotonic() - self._start, *self._isolation)
 
     def _emit(self, force: bool) -> None:
         if self._callback is None:
@@ -76,7 +85,7 @@ class ProgressMeter:
         if force or now - self._last >= self._interval:
             self._last = now
             try:
-                self._callback(Progress(self.done, self.total, now - self._start))
+                self._callback(Progress(self.done, self.total, now - self._start, *self._isolation))
             except Exception as exc:
                 # Wrapped here, not by the sink stage, so that the first event (sent
                 # before the stages start) fails the same way as the later ones.

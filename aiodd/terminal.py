@@ -236,7 +236,9 @@ class JsonRenderer:
     """One JSON object per line, for programs that drive aiodd.
 
     Every record has ``"done": false`` except the last one of a successful copy, written
-    once the output is in place, which has ``"done": true`` and the final totals.
+    once the output is in place, which has ``"done": true`` and the final totals.  The
+    first record and the last say where the input is decoded and why (``isolation``,
+    ``isolation_reason``).
     """
 
     def __init__(self, stream: TextIO, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -247,30 +249,38 @@ class JsonRenderer:
         self._closed = False
 
     @staticmethod
-    def record(progress: Progress, done: bool = False) -> str:
-        return json.dumps(
-            {
-                "bytes_done": progress.bytes_done,
-                "total_bytes": progress.total_bytes,
-                "percent": round(progress.percent, 2),
-                "rate": round(progress.rate),
-                "elapsed": round(progress.elapsed, 3),
-                "done": done,
-            }
-        )
+    def record(progress: Progress, done: bool = False, isolation: bool = False) -> str:
+        fields: dict[str, object] = {
+            "bytes_done": progress.bytes_done,
+            "total_bytes": progress.total_bytes,
+            "percent": round(progress.percent, 2),
+            "rate": round(progress.rate),
+            "elapsed": round(progress.elapsed, 3),
+            "done": done,
+        }
+        if isolation:
+            fields["isolation"] = progress.isolation
+            fields["isolation_reason"] = progress.isolation_reason
+        return json.dumps(fields)
 
     def __call__(self, progress: Progress) -> None:
+        first = self._started is None
         if self._started is None:
             self._started = self._clock() - progress.elapsed
         self._last = progress
-        self._out.write(self.record(progress) + "\n")
+        self._out.write(self.record(progress, isolation=first) + "\n")
 
     def finish(self) -> None:
         if not self._closed and self._last is not None and self._started is not None:
+            last = self._last
             final = Progress(
-                self._last.bytes_done, self._last.total_bytes, self._clock() - self._started
+                last.bytes_done,
+                last.total_bytes,
+                self._clock() - self._started,
+                last.isolation,
+                last.isolation_reason,
             )
-            self._out.write(self.record(final, done=True) + "\n")
+            self._out.write(self.record(final, done=True, isolation=True) + "\n")
         self._closed = True
 
     def close(self) -> None:

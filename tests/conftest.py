@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pytest
+
+from aiodd.guest.kvm import availability
+from aiodd.guest.options import GuestOptions
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -16,6 +19,31 @@ needs_qemu = pytest.mark.skipif(
     QEMU_IMG is None or QEMU_IO is None,
     reason="qemu-img/qemu-io not installed (apt-get install qemu-utils); .ci/run installs it",
 )
+
+# As the guest sees it: AIODD_KVM_DEVICE=/nonexistent runs the suite as on a host without KVM.
+KVM_AVAILABLE, KVM_WHY = availability(GuestOptions().kvm_device)
+needs_kvm = pytest.mark.skipif(
+    not KVM_AVAILABLE, reason=f"the KVM guest reader cannot run here: {KVM_WHY}"
+)
+
+# The input formats the KVM guest reader decodes, for the tests that rotate
+# --isolation=kvm into their runs where every layer of the input is of one of them
+# (tests/test_isolation.py checks the reader agrees).
+KVM_FORMATS = frozenset({"raw"})
+
+
+def with_kvm(isolations: Sequence[str], formats: Collection[str]) -> tuple[str, ...]:
+    """``isolations``, and ``kvm`` too when the KVM guest decodes every one of ``formats``
+    and runs here (where it does not, the rotation keeps the other modes' share; the
+    tests of tests/test_isolation.py say it with their skips)."""
+    if KVM_AVAILABLE and set(formats) <= KVM_FORMATS:
+        return (*isolations, "kvm")
+    return tuple(isolations)
+
+
+def kvm_marks(isolation: str) -> list[pytest.MarkDecorator]:
+    """The marks of a test run with ``--isolation=isolation``: kvm needs /dev/kvm."""
+    return [needs_kvm] if isolation == "kvm" else []
 
 
 @pytest.fixture(

@@ -10,6 +10,7 @@ seccomp never returns, because the filter kills the guest.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import resource
 import socket
@@ -26,6 +27,7 @@ ENTRY = "tests.guest_entry"
 """The module the guests of these tests run (:attr:`GuestOptions.entry`)."""
 
 PTRACE_ATTACH = 16
+KVM_GET_REGS = 0x8090AE81  # a vCPU ioctl the KVM guest reader's monitor has no use for
 
 
 def attempt(disk: GuestDisk, what: str, arg: object = None, timeout: float = 10.0) -> str:
@@ -102,6 +104,27 @@ def _run(guest: Guest, what: object, arg: object) -> str:
     if what == "spin":
         while True:
             pass
+    if what == "kvm_ioctl":
+        # An ioctl the KVM rule does not allow: on a descriptor that is not the VM's
+        # (stdin, /dev/null: the kernel would say ENOTTY), or a request the monitor does
+        # not make (the kernel would answer it).
+        reader = guest.reader
+        if reader is None:
+            return "no VM"
+        calls: list[tuple[int, int, int | bytearray]] = []
+        if arg == "other-fd":
+            calls += [(0, request, 0) for request in reader.ioctl_requests]
+        else:
+            assert KVM_GET_REGS not in reader.ioctl_requests
+            calls += [(fd, KVM_GET_REGS, bytearray(144)) for fd in reader.ioctl_fds]
+        results = []
+        for fd, request, buf in calls:
+            try:
+                fcntl.ioctl(fd, request, buf)
+                results.append("ok")
+            except OSError as exc:
+                results.append(str(exc.strerror))
+        return ", ".join(results)
     if what == "ids":
         return f"uid={os.getuid()} nnp={sandbox.get_no_new_privs()}"
     if what == "setrlimit":

@@ -18,7 +18,7 @@ import pytest
 import aiodd
 from aiodd import DdResult, Progress
 from aiodd.formats import OUTPUT_FORMATS
-from tests.conftest import needs_qemu
+from tests.conftest import needs_kvm, needs_qemu
 
 pytestmark = pytest.mark.anyio
 
@@ -38,7 +38,7 @@ def sample(tmp_path: Path) -> tuple[Path, bytes]:
     return path, data
 
 
-@pytest.mark.parametrize("isolation", MODES)
+@pytest.mark.parametrize("isolation", [*MODES, pytest.param("kvm", marks=needs_kvm)])
 async def test_copy_window(
     sample: tuple[Path, bytes], tmp_path: Path, isolation: aiodd.Isolation
 ) -> None:
@@ -52,6 +52,7 @@ async def test_copy_window(
     assert result.virtual_size == len(data) + (-len(data) % 512)
     assert result.output_size == 3997 * 1024
     assert result.warnings == ()
+    assert (result.isolation, result.isolation_reason) == (isolation, "requested")
     assert dst.read_bytes() == data[3 * 1024 : 4000 * 1024]
     assert _leftovers(tmp_path) == []
 
@@ -124,7 +125,7 @@ async def test_a_hex_size_with_a_suffix_warns_as_qemu_does(
             {"output_format": "qed"},
             f"unknown output format 'qed': supported formats are {', '.join(OUTPUT_FORMATS)}",
         ),
-        ({"isolation": "none"}, "invalid isolation 'none': use sandbox or inline"),
+        ({"isolation": "none"}, "invalid isolation 'none': use auto, kvm, sandbox or inline"),
         ({"io_size": 1000}, "invalid io_size '1000': must be a multiple of 4096 of at least 65536"),
         (
             {"allow_backing": ["/nonexistent/dir"]},

@@ -81,7 +81,10 @@ def test_options_may_follow_operands_like_gnu_getopt() -> None:
             ["--progress=loud", "if=a", "of=b"],
             "invalid --progress 'loud': use none, percent, bar or json",
         ),
-        (["--isolation=none", "if=a", "of=b"], "invalid --isolation 'none': use sandbox or inline"),
+        (
+            ["--isolation=none", "if=a", "of=b"],
+            "invalid --isolation 'none': use auto, kvm, sandbox or inline",
+        ),
         (
             ["--allow-backing", "/nonexistent/dir", "if=a", "of=b"],
             "invalid --allow-backing '/nonexistent/dir': not a directory",
@@ -105,7 +108,11 @@ def test_usage_errors(argv: list[str], message: str) -> None:
         ),
         (["count=8E"], {"count": "8E"}, "invalid count '8E': must be between 0 and {max}"),
         (["skip=16E"], {"skip": "16E"}, "invalid skip '16E': must be between 0 and {max}"),
-        (["--isolation=none"], {"isolation": "none"}, "invalid {} 'none': use sandbox or inline"),
+        (
+            ["--isolation=none"],
+            {"isolation": "none"},
+            "invalid {} 'none': use auto, kvm, sandbox or inline",
+        ),
         (
             ["--allow-backing=/nonexistent/dir"],
             {"allow_backing": ["/nonexistent/dir"]},
@@ -180,6 +187,11 @@ def test_help_usage_shows_every_option() -> None:
     for mode in ("none", "percent", "bar", "json"):
         assert parse_args([f"--progress={mode}", "if=a", "of=b"]).progress == mode
         assert mode in _help()
+    assert parse_args(["if=a", "of=b"]).isolation == "auto"  # the default
+    for mode in ("auto", "kvm", "sandbox", "inline"):
+        assert parse_args([f"--isolation={mode}", "if=a", "of=b"]).isolation == mode
+        assert parse_args(["--isolation", mode, "if=a", "of=b"]).isolation == mode
+        assert f"{mode}:" in _help() or f"{mode} (default):" in _help()
 
 
 def test_help_says_where_count_ends() -> None:
@@ -348,7 +360,9 @@ def test_python_m_and_progress_json(tmp_path: Path, sample: Path) -> None:
     assert records[-1]["bytes_done"] == records[-1]["total_bytes"] == 3072
     assert records[-1]["percent"] == 100.0
     fields = {"bytes_done", "total_bytes", "percent", "rate", "elapsed", "done"}
-    assert set(records[0]) == fields
+    mode = {"isolation", "isolation_reason"}  # said in the first record and the last
+    assert set(records[0]) == set(records[-1]) == fields | mode
+    assert all(set(r) == fields for r in records[1:-1])
     assert [r["done"] for r in records] == [False] * (len(records) - 1) + [True]
 
 

@@ -26,6 +26,7 @@ from aiodd.guest.host import GuestDisk, GuestOptions, IsolationWarning, open_gue
 from aiodd.guest.process import death_reason
 from aiodd.guest.protocol import clean
 from aiodd.policy import Policy
+from tests.conftest import KVM_AVAILABLE, KVM_WHY, needs_kvm
 from tests.guest_attempts import ENTRY, attempt
 
 SECRET = b"HOST-SECRET-" + b"s" * 52
@@ -47,8 +48,11 @@ def secret(tmp_path: Path) -> Path:
 
 
 def guest(path: Path, layers: tuple[str, ...] = sandbox.LAYERS, **kw: object) -> GuestDisk:
+    """A guest on ``path``; the Python decoders (``isolation="sandbox"``) unless ``kw``
+    says otherwise."""
     pol = Policy()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    kw.setdefault("isolation", "sandbox")
     try:
         top = pol.top(str(path), fd)
         return open_guest(str(path), fd, None, pol, top,
@@ -202,9 +206,17 @@ def test_image_errors_cross_the_boundary_as_themselves(tmp_path: Path) -> None:
 def test_isolation_report_and_start_up() -> None:
     lines = isolation_report()
     layers = [line.split(":")[0] for line in lines]
-    assert layers == [*sandbox.LAYERS, "guest start-up"]
-    for line in lines[:-1]:
+    assert layers == [*sandbox.LAYERS, "kvm", "auto", "guest start-up"]
+    for line in lines[: len(sandbox.LAYERS)]:
         assert ": active: " in line, line  # every layer works on this host
+    picks = "kvm" if KVM_AVAILABLE else "sandbox"
+    assert lines[-2] == f"auto: picks {picks}"
+    if KVM_AVAILABLE:
+        assert lines[-3] == "kvm: available (/dev/kvm, the guest binary built)"
+    else:
+        assert lines[-3] == f"kvm: unavailable: {KVM_WHY}"
+    lines = isolation_report(GuestOptions(isolation="sandbox"))
+    assert [line.split(":")[0] for line in lines] == [*sandbox.LAYERS, "guest start-up"]
 
 
 def test_prestarted_guest_opens_fast(raw_image: tuple[Path, bytes]) -> None:
@@ -243,12 +255,18 @@ def test_the_shipped_guest_answers_no_test_request(raw_image: tuple[Path, bytes]
 
 
 @pytest.mark.parametrize(
+    "isolation", ["sandbox", pytest.param("kvm", marks=needs_kvm)]
+)  # the KVM guest reader's process is sealed the same way, an ioctl rule aside
+@pytest.mark.parametrize(
     ("what", "arg"),
     [("open", "/etc/hostname"), ("exec", "/bin/true"), ("connect", "1"), ("ptrace", "1"),
      ("stat", "/etc/hostname"), ("setrlimit", None)],
 )  # fmt: skip
-def test_seccomp_kills_the_guest(make_guest: object, what: str, arg: object) -> None:
-    disk = make_guest()  # type: ignore[operator]
+def test_seccomp_kills_the_guest(
+    make_guest: object, what: str, arg: object, isolation: str
+) -> None:
+    disk = make_guest(isolation=isolation)  # type: ignore[operator]
+    assert disk.mode == isolation
     if what == "stat":  # not on the kill list: answered EPERM, the guest lives on
         assert "Operation not permitted" in attempt(disk, what, arg)
         return

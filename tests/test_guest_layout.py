@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import aiodd
-from aiodd.errors import PolicyError
+from aiodd.errors import IsolationError, PolicyError
 from aiodd.guest.channel import Channel, FileResolver
 from aiodd.guest.disk import STAGE, GuestDisk
 from aiodd.guest.memory import shared_buffer
@@ -40,7 +40,7 @@ GUEST = Path(aiodd.__file__).parent / "guest"
 ALLOWED: dict[str, set[str]] = {
     "__init__": set(),  # loads its names lazily, by module name
     "__main__": {"child"},
-    "child": {"protocol", "sandbox", "seccomp"},
+    "child": {"protocol", "sandbox", "seccomp", "kvm"},  # kvm: the package aiodd/guest/kvm/
     "protocol": set(),
     "sandbox": {"seccomp"},
     "seccomp": set(),
@@ -86,6 +86,9 @@ def test_the_import_graph_is_the_documented_one_and_has_no_cycle() -> None:
     graph = {name: _imports(GUEST / f"{name}.py") for name in modules}
     for name, deps in graph.items():
         assert deps <= ALLOWED[name], f"{name} imports {sorted(deps - ALLOWED[name])}"
+        graph[name] = deps & modules  # the kvm package imports none of these modules:
+    for path in (GUEST / "kvm").glob("*.py"):
+        assert _imports(path) <= {"kvm"}, path.name
     done: set[str] = set()
     while len(done) < len(graph):  # peel off modules whose imports are all done
         ready = {n for n, deps in graph.items() if n not in done and deps - {n} <= done}
@@ -122,9 +125,12 @@ def test_the_test_hooks_are_not_shipped() -> None:
 class BytesChannel:
     """A guest that serves ``data`` in this process: what a new transport implements."""
 
-    def __init__(self, data: bytes, refuse: Resolve | None = None) -> None:
+    def __init__(
+        self, data: bytes, refuse: Resolve | None = None, mode: tuple[str, str] = ("sandbox", "")
+    ) -> None:
         self.data = data
         self.refuse = refuse
+        self.mode = mode
         self.mems: list[mmap.mmap] = []
         self.requests: list[Read] = []
         self.closed = False
@@ -140,7 +146,7 @@ class BytesChannel:
             mmap.mmap(os.dup(fd), size) for fd, size in zip(fds[1:], init.mems, strict=True)
         ]
         self._resolve = resolve
-        return Ready({"layer": "active: in-process"})
+        return Ready({"layer": "active: in-process"}, *self.mode)
 
     def opened(self) -> Opened | Failed:
         if self.refuse is not None:
@@ -149,7 +155,7 @@ class BytesChannel:
             assert fd is None and answer.error is not None
             # the guest words the refusal its own way: the host's wording wins
             return Failed(WireError("PolicyError", "the guest's account", "elsewhere"))
-        return Opened("raw", len(self.data))
+        return Opened("raw", len(self.data), *self.mode)
 
     def call(self, request: Request, timeout: float, *, cpu: float, late: str) -> Done:
         assert isinstance(request, Read)
@@ -166,13 +172,14 @@ class BytesChannel:
             mem.close()
 
 
-def _disk(tmp_path: Path, channel: Channel) -> GuestDisk:
+def _disk(tmp_path: Path, channel: Channel, options: GuestOptions | None = None) -> GuestDisk:
     path = tmp_path / "disk.raw"
     path.write_bytes(b"")
     policy = Policy()
     fd = os.open(path, os.O_RDONLY)
     try:
-        disk = GuestDisk(str(path), channel, policy, policy.top(str(path), fd), GuestOptions())
+        top = policy.top(str(path), fd)
+        disk = GuestDisk(str(path), channel, policy, top, options or GuestOptions())
         memory = shared_buffer(1 << 20)
         try:
             disk.start(fd, None, memory)
@@ -206,3 +213,26 @@ def test_a_refusal_is_reported_as_the_host_worded_it(tmp_path: Path) -> None:
         _disk(tmp_path, channel)
     assert "/etc/passwd" in str(info.value) and "is refused" in str(info.value)
     assert "the guest's account" not in str(info.value)
+
+
+def test_the_disk_holds_the_guest_to_the_mode_it_asked_for(tmp_path: Path) -> None:
+    # kvm asked, and the guest says it cannot: its reason, with the way out
+    why = "cannot open /dev/kvm read-write: Permission denied"
+    channel = BytesChannel(b"", mode=("sandbox", why))
+    with pytest.raises(IsolationError) as info:
+        _disk(tmp_path, channel, GuestOptions(isolation="kvm", kvm_device="/dev/kvm"))
+    assert str(info.value) == (
+        f"{tmp_path / 'disk.raw'}: the KVM guest reader cannot run here: {why}; let this user"
+        " read and write /dev/kvm (often: the kvm group), or choose the auto or sandbox"
+        " isolation"
+    )
+    assert channel.closed
+    # sandbox asked: a guest that claims the VM broke the protocol
+    channel = BytesChannel(b"", mode=("kvm", "auto: /dev/kvm available"))
+    with pytest.raises(IsolationError, match="broke the protocol"):
+        _disk(tmp_path, channel, GuestOptions(isolation="sandbox"))
+    # auto: the guest's word, as it gave it
+    channel = BytesChannel(b"x" * 512, mode=("kvm", "auto: /dev/kvm available"))
+    disk = _disk(tmp_path, channel, GuestOptions(isolation="auto"))
+    assert (disk.mode, disk.mode_reason, disk.note) == ("kvm", "auto: /dev/kvm available", None)
+    disk.close()

@@ -64,7 +64,7 @@ wire_errors = st.one_of(
         st.none() | printable,
         st.none() | short_printable,
     ),
-    st.builds(WireError, st.sampled_from(["UsageError", "MemoryError"]), printable),
+    st.builds(WireError, st.sampled_from(["UsageError", "MemoryError", "vm"]), printable),
     st.builds(
         lambda message, kind: WireError("internal", message, type=kind),
         printable,
@@ -84,6 +84,8 @@ host_messages = st.one_of(
         ids,
         ids,
         st.booleans(),
+        st.sampled_from(protocol.GUEST_MODES),
+        any_text,
     ),
     st.builds(Read, ids, ids, ids, ids, ids),
     st.builds(
@@ -100,8 +102,20 @@ host_messages = st.one_of(
 )
 
 guest_messages = st.one_of(
-    st.builds(Ready, st.dictionaries(printable, printable, max_size=5)),
-    st.builds(Opened, short_printable, ids),
+    st.builds(
+        Ready,
+        st.dictionaries(printable, printable, max_size=5),
+        st.sampled_from(protocol.RUN_MODES),
+        printable,
+    ),
+    st.builds(
+        Opened,
+        short_printable,
+        ids,
+        st.sampled_from(protocol.RUN_MODES),
+        printable,
+        st.none() | printable,
+    ),
     st.builds(Failed, wire_errors),
     st.builds(Done, ids, st.none() | wire_errors, st.none() | printable),
     st.builds(
@@ -254,6 +268,23 @@ def test_other_errors_do_not_cross_as_themselves(exc: BaseException, expected: A
     _same(done.error.exception("disk.img", 64 << 20), expected)
 
 
+def test_the_kvm_guest_readers_end_crosses_as_an_isolation_error() -> None:
+    # Only what the KVM guest reader raised is sent this way (the child's of_vm).
+    vm = IsolationError("disk.img: the guest reader faulted (triple fault)")
+    done = from_guest(to_bytes(Done(1, WireError.of_vm(vm))))
+    assert isinstance(done, Done) and done.error is not None
+    assert done.error.kind == "vm"
+    _same(done.error.exception("other.img"), vm)
+    image = ImageError("disk.img", "compressed data does not decode", "qcow2")
+    assert WireError.of_vm(image) == WireError.of(image)
+    # its text is the guest's word: cleaned like any other
+    done = _guest({"op": "done", "id": 1, "error": {"class": "vm", "message": "a\nb" * 300}})
+    assert isinstance(done, Done) and done.error is not None
+    err = done.error.exception("disk.img")
+    assert type(err) is IsolationError and str(err) == protocol.clean("a\nb" * 300)
+    assert "\n" not in str(err) and len(str(err)) < 1000
+
+
 # -- a hostile guest ------------------------------------------------------------------
 
 
@@ -266,10 +297,13 @@ def _guest(message: dict[str, Any]) -> protocol.GuestMessage:
     [
         {"op": "hello"},
         {"op": "init", "name": "x"},  # a host's message
-        {"op": "ready", "layers": ["seccomp"]},
-        {"op": "opened", "format": "raw", "virtual_size": -1},
-        {"op": "opened", "format": "raw", "virtual_size": True},
-        {"op": "opened", "format": 7, "virtual_size": 0},
+        {"op": "ready", "layers": ["seccomp"], "mode": "kvm"},
+        {"op": "ready", "layers": {}},  # no mode
+        {"op": "ready", "layers": {}, "mode": "inline"},  # not a guest's mode
+        {"op": "opened", "format": "raw", "virtual_size": -1, "mode": "kvm"},
+        {"op": "opened", "format": "raw", "virtual_size": True, "mode": "kvm"},
+        {"op": "opened", "format": 7, "virtual_size": 0, "mode": "kvm"},
+        {"op": "opened", "format": "raw", "virtual_size": 0, "mode": ["kvm"]},
         {"op": "done", "id": "1"},
         {"op": "done", "id": 1 << 64},
         {"op": "done", "id": 1, "error": {"class": ["ImageError"]}},
@@ -290,10 +324,12 @@ def test_what_is_not_a_message_is_refused(data: bytes) -> None:
 
 
 def test_guest_strings_are_cleaned_and_bounded() -> None:
-    ready = _guest({"op": "ready", "layers": {"seccomp\n": "active: \x1b[2J"}})
-    assert ready == Ready({"seccomp\\n": "active: \\x1b[2J"})
-    opened = _guest({"op": "opened", "format": "q" * 40, "virtual_size": 0})
-    assert opened == Opened("q" * 16 + "...", 0)
+    ready = _guest({"op": "ready", "layers": {"seccomp\n": "active: \x1b[2J"},
+                    "mode": "kvm", "reason": "auto:\n"})  # fmt: skip
+    assert ready == Ready({"seccomp\\n": "active: \\x1b[2J"}, "kvm", "auto:\\n")
+    opened = _guest({"op": "opened", "format": "q" * 40, "virtual_size": 0, "mode": "sandbox",
+                     "reason": 7, "note": "n" * 600})  # fmt: skip
+    assert opened == Opened("q" * 16 + "...", 0, "sandbox", "7", "n" * 500 + "...")
     done = _guest({"op": "done", "id": 1, "result": ["not", "text"]})
     assert done == Done(1, result="['not', 'text']")
     resolve = _guest({"op": "resolve", "rid": 1, "layer": 0, "kind": "backing",

@@ -64,14 +64,16 @@ def test_hex_suffix_warns_only_when_asked_to_collect() -> None:
 
 
 def test_isolation() -> None:
-    assert options.isolation("sandbox") == "sandbox"
-    assert options.isolation("inline") == "inline"
-    for bad, shown in (("none", "'none'"), ("Sandbox", "'Sandbox'"), (None, "None")):
+    for mode in ("auto", "kvm", "sandbox", "inline"):
+        assert options.isolation(mode) == mode
+    assert options.ISOLATION_MODES == ("auto", "kvm", "sandbox", "inline")
+    for bad, shown in (("none", "'none'"), ("Sandbox", "'Sandbox'"), ("KVM", "'KVM'"),
+                       (None, "None"), (b"kvm", "b'kvm'")):  # fmt: skip
         with pytest.raises(UsageError) as info:
             options.isolation(bad)
-        assert str(info.value) == f"invalid isolation {shown}: use sandbox or inline"
+        assert str(info.value) == f"invalid isolation {shown}: use auto, kvm, sandbox or inline"
         assert info.value.naming("--isolation") == (
-            f"invalid --isolation {shown}: use sandbox or inline"
+            f"invalid --isolation {shown}: use auto, kvm, sandbox or inline"
         )
 
 

@@ -3,8 +3,9 @@ input format (docs/formats.md#input-formats) and every output format
 (docs/formats.md#output-formats).
 
 Both tools run as commands with the same operands: ``python -m aiodd`` (``--isolation=
-inline`` in half of the cases, ``--isolation=sandbox`` in the other half) and ``qemu-img
-dd``.  Judged: the exit status; the ``cannot skip to specified offset`` warning; for raw
+inline`` in half of the cases, ``--isolation=sandbox`` in the other half; a third of the
+cases whose every layer the KVM guest reader decodes get ``--isolation=kvm`` instead) and
+``qemu-img dd``.  Judged: the exit status; the ``cannot skip to specified offset`` warning; for raw
 output the bytes, exactly; for ``-O qcow2/vmdk/vpc/vhdx`` the virtual size (``qemu-img
 info``), the bytes after ``qemu-img convert -O raw`` and ``qemu-img check`` (qcow2, vmdk,
 vhdx); on failure, no file left by aiodd.  Round trips go back to raw through aiodd; the
@@ -28,13 +29,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import needs_qemu
+from tests.conftest import kvm_marks, needs_qemu, with_kvm
 from tests.formats_corpus import BUILDERS, Corpus, Source, pattern
 
 pytestmark = needs_qemu
@@ -248,6 +249,35 @@ SOURCES: list[tuple[str, str | None]] = [(name, None) for name in BUILDERS] + [
 ]
 
 
+# The formats of a chain's layers (the corpus names only the top's).
+CHAIN_FORMATS = {
+    "chain-qcow2-vmdk-vmdk": {"qcow2", "vmdk"},
+    "chain-qcow2-qcow2-raw": {"qcow2", "raw"},
+    "chain-qcow2-qcow2-vhdx": {"qcow2", "vhdx"},
+    "chain-qcow2-vpc": {"qcow2", "vpc"},
+    "chain-vmdk-over-raw": {"vmdk", "raw"},
+    "chain-probed": {"qcow2", "vmdk"},
+    "chain-backing-fmt-raw": {"qcow2", "raw"},
+}
+
+
+def layer_formats(name: str, forced: str | None) -> set[str]:
+    """The formats the layers of corpus image ``name`` are decoded as."""
+    if forced is not None:
+        return {forced}
+    if name.startswith("chain-"):
+        return CHAIN_FORMATS[name]
+    return {name.split("-")[0]}
+
+
+def isolations(name: str, forced: str | None) -> tuple[str, ...]:
+    return with_kvm(ISOLATIONS, layer_formats(name, forced))
+
+
+def params(cases: Iterable[Case | WindowCase]) -> list[object]:
+    return [pytest.param(c, id=str(c), marks=kvm_marks(c.isolation)) for c in cases]
+
+
 def source_id(name: str, forced: str | None) -> str:
     return name if forced is None else f"{name}@-f{forced}"
 
@@ -296,8 +326,12 @@ def _default_slice() -> list[Case]:
         if forced is not None:
             wanted = {("raw", labels[0]), (OUT_FORMATS[s % 4], labels[0])}
         picked += [c for c in mine if (c.out, c.window) in wanted]
-    # half inline, half sandbox, alternating down the list
-    return [dataclasses.replace(c, isolation=ISOLATIONS[i % 2]) for i, c in enumerate(picked)]
+    # half inline, half sandbox, alternating down the list (in thirds with kvm)
+    return [
+        dataclasses.replace(c, isolation=modes[i % len(modes)])
+        for i, c in enumerate(picked)
+        for modes in [isolations(c.name, c.forced)]
+    ]
 
 
 DEFAULT_CASES = _default_slice()
@@ -309,7 +343,7 @@ def run_case(corpus: Corpus, case: Case, workdir: Path) -> Parity:
     return check_parity(source, case.out, window.operands(source.size), case.isolation, workdir)
 
 
-@pytest.mark.parametrize("case", DEFAULT_CASES, ids=str)
+@pytest.mark.parametrize("case", params(DEFAULT_CASES))
 def test_input_parity(corpus: Corpus, tmp_path: Path, case: Case) -> None:
     run_case(corpus, case, tmp_path)
 
@@ -395,7 +429,9 @@ def _window_cases() -> list[WindowCase]:
                     seen.add(key)
                     for out in OUT_FORMATS:
                         i += 1
-                        cases.append(WindowCase(size, bs_text, count, skip, out, ISOLATIONS[i % 2]))
+                        modes = with_kvm(ISOLATIONS, ["raw"])
+                        isolation = modes[i % len(modes)]
+                        cases.append(WindowCase(size, bs_text, count, skip, out, isolation))
     return cases
 
 
@@ -442,7 +478,7 @@ def run_window_case(raw_inputs: Path, case: WindowCase, tmp_path: Path) -> None:
     assert not any(result.window[length:])
 
 
-@pytest.mark.parametrize("case", WINDOW_SLICE, ids=str)
+@pytest.mark.parametrize("case", params(WINDOW_SLICE))
 def test_output_windows(raw_inputs: Path, tmp_path: Path, case: WindowCase) -> None:
     run_window_case(raw_inputs, case, tmp_path)
 

@@ -1,7 +1,8 @@
 """Raw parity with the real ``qemu-img dd``: exit status and output bytes, exactly.
 
-The whole matrix (input sizes, bs, count, skip) runs with ``-m full_matrix``; the
-default run takes an evenly spread slice of it, plus the cases picked by hand below.
+The whole matrix (input sizes, bs, count, skip) runs with ``-m full_matrix`` (in the
+default isolation); the default run takes an evenly spread slice of it, plus the cases
+picked by hand below, decoded in turn in the KVM guest reader and in the sandbox.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from aiodd.window import compute_window, round_up
-from tests.conftest import needs_qemu
+from tests.conftest import kvm_marks, needs_qemu, with_kvm
 from tests.harness import aiodd_run, leftovers, qemu_dd
 
 pytestmark = needs_qemu
@@ -66,6 +67,7 @@ PICKED = [
     (3000, "512", "0", "1"),  # count=0 with a skip: qemu warns
 ]
 SLICE = sorted(set(ALL_CASES[:: max(1, len(ALL_CASES) // 80)]) | set(PICKED), key=str)
+ISOLATIONS = with_kvm(["sandbox"], ["raw"])
 
 
 def _input(directory: Path, size: int) -> Path:
@@ -88,7 +90,12 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("inputs")
 
 
-def _check(inputs: Path, tmp_path: Path, case: tuple[int, str, str | None, str | None]) -> None:
+def _check(
+    inputs: Path,
+    tmp_path: Path,
+    case: tuple[int, str, str | None, str | None],
+    isolation: str | None = None,
+) -> None:
     size, bs, count, skip = case
     source = _input(inputs, size)
     operands = [f"bs={bs}"]
@@ -97,7 +104,8 @@ def _check(inputs: Path, tmp_path: Path, case: tuple[int, str, str | None, str |
     if skip is not None:
         operands.append(f"skip={skip}")
     ours_path, theirs_path = tmp_path / "ours.raw", tmp_path / "theirs.raw"
-    ours = aiodd_run([f"if={source}", f"of={ours_path}", *operands], ours_path)
+    flags = [] if isolation is None else [f"--isolation={isolation}"]
+    ours = aiodd_run([*flags, f"if={source}", f"of={ours_path}", *operands], ours_path)
     theirs = qemu_dd([f"if={source}", f"of={theirs_path}", *operands], theirs_path)
     assert ours.status == theirs.status, (ours.stderr, theirs.stderr)
     assert ours.output is not None and theirs.output is not None
@@ -110,11 +118,18 @@ def _check(inputs: Path, tmp_path: Path, case: tuple[int, str, str | None, str |
     assert os.stat(ours_path).st_blocks * 512 >= len(ours.output)
 
 
-@pytest.mark.parametrize("case", SLICE, ids=str)
+@pytest.mark.parametrize(
+    ("case", "isolation"),
+    [
+        pytest.param(case, mode, id=f"{case}-{mode}", marks=kvm_marks(mode))
+        for i, case in enumerate(SLICE)
+        for mode in [ISOLATIONS[i % len(ISOLATIONS)]]
+    ],
+)
 def test_raw_parity(
-    inputs: Path, tmp_path: Path, case: tuple[int, str, str | None, str | None]
+    inputs: Path, tmp_path: Path, case: tuple[int, str, str | None, str | None], isolation: str
 ) -> None:
-    _check(inputs, tmp_path, case)
+    _check(inputs, tmp_path, case, isolation)
 
 
 @pytest.mark.full_matrix

@@ -3,6 +3,7 @@ stream never fails the copy (docs/usage.md, "Progress")."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
@@ -249,8 +250,9 @@ def test_percent_renderer_is_qemus_line() -> None:
 def test_json_renderer_ends_with_a_done_record() -> None:
     out, clock = io.StringIO(), Clock()
     renderer = JsonRenderer(out, clock=clock)
+    mode = ("kvm", "auto: /dev/kvm available")
     for event in _events(4 * MiB, [0.0, 0.5, 1.0]):
-        renderer(event)
+        renderer(dataclasses.replace(event, isolation=mode[0], isolation_reason=mode[1]))
     clock.now += 1.25  # the commit (fsync, rename) took a quarter second more
     renderer.finish()
     records = [json.loads(line) for line in out.getvalue().splitlines()]
@@ -262,7 +264,13 @@ def test_json_renderer_ends_with_a_done_record() -> None:
         "rate": round(4 * MiB / 1.25),
         "elapsed": 1.25,
         "done": True,
+        "isolation": "kvm",
+        "isolation_reason": "auto: /dev/kvm available",
     }
+    # where the input is decoded is said once at the start and once at the end
+    assert [(r.get("isolation"), r.get("isolation_reason")) for r in records] == [
+        mode, (None, None), (None, None), mode,
+    ]  # fmt: skip
 
 
 def test_json_renderer_after_a_failure_has_no_done_record() -> None:
@@ -498,7 +506,10 @@ def test_json_ends_with_done_after_the_rename(big: Path, tmp_path: Path) -> None
     assert last["bytes_done"] == last["total_bytes"] == 100 * MiB
     assert last["percent"] == 100.0
     assert last["elapsed"] >= records[-2]["elapsed"]
-    assert set(last) == {"bytes_done", "total_bytes", "percent", "rate", "elapsed", "done"}
+    assert set(last) == {"bytes_done", "total_bytes", "percent", "rate", "elapsed", "done",
+                         "isolation", "isolation_reason"}  # fmt: skip
+    assert last["isolation"] == records[0]["isolation"] in ("kvm", "sandbox")
+    assert last["isolation_reason"].startswith("auto: ")
 
 
 def test_a_failed_copy_has_no_done_record_nor_summary(tmp_path: Path) -> None:

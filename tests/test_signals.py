@@ -31,6 +31,7 @@ from aiodd import chain
 from aiodd.cli import main
 from aiodd.stages import sink
 from aiodd.stages.sink import OutputFile
+from tests.conftest import needs_kvm
 
 MiB = 1024 * 1024
 ROOT = str(Path(aiodd.__file__).resolve().parents[1])
@@ -122,7 +123,7 @@ def _check_clean_end(
     return lines
 
 
-@pytest.mark.parametrize("isolation", ["sandbox", "inline"])
+@pytest.mark.parametrize("isolation", ["sandbox", "inline", pytest.param("kvm", marks=needs_kvm)])
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_a_signal_mid_data_removes_everything(
     work: tuple[Path, Path, Path], signum: int, isolation: str

@@ -5,6 +5,13 @@ shared memory), puts itself in the sandbox (:mod:`aiodd.guest.sandbox`) and only
 reads image bytes.  From then on it can read the descriptors it holds, use memory and
 talk on its control socket; each further file the image names is asked of the host, which
 decides under the backing-file policy and answers with a descriptor or a refusal.
+
+In the ``kvm`` mode (and ``auto``, where KVM runs) it also sets up the KVM guest reader
+(:mod:`aiodd.guest.kvm.reader`) before it seals itself, and the decoding happens in that
+micro-VM: the main thread runs the VM's work (``KVM_RUN`` must run there, for the
+watchdog's ``SIGPROF``), another thread receives the host's messages.  Under ``auto``, a
+host where KVM cannot run, or a layer in a format the VM does not decode, sends it back
+to the Python decoders, in this same sandboxed process.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import functools
 import mmap
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -26,10 +34,11 @@ from typing import Any
 
 import zstandard  # noqa: F401  # the qcow2 decoder's zstd clusters
 
-from aiodd.errors import ImageError
+from aiodd.errors import ImageError, IsolationError
 from aiodd.formats import registry as decoders
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
-from aiodd.guest import protocol, sandbox, seccomp
+from aiodd.guest import kvm, protocol, sandbox, seccomp
+from aiodd.guest.kvm.reader import GuestFormatError, KvmReader
 from aiodd.guest.protocol import (
     Call,
     Close,
@@ -138,6 +147,9 @@ class GuestResolver:
         return file, GuestResolver(self._link, layer)
 
 
+Job = Callable[[], None] | None
+"""Work for a thread (None: stop)."""
+
 Handler = Callable[["Guest", Call], str]
 """Answers a :class:`~aiodd.guest.protocol.Call` its entry point registered; runs on a
 worker thread, inside the sandbox.  An exception is answered as the request's error."""
@@ -155,15 +167,47 @@ class Guest:
             self.mems.append(mmap.mmap(fd, size))
             os.close(fd)
         self.disk: VirtualDisk | None = None
-        self.jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()  # the worker threads'
+        self.main_jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()  # the VM's
         self.handlers = handlers
+        self.reader: KvmReader | None = None
+        self.vm_input_fd = -1  # the image's descriptor for the VM (the Python decoders
+        # keep theirs, for a fallback)
+        self.mode = "sandbox"  # where the image is decoded: kvm or sandbox
+        self.reason = "requested"
+        self.note: str | None = None  # under auto: the layer the VM did not decode
+        self.reads_on_main = False  # reads go to the VM's thread
+
+    # -- the KVM guest reader --------------------------------------------------------
+
+    def start_vm(self) -> None:
+        """Set up the KVM guest reader if asked to (main thread, before sealing)."""
+        wanted = self.init.isolation
+        if wanted not in ("auto", "kvm"):
+            return
+        device = self.init.kvm_device
+        available, why = kvm.availability(device)
+        if available:
+            try:
+                self.reader = KvmReader(self.init.name, self.mems)
+                if self.input_fd >= 0:
+                    self.vm_input_fd = os.dup(self.input_fd)
+            except (IsolationError, OSError) as exc:
+                if self.reader is not None:
+                    self.reader.close()
+                    self.reader = None
+                why = _unnamed(str(exc), self.init.name)
+        if self.reader is not None:
+            self.mode = "kvm"
+            self.reason = "requested" if wanted == "kvm" else f"auto: {device} available"
+        else:
+            self.reason = why if wanted == "kvm" else f"auto: {why}"
 
     # -- sandbox -------------------------------------------------------------------
 
     def enter_sandbox(self) -> dict[str, str]:
         wanted = set(self.init.layers)
         status: dict[str, str] = {}
-        base_vm = sandbox.vm_size()
 
         def attempt(name: str, fn: Callable[[], str]) -> None:
             if name not in wanted:
@@ -184,13 +228,20 @@ class Guest:
         # allocation): an open() the seccomp filter would kill.  Load it while we may.
         sandbox.preload_unwinder()
         time.localtime()  # loads the time zone (a file) now rather than later
-        attempt("namespaces", sandbox.namespaces)
+        # The namespaces in two halves, the VM between them (sandbox.unshare says why).
+        attempt("namespaces", _unshare)
+        self.start_vm()
+        base_vm = sandbox.vm_size()  # the VM's memory is part of the start-up size
+        if status["namespaces"].startswith("active"):
+            attempt("namespaces", sandbox.empty_root)
         attempt("no_new_privs", sandbox.no_new_privs)
         attempt("landlock", sandbox.landlock)
         attempt("rlimits", lambda: sandbox.rlimits(MAX_FDS, self.init.cpu))
         threading.stack_size(THREAD_STACK)
         for _ in range(WORKERS):
-            threading.Thread(target=self.worker, daemon=True).start()
+            _thread(functools.partial(self.worker, self.jobs))
+        if self.reader is not None:  # the main thread is the VM's: receive on another
+            _thread(self.serve)  # (now: seccomp forbids starting threads)
         if "rlimits" in wanted and status["rlimits"].startswith("active"):
             limit = base_vm + self.init.memory_limit + (WORKERS + 2) * 2 * THREAD_STACK
             try:
@@ -206,29 +257,66 @@ class Guest:
         else:
 
             def install_seccomp() -> str:
-                seccomp.install(self.link.sock.fileno())
-                return "allow-list; open/exec/socket/ptrace/... kill the guest"
+                reader = self.reader
+                if reader is None:
+                    seccomp.install(self.link.sock.fileno())
+                    return "allow-list; open/exec/socket/ptrace/... kill the guest"
+                rule = seccomp.KvmRule(reader.ioctl_fds, reader.ioctl_requests)
+                seccomp.install(self.link.sock.fileno(), rule)
+                return (
+                    "allow-list; open/exec/socket/ptrace/... kill the guest;"
+                    " ioctl only on the KVM VM's descriptors, with its monitor's requests"
+                )
 
             attempt("seccomp", install_seccomp)
         return status
 
     # -- work ----------------------------------------------------------------------
 
-    def worker(self) -> None:
+    @staticmethod
+    def worker(jobs: queue.SimpleQueue[Job]) -> None:
         while True:
-            job = self.jobs.get()
+            job = jobs.get()
             if job is None:
                 return
             job()
 
     def open(self) -> None:
         try:
-            file = LocalFile(self.input_fd, self.init.name)
-            resolver = GuestResolver(self.link, 0)
-            self.disk = decoders.open_disk(file, resolver, self.init.fmt)
-            self.link.send(Opened(self.disk.format_name, self.disk.virtual_size))
+            if self.reader is not None:
+                self.disk = self._open_in_vm(self.reader)
+            if self.disk is None:
+                file = LocalFile(self.input_fd, self.init.name)
+                resolver = GuestResolver(self.link, 0)
+                self.disk = decoders.open_disk(file, resolver, self.init.fmt)
+            self.reads_on_main = self.reader is not None
+            disk = self.disk
+            self.link.send(
+                Opened(disk.format_name, disk.virtual_size, self.mode, self.reason, self.note)
+            )
         except BaseException as exc:
-            self.link.send(Failed(WireError.of(exc)))
+            self.link.send(Failed(WireError.of_vm(exc)))
+
+    def _open_in_vm(self, reader: KvmReader) -> VirtualDisk | None:
+        """The image opened in the VM; None when ``auto`` goes back to the Python
+        decoders for a layer the VM does not decode."""
+        file = LocalFile(self.vm_input_fd, self.init.name)
+        try:
+            return reader.open_disk(file, GuestResolver(self.link, 0), self.init.fmt)
+        except GuestFormatError as exc:
+            file.close()
+            if self.init.isolation == "kvm":
+                raise
+            reader.close()
+            self.reader = None
+            self.mode = "sandbox"
+            what = exc.fmt if exc.fmt is not None else "a layer"
+            self.reason = f"auto: {what} is not decoded in the KVM guest yet"
+            self.note = str(exc)
+            return None
+        except BaseException:
+            file.close()
+            raise
 
     def read(self, request: Read) -> None:
         try:
@@ -242,7 +330,7 @@ class Guest:
                 disk.read_into(request.offset, view[moff : moff + length])
             self.link.send(Done(request.id))
         except BaseException as exc:
-            self.link.send(Done(request.id, WireError.of(exc)))
+            self.link.send(Done(request.id, WireError.of_vm(exc)))
 
     def call(self, request: Call) -> None:
         try:
@@ -266,7 +354,8 @@ class Guest:
             except (ValueError, KeyError, TypeError):
                 os._exit(2)
             if isinstance(message, Read):
-                self.jobs.put(functools.partial(self.read, message))
+                jobs = self.main_jobs if self.reads_on_main else self.jobs
+                jobs.put(functools.partial(self.read, message))
             elif isinstance(message, Resolved):
                 self.link.answered(message, fds)
             elif isinstance(message, Call) and message.op in self.handlers:
@@ -275,6 +364,27 @@ class Guest:
                 os._exit(0)
             else:
                 os._exit(2)
+
+
+def _unshare() -> str:
+    sandbox.unshare()
+    return "unshared"
+
+
+def _thread(target: Callable[[], object]) -> None:
+    """A daemon thread that leaves ``SIGPROF`` to the main thread: the VM's watchdog
+    needs it there, to interrupt ``KVM_RUN``."""
+
+    def run() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPROF})
+        target()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def _unnamed(message: str, name: str) -> str:
+    """An error's text without the image's name in front (a reason is not about one)."""
+    return message.removeprefix(f"{name}: ")
 
 
 def _within(value: int, hi: int, key: str) -> int:
@@ -294,11 +404,16 @@ def main(control_fd: int, handlers: Mapping[str, Handler] | None = None) -> None
     guest = Guest(link, init, fds, handlers or {})
     status = guest.enter_sandbox()
     missing = [name for name, line in status.items() if line.startswith("missing")]
-    link.send(Ready(status))
+    link.send(Ready(status, guest.mode, guest.reason))
     if missing and init.require:
         os._exit(3)
     if init.probe:
         os._exit(0)
-    guest.jobs.put(guest.open)
-    guest.serve()
+    if init.isolation == "kvm" and guest.reader is None:
+        guest.serve()  # the host reports why and closes us: nothing to open
+    if guest.reader is None:
+        guest.jobs.put(guest.open)
+        guest.serve()
+    guest.main_jobs.put(guest.open)
+    guest.worker(guest.main_jobs)
     sys.exit(0)  # pragma: no cover - serve() never returns

@@ -34,6 +34,23 @@ class IsolationWarning(UserWarning):
     """A sandbox layer could not be set up; the guest runs with the others."""
 
 
+def kvm_unavailable(name: str, reason: str, device: str) -> str:
+    """The one line for ``kvm`` asked for where it cannot run: why, and what would help."""
+    if reason.startswith(f"cannot open {device}") and reason.endswith("No such file or directory"):
+        hint = (
+            "; this host offers no KVM (a container needs the device passed in, a VM nested"
+            " virtualisation), choose the auto or sandbox isolation"
+        )
+    elif reason.startswith(f"cannot open {device}"):
+        hint = (
+            f"; let this user read and write {device} (often: the kvm group),"
+            " or choose the auto or sandbox isolation"
+        )
+    else:
+        hint = "; choose the auto or sandbox isolation to decode without it"
+    return f"{name}: the KVM guest reader cannot run here: {reason}{hint}"
+
+
 class GuestDisk:
     """A virtual disk decoded by the guest reader at the other end of ``channel``."""
 
@@ -54,6 +71,9 @@ class GuestDisk:
         self._policy_error: ImageError | None = None
         self._files = 0
         self.isolation: dict[str, str] = {}
+        self.mode = ""  # where the guest decodes: kvm or sandbox
+        self.mode_reason = ""  # and why (see aiodd.api.DdResult.isolation_reason)
+        self.note: str | None = None  # under auto: the layer the KVM guest did not decode
         self.format_name = ""
         self.virtual_size = 0
         self._mems: list[tuple[int, int, int]] = []  # (mem id, base address, size)
@@ -89,9 +109,15 @@ class GuestDisk:
             memory_limit=options.memory_limit,
             cpu=options.start_cpu,
             probe=probe,
+            isolation=options.isolation,
+            kvm_device=options.kvm_device,
         )
         ready = self.channel.start(init, fds, self._resolve)
         self.isolation = dict(ready.layers)
+        self._set_mode(ready.mode, ready.reason)
+        if options.isolation == "kvm" and ready.mode != "kvm":
+            self.close()
+            raise IsolationError(kvm_unavailable(self._name, ready.reason, options.kvm_device))
         missing = {k: v for k, v in self.isolation.items() if v.startswith("missing")}
         if missing and options.require_isolation:
             self.close()
@@ -108,8 +134,17 @@ class GuestDisk:
         opened = self.channel.opened()
         if isinstance(opened, Failed):
             raise self._policy_error or self.error_of(opened.error)
+        self._set_mode(opened.mode, opened.reason)
+        self.note = opened.note
         self.format_name = opened.format
         self.virtual_size = opened.virtual_size
+
+    def _set_mode(self, mode: str, reason: str) -> None:
+        # A guest asked for the Python decoders does not get to say it used the VM.
+        if self._options.isolation == "sandbox" and mode != "sandbox":
+            self.close()
+            raise IsolationError(f"{self._name}: the guest reader broke the protocol")
+        self.mode, self.mode_reason = mode, reason
 
     # -- reading -------------------------------------------------------------------
 

@@ -54,7 +54,8 @@ def open_guest(
 
 
 def isolation_report(options: GuestOptions | None = None) -> list[str]:
-    """One line per sandbox layer, as a guest started on this host sets it up."""
+    """One line per sandbox layer, as a guest started on this host sets it up; whether
+    the KVM guest reader runs there, and so what ``auto`` picks."""
     options = options or GuestOptions()
     started = time.perf_counter()
     channel = ProcessChannel("report", Spawned(options.entry), options.open_timeout)
@@ -67,5 +68,11 @@ def isolation_report(options: GuestOptions | None = None) -> list[str]:
     finally:
         disk.close()
     lines = [f"{layer}: {line}" for layer, line in disk.isolation.items()]
+    if options.isolation == "auto":
+        if disk.mode == "kvm":
+            lines.append(f"kvm: available ({options.kvm_device}, the guest binary built)")
+        else:
+            lines.append(f"kvm: unavailable: {disk.mode_reason.removeprefix('auto: ')}")
+        lines.append(f"auto: picks {disk.mode}")
     lines.append(f"guest start-up: {elapsed:.0f} ms")
     return lines

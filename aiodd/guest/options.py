@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from aiodd.guest.sandbox import LAYERS
 
 ENTRY = "aiodd.guest.child"
+KVM_DEVICE_VARIABLE = "AIODD_KVM_DEVICE"
+
+
+def _kvm_device() -> str:
+    # The tests point it at a path that does not exist, to see aiodd on a host without KVM.
+    return os.environ.get(KVM_DEVICE_VARIABLE) or "/dev/kvm"
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,9 @@ class GuestOptions:
     open_timeout: float = 30.0  # seconds without progress while opening
     start_cpu: int = 35  # CPU seconds for start-up and opening; each request adds its deadline
     require_isolation: bool = False
+    # auto, kvm or sandbox (aiodd.guest.protocol.GUEST_MODES): where the guest decodes.
+    isolation: str = "auto"
+    kvm_device: str = field(default_factory=_kvm_device)
     # The module whose ``main(control_fd)`` the guest runs: tests name one that adds
     # test-only requests (tests/guest_entry.py); the product's is the plain guest.
     entry: str = ENTRY

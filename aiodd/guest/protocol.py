@@ -136,8 +136,9 @@ class WireError(_Record):
     """An exception as it crosses the wire: the name of its class and its fields.
 
     ``kind`` is a name in :data:`ERROR_CLASSES`, ``"UsageError"``, ``"MemoryError"``,
-    ``"internal"`` (any other exception; ``type`` names it) or ``"malformed"`` (what the
-    host makes of an error that is not one).
+    ``"vm"`` (the KVM guest reader's VM misbehaved and was ended: its monitor's
+    :class:`~aiodd.errors.IsolationError`), ``"internal"`` (any other exception; ``type``
+    names it) or ``"malformed"`` (what the host makes of an error that is not one).
     """
 
     __slots__ = ("file", "fmt", "kind", "message", "type")
@@ -166,6 +167,15 @@ class WireError(_Record):
             return cls("MemoryError", "out of memory")
         return cls("internal", str(exc), type=type(exc).__name__)
 
+    @classmethod
+    def of_vm(cls, exc: BaseException) -> WireError:
+        """:meth:`of`, for what the KVM guest reader raised: its monitor's
+        :class:`~aiodd.errors.IsolationError` (the VM misbehaved and is gone) crosses as
+        one; nothing else in the guest may raise one."""
+        if isinstance(exc, IsolationError):
+            return cls("vm", str(exc))
+        return cls.of(exc)
+
     def encode(self) -> Message:
         wire: Message = {"class": self.kind}
         if self.kind in ERROR_CLASSES:
@@ -191,7 +201,7 @@ class WireError(_Record):
             fmt = wire.get("fmt")
             file = clean(wire["file"]) if "file" in wire else None
             return cls(kind, message, file, clean(fmt, 16) if isinstance(fmt, str) else None)
-        if kind in ("UsageError", "MemoryError"):
+        if kind in ("UsageError", "MemoryError", "vm"):
             return cls(kind, message)
         return cls("internal", message, type=clean(wire.get("type", "error"), 40))
 
@@ -203,6 +213,8 @@ class WireError(_Record):
             return ERROR_CLASSES[self.kind](file, self.message, self.fmt)
         if self.kind == "UsageError":
             return UsageError(self.message)
+        if self.kind == "vm":
+            return IsolationError(self.message)
         if self.kind == "MemoryError":
             limit = memory_limit >> 20
             return IsolationError(
@@ -224,14 +236,26 @@ def _error_class(exc: ImageError) -> str:
 # -- host → guest ---------------------------------------------------------------------
 
 
+GUEST_MODES = ("auto", "kvm", "sandbox")
+"""What the host may ask of the guest: decode in the KVM guest reader (``kvm``), with the
+Python decoders (``sandbox``), or the first where it can (``auto``)."""
+
+RUN_MODES = ("kvm", "sandbox")
+"""What a guest says it does."""
+
+
 class Init(_Record):
     """The first message: the guest's work and its sandbox.
 
     Carries the image's descriptor (except in ``probe`` mode, which only reports the
     sandbox) followed by one memfd per size in ``mems``: the shared memory reads go into.
+    ``isolation`` is one of :data:`GUEST_MODES`; ``kvm_device`` the KVM device to use.
     """
 
-    __slots__ = ("cpu", "fmt", "layers", "memory_limit", "mems", "name", "probe", "require")
+    __slots__ = (
+        "cpu", "fmt", "isolation", "kvm_device", "layers", "memory_limit", "mems", "name",
+        "probe", "require",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -243,6 +267,8 @@ class Init(_Record):
         memory_limit: int,
         cpu: int,
         probe: bool = False,
+        isolation: str = "sandbox",
+        kvm_device: str = "/dev/kvm",
     ) -> None:
         self.name = name
         self.fmt = fmt
@@ -252,6 +278,8 @@ class Init(_Record):
         self.memory_limit = memory_limit
         self.cpu = cpu
         self.probe = probe
+        self.isolation = isolation
+        self.kvm_device = kvm_device
 
     def encode(self) -> Message:
         return {
@@ -264,6 +292,8 @@ class Init(_Record):
             "memory_limit": self.memory_limit,
             "cpu": self.cpu,
             "probe": self.probe,
+            "isolation": self.isolation,
+            "kvm_device": self.kvm_device,
         }
 
     @classmethod
@@ -273,6 +303,8 @@ class Init(_Record):
             raise ValueError("bad field 'mems'")
         if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
             raise ValueError("bad field 'layers'")
+        if message.get("isolation") not in GUEST_MODES:
+            raise ValueError("bad field 'isolation'")
         return cls(
             _str(message, "name"),
             str_field(message, "fmt", optional=True),
@@ -282,6 +314,8 @@ class Init(_Record):
             int_field(message, "memory_limit"),
             int_field(message, "cpu"),
             message.get("probe") is True,
+            _str(message, "isolation"),
+            _str(message, "kvm_device"),
         )
 
 
@@ -402,41 +436,85 @@ def from_host(data: bytes) -> HostMessage:
 # -- guest → host ---------------------------------------------------------------------
 
 
+def _mode(message: Message) -> str:
+    mode = message.get("mode")
+    if mode not in RUN_MODES:
+        raise ValueError("bad field 'mode'")
+    return str(mode)
+
+
 class Ready(_Record):
     """The sandbox is up: one status line per layer (``active: ...``, ``missing: ...``
-    or ``disabled: ...``)."""
+    or ``disabled: ...``), and the mode the guest decodes in (one of :data:`RUN_MODES`)
+    and why (``auto: /dev/kvm available``).  A guest asked for ``kvm`` that cannot run it
+    says ``sandbox`` and why, and waits to be closed."""
 
-    __slots__ = ("layers",)
+    __slots__ = ("layers", "mode", "reason")
 
-    def __init__(self, layers: Mapping[str, str]) -> None:
+    def __init__(self, layers: Mapping[str, str], mode: str = "sandbox", reason: str = "") -> None:
         self.layers = layers
+        self.mode = mode
+        self.reason = reason
 
     def encode(self) -> Message:
-        return {"op": "ready", "layers": dict(self.layers)}
+        return {"op": "ready", "layers": dict(self.layers), "mode": self.mode,
+                "reason": self.reason}  # fmt: skip
 
     @classmethod
     def decode(cls, message: Message) -> Ready:
         layers = message.get("layers")
         if not isinstance(layers, dict):
             raise ValueError("bad layers")
-        return cls({clean(k): clean(v) for k, v in layers.items()})
+        return cls(
+            {clean(k): clean(v) for k, v in layers.items()},
+            _mode(message),
+            clean(message.get("reason", "")),
+        )
 
 
 class Opened(_Record):
-    """The image is open: reads may come."""
+    """The image is open: reads may come.  ``mode`` and ``reason`` are as in
+    :class:`Ready`, once more: under ``auto``, a layer the KVM guest reader does not
+    decode sends the guest back to the Python decoders, and ``note`` then says which."""
 
-    __slots__ = ("format", "virtual_size")
+    __slots__ = ("format", "mode", "note", "reason", "virtual_size")
 
-    def __init__(self, format: str, virtual_size: int) -> None:
+    def __init__(
+        self,
+        format: str,
+        virtual_size: int,
+        mode: str = "sandbox",
+        reason: str = "",
+        note: str | None = None,
+    ) -> None:
         self.format = format
         self.virtual_size = virtual_size
+        self.mode = mode
+        self.reason = reason
+        self.note = note
 
     def encode(self) -> Message:
-        return {"op": "opened", "format": self.format, "virtual_size": self.virtual_size}
+        message: Message = {
+            "op": "opened",
+            "format": self.format,
+            "virtual_size": self.virtual_size,
+            "mode": self.mode,
+            "reason": self.reason,
+        }
+        if self.note is not None:
+            message["note"] = self.note
+        return message
 
     @classmethod
     def decode(cls, message: Message) -> Opened:
-        return cls(clean(str_field(message, "format"), 16), int_field(message, "virtual_size"))
+        note = message.get("note")
+        return cls(
+            clean(str_field(message, "format"), 16),
+            int_field(message, "virtual_size"),
+            _mode(message),
+            clean(message.get("reason", "")),
+            clean(note) if note is not None else None,
+        )
 
 
 class Failed(_Record):

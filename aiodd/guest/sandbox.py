@@ -7,7 +7,8 @@ matters:
 
 1. ``namespaces`` — new user, mount, network, IPC and UTS namespaces, then an empty,
    read-only root (a tmpfs the child ``chroot``\\ s into) and no capabilities.  Needs a
-   single-threaded process, so it runs first.
+   single-threaded process, so it runs first (in two halves when the KVM guest reader
+   is set up between them: :func:`unshare`, :func:`empty_root`).
 2. ``no_new_privs`` — ``PR_SET_NO_NEW_PRIVS`` (and not dumpable): nothing executed later
    can gain privileges; Landlock and seccomp need it.
 3. ``landlock`` — a ruleset that handles every file-system right (and TCP, and the
@@ -71,8 +72,23 @@ class _CapData(ctypes.Structure):
 
 def namespaces() -> str:
     """New namespaces, an empty read-only root, no capabilities."""
+    unshare()
+    return empty_root()
+
+
+def unshare() -> None:
+    """The first half of :func:`namespaces`: new namespaces, the host's files still in view.
+
+    Needs a single-threaded process.  The KVM guest reader is set up between the two
+    halves: KVM starts a kernel worker thread in this process when the VM first runs,
+    and ``/dev/kvm`` and the guest binary are files, which the second half takes away.
+    """
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
     _check(_libc.unshare(flags), "unshare(user, mount, net, ipc, uts)")
+
+
+def empty_root() -> str:
+    """The second half of :func:`namespaces`: an empty read-only root, no capabilities."""
     _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
     mount_flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
     _check(_libc.mount(b"none", b"/tmp", b"tmpfs", mount_flags, b"size=4k,nr_inodes=1"),

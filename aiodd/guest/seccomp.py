@@ -9,6 +9,9 @@ socket's descriptor it builds the classic-BPF program.  The program
   ``preadv``, ``lseek``), memory (``mmap``, ``munmap``, ``mremap``, ``mprotect``,
   ``madvise``, ``brk``), threads waiting (``futex``), clocks, signals returning, exit;
 - allows ``write``/``sendto``/``sendmsg`` only on the control socket;
+- for the KVM guest reader only (a :class:`KvmRule`): ``ioctl`` only on the VM's
+  descriptors and only with the requests its monitor makes (``KVM_RUN``), and
+  ``setitimer`` for its watchdog;
 - kills the process on the calls an attacker wants (:data:`KILL`: opening, executing,
   networking, tracing, forking, mounting, signalling others, loading BPF...);
 - answers ``EPERM`` to everything else (harmless calls the runtime may try).
@@ -20,6 +23,7 @@ import ctypes
 import errno
 import platform
 import struct
+from dataclasses import dataclass
 
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 
@@ -38,9 +42,9 @@ _X86_64 = {
     "poll": 7, "lseek": 8, "mmap": 9, "mprotect": 10, "munmap": 11, "brk": 12,
     "rt_sigaction": 13, "rt_sigprocmask": 14, "rt_sigreturn": 15, "ioctl": 16,
     "pread64": 17, "readv": 19, "select": 23, "sched_yield": 24, "mremap": 25,
-    "madvise": 28, "nanosleep": 35, "getpid": 39, "socket": 41, "connect": 42,
-    "accept": 43, "sendto": 44, "recvfrom": 45, "sendmsg": 46, "recvmsg": 47, "bind": 49,
-    "listen": 50, "socketpair": 53, "clone": 56, "fork": 57, "vfork": 58, "execve": 59,
+    "madvise": 28, "nanosleep": 35, "setitimer": 38, "getpid": 39, "socket": 41,
+    "connect": 42, "accept": 43, "sendto": 44, "recvfrom": 45, "sendmsg": 46, "recvmsg": 47,
+    "bind": 49, "listen": 50, "socketpair": 53, "clone": 56, "fork": 57, "vfork": 58, "execve": 59,
     "exit": 60, "kill": 62, "truncate": 76, "ftruncate": 77, "chdir": 80, "fchdir": 81,
     "rename": 82, "mkdir": 83, "rmdir": 84, "creat": 85, "link": 86, "unlink": 87,
     "symlink": 88, "chmod": 90, "fchmod": 91, "chown": 92, "fchown": 93, "lchown": 94,
@@ -72,9 +76,9 @@ _AARCH64 = {
     "readv": 65, "pread64": 67, "preadv": 69, "pselect6": 72, "ppoll": 73, "fstat": 80,
     "exit": 93, "exit_group": 94, "set_tid_address": 96, "unshare": 97, "futex": 98,
     "set_robust_list": 99, "nanosleep": 101, "clock_gettime": 113, "clock_getres": 114,
-    "clock_nanosleep": 115, "ptrace": 117, "sched_yield": 124, "restart_syscall": 128,
-    "kill": 129, "tkill": 130, "tgkill": 131, "sigaltstack": 132, "rt_sigaction": 134,
-    "rt_sigprocmask": 135, "rt_sigreturn": 139, "setregid": 143, "setgid": 144,
+    "clock_nanosleep": 115, "setitimer": 103, "ptrace": 117, "sched_yield": 124,
+    "restart_syscall": 128, "kill": 129, "tkill": 130, "tgkill": 131, "sigaltstack": 132,
+    "rt_sigaction": 134, "rt_sigprocmask": 135, "rt_sigreturn": 139, "setregid": 143, "setgid": 144,
     "setreuid": 145, "setuid": 146, "setresuid": 147, "setresgid": 149, "setrlimit": 164,
     "prctl": 167, "getpid": 172, "gettid": 178, "socket": 198, "socketpair": 199,
     "bind": 200, "listen": 201, "accept": 202, "connect": 203, "sendto": 206,
@@ -128,6 +132,19 @@ KILL = (
 )  # fmt: skip
 """Kill the process: the calls that only an attacker would make."""
 
+ALLOW_FOR_KVM = ("setitimer",)
+"""Allowed, with any arguments, only when the KVM guest reader runs: its watchdog."""
+
+
+@dataclass(frozen=True)
+class KvmRule:
+    """What the KVM guest reader needs of the kernel once sealed: ``ioctl`` with a
+    descriptor among ``fds`` and a request among ``requests``, nothing else."""
+
+    fds: tuple[int, ...]
+    requests: tuple[int, ...]
+
+
 RET_KILL_PROCESS = 0x80000000
 RET_ERRNO = 0x00050000
 RET_ALLOW = 0x7FFF0000
@@ -138,11 +155,13 @@ _JGE_K = 0x35
 _RET_K = 0x06
 _X32_BIT = 0x40000000
 
-# offsets in struct seccomp_data
+# offsets in struct seccomp_data (both architectures are little-endian)
 _NR = 0
 _ARCH = 4
 _ARG0_LO = 16
 _ARG0_HI = 20
+_ARG1_LO = 24
+_ARG1_HI = 28
 
 
 def machine() -> str:
@@ -153,8 +172,35 @@ def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
 
 
-def build_filter(arch: str, control_fd: int) -> bytes:
-    """The BPF program (a sequence of ``struct sock_filter``) for ``arch``."""
+def _one_of(values: tuple[int, ...], lo: int, hi: int, allow: int, deny: int) -> list[bytes]:
+    """Jump to ``allow`` instructions ahead when the 64-bit argument at ``lo``/``hi`` is
+    one of ``values``, else to ``deny`` (both counted from the end of this block)."""
+    block = [_insn(_LD_W_ABS, 0, 0, hi)]
+    size = 3 + len(values)
+    block.append(_insn(_JEQ_K, 0, size - 2 + deny, 0))  # upper half must be 0
+    block.append(_insn(_LD_W_ABS, 0, 0, lo))
+    for i, value in enumerate(values):
+        left = len(values) - 1 - i  # instructions after this one in the block
+        block.append(_insn(_JEQ_K, left + allow, 0 if left else deny, value))
+    return block
+
+
+def _kvm_rule(table: dict[str, int], rule: KvmRule) -> list[bytes]:
+    """``ioctl(fd, request, ...)`` allowed for the rule's descriptors and requests, EPERM
+    for any other; the other calls fall through to the rest of the filter."""
+    if not rule.fds or not rule.requests:
+        return []
+    eperm = RET_ERRNO | errno.EPERM
+    # past the requests' block and the RET ALLOW, to the RET EPERM
+    fds = _one_of(rule.fds, _ARG0_LO, _ARG0_HI, 0, 3 + len(rule.requests) + 1)
+    requests = _one_of(rule.requests, _ARG1_LO, _ARG1_HI, 0, 1)
+    body = [*fds, *requests, _insn(_RET_K, 0, 0, RET_ALLOW), _insn(_RET_K, 0, 0, eperm)]
+    return [_insn(_JEQ_K, 0, len(body), table["ioctl"]), *body]
+
+
+def build_filter(arch: str, control_fd: int, kvm: KvmRule | None = None) -> bytes:
+    """The BPF program (a sequence of ``struct sock_filter``) for ``arch``; ``kvm``
+    opens what the KVM guest reader needs."""
     table = SYSCALLS[arch]
     prog = [
         _insn(_LD_W_ABS, 0, 0, _ARCH),
@@ -164,9 +210,11 @@ def build_filter(arch: str, control_fd: int) -> bytes:
     ]
     if arch == "x86_64":
         prog += [_insn(_JGE_K, 0, 1, _X32_BIT), _insn(_RET_K, 0, 0, RET_KILL_PROCESS)]
-    for name in ALLOW:
+    for name in (*ALLOW, *(ALLOW_FOR_KVM if kvm is not None else ())):
         if name in table:
             prog += [_insn(_JEQ_K, 0, 1, table[name]), _insn(_RET_K, 0, 0, RET_ALLOW)]
+    if kvm is not None:
+        prog += _kvm_rule(table, kvm)
     eperm = RET_ERRNO | errno.EPERM
     for name in ALLOW_ON_CONTROL:
         prog += [
@@ -185,9 +233,9 @@ def build_filter(arch: str, control_fd: int) -> bytes:
     return b"".join(prog)
 
 
-def run_filter(program: bytes, arch: str, nr: int, arg0: int = 0) -> int:
+def run_filter(program: bytes, arch: str, nr: int, arg0: int = 0, arg1: int = 0) -> int:
     """Interpret ``program`` for one system call (a test oracle for :func:`build_filter`)."""
-    data = struct.pack("=iIQ6Q", nr, AUDIT_ARCH[arch], 0, arg0, 0, 0, 0, 0, 0)
+    data = struct.pack("=iIQ6Q", nr, AUDIT_ARCH[arch], 0, arg0, arg1, 0, 0, 0, 0)
     pc, acc = 0, 0
     while True:
         code, jt, jf, k = struct.unpack_from("=HBBI", program, pc * 8)
@@ -213,12 +261,12 @@ SECCOMP_FILTER_FLAG_TSYNC = 1
 _SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}
 
 
-def install(control_fd: int) -> None:
+def install(control_fd: int, kvm: KvmRule | None = None) -> None:
     """Install the filter on every thread of this process (needs no_new_privs first)."""
     arch = machine()
     if arch not in SYSCALLS:
         raise OSError(errno.ENOSYS, f"no syscall table for {arch}")
-    program = build_filter(arch, control_fd)
+    program = build_filter(arch, control_fd, kvm)
     buf = ctypes.create_string_buffer(program, len(program))
     prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
     libc = ctypes.CDLL(None, use_errno=True)
