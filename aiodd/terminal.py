@@ -10,6 +10,7 @@ renderers only decide when to write what.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -142,6 +143,23 @@ def write_quietly(stream: TextIO, text: str) -> None:
     QuietStream(stream).write(text)
 
 
+def write_or_raise(stream: TextIO | None, text: str) -> None:
+    """One write whose failure the caller reports (the checksum line): raises OSError,
+    after pointing the stream at /dev/null so the interpreter's exit stays quiet.  A
+    stream Python could not open (``sys.stdout`` is None when descriptor 1 was closed)
+    is a bad descriptor."""
+    if stream is None:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError) as exc:
+        _silence(stream)
+        if isinstance(exc, OSError):
+            raise
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
+
+
 class PercentRenderer:
     """qemu-img convert's ``-p`` line: ``    (xx.xx/100%)``, redrawn with ``\\r``.
 
@@ -236,7 +254,8 @@ class JsonRenderer:
     """One JSON object per line, for programs that drive aiodd.
 
     Every record has ``"done": false`` except the last one of a successful copy, written
-    once the output is in place, which has ``"done": true`` and the final totals.
+    once the output is in place, which has ``"done": true`` and the final totals (and the
+    checksum, when one was asked for).
     """
 
     def __init__(self, stream: TextIO, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -247,17 +266,18 @@ class JsonRenderer:
         self._closed = False
 
     @staticmethod
-    def record(progress: Progress, done: bool = False) -> str:
-        return json.dumps(
-            {
-                "bytes_done": progress.bytes_done,
-                "total_bytes": progress.total_bytes,
-                "percent": round(progress.percent, 2),
-                "rate": round(progress.rate),
-                "elapsed": round(progress.elapsed, 3),
-                "done": done,
-            }
-        )
+    def record(progress: Progress, done: bool = False, checksum: str | None = None) -> str:
+        fields: dict[str, object] = {
+            "bytes_done": progress.bytes_done,
+            "total_bytes": progress.total_bytes,
+            "percent": round(progress.percent, 2),
+            "rate": round(progress.rate),
+            "elapsed": round(progress.elapsed, 3),
+            "done": done,
+        }
+        if checksum is not None:
+            fields["checksum"] = checksum
+        return json.dumps(fields)
 
     def __call__(self, progress: Progress) -> None:
         if self._started is None:
@@ -265,12 +285,13 @@ class JsonRenderer:
         self._last = progress
         self._out.write(self.record(progress) + "\n")
 
-    def finish(self) -> None:
+    def finish(self, checksum: str | None = None) -> None:
+        """The done record; with ``--checksum``, it has ``"checksum": "ALGO:HEX"``."""
         if not self._closed and self._last is not None and self._started is not None:
             final = Progress(
                 self._last.bytes_done, self._last.total_bytes, self._clock() - self._started
             )
-            self._out.write(self.record(final, done=True) + "\n")
+            self._out.write(self.record(final, done=True, checksum=checksum) + "\n")
         self._closed = True
 
     def close(self) -> None:
