@@ -17,7 +17,7 @@ import ctypes
 import functools
 import mmap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -105,14 +105,40 @@ _ZERO_BUFFER = _Zeros()
 _ZERO_GRANULE_BYTES = bytes(ZERO_GRANULE)
 
 
-def data_runs(view: memoryview, granule: int = ZERO_GRANULE) -> list[Run]:
+def data_runs(
+    view: memoryview, granule: int = ZERO_GRANULE, holes: Sequence[Run] = ()
+) -> list[Run]:
     """The runs of ``view`` that hold a non-zero byte, in whole granules from its start
     (the last one may be short), merged: ``[]`` for all zeros, ``[(0, len)]`` for data.
 
-    A ``memcmp`` against a zero buffer settles a chunk that is all zeros (about 40 GB/s
+    ``holes``, ranges ``(start, length)`` known to be zeros (in order, not overlapping:
+    a disk's report), are not looked at; only the granules outside them are.  A
+    ``memcmp`` against a zero buffer settles a stretch that is all zeros (about 40 GB/s
     here), then each 64 KiB of one that is not, and only then its granules one by one.
     A read-only view (never a pool buffer) is compared by copies.
     """
+    if not holes:
+        return _data_runs(view, granule)
+    runs: list[Run] = []
+    n = len(view)
+    at = 0
+    for start, length in (*holes, (n, 0)):
+        # The granules that a known hole does not cover wholly are looked at.
+        lo = at - at % granule
+        hi = min(n, -(-start // granule) * granule)
+        if lo < hi:
+            for rel, size in _data_runs(view[lo:hi], granule):
+                first, end = runs[-1] if runs else (0, 0)
+                end += first
+                if runs and end >= lo + rel:  # the granule two stretches share, or adjacent
+                    runs[-1] = (first, max(end, lo + rel + size) - first)
+                else:
+                    runs.append((lo + rel, size))
+        at = max(at, start + length)
+    return runs
+
+
+def _data_runs(view: memoryview, granule: int) -> list[Run]:
     n = len(view)
     if not n:
         return []

@@ -6,6 +6,7 @@ scan.  No files, no qemu: tests/test_sparse.py runs the real thing against qemu-
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import random
@@ -326,6 +327,33 @@ def test_data_runs_matches_a_plain_scan(
                 view.release()
     else:
         assert data_runs(memoryview(bytes(data))) == _scan(bytes(data))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(1, 200_000),
+    data=st.lists(st.tuples(st.integers(0, 199_999), st.integers(1, 30_000)), max_size=6),
+    cuts=st.lists(st.integers(0, 200_000), max_size=12),
+)
+def test_data_runs_trusts_the_holes_it_is_told(
+    size: int, data: list[tuple[int, int]], cuts: list[int]
+) -> None:
+    """Known holes (a raw file's) are not looked at, whatever their alignment: the runs
+    are those of a plain scan."""
+    buf = bytearray(size)
+    for at, length in data:
+        at %= size
+        buf[at : at + length] = b"\x01" * len(buf[at : at + length])
+    # Holes: the zero stretches between the cut points (as a file reports them).
+    points = sorted({0, size, *(c % size for c in cuts)})
+    holes = [(lo, hi - lo) for lo, hi in itertools.pairwise(points) if not any(buf[lo:hi])]
+    with mmap.mmap(-1, size) as memory:
+        memory[:] = buf
+        view = memoryview(memory)
+        try:
+            assert data_runs(view, holes=holes) == _scan(bytes(buf))
+        finally:
+            view.release()
 
 
 def test_data_runs_of_random_data_is_one_run() -> None:

@@ -62,8 +62,25 @@ class SparseFile(Protocol):
     than having the kernel read it.
     """
 
-    def readinto_sparse(self, offset: int, buf: memoryview) -> int:
-        """Like :meth:`RandomAccessFile.readinto`, holes zeroed instead of read."""
+    def readinto_sparse(
+        self, offset: int, buf: memoryview, holes: list[tuple[int, int]] | None = None
+    ) -> int:
+        """Like :meth:`RandomAccessFile.readinto`, holes zeroed instead of read; each hole
+        zeroed is appended to ``holes`` (if given) as ``(start, length)`` in ``buf``."""
+        ...
+
+
+@runtime_checkable
+class HoleReportingDisk(Protocol):
+    """A capability some disks have: reading that says which parts were holes.
+
+    ``--sparse`` looks for zeros in what the reader read; a range the disk reports as a
+    hole it knows to be zeros without looking (a raw disk whose file knows its holes).
+    """
+
+    def read_into_holes(self, offset: int, buf: memoryview) -> list[tuple[int, int]]:
+        """Like :meth:`VirtualDisk.read_into`; returns the ``(start, length)`` ranges of
+        ``buf`` that it zeroed as holes, in order (possibly not all of them)."""
         ...
 
 

@@ -6,6 +6,8 @@ releases the GIL) keeps both cores busy; the windower puts the chunks back in or
 With ``find_zeros`` (``--sparse``), the same worker thread then finds the chunk's
 zeros while its bytes are still in the CPU's cache, so the search runs on both cores
 too; the chunk carries the runs of data it found (:func:`~aiodd.buffers.data_runs`).
+A disk that reports its holes (:class:`~aiodd.formats.base.HoleReportingDisk`: a raw
+file read inline) spares the search there.
 
 A corrupt image is reported as a sequential reader would report it: the error of the
 lowest chunk that fails, whichever worker happened to fail first.
@@ -18,7 +20,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from aiodd.buffers import BufferPool, Chunk, Run, data_runs
 from aiodd.errors import AioddError
-from aiodd.formats.base import VirtualDisk
+from aiodd.formats.base import HoleReportingDisk, VirtualDisk
 
 
 async def read_window(
@@ -38,8 +40,13 @@ async def read_window(
     """
 
     def read(offset: int, view: memoryview) -> list[Run] | None:
+        if not find_zeros:
+            disk.read_into(offset, view)
+            return None
+        if isinstance(disk, HoleReportingDisk):  # its holes need no looking at
+            return data_runs(view, holes=disk.read_into_holes(offset, view))
         disk.read_into(offset, view)
-        return data_runs(view) if find_zeros else None
+        return data_runs(view)
 
     next_offset = start
     limit = end  # lowered to the first failing chunk: nothing past it is started
