@@ -15,7 +15,15 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from aiodd import __version__, options
-from aiodd.errors import AioddError, InUseError, OutputError, PolicyError, UsageError, describe
+from aiodd.errors import (
+    AioddError,
+    InUseError,
+    OutputError,
+    PolicyError,
+    UsageError,
+    describe,
+    one_line,
+)
 from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS, check_input_format, check_output_format
 
 # The pipeline's modules (anyio, the API, the decoders) are imported only once the
@@ -300,7 +308,7 @@ def _print_checksum(checksum: str, dst: str) -> None:
         write_or_raise(sys.stdout, checksum_line(checksum, dst))
     except OSError as exc:
         raise OutputError(
-            f"cannot print the checksum: {describe(exc)} ({dst} is complete)"
+            f"cannot print the checksum: {describe(exc)} ({one_line(dst)} is complete)"
         ) from None
 
 

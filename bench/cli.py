@@ -22,7 +22,8 @@ SECTIONS: dict[str, Callable[[Bench], Section]] = {
     "inputs": inputs.run,
     "outputs": outputs.run,
     "isolation": isolation.run,
-    "features": features.run,
+    "checksum": features.run_checksum,
+    "sparse": features.run_sparse,
 }
 
 

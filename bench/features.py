@@ -16,7 +16,7 @@ from bench.measure import Case, MiB, Result, find, human
 from bench.raw import copy_seconds
 from bench.report import Floor, Section, Table, ratio_floor
 
-NAME = "features"
+NAME = "options"
 GROUP = "options"  # the first column of the floor tables
 ALGORITHMS = ("sha256", "sha512", "blake2b")
 FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx")
@@ -79,9 +79,9 @@ def _image_check(
     return check
 
 
-def run(b: Bench) -> Section:
+def run_checksum(b: Bench) -> Section:
     s = b.sizes
-    sec = Section(NAME, "Options: --checksum and --sparse")
+    sec = Section("checksum", "Options: --checksum")
 
     # --- --checksum on a 1 GiB raw → raw copy ------------------------------------------
     src = b.data.random_raw(s.main)
@@ -121,10 +121,38 @@ def run(b: Bench) -> Section:
             (out,),
         )
     )
-    b.log(f"[features] --checksum, {human(s.main)} random raw → raw")
+    b.log(f"[checksum] {human(s.main)} random raw → raw")
     checksum_results = b.run(cases)
+    sec.tables = [
+        Table(
+            f"--checksum: {human(s.main)} random raw → raw",
+            checksum_results,
+            "Every aiodd row writes durably, as always (O_DIRECT, fsync before the rename). "
+            "copy s: the pipeline's own time (the last `--progress=json` record).  The last "
+            "row hashes the output after the copy instead, with coreutils sha256sum (which "
+            "reads it back from the disk: aiodd's O_DIRECT writes leave it out of the page "
+            "cache).",
+            extra=[("copy s", _copy_time)],
+        )
+    ]
+    plain = find(checksum_results, "aiodd (sandbox)", "bs=1M")
+    sec.floors = [
+        ratio_floor(
+            GROUP,
+            f"--checksum={algorithm} costs at most 5% ({human(s.main)} raw → raw)",
+            find(checksum_results, "aiodd (sandbox)", f"bs=1M --checksum={algorithm}"),
+            plain,
+            1.05,
+            informative=algorithm != "sha256",
+        )
+        for algorithm in ALGORITHMS
+    ]
+    return sec
 
-    # --- --sparse: a big mostly-empty qcow2 → each format, sparse and dense ------------
+
+def run_sparse(b: Bench) -> Section:
+    s = b.sizes
+    sec = Section("sparse", "Options: --sparse")
     big = b.fitting(s.big_raw, overhead=1.01)
     image = b.data.mostly_empty_qcow2(big)
     note = "" if big == s.big_raw else f"reduced from {human(s.big_raw)}: disk space"
@@ -155,20 +183,10 @@ def run(b: Bench) -> Section:
                     runs=None if sparse else 1,  # a dense copy writes all of it: once
                 )
             )
-    b.log(f"[features] --sparse, {human(big)} mostly empty qcow2 → each format")
+    b.log(f"[sparse] {human(big)} mostly empty qcow2 → each format")
     sparse_results = b.run(sparse_cases)
 
     sec.tables = [
-        Table(
-            f"--checksum: {human(s.main)} random raw → raw",
-            checksum_results,
-            "Every aiodd row writes durably, as always (O_DIRECT, fsync before the rename). "
-            "copy s: the pipeline's own time (the last `--progress=json` record).  The last "
-            "row hashes the output after the copy instead, with coreutils sha256sum (which "
-            "reads it back from the disk: aiodd's O_DIRECT writes leave it out of the page "
-            "cache).",
-            extra=[("copy s", _copy_time)],
-        ),
         Table(
             f"--sparse: {human(big)} qcow2 with 4 MiB of data → each format",
             sparse_results,
@@ -181,18 +199,6 @@ def run(b: Bench) -> Section:
     ]
 
     floors: list[Floor] = []
-    plain = find(checksum_results, "aiodd (sandbox)", "bs=1M")
-    for algorithm in ALGORITHMS:
-        floors.append(
-            ratio_floor(
-                GROUP,
-                f"--checksum={algorithm} costs at most 5% ({human(s.main)} raw → raw)",
-                find(checksum_results, "aiodd (sandbox)", f"bs=1M --checksum={algorithm}"),
-                plain,
-                1.05,
-                informative=algorithm != "sha256",
-            )
-        )
     for fmt in FORMATS:
         dense_label = f"{human(big)} qcow2 (4 MiB of data) → {fmt}"
         floors.append(
