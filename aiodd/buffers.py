@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -69,7 +68,7 @@ class WriteOp:
 
 @functools.cache
 def _memcmp() -> Callable[[int, int, int], int] | None:
-    """libc's memcmp, which compares without copying and releases the GIL (ctypes)."""
+    """libc's memcmp, which compares in place and releases the GIL (ctypes)."""
     try:
         fn = ctypes.CDLL(None).memcmp
     except (OSError, AttributeError):  # pragma: no cover - no libc
@@ -79,29 +78,6 @@ def _memcmp() -> Callable[[int, int, int], int] | None:
     return fn
 
 
-class _Zeros:
-    """A zero buffer at least as long as asked, for memcmp: an anonymous mapping, whose
-    pages stay the kernel's shared zero page (no memory) as long as nobody writes them.
-    A longer one replaces it when asked; the old ones are kept, as a reader thread may
-    still be comparing against one (they cost address space, not memory)."""
-
-    def __init__(self) -> None:
-        self._maps: list[mmap.mmap] = []
-        self._size = 0
-        self._address = 0
-        self._lock = threading.Lock()
-
-    def address(self, n: int) -> int:
-        with self._lock:
-            if self._size < n:
-                zeros = mmap.mmap(-1, max(n, DEFAULT_UNIT))
-                self._maps.append(zeros)
-                self._size = len(zeros)
-                self._address = ctypes.addressof(ctypes.c_char.from_buffer(zeros))
-            return self._address
-
-
-_ZERO_BUFFER = _Zeros()
 _ZERO_GRANULE_BYTES = bytes(ZERO_GRANULE)
 
 
@@ -112,10 +88,11 @@ def data_runs(
     (the last one may be short), merged: ``[]`` for all zeros, ``[(0, len)]`` for data.
 
     ``holes``, ranges ``(start, length)`` known to be zeros (in order, not overlapping:
-    a disk's report), are not looked at; only the granules outside them are.  A
-    ``memcmp`` against a zero buffer settles a stretch that is all zeros (about 40 GB/s
-    here), then each 64 KiB of one that is not, and only then its granules one by one.
-    A read-only view (never a pool buffer) is compared by copies.
+    a disk's report), are not looked at; only the granules outside them are.  One
+    ``memcmp`` of a stretch with itself one byte further settles a stretch that is all
+    zeros (about 80 GB/s here) or starts with data; then each 64 KiB of one that is not,
+    and only then its granules one by one.  A read-only view (never a pool buffer) is
+    compared by copies.
     """
     if not holes:
         return _data_runs(view, granule)
@@ -148,10 +125,11 @@ def _data_runs(view: memoryview, granule: int) -> list[Run]:
     except (TypeError, ValueError):
         address = 0
     if memcmp is not None and address:
-        zeros = _ZERO_BUFFER.address(n)
 
         def is_zero(at: int, length: int) -> bool:
-            return memcmp(address + at, zeros, length) == 0
+            # Each byte equal to the next one, and the first one zero (the callers
+            # test it first): no zero buffer to compare with, and one stream of memory.
+            return memcmp(address + at, address + at + 1, length - 1) == 0
     else:
 
         def is_zero(at: int, length: int) -> bool:

@@ -1,7 +1,7 @@
-"""Options that change the work per byte: ``--checksum`` (what hashing while copying costs
-on a 1 GiB raw → raw copy, against the same copy without it and against hashing the
-output afterwards) and ``--sparse`` (a big, mostly empty qcow2 written sparse and dense,
-to every output format)."""
+"""Options that change the work per byte, one section each: ``checksum`` (what
+``--checksum`` costs on a 1 GiB raw → raw copy, against the same copy without it and
+against hashing the output afterwards) and ``sparse`` (a big, mostly empty qcow2 written
+with ``--sparse`` and densely, to every output format)."""
 
 from __future__ import annotations
 

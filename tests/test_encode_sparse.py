@@ -273,6 +273,9 @@ def test_the_packer_refuses_data_out_of_order() -> None:
         packer.extents(0, 1)
     with pytest.raises(ValueError, match="outside the disk"):
         packer.extents(40, 1)
+    assert packer.ready(24) == []  # tables 0 and 1 are final: nothing may land there now
+    with pytest.raises(ValueError, match="out of order"):
+        packer.extents(22, 1)
 
 
 def test_the_packer_renders_each_table_once_in_order() -> None:

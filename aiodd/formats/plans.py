@@ -182,9 +182,9 @@ class Packer:
     def _slot(self, index: int) -> int:
         if index == self._last:
             return self.count - 1
-        if index < self._last or not 0 <= index < self.blocks:
-            raise ValueError(f"block {index} placed out of order or outside the disk")
         table, entry = divmod(index, self.per_table)
+        if index < self._last or table < self._table or not 0 <= index < self.blocks:
+            raise ValueError(f"block {index} placed out of order or outside the disk")
         self._finish_tables(table)
         if self._slots is None:
             self._slots = array("q", [-1]) * self.per_table

@@ -39,11 +39,14 @@ async def read_window(
     the output's offsets, so the runs ``find_zeros`` reports are aligned there.
     """
 
+    reports_holes = isinstance(disk, HoleReportingDisk)
+
     def read(offset: int, view: memoryview) -> list[Run] | None:
         if not find_zeros:
             disk.read_into(offset, view)
             return None
-        if isinstance(disk, HoleReportingDisk):  # its holes need no looking at
+        if reports_holes:  # its holes need no looking at
+            assert isinstance(disk, HoleReportingDisk)
             return data_runs(view, holes=disk.read_into_holes(offset, view))
         disk.read_into(offset, view)
         return data_runs(view)
