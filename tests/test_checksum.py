@@ -218,6 +218,15 @@ def test_a_stdout_that_cannot_take_the_line_fails_the_command(
     assert out_path.read_bytes() == source.read_bytes()
 
 
+def test_help_shows_both_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    usage, options = text.split("\n\n")[0], text.split("options:")[1]
+    assert "[--checksum=ALGO] [--sparse]" in usage
+    assert "--checksum=ALGO      sha256, sha512 or blake2b" in options
+    assert "--sparse             leave blocks of zeros unallocated" in options
+
+
 def test_names_that_would_break_the_line_are_escaped_as_sha256sum_does() -> None:
     assert checksum_line("sha256:ab", "o.raw") == "sha256:ab  o.raw\n"
     assert checksum_line("sha256:ab", "a\nb\\c") == "\\sha256:ab  a\\nb\\\\c\n"
