@@ -20,6 +20,7 @@ from aiodd.errors import UnsupportedImageError as UnsupportedImageError
 from aiodd.errors import UsageError as UsageError
 
 if TYPE_CHECKING:
+    from aiodd.api import Checksum as Checksum
     from aiodd.api import DdResult as DdResult
     from aiodd.api import dd as dd
     from aiodd.options import Isolation as Isolation
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "AioddError",
+    "Checksum",
     "DdResult",
     "ImageError",
     "InUseError",
@@ -47,6 +49,7 @@ __all__ = (
 )
 
 _LAZY = {
+    "Checksum": "aiodd.api",
     "DdResult": "aiodd.api",
     "Isolation": "aiodd.options",
     "dd": "aiodd.api",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import mmap
 import os
 import stat
@@ -29,6 +30,19 @@ SKIP_WARNING = "cannot skip to specified offset"
 
 
 @dataclass(frozen=True)
+class Checksum:
+    """The digest of the output's virtual disk: every byte a guest sees, the zero
+    padding included (what ``qemu-img convert -O raw`` of the output holds).
+    ``str()`` gives ``ALGORITHM:HEX``, as the command line prints it."""
+
+    algorithm: str  # "sha256", "sha512" or "blake2b"
+    hexdigest: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hexdigest}"
+
+
+@dataclass(frozen=True)
 class DdResult:
     """What a finished copy did."""
 
@@ -44,6 +58,7 @@ class DdResult:
     # "auto: /dev/kvm available" (docs/usage.md, "Isolation modes").
     isolation: str = ""
     isolation_reason: str = ""
+    checksum: Checksum | None = None  # when asked for (``checksum=``)
 
     @property
     def bytes_copied(self) -> int:
@@ -147,6 +162,8 @@ async def dd(
     require_isolation: bool = False,
     io_size: int = DEFAULT_UNIT,
     force_share: bool = False,
+    checksum: str | None = None,
+    sparse: bool = False,
 ) -> DdResult:
     """Copy the window ``skip*bs`` … ``count*bs`` of ``src``'s virtual disk to ``dst``.
 
@@ -162,6 +179,12 @@ async def dd(
     (:class:`~aiodd.errors.InUseError`) unless ``force_share`` (qemu's ``-U``); the
     output holds qemu's writer locks.  ``dst`` may not be any file the input reads.
     See docs/usage.md, "Image locks and the input's files".
+
+    ``checksum`` (``"sha256"``, ``"sha512"`` or ``"blake2b"``) hashes the output's
+    virtual disk while copying: :attr:`DdResult.checksum`.  ``sparse`` leaves the blocks
+    that hold only zeros unallocated (holes in a raw file); on a block device, which
+    has no holes, the zeros are written.  See docs/usage.md, "Checksum" and "Sparse
+    output".
     """
     started = time.monotonic()
     warnings: list[str] = []
@@ -172,6 +195,7 @@ async def dd(
     encoders.check_output_format(output_format)
     isolation = options.isolation(isolation)
     io_size = options.io_size(io_size)
+    hasher = None if checksum is None else hashlib.new(options.checksum(checksum))
     policy = Policy(allow_backing, force_share=force_share)
     memory: mmap.mmap | None = None
     if isolation != "inline":
@@ -199,7 +223,8 @@ async def dd(
         window = compute_window(disk.virtual_size, bs_value, count_value, skip_value)
         if window.skip_past_end:
             warnings.append(f"{src_path}: {SKIP_WARNING}")
-        plan = encoders.plan(output_format, window.length, filename=os.path.basename(dst_path))
+        dst_name = os.path.basename(dst_path)
+        plan = encoders.plan(output_format, window.length, filename=dst_name)
         meter = ProgressMeter(plan.data_size, on_progress, progress_interval, mode[:2])
         _check_output(src_path, dst_path, policy)
         raw = output_format == "raw"
@@ -214,10 +239,27 @@ async def dd(
             try:
                 guard.hold(output.fd, dst_path)
                 pool = BufferPool(DEFAULT_COUNT, io_size, memory)
-                await run_pipeline(disk, window.start, window.end, plan, output, pool, meter)
+                # A device keeps its old bytes where nothing is written: dense there.
+                layout = (
+                    encoders.sparse_plan(output_format, window.length, filename=dst_name)
+                    if sparse and not output.device
+                    else None
+                )
+                await run_pipeline(
+                    disk,
+                    window.start,
+                    window.end,
+                    plan,
+                    output,
+                    pool,
+                    meter,
+                    sparse=layout,
+                    hasher=hasher,
+                )
+                file_size = plan.file_size if layout is None else layout.file_size
                 # A cancel during the flush (which the kernel finishes regardless) still
                 # undoes the copy; once the output is being put in place, that completes.
-                await anyio.to_thread.run_sync(output.flush, plan.file_size)
+                await anyio.to_thread.run_sync(output.flush, file_size)
                 await anyio.lowlevel.checkpoint_if_cancelled()
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(output.publish)
@@ -242,6 +284,7 @@ async def dd(
         warnings=tuple(warnings) if mode[2] is None else (mode[2], *warnings),
         isolation=mode[0],
         isolation_reason=mode[1],
+        checksum=None if hasher is None else Checksum(hasher.name, hasher.hexdigest()),
     )
 
 

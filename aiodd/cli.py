@@ -15,7 +15,15 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from aiodd import __version__, options
-from aiodd.errors import AioddError, InUseError, PolicyError, UsageError, describe
+from aiodd.errors import (
+    AioddError,
+    InUseError,
+    OutputError,
+    PolicyError,
+    UsageError,
+    describe,
+    one_line,
+)
 from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS, check_input_format, check_output_format
 
 # The pipeline's modules (anyio, the API, the decoders) are imported only once the
@@ -30,7 +38,7 @@ EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
 
 HELP = """\
 usage: aiodd [-f FMT] [-O FMT] [-U] [--allow-backing DIR]... [--isolation=MODE]
-             [--require-isolation] [-p | --progress=MODE]
+             [--require-isolation] [-p | --progress=MODE] [--checksum=ALGO] [--sparse]
              if=INPUT of=OUTPUT [bs=N] [count=N] [skip=N]
        aiodd -h | --help
        aiodd --version [--verbose]
@@ -82,6 +90,13 @@ options:
                        mode but inline; KVM itself is required only by --isolation=kvm)
   -U, --force-share    read the input even while another process has it open for writing
                        (qemu's image locks: see docs/usage.md)
+  --checksum=ALGO      sha256, sha512 or blake2b: hash the output's virtual disk while
+                       copying (its zero padding included: what converting OUTPUT back
+                       to raw gives) and print "ALGO:HEX  OUTPUT" on stdout at the end
+                       (and "checksum" in --progress=json's last record)
+  --sparse             leave blocks of zeros unallocated: holes in a raw file (4 KiB
+                       granules), no cluster, grain or block in the other formats; the
+                       content is the same (a block device is still written in full)
   -h, --help           show this help and exit
   --version            show the version and exit (with --verbose: the isolation layers,
                        whether kvm runs here and what auto picks)
@@ -106,6 +121,8 @@ class Invocation:
     isolation: Isolation = "auto"
     require_isolation: bool = False
     force_share: bool = False
+    checksum: str | None = None
+    sparse: bool = False
     src: str | None = None
     dst: str | None = None
     bs: int = 512
@@ -120,6 +137,7 @@ class Invocation:
 # The command line's spellings of the library's option names, for UsageError.naming().
 _SPELLINGS = {
     "allow_backing": "--allow-backing",
+    "checksum": "--checksum",
     "isolation": "--isolation",
     "progress": "--progress",
 }
@@ -157,6 +175,8 @@ def _parse_args(argv: Sequence[str]) -> Invocation:
                 "isolation=",
                 "require-isolation",
                 "force-share",
+                "checksum=",
+                "sparse",
             ],
         )
     except getopt.GetoptError as exc:
@@ -184,6 +204,10 @@ def _parse_args(argv: Sequence[str]) -> Invocation:
             inv.require_isolation = True
         elif opt in ("-U", "--force-share"):
             inv.force_share = True
+        elif opt == "--checksum":
+            inv.checksum = options.checksum(value)
+        elif opt == "--sparse":
+            inv.sparse = True
     if inv.show_help or inv.show_version:
         return inv
     for token in operands:
@@ -254,17 +278,46 @@ async def _run(inv: Invocation) -> None:
             allow_backing=inv.allow_backing,
             require_isolation=inv.require_isolation,
             force_share=inv.force_share,
+            checksum=inv.checksum,
+            sparse=inv.sparse,
         )
     except BaseException:
         if renderer is not None:
             renderer.close()  # ends the line, so that the error line starts afresh
         raise
-    if renderer is not None:
+    checksum = None if result.checksum is None else str(result.checksum)
+    if isinstance(renderer, JsonRenderer):
+        renderer.finish(checksum=checksum)
+    elif renderer is not None:
         renderer.finish()  # the summary, only once the output is in place
     # The copy is done and its output in place: a closed stderr must not turn that into
     # a failure.
     for warning in result.warnings:
         write_quietly(sys.stderr, f"{PROG}: {warning}\n")
+    if checksum is not None:
+        _print_checksum(checksum, inv.dst)
+
+
+def checksum_line(checksum: str, name: str) -> str:
+    """``ALGO:HEX  NAME``, as sha256sum prints a line: a name with a backslash or a
+    line break is escaped, and the line then starts with a backslash."""
+    if "\\" in name or "\n" in name or "\r" in name:
+        escaped = name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        return f"\\{checksum}  {escaped}\n"
+    return f"{checksum}  {name}\n"
+
+
+def _print_checksum(checksum: str, dst: str) -> None:
+    """The checksum line on stdout.  It is what was asked for: a stdout that cannot take
+    it fails the command (exit 1), though the output is in place."""
+    from aiodd.terminal import write_or_raise
+
+    try:
+        write_or_raise(sys.stdout, checksum_line(checksum, dst))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot print the checksum: {describe(exc)} ({one_line(dst)} is complete)"
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

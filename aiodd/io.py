@@ -79,12 +79,15 @@ class LocalFile:
             done += n
         return done
 
-    def readinto_sparse(self, offset: int, buf: memoryview) -> int:
+    def readinto_sparse(
+        self, offset: int, buf: memoryview, holes: list[tuple[int, int]] | None = None
+    ) -> int:
         """Like :meth:`readinto`, but holes are zeroed here rather than read.
 
         Reading a hole makes the kernel zero a page-cache page for every 4 KiB of it,
         several times slower than zeroing our buffer; ``SEEK_DATA``/``SEEK_HOLE`` tell
-        where the holes are.  Returns the bytes filled before the end of the file.
+        where the holes are.  Returns the bytes filled before the end of the file; each
+        hole zeroed is appended to ``holes``, if given, as ``(start, length)`` in ``buf``.
         """
         end = min(offset + len(buf), self._size)
         pos = offset
@@ -101,6 +104,8 @@ class LocalFile:
             data = min(data, end)
             if data > pos:
                 zero_fill(buf[pos - offset : data - offset])
+                if holes is not None:
+                    holes.append((pos - offset, data - pos))
                 pos = data
                 if pos >= end:
                     break

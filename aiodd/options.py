@@ -30,6 +30,9 @@ from aiodd.window import (
 Isolation = Literal["auto", "kvm", "sandbox", "inline"]
 ISOLATION_MODES: tuple[Isolation, ...] = ("auto", "kvm", "sandbox", "inline")
 PROGRESS_MODES = ("none", "percent", "bar", "json")
+# The digests --checksum offers, by their hashlib names: strong, and fast enough in
+# hashlib to keep up with the disk (docs/usage.md, "Checksum").
+CHECKSUM_ALGORITHMS = ("sha256", "sha512", "blake2b")
 
 # qemu-img dd's ranges: bs is an int, count and skip are int64.
 SIZE_RANGES = {"bs": (1, BS_MAX), "count": (0, INT64_MAX), "skip": (0, INT64_MAX)}
@@ -90,6 +93,14 @@ def progress_mode(value: str) -> str:
     if value in PROGRESS_MODES:
         return value
     raise UsageError.invalid("progress", _shown(value), "use none, percent, bar or json")
+
+
+def checksum(value: object) -> str:
+    """The ``--checksum`` algorithm: one of :data:`CHECKSUM_ALGORITHMS`."""
+    if isinstance(value, str) and value in CHECKSUM_ALGORITHMS:
+        return value
+    choices = ", ".join(CHECKSUM_ALGORITHMS[:-1]) + " or " + CHECKSUM_ALGORITHMS[-1]
+    raise UsageError.invalid("checksum", _shown(value), f"use {choices}")
 
 
 def allow_backing_dir(value: str | os.PathLike[str]) -> str:

@@ -10,6 +10,7 @@ renderers only decide when to write what.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -142,6 +143,23 @@ def write_quietly(stream: TextIO, text: str) -> None:
     QuietStream(stream).write(text)
 
 
+def write_or_raise(stream: TextIO | None, text: str) -> None:
+    """One write whose failure the caller reports (the checksum line): raises OSError,
+    after pointing the stream at /dev/null so the interpreter's exit stays quiet.  A
+    stream Python could not open (``sys.stdout`` is None when descriptor 1 was closed)
+    is a bad descriptor."""
+    if stream is None:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError) as exc:
+        _silence(stream)
+        if isinstance(exc, OSError):
+            raise
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
+
+
 class PercentRenderer:
     """qemu-img convert's ``-p`` line: ``    (xx.xx/100%)``, redrawn with ``\\r``.
 
@@ -236,9 +254,9 @@ class JsonRenderer:
     """One JSON object per line, for programs that drive aiodd.
 
     Every record has ``"done": false`` except the last one of a successful copy, written
-    once the output is in place, which has ``"done": true`` and the final totals.  The
-    first record and the last say where the input is decoded and why (``isolation``,
-    ``isolation_reason``).
+    once the output is in place, which has ``"done": true`` and the final totals (and the
+    checksum, when one was asked for).  The first record and the last say where the
+    input is decoded and why (``isolation``, ``isolation_reason``).
     """
 
     def __init__(self, stream: TextIO, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -249,7 +267,9 @@ class JsonRenderer:
         self._closed = False
 
     @staticmethod
-    def record(progress: Progress, done: bool = False, isolation: bool = False) -> str:
+    def record(
+        progress: Progress, done: bool = False, isolation: bool = False, checksum: str | None = None
+    ) -> str:
         fields: dict[str, object] = {
             "bytes_done": progress.bytes_done,
             "total_bytes": progress.total_bytes,
@@ -261,6 +281,8 @@ class JsonRenderer:
         if isolation:
             fields["isolation"] = progress.isolation
             fields["isolation_reason"] = progress.isolation_reason
+        if checksum is not None:
+            fields["checksum"] = checksum
         return json.dumps(fields)
 
     def __call__(self, progress: Progress) -> None:
@@ -270,7 +292,8 @@ class JsonRenderer:
         self._last = progress
         self._out.write(self.record(progress, isolation=first) + "\n")
 
-    def finish(self) -> None:
+    def finish(self, checksum: str | None = None) -> None:
+        """The done record; with ``--checksum``, it has ``"checksum": "ALGO:HEX"``."""
         if not self._closed and self._last is not None and self._started is not None:
             last = self._last
             final = Progress(
@@ -280,7 +303,7 @@ class JsonRenderer:
                 last.isolation,
                 last.isolation_reason,
             )
-            self._out.write(self.record(final, done=True, isolation=True) + "\n")
+            self._out.write(self.record(final, done=True, isolation=True, checksum=checksum) + "\n")
         self._closed = True
 
     def close(self) -> None:

@@ -79,6 +79,11 @@ class Bench:
     def sizes(self) -> Sizes:
         return self.config.sizes
 
+    @property
+    def stderr_path(self) -> Path:
+        """Where the last run's stderr is, for a check that reads what aiodd printed."""
+        return self._scratch
+
     def out(self, name: str) -> Path:
         return self.config.workdir / "out" / name
 
@@ -138,10 +143,12 @@ class Bench:
         fmt_in: str = "raw",
         fmt_out: str = "raw",
         progress_json: bool = False,
+        options: tuple[str, ...] = (),
     ) -> Argv:
         argv = [self.config.aiodd, f"--isolation={isolation}", "-f", fmt_in, "-O", fmt_out]
         if progress_json:
             argv.append("--progress=json")
+        argv += options
         return (*argv, f"if={src}", f"of={dst}", f"bs={bs}")
 
     @staticmethod

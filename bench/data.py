@@ -113,6 +113,25 @@ class Data:
             self._made[path] = f"sparse (truncate), {human(size)}"
         return path
 
+    def mostly_empty_qcow2(self, size: int) -> Path:
+        """A qcow2 of ``size`` bytes with 4 MiB of data in four places (start, a third,
+        two thirds, the last MiB), written by qemu-io: the rest is unallocated."""
+        path = self._dir / f"mostly-empty-{size}.qcow2"
+        if path not in self._made:
+            self._log(f"making {path.name} (qemu-img create, qemu-io writes 4 MiB)")
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True
+            )
+            mib = 1 << 20
+            commands: list[str] = []
+            for n, at in enumerate((0, size // 3, 2 * size // 3, size - mib)):
+                commands += ["-c", f"write -P {0x11 + n} {at // mib * mib} {mib}"]
+            subprocess.run(
+                ["qemu-io", "-f", "qcow2", *commands, str(path)], check=True, capture_output=True
+            )
+            self._made[path] = f"qcow2, {human(size)}, 4 MiB of data (qemu-io)"
+        return path
+
     def describe(self) -> list[tuple[str, str, int, int]]:
         """(file, what, apparent size, allocated bytes) for each input made so far."""
         rows = []

@@ -57,3 +57,34 @@ def test_zero_fill_large_and_small() -> None:
     zero_fill(memoryview(buf)[7:])
     assert buf[:7] == b"\x01" * 7 and not any(buf[7:])
     zero_fill(memoryview(buf)[:0])
+
+
+def test_the_holes_reported_are_the_files_holes_and_the_end(tmp_path: object) -> None:
+    """``--sparse`` trusts these ranges to be zeros without looking (docs/usage.md)."""
+    from pathlib import Path
+
+    from aiodd.formats.raw.decode import RawDisk
+
+    path = Path(str(tmp_path)) / "holes.raw"
+    with path.open("wb") as f:
+        f.seek(3 * BLOCK)
+        f.write(b"\x01" * BLOCK)
+        f.seek(10 * BLOCK)
+        f.write(b"\x02" * 100)  # the file ends mid-block: the disk is 512-rounded
+    file = LocalFile.open(str(path))
+    try:
+        holes: list[tuple[int, int]] = []
+        buf = bytearray(b"\xaa" * 12 * BLOCK)
+        n = file.readinto_sparse(BLOCK, memoryview(buf), holes)
+        assert n == 9 * BLOCK + 100
+        assert holes == [(0, 2 * BLOCK), (3 * BLOCK, 6 * BLOCK)]
+        disk = RawDisk(file)
+        view = memoryview(bytearray(b"\xaa" * (disk.virtual_size - 2 * BLOCK)))
+        assert disk.read_into_holes(2 * BLOCK, view) == [
+            (0, BLOCK),
+            (2 * BLOCK, 6 * BLOCK),
+            (8 * BLOCK + 100, 412),  # past the file's end, up to the 512-byte rounding
+        ]
+        assert bytes(view) == path.read_bytes()[2 * BLOCK :] + bytes(412)
+    finally:
+        file.close()

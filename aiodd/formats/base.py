@@ -9,7 +9,9 @@ process is not their concern.
 
 Encoders are pure: from the output's geometry they build an :class:`OutputPlan`, which
 says where each byte of the window lands in the container file and which metadata
-blocks surround it.
+blocks surround it.  A sparse output (``--sparse``) has a :class:`SparsePlan` instead,
+which learns which blocks hold data as the data stream passes by, in order, and lays
+out only those: still a computation over offsets, fed by the encoder stage.
 
 A format's ``decode`` module satisfies :class:`Decoder` and its ``encode`` module
 :class:`Encoder`; the registry (:mod:`aiodd.formats.registry`) has mypy check both.
@@ -60,8 +62,25 @@ class SparseFile(Protocol):
     than having the kernel read it.
     """
 
-    def readinto_sparse(self, offset: int, buf: memoryview) -> int:
-        """Like :meth:`RandomAccessFile.readinto`, holes zeroed instead of read."""
+    def readinto_sparse(
+        self, offset: int, buf: memoryview, holes: list[tuple[int, int]] | None = None
+    ) -> int:
+        """Like :meth:`RandomAccessFile.readinto`, holes zeroed instead of read; each hole
+        zeroed is appended to ``holes`` (if given) as ``(start, length)`` in ``buf``."""
+        ...
+
+
+@runtime_checkable
+class HoleReportingDisk(Protocol):
+    """A capability some disks have: reading that says which parts were holes.
+
+    ``--sparse`` looks for zeros in what the reader read; a range the disk reports as a
+    hole it knows to be zeros without looking (a raw disk whose file knows its holes).
+    """
+
+    def read_into_holes(self, offset: int, buf: memoryview) -> list[tuple[int, int]]:
+        """Like :meth:`VirtualDisk.read_into`; returns the ``(start, length)`` ranges of
+        ``buf`` that it zeroed as holes, in order (possibly not all of them)."""
         ...
 
 
@@ -160,6 +179,49 @@ class OutputPlan(Protocol):
         ...
 
 
+class SparsePlan(Protocol):
+    """An output plan that leaves out the blocks that hold only zeros (``--sparse``).
+
+    The encoder stage feeds it the runs of the data stream that hold data, in ascending
+    order, and asks what became final after each chunk: a block gets its place in the
+    file when the first run reaches it, and a table of blocks is written once all of its
+    blocks are behind.  What the plan does not write (zero runs, unused blocks, zero
+    padding, zero tables) is left to read as zeros: the output is a fresh file, sized at
+    the end to :attr:`file_size`.  docs/architecture.md, "Sparse outputs".
+    """
+
+    @property
+    def virtual_size(self) -> int: ...
+
+    @property
+    def data_size(self) -> int:
+        """As :attr:`OutputPlan.data_size`: how far the data stream goes."""
+        ...
+
+    @property
+    def file_size(self) -> int:
+        """The file's size, final once :meth:`finish` has been consumed."""
+        ...
+
+    def head(self) -> Iterator[tuple[int, bytes]]:
+        """The metadata blocks that do not depend on which blocks hold data."""
+        ...
+
+    def data_extents(self, offset: int, length: int) -> list[Extent]:
+        """Where output bytes ``[offset, offset + length)``, a run that holds data, go;
+        called in ascending order of ``offset``."""
+        ...
+
+    def ready(self, offset: int) -> list[tuple[int, bytes]]:
+        """The metadata blocks that became final once everything before ``offset`` was
+        placed."""
+        ...
+
+    def finish(self) -> Iterator[tuple[int, bytes]]:
+        """Every other metadata block, once the whole data stream was placed."""
+        ...
+
+
 class Decoder(Protocol):
     """An input format, as its ``decode`` module implements it."""
 
@@ -186,4 +248,9 @@ class Encoder(Protocol):
         is the output's base name, for a format that records it (a vmdk descriptor
         names its extent); the others ignore it.  A plan that cannot be built raises
         :class:`aiodd.errors.UsageError`."""
+        ...
+
+    def sparse_plan(self, out: int, *, filename: str | None = None) -> SparsePlan:
+        """The sparse plan for a window of ``out`` bytes (``--sparse``): the same
+        container as :meth:`plan`'s, with the blocks that hold only zeros left out."""
         ...

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
@@ -116,3 +116,122 @@ def lanes(first: int, count: int, step: int, width: int, order: ByteOrder) -> by
         raise ValueError("table entry out of range")
     base = int.from_bytes(first.to_bytes(width, order) * count, order)
     return (_lane_template(count, step, width, order) + base).to_bytes(width * count, order)
+
+
+def without_zeros(blocks: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+    """Metadata blocks as a sparse output writes them: trailing zeros cut off and blocks
+    of nothing but zeros left out, as a fresh file reads zeros wherever nothing was
+    written (the file's size is set at the end)."""
+    for offset, data in blocks:
+        kept = data.rstrip(b"\0")
+        if kept:
+            yield offset, kept
+
+
+Render = Callable[[int, "array[int] | None"], list[tuple[int, bytes]]]
+
+
+class Packer:
+    """Where a sparse output's blocks go, decided as the data stream passes by.
+
+    The virtual disk is cut in ``blocks`` blocks of ``block`` bytes.  A block gets the
+    next free slot the first time a run of data reaches it, slot ``s`` at file offset
+    ``base + s * stride``; the stream comes in order, so the slots follow the blocks'
+    order and the file holds no gap, as qemu appends the blocks it allocates.  A block
+    no data reaches gets none.
+
+    The blocks' table entries come in tables of ``per_table`` blocks (an L2 table, a
+    grain table, a piece of a BAT).  Once none of a table's blocks can get a slot any
+    more, ``render(index, slots)`` turns it into metadata blocks, with each block's slot
+    (-1: none), or ``None`` when none of them has one; so only one table is held in
+    memory, whatever the size of the disk.
+    """
+
+    def __init__(
+        self, *, block: int, blocks: int, per_table: int, base: int, stride: int, render: Render
+    ) -> None:
+        self.block = block
+        self.blocks = blocks
+        self.per_table = per_table
+        self.base = base
+        self.stride = stride
+        self.count = 0  # slots given
+        self._render = render
+        self._tables = -(-blocks // per_table)
+        self._table = 0  # the first table not rendered yet
+        self._slots: array[int] | None = None  # its slots, once one of its blocks has one
+        self._last = -1  # the last block given a slot
+        self._ready: list[tuple[int, bytes]] = []
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """The file extents of data bytes ``[offset, offset + length)``; the blocks they
+        touch get slots.  Offsets must not go back to a block before the last one."""
+        extents: list[Extent] = []
+        end = offset + length
+        while offset < end:
+            index, within = divmod(offset, self.block)
+            n = min(self.block - within, end - offset)
+            where = self.base + self._slot(index) * self.stride + within
+            if extents and extents[-1].file_offset + extents[-1].length == where:
+                extents[-1] = Extent(extents[-1].file_offset, extents[-1].length + n)
+            else:
+                extents.append(Extent(where, n))
+            offset += n
+        return extents
+
+    def _slot(self, index: int) -> int:
+        if index == self._last:
+            return self.count - 1
+        table, entry = divmod(index, self.per_table)
+        if index < self._last or table < self._table or not 0 <= index < self.blocks:
+            raise ValueError(f"block {index} placed out of order or outside the disk")
+        self._finish_tables(table)
+        if self._slots is None:
+            self._slots = array("q", [-1]) * self.per_table
+        self._slots[entry] = self.count
+        self._last = index
+        self.count += 1
+        return self.count - 1
+
+    def _finish_tables(self, upto: int) -> None:
+        """Render every table before table ``upto``."""
+        while self._table < min(upto, self._tables):
+            self._ready += self._render(self._table, self._slots)
+            self._table += 1
+            self._slots = None
+
+    def ready(self, offset: int) -> list[tuple[int, bytes]]:
+        """The metadata blocks of the tables whose blocks all lie before ``offset``."""
+        self._finish_tables(offset // (self.block * self.per_table))
+        ready, self._ready = self._ready, []
+        return ready
+
+    def finish(self) -> list[tuple[int, bytes]]:
+        """The metadata blocks of every table not rendered yet."""
+        self._finish_tables(self._tables)
+        ready, self._ready = self._ready, []
+        return ready
+
+
+def table_entries(
+    slots: array[int],
+    count: int,
+    base: int,
+    step: int,
+    width: int,
+    order: ByteOrder,
+    *,
+    flag: int = 0,
+    empty: int = 0,
+) -> bytes:
+    """The first ``count`` entries of a table: ``(base + slot * step) | flag`` for a block
+    with a slot, ``empty`` for one without, ``width``-byte integers in byte order ``order``."""
+    values = array(
+        "I" if width == 4 else "Q",
+        [(base + slot * step) | flag if slot >= 0 else empty for slot in slots[:count]],
+    )
+    if values.itemsize != width:  # pragma: no cover - no supported platform
+        raise RuntimeError("array item sizes differ from 4 and 8 bytes")
+    if order != _NATIVE:
+        values.byteswap()
+    return values.tobytes()

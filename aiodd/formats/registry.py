@@ -30,6 +30,7 @@ from aiodd.formats.base import (
     OutputPlan,
     RandomAccessFile,
     Resolver,
+    SparsePlan,
     VirtualDisk,
 )
 from aiodd.formats.foreign import PROBE_SIZE, Probe
@@ -49,6 +50,7 @@ __all__ = (
     "open_disk",
     "output_formats",
     "plan",
+    "sparse_plan",
 )
 
 
@@ -174,3 +176,8 @@ def plan(name: str, out: int, *, filename: str | None = None) -> OutputPlan:
     """The plan for a window of ``out`` bytes; ``filename`` is the output's base name
     (see :class:`~aiodd.formats.base.Encoder`)."""
     return encoder(name).plan(out, filename=filename)
+
+
+def sparse_plan(name: str, out: int, *, filename: str | None = None) -> SparsePlan:
+    """The sparse plan (``--sparse``) for a window of ``out`` bytes."""
+    return encoder(name).sparse_plan(out, filename=filename)

@@ -1,4 +1,8 @@
-"""Wiring: the four stages as tasks in one task group, joined by bounded streams.
+"""Wiring: the stages as tasks in one task group, joined by bounded streams.
+
+reader → windower → [digest →] encoder → sink: the digest stage runs only for
+``--checksum``; with ``--sparse`` the reader finds the zeros and the encoder is the
+sparse one.
 
 Every stream holds at most as many items as the pool has buffers, so memory is the
 pool's, whatever the image size.  The first stage to fail cancels the others; its error
@@ -13,9 +17,10 @@ import anyio
 
 from aiodd.buffers import BufferPool, Chunk, WriteOp
 from aiodd.errors import AioddError, StageError
-from aiodd.formats.base import OutputPlan, VirtualDisk
+from aiodd.formats.base import OutputPlan, SparsePlan, VirtualDisk
 from aiodd.progress import ProgressMeter
-from aiodd.stages.encoder import encode_stream
+from aiodd.stages.digest import Hasher, digest_stream
+from aiodd.stages.encoder import encode_sparse, encode_stream
 from aiodd.stages.reader import read_window
 from aiodd.stages.sink import OutputFile, sink_stream
 from aiodd.stages.windower import window_stream
@@ -71,24 +76,50 @@ async def run_pipeline(
     pool: BufferPool,
     meter: ProgressMeter,
     readers: int = 2,
+    *,
+    sparse: SparsePlan | None = None,
+    hasher: Hasher | None = None,
 ) -> None:
-    """Copy ``disk[start:end]`` into ``output`` laid out by ``plan``; commit is the caller's."""
+    """Copy ``disk[start:end]`` into ``output`` laid out by ``plan``; commit is the caller's.
+
+    ``sparse``, a sparse plan of the same output, lays it out instead (``plan`` still
+    gives the data stream's size); ``hasher`` is fed the output's virtual disk.
+    """
     depth = pool.count
     read_tx, read_rx = anyio.create_memory_object_stream[Chunk](depth)
     win_tx, win_rx = anyio.create_memory_object_stream[Chunk](depth)
     enc_tx, enc_rx = anyio.create_memory_object_stream[WriteOp](depth)
+    dig_tx, dig_rx = anyio.create_memory_object_stream[Chunk](depth)
+    to_encoder = dig_rx if hasher is not None else win_rx
+    find_zeros = sparse is not None
+
+    async def encode() -> None:
+        if sparse is not None:
+            await encode_sparse(sparse, to_encoder, enc_tx)
+        else:
+            await encode_stream(plan, to_encoder, enc_tx)
+
     try:
         meter.start()  # inside: a callback that raises must not leave the streams open
         async with anyio.create_task_group() as tg:
             tg.start_soon(
-                _stage, "reader", lambda: read_window(disk, start, end, pool, read_tx, readers)
+                _stage,
+                "reader",
+                lambda: read_window(
+                    disk, start, end, pool, read_tx, readers, find_zeros=find_zeros
+                ),
             )
             tg.start_soon(
                 _stage,
                 "windower",
                 lambda: window_stream(start, end, plan.data_size, pool, read_rx, win_tx),
             )
-            tg.start_soon(_stage, "encoder", lambda: encode_stream(plan, win_rx, enc_tx))
+            if hasher is not None:
+                padding = plan.virtual_size - plan.data_size
+                tg.start_soon(
+                    _stage, "digest", lambda: digest_stream(hasher, padding, pool, win_rx, dig_tx)
+                )
+            tg.start_soon(_stage, "encoder", encode)
             tg.start_soon(_stage, "sink", lambda: sink_stream(output, pool, enc_rx, meter))
     except BaseExceptionGroup as group:
         first = _first_error(group)
@@ -96,5 +127,5 @@ async def run_pipeline(
             raise
         raise first from None
     finally:
-        for stream in (read_tx, read_rx, win_tx, win_rx, enc_tx, enc_rx):
+        for stream in (read_tx, read_rx, win_tx, win_rx, dig_tx, dig_rx, enc_tx, enc_rx):
             stream.close()

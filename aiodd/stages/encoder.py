@@ -4,6 +4,11 @@ The output plan (a pure function of the window's length, made by the output form
 own ``encode`` module) says which file offsets each data byte goes to and which
 metadata blocks surround it; this stage only turns that into write operations for the
 sink.
+
+A sparse output (``--sparse``) has a :class:`~aiodd.formats.base.SparsePlan` instead:
+:func:`encode_sparse` gives it only the runs of each chunk that hold data (the reader
+found them), writes nothing for the zeros, and adds the metadata that each chunk made
+final, then the rest at the end.
 """
 
 from __future__ import annotations
@@ -13,17 +18,19 @@ from collections.abc import Iterator
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from aiodd.buffers import Bytes, Chunk, WriteOp
-from aiodd.formats.base import OutputPlan
+from aiodd.formats.base import OutputPlan, SparsePlan
 
 # Metadata blocks are small and many (L2 tables, BAT pages): batch them into writes
 # of about a pool buffer so each thread hand-off moves enough bytes.
 METADATA_BATCH = 4 * 1024 * 1024
 
 
-def _metadata_batches(plan: OutputPlan) -> Iterator[list[tuple[int, Bytes]]]:
+def _metadata_batches(
+    blocks: Iterator[tuple[int, bytes]],
+) -> Iterator[list[tuple[int, Bytes]]]:
     batch: list[tuple[int, Bytes]] = []
     size = 0
-    for offset, data in plan.metadata():
+    for offset, data in blocks:
         batch.append((offset, data))
         size += len(data)
         if size >= METADATA_BATCH:
@@ -39,7 +46,7 @@ async def encode_stream(
     send: MemoryObjectSendStream[WriteOp],
 ) -> None:
     async with receive, send:
-        for batch in _metadata_batches(plan):
+        for batch in _metadata_batches(plan.metadata()):
             await send.send(WriteOp(batch))
         async for chunk in receive:
             data = chunk.data
@@ -53,3 +60,31 @@ async def encode_stream(
                     f"output plan mapped {pos} of {chunk.length} bytes at {chunk.offset:#x}"
                 )
             await send.send(WriteOp(writes, chunk, chunk.length))
+
+
+async def encode_sparse(
+    plan: SparsePlan,
+    receive: MemoryObjectReceiveStream[Chunk],
+    send: MemoryObjectSendStream[WriteOp],
+) -> None:
+    async with receive, send:
+        for batch in _metadata_batches(plan.head()):
+            await send.send(WriteOp(batch))
+        async for chunk in receive:
+            data = chunk.data
+            writes: list[tuple[int, Bytes]] = []
+            runs = [(0, chunk.length)] if chunk.runs is None else chunk.runs
+            for start, length in runs:
+                pos = start
+                for extent in plan.data_extents(chunk.offset + start, length):
+                    writes.append((extent.file_offset, data[pos : pos + extent.length]))
+                    pos += extent.length
+                if pos != start + length:
+                    raise RuntimeError(
+                        f"sparse plan mapped {pos - start} of {length} bytes"
+                        f" at {chunk.offset + start:#x}"
+                    )
+            writes += plan.ready(chunk.offset + chunk.length)
+            await send.send(WriteOp(writes, chunk, chunk.length))
+        for batch in _metadata_batches(plan.finish()):
+            await send.send(WriteOp(batch))

@@ -3,6 +3,12 @@
 Several workers read disjoint chunks at once, so a decoder that decompresses (and
 releases the GIL) keeps both cores busy; the windower puts the chunks back in order.
 
+With ``find_zeros`` (``--sparse``), the same worker thread then finds the chunk's
+zeros while its bytes are still in the CPU's cache, so the search runs on both cores
+too; the chunk carries the runs of data it found (:func:`~aiodd.buffers.data_runs`).
+A disk that reports its holes (:class:`~aiodd.formats.base.HoleReportingDisk`: a raw
+file read inline) spares the search there.
+
 A corrupt image is reported as a sequential reader would report it: the error of the
 lowest chunk that fails, whichever worker happened to fail first.
 """
@@ -12,9 +18,9 @@ from __future__ import annotations
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from aiodd.buffers import BufferPool, Chunk
+from aiodd.buffers import BufferPool, Chunk, Run, data_runs
 from aiodd.errors import AioddError
-from aiodd.formats.base import VirtualDisk
+from aiodd.formats.base import HoleReportingDisk, VirtualDisk
 
 
 async def read_window(
@@ -24,8 +30,27 @@ async def read_window(
     pool: BufferPool,
     send: MemoryObjectSendStream[Chunk],
     workers: int = 2,
+    *,
+    find_zeros: bool = False,
 ) -> None:
-    """Send ``[start, end)`` of ``disk`` as chunks of at most ``pool.size`` bytes."""
+    """Send ``[start, end)`` of ``disk`` as chunks of at most ``pool.size`` bytes.
+
+    Chunks start ``pool.size`` apart from ``start``, a multiple of the zero granule in
+    the output's offsets, so the runs ``find_zeros`` reports are aligned there.
+    """
+
+    reports_holes = isinstance(disk, HoleReportingDisk)
+
+    def read(offset: int, view: memoryview) -> list[Run] | None:
+        if not find_zeros:
+            disk.read_into(offset, view)
+            return None
+        if reports_holes:  # its holes need no looking at
+            assert isinstance(disk, HoleReportingDisk)
+            return data_runs(view, holes=disk.read_into_holes(offset, view))
+        disk.read_into(offset, view)
+        return data_runs(view)
+
     next_offset = start
     limit = end  # lowered to the first failing chunk: nothing past it is started
     failures: list[tuple[int, AioddError]] = []
@@ -44,7 +69,7 @@ async def read_window(
                 length = min(pool.size, end - offset)
                 next_offset += length
                 try:
-                    await anyio.to_thread.run_sync(disk.read_into, offset, buffer.view[:length])
+                    runs = await anyio.to_thread.run_sync(read, offset, buffer.view[:length])
                 except AioddError as exc:
                     pool.release(buffer)
                     failures.append((offset, exc))
@@ -53,7 +78,7 @@ async def read_window(
                 except BaseException:
                     pool.release(buffer)
                     raise
-                await out.send(Chunk(offset, length, buffer))
+                await out.send(Chunk(offset, length, buffer, runs))
 
     async with send:
         async with anyio.create_task_group() as tg:

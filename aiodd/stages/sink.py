@@ -430,7 +430,8 @@ async def sink_stream(
     async with receive:
         async for op in receive:
             try:
-                await anyio.to_thread.run_sync(output.write, op.writes)
+                if op.writes:  # a sparse output's chunk of zeros has none
+                    await anyio.to_thread.run_sync(output.write, op.writes)
             finally:
                 if op.chunk is not None:
                     pool.release(op.chunk.buffer)

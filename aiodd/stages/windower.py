@@ -29,7 +29,7 @@ async def window_stream(
             while expected in pending:
                 ready = pending.pop(expected)
                 expected += ready.length
-                await send.send(Chunk(ready.offset - start, ready.length, ready.buffer))
+                await send.send(Chunk(ready.offset - start, ready.length, ready.buffer, ready.runs))
         if pending or expected < end:
             raise RuntimeError(f"reader stopped at {expected:#x} of {end:#x}")
         offset = max(0, end - start)
@@ -37,5 +37,5 @@ async def window_stream(
             buffer = await pool.acquire()
             length = min(pool.size, padded_size - offset)
             buffer.view[:length] = bytes(length)
-            await send.send(Chunk(offset, length, buffer))
+            await send.send(Chunk(offset, length, buffer, runs=[]))  # zeros, and known to be
             offset += length

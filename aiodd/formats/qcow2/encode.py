@@ -8,17 +8,33 @@ data clusters are one contiguous run in guest order::
 
 The refcount blocks cover every cluster of the file, themselves included, with
 refcount 1; nothing leaks and nothing is shared, so ``qemu-img check`` is clean.
+
+The sparse plan (``--sparse``) keeps the metadata where the dense one has it, and packs
+only the data clusters that hold a non-zero byte after it, in guest order; an L2 table
+whose clusters are all left out is not written either (its L1 entry is 0), and the
+refcounts say 1 for exactly the clusters in use, 0 for the unused L2 and refcount block
+clusters.
 """
 
 from __future__ import annotations
 
+import bisect
+from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
 from aiodd.formats.common import SECTOR, div_round_up, round_up
-from aiodd.formats.plans import lanes, pack_u16_ones, pad, zeros
+from aiodd.formats.plans import (
+    Packer,
+    lanes,
+    pack_u16_ones,
+    pad,
+    table_entries,
+    without_zeros,
+    zeros,
+)
 from aiodd.formats.qcow2 import layout as L
 
 NAME = L.NAME
@@ -161,6 +177,131 @@ class Qcow2Plan:
         yield from zeros(lay.data_offset + lay.virtual_size, tail)
 
 
+@dataclass
+class Qcow2SparsePlan:
+    """The dense plan's metadata positions; data clusters packed as data arrives."""
+
+    layout: Layout
+    _l2_used: bytearray = field(init=False, repr=False)
+    _packer: Packer = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        lay = self.layout
+        self._l2_used = bytearray(lay.l1_entries)
+        self._packer = Packer(
+            block=CLUSTER,
+            blocks=lay.data_clusters,
+            per_table=ENTRIES_PER_L2,
+            base=lay.data_offset,
+            stride=CLUSTER,
+            render=self._l2_table,
+        )
+
+    @property
+    def virtual_size(self) -> int:
+        return self.layout.virtual_size
+
+    @property
+    def data_size(self) -> int:
+        return self.virtual_size
+
+    @property
+    def file_size(self) -> int:
+        return self.layout.data_offset + self._packer.count * CLUSTER
+
+    def head(self) -> Iterator[tuple[int, bytes]]:
+        return without_zeros([(0, Qcow2Plan(self.layout).header())])
+
+    def data_extents(self, offset: int, length: int) -> list[Extent]:
+        return self._packer.extents(offset, length)
+
+    def ready(self, offset: int) -> list[tuple[int, bytes]]:
+        return self._packer.ready(offset)
+
+    def _l2_table(self, index: int, slots: array[int] | None) -> list[tuple[int, bytes]]:
+        if slots is None:
+            return []
+        self._l2_used[index] = 1
+        lay = self.layout
+        count = min(ENTRIES_PER_L2, lay.data_clusters - index * ENTRIES_PER_L2)
+        table = table_entries(slots, count, lay.data_offset, CLUSTER, 8, "big", flag=L.OFLAG_COPIED)
+        return [(lay.l2_offset + index * CLUSTER, table)]
+
+    def finish(self) -> Iterator[tuple[int, bytes]]:
+        yield from self._packer.finish()
+        lay = self.layout
+        # L1: the L2 tables written, each used once (COPIED); 0 for the others.
+        per = CLUSTER // 8
+        for c in range(lay.l1_clusters):
+            written = self._l2_used[c * per : (c + 1) * per]
+            if any(written):
+                entries = array("q", [i if flag else -1 for i, flag in enumerate(written)])
+                table = table_entries(
+                    entries,
+                    len(written),
+                    lay.l2_offset + c * per * CLUSTER,
+                    CLUSTER,
+                    8,
+                    "big",
+                    flag=L.OFLAG_COPIED,
+                )
+                yield lay.l1_offset + c * CLUSTER, table
+        # The refcount table: as many refcount blocks as the file now needs.
+        total = self.file_size // CLUSTER
+        blocks = div_round_up(total, REFCOUNTS_PER_BLOCK)
+        yield from without_zeros(
+            _table_clusters(
+                lay.refcount_table_offset,
+                lay.refcount_table_clusters,
+                lay.refcount_blocks_offset,
+                blocks,
+                copied=False,
+            )
+        )
+        used = self._used_clusters(blocks)
+        for i in range(blocks):
+            yield (
+                lay.refcount_blocks_offset + i * CLUSTER,
+                _refcounts(
+                    used, i * REFCOUNTS_PER_BLOCK, min(total, (i + 1) * REFCOUNTS_PER_BLOCK)
+                ),
+            )
+
+    def _used_clusters(self, refcount_blocks: int) -> list[tuple[int, int]]:
+        """The runs ``(first, end)`` of clusters in use, in order."""
+        lay = self.layout
+        first_block = lay.refcount_blocks_offset // CLUSTER
+        runs = [(0, first_block + refcount_blocks)]  # header, refcount table and blocks
+        l1 = lay.l1_offset // CLUSTER
+        runs.append((l1, l1 + lay.l1_clusters))
+        l2 = lay.l2_offset // CLUSTER
+        for index, flag in enumerate(self._l2_used):
+            if flag:
+                runs.append((l2 + index, l2 + index + 1))
+        data = lay.data_offset // CLUSTER
+        runs.append((data, data + self._packer.count))
+        merged: list[tuple[int, int]] = []
+        for first, end in runs:
+            if merged and merged[-1][1] == first:
+                merged[-1] = (merged[-1][0], end)
+            elif end > first:
+                merged.append((first, end))
+        return merged
+
+
+def _refcounts(used: list[tuple[int, int]], first: int, end: int) -> bytes:
+    """One refcount block for clusters ``[first, end)``: 1 for those in ``used`` (runs
+    in order, which do not touch each other)."""
+    block = bytearray(CLUSTER)
+    at = bisect.bisect_right(used, (first, first))
+    at = at - 1 if at and used[at - 1][1] > first else at
+    while at < len(used) and used[at][0] < end:
+        lo, hi = max(used[at][0], first), min(used[at][1], end)
+        block[(lo - first) * 2 : (hi - first) * 2] = pack_u16_ones(hi - lo)
+        at += 1
+    return bytes(block)
+
+
 def _entries(first: int, count: int, step: int, *, copied: bool) -> bytes:
     """One cluster of big-endian 64-bit entries ``first + k * step`` for ``k < count``,
     with the COPIED flag (bit 63) when asked, zero-filled after them."""
@@ -185,3 +326,8 @@ def plan(out: int, *, filename: str | None = None) -> Qcow2Plan:
     if out < 0:
         raise ValueError("negative window length")
     return Qcow2Plan(layout(round_up(out, SECTOR)))
+
+
+def sparse_plan(out: int, *, filename: str | None = None) -> Qcow2SparsePlan:
+    """The sparse plan for a window of ``out`` bytes: :func:`plan`'s layout, packed."""
+    return Qcow2SparsePlan(plan(out).layout)

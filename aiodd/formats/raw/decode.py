@@ -31,6 +31,18 @@ class RawDisk:
         if n < len(buf):
             zero_fill(buf[n:])
 
+    def read_into_holes(self, offset: int, buf: memoryview) -> list[tuple[int, int]]:
+        """:meth:`read_into`, and the holes it zeroed (the file's, and past its end)."""
+        holes: list[tuple[int, int]] = []
+        if isinstance(self._file, SparseFile):
+            n = self._file.readinto_sparse(offset, buf, holes)
+        else:
+            n = self._file.readinto(offset, buf)
+        if n < len(buf):
+            zero_fill(buf[n:])
+            holes.append((n, len(buf) - n))
+        return holes
+
     def close(self) -> None:
         self._file.close()
 

@@ -30,5 +30,24 @@ class RawPlan:
         return iter(())
 
 
+@dataclass(frozen=True)
+class RawSparsePlan(RawPlan):
+    """The same file, with the zero runs left as holes: nothing is written there, and
+    the file's size, set at the end, makes them read as zeros."""
+
+    def head(self) -> Iterator[tuple[int, bytes]]:
+        return iter(())
+
+    def ready(self, offset: int) -> list[tuple[int, bytes]]:
+        return []
+
+    def finish(self) -> Iterator[tuple[int, bytes]]:
+        return iter(())
+
+
 def plan(out: int, *, filename: str | None = None) -> RawPlan:
     return RawPlan(L.virtual_size(out))
+
+
+def sparse_plan(out: int, *, filename: str | None = None) -> RawSparsePlan:
+    return RawSparsePlan(L.virtual_size(out))

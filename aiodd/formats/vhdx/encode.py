@@ -14,6 +14,11 @@ every payload block present and in order::
 
 Every payload BAT entry is PAYLOAD_BLOCK_FULLY_PRESENT; the sector bitmap entries that
 follow every ``chunk ratio`` payload entries are NOT_PRESENT (no parent, no bitmaps).
+
+The sparse plan (``--sparse``) keeps that layout and packs only the payload blocks that
+hold a non-zero byte from the same place on, in guest order; the others stay
+PAYLOAD_BLOCK_NOT_PRESENT, which a disk without a parent reads as zeros, as in a new
+image of ``qemu-img create``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from aiodd._version import __version__
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
 from aiodd.formats.common import SECTOR, KiB, MiB, div_round_up, round_up
-from aiodd.formats.plans import Identity, pad, zeros
+from aiodd.formats.plans import Identity, Packer, pad, table_entries, without_zeros, zeros
 from aiodd.formats.vhdx import layout as L
 from aiodd.formats.vhdx.layout import BAT_GUID as BAT_GUID
 from aiodd.formats.vhdx.layout import FILE_PARAMETERS_GUID as FILE_PARAMETERS_GUID
@@ -219,6 +224,91 @@ class VhdxPlan:
         yield from zeros(offset, BAT_OFFSET + lay.bat_length - offset)
 
 
+@dataclass
+class VhdxSparsePlan:
+    """The dense plan's headers, regions and metadata; payload blocks packed as data
+    arrives.  Each BAT piece is the dense plan's: ``chunks`` runs of ``chunk ratio``
+    payload entries, each followed by its (zero) sector bitmap entry."""
+
+    dense: VhdxPlan
+    _packer: Packer = field(init=False, repr=False)
+    _chunks: int = field(init=False, repr=False)  # chunks per BAT piece
+
+    def __post_init__(self) -> None:
+        lay = self.dense.layout
+        self._chunks = max(1, _BAT_PIECE // (lay.chunk_ratio + 1))
+        self._packer = Packer(
+            block=lay.block_size,
+            blocks=lay.payload_blocks,
+            per_table=self._chunks * lay.chunk_ratio,
+            base=lay.payload_offset,
+            stride=lay.block_size,
+            render=self._bat,
+        )
+
+    @property
+    def virtual_size(self) -> int:
+        return self.dense.virtual_size
+
+    @property
+    def data_size(self) -> int:
+        return self.dense.data_size
+
+    @property
+    def file_size(self) -> int:
+        lay = self.dense.layout
+        return lay.payload_offset + self._packer.count * lay.block_size
+
+    def head(self) -> Iterator[tuple[int, bytes]]:
+        dense = self.dense
+        table = dense.region_table()
+        return without_zeros(
+            [
+                (0, dense.file_identifier()),
+                (HEADER_1, dense.header(1)),
+                (HEADER_2, dense.header(2)),
+                (REGION_TABLE_1, table),
+                (REGION_TABLE_2, table),
+                (dense.layout.metadata_offset, dense.metadata_region()),
+            ]
+        )
+
+    def data_extents(self, offset: int, length: int) -> list[Extent]:
+        return self._packer.extents(offset, length)
+
+    def ready(self, offset: int) -> list[tuple[int, bytes]]:
+        return self._packer.ready(offset)
+
+    def finish(self) -> Iterator[tuple[int, bytes]]:
+        yield from self._packer.finish()
+
+    def _bat(self, index: int, slots: array[int] | None) -> list[tuple[int, bytes]]:
+        if slots is None:
+            return []  # all NOT_PRESENT: zeros
+        lay = self.dense.layout
+        ratio = lay.chunk_ratio
+        first_block = index * self._chunks * ratio
+        count = min(self._chunks * ratio, lay.payload_blocks - first_block)
+        entries = table_entries(
+            slots,
+            count,
+            lay.payload_offset,
+            lay.block_size,
+            8,
+            "little",
+            flag=L.PAYLOAD_FULLY_PRESENT,
+        )
+        # A bitmap entry (zero) after every ratio payload entries, but for the last
+        # chunk's when the BAT ends there.
+        width = ratio * 8
+        piece = b"".join(
+            entries[at : at + width] + bytes(8) for at in range(0, len(entries), width)
+        )
+        first_entry = first_block + first_block // ratio
+        piece = piece[: (lay.bat_entries - first_entry) * 8]
+        return [(BAT_OFFSET + first_entry * 8, piece)]
+
+
 @lru_cache(maxsize=8)
 def _bat_template(chunks: int, ratio: int, block_size: int) -> int:
     """BAT lanes relative to a piece's first payload block: payload entry ``k`` of chunk
@@ -242,3 +332,10 @@ def plan(out: int, *, filename: str | None = None, identity: Identity | None = N
     if size > L.MAX_VIRTUAL_SIZE:
         raise UsageError(f"vhdx cannot hold {size} bytes: the maximum is 64 TiB")
     return VhdxPlan(Layout(size, block_size_for(size)), identity or Identity())
+
+
+def sparse_plan(
+    out: int, *, filename: str | None = None, identity: Identity | None = None
+) -> VhdxSparsePlan:
+    """The sparse plan for a window of ``out`` bytes: :func:`plan`'s layout, packed."""
+    return VhdxSparsePlan(plan(out, identity=identity))

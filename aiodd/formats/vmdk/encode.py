@@ -7,17 +7,22 @@ vmdk`` lays it out, with every grain of the window allocated in order::
 All offsets are in 512-byte sectors; grain table entries are 32-bit sector numbers, so
 no grain may start at or past sector 2**32 (qemu's ``VMDK_EXTENT_MAX_SECTORS``): a
 window whose grains would is refused up front, where qemu-img dd fails part-way.
+
+The sparse plan (``--sparse``) keeps that layout and packs only the grains that hold a
+non-zero byte after the tables, in guest order; a grain table with no grain is left as
+zeros (unwritten), as qemu-img create leaves every grain table of a new image.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
 from aiodd.formats.common import SECTOR, div_round_up, round_up
-from aiodd.formats.plans import Identity, lanes, pad, zeros
+from aiodd.formats.plans import Identity, Packer, lanes, pad, table_entries, without_zeros, zeros
 from aiodd.formats.vmdk import layout as L
 
 NAME = L.NAME
@@ -154,12 +159,14 @@ class VmdkPlan:
         tail = lay.grains * GRAIN - self.virtual_size
         yield from zeros(self.file_size - tail, tail)
 
-    def _directory(self, gd_offset: int) -> Iterator[tuple[int, bytes]]:
+    def _directory(self, gd_offset: int, *, tables: bool = True) -> Iterator[tuple[int, bytes]]:
         """A grain directory at ``gd_offset`` followed by the grain tables it points at."""
         lay = self.layout
         first_gt = gd_offset + lay.gd_sectors
         gd = lanes(first_gt, lay.gt_count, GT_SECTORS, 4, "little")
         yield gd_offset * SECTOR, pad(gd, lay.gd_sectors * SECTOR)
+        if not tables:
+            return
         for piece in range(0, lay.gt_count, _GTS_PER_PIECE):
             gts = min(_GTS_PER_PIECE, lay.gt_count - piece)
             first_grain = piece * GTES_PER_GT
@@ -167,6 +174,70 @@ class VmdkPlan:
             start = lay.grain_offset + first_grain * GRAIN_SECTORS
             table = lanes(start, count, GRAIN_SECTORS, 4, "little")
             yield (first_gt + piece * GT_SECTORS) * SECTOR, pad(table, gts * GT_SECTORS * SECTOR)
+
+
+@dataclass
+class VmdkSparsePlan:
+    """The dense plan's header, descriptor and directories; grains packed as data arrives."""
+
+    dense: VmdkPlan
+    _packer: Packer = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        lay = self.dense.layout
+        self._packer = Packer(
+            block=GRAIN,
+            blocks=lay.grains,
+            per_table=GTES_PER_GT,
+            base=lay.grain_offset * SECTOR,
+            stride=GRAIN,
+            render=self._grain_table,
+        )
+
+    @property
+    def virtual_size(self) -> int:
+        return self.dense.virtual_size
+
+    @property
+    def data_size(self) -> int:
+        return self.dense.data_size
+
+    @property
+    def file_size(self) -> int:
+        return (self.dense.layout.grain_offset + self._packer.count * GRAIN_SECTORS) * SECTOR
+
+    def head(self) -> Iterator[tuple[int, bytes]]:
+        dense, lay = self.dense, self.dense.layout
+        cid = dense.identity.u32("vmdk CID")
+        return without_zeros(
+            [
+                (0, dense.header()),
+                (DESCRIPTOR_OFFSET * SECTOR, descriptor(lay.capacity, cid, dense.filename)),
+                *dense._directory(lay.rgd_offset, tables=False),
+                *dense._directory(lay.gd_offset, tables=False),
+            ]
+        )
+
+    def data_extents(self, offset: int, length: int) -> list[Extent]:
+        return self._packer.extents(offset, length)
+
+    def ready(self, offset: int) -> list[tuple[int, bytes]]:
+        return self._packer.ready(offset)
+
+    def finish(self) -> Iterator[tuple[int, bytes]]:
+        yield from self._packer.finish()
+
+    def _grain_table(self, index: int, slots: array[int] | None) -> list[tuple[int, bytes]]:
+        """Grain table ``index`` in both directories."""
+        if slots is None:
+            return []
+        lay = self.dense.layout
+        count = min(GTES_PER_GT, lay.grains - index * GTES_PER_GT)
+        table = table_entries(slots, count, lay.grain_offset, GRAIN_SECTORS, 4, "little")
+        return [
+            ((gd + lay.gd_sectors + index * GT_SECTORS) * SECTOR, table)
+            for gd in (lay.rgd_offset, lay.gd_offset)
+        ]
 
 
 def plan(out: int, *, filename: str | None = None, identity: Identity | None = None) -> VmdkPlan:
@@ -186,3 +257,10 @@ def plan(out: int, *, filename: str | None = None, identity: Identity | None = N
     return VmdkPlan(
         layout(div_round_up(out, SECTOR)), filename or DEFAULT_FILENAME, identity or Identity()
     )
+
+
+def sparse_plan(
+    out: int, *, filename: str | None = None, identity: Identity | None = None
+) -> VmdkSparsePlan:
+    """The sparse plan for a window of ``out`` bytes: :func:`plan`'s layout, packed."""
+    return VmdkSparsePlan(plan(out, filename=filename, identity=identity))

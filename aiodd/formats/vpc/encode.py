@@ -11,17 +11,29 @@ it when it allocates a block) followed by 2 MiB of data.  The virtual size is th
 geometry's product (the VHD specification's algorithm, searched upwards as qemu does),
 so the window is padded with zeros up to it; above the geometry's ceiling (about
 127.5 GiB) qemu keeps the exact size and records the maximum geometry.
+
+The sparse plan (``--sparse``) allocates only the blocks that hold a non-zero byte,
+packed in guest order after the BAT as qemu appends them; the others keep the BAT's
+0xffffffff (unallocated, read as zeros).
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
 from aiodd.formats.common import SECTOR, div_round_up, round_up
-from aiodd.formats.plans import Identity, lanes, strided_extents, zeros
+from aiodd.formats.plans import (
+    Identity,
+    Packer,
+    lanes,
+    strided_extents,
+    table_entries,
+    zeros,
+)
 from aiodd.formats.vpc import layout as L
 from aiodd.formats.vpc.layout import FOOTER_SIZE
 from aiodd.formats.vpc.layout import MAX_GEOMETRY as MAX_GEOMETRY
@@ -174,8 +186,89 @@ class VpcPlan:
         yield self.file_size - FOOTER_SIZE, footer
 
 
+_UNALLOCATED = 0xFFFFFFFF
+
+
+@dataclass
+class VpcSparsePlan:
+    """The dense plan's footer, header and BAT position; blocks packed as data arrives."""
+
+    dense: VpcPlan
+    _packer: Packer = field(init=False, repr=False)
+    _bitmaps: int = field(default=0, init=False, repr=False)  # blocks whose bitmap is out
+
+    def __post_init__(self) -> None:
+        self._packer = Packer(
+            block=BLOCK,
+            blocks=self.dense.blocks,
+            per_table=_BAT_PIECE,
+            base=self.dense.data_start + BITMAP,
+            stride=STRIDE,
+            render=self._bat,
+        )
+
+    @property
+    def virtual_size(self) -> int:
+        return self.dense.virtual_size
+
+    @property
+    def data_size(self) -> int:
+        return self.dense.data_size
+
+    @property
+    def file_size(self) -> int:
+        return self.dense.data_start + self._packer.count * STRIDE + FOOTER_SIZE
+
+    def head(self) -> Iterator[tuple[int, bytes]]:
+        yield 0, self.dense.footer()
+        yield DYN_HEADER_OFFSET, self.dense.dynamic_header()
+
+    def data_extents(self, offset: int, length: int) -> list[Extent]:
+        if offset < 0 or length < 0 or offset + length > self.data_size:
+            raise ValueError(f"range {offset}+{length} outside the allocated blocks")
+        return self._packer.extents(offset, length)
+
+    def ready(self, offset: int) -> list[tuple[int, bytes]]:
+        return self._packer.ready(offset) + self._new_bitmaps()
+
+    def _new_bitmaps(self) -> list[tuple[int, bytes]]:
+        """The sector bitmap of each block allocated since last asked: all ones, every
+        sector present, as qemu writes it."""
+        start = self.dense.data_start
+        bitmaps = [
+            (start + s * STRIDE, b"\xff" * BITMAP) for s in range(self._bitmaps, self._packer.count)
+        ]
+        self._bitmaps = self._packer.count
+        return bitmaps
+
+    def _bat(self, index: int, slots: array[int] | None) -> list[tuple[int, bytes]]:
+        count = min(_BAT_PIECE, self.dense.blocks - index * _BAT_PIECE)
+        offset = BAT_OFFSET + index * _BAT_PIECE * 4
+        if slots is None:
+            return [(offset, b"\xff" * (count * 4))]
+        first = self.dense.data_start // SECTOR
+        table = table_entries(slots, count, first, STRIDE // SECTOR, 4, "big", empty=_UNALLOCATED)
+        return [(offset, table)]
+
+    def finish(self) -> Iterator[tuple[int, bytes]]:
+        yield from self._packer.finish()
+        yield from self._new_bitmaps()
+        dense = self.dense
+        slack = dense.bat_bytes - dense.blocks * 4  # to a whole sector: 0xff, like qemu's
+        if slack:
+            yield BAT_OFFSET + dense.blocks * 4, b"\xff" * slack
+        yield self.file_size - FOOTER_SIZE, dense.footer()
+
+
 def plan(out: int, *, filename: str | None = None, identity: Identity | None = None) -> VpcPlan:
     """The plan for a window of ``out`` bytes (virtual size: CHS-rounded, see module)."""
     if out < 0:
         raise ValueError("negative window length")
     return VpcPlan(size_for(div_round_up(out, SECTOR)), out, identity or Identity())
+
+
+def sparse_plan(
+    out: int, *, filename: str | None = None, identity: Identity | None = None
+) -> VpcSparsePlan:
+    """The sparse plan for a window of ``out`` bytes: :func:`plan`'s disk, blocks packed."""
+    return VpcSparsePlan(plan(out, filename=filename, identity=identity))
