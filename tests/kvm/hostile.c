@@ -43,13 +43,21 @@ static __attribute__((noinline)) uint64_t recurse(uint64_t depth) {
     return recurse(depth + 1) + frame[0];
 }
 
+/* One READV segment of `length` bytes of `handle` into IN. */
 static uint64_t read_request(uint32_t handle, uint64_t length) {
-    struct aiodd_desc request = {AIODD_OP_READ, handle, 0, length, 0};
+    volatile struct aiodd_segment *segment = (volatile struct aiodd_segment *)AIODD_REQ_BASE;
+    segment->handle = handle;
+    segment->reserved = 0;
+    segment->offset = 0;
+    segment->length = length;
+    segment->dest = AIODD_IN_BASE;
+    segment->got = 0;
+    struct aiodd_desc request = {AIODD_OP_READV, 0, 0, 1, 0, 0};
     return aiodd_ring(request).status;
 }
 
 void guest_main(void) {
-    struct aiodd_desc ready = {AIODD_OP_READY, 0, 0, 0, AIODD_OK};
+    struct aiodd_desc ready = {AIODD_OP_READY, 0, 0, 0, 0, AIODD_OK};
     const uintptr_t empty = heap_mark();
     for (;;) {
         struct aiodd_desc cmd = aiodd_ring(ready);
@@ -111,7 +119,7 @@ void guest_main(void) {
             __asm__ volatile("hlt");
             break;
         case UNKNOWN_REQUEST: {
-            struct aiodd_desc request = {99, 0, 0, 0, 0};
+            struct aiodd_desc request = {99, 0, 0, 0, 0, 0};
             sink = aiodd_ring(request).status;
             break;
         }

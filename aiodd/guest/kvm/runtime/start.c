@@ -18,6 +18,7 @@ struct aiodd_desc aiodd_ring(struct aiodd_desc request) {
     box->handle = request.handle;
     box->offset = request.offset;
     box->length = request.length;
+    box->address = request.address;
     box->status = request.status;
     out8(AIODD_PORT_DOORBELL, 0);
     struct aiodd_desc answer;
@@ -25,6 +26,7 @@ struct aiodd_desc aiodd_ring(struct aiodd_desc request) {
     answer.handle = box->handle;
     answer.offset = box->offset;
     answer.length = box->length;
+    answer.address = box->address;
     answer.status = box->status;
     return answer;
 }
@@ -36,6 +38,7 @@ void __stack_chk_fail(void) {
 
 _Noreturn void _start(void);
 _Noreturn void _start(void) {
+    heap_init((void *)AIODD_HEAP_BASE, AIODD_HEAP_SIZE);
     guest_main();
     aiodd_fault(AIODD_FAULT_RETURN);
 }

@@ -1,8 +1,9 @@
-/* The shipped guest: the commands of abi.h, served one at a time. */
+/* The shipped guest: the commands of abi.h, served one at a time (docs/kvm.md). */
 #include <zlib.h>
 #include <zstd.h>
 #include <zstd_errors.h>
 
+#include "disk.h"
 #include "runtime.h"
 
 /* zstd's window is capped: a frame asking more is refused, not allocated. */
@@ -10,43 +11,6 @@
 
 static unsigned char *const in_window = (unsigned char *)AIODD_IN_BASE;
 static unsigned char *const out_window = (unsigned char *)AIODD_OUT_BASE;
-
-/* Read `length` bytes of `handle` at `offset` into IN; returns the count the host read,
- * which the guest checks again before it trusts it. */
-static uint64_t host_read(uint32_t handle, uint64_t offset, uint64_t length, uint64_t *status) {
-    struct aiodd_desc request = {AIODD_OP_READ, handle, offset, length, 0};
-    struct aiodd_desc answer = aiodd_ring(request);
-    if (answer.length > length) {
-        aiodd_fault(AIODD_FAULT_ABI);
-    }
-    *status = answer.status;
-    return answer.length;
-}
-
-static uint64_t do_raw(const struct aiodd_desc *cmd, uint64_t *produced) {
-    if (cmd->length > AIODD_OUT_SIZE || cmd->offset > UINT64_MAX - cmd->length) {
-        return AIODD_E_REQUEST;
-    }
-    uint64_t done = 0;
-    while (done < cmd->length) {
-        uint64_t chunk = cmd->length - done;
-        if (chunk > AIODD_IN_SIZE) {
-            chunk = AIODD_IN_SIZE;
-        }
-        uint64_t status = 0;
-        uint64_t got = host_read(cmd->handle, cmd->offset + done, chunk, &status);
-        if (status != AIODD_OK) {
-            return status == AIODD_E_IO ? AIODD_E_IO : AIODD_E_REQUEST;
-        }
-        memcpy(out_window + done, in_window, (size_t)got);
-        done += got;
-        if (got < chunk) {
-            break;
-        }
-    }
-    *produced = done;
-    return AIODD_OK;
-}
 
 static uint64_t do_zlib(const struct aiodd_desc *cmd, uint64_t *produced) {
     if (cmd->length > AIODD_IN_SIZE) {
@@ -113,16 +77,66 @@ static uint64_t do_zstd(const struct aiodd_desc *cmd, uint64_t *produced) {
     return status;
 }
 
+/* CMD_READ writes to OUT or to one slot, never across a slot's end (past a slot's real
+ * size nothing is mapped; the host checks the exact sizes). */
+static int output_range(uint64_t address, uint64_t length) {
+    if (address >= AIODD_OUT_BASE && address - AIODD_OUT_BASE <= AIODD_OUT_SIZE) {
+        return length <= AIODD_OUT_SIZE - (address - AIODD_OUT_BASE);
+    }
+    if (address >= AIODD_SLOT_BASE && address - AIODD_SLOT_BASE < AIODD_MAX_SLOTS * AIODD_SLOT_STRIDE) {
+        uint64_t in_slot = (address - AIODD_SLOT_BASE) % AIODD_SLOT_STRIDE;
+        return length <= AIODD_SLOT_STRIDE - in_slot;
+    }
+    return 0;
+}
+
+static uint64_t do_open(const struct aiodd_desc *cmd, uint64_t *virtual_size) {
+    if (cmd->handle != 0 || cmd->offset > UINT32_MAX) {
+        return AIODD_E_REQUEST;
+    }
+    return disk_open((uint32_t)cmd->offset, cmd->length, virtual_size);
+}
+
+static uint64_t do_read(const struct aiodd_desc *cmd) {
+    if (!disk_is_open() || cmd->offset > UINT64_MAX - cmd->length ||
+        !output_range(cmd->address, cmd->length)) {
+        return AIODD_E_REQUEST;
+    }
+    return disk_read(cmd->offset, (unsigned char *)(uintptr_t)cmd->address, cmd->length);
+}
+
+/* READY's body for an image error: the struct aiodd_error and the message, in REQ. */
+static void put_error(void) {
+    size_t length;
+    uint32_t layer;
+    const char *message = host_error_message(&length, &layer);
+    volatile struct aiodd_error *record = (volatile struct aiodd_error *)AIODD_REQ_BASE;
+    record->layer = layer;
+    record->length = (uint32_t)length;
+    memcpy((unsigned char *)AIODD_REQ_BASE + sizeof(struct aiodd_error), message, length);
+}
+
 void guest_main(void) {
     const uintptr_t empty = heap_mark();
-    struct aiodd_desc ready = {AIODD_OP_READY, 0, 0, 0, AIODD_OK};
+    uintptr_t opened = empty;  /* the open image's memory ends here */
+    struct aiodd_desc ready = {AIODD_OP_READY, 0, 0, 0, 0, AIODD_OK};
     for (;;) {
         struct aiodd_desc cmd = aiodd_ring(ready);
         uint64_t produced = 0;
         uint64_t status;
         switch (cmd.op) {
-        case AIODD_CMD_RAW:
-            status = do_raw(&cmd, &produced);
+        case AIODD_CMD_OPEN:
+            heap_release(empty);
+            disk_close();
+            status = do_open(&cmd, &produced);
+            opened = status == AIODD_OK ? heap_mark() : empty;
+            if (status != AIODD_OK) {
+                disk_close();
+            }
+            break;
+        case AIODD_CMD_READ:
+            status = do_read(&cmd);
+            produced = cmd.length;
             break;
         case AIODD_CMD_ZLIB:
             status = do_zlib(&cmd, &produced);
@@ -134,7 +148,10 @@ void guest_main(void) {
             status = AIODD_E_REQUEST;
             break;
         }
-        heap_release(empty);
+        heap_release(opened);
+        if (status == AIODD_E_IMAGE || status == AIODD_E_UNSUPPORTED) {
+            put_error();
+        }
         ready.length = status == AIODD_OK ? produced : 0;
         ready.status = status;
     }
