@@ -89,8 +89,9 @@ void *disk_alloc(size_t n);
  * the caller then reads the table through the cache (disk_table). */
 int disk_take_table_budget(uint64_t bytes);
 
-/* Tables of up to `bytes` will go through the cache; `zlib`/`zstd`: the layer has
- * compressed clusters of that kind. */
+/* What the layers need, told while they open: tables (and clusters) of up to `bytes`
+ * (the cache's slot size, the largest cluster), and a codec for compressed clusters
+ * (zstd 1, zlib 0), made at a command's first compressed cluster. */
 void disk_note_tables(uint64_t bytes);
 void disk_note_codec(int zstd);
 uint64_t disk_cluster_max(void);
