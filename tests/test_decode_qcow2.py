@@ -412,6 +412,14 @@ BAD_HEADERS: list[tuple[str, bytes, str]] = [
         "qcow2 external data file bit is set but the image names no data file",
     ),
     (
+        "data file name",
+        header(
+            incompatible=layout.INCOMPAT_DATA_FILE,
+            extensions=[(layout.EXT_DATA_FILE, b"d/" * 2048)],
+        ),
+        "qcow2 external data file name is too long (4096 bytes)",
+    ),
+    (
         "raw data bit",
         header(autoclear=layout.AUTOCLEAR_DATA_FILE_RAW),
         "qcow2 raw external data bit is set without an external data file",

@@ -27,6 +27,9 @@ MAX_CLUSTER_BITS = 21
 V2_HEADER_LENGTH = 72
 V3_HEADER_LENGTH = 104  # the compression type byte sits at 104 when header_length allows
 MAX_BACKING_NAME = 1023
+# A data file name longer than a path (PATH_MAX - 1) is one qemu cannot open; refusing
+# it here also bounds the name the KVM guest passes to the host (docs/kvm.md).
+MAX_DATA_FILE_NAME = 4095
 BACKING_FORMAT_BUF = 16  # qemu's bs->backing_format[16]: the name must be shorter
 MAX_L1_BYTES = 32 * 1024 * 1024  # QCOW_MAX_L1_SIZE
 MAX_REFTABLE_BYTES = 8 * 1024 * 1024  # QCOW_MAX_REFTABLE_SIZE
@@ -379,6 +382,9 @@ def parse_header(cluster: bytes, file_size: int, name: str) -> Header:
     if incompatible & INCOMPAT_DATA_FILE:
         if not ext.data_file:
             raise _err(name, "qcow2 external data file bit is set but the image names no data file")
+        length = len(ext.data_file.encode("utf-8", "surrogateescape"))
+        if length > MAX_DATA_FILE_NAME:
+            raise _err(name, f"qcow2 external data file name is too long ({length} bytes)")
         data_file = ext.data_file
     elif autoclear & AUTOCLEAR_DATA_FILE_RAW:
         raise _err(name, "qcow2 raw external data bit is set without an external data file")

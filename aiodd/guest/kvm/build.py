@@ -16,7 +16,20 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RUNTIME = HERE / "runtime"
-GUEST_SOURCES = (HERE / "src" / "main.c",)
+SRC = HERE / "src"
+FORMATS = HERE.parent.parent / "formats"
+# The decoders live beside their Python twins (aiodd/formats/<name>/guest.c).
+DECODERS = (FORMATS / "qcow2" / "guest.c", FORMATS / "raw" / "guest.c")
+GUEST_SOURCES = (
+    SRC / "main.c",
+    SRC / "disk.c",
+    RUNTIME / "host.c",
+    RUNTIME / "report.c",
+    *DECODERS,
+)
+# Every guest, the test guests too, has these: the entry point, mem*, the heap.
+RUNTIME_SOURCES = (RUNTIME / "start.c", RUNTIME / "heap.c")
+INCLUDES = (RUNTIME, SRC, FORMATS)
 GUEST = HERE / "guest.elf"
 
 ARCHIVE_DIR = Path("/usr/lib/x86_64-linux-gnu")
@@ -98,10 +111,12 @@ def build(
     with tempfile.TemporaryDirectory(prefix="aiodd-kvm-build-") as tmp:
         objects: list[str] = []
         units: list[tuple[Path, tuple[str, ...]]] = [(Path(s), ()) for s in sources]
-        units += [(RUNTIME / "start.c", ()), (RUNTIME / "libc.c", RUNTIME_CFLAGS)]
+        units += [(s, ()) for s in RUNTIME_SOURCES]
+        units.append((RUNTIME / "libc.c", RUNTIME_CFLAGS))
+        includes = [arg for path in INCLUDES for arg in ("-I", str(path))]
         for index, (source, extra) in enumerate(units):
             obj = str(Path(tmp) / f"{index}-{Path(source).stem}.o")
-            args = [compiler, *WARNINGS, *CFLAGS, *extra, "-I", str(RUNTIME)]
+            args = [compiler, *WARNINGS, *CFLAGS, *extra, *includes]
             _run([*args, "-c", str(source), "-o", obj])
             objects.append(obj)
         partial = Path(tmp) / "guest.elf"

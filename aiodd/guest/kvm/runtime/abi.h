@@ -71,8 +71,9 @@ struct aiodd_desc {
 #define AIODD_CMD_OPEN 0x104  /* open the image in handle (always 0): offset = its format,
                                * length = its file size; READY's length = virtual size */
 #define AIODD_CMD_READ 0x105  /* decode the virtual disk's [offset, offset + length) into
-                               * memory at address (inside OUT or one slot); READY's
-                               * length = length */
+                               * memory at address (inside OUT, or inside one slot's
+                               * stride); zeros past the disk's end; READY's length =
+                               * length */
 #define AIODD_CMD_ZLIB 0x102  /* inflate the zlib stream IN[0:length] into OUT */
 #define AIODD_CMD_ZSTD 0x103  /* decompress the zstd frames IN[0:length] into OUT */
 
@@ -94,7 +95,8 @@ struct aiodd_desc {
                                 * guest ends the command with this status */
 
 /* A READV segment: `length` bytes of `handle` at `offset` into `dest`, which must lie in
- * IN or in the running command's output range.  The host writes `got`. */
+ * IN or in the running command's output range.  The host writes `got`.  The guest never
+ * asks past the size the host gave for the file, and zeroes what a short read left. */
 struct aiodd_segment {
     uint32_t handle;
     uint32_t reserved;  /* zero */
@@ -117,8 +119,10 @@ struct aiodd_open_req {
 #define AIODD_REF_BACKING 1
 #define AIODD_REF_DATA_FILE 2
 
-/* READY's body with AIODD_E_IMAGE or AIODD_E_UNSUPPORTED: the message (UTF-8, no NUL),
- * about the file of handle `layer`.  The host prefixes the file's name. */
+/* READY's body with AIODD_E_IMAGE or AIODD_E_UNSUPPORTED: the message (no NUL), about
+ * the file of handle `layer`.  The host prefixes the file's name.  The message is UTF-8
+ * but for names quoted from the image, passed as the image has them: the host decodes it
+ * with surrogateescape, as the Python decoders decode those names. */
 struct aiodd_error {
     uint32_t layer;
     uint32_t length;

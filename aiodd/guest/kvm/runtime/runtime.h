@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "abi.h"
+#include "heap.h"
 
 void *memcpy(void *restrict dst, const void *restrict src, size_t n);
 void *memmove(void *dst, const void *src, size_t n);
@@ -16,17 +17,13 @@ void *malloc(size_t n);
 void *calloc(size_t count, size_t size);
 void free(void *p);
 
-/* The heap is reset to a mark after each command: nothing outlives one. */
-uintptr_t heap_mark(void);
-void heap_release(uintptr_t mark);
-
 /* Ring the doorbell with `request`; returns the host's answer, copied once. */
 struct aiodd_desc aiodd_ring(struct aiodd_desc request);
 
 /* Stop the guest: the host sees fault `code` (one of AIODD_FAULT_*). */
 _Noreturn void aiodd_fault(uint8_t code);
 
-/* The program: called once, with an empty heap; must not return. */
+/* The program: called once, with an empty heap over the heap region; must not return. */
 void guest_main(void);
 
 #endif

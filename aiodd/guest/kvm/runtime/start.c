@@ -38,6 +38,7 @@ void __stack_chk_fail(void) {
 
 _Noreturn void _start(void);
 _Noreturn void _start(void) {
+    heap_init((void *)AIODD_HEAP_BASE, AIODD_HEAP_SIZE);
     guest_main();
     aiodd_fault(AIODD_FAULT_RETURN);
 }

@@ -1,9 +1,9 @@
-/* The shipped guest, for now: raw images, zlib and zstd; the commands of abi.h served one
- * at a time. */
+/* The shipped guest: the commands of abi.h, served one at a time (docs/kvm.md). */
 #include <zlib.h>
 #include <zstd.h>
 #include <zstd_errors.h>
 
+#include "disk.h"
 #include "runtime.h"
 
 /* zstd's window is capped: a frame asking more is refused, not allocated. */
@@ -11,92 +11,6 @@
 
 static unsigned char *const in_window = (unsigned char *)AIODD_IN_BASE;
 static unsigned char *const out_window = (unsigned char *)AIODD_OUT_BASE;
-
-/* The open image: a raw file, the only format this build decodes. */
-static struct {
-    int open;
-    uint64_t size;
-} image;
-
-/* Read each segment straight into its destination; `got` comes back in each, checked
- * against what was asked before it is trusted.  Returns the host's status. */
-static uint64_t host_readv(struct aiodd_segment *segments, uint32_t count) {
-    volatile struct aiodd_segment *req = (volatile struct aiodd_segment *)AIODD_REQ_BASE;
-    if (count > AIODD_MAX_SEGMENTS) {
-        aiodd_fault(AIODD_FAULT_ABI);
-    }
-    for (uint32_t i = 0; i < count; i++) {
-        req[i].handle = segments[i].handle;
-        req[i].reserved = 0;
-        req[i].offset = segments[i].offset;
-        req[i].length = segments[i].length;
-        req[i].dest = segments[i].dest;
-        req[i].got = 0;
-    }
-    struct aiodd_desc request = {AIODD_OP_READV, 0, 0, count, 0, 0};
-    struct aiodd_desc answer = aiodd_ring(request);
-    for (uint32_t i = 0; i < count; i++) {
-        uint64_t got = req[i].got;
-        if (got > segments[i].length) {
-            aiodd_fault(AIODD_FAULT_ABI);
-        }
-        segments[i].got = got;
-    }
-    if (answer.status != AIODD_OK && answer.status != AIODD_E_IO) {
-        aiodd_fault(AIODD_FAULT_ABI);
-    }
-    return answer.status;
-}
-
-static int inside(uint64_t address, uint64_t length, uint64_t base, uint64_t size) {
-    return base <= address && length <= size && address - base <= size - length;
-}
-
-/* A command's output lies in OUT or in one slot: the host chose it, the guest checks. */
-static int output_range(uint64_t address, uint64_t length) {
-    if (inside(address, length, AIODD_OUT_BASE, AIODD_OUT_SIZE)) {
-        return 1;
-    }
-    if (!inside(address, length, AIODD_SLOT_BASE, AIODD_MAX_SLOTS * AIODD_SLOT_STRIDE)) {
-        return 0;
-    }
-    uint64_t slot = (address - AIODD_SLOT_BASE) / AIODD_SLOT_STRIDE;
-    return inside(address, length, AIODD_SLOT_BASE + slot * AIODD_SLOT_STRIDE,
-                  AIODD_SLOT_STRIDE);
-}
-
-static uint64_t do_open(const struct aiodd_desc *cmd, uint64_t *result) {
-    image.open = 0;
-    if (cmd->handle != 0 || cmd->offset != AIODD_FMT_RAW || cmd->length > UINT64_MAX - 511) {
-        return AIODD_E_REQUEST;
-    }
-    image.size = cmd->length;
-    image.open = 1;
-    *result = (cmd->length + 511) & ~(uint64_t)511;  /* the tail reads as zeros */
-    return AIODD_OK;
-}
-
-static uint64_t do_read(const struct aiodd_desc *cmd, uint64_t *result) {
-    uint64_t offset = cmd->offset;
-    uint64_t length = cmd->length;
-    if (!image.open || !output_range(cmd->address, length) || offset > UINT64_MAX - length) {
-        return AIODD_E_REQUEST;
-    }
-    uint64_t got = 0;
-    if (offset < image.size && length > 0) {
-        uint64_t left = image.size - offset;
-        struct aiodd_segment segment = {0, 0, offset, left < length ? left : length,
-                                        cmd->address, 0};
-        uint64_t status = host_readv(&segment, 1);
-        if (status != AIODD_OK) {
-            return status;
-        }
-        got = segment.got;
-    }
-    memset((unsigned char *)(uintptr_t)cmd->address + got, 0, (size_t)(length - got));
-    *result = length;
-    return AIODD_OK;
-}
 
 static uint64_t do_zlib(const struct aiodd_desc *cmd, uint64_t *produced) {
     if (cmd->length > AIODD_IN_SIZE) {
@@ -163,8 +77,48 @@ static uint64_t do_zstd(const struct aiodd_desc *cmd, uint64_t *produced) {
     return status;
 }
 
+/* CMD_READ writes to OUT or to one slot, never across a slot's end (past a slot's real
+ * size nothing is mapped; the host checks the exact sizes). */
+static int output_range(uint64_t address, uint64_t length) {
+    if (address >= AIODD_OUT_BASE && address - AIODD_OUT_BASE <= AIODD_OUT_SIZE) {
+        return length <= AIODD_OUT_SIZE - (address - AIODD_OUT_BASE);
+    }
+    if (address >= AIODD_SLOT_BASE && address - AIODD_SLOT_BASE < AIODD_MAX_SLOTS * AIODD_SLOT_STRIDE) {
+        uint64_t in_slot = (address - AIODD_SLOT_BASE) % AIODD_SLOT_STRIDE;
+        return length <= AIODD_SLOT_STRIDE - in_slot;
+    }
+    return 0;
+}
+
+static uint64_t do_open(const struct aiodd_desc *cmd, uint64_t *virtual_size) {
+    if (cmd->handle != 0 || cmd->offset > UINT32_MAX) {
+        return AIODD_E_REQUEST;
+    }
+    return disk_open((uint32_t)cmd->offset, cmd->length, virtual_size);
+}
+
+static uint64_t do_read(const struct aiodd_desc *cmd) {
+    if (!disk_is_open() || cmd->offset > UINT64_MAX - cmd->length ||
+        !output_range(cmd->address, cmd->length)) {
+        return AIODD_E_REQUEST;
+    }
+    return disk_read(cmd->offset, (unsigned char *)(uintptr_t)cmd->address, cmd->length);
+}
+
+/* READY's body for an image error: the struct aiodd_error and the message, in REQ. */
+static void put_error(void) {
+    size_t length;
+    uint32_t layer;
+    const char *message = host_error_message(&length, &layer);
+    volatile struct aiodd_error *record = (volatile struct aiodd_error *)AIODD_REQ_BASE;
+    record->layer = layer;
+    record->length = (uint32_t)length;
+    memcpy((unsigned char *)AIODD_REQ_BASE + sizeof(struct aiodd_error), message, length);
+}
+
 void guest_main(void) {
     const uintptr_t empty = heap_mark();
+    uintptr_t opened = empty;  /* the open image's memory ends here */
     struct aiodd_desc ready = {AIODD_OP_READY, 0, 0, 0, 0, AIODD_OK};
     for (;;) {
         struct aiodd_desc cmd = aiodd_ring(ready);
@@ -172,10 +126,17 @@ void guest_main(void) {
         uint64_t status;
         switch (cmd.op) {
         case AIODD_CMD_OPEN:
+            heap_release(empty);
+            disk_close();
             status = do_open(&cmd, &produced);
+            opened = status == AIODD_OK ? heap_mark() : empty;
+            if (status != AIODD_OK) {
+                disk_close();
+            }
             break;
         case AIODD_CMD_READ:
-            status = do_read(&cmd, &produced);
+            status = do_read(&cmd);
+            produced = cmd.length;
             break;
         case AIODD_CMD_ZLIB:
             status = do_zlib(&cmd, &produced);
@@ -187,7 +148,10 @@ void guest_main(void) {
             status = AIODD_E_REQUEST;
             break;
         }
-        heap_release(empty);
+        heap_release(opened);
+        if (status == AIODD_E_IMAGE || status == AIODD_E_UNSUPPORTED) {
+            put_error();
+        }
         ready.length = status == AIODD_OK ? produced : 0;
         ready.status = status;
     }

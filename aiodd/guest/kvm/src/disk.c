@@ -1,0 +1,388 @@
+/* The open image and the batched reads of a command (disk.h). */
+#include "disk.h"
+
+#include "qcow2/guest.h"
+#include "raw/guest.h"
+
+/* What the open image may hold of the heap: its tables whole (L1s) and the cache of the
+ * others (L2 tables, and L1s too large to hold).  Together well under half the heap:
+ * a command's scratch needs room for zstd's window (up to 8 MiB) and a cluster.  The
+ * tests build them tiny too (tests/fuzz/build.py), so that every table goes through
+ * the cache and the cache through its evictions. */
+#ifndef TABLES_HELD_BUDGET
+#define TABLES_HELD_BUDGET (4u << 20)
+#endif
+#ifndef CACHE_BUDGET
+#define CACHE_BUDGET (8u << 20)
+#endif
+#ifndef CACHE_MIN_SLOTS
+#define CACHE_MIN_SLOTS 4u
+#endif
+#define CACHE_MAX_SLOTS 1024u
+
+struct tag {
+    const struct layer *layer;
+    uint64_t key;
+    uint64_t stamp;
+    int32_t next;  /* the next slot in the same bucket, or -1 */
+    int32_t used;
+};
+
+static struct {
+    int open;
+    struct layer *top;
+    uint64_t held_left;
+    uint64_t table_bytes;
+    int codecs[2];
+    /* the cache: `count` slots of table_bytes each, a hash of their tags */
+    uint64_t *slots;
+    struct tag *tags;
+    int32_t *buckets;
+    uint32_t bucket_mask;
+    uint32_t count;
+    uint64_t clock;
+} disk;
+
+void *disk_alloc(size_t n) {
+    return heap_alloc(n);
+}
+
+int disk_take_table_budget(uint64_t bytes) {
+    if (bytes > disk.held_left) {
+        return 0;
+    }
+    disk.held_left -= bytes;
+    return 1;
+}
+
+void disk_note_tables(uint64_t bytes) {
+    if (bytes > disk.table_bytes) {
+        disk.table_bytes = bytes;
+    }
+}
+
+void disk_note_codec(int zstd) {
+    disk.codecs[zstd ? 1 : 0] = 1;
+}
+
+int disk_uses_codec(int zstd) {
+    return disk.codecs[zstd ? 1 : 0];
+}
+
+uint64_t disk_cluster_max(void) {
+    return disk.table_bytes;
+}
+
+int disk_is_open(void) {
+    return disk.open;
+}
+
+void disk_close(void) {
+    memset(&disk, 0, sizeof disk);
+}
+
+uint32_t disk_read_in(uint32_t handle, uint64_t offset, uint64_t length, uint64_t *got) {
+    struct host_segment segment = {handle, offset, length, host_in(), 0};
+    uint32_t status = host_readv(&segment, 1);
+    *got = segment.got;
+    return status;
+}
+
+uint32_t disk_open_layer(uint32_t handle, uint32_t format, uint64_t file_size, unsigned depth,
+                         struct layer **out) {
+    if (depth >= DISK_MAX_DEPTH) {
+        host_fault();  /* the host's policy ends chains long before */
+    }
+    struct layer *layer = disk_alloc(sizeof *layer);
+    if (layer == NULL) {
+        return AIODD_E_NOMEM;
+    }
+    memset(layer, 0, sizeof *layer);
+    layer->handle = handle;
+    layer->format = format;
+    layer->file_size = file_size;
+    *out = layer;
+    switch (format) {
+    case AIODD_FMT_RAW:
+        return raw_open(layer);
+    case AIODD_FMT_QCOW2:
+        return qcow2_open(layer, depth);
+    default:
+        return AIODD_E_REQUEST;
+    }
+}
+
+static uint32_t cache_init(void) {
+    if (disk.table_bytes == 0) {
+        return AIODD_OK;  /* no layer has tables to cache */
+    }
+    uint64_t count = CACHE_BUDGET / disk.table_bytes;
+    count = count < CACHE_MIN_SLOTS ? CACHE_MIN_SLOTS : count;
+    count = count > CACHE_MAX_SLOTS ? CACHE_MAX_SLOTS : count;
+    uint32_t buckets = 1;
+    while (buckets < 2 * count) {
+        buckets <<= 1;
+    }
+    disk.slots = disk_alloc((size_t)(count * disk.table_bytes));
+    disk.tags = disk_alloc((size_t)count * sizeof *disk.tags);
+    disk.buckets = disk_alloc((size_t)buckets * sizeof *disk.buckets);
+    if (disk.slots == NULL || disk.tags == NULL || disk.buckets == NULL) {
+        return AIODD_E_NOMEM;
+    }
+    memset(disk.tags, 0, (size_t)count * sizeof *disk.tags);
+    for (uint32_t i = 0; i < buckets; i++) {
+        disk.buckets[i] = -1;
+    }
+    disk.bucket_mask = buckets - 1;
+    disk.count = (uint32_t)count;
+    return AIODD_OK;
+}
+
+uint32_t disk_open(uint32_t format, uint64_t file_size, uint64_t *virtual_size) {
+    disk_close();
+    disk.held_left = TABLES_HELD_BUDGET;
+    if (format != AIODD_FMT_RAW && format != AIODD_FMT_QCOW2) {
+        return AIODD_E_REQUEST;
+    }
+    if (file_size > INT64_MAX_U) {
+        return AIODD_E_REQUEST;
+    }
+    struct layer *top;
+    uint32_t status = disk_open_layer(0, format, file_size, 0, &top);
+    if (status == AIODD_OK) {
+        status = cache_init();
+    }
+    if (status != AIODD_OK) {
+        disk_close();
+        return status;
+    }
+    disk.top = top;
+    disk.open = 1;
+    *virtual_size = top->virtual_size;
+    return AIODD_OK;
+}
+
+/* -- the cache ------------------------------------------------------------------------ */
+
+static uint32_t bucket_of(const struct layer *layer, uint64_t key) {
+    uint64_t h = ((uint64_t)(uintptr_t)layer ^ key) * 0x9e3779b97f4a7c15ULL;
+    return (uint32_t)(h >> 32) & disk.bucket_mask;
+}
+
+static void unlink_slot(int32_t slot) {
+    int32_t *link = &disk.buckets[bucket_of(disk.tags[slot].layer, disk.tags[slot].key)];
+    while (*link != slot) {
+        link = &disk.tags[*link].next;
+    }
+    *link = disk.tags[slot].next;
+    disk.tags[slot].used = 0;
+}
+
+static uint32_t reader_in(struct reader *r, uint32_t handle, uint64_t file_size, uint64_t offset,
+                          uint64_t length, size_t *segment);
+static uint32_t reader_flush_keep(struct reader *r);
+
+uint32_t disk_table(struct reader *r, const struct layer *layer, uint64_t key, uint32_t handle,
+                    uint64_t file_size, uint64_t offset, uint64_t length, const uint64_t **table) {
+    uint32_t bucket = bucket_of(layer, key);
+    for (int32_t s = disk.buckets[bucket]; s >= 0; s = disk.tags[s].next) {
+        if (disk.tags[s].layer == layer && disk.tags[s].key == key) {
+            disk.tags[s].stamp = ++disk.clock;
+            *table = disk.slots + (uint64_t)s * (disk.table_bytes / 8);
+            return AIODD_OK;
+        }
+    }
+    if (length > disk.table_bytes) {
+        host_fault();  /* a decoder's bug, not the image's: every table size was noted */
+    }
+    int32_t victim = 0;
+    for (uint32_t s = 0; s < disk.count; s++) {
+        if (!disk.tags[s].used) {
+            victim = (int32_t)s;
+            break;
+        }
+        if (disk.tags[s].stamp < disk.tags[victim].stamp) {
+            victim = (int32_t)s;
+        }
+    }
+    if (disk.tags[victim].used) {
+        unlink_slot(victim);
+    }
+    size_t segment;
+    uint32_t status = reader_in(r, handle, file_size, offset, length, &segment);
+    if (status == AIODD_OK) {
+        status = reader_flush_keep(r);  /* leaves the answers in place, for the next lines */
+    }
+    if (status != AIODD_OK) {
+        return status;
+    }
+    /* The flush left the segment's answer in place: nothing was queued since. */
+    const unsigned char *raw = r->segments[segment].dest;
+    uint64_t got = r->segments[segment].got;
+    uint64_t *slot = disk.slots + (uint64_t)victim * (disk.table_bytes / 8);
+    uint64_t entries = length / 8;
+    for (uint64_t i = 0; i < entries; i++) {
+        slot[i] = (i + 1) * 8 <= got ? be64(raw + i * 8) : 0;
+    }
+    if (got % 8 != 0 && got / 8 < entries) {  /* an entry the file cuts: zero-padded */
+        unsigned char last[8] = {0};
+        memcpy(last, raw + got / 8 * 8, got % 8);
+        slot[got / 8] = be64(last);
+    }
+    r->count = 0;
+    r->in_used = 0;
+    disk.tags[victim] = (struct tag){layer, key, ++disk.clock, disk.buckets[bucket], 1};
+    disk.buckets[bucket] = victim;
+    *table = slot;
+    return AIODD_OK;
+}
+
+/* -- the reader ----------------------------------------------------------------------- */
+
+static uint32_t reader_init(struct reader *r) {
+    memset(r, 0, sizeof *r);
+    r->segments = heap_alloc(AIODD_MAX_SEGMENTS * sizeof *r->segments);
+    r->zero_tail = heap_alloc(AIODD_MAX_SEGMENTS);
+    r->jobs = heap_alloc(AIODD_MAX_SEGMENTS * sizeof *r->jobs);
+    if (r->segments == NULL || r->zero_tail == NULL || r->jobs == NULL) {
+        return AIODD_E_NOMEM;
+    }
+    return AIODD_OK;
+}
+
+/* Sends the batch and runs its jobs, leaving the segments' answers in place. */
+static uint32_t reader_flush_keep(struct reader *r) {
+    if (r->count == 0) {
+        return AIODD_OK;
+    }
+    uint32_t status = host_readv(r->segments, r->count);
+    if (status != AIODD_OK) {
+        return status;
+    }
+    for (size_t i = 0; i < r->count; i++) {
+        struct host_segment *s = &r->segments[i];
+        if (r->zero_tail[i] && s->got < s->length) {
+            memset(s->dest + s->got, 0, (size_t)(s->length - s->got));
+        }
+    }
+    size_t jobs = r->job_count;
+    r->job_count = 0;
+    for (size_t j = 0; j < jobs; j++) {
+        const struct reader_job *job = &r->jobs[j];
+        const struct host_segment *s = &r->segments[job->segment];
+        status = job->run(r, job, s->dest, s->got);
+        if (status != AIODD_OK) {
+            return status;
+        }
+    }
+    return AIODD_OK;
+}
+
+uint32_t reader_flush(struct reader *r) {
+    uint32_t status = reader_flush_keep(r);
+    r->count = 0;
+    r->in_used = 0;
+    return status;
+}
+
+uint32_t reader_settle(struct reader *r) {
+    return r->job_count > 0 ? reader_flush(r) : AIODD_OK;
+}
+
+uint32_t reader_data(struct reader *r, uint32_t handle, uint64_t file_size, uint64_t offset,
+                     unsigned char *dest, uint64_t length) {
+    uint64_t inside = offset < file_size ? min_u64(length, file_size - offset) : 0;
+    if (inside < length) {
+        memset(dest + inside, 0, (size_t)(length - inside));
+    }
+    if (inside == 0) {
+        return AIODD_OK;
+    }
+    if (r->count > 0) {
+        struct host_segment *last = &r->segments[r->count - 1];
+        if (r->zero_tail[r->count - 1] && last->handle == handle &&
+            last->offset + last->length == offset && last->dest + last->length == dest) {
+            last->length += inside;
+            return AIODD_OK;
+        }
+    }
+    if (r->count == AIODD_MAX_SEGMENTS) {
+        uint32_t status = reader_flush(r);
+        if (status != AIODD_OK) {
+            return status;
+        }
+    }
+    r->segments[r->count] = (struct host_segment){handle, offset, inside, dest, 0};
+    r->zero_tail[r->count] = 1;
+    r->count++;
+    return AIODD_OK;
+}
+
+static uint32_t reader_in(struct reader *r, uint32_t handle, uint64_t file_size, uint64_t offset,
+                          uint64_t length, size_t *segment) {
+    uint64_t inside = offset < file_size ? min_u64(length, file_size - offset) : 0;
+    if (r->count == AIODD_MAX_SEGMENTS || inside > AIODD_IN_SIZE - r->in_used) {
+        uint32_t status = reader_flush(r);
+        if (status != AIODD_OK) {
+            return status;
+        }
+    }
+    r->segments[r->count] = (struct host_segment){handle, offset, inside, host_in() + r->in_used, 0};
+    r->zero_tail[r->count] = 0;
+    *segment = r->count++;
+    r->in_used += inside;
+    return AIODD_OK;
+}
+
+uint32_t reader_job(struct reader *r, uint32_t handle, uint64_t file_size, uint64_t offset,
+                    uint64_t length, struct reader_job *job) {
+    uint32_t status = reader_in(r, handle, file_size, offset, length, &job->segment);
+    if (status != AIODD_OK) {
+        return status;
+    }
+    r->jobs[r->job_count++] = *job;
+    return AIODD_OK;
+}
+
+/* -- reading -------------------------------------------------------------------------- */
+
+uint32_t disk_read_layer(struct reader *r, struct layer *layer, uint64_t offset,
+                         unsigned char *dest, uint64_t length) {
+    if (layer->format == AIODD_FMT_QCOW2) {
+        return qcow2_read(r, layer, offset, dest, length);
+    }
+    return raw_read(r, layer, offset, dest, length);
+}
+
+uint32_t disk_read_parent(struct reader *r, struct layer *parent, uint64_t offset,
+                          unsigned char *dest, uint64_t length) {
+    uint64_t inside = 0;
+    if (parent != NULL && offset < parent->virtual_size) {
+        inside = min_u64(length, parent->virtual_size - offset);
+    }
+    if (inside > 0) {
+        uint32_t status = disk_read_layer(r, parent, offset, dest, inside);
+        if (status != AIODD_OK) {
+            return status;
+        }
+    }
+    if (inside < length) {
+        memset(dest + inside, 0, (size_t)(length - inside));
+    }
+    return AIODD_OK;
+}
+
+uint32_t disk_read(uint64_t offset, unsigned char *dest, uint64_t length) {
+    if (!disk.open) {
+        return AIODD_E_REQUEST;
+    }
+    struct reader r;
+    uint32_t status = reader_init(&r);
+    if (status == AIODD_OK) {
+        status = disk_read_layer(&r, disk.top, offset, dest, length);
+    }
+    if (status == AIODD_OK) {
+        status = reader_flush(&r);
+    }
+    return status;
+}

@@ -1,0 +1,149 @@
+/* The open image, its layers, and how a command reads them (docs/kvm.md, "The
+ * decoders").
+ *
+ * An image is a chain of layers, each a file the host opened (a handle) decoded by one
+ * format: raw (aiodd/formats/raw/guest.c) or qcow2 (aiodd/formats/qcow2/guest.c).  The
+ * layers, their L1 tables and a cache of their tables live below the heap mark taken
+ * after CMD_OPEN; a command's scratch above it.
+ *
+ * A command's reads are batched (struct reader): every read a decoder wants goes into one
+ * list of segments, sent in one doorbell when the list or the IN window is full, when a
+ * decoder needs the bytes (a table, a compressed cluster), or at the end.  Data lands
+ * straight in the command's output; what must be decoded first (tables, compressed
+ * clusters) lands in IN.  Decoders queue "jobs" over IN bytes (decompressing a cluster)
+ * that run, in the order they were queued, right after the reads. */
+#ifndef AIODD_DISK_H
+#define AIODD_DISK_H
+
+#include "heap.h"
+#include "host.h"
+
+#define INT64_MAX_U 0x7fffffffffffffffULL
+
+/* Deeper than any chain the host allows (the policy stops at 64 layers). */
+#define DISK_MAX_DEPTH 256u
+
+struct qcow2;
+
+struct layer {
+    uint32_t handle;
+    uint32_t format;  /* AIODD_FMT_RAW or AIODD_FMT_QCOW2 */
+    uint64_t file_size;
+    uint64_t virtual_size;
+    struct qcow2 *qcow2;
+};
+
+struct reader;
+
+/* Work over bytes read into IN, run after the batch's reads, in queue order. */
+struct reader_job {
+    uint32_t (*run)(struct reader *r, const struct reader_job *job, const unsigned char *data,
+                    uint64_t got);
+    const void *owner;
+    unsigned char *dest;
+    uint64_t skip;
+    uint64_t length;
+    uint64_t where;
+    size_t segment;  /* the segment whose bytes it works on */
+};
+
+struct reader {
+    struct host_segment *segments;
+    unsigned char *zero_tail;  /* per segment: zeros where the file ends short */
+    size_t count;
+    uint64_t in_used;
+    struct reader_job *jobs;
+    size_t job_count;
+    /* The codecs' state for this command, made at the first compressed cluster. */
+    void *zlib;
+    void *zstd;
+    unsigned char *cluster;
+};
+
+/* -- the open image ------------------------------------------------------------------- */
+
+/* Open handle 0 as `format`; sets the virtual size.  AIODD_OK, or why not (an error
+ * recorded with host_error, AIODD_E_REFUSED, AIODD_E_NOMEM, AIODD_E_IO, or
+ * AIODD_E_REQUEST for a format the guest does not decode). */
+uint32_t disk_open(uint32_t format, uint64_t file_size, uint64_t *virtual_size);
+
+/* Whether an image is open. */
+int disk_is_open(void);
+
+/* Forget the open image (its memory goes with the heap's release). */
+void disk_close(void);
+
+/* Decode the virtual disk's [offset, offset + length) into dest; zeros past its end. */
+uint32_t disk_read(uint64_t offset, unsigned char *dest, uint64_t length);
+
+/* -- for the decoders ----------------------------------------------------------------- */
+
+/* Open a layer named by another (depth: how many layers above it). */
+uint32_t disk_open_layer(uint32_t handle, uint32_t format, uint64_t file_size, unsigned depth,
+                         struct layer **out);
+
+/* Memory that lasts as long as the open image; NULL when the heap is exhausted. */
+void *disk_alloc(size_t n);
+
+/* Ask for `bytes` of the budget for tables held whole (an L1); 1 granted, 0 refused:
+ * the caller then reads the table through the cache (disk_table). */
+int disk_take_table_budget(uint64_t bytes);
+
+/* What the layers need, told while they open: tables (and clusters) of up to `bytes`
+ * (the cache's slot size, the largest cluster), and a codec for compressed clusters
+ * (zstd 1, zlib 0), made at a command's first compressed cluster. */
+void disk_note_tables(uint64_t bytes);
+void disk_note_codec(int zstd);
+uint64_t disk_cluster_max(void);
+int disk_uses_codec(int zstd);
+
+/* A layer's read: `length` bytes at `offset` of the layer's virtual disk into dest. */
+uint32_t disk_read_layer(struct reader *r, struct layer *layer, uint64_t offset,
+                         unsigned char *dest, uint64_t length);
+
+/* common.read_parent: the parent's bytes, zeros past its end (or all zeros without one). */
+uint32_t disk_read_parent(struct reader *r, struct layer *parent, uint64_t offset,
+                          unsigned char *dest, uint64_t length);
+
+/* Queue a read of file `handle` (of `file_size` bytes) into dest; zeros where the file
+ * ends.  May send the batch (and run its jobs). */
+uint32_t reader_data(struct reader *r, uint32_t handle, uint64_t file_size, uint64_t offset,
+                     unsigned char *dest, uint64_t length);
+
+/* Queue a read into IN (length <= AIODD_IN_SIZE, the file's end clips it) and a job over
+ * its bytes; the job's `segment` is set here. */
+uint32_t reader_job(struct reader *r, uint32_t handle, uint64_t file_size, uint64_t offset,
+                    uint64_t length, struct reader_job *job);
+
+/* Send the batch and run its jobs; the batch is empty after. */
+uint32_t reader_flush(struct reader *r);
+
+/* Run the queued jobs now (sending the batch first) if there are any: before anything
+ * that can fail after them in the decoder's order. */
+uint32_t reader_settle(struct reader *r);
+
+/* A table through the cache: `length` bytes of big-endian 64-bit entries of file
+ * `handle` at `offset` (zeros where the file ends), as host-order entries, cached under
+ * (layer, key).  The pointer holds until the next disk_read_parent. */
+uint32_t disk_table(struct reader *r, const struct layer *layer, uint64_t key, uint32_t handle,
+                    uint64_t file_size, uint64_t offset, uint64_t length, const uint64_t **table);
+
+/* Read [offset, offset + length) of a file into IN at 0, outside any command (opening);
+ * sets got (short where the file ends). */
+uint32_t disk_read_in(uint32_t handle, uint64_t offset, uint64_t length, uint64_t *got);
+
+static inline uint64_t be64(const unsigned char *p) {
+    return (uint64_t)p[0] << 56 | (uint64_t)p[1] << 48 | (uint64_t)p[2] << 40 |
+           (uint64_t)p[3] << 32 | (uint64_t)p[4] << 24 | (uint64_t)p[5] << 16 |
+           (uint64_t)p[6] << 8 | (uint64_t)p[7];
+}
+
+static inline uint32_t be32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | (uint32_t)p[3];
+}
+
+static inline uint64_t min_u64(uint64_t a, uint64_t b) {
+    return a < b ? a : b;
+}
+
+#endif

@@ -1,0 +1,1 @@
+"""The KVM guest's decoders built natively: the fuzzer and the differential tests."""
