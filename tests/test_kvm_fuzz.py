@@ -64,4 +64,3 @@ def test_a_fuzzing_run_finds_nothing(fuzzer: Path, tmp_path: Path) -> None:
     cover = re.findall(r"cov: (\d+)", result.stderr)
     assert runs is not None and int(runs[1]) > 1000, result.stderr[-2000:]
     assert cover and int(cover[-1]) > 500  # the decoder, not only the harness, was reached
-
