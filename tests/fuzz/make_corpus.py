@@ -126,7 +126,7 @@ def qemu_made(tmp: Path) -> Iterator[tuple[str, bytes]]:
     _qemu("qemu-io", "-c", "write -P 0x41 1k 1k", "-c", "write -P 0x42 70k 512", top)
     yield "chain", bundle([top.read_bytes(), mid.read_bytes(), base.read_bytes()])
     data = tmp / "d.qcow2"
-    # qemu creates a relative data file name from its working directory
+    # qemu resolves a relative data file name from its working directory
     _qemu(
         "qemu-img",
         "create",
@@ -138,7 +138,7 @@ def qemu_made(tmp: Path) -> Iterator[tuple[str, bytes]]:
         "64k",
         cwd=tmp,
     )
-    _qemu("qemu-io", "-c", "write -P 0x61 0 8k", "-c", "write -z 16k 4k", data)
+    _qemu("qemu-io", "-c", "write -P 0x61 0 8k", "-c", "write -z 16k 4k", data, cwd=tmp)
     yield "data-file", bundle([data.read_bytes(), (tmp / "d.data").read_bytes()])
 
 

@@ -29,7 +29,7 @@ struct vpc;
 
 struct layer {
     uint32_t handle;
-    uint32_t format;  /* AIODD_FMT_RAW or AIODD_FMT_QCOW2 */
+    uint32_t format;  /* AIODD_FMT_RAW, AIODD_FMT_QCOW2 or AIODD_FMT_VPC */
     uint64_t file_size;
     uint64_t virtual_size;
     struct qcow2 *qcow2;
