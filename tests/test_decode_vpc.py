@@ -146,6 +146,35 @@ def test_runs_most_significant_bit_first() -> None:
     assert vpc._runs(bitmap, 3, 9, 0) == [(3, 8, 0), (8, 10, 1)]
 
 
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("file:///x/b.vhd", "/x/b.vhd"),
+        ("FILE://host/x?q#f", "/x"),
+        ("file:b.vhd#x?y", "b.vhd"),
+        ("file://host", ""),
+        ("file://[x/b.vhd", "/b.vhd"),  # urlsplit raises ValueError on this one
+        ("file:", ""),
+        ("http://x/b.vhd", None),
+        ("b.vhd", None),
+        (" file:/x", None),
+        ("\ufb01le:/x", None),  # a ligature is not "fi"
+    ],
+)
+def test_file_url_path(url: str, path: str | None) -> None:
+    assert L.file_url_path(url) == path
+
+
+def test_parent_paths_are_bounded() -> None:
+    longest = "d/" * 2047 + "x"
+    assert L.decode_locator(b"W2ru", longest.encode("utf-16-le")) == longest
+    with pytest.raises(L.LayoutError, match=r"^vpc parent locator 'W2ru' names a path of 4097"):
+        L.decode_locator(b"W2ru", (longest + "\u00e9").encode("utf-16-le"))
+    with pytest.raises(L.LayoutError, match=r"^vpc parent locator 'MacX' names a path of 4100"):
+        L.decode_locator(b"MacX", f"file:{longest}".encode())
+    assert L.decode_locator(b"MacX", b"file:/a%ffb%") == "/a\ufffdb%"
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=0, max_size=1100), st.integers(0, 2**44))
 def test_parsers_raise_only_layout_errors(raw: bytes, size: int) -> None:

@@ -126,7 +126,7 @@ def qemu_made(tmp: Path) -> Iterator[tuple[str, bytes]]:
     _qemu("qemu-io", "-c", "write -P 0x41 1k 1k", "-c", "write -P 0x42 70k 512", top)
     yield "chain", bundle([top.read_bytes(), mid.read_bytes(), base.read_bytes()])
     data = tmp / "d.qcow2"
-    # qemu creates a relative data file name from its working directory
+    # qemu resolves a relative data file name from its working directory
     _qemu(
         "qemu-img",
         "create",
@@ -163,5 +163,50 @@ def write_corpus(directory: Path) -> int:
     return len(seeds)
 
 
-if __name__ == "__main__":  # pragma: no cover - by hand
-    print(write_corpus(Path(sys.argv[1])), "seeds")
+def vpc_qemu_made(tmp: Path) -> Iterator[tuple[str, bytes]]:
+    """VHDs qemu-img makes (dynamic, fixed), and a differencing one over a dynamic parent
+    (qemu cannot make one: tests/hostile.py turns a dynamic disk into one)."""
+    from tests import hostile
+
+    writes = ("-c", "write -P 0x11 0 64k", "-c", "write -P 0x12 2100k 4k")
+    for name, sub in (("d.vhd", "dynamic"), ("f.vhd", "fixed")):
+        path = tmp / name
+        _qemu("qemu-img", "create", "-f", "vpc", "-o", f"subformat={sub}", path, "3M")
+        _qemu("qemu-io", "-f", "vpc", *writes, path)
+        yield f"vpc-{sub}", path.read_bytes()
+    kid = tmp / "child.vhd"
+    _qemu("qemu-img", "create", "-f", "vpc", kid, "3M")
+    _qemu("qemu-io", "-f", "vpc", "-c", "write -P 0x21 4k 8k", kid)
+    hostile.vpc_differencing(kid, [(b"W2ru", "d.vhd".encode("utf-16-le"))])
+    yield "vpc-differencing", bundle([kid.read_bytes(), (tmp / "d.vhd").read_bytes()])
+
+
+def vpc_hand_built() -> Iterator[tuple[str, bytes]]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.test_kvm_decoder_vpc import NAMED as VPC_NAMED
+
+    for name, data, files in VPC_NAMED:
+        named = list(files.values())
+        seed = bundle([data, *named]) if named else data
+        if len(seed) <= 1 << 20:  # the fuzzer's -max_len
+            yield "vpc-" + name.replace(" ", "-"), seed
+
+
+def write_vpc_corpus(directory: Path) -> int:
+    """The seeds of fuzz_vpc.c."""
+    directory.mkdir(parents=True, exist_ok=True)
+    seeds = list(vpc_hand_built())
+    if shutil.which("qemu-img") and shutil.which("qemu-io"):
+        with tempfile.TemporaryDirectory() as tmp:
+            seeds += list(vpc_qemu_made(Path(tmp)))
+    for name, data in seeds:
+        digest = hashlib.sha1(data).hexdigest()[:12]
+        (directory / f"{name}-{digest}").write_bytes(data)
+    return len(seeds)
+
+
+if __name__ == "__main__":  # pragma: no cover - by hand: make_corpus.py [vpc] DIR
+    if sys.argv[1] == "vpc":
+        print(write_vpc_corpus(Path(sys.argv[2])), "seeds")
+    else:
+        print(write_corpus(Path(sys.argv[1])), "seeds")

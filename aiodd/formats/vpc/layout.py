@@ -18,7 +18,7 @@ from array import array
 from collections import namedtuple
 from dataclasses import dataclass
 from sys import byteorder
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from aiodd.formats.common import SECTOR, round_up
 from aiodd.formats.common import LayoutError as LayoutError  # what the parsers raise
@@ -58,6 +58,9 @@ PLATFORM_W2KU = b"W2ku"  # absolute Windows path, UTF-16LE
 PLATFORM_MACX = b"MacX"  # file URL, UTF-8
 LOCATOR_PREFERENCE = (PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_MACX)
 MAX_LOCATOR_LENGTH = 64 * 1024
+# A path longer than PATH_MAX - 1 bytes is one no host can open; refusing it also bounds
+# the name (and the message quoting it) the KVM guest passes to the host (docs/kvm.md).
+MAX_PARENT_PATH = 4095
 
 # Each structure's fields, named once for both parsing and building.
 _FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB427s")
@@ -220,17 +223,43 @@ def decode_locator(platform: bytes, data: bytes) -> str:
             f"vpc parent locator '{platform.decode('latin-1')}' is not valid text"
         ) from None
     text = text.split("\0", 1)[0]
+    label = platform.decode("latin-1")
+    length = len(text.encode("utf-8"))
+    if length > MAX_PARENT_PATH:
+        raise LayoutError(
+            f"vpc parent locator '{label}' names a path of {length} bytes"
+            f" (at most {MAX_PARENT_PATH})"
+        )
     if platform == PLATFORM_MACX:
-        parts = urlsplit(text)
-        if parts.scheme != "file":
+        path = file_url_path(text)
+        if path is None:
             raise LayoutError(f"vpc parent locator 'MacX' is not a file URL: {text!r}")
-        return unquote(parts.path)
+        return unquote(path)
     text = text.replace("\\", "/")
     while text.startswith("./"):
         text = text[2:]
     if not text:
-        raise LayoutError(f"vpc parent locator '{platform.decode('latin-1')}' is empty")
+        raise LayoutError(f"vpc parent locator '{label}' is empty")
     return text
+
+
+def file_url_path(url: str) -> str | None:
+    """The path of a ``file:`` URL (still percent-encoded), None for any other URL.
+
+    urlsplit's reading of the ASCII forms a locator holds, spelled out so that the KVM
+    guest's twin can follow it exactly: the scheme before the first colon (any case),
+    an authority after ``//`` dropped up to the next ``/``, ``?`` or ``#``, and the path
+    up to the first ``?`` or ``#``.  Unlike urlsplit, no whitespace is stripped and no
+    authority is judged (urlsplit raises ValueError on some)."""
+    scheme, colon, rest = url.partition(":")
+    if not colon or not scheme.isascii() or scheme.lower() != "file":
+        return None
+    if rest.startswith("//"):
+        rest = rest[2:]
+        ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+        rest = rest[min(ends) :] if ends else ""
+    cut = [i for i in (rest.find(c) for c in "?#") if i >= 0]
+    return rest[: min(cut)] if cut else rest
 
 
 def build_footer(

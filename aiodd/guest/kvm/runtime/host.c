@@ -72,7 +72,9 @@ uint32_t host_open(uint32_t referrer, uint32_t kind, const char *name, size_t na
     if (answer.status == AIODD_E_REFUSED) {
         return AIODD_E_REFUSED;
     }
-    if (answer.status != AIODD_OK || answer.offset > INT64_MAX_U || answer.length > AIODD_FMT_QCOW2) {
+    /* The format is checked by the decoder that asked, against what it asked for (a
+     * data file, or a layer in a format disk_layer_format knows). */
+    if (answer.status != AIODD_OK || answer.offset > INT64_MAX_U || answer.length > UINT32_MAX) {
         host_fault();
     }
     file->handle = answer.handle;

@@ -45,7 +45,7 @@ unsigned char *host_in(void);
 /* A file the host opened for the decoder. */
 struct host_file {
     uint32_t handle;
-    uint32_t format;  /* AIODD_FMT_*: NONE for a data file, RAW or QCOW2 for a layer */
+    uint32_t format;  /* AIODD_FMT_*: NONE for a data file, a layer format (disk.h) */
     uint64_t size;    /* at most INT64_MAX */
 };
 

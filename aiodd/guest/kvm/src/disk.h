@@ -2,7 +2,8 @@
  * decoders").
  *
  * An image is a chain of layers, each a file the host opened (a handle) decoded by one
- * format: raw (aiodd/formats/raw/guest.c) or qcow2 (aiodd/formats/qcow2/guest.c).  The
+ * format: raw (aiodd/formats/raw/guest.c), qcow2 (aiodd/formats/qcow2/guest.c) or vpc
+ * (aiodd/formats/vpc/guest.c).  The
  * layers, their L1 tables and a cache of their tables live below the heap mark taken
  * after CMD_OPEN; a command's scratch above it.
  *
@@ -24,13 +25,15 @@
 #define DISK_MAX_DEPTH 256u
 
 struct qcow2;
+struct vpc;
 
 struct layer {
     uint32_t handle;
-    uint32_t format;  /* AIODD_FMT_RAW or AIODD_FMT_QCOW2 */
+    uint32_t format;  /* AIODD_FMT_RAW, AIODD_FMT_QCOW2 or AIODD_FMT_VPC */
     uint64_t file_size;
     uint64_t virtual_size;
     struct qcow2 *qcow2;
+    struct vpc *vpc;
 };
 
 struct reader;
@@ -77,6 +80,10 @@ void disk_close(void);
 uint32_t disk_read(uint64_t offset, unsigned char *dest, uint64_t length);
 
 /* -- for the decoders ----------------------------------------------------------------- */
+
+/* Whether the guest decodes `format` (AIODD_FMT_*) as a layer: what a host's answer to
+ * an open of a backing file or a parent must be. */
+int disk_layer_format(uint32_t format);
 
 /* Open a layer named by another (depth: how many layers above it). */
 uint32_t disk_open_layer(uint32_t handle, uint32_t format, uint64_t file_size, unsigned depth,
