@@ -23,10 +23,12 @@ from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.formats.foreign import PROBE_SIZE
 from aiodd.formats.registry import detect
 
-FMT_NONE, FMT_RAW, FMT_QCOW2 = 0, 1, 2
-REF_BACKING, REF_DATA_FILE = 1, 2
+FMT_NONE, FMT_RAW, FMT_QCOW2, FMT_VMDK = 0, 1, 2, 3
+REF_BACKING, REF_DATA_FILE, REF_EXTENT, REF_PARENT = 1, 2, 3, 4
 E_IMAGE, E_UNSUPPORTED, E_REFUSED = 6, 7, 8
-GUEST_FORMATS = {"raw": FMT_RAW, "qcow2": FMT_QCOW2}
+GUEST_FORMATS = {"raw": FMT_RAW, "qcow2": FMT_QCOW2, "vmdk": FMT_VMDK}
+# The plain files a layer names, and the Reference kind the Python decoders give them.
+PLAIN_REFS = {REF_DATA_FILE: "data_file", REF_EXTENT: "extent"}
 
 OPENER = ctypes.CFUNCTYPE(
     ctypes.c_uint32,
@@ -176,10 +178,12 @@ class Hosted:
         referrer_name = self._names[referrer]
         resolver = self._resolvers[referrer]
         assert resolver is not None  # a data file names nothing
-        if kind == REF_DATA_FILE:
-            file = resolver.open_file(Reference("data_file", text, referrer_name))
+        if kind in PLAIN_REFS:
+            file = resolver.open_file(Reference(PLAIN_REFS[kind], text, referrer_name))
             return self._add(file.pread(0, file.size), file.name, None), file.size, FMT_NONE
-        file, below = resolver.open_layer(Reference("backing", text, referrer_name, declared))
+        # vmdk's parent is declared vmdk, as decode.open_disk declares it
+        ref_kind = "parent" if kind == REF_PARENT else "backing"
+        file, below = resolver.open_layer(Reference(ref_kind, text, referrer_name, declared))
         detected = declared
         if detected is None:
             detected = detect(file.pread(0, PROBE_SIZE), file.name)

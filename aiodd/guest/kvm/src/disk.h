@@ -24,13 +24,15 @@
 #define DISK_MAX_DEPTH 256u
 
 struct qcow2;
+struct vmdk;
 
 struct layer {
     uint32_t handle;
-    uint32_t format;  /* AIODD_FMT_RAW or AIODD_FMT_QCOW2 */
+    uint32_t format;  /* AIODD_FMT_RAW, AIODD_FMT_QCOW2 or AIODD_FMT_VMDK */
     uint64_t file_size;
     uint64_t virtual_size;
     struct qcow2 *qcow2;
+    struct vmdk *vmdk;
 };
 
 struct reader;
