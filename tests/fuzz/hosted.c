@@ -89,7 +89,7 @@ void heap_release(uintptr_t mark) {
 
 /* -- the files ------------------------------------------------------------------------ */
 
-#define MAX_FILES 128
+#define MAX_FILES 8192  /* a vmdk descriptor names up to 4096 extents */
 
 static struct {
     const unsigned char *data[MAX_FILES];

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from aiodd.errors import ImageError, PolicyError, UnsupportedImageError
 from aiodd.formats import INPUT_FORMATS, foreign, registry
-from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
+from aiodd.formats.base import RandomAccessFile, Reference, ReferenceKind, VirtualDisk
 from aiodd.formats.foreign import PROBE_SIZE
 from aiodd.formats.registry import detect
 
@@ -28,7 +28,7 @@ REF_BACKING, REF_DATA_FILE, REF_EXTENT, REF_PARENT = 1, 2, 3, 4
 E_IMAGE, E_UNSUPPORTED, E_REFUSED = 6, 7, 8
 GUEST_FORMATS = {"raw": FMT_RAW, "qcow2": FMT_QCOW2, "vmdk": FMT_VMDK}
 # The plain files a layer names, and the Reference kind the Python decoders give them.
-PLAIN_REFS = {REF_DATA_FILE: "data_file", REF_EXTENT: "extent"}
+PLAIN_REFS: dict[int, ReferenceKind] = {REF_DATA_FILE: "data_file", REF_EXTENT: "extent"}
 
 OPENER = ctypes.CFUNCTYPE(
     ctypes.c_uint32,
@@ -182,7 +182,7 @@ class Hosted:
             file = resolver.open_file(Reference(PLAIN_REFS[kind], text, referrer_name))
             return self._add(file.pread(0, file.size), file.name, None), file.size, FMT_NONE
         # vmdk's parent is declared vmdk, as decode.open_disk declares it
-        ref_kind = "parent" if kind == REF_PARENT else "backing"
+        ref_kind: ReferenceKind = "parent" if kind == REF_PARENT else "backing"
         file, below = resolver.open_layer(Reference(ref_kind, text, referrer_name, declared))
         detected = declared
         if detected is None:
