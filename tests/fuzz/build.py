@@ -5,7 +5,7 @@ place of the doorbell and the guest's heap: a shared library for ctypes
 (:func:`build_library`) and a libFuzzer binary (:func:`build_fuzzer`).  Both link the
 system's zlib and zstd.  Run by hand::
 
-    python tests/fuzz/build.py fuzzer OUT   # or: library OUT
+    python tests/fuzz/build.py fuzzer OUT   # or: fuzz_vmdk OUT, library OUT
 """
 
 from __future__ import annotations
@@ -64,14 +64,17 @@ def build_library(output: Path, *, cc: str = "gcc", tiny_tables: bool = False) -
     return output
 
 
-def build_fuzzer(output: Path, *, cc: str = "clang", tiny_tables: bool = True) -> Path:
-    """The libFuzzer binary of fuzz_qcow2.c, with AddressSanitizer and UBSan; with tiny
-    tables by default, as a fuzzing input is too small to need the cache otherwise."""
+def build_fuzzer(
+    output: Path, *, cc: str = "clang", tiny_tables: bool = True, target: str = "fuzz_qcow2"
+) -> Path:
+    """The libFuzzer binary of ``target`` (fuzz_qcow2.c, fuzz_vmdk.c), with AddressSanitizer
+    and UBSan; with tiny tables by default, as a fuzzing input is too small to need the
+    cache otherwise."""
     tiny = TINY_TABLES if tiny_tables else ()
     _compile(
         [compiler(cc), *FLAGS, *tiny, SANITIZERS, "-fno-sanitize-recover=undefined", "-O1"]
         + list(INCLUDES)
-        + ["-o", str(output), str(HERE / "fuzz_qcow2.c")]
+        + ["-o", str(output), str(HERE / f"{target}.c")]
         + [str(s) for s in SOURCES]
         + list(LIBRARIES)
     )
@@ -80,4 +83,7 @@ def build_fuzzer(output: Path, *, cc: str = "clang", tiny_tables: bool = True) -
 
 if __name__ == "__main__":  # pragma: no cover - by hand
     what, out = sys.argv[1], Path(sys.argv[2])
-    print(build_fuzzer(out) if what == "fuzzer" else build_library(out, tiny_tables="tiny" in what))
+    if what == "fuzzer" or what.startswith("fuzz_"):
+        print(build_fuzzer(out, target="fuzz_qcow2" if what == "fuzzer" else what))
+    else:
+        print(build_library(out, tiny_tables="tiny" in what))
