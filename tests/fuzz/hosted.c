@@ -6,8 +6,8 @@
  * or inside the running command's output, offsets and lengths below 2^63.  A decoder
  * that breaks one aborts, which the fuzzer reports as a crash.
  *
- * Used by the libFuzzer harness (fuzz_qcow2.c) and, as a shared library, by
- * tests/test_kvm_decoder.py through ctypes (the hosted_* functions). */
+ * Used by the libFuzzer harnesses (fuzz_qcow2.c, fuzz_vmdk.c) and, as a shared library, by
+ * tests/test_kvm_decoder*.py through ctypes (the hosted_* functions). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

@@ -146,7 +146,7 @@ def qemu_made(tmp: Path) -> Iterator[tuple[str, bytes]]:
         "64k",
         cwd=tmp,
     )
-    _qemu("qemu-io", "-c", "write -P 0x61 0 8k", "-c", "write -z 16k 4k", data)
+    _qemu("qemu-io", "-c", "write -P 0x61 0 8k", "-c", "write -z 16k 4k", data, cwd=tmp)
     yield "data-file", bundle([data.read_bytes(), (tmp / "d.data").read_bytes()])
 
 
