@@ -6,8 +6,8 @@
  * or inside the running command's output, offsets and lengths below 2^63.  A decoder
  * that breaks one aborts, which the fuzzer reports as a crash.
  *
- * Used by the libFuzzer harness (fuzz_qcow2.c) and, as a shared library, by
- * tests/test_kvm_decoder.py through ctypes (the hosted_* functions). */
+ * Used by the libFuzzer harnesses (fuzz_qcow2.c, fuzz_vmdk.c) and, as a shared library, by
+ * tests/test_kvm_decoder*.py through ctypes (the hosted_* functions). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -89,7 +89,7 @@ void heap_release(uintptr_t mark) {
 
 /* -- the files ------------------------------------------------------------------------ */
 
-#define MAX_FILES 128
+#define MAX_FILES 8192  /* a vmdk descriptor names up to 4096 extents */
 
 static struct {
     const unsigned char *data[MAX_FILES];
@@ -153,7 +153,8 @@ uint32_t host_open(uint32_t referrer, uint32_t kind, const char *name, size_t na
                    const char *format, size_t format_length, struct host_file *file) {
     host.doorbells++;
     check(referrer < host.count, "an open for a handle the host did not give");
-    check(kind == AIODD_REF_BACKING || kind == AIODD_REF_DATA_FILE || kind == AIODD_REF_PARENT,
+    check(kind == AIODD_REF_BACKING || kind == AIODD_REF_DATA_FILE || kind == AIODD_REF_EXTENT ||
+              kind == AIODD_REF_PARENT,
           "an unknown reference kind");
     check(name_length + format_length + sizeof(struct aiodd_open_req) <= AIODD_REQ_SIZE,
           "an open request larger than REQ");

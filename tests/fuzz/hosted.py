@@ -19,14 +19,16 @@ from typing import Protocol
 
 from aiodd.errors import ImageError, PolicyError, UnsupportedImageError
 from aiodd.formats import INPUT_FORMATS, foreign, registry
-from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
+from aiodd.formats.base import RandomAccessFile, Reference, ReferenceKind, VirtualDisk
 from aiodd.formats.foreign import PROBE_SIZE
 from aiodd.formats.registry import detect
 
-FMT_NONE, FMT_RAW, FMT_QCOW2, FMT_VPC = 0, 1, 2, 4
-REF_BACKING, REF_DATA_FILE, REF_PARENT = 1, 2, 4
+FMT_NONE, FMT_RAW, FMT_QCOW2, FMT_VMDK, FMT_VPC = 0, 1, 2, 3, 4
+REF_BACKING, REF_DATA_FILE, REF_EXTENT, REF_PARENT = 1, 2, 3, 4
 E_IMAGE, E_UNSUPPORTED, E_REFUSED = 6, 7, 8
-GUEST_FORMATS = {"raw": FMT_RAW, "qcow2": FMT_QCOW2, "vpc": FMT_VPC}
+GUEST_FORMATS = {"raw": FMT_RAW, "qcow2": FMT_QCOW2, "vmdk": FMT_VMDK, "vpc": FMT_VPC}
+# The plain files a layer names, and the Reference kind the Python decoders give them.
+PLAIN_REFS: dict[int, ReferenceKind] = {REF_DATA_FILE: "data_file", REF_EXTENT: "extent"}
 
 OPENER = ctypes.CFUNCTYPE(
     ctypes.c_uint32,
@@ -176,13 +178,12 @@ class Hosted:
         referrer_name = self._names[referrer]
         resolver = self._resolvers[referrer]
         assert resolver is not None  # a data file names nothing
-        if kind == REF_DATA_FILE:
-            file = resolver.open_file(Reference("data_file", text, referrer_name))
+        if kind in PLAIN_REFS:
+            file = resolver.open_file(Reference(PLAIN_REFS[kind], text, referrer_name))
             return self._add(file.pread(0, file.size), file.name, None), file.size, FMT_NONE
-        ref = Reference(
-            "parent" if kind == REF_PARENT else "backing", text, referrer_name, declared
-        )
-        file, below = resolver.open_layer(ref)
+        # vmdk's parent is declared vmdk, as decode.open_disk declares it
+        ref_kind: ReferenceKind = "parent" if kind == REF_PARENT else "backing"
+        file, below = resolver.open_layer(Reference(ref_kind, text, referrer_name, declared))
         detected = declared
         if detected is None:
             detected = detect(file.pread(0, PROBE_SIZE), file.name)

@@ -1,8 +1,9 @@
-"""Write the fuzzer's seed corpus (README.md): small images qemu-img makes, of every
-cluster size and feature the decoder reads, and the hand-built images of
-tests/test_decode_qcow2.py, chains and data files bundled with the files they name.
+"""Write the fuzzers' seed corpora (README.md): small images qemu-img makes, of every
+cluster size, subformat and feature the decoders read, and the hand-built images of
+tests/test_kvm_decoder.py and tests/test_kvm_decoder_vmdk.py, chains, data files and
+extents bundled with the files they name, in the order the decoder opens them.
 
-    python tests/fuzz/make_corpus.py DIR
+    python tests/fuzz/make_corpus.py DIR [qcow2|vmdk]
 
 Without qemu-img only the hand-built images are written.  Nothing is committed: the
 corpus is made again each run.
@@ -10,6 +11,7 @@ corpus is made again each run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import struct
@@ -18,6 +20,12 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from aiodd.errors import ImageError
+from aiodd.formats import registry
+from aiodd.formats.base import Reference, VirtualDisk
+from aiodd.formats.vmdk import decode as vmdk
+from tests.fuzz.hosted import MemFile
 
 BUNDLE = b"AIODDFZ1"
 
@@ -151,12 +159,82 @@ def hand_built() -> Iterator[tuple[str, bytes]]:
         yield name.replace(" ", "-"), bundle([data, *named]) if named else data
 
 
-def write_corpus(directory: Path) -> int:
+VMDK_IMAGES: list[tuple[str, tuple[str, ...], list[str]]] = [
+    ("sparse", ("subformat=monolithicSparse",), ["write -P 0x11 0 70k", "write -z 128k 64k"]),
+    ("zeroed", ("zeroed_grain=on",), ["write -P 0x12 4k 4k", "write -z 64k 64k"]),
+    ("compat6", ("compat6=on",), ["write -P 0x13 0 4k"]),
+    ("flat", ("subformat=monolithicFlat",), ["write -P 0x14 1k 3k"]),
+    ("split-sparse", ("subformat=twoGbMaxExtentSparse",), ["write -P 0x15 0 8k"]),
+    ("split-flat", ("subformat=twoGbMaxExtentFlat",), ["write -P 0x16 0 8k"]),
+]
+
+
+class _Recorder:
+    """A resolver for the Python decoder that notes the files it opens, in order."""
+
+    def __init__(self, files: dict[str, bytes], opened: list[str]) -> None:
+        self.files = files
+        self.opened = opened
+
+    def open_file(self, ref: Reference) -> MemFile:
+        if len(self.opened) >= 16:  # a looping chain: the fuzzer's bundle holds 16 files
+            raise ImageError(ref.referrer, "too many files")
+        self.opened.append(ref.name)
+        return MemFile(self.files[ref.name], ref.name)
+
+    def open_disk(self, ref: Reference) -> VirtualDisk:
+        return registry.open_disk(self.open_file(ref), self, ref.format)
+
+
+def bundle_in_order(data: bytes, files: dict[str, bytes], name: str = "t.vmdk") -> bytes:
+    """``data`` and the files the vmdk decoder opens for it, each where it asks."""
+    opened: list[str] = []
+    with contextlib.suppress(ImageError, KeyError):
+        vmdk.open_disk(MemFile(data, name), _Recorder(files, opened))
+    named = [files[n] for n in opened if n in files]
+    return bundle([data, *named]) if named else data
+
+
+def vmdk_qemu_made(tmp: Path) -> Iterator[tuple[str, bytes]]:
+    for name, opts, commands in VMDK_IMAGES:
+        path = tmp / f"{name}.vmdk"
+        _qemu("qemu-img", "create", "-f", "vmdk", "-o", ",".join(opts), path, "256k")
+        _qemu("qemu-io", "-f", "vmdk", *[arg for c in commands for arg in ("-c", c)], path)
+    raw = tmp / "src.raw"
+    raw.write_bytes(bytes(range(256)) * 512 + bytes(64 * 1024) + bytes([7]) * 100_000)
+    _qemu("qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", raw,
+          tmp / "stream.vmdk")  # fmt: skip
+    raw.unlink()
+    _qemu("qemu-img", "create", "-f", "vmdk", "-b", "sparse.vmdk", "-F", "vmdk",
+          tmp / "child.vmdk", cwd=tmp)  # fmt: skip
+    _qemu("qemu-io", "-f", "vmdk", "-c", "write -P 0x17 8k 4k", tmp / "child.vmdk")
+    files = {p.name: p.read_bytes() for p in tmp.iterdir()}
+    for name in [*(n for n, _, _ in VMDK_IMAGES), "stream", "child"]:
+        yield f"vmdk-{name}", bundle_in_order(files[f"{name}.vmdk"], files, f"{name}.vmdk")
+
+
+def vmdk_hand_built() -> Iterator[tuple[str, bytes]]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.test_kvm_decoder_vmdk import NAMED as VMDK_NAMED
+
+    for name, data, files in VMDK_NAMED:
+        if len(data) + sum(map(len, files.values())) < (1 << 20):  # the fuzzer's -max_len
+            yield "vmdk-" + name.replace(" ", "-"), bundle_in_order(data, files)
+
+
+def write_corpus(directory: Path, fmt: str = "qcow2") -> int:
     directory.mkdir(parents=True, exist_ok=True)
-    seeds = list(hand_built())
-    if shutil.which("qemu-img") and shutil.which("qemu-io"):
-        with tempfile.TemporaryDirectory() as tmp:
-            seeds += list(qemu_made(Path(tmp)))
+    qemu = shutil.which("qemu-img") and shutil.which("qemu-io")
+    if fmt == "vmdk":
+        seeds = list(vmdk_hand_built())
+        if qemu:
+            with tempfile.TemporaryDirectory() as tmp:
+                seeds += list(vmdk_qemu_made(Path(tmp)))
+    else:
+        seeds = list(hand_built())
+        if qemu:
+            with tempfile.TemporaryDirectory() as tmp:
+                seeds += list(qemu_made(Path(tmp)))
     for name, data in seeds:
         digest = hashlib.sha1(data).hexdigest()[:12]
         (directory / f"{name}-{digest}").write_bytes(data)
@@ -205,8 +283,8 @@ def write_vpc_corpus(directory: Path) -> int:
     return len(seeds)
 
 
-if __name__ == "__main__":  # pragma: no cover - by hand: make_corpus.py [vpc] DIR
+if __name__ == "__main__":  # pragma: no cover - by hand: make_corpus.py vpc DIR, or DIR [qcow2|vmdk]
     if sys.argv[1] == "vpc":
         print(write_vpc_corpus(Path(sys.argv[2])), "seeds")
     else:
-        print(write_corpus(Path(sys.argv[1])), "seeds")
+        print(write_corpus(Path(sys.argv[1]), *sys.argv[2:3]), "seeds")

@@ -22,6 +22,7 @@ FORMATS = HERE.parent.parent / "formats"
 DECODERS = (
     FORMATS / "qcow2" / "guest.c",
     FORMATS / "raw" / "guest.c",
+    FORMATS / "vmdk" / "guest.c",
     FORMATS / "vpc" / "guest.c",
 )
 GUEST_SOURCES = (

@@ -81,6 +81,7 @@ struct aiodd_desc {
 #define AIODD_FMT_NONE 0   /* a plain file (an external data file) */
 #define AIODD_FMT_RAW 1
 #define AIODD_FMT_QCOW2 2
+#define AIODD_FMT_VMDK 3
 #define AIODD_FMT_VPC 4
 
 /* Status codes, both directions. */
@@ -119,7 +120,9 @@ struct aiodd_open_req {
 };
 #define AIODD_REF_BACKING 1
 #define AIODD_REF_DATA_FILE 2
-#define AIODD_REF_PARENT 4  /* a differencing disk's parent (vpc), detected by the host */
+#define AIODD_REF_EXTENT 3  /* a vmdk descriptor's extent: a plain file (AIODD_FMT_NONE) */
+#define AIODD_REF_PARENT 4  /* a differencing disk's parent: vpc (detected by the host),
+                            * vmdk (a parentFileNameHint, declared vmdk) */
 
 /* READY's body with AIODD_E_IMAGE or AIODD_E_UNSUPPORTED: the message (no NUL), about
  * the file of handle `layer`.  The host prefixes the file's name.  The message is UTF-8

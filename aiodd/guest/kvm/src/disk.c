@@ -3,6 +3,7 @@
 
 #include "qcow2/guest.h"
 #include "raw/guest.h"
+#include "vmdk/guest.h"
 #include "vpc/guest.h"
 
 /* What the open image may hold of the heap: its tables whole (L1s) and the cache of the
@@ -90,7 +91,8 @@ uint32_t disk_read_in(uint32_t handle, uint64_t offset, uint64_t length, uint64_
 }
 
 int disk_layer_format(uint32_t format) {
-    return format == AIODD_FMT_RAW || format == AIODD_FMT_QCOW2 || format == AIODD_FMT_VPC;
+    return format == AIODD_FMT_RAW || format == AIODD_FMT_QCOW2 || format == AIODD_FMT_VMDK ||
+           format == AIODD_FMT_VPC;
 }
 
 uint32_t disk_open_layer(uint32_t handle, uint32_t format, uint64_t file_size, unsigned depth,
@@ -112,6 +114,8 @@ uint32_t disk_open_layer(uint32_t handle, uint32_t format, uint64_t file_size, u
         return raw_open(layer);
     case AIODD_FMT_QCOW2:
         return qcow2_open(layer, depth);
+    case AIODD_FMT_VMDK:
+        return vmdk_open(layer, depth);
     case AIODD_FMT_VPC:
         return vpc_open(layer, depth);
     default:
@@ -357,6 +361,9 @@ uint32_t disk_read_layer(struct reader *r, struct layer *layer, uint64_t offset,
                          unsigned char *dest, uint64_t length) {
     if (layer->format == AIODD_FMT_QCOW2) {
         return qcow2_read(r, layer, offset, dest, length);
+    }
+    if (layer->format == AIODD_FMT_VMDK) {
+        return vmdk_read(r, layer, offset, dest, length);
     }
     if (layer->format == AIODD_FMT_VPC) {
         return vpc_read(r, layer, offset, dest, length);

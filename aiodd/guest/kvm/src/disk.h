@@ -25,14 +25,16 @@
 #define DISK_MAX_DEPTH 256u
 
 struct qcow2;
+struct vmdk;
 struct vpc;
 
 struct layer {
     uint32_t handle;
-    uint32_t format;  /* AIODD_FMT_RAW, AIODD_FMT_QCOW2 or AIODD_FMT_VPC */
+    uint32_t format;  /* AIODD_FMT_RAW, AIODD_FMT_QCOW2, AIODD_FMT_VMDK or AIODD_FMT_VPC */
     uint64_t file_size;
     uint64_t virtual_size;
     struct qcow2 *qcow2;
+    struct vmdk *vmdk;
     struct vpc *vpc;
 };
 
