@@ -91,7 +91,7 @@ class MemFile:
 def test_abi_header_and_layout_agree() -> None:
     text = (RUNTIME / "abi.h").read_text()
     defines = dict(re.findall(r"#define AIODD_(\w+) (0x[0-9A-Fa-f]+|\d+)", text))
-    assert len(defines) == 44
+    assert len(defines) == 48
     for name, value in defines.items():
         assert getattr(L, name) == int(value, 0), name
     assert "#define AIODD_MAX_SEGMENTS (AIODD_REQ_SIZE / 40)" in text
@@ -689,8 +689,8 @@ ABI_VIOLATIONS: dict[str, tuple[Callable[[GuestVM], object], str]] = {
         "open named by handle 5, which does not exist",
     ),
     "open of an unknown kind": (
-        lambda g: ring(g, L.OP_OPEN, open_req(b"base.img", kind=3)),
-        "open of unknown kind 3",
+        lambda g: ring(g, L.OP_OPEN, open_req(b"base.img", kind=5)),
+        "open of unknown kind 5",
     ),
     "open asked of a VM without an opener": (
         lambda g: ring(g, L.OP_OPEN, open_req(b"base.img")),

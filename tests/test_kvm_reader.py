@@ -128,7 +128,7 @@ def data_of(size: int, seed: int = 1) -> bytes:
 
 
 def test_the_formats_the_guest_decodes() -> None:
-    assert frozenset({"raw", "qcow2"}) == GUEST_FORMATS
+    assert frozenset({"raw", "qcow2", "vmdk", "vpc"}) == GUEST_FORMATS
     assert set(registry.input_formats()) >= GUEST_FORMATS
 
 
@@ -394,7 +394,7 @@ def test_the_top_layer_is_given_to_the_guest_as_detected_or_named(
 
 @pytest.mark.parametrize(
     ("head", "fmt", "name"),
-    [(VMDK_HEAD, None, "vmdk"), (VPC_HEAD, None, "vpc"), (QCOW2_HEAD, "vhdx", "vhdx")],
+    [(QCOW2_HEAD, "vhdx", "vhdx")],
 )
 def test_a_format_the_guest_does_not_decode(
     reader: KvmReader, head: bytes, fmt: str | None, name: str
@@ -506,16 +506,14 @@ def test_a_chain_asks_each_layers_own_resolver(kvm_hostile_guest: Path) -> None:
 @pytest.mark.parametrize(
     ("files", "request_", "message"),
     [
-        ({"base.vmdk": VMDK_HEAD}, open_request("base.vmdk"),
-         "base.vmdk: this is a vmdk image, which the KVM guest reader does not decode yet"),
-        ({"base.img": QCOW2_HEAD}, open_request("base.img", "vpc"),
-         "base.img: this is a vpc image, which the KVM guest reader does not decode yet"),
+        ({"base.img": QCOW2_HEAD}, open_request("base.img", "vhdx"),
+         "base.img: this is a vhdx image, which the KVM guest reader does not decode yet"),
         ({"base.vdi": VDI_HEAD}, open_request("base.vdi"), None),
         ({}, open_request("missing.img"), "top.img: backing 'missing.img' is refused"),
         ({}, open_request("gone", kind=L.REF_DATA_FILE),
          "top.img: data_file 'gone' is refused"),
     ],
-    ids=["vmdk", "vpc named", "foreign vdi", "refused backing", "refused data file"],
+    ids=["vhdx named", "foreign vdi", "refused backing", "refused data file"],
 )  # fmt: skip
 def test_a_refused_open_is_raised_as_the_host_raised_it(
     kvm_hostile_guest: Path,

@@ -67,9 +67,9 @@ def build_library(output: Path, *, cc: str = "gcc", tiny_tables: bool = False) -
 def build_fuzzer(
     output: Path, *, cc: str = "clang", tiny_tables: bool = True, target: str = "fuzz_qcow2.c"
 ) -> Path:
-    """The libFuzzer binary of ``target`` (fuzz_qcow2.c, fuzz_vpc.c, fuzz_vmdk.c), with AddressSanitizer
-    and UBSan; with tiny tables by default, as a fuzzing input is too small to need the
-    cache otherwise."""
+    """The libFuzzer binary of ``target`` (fuzz_qcow2.c, fuzz_vpc.c, fuzz_vmdk.c), with
+    AddressSanitizer and UBSan; with tiny tables by default, as a fuzzing input is too
+    small to need the cache otherwise."""
     tiny = TINY_TABLES if tiny_tables else ()
     _compile(
         [compiler(cc), *FLAGS, *tiny, SANITIZERS, "-fno-sanitize-recover=undefined", "-O1"]

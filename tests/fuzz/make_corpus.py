@@ -283,7 +283,8 @@ def write_vpc_corpus(directory: Path) -> int:
     return len(seeds)
 
 
-if __name__ == "__main__":  # pragma: no cover - by hand: make_corpus.py vpc DIR, or DIR [qcow2|vmdk]
+# By hand: make_corpus.py vpc DIR, or make_corpus.py DIR [qcow2|vmdk]
+if __name__ == "__main__":  # pragma: no cover - by hand
     if sys.argv[1] == "vpc":
         print(write_vpc_corpus(Path(sys.argv[2])), "seeds")
     else:

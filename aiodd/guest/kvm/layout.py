@@ -91,6 +91,8 @@ CMD_READ: Final = 0x105
 FMT_NONE: Final = 0
 FMT_RAW: Final = 1
 FMT_QCOW2: Final = 2
+FMT_VMDK: Final = 3
+FMT_VPC: Final = 4
 
 OK: Final = 0
 E_REQUEST: Final = 1
@@ -104,6 +106,8 @@ E_REFUSED: Final = 8
 
 REF_BACKING: Final = 1
 REF_DATA_FILE: Final = 2
+REF_EXTENT: Final = 3
+REF_PARENT: Final = 4
 
 DESC: Final = struct.Struct("<IIQQQQ")
 """``struct aiodd_desc``: op, handle, offset, length, address, status."""

@@ -19,17 +19,17 @@ from typing import Final
 
 from aiodd.errors import IsolationError, UnsupportedImageError
 from aiodd.formats import INPUT_FORMATS, check_input_format, foreign
-from aiodd.formats.base import RandomAccessFile, Reference, Resolver
+from aiodd.formats.base import RandomAccessFile, Reference, ReferenceKind, Resolver
 from aiodd.formats.common import zero_fill
 from aiodd.guest.kvm import layout as L
 from aiodd.guest.kvm.vmm import MAX_OFFSET, AbiViolation, GuestVM
 
 __all__ = ("GUEST_FORMATS", "GuestFormatError", "KvmDisk", "KvmReader", "guest_format")
 
-GUEST_FORMATS: frozenset[str] = frozenset({"raw", "qcow2"})
+GUEST_FORMATS: frozenset[str] = frozenset({"raw", "qcow2", "vmdk", "vpc"})
 """The formats the guest decodes; every layer of a chain must be one of them."""
 
-_CODES: Final = {"raw": L.FMT_RAW, "qcow2": L.FMT_QCOW2}
+_CODES: Final = {"raw": L.FMT_RAW, "qcow2": L.FMT_QCOW2, "vmdk": L.FMT_VMDK, "vpc": L.FMT_VPC}
 
 OPEN_TIMEOUT: Final = 30.0
 """Seconds the guest has to open an image (its whole chain): GuestOptions' default."""
@@ -38,9 +38,10 @@ WATCHDOG_RATE: Final = 16 << 20
 """A read of ``n`` bytes has ``WATCHDOG_FLOOR + n / WATCHDOG_RATE`` seconds, as in the
 process guest (GuestOptions' defaults)."""
 
-MAX_FILES: Final = 128
-"""The most files one chain gives the guest: 64 layers (the policy's limit), each with a
-data file."""
+MAX_FILES: Final = 4096 + 128
+"""The most files one chain gives the guest: more than the host lets one image name
+(aiodd/guest/disk.py's MAX_FILES: a vmdk descriptor may name 4096 extents), so the
+host's own refusal comes first."""
 
 
 class GuestFormatError(UnsupportedImageError):
@@ -155,11 +156,14 @@ class KvmReader:
         image = self._vm.files[referrer].name
         file: RandomAccessFile
         layer: Resolver | None
-        if kind == L.REF_DATA_FILE:
-            file = resolver.open_file(Reference("data_file", name, image))
+        if kind in (L.REF_DATA_FILE, L.REF_EXTENT):
+            # Plain files, opened as the Python decoders open them (open_file).
+            plain: ReferenceKind = "data_file" if kind == L.REF_DATA_FILE else "extent"
+            file = resolver.open_file(Reference(plain, name, image))
             layer, code = None, L.FMT_NONE
         else:
-            file, layer = resolver.open_layer(Reference("backing", name, image, fmt))
+            layered: ReferenceKind = "backing" if kind == L.REF_BACKING else "parent"
+            file, layer = resolver.open_layer(Reference(layered, name, image, fmt))
             try:
                 code = _CODES[guest_format(file, fmt)]
             except BaseException:

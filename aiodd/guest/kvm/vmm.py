@@ -288,7 +288,7 @@ def _stop_watchdog(previous: _Handler) -> None:
 # -- the VM ----------------------------------------------------------------------------
 
 
-FORMAT_NAMES: Final = {L.FMT_RAW: "raw", L.FMT_QCOW2: "qcow2"}
+FORMAT_NAMES: Final = {L.FMT_RAW: "raw", L.FMT_QCOW2: "qcow2", L.FMT_VMDK: "vmdk", L.FMT_VPC: "vpc"}
 """The formats the host names to the guest (``FMT_*``), by their registry names."""
 
 Opener = Callable[[int, int, str, str | None], tuple[int, int, int]]
@@ -653,7 +653,7 @@ class GuestVM:
         referrer, kind, name_length, format_length = L.OPEN_REQ.unpack_from(req)
         if referrer >= len(self.files):
             raise self._broke(f"open named by handle {referrer}, which does not exist")
-        if kind not in (L.REF_BACKING, L.REF_DATA_FILE):
+        if kind not in (L.REF_BACKING, L.REF_DATA_FILE, L.REF_EXTENT, L.REF_PARENT):
             raise self._broke(f"open of unknown kind {kind}")
         room = L.REQ_SIZE - L.OPEN_REQ.size
         if name_length > room or format_length > room - name_length:
