@@ -18,11 +18,11 @@ from aiodd.errors import UsageError
 from aiodd.formats import registry as encoders
 from aiodd.formats.base import VirtualDisk
 from aiodd.locks import OutputLock
-from aiodd.options import Isolation
+from aiodd.options import Cache, Isolation
 from aiodd.pipeline.run import run_pipeline
 from aiodd.policy import Policy
 from aiodd.progress import ProgressCallback, ProgressMeter
-from aiodd.stages.sink import OutputFile
+from aiodd.stages.sink import OutputFile, clone_stream
 from aiodd.window import Window, compute_window
 
 SKIP_WARNING = "cannot skip to specified offset"
@@ -126,6 +126,40 @@ def _check_output(src: str, dst: str, policy: Policy) -> None:
                 )
 
 
+def _clone_source(
+    src: str,
+    disk: VirtualDisk,
+    policy: Policy,
+    *,
+    cache: Cache,
+    isolation: Isolation,
+    input_format: str | None,
+    output_format: str,
+) -> int | None:
+    """A descriptor on the input for ``copy_file_range``, or None where the copy may not
+    bypass the pipeline (docs/usage.md, "-t CACHE"; docs/security.md, "The guest reader").
+
+    Only raw to raw, in the page-cache modes, and only where this process knows the
+    input is raw without having read it in the guest: it decoded the input itself
+    (inline), or the caller said ``-f raw``; never on the guest's word.  The name is
+    opened again, so it must still be the very file the chain opened (by inode).
+    """
+    if cache not in ("writeback", "unsafe") or output_format != "raw":
+        return None
+    if input_format != "raw" and not (isolation == "inline" and disk.format_name == "raw"):
+        return None
+    image = next((file for file in policy.opened if file.kind == "image"), None)
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if image is None or not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != image.key:
+        os.close(fd)
+        return None
+    return fd
+
+
 async def dd(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -142,6 +176,7 @@ async def dd(
     require_isolation: bool = False,
     io_size: int = DEFAULT_UNIT,
     force_share: bool = False,
+    cache: Cache = "none",
 ) -> DdResult:
     """Copy the window ``skip*bs`` … ``count*bs`` of ``src``'s virtual disk to ``dst``.
 
@@ -157,6 +192,11 @@ async def dd(
     (:class:`~aiodd.errors.InUseError`) unless ``force_share`` (qemu's ``-U``); the
     output holds qemu's writer locks.  ``dst`` may not be any file the input reads.
     See docs/usage.md, "Image locks and the input's files".
+
+    ``cache`` is ``-t``: how the output reaches the disk, in qemu's words (``none``,
+    ``writeback``, ``writethrough``, ``directsync``, ``unsafe``); see docs/usage.md,
+    "-t CACHE".  ``unsafe`` skips every flush: the output is still complete or absent,
+    but not durable across a power cut.
     """
     started = time.monotonic()
     warnings: list[str] = []
@@ -166,6 +206,7 @@ async def dd(
     src_path, dst_path = os.fspath(src), os.fspath(dst)
     encoders.check_output_format(output_format)
     isolation = options.isolation(isolation)
+    cache = options.cache(cache)
     io_size = options.io_size(io_size)
     policy = Policy(allow_backing, force_share=force_share)
     memory: mmap.mmap | None = None
@@ -202,13 +243,38 @@ async def dd(
             # A cancel that comes while a worker thread creates the output waits for
             # it, and takes effect at the next await: within the try blocks that close it.
             output = await anyio.to_thread.run_sync(
-                lambda: OutputFile.create(dst_path, plan.file_size, raw=raw)
+                lambda: OutputFile.create(dst_path, plan.file_size, raw=raw, cache=cache)
             )
             pool: BufferPool | None = None
+            source: int | None = None
             try:
                 guard.hold(output.fd, dst_path)
                 pool = BufferPool(DEFAULT_COUNT, io_size, memory)
-                await run_pipeline(disk, window.start, window.end, plan, output, pool, meter)
+                done = 0
+                if not output.device and window.length:
+                    source = _clone_source(
+                        src_path,
+                        disk,
+                        policy,
+                        cache=cache,
+                        isolation=isolation,
+                        input_format=input_format,
+                        output_format=output_format,
+                    )
+                if source is not None:
+                    meter.start()
+                    # Up to the input's end: the pipeline writes the zeros past it.
+                    length = min(window.end, os.fstat(source).st_size) - window.start
+                    done = await clone_stream(output, source, window.start, length, meter)
+                if not done:
+                    await run_pipeline(disk, window.start, window.end, plan, output, pool, meter)
+                elif done < plan.data_size:
+                    # What the kernel did not copy, and the tail: the usual way, after it.
+                    rest = encoders.plan(output_format, window.length - done)
+                    output.offset = done
+                    await run_pipeline(
+                        disk, window.start + done, window.end, rest, output, pool, meter
+                    )
                 # A cancel during the flush (which the kernel finishes regardless) still
                 # undoes the copy; once the output is being put in place, that completes.
                 await anyio.to_thread.run_sync(output.flush, plan.file_size)
@@ -219,6 +285,8 @@ async def dd(
                 output.abort()
                 if pool is not None:
                     pool.close()
+                if source is not None:
+                    os.close(source)
             warnings.extend(output.warnings)
         finally:
             guard.close()

@@ -22,14 +22,14 @@ from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS, check_input_format, che
 # command line is known good and the guest reader is starting: its start-up then
 # overlaps ours.
 if TYPE_CHECKING:
-    from aiodd.options import Isolation
+    from aiodd.options import Cache, Isolation
     from aiodd.terminal import Renderer
 
 PROG = "aiodd"
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
 
 HELP = """\
-usage: aiodd [-f FMT] [-O FMT] [-U] [--allow-backing DIR]... [--isolation=MODE]
+usage: aiodd [-f FMT] [-O FMT] [-t CACHE] [-U] [--allow-backing DIR]... [--isolation=MODE]
              [--require-isolation] [-p | --progress=MODE]
              if=INPUT of=OUTPUT [bs=N] [count=N] [skip=N]
        aiodd -h | --help
@@ -58,6 +58,12 @@ a fraction needs a suffix (1.5M); 0x10 is hexadecimal.
 options:
   -f FMT               input format ({inputs}); default: detected
   -O FMT               output format ({outputs}); default: raw
+  -t CACHE             how the output reaches the disk, as qemu-img convert -t: none
+                       (default: past the page cache, flushed at the end), writeback
+                       (through the page cache, flushed at the end), writethrough (each
+                       write flushed), directsync (past the page cache, each write
+                       flushed), unsafe (never flushed: still complete or absent, but
+                       not durable across a power cut; raw to raw may copy in the kernel)
   -p                   show progress like qemu-img convert -p, on stdout:     (12.34/100%)
   --progress=MODE      none (default); percent (the same as -p); bar (for people, on
                        stderr: size copied / total, percent, rate, elapsed, ETA; redrawn
@@ -98,6 +104,7 @@ class Invocation:
     isolation: Isolation = "sandbox"
     require_isolation: bool = False
     force_share: bool = False
+    cache: Cache = "none"
     src: str | None = None
     dst: str | None = None
     bs: int = 512
@@ -112,6 +119,7 @@ class Invocation:
 # The command line's spellings of the library's option names, for UsageError.naming().
 _SPELLINGS = {
     "allow_backing": "--allow-backing",
+    "cache": "-t",
     "isolation": "--isolation",
     "progress": "--progress",
 }
@@ -139,7 +147,7 @@ def _parse_args(argv: Sequence[str]) -> Invocation:
     try:
         opts, operands = getopt.gnu_getopt(
             list(argv),
-            "hf:O:pU",
+            "hf:O:pUt:",
             [
                 "help",
                 "version",
@@ -164,6 +172,8 @@ def _parse_args(argv: Sequence[str]) -> Invocation:
             inv.input_format = check_input_format(value)
         elif opt == "-O":
             inv.output_format = check_output_format(value)
+        elif opt == "-t":
+            inv.cache = options.cache(value)
         elif opt == "-p":
             inv.progress = "percent"
         elif opt == "--progress":
@@ -246,6 +256,7 @@ async def _run(inv: Invocation) -> None:
             allow_backing=inv.allow_backing,
             require_isolation=inv.require_isolation,
             force_share=inv.force_share,
+            cache=inv.cache,
         )
     except BaseException:
         if renderer is not None:

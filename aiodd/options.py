@@ -28,6 +28,9 @@ from aiodd.window import (
 )
 
 Isolation = Literal["sandbox", "inline"]
+# qemu's cache modes, spelled as qemu-img convert -t spells them (docs/usage.md, "-t CACHE").
+Cache = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
+CACHE_MODES: tuple[Cache, ...] = ("none", "writeback", "writethrough", "directsync", "unsafe")
 PROGRESS_MODES = ("none", "percent", "bar", "json")
 
 # qemu-img dd's ranges: bs is an int, count and skip are int64.
@@ -81,6 +84,16 @@ def isolation(value: object) -> Isolation:
     if value == "inline":
         return "inline"
     raise UsageError.invalid("isolation", _shown(value), "use sandbox or inline")
+
+
+def cache(value: object) -> Cache:
+    """How the output is written and flushed: one of qemu's cache modes."""
+    for mode in CACHE_MODES:
+        if value == mode:
+            return mode
+    raise UsageError.invalid(
+        "cache", _shown(value), "use none, writeback, writethrough, directsync or unsafe"
+    )
 
 
 def progress_mode(value: str) -> str:

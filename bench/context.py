@@ -138,8 +138,11 @@ class Bench:
         fmt_in: str = "raw",
         fmt_out: str = "raw",
         progress_json: bool = False,
+        cache: str | None = None,
     ) -> Argv:
         argv = [self.config.aiodd, f"--isolation={isolation}", "-f", fmt_in, "-O", fmt_out]
+        if cache is not None:
+            argv += ["-t", cache]
         if progress_json:
             argv.append("--progress=json")
         return (*argv, f"if={src}", f"of={dst}", f"bs={bs}")
