@@ -481,7 +481,7 @@ async def clone_stream(
     start: int,
     length: int,
     meter: ProgressMeter,
-    chunk: int = CLONE_CHUNK,
+    chunk: int | None = None,
 ) -> int:
     """Have the kernel copy ``source[start:start+length]`` to the output's offset 0.
 
@@ -493,6 +493,7 @@ async def clone_stream(
     filesystem that cannot (``EINVAL``, ``EOPNOTSUPP``, ``ENOSYS``), or a real one,
     which the pipeline then meets again and reports in its own words.
     """
+    chunk = chunk or CLONE_CHUNK
     length -= length % CLONE_ALIGN
     done = reported = 0
     while done < length:
