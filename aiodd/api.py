@@ -149,12 +149,21 @@ def _clone_source(
     if input_format != "raw" and not (isolation == "inline" and disk.format_name == "raw"):
         return None
     image = next((file for file in policy.opened if file.kind == "image"), None)
+
+    def same(st: os.stat_result) -> bool:
+        return (
+            image is not None and stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == image.key
+        )
+
     try:
-        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        # Looked at before it is opened, and without waiting: a name swapped for a FIFO
+        # or a device in the meantime is neither waited on nor opened.
+        if not same(os.stat(src)):
+            return None
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
-    st = os.fstat(fd)
-    if image is None or not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != image.key:
+    if not same(os.fstat(fd)):
         os.close(fd)
         return None
     return fd

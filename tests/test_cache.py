@@ -19,12 +19,13 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 import aiodd
-from aiodd import options
+from aiodd import chain, options
 from aiodd.cli import parse_args
 from aiodd.errors import StageError, UsageError
 from aiodd.io import filesystem_magic
@@ -218,6 +219,27 @@ def test_copy_file_range_only_where_allowed(
         # From the window's start, to the output's start; the unaligned tail is the
         # pipeline's.
         assert calls.copy_range[0][1:] == (3000, 0)
+
+
+def test_a_name_swapped_after_the_open_is_not_copied(
+    source: tuple[Path, bytes], tmp_path: Path, calls: Calls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's copy reopens the name: another file there now is never copied."""
+    src, data = source
+    impostor = tmp_path / "impostor.raw"
+    impostor.write_bytes(b"\xee" * len(data))
+    real_open = chain.open_input
+
+    def open_then_swap(*args: Any, **kwargs: Any) -> Any:
+        disk = real_open(*args, **kwargs)
+        os.rename(impostor, src)
+        return disk
+
+    monkeypatch.setattr(chain, "open_input", open_then_swap)
+    out = tmp_path / "out.raw"
+    _dd(src, out, cache="unsafe", isolation="inline")
+    assert out.read_bytes() == _padded(data)  # the file the chain opened
+    assert calls.copy_range == []
 
 
 def test_no_copy_file_range_into_another_format(tmp_path: Path, calls: Calls) -> None:
