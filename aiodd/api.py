@@ -19,11 +19,11 @@ from aiodd.errors import UsageError
 from aiodd.formats import registry as encoders
 from aiodd.formats.base import VirtualDisk
 from aiodd.locks import OutputLock
-from aiodd.options import Isolation
+from aiodd.options import Cache, Isolation
 from aiodd.pipeline.run import run_pipeline
 from aiodd.policy import Policy
 from aiodd.progress import ProgressCallback, ProgressMeter
-from aiodd.stages.sink import OutputFile
+from aiodd.stages.sink import OutputFile, clone_stream
 from aiodd.window import Window, compute_window
 
 SKIP_WARNING = "cannot skip to specified offset"
@@ -146,6 +146,49 @@ def _check_output(src: str, dst: str, policy: Policy) -> None:
                 )
 
 
+def _clone_source(
+    src: str,
+    disk: VirtualDisk,
+    policy: Policy,
+    *,
+    cache: Cache,
+    isolation: Isolation,
+    input_format: str | None,
+    output_format: str,
+) -> int | None:
+    """A descriptor on the input for ``copy_file_range``, or None where the copy may not
+    bypass the pipeline (docs/usage.md, "-t CACHE"; docs/security.md, "The guest reader").
+
+    Only raw to raw, in the page-cache modes, and only where this process knows the
+    input is raw without having read it in the guest: it decoded the input itself
+    (inline), or the caller said ``-f raw``; never on the guest's word.  The name is
+    opened again, so it must still be the very file the chain opened (by inode).
+    """
+    if cache not in ("writeback", "unsafe") or output_format != "raw":
+        return None
+    if input_format != "raw" and not (isolation == "inline" and disk.format_name == "raw"):
+        return None
+    image = next((file for file in policy.opened if file.kind == "image"), None)
+
+    def same(st: os.stat_result) -> bool:
+        return (
+            image is not None and stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == image.key
+        )
+
+    try:
+        # Looked at before it is opened, and without waiting: a name swapped for a FIFO
+        # or a device in the meantime is neither waited on nor opened.
+        if not same(os.stat(src)):
+            return None
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    if not same(os.fstat(fd)):
+        os.close(fd)
+        return None
+    return fd
+
+
 async def dd(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -164,6 +207,7 @@ async def dd(
     force_share: bool = False,
     checksum: str | None = None,
     sparse: bool = False,
+    cache: Cache = "none",
 ) -> DdResult:
     """Copy the window ``skip*bs`` … ``count*bs`` of ``src``'s virtual disk to ``dst``.
 
@@ -185,6 +229,11 @@ async def dd(
     that hold only zeros unallocated (holes in a raw file); on a block device, which
     has no holes, the zeros are written.  See docs/usage.md, "Checksum" and "Sparse
     output".
+
+    ``cache`` is ``-t``: how the output reaches the disk, in qemu's words (``none``,
+    ``writeback``, ``writethrough``, ``directsync``, ``unsafe``); see docs/usage.md,
+    "-t CACHE".  ``unsafe`` skips every flush: the output is still complete or absent,
+    but not durable across a power cut.
     """
     started = time.monotonic()
     warnings: list[str] = []
@@ -194,6 +243,7 @@ async def dd(
     src_path, dst_path = os.fspath(src), os.fspath(dst)
     encoders.check_output_format(output_format)
     isolation = options.isolation(isolation)
+    cache = options.cache(cache)
     io_size = options.io_size(io_size)
     hasher = None if checksum is None else hashlib.new(options.checksum(checksum))
     policy = Policy(allow_backing, force_share=force_share)
@@ -233,9 +283,10 @@ async def dd(
             # A cancel that comes while a worker thread creates the output waits for
             # it, and takes effect at the next await: within the try blocks that close it.
             output = await anyio.to_thread.run_sync(
-                lambda: OutputFile.create(dst_path, plan.file_size, raw=raw)
+                lambda: OutputFile.create(dst_path, plan.file_size, raw=raw, cache=cache)
             )
             pool: BufferPool | None = None
+            source: int | None = None
             try:
                 guard.hold(output.fd, dst_path)
                 pool = BufferPool(DEFAULT_COUNT, io_size, memory)
@@ -245,17 +296,42 @@ async def dd(
                     if sparse and not output.device
                     else None
                 )
-                await run_pipeline(
-                    disk,
-                    window.start,
-                    window.end,
-                    plan,
-                    output,
-                    pool,
-                    meter,
-                    sparse=layout,
-                    hasher=hasher,
-                )
+                done = 0
+                # The kernel's copy bypasses the stages: not when a digest or holes are asked.
+                if not output.device and window.length and hasher is None and layout is None:
+                    source = _clone_source(
+                        src_path,
+                        disk,
+                        policy,
+                        cache=cache,
+                        isolation=isolation,
+                        input_format=input_format,
+                        output_format=output_format,
+                    )
+                if source is not None:
+                    meter.start()
+                    # Up to the input's end: the pipeline writes the zeros past it.
+                    length = min(window.end, os.fstat(source).st_size) - window.start
+                    done = await clone_stream(output, source, window.start, length, meter)
+                if not done:
+                    await run_pipeline(
+                        disk,
+                        window.start,
+                        window.end,
+                        plan,
+                        output,
+                        pool,
+                        meter,
+                        sparse=layout,
+                        hasher=hasher,
+                    )
+                elif done < plan.data_size:
+                    # What the kernel did not copy, and the tail: the usual way, after it.
+                    rest = encoders.plan(output_format, window.length - done)
+                    output.offset = done
+                    await run_pipeline(
+                        disk, window.start + done, window.end, rest, output, pool, meter
+                    )
                 file_size = plan.file_size if layout is None else layout.file_size
                 # A cancel during the flush (which the kernel finishes regardless) still
                 # undoes the copy; once the output is being put in place, that completes.
@@ -267,6 +343,8 @@ async def dd(
                 output.abort()
                 if pool is not None:
                     pool.close()
+                if source is not None:
+                    os.close(source)
             warnings.extend(output.warnings)
         finally:
             guard.close()

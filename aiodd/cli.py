@@ -30,14 +30,14 @@ from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS, check_input_format, che
 # command line is known good and the guest reader is starting: its start-up then
 # overlaps ours.
 if TYPE_CHECKING:
-    from aiodd.options import Isolation
+    from aiodd.options import Cache, Isolation
     from aiodd.terminal import Renderer
 
 PROG = "aiodd"
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
 
 HELP = """\
-usage: aiodd [-f FMT] [-O FMT] [-U] [--allow-backing DIR]... [--isolation=MODE]
+usage: aiodd [-f FMT] [-O FMT] [-t CACHE] [-U] [--allow-backing DIR]... [--isolation=MODE]
              [--require-isolation] [-p | --progress=MODE] [--checksum=ALGO] [--sparse]
              if=INPUT of=OUTPUT [bs=N] [count=N] [skip=N]
        aiodd -h | --help
@@ -66,6 +66,12 @@ a fraction needs a suffix (1.5M); 0x10 is hexadecimal.
 options:
   -f FMT               input format ({inputs}); default: detected
   -O FMT               output format ({outputs}); default: raw
+  -t CACHE             how the output reaches the disk, as qemu-img convert -t: none
+                       (default: past the page cache, flushed at the end), writeback
+                       (through the page cache, flushed at the end), writethrough (each
+                       write flushed), directsync (past the page cache, each write
+                       flushed), unsafe (never flushed: still complete or absent, but
+                       not durable across a power cut; raw to raw may copy in the kernel)
   -p                   show progress like qemu-img convert -p, on stdout:     (12.34/100%)
   --progress=MODE      none (default); percent (the same as -p); bar (for people, on
                        stderr: size copied / total, percent, rate, elapsed, ETA; redrawn
@@ -123,6 +129,7 @@ class Invocation:
     force_share: bool = False
     checksum: str | None = None
     sparse: bool = False
+    cache: Cache = "none"
     src: str | None = None
     dst: str | None = None
     bs: int = 512
@@ -138,6 +145,7 @@ class Invocation:
 _SPELLINGS = {
     "allow_backing": "--allow-backing",
     "checksum": "--checksum",
+    "cache": "-t",
     "isolation": "--isolation",
     "progress": "--progress",
 }
@@ -165,7 +173,7 @@ def _parse_args(argv: Sequence[str]) -> Invocation:
     try:
         opts, operands = getopt.gnu_getopt(
             list(argv),
-            "hf:O:pU",
+            "hf:O:pUt:",
             [
                 "help",
                 "version",
@@ -192,6 +200,8 @@ def _parse_args(argv: Sequence[str]) -> Invocation:
             inv.input_format = check_input_format(value)
         elif opt == "-O":
             inv.output_format = check_output_format(value)
+        elif opt == "-t":
+            inv.cache = options.cache(value)
         elif opt == "-p":
             inv.progress = "percent"
         elif opt == "--progress":
@@ -280,6 +290,7 @@ async def _run(inv: Invocation) -> None:
             force_share=inv.force_share,
             checksum=inv.checksum,
             sparse=inv.sparse,
+            cache=inv.cache,
         )
     except BaseException:
         if renderer is not None:

@@ -29,6 +29,9 @@ from aiodd.window import (
 
 Isolation = Literal["auto", "kvm", "sandbox", "inline"]
 ISOLATION_MODES: tuple[Isolation, ...] = ("auto", "kvm", "sandbox", "inline")
+# qemu's cache modes, spelled as qemu-img convert -t spells them (docs/usage.md, "-t CACHE").
+Cache = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
+CACHE_MODES: tuple[Cache, ...] = ("none", "writeback", "writethrough", "directsync", "unsafe")
 PROGRESS_MODES = ("none", "percent", "bar", "json")
 # The digests --checksum offers, by their hashlib names: strong, and fast enough in
 # hashlib to keep up with the disk (docs/usage.md, "Checksum").
@@ -86,6 +89,16 @@ def isolation(value: object) -> Isolation:
         if value == mode and isinstance(value, str):
             return mode
     raise UsageError.invalid("isolation", _shown(value), "use auto, kvm, sandbox or inline")
+
+
+def cache(value: object) -> Cache:
+    """How the output is written and flushed: one of qemu's cache modes."""
+    for mode in CACHE_MODES:
+        if value == mode:
+            return mode
+    raise UsageError.invalid(
+        "cache", _shown(value), "use none, writeback, writethrough, directsync or unsafe"
+    )
 
 
 def progress_mode(value: str) -> str:

@@ -66,8 +66,13 @@ class ProgressMeter:
         self._isolation = isolation
         self._start = time.monotonic()
         self._last = float("-inf")
+        self._started = False
 
     def start(self) -> None:
+        """The first event; once only, as a copy may hand its rest to a second pass."""
+        if self._started:
+            return
+        self._started = True
         self._start = time.monotonic()
         self._emit(force=True)
 

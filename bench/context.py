@@ -144,8 +144,11 @@ class Bench:
         fmt_out: str = "raw",
         progress_json: bool = False,
         options: tuple[str, ...] = (),
+        cache: str | None = None,
     ) -> Argv:
         argv = [self.config.aiodd, f"--isolation={isolation}", "-f", fmt_in, "-O", fmt_out]
+        if cache is not None:
+            argv += ["-t", cache]
         if progress_json:
             argv.append("--progress=json")
         argv += options

@@ -6,6 +6,7 @@ import errno
 import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -178,8 +179,8 @@ def test_a_real_copy_goes_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     outputs: list[OutputFile] = []
     real_create = OutputFile.create
 
-    def create(path: str, size: int, *, raw: bool) -> OutputFile:
-        out = real_create(path, size, raw=raw)
+    def create(path: str, size: int, **options: Any) -> OutputFile:
+        out = real_create(path, size, **options)
         outputs.append(out)
         return out
 

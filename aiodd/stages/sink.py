@@ -16,6 +16,10 @@ is also what made half of the buffered copies two to three times slower.  Whatev
 filesystem refuses to take directly (unaligned pieces, small metadata) is written
 through the page cache, and so is everything on a filesystem that is not a local
 disk's (NFS, tmpfs, FUSE...).
+
+That is the default cache mode, ``none``; the others (``-t``, qemu's names) change
+only how the bytes reach the disk and when they are flushed, never where the file is
+made or how it is put in place: docs/usage.md, "-t CACHE", says what each promises.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from aiodd.buffers import BufferPool, Bytes, WriteOp
 from aiodd.errors import OutputError, UsageError
 from aiodd.io import filesystem_magic
+from aiodd.options import Cache
 from aiodd.progress import ProgressMeter
 
 
@@ -150,6 +155,7 @@ class OutputFile:
         temp_path: str | None = None,
         unnamed: bool = False,
         replacing: bool = False,
+        cache: Cache = "none",
     ) -> None:
         self.fd = fd
         self.path = path
@@ -162,13 +168,22 @@ class OutputFile:
         self.replacing = replacing
         self.published = False
         self.warnings: list[str] = []
-        direct_path = _proc_fd(fd) if unnamed else (temp_path or path)
-        self.direct_fd = _open_direct(direct_path, fd, device=self.device)
+        self.cache = cache
+        # qemu's cache.direct: past the page cache; cache.writeback off: each write is
+        # on disk before the next; cache.no-flush: no flush at the end either.
+        self._sync_each = cache in ("writethrough", "directsync")
+        self.durable = cache != "unsafe"
+        self.direct_fd: int | None = None
+        if cache in ("none", "directsync"):
+            direct_path = _proc_fd(fd) if unnamed else (temp_path or path)
+            self.direct_fd = _open_direct(direct_path, fd, device=self.device)
         self._alignment = 0
         self.direct_bytes = 0  # written through O_DIRECT, for tests and the bench
+        # Where the writes' offset 0 lies in the file: past what a clone put in place.
+        self.offset = 0
 
     @classmethod
-    def create(cls, path: str, size: int, *, raw: bool) -> OutputFile:
+    def create(cls, path: str, size: int, *, raw: bool, cache: Cache = "none") -> OutputFile:
         if not path:
             raise UsageError("of= names no file")
         try:
@@ -179,7 +194,7 @@ class OutputFile:
         except OSError as exc:
             raise OutputError(f"{path}: cannot create output: {exc.strerror}") from None
         if st is not None and stat.S_ISBLK(st.st_mode):
-            return cls._open_device(path, size, raw=raw)
+            return cls._open_device(path, size, raw=raw, cache=cache)
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise OutputError(f"{path}: cannot create output: Is a directory")
         if st is not None and not stat.S_ISREG(st.st_mode):
@@ -206,6 +221,7 @@ class OutputFile:
                 temp_path=temp,
                 unnamed=temp is None,
                 replacing=st is not None,
+                cache=cache,
             )
         except BaseException:
             os.close(fd)
@@ -222,7 +238,7 @@ class OutputFile:
         return out
 
     @classmethod
-    def _open_device(cls, path: str, size: int, *, raw: bool) -> OutputFile:
+    def _open_device(cls, path: str, size: int, *, raw: bool, cache: Cache) -> OutputFile:
         if not raw:
             raise UsageError(f"{path}: only raw output can be written into a block device")
         try:
@@ -240,7 +256,7 @@ class OutputFile:
         if capacity < size:
             os.close(fd)
             raise OutputError(f"{path}: the device holds {capacity} bytes, the output needs {size}")
-        return cls(fd, os.path.realpath(path), name=path)
+        return cls(fd, os.path.realpath(path), name=path, cache=cache)
 
     def _keep_attributes(self, old: os.stat_result) -> None:
         """Give the new file the replaced one's owner, group and mode, as writing into
@@ -279,10 +295,14 @@ class OutputFile:
     def write(self, writes: list[tuple[int, Bytes]]) -> None:
         try:
             for offset, data in writes:
+                offset += self.offset
                 view = memoryview(data).cast("B")
                 done = self._write_direct(offset, view) if self.direct_fd is not None else 0
                 if done < len(view):
                     self._write_buffered(offset + done, view[done:])
+            if self._sync_each and writes:
+                # qemu's write-through: the write is on disk before the next one starts.
+                os.fdatasync(self.fd)
         except OSError as exc:
             raise OutputError(f"{self.name}: write failed: {exc.strerror}") from None
 
@@ -321,7 +341,8 @@ class OutputFile:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
-        if _sync_file_range is not None and offset - start >= 1 << 20:
+        hint = self.cache in ("none", "writeback")  # the others flush at once, or never
+        if hint and _sync_file_range is not None and offset - start >= 1 << 20:
             # Start writeback now, so the fsync before the rename finds little
             # left to do: flushing overlaps copying instead of following it.
             _sync_file_range(self.fd, start, offset - start, _SYNC_FILE_RANGE_WRITE)
@@ -333,12 +354,14 @@ class OutputFile:
             self.direct_fd = None
 
     def flush(self, size: int) -> None:
-        """Finish the file at ``size`` bytes and make it durable; still invisible."""
+        """Finish the file at ``size`` bytes and make it durable (unless ``unsafe``);
+        still invisible."""
         try:
             if not self.device:
                 os.ftruncate(self.fd, size)
-            # fsync works on the inode: it covers what went through either descriptor.
-            os.fsync(self.fd)
+            if self.durable:
+                # fsync works on the inode: it covers what went through either descriptor.
+                os.fsync(self.fd)
         except OSError as exc:
             raise OutputError(f"{self.name}: cannot finish output: {exc.strerror}") from None
 
@@ -351,7 +374,8 @@ class OutputFile:
                 try:
                     self._link_into_place(dir_fd)
                     self.published = True
-                    os.fsync(dir_fd)
+                    if self.durable:
+                        os.fsync(dir_fd)
                 finally:
                     os.close(dir_fd)
             self.published = True
@@ -437,3 +461,54 @@ async def sink_stream(
                     pool.release(op.chunk.buffer)
             if op.data_bytes:
                 meter.advance(op.data_bytes)
+
+
+# Each copy_file_range call is one worker-thread job: between two of them the copy
+# can be cancelled and progress reported, as between two buffers of the pipeline.
+CLONE_CHUNK = 64 << 20
+# What a partial clone leaves for the pipeline starts on this boundary, so that the
+# pipeline's writes stay aligned for O_DIRECT and its 512-byte padding ends where the
+# whole window's does.
+CLONE_ALIGN = 4096
+
+
+def _copy_range(source: int, target: int, length: int, src: int, dst: int) -> int:
+    return os.copy_file_range(source, target, length, src, dst)
+
+
+async def clone_stream(
+    output: OutputFile,
+    source: int,
+    start: int,
+    length: int,
+    meter: ProgressMeter,
+    chunk: int | None = None,
+) -> int:
+    """Have the kernel copy ``source[start:start+length]`` to the output's offset 0.
+
+    ``copy_file_range`` copies inside the kernel, or shares the blocks where the
+    filesystem can (btrfs, xfs): no byte passes through this process.  Returns how many
+    bytes are in place, a multiple of :data:`CLONE_ALIGN` (the caller's pipeline writes
+    the rest): all of ``length`` rounded down, or less where the kernel stopped.  Any
+    error stops the clone without raising: cross-filesystem (``EXDEV``), a file or
+    filesystem that cannot (``EINVAL``, ``EOPNOTSUPP``, ``ENOSYS``), or a real one,
+    which the pipeline then meets again and reports in its own words.
+    """
+    chunk = chunk or CLONE_CHUNK
+    length -= length % CLONE_ALIGN
+    done = reported = 0
+    while done < length:
+        try:
+            n = await anyio.to_thread.run_sync(
+                _copy_range, source, output.fd, min(chunk, length - done), start + done, done
+            )
+        except OSError:
+            break
+        if n <= 0:
+            break  # the input ended early: it shrank since it was opened
+        done += n
+        whole = done - done % CLONE_ALIGN
+        if whole > reported:
+            meter.advance(whole - reported)
+            reported = whole
+    return reported
