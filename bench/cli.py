@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import cache, features, inputs, isolation, machine, outputs, raw
+from bench import cache, features, inputs, isolation, kvm, machine, outputs, raw
 from bench.context import FULL, QUICK, Bench, Config
 from bench.measure import MiB
 from bench.report import Floor, Section, render_floors, render_section
@@ -22,6 +22,7 @@ SECTIONS: dict[str, Callable[[Bench], Section]] = {
     "inputs": inputs.run,
     "outputs": outputs.run,
     "isolation": isolation.run,
+    "kvm": kvm.run,
     "checksum": features.run_checksum,
     "sparse": features.run_sparse,
     "cache": cache.run,

@@ -104,6 +104,40 @@ class Data:
             self._made[path] = f"{kind.label} of {raw.name}"
         return path
 
+    def qcow2_chain(self, size: int) -> tuple[Path, Path]:
+        """A 3-layer qcow2 chain over ``image(qcow2)``: two overlays, each with 64 writes of
+        1 MiB spread over the disk (qemu-io), and the chain converted to raw by qemu-img
+        (the expected output).  Returns (top, raw)."""
+        base = self.image(ImageKind("qcow2", "qcow2", "qcow2", (), False), size)
+        top = self._dir / f"chain-top-{size}.qcow2"
+        expected = self._dir / f"chain-{size}.raw"
+        if top in self._made:
+            return top, expected
+        mib = 1 << 20
+        below = base
+        for level, name in enumerate(("mid", "top")):
+            path = self._dir / f"chain-{name}-{size}.qcow2"
+            self._log(f"making {path.name} (an overlay of {below.name}, 64 MiB written)")
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-b", below.name, "-F", "qcow2",
+                 str(path)],
+                check=True,
+            )  # fmt: skip
+            writes: list[str] = []
+            for n in range(64):
+                at = (n * (size // 64) + (level + 1) * 3 * mib) // mib * mib % (size - mib)
+                writes += ["-c", f"write -P {0x40 + 16 * level + n % 16} {at} {mib}"]
+            subprocess.run(
+                ["qemu-io", "-f", "qcow2", *writes, str(path)], check=True, capture_output=True
+            )
+            self._made[path] = f"qcow2 overlay of {below.name}, 64 MiB written"
+            below = path
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(top), str(expected)], check=True
+        )
+        self._made[expected] = f"{top.name} converted to raw (the expected output)"
+        return top, expected
+
     def sparse(self, size: int) -> Path:
         """A raw file of ``size`` bytes with no data blocks (``truncate``)."""
         path = self._dir / f"sparse-{size}.raw"

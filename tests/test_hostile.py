@@ -8,7 +8,7 @@ Each must end with exit status 1 and exactly one line ``aiodd: ...`` on stderr n
 the rule or the structure, and leave nothing behind: no output, no temporary file, no
 process, and the secret's bytes in no file and no message.  Each run is bounded in time
 (a timeout) and in memory (the peak resident size of aiodd and its guest, from
-``wait4``).
+``wait4`` in a small process that starts aiodd: ``run_aiodd`` says why).
 
 ``test_qemu_img_dd_on_the_same_corpus`` runs ``qemu-img dd`` on the reference cases and
 checks what it does with them today: it copies the secret in the cases marked
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -102,15 +101,38 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+# Runs the command as its own child and reports that child's rusage: a process started by
+# the test itself would inherit the test process's peak RSS (vfork shares its memory until
+# exec), so a memory-hungry test earlier in the run would fail every case here.
+_MEASURE = """
+import os, resource, signal, subprocess, sys
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+proc = subprocess.Popen(sys.argv[3:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
+code = os.waitstatus_to_exitcode(status)
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
 def run_aiodd(tree: Tree, args: Sequence[str], isolation: str, timeout: float = TIMEOUT) -> Run:
     """``aiodd --isolation=MODE ARGS`` in ``tree.img``, in its own process group."""
     env = dict(os.environ)
     env[ENV_VAR] = tree.env_marker
     command = [sys.executable, "-m", "aiodd", f"--isolation={isolation}", *args]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.NamedTemporaryFile("r") as usage_file,
+    ):
         started = time.monotonic()
         proc = subprocess.Popen(
-            command,
+            [sys.executable, "-c", _MEASURE, usage_file.name, str(FILE_LIMIT), *command],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
@@ -118,17 +140,15 @@ def run_aiodd(tree: Tree, args: Sequence[str], isolation: str, timeout: float = 
             env=env,
             start_new_session=True,
         )
-        with contextlib.suppress(ProcessLookupError):
-            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
         timed_out = False
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() - started > timeout:
                 timed_out = True
                 os.killpg(proc.pid, signal.SIGKILL)
-                pid, status, usage = os.wait4(proc.pid, 0)
+                pid, status, _ = os.wait4(proc.pid, 0)
                 break
             time.sleep(0.005)
         elapsed = time.monotonic() - started
@@ -144,13 +164,15 @@ def run_aiodd(tree: Tree, args: Sequence[str], isolation: str, timeout: float = 
                 os.killpg(proc.pid, signal.SIGKILL)
         out.seek(0)
         err.seek(0)
+        measured = usage_file.read().split()
+        max_rss, cpu = (int(measured[0]) * 1024, float(measured[1])) if measured else (0, 0.0)
         return Run(
             status=proc.returncode,
             stdout=out.read().decode(errors="replace"),
             stderr=err.read().decode(errors="replace"),
             elapsed=elapsed,
-            cpu=usage.ru_utime + usage.ru_stime,
-            max_rss=usage.ru_maxrss * 1024,
+            cpu=cpu,
+            max_rss=max_rss,
             timed_out=timed_out,
             survivors=survivors,
         )

@@ -16,14 +16,17 @@ import random
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aiodd.errors import ImageError
+from aiodd.formats.base import VirtualDisk
 from aiodd.formats.qcow2 import decode as decoder
 from aiodd.formats.qcow2 import layout
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
@@ -622,6 +625,64 @@ def test_the_heap_holds_the_largest_cluster_and_zstd_window(hosted: Hosted) -> N
     )
     assert got is not None and got.reads[0] == PATTERN * (cs // CS)
     assert hosted.heap_peak < 24 * MiB
+
+
+# -- through the VMM -----------------------------------------------------------------------
+
+
+def _python_disk(data: bytes, files: dict[str, bytes]) -> VirtualDisk:
+    return decoder.open_disk(MemFile(data, NAME), ChainResolver(files))
+
+
+def _kvm_outcome(reader: object, data: bytes, files: dict[str, bytes]) -> Outcome | None:
+    kvm_reader: Any = reader
+    try:
+        disk = kvm_reader.open_disk(MemFile(data, NAME), ChainResolver(files), "qcow2")
+    except ImageError as exc:
+        if type(exc).__name__ == "GuestFormatError":
+            return None
+        return Outcome(None, (), (type(exc).__name__, str(exc)))
+    out: list[bytes | tuple[str, str]] = []
+    try:
+        for offset, length in plan(disk.virtual_size):
+            buf = bytearray(length)
+            try:
+                disk.read_into(offset, memoryview(buf))
+                out.append(bytes(buf))
+            except ImageError as exc:
+                out.append((type(exc).__name__, str(exc)))
+    finally:
+        disk.close()
+    return Outcome(disk.virtual_size, tuple(out))
+
+
+def test_the_guest_in_its_vm_reads_as_python(hosted: Hosted) -> None:
+    """The shipped guest.elf, in a micro-VM, under the VMM's reader: the named cases and
+    their mutations read as Python reads them (the error records, the names the guest
+    opens, the slots) -- where KVM runs and the reader is built."""
+    if hosted.tiny_tables:
+        pytest.skip("the shipped guest has the guest's budgets")
+    from aiodd.guest.kvm import availability
+
+    available, why = availability()
+    if not available:
+        pytest.skip(f"KVM guest reader unavailable: {why}")
+    module: Any = pytest.importorskip("aiodd.guest.kvm.reader")
+    reader = module.KvmReader(NAME)
+    rng = random.Random(3)
+    cases = [(data, files) for _, data, files in NAMED]
+    for _ in range(200):
+        _, data, files = NAMED[rng.randrange(len(NAMED))]
+        edits = [(rng.randrange(8 * CS), rng.randrange(256)) for _ in range(rng.randrange(1, 7))]
+        cases.append((_mutate(data, edits), files))
+    try:
+        for data, files in cases:
+            expected = python_outcome(partial(_python_disk, data, files), plan)
+            got = _kvm_outcome(reader, data, files)
+            if got is not None:
+                assert got == expected
+    finally:
+        reader.close()
 
 
 # -- batching -------------------------------------------------------------------------------

@@ -686,7 +686,7 @@ class GuestVM:
             raise self._broke(
                 f"error message of {length} bytes, more than {L.REQ_SIZE - L.ERROR.size}"
             )
-        message = req[L.ERROR.size : L.ERROR.size + length].decode("utf-8", "replace")
+        message = req[L.ERROR.size : L.ERROR.size + length].decode("utf-8", "surrogateescape")
         kind = ImageError if status == L.E_IMAGE else UnsupportedImageError
         return kind(self.files[layer].name, message, FORMAT_NAMES.get(self.formats[layer]))
 
