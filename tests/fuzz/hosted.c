@@ -153,7 +153,8 @@ uint32_t host_open(uint32_t referrer, uint32_t kind, const char *name, size_t na
                    const char *format, size_t format_length, struct host_file *file) {
     host.doorbells++;
     check(referrer < host.count, "an open for a handle the host did not give");
-    check(kind == AIODD_REF_BACKING || kind == AIODD_REF_DATA_FILE, "an unknown reference kind");
+    check(kind == AIODD_REF_BACKING || kind == AIODD_REF_DATA_FILE || kind == AIODD_REF_PARENT,
+          "an unknown reference kind");
     check(name_length + format_length + sizeof(struct aiodd_open_req) <= AIODD_REQ_SIZE,
           "an open request larger than REQ");
     if (host.opener == NULL) {

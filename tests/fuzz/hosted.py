@@ -23,10 +23,10 @@ from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.formats.foreign import PROBE_SIZE
 from aiodd.formats.registry import detect
 
-FMT_NONE, FMT_RAW, FMT_QCOW2 = 0, 1, 2
-REF_BACKING, REF_DATA_FILE = 1, 2
+FMT_NONE, FMT_RAW, FMT_QCOW2, FMT_VHDX = 0, 1, 2, 5
+REF_BACKING, REF_DATA_FILE, REF_PARENT = 1, 2, 4
 E_IMAGE, E_UNSUPPORTED, E_REFUSED = 6, 7, 8
-GUEST_FORMATS = {"raw": FMT_RAW, "qcow2": FMT_QCOW2}
+GUEST_FORMATS = {"raw": FMT_RAW, "qcow2": FMT_QCOW2, "vhdx": FMT_VHDX}
 
 OPENER = ctypes.CFUNCTYPE(
     ctypes.c_uint32,
@@ -179,7 +179,11 @@ class Hosted:
         if kind == REF_DATA_FILE:
             file = resolver.open_file(Reference("data_file", text, referrer_name))
             return self._add(file.pread(0, file.size), file.name, None), file.size, FMT_NONE
-        file, below = resolver.open_layer(Reference("backing", text, referrer_name, declared))
+        if kind == REF_PARENT:  # a differencing disk's parent: never a declared format
+            ref = Reference("parent", text, referrer_name)
+        else:
+            ref = Reference("backing", text, referrer_name, declared)
+        file, below = resolver.open_layer(ref)
         detected = declared
         if detected is None:
             detected = detect(file.pread(0, PROBE_SIZE), file.name)

@@ -592,7 +592,8 @@ uint32_t qcow2_open(struct layer *layer, unsigned depth) {
         if (status != AIODD_OK) {
             return status;
         }
-        if (file.format != AIODD_FMT_RAW && file.format != AIODD_FMT_QCOW2) {
+        if (file.format != AIODD_FMT_RAW && file.format != AIODD_FMT_QCOW2 &&
+            file.format != AIODD_FMT_VHDX) {
             host_fault();
         }
         status = disk_open_layer(file.handle, file.format, file.size, depth + 1, &q->backing);

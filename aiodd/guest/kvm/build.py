@@ -19,7 +19,11 @@ RUNTIME = HERE / "runtime"
 SRC = HERE / "src"
 FORMATS = HERE.parent.parent / "formats"
 # The decoders live beside their Python twins (aiodd/formats/<name>/guest.c).
-DECODERS = (FORMATS / "qcow2" / "guest.c", FORMATS / "raw" / "guest.c")
+DECODERS = (
+    FORMATS / "qcow2" / "guest.c",
+    FORMATS / "raw" / "guest.c",
+    FORMATS / "vhdx" / "guest.c",
+)
 GUEST_SOURCES = (
     SRC / "main.c",
     SRC / "disk.c",

@@ -80,6 +80,7 @@ struct aiodd_desc {
 #define AIODD_FMT_NONE 0   /* a plain file (an external data file) */
 #define AIODD_FMT_RAW 1
 #define AIODD_FMT_QCOW2 2
+#define AIODD_FMT_VHDX 5
 
 /* Status codes, both directions. */
 #define AIODD_OK 0
@@ -116,6 +117,7 @@ struct aiodd_open_req {
 };
 #define AIODD_REF_BACKING 1
 #define AIODD_REF_DATA_FILE 2
+#define AIODD_REF_PARENT 4  /* a differencing disk's parent (vhdx) */
 
 /* READY's body with AIODD_E_IMAGE or AIODD_E_UNSUPPORTED: the message (UTF-8, no NUL),
  * about the file of handle `layer`.  The host prefixes the file's name. */

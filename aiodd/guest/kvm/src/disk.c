@@ -3,6 +3,7 @@
 
 #include "qcow2/guest.h"
 #include "raw/guest.h"
+#include "vhdx/guest.h"
 
 /* What the open image may hold of the heap: its tables whole (L1s) and the cache of the
  * others (L2 tables, and L1s too large to hold).  Together well under half the heap:
@@ -107,6 +108,8 @@ uint32_t disk_open_layer(uint32_t handle, uint32_t format, uint64_t file_size, u
         return raw_open(layer);
     case AIODD_FMT_QCOW2:
         return qcow2_open(layer, depth);
+    case AIODD_FMT_VHDX:
+        return vhdx_open(layer, depth);
     default:
         return AIODD_E_REQUEST;
     }
@@ -141,7 +144,7 @@ static uint32_t cache_init(void) {
 uint32_t disk_open(uint32_t format, uint64_t file_size, uint64_t *virtual_size) {
     disk_close();
     disk.held_left = TABLES_HELD_BUDGET;
-    if (format != AIODD_FMT_RAW && format != AIODD_FMT_QCOW2) {
+    if (format != AIODD_FMT_RAW && format != AIODD_FMT_QCOW2 && format != AIODD_FMT_VHDX) {
         return AIODD_E_REQUEST;
     }
     if (file_size > INT64_MAX_U) {
@@ -350,6 +353,9 @@ uint32_t disk_read_layer(struct reader *r, struct layer *layer, uint64_t offset,
                          unsigned char *dest, uint64_t length) {
     if (layer->format == AIODD_FMT_QCOW2) {
         return qcow2_read(r, layer, offset, dest, length);
+    }
+    if (layer->format == AIODD_FMT_VHDX) {
+        return vhdx_read(r, layer, offset, dest, length);
     }
     return raw_read(r, layer, offset, dest, length);
 }

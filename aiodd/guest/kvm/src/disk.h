@@ -24,6 +24,7 @@
 #define DISK_MAX_DEPTH 256u
 
 struct qcow2;
+struct vhdx;
 
 struct layer {
     uint32_t handle;
@@ -31,6 +32,7 @@ struct layer {
     uint64_t file_size;
     uint64_t virtual_size;
     struct qcow2 *qcow2;
+    struct vhdx *vhdx;
 };
 
 struct reader;
