@@ -29,10 +29,17 @@ from aiodd.formats.vhdx import layout as L
 from tests import hostile
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
 from tests.fuzz.build import HostedBuildError, build_library
-from tests.fuzz.hosted import FMT_VHDX, ChainResolver, Hosted, MemFile, NotInGuest, Outcome
-from tests.fuzz.hosted import python_outcome
-from tests.test_decode_vhdx import WRITES, Image, dirty_guid, log_entry, make_differencing
-from tests.test_decode_vhdx import put_log
+from tests.fuzz.hosted import (
+    FMT_VHDX,
+    ChainResolver,
+    Hosted,
+    MemFile,
+    NotInGuest,
+    Outcome,
+    python_outcome,
+)
+from tests.hostile import VhdxImage as Image
+from tests.test_decode_vhdx import WRITES, dirty_guid, log_entry, make_differencing, put_log
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -156,7 +163,9 @@ QEMU_CASES = [
 
 
 @needs_qemu
-@pytest.mark.parametrize(("size", "opts"), [c[1:] for c in QEMU_CASES], ids=[c[0] for c in QEMU_CASES])
+@pytest.mark.parametrize(
+    ("size", "opts"), [c[1:] for c in QEMU_CASES], ids=[c[0] for c in QEMU_CASES]
+)
 def test_qemu_images(hosted: Hosted, tmp_path: Path, size: str, opts: tuple[str, ...]) -> None:
     writes = [w for w in WRITES if not w.startswith("write -P 0x5a 17M") or size == "20M"]
     path = _make(tmp_path, "d.vhdx", size, *opts, writes=writes)
@@ -173,7 +182,11 @@ def test_empty_disk(hosted: Hosted, tmp_path: Path) -> None:
 @needs_qemu
 def test_4096_byte_logical_sectors(hosted: Hosted, tmp_path: Path) -> None:
     path = _make(
-        tmp_path, "d.vhdx", "12M", "block_size=1M", writes=["write -P 0x42 1M 5M", "write -P 0x43 11M 4k"]
+        tmp_path,
+        "d.vhdx",
+        "12M",
+        "block_size=1M",
+        writes=["write -P 0x42 1M 5M", "write -P 0x43 11M 4k"],
     )
     img = Image(path)
     struct.pack_into("<I", img.data, img.item_at(L.LOGICAL_SECTOR_GUID), 4096)
@@ -335,7 +348,11 @@ def _log_cases(tmp: Path) -> Iterator[tuple[str, bytes]]:
         8, guid, [(block0, PAGE), (block0 + 4096, PAGE[::-1]), (block0 + 12288, 20480)], size, size
     )
     newer = log_entry(
-        9, guid, [(block0 + 4096, bytes([7]) * 4096), (block0 + 8192, 8192), (block0, PAGE)], size, size
+        9,
+        guid,
+        [(block0 + 4096, bytes([7]) * 4096), (block0 + 8192, 8192), (block0, PAGE)],
+        size,
+        size,
     )
     at = log_length - 4096
     put_log(img, at, older)
@@ -390,7 +407,9 @@ def test_a_log_replay_changes_what_is_read(hosted: Hosted) -> None:
 
 
 @needs_qemu
-def test_a_log_larger_than_the_guest_holds_is_left_to_python(hosted: Hosted, tmp_path: Path) -> None:
+def test_a_log_larger_than_the_guest_holds_is_left_to_python(
+    hosted: Hosted, tmp_path: Path
+) -> None:
     img = _image(_small(("block_size=1M", "log_size=16M"), ("write -P 1 0 1M",)), tmp_path)
     guid = dirty_guid(img)
     size = len(img.data)
@@ -469,7 +488,10 @@ def test_a_chain_of_differencing_disks(hosted: Hosted, tmp_path: Path) -> None:
 
 LOCATORS = [
     ("absolute only", [("absolute_win32_path", "C:\\x\\base.vhdx")]),
-    ("absolute after empty relative", [("relative_path", ".\\"), ("absolute_win32_path", "base.raw")]),
+    (
+        "absolute after empty relative",
+        [("relative_path", ".\\"), ("absolute_win32_path", "base.raw")],
+    ),
     ("last key wins", [("relative_path", "nope"), ("relative_path", "base.raw")]),
     ("non-ascii", [("relative_path", "bäse\U0001f600.vhdx")]),
     ("no path", [("volume_path", "\\\\?\\Volume{x}\\base.vhdx")]),
@@ -583,8 +605,27 @@ def _mutation_bases() -> tuple[tuple[bytes, dict[str, bytes]], ...]:
         d = Path(tmp)
         files = _parents(d)
         out = [
-            (_make(d, "a.vhdx", "3M", "block_size=1M", writes=["write -P 0x55 0 1M", "write -P 6 2M 4k"]).read_bytes(), files),
-            (_make(d, "b.vhdx", "2M", "block_size=1M", "subformat=fixed", writes=["write -P 7 0 4k"]).read_bytes(), files),
+            (
+                _make(
+                    d,
+                    "a.vhdx",
+                    "3M",
+                    "block_size=1M",
+                    writes=["write -P 0x55 0 1M", "write -P 6 2M 4k"],
+                ).read_bytes(),
+                files,
+            ),
+            (
+                _make(
+                    d,
+                    "b.vhdx",
+                    "2M",
+                    "block_size=1M",
+                    "subformat=fixed",
+                    writes=["write -P 7 0 4k"],
+                ).read_bytes(),
+                files,
+            ),
             (_differencing(d, "base.raw"), files),
             (LOG_CASES[0][1], files),
             (LOG_CASES[7][1], files),
@@ -650,7 +691,9 @@ def test_mutated_images(
         mutated = _reseal_all(mutated)
     if cut % 5 == 0:
         mutated = mutated[: cut % len(mutated)]
-    compare(hosted, mutated, files, reads=lambda vs: [(0, min(vs, 4 * MiB)), (max(vs - 5000, 0), 9000)])
+    compare(
+        hosted, mutated, files, reads=lambda vs: [(0, min(vs, 4 * MiB)), (max(vs - 5000, 0), 9000)]
+    )
 
 
 def test_guid_constants_match_python() -> None:
