@@ -53,7 +53,7 @@ def test_a_fuzzing_run_finds_nothing(fuzzer: Path, tmp_path: Path) -> None:
     result = _run(
         fuzzer,
         f"-max_total_time={SECONDS}",
-        "-max_len=1048576",
+        "-max_len=3145728",  # the compact vhdx seeds are up to 2.7 MiB
         "-rss_limit_mb=2048",
         "-timeout=20",
         f"-artifact_prefix={tmp_path}/",

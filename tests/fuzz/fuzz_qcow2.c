@@ -2,9 +2,10 @@
  *
  * The input is an image, or a bundle of files: "AIODDFZ1" then, per file, a 32-bit
  * little-endian length and the bytes.  The first file is the image; the n-th file the
- * decoder asks for (a backing file, a data file) is file n.  A backing file declared
- * raw or qcow2 is that; undeclared, it is qcow2 when it starts like one (the probe),
- * raw otherwise; declared as anything else it is refused, as the host would.
+ * decoder asks for (a backing file, a data file, a vhdx parent) is file n.  A backing
+ * file declared raw or qcow2 is that; undeclared (a parent always), it is qcow2 or vhdx
+ * when it starts like one (the probe), raw otherwise; declared as anything else it is
+ * refused, as the host would.
  *
  * Each input is opened and its virtual disk read in a few commands: the start in
  * uneven chunks, then the end, each into a buffer of its exact size. */
@@ -26,6 +27,9 @@ static struct {
 } bundle;
 
 static uint32_t probe(const uint8_t *data, uint64_t size) {
+    if (size >= 8 && memcmp(data, "vhdxfile", 8) == 0) {
+        return AIODD_FMT_VHDX;
+    }
     if (size >= 8 && memcmp(data, "QFI\xfb", 4) == 0 &&
         ((uint32_t)data[4] << 24 | (uint32_t)data[5] << 16 | (uint32_t)data[6] << 8 | data[7]) >= 2) {
         return AIODD_FMT_QCOW2;

@@ -23,10 +23,10 @@ from aiodd.formats.base import RandomAccessFile, Reference, ReferenceKind, Virtu
 from aiodd.formats.foreign import PROBE_SIZE
 from aiodd.formats.registry import detect
 
-FMT_NONE, FMT_RAW, FMT_QCOW2, FMT_VMDK, FMT_VPC = 0, 1, 2, 3, 4
+FMT_NONE, FMT_RAW, FMT_QCOW2, FMT_VMDK, FMT_VPC, FMT_VHDX = 0, 1, 2, 3, 4, 5
 REF_BACKING, REF_DATA_FILE, REF_EXTENT, REF_PARENT = 1, 2, 3, 4
 E_IMAGE, E_UNSUPPORTED, E_REFUSED = 6, 7, 8
-GUEST_FORMATS = {"raw": FMT_RAW, "qcow2": FMT_QCOW2, "vmdk": FMT_VMDK, "vpc": FMT_VPC}
+GUEST_FORMATS = {"raw": FMT_RAW, "qcow2": FMT_QCOW2, "vmdk": FMT_VMDK, "vpc": FMT_VPC, "vhdx": FMT_VHDX}
 # The plain files a layer names, and the Reference kind the Python decoders give them.
 PLAIN_REFS: dict[int, ReferenceKind] = {REF_DATA_FILE: "data_file", REF_EXTENT: "extent"}
 
@@ -181,7 +181,8 @@ class Hosted:
         if kind in PLAIN_REFS:
             file = resolver.open_file(Reference(PLAIN_REFS[kind], text, referrer_name))
             return self._add(file.pread(0, file.size), file.name, None), file.size, FMT_NONE
-        # vmdk's parent is declared vmdk, as decode.open_disk declares it
+        # vmdk's parent is declared vmdk, as decode.open_disk declares it; vpc's and
+        # vhdx's never declare one
         ref_kind: ReferenceKind = "parent" if kind == REF_PARENT else "backing"
         file, below = resolver.open_layer(Reference(ref_kind, text, referrer_name, declared))
         detected = declared

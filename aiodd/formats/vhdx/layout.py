@@ -361,6 +361,9 @@ def parse_parameters(items: dict[bytes, bytes]) -> Parameters:
 _LOCATOR_HEADER = struct.Struct("<16s2xH")
 _LOCATOR_ENTRY = struct.Struct("<IIHH")
 PARENT_PATH_KEYS = ("relative_path", "volume_path", "absolute_win32_path")
+# A parent's name longer than a POSIX path can be is refused here, not passed on: no
+# file has it, and the KVM guest's open request has room for this much.
+MAX_PARENT_PATH = 4095
 
 
 def parse_parent_locator(raw: bytes) -> dict[str, str]:
@@ -395,6 +398,9 @@ def parent_path(entries: dict[str, str]) -> str:
             text = value.replace("\\", "/")
             while text.startswith("./"):
                 text = text[2:]
+            size = len(text.encode("utf-8"))
+            if size > MAX_PARENT_PATH:
+                raise LayoutError(f"vhdx parent path is too long ({size} bytes)")
             if text:
                 return text
     raise LayoutError("vhdx parent locator has no relative_path or absolute_win32_path")

@@ -24,6 +24,7 @@ DECODERS = (
     FORMATS / "raw" / "guest.c",
     FORMATS / "vmdk" / "guest.c",
     FORMATS / "vpc" / "guest.c",
+    FORMATS / "vhdx" / "guest.c",
 )
 GUEST_SOURCES = (
     SRC / "main.c",

@@ -83,6 +83,7 @@ struct aiodd_desc {
 #define AIODD_FMT_QCOW2 2
 #define AIODD_FMT_VMDK 3
 #define AIODD_FMT_VPC 4
+#define AIODD_FMT_VHDX 5
 
 /* Status codes, both directions. */
 #define AIODD_OK 0
@@ -122,7 +123,7 @@ struct aiodd_open_req {
 #define AIODD_REF_DATA_FILE 2
 #define AIODD_REF_EXTENT 3  /* a vmdk descriptor's extent: a plain file (AIODD_FMT_NONE) */
 #define AIODD_REF_PARENT 4  /* a differencing disk's parent: vpc (detected by the host),
-                            * vmdk (a parentFileNameHint, declared vmdk) */
+                            * vmdk (a parentFileNameHint, declared vmdk), vhdx */
 
 /* READY's body with AIODD_E_IMAGE or AIODD_E_UNSUPPORTED: the message (no NUL), about
  * the file of handle `layer`.  The host prefixes the file's name.  The message is UTF-8

@@ -3,6 +3,7 @@
 
 #include "qcow2/guest.h"
 #include "raw/guest.h"
+#include "vhdx/guest.h"
 #include "vmdk/guest.h"
 #include "vpc/guest.h"
 
@@ -92,7 +93,7 @@ uint32_t disk_read_in(uint32_t handle, uint64_t offset, uint64_t length, uint64_
 
 int disk_layer_format(uint32_t format) {
     return format == AIODD_FMT_RAW || format == AIODD_FMT_QCOW2 || format == AIODD_FMT_VMDK ||
-           format == AIODD_FMT_VPC;
+           format == AIODD_FMT_VPC || format == AIODD_FMT_VHDX;
 }
 
 uint32_t disk_open_layer(uint32_t handle, uint32_t format, uint64_t file_size, unsigned depth,
@@ -118,6 +119,8 @@ uint32_t disk_open_layer(uint32_t handle, uint32_t format, uint64_t file_size, u
         return vmdk_open(layer, depth);
     case AIODD_FMT_VPC:
         return vpc_open(layer, depth);
+    case AIODD_FMT_VHDX:
+        return vhdx_open(layer, depth);
     default:
         return AIODD_E_REQUEST;
     }
@@ -367,6 +370,9 @@ uint32_t disk_read_layer(struct reader *r, struct layer *layer, uint64_t offset,
     }
     if (layer->format == AIODD_FMT_VPC) {
         return vpc_read(r, layer, offset, dest, length);
+    }
+    if (layer->format == AIODD_FMT_VHDX) {
+        return vhdx_read(r, layer, offset, dest, length);
     }
     return raw_read(r, layer, offset, dest, length);
 }

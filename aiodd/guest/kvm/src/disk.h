@@ -2,8 +2,9 @@
  * decoders").
  *
  * An image is a chain of layers, each a file the host opened (a handle) decoded by one
- * format: raw (aiodd/formats/raw/guest.c), qcow2 (aiodd/formats/qcow2/guest.c) or vpc
- * (aiodd/formats/vpc/guest.c).  The
+ * format: raw (aiodd/formats/raw/guest.c), qcow2 (aiodd/formats/qcow2/guest.c), vmdk
+ * (aiodd/formats/vmdk/guest.c), vpc (aiodd/formats/vpc/guest.c) or vhdx
+ * (aiodd/formats/vhdx/guest.c).  The
  * layers, their L1 tables and a cache of their tables live below the heap mark taken
  * after CMD_OPEN; a command's scratch above it.
  *
@@ -27,15 +28,17 @@
 struct qcow2;
 struct vmdk;
 struct vpc;
+struct vhdx;
 
 struct layer {
     uint32_t handle;
-    uint32_t format;  /* AIODD_FMT_RAW, AIODD_FMT_QCOW2, AIODD_FMT_VMDK or AIODD_FMT_VPC */
+    uint32_t format;  /* AIODD_FMT_RAW, _QCOW2, _VMDK, _VPC or _VHDX */
     uint64_t file_size;
     uint64_t virtual_size;
     struct qcow2 *qcow2;
     struct vmdk *vmdk;
     struct vpc *vpc;
+    struct vhdx *vhdx;
 };
 
 struct reader;
