@@ -1896,6 +1896,18 @@ def vhdx_with_log(path: Path, log_size: str, entries: Callable[[bytes, int], byt
     return path
 
 
+def vhdx_dirty(path: Path) -> Path:
+    """Give the vhdx at ``path`` a dirty log (a fresh GUID) of one entry that writes
+    nothing: replayed, the image reads as it did."""
+    img = VhdxImage(path)
+    guid = uuid.uuid4().bytes_le
+    img.edit_headers(lambda h: h.__setitem__(slice(48, 64), guid))
+    entry = vhdx_log_entry(1, guid, len(img.data), len(img.data))
+    img.data[img.header.log_offset : img.header.log_offset + len(entry)] = entry
+    img.save()
+    return path
+
+
 _LOG_BYTES: dict[int, bytes] = {}
 
 

@@ -65,6 +65,9 @@ class NoResolver:
     def open_disk(self, ref: Reference) -> VirtualDisk:
         raise AssertionError("a plain output names no other file")
 
+    def open_layer(self, ref: Reference) -> tuple[MemFile, NoResolver]:
+        raise AssertionError("a plain output names no other file")
+
 
 def _sparse(fmt: str, out: int) -> SparsePlan:
     if fmt in ("raw", "qcow2"):  # no identity

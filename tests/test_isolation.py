@@ -27,9 +27,15 @@ from aiodd.guest import isolation_report, shared_buffer
 from aiodd.guest.disk import GuestDisk
 from aiodd.guest.host import open_guest
 from aiodd.guest.kvm.build import build
-from aiodd.guest.kvm.reader import GUEST_FORMATS, GuestFormatError
+from aiodd.guest.kvm.reader import (
+    GUEST_FORMATS,
+    VHDX_LOG_HELD,
+    GuestFormatError,
+    GuestLogTooLarge,
+)
 from aiodd.guest.options import KVM_DEVICE_VARIABLE, GuestOptions
 from aiodd.policy import Policy
+from tests import hostile
 from tests.conftest import (
     KVM_AVAILABLE,
     KVM_FORMATS,
@@ -44,13 +50,20 @@ from tests.harness import aiodd_run, leftovers, qemu_dd
 
 MiB = 1 << 20
 MISSING_DEVICE = "/nonexistent/kvm"
-NOT_DECODED = "which the KVM guest reader does not decode yet"
+# auto's fallback: a vhdx whose dirty log is larger than the KVM guest holds (8 MiB) is
+# read by the Python decoders in the sandbox.
+LOG_TOO_LARGE = (
+    f"this vhdx image's log ({16 * MiB} bytes) is larger than the KVM guest reader holds"
+    f" ({VHDX_LOG_HELD} bytes)"
+)
+FALLBACK_REASON = "auto: vhdx log is larger than the KVM guest holds"
 HOSTILE_SOURCE = Path(__file__).parent / "kvm" / "hostile.c"
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same 1 MiB + 1000 bytes as raw, and as each format the VM does not decode."""
+    """The same 1 MiB + 1000 bytes as raw, as each other format, and as a vhdx whose
+    dirty log is larger than the VM holds ("big-log")."""
     directory = tmp_path_factory.mktemp("images")
     raw = directory / "in.raw"
     raw.write_bytes(os.urandom(MiB + 1000))
@@ -60,11 +73,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             path = directory / f"in.{fmt}"
             qemu_img("convert", "-f", "raw", "-O", fmt, raw, path)
             made[fmt] = path
+        big = directory / "big-log.vhdx"
+        qemu_img("convert", "-f", "raw", "-O", "vhdx", "-o", "log_size=16M", raw, big)
+        made["big-log"] = hostile.vhdx_dirty(big)
     return made
-
-
-# The formats the KVM guest does not decode yet: where ``auto`` goes back to the sandbox.
-NOT_IN_GUEST = [fmt for fmt in ("vmdk", "vpc", "vhdx") if fmt not in GUEST_FORMATS]
 
 
 def _data(images: dict[str, Path]) -> bytes:
@@ -122,48 +134,56 @@ def test_auto_picks_kvm_here(images: dict[str, Path], tmp_path: Path) -> None:
 
 @needs_kvm
 @needs_qemu
-@pytest.mark.parametrize("fmt", NOT_IN_GUEST)
-def test_auto_decodes_what_kvm_does_not_in_the_sandbox_and_says_so_once(
+@pytest.mark.parametrize("fmt", ["vmdk", "vpc", "vhdx"])
+def test_auto_decodes_every_format_in_kvm(
     images: dict[str, Path], tmp_path: Path, fmt: str
 ) -> None:
     out = tmp_path / "o.raw"
-    src = images[fmt]
+    run = aiodd_run(["--progress=json", f"if={images[fmt]}", f"of={out}"], out)
+    assert run.status == 0, run.stderr
+    assert run.output is not None and run.output[: MiB + 1000] == _data(images)[: MiB + 1000]
+    assert [line for line in run.stderr.splitlines() if not line.startswith("{")] == []
+    assert _modes(run.stderr) == [("kvm", "auto: /dev/kvm available")] * 2
+
+
+@needs_kvm
+@needs_qemu
+def test_auto_decodes_what_kvm_does_not_in_the_sandbox_and_says_so_once(
+    images: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "o.raw"
+    src = images["big-log"]
     run = aiodd_run(["--progress=json", f"if={src}", f"of={out}"], out)
     assert run.status == 0, run.stderr
     assert run.output is not None and run.output[: MiB + 1000] == _data(images)[: MiB + 1000]
     notes = [line for line in run.stderr.splitlines() if not line.startswith("{")]
     assert notes == [
-        f"aiodd: note: {src}: this is a {fmt} image, {NOT_DECODED};"
-        " it is decoded in the sandboxed process instead"
+        f"aiodd: note: {src}: {LOG_TOO_LARGE}; it is decoded in the sandboxed process instead"
     ]
-    reason = f"auto: {fmt} is not decoded in the KVM guest yet"
-    assert _modes(run.stderr) == [("sandbox", reason)] * 2
+    assert _modes(run.stderr) == [("sandbox", FALLBACK_REASON)] * 2
 
 
 @needs_kvm
 @needs_qemu
-@pytest.mark.parametrize("fmt", NOT_IN_GUEST[:1])
-def test_kvm_refuses_what_the_vm_does_not_decode(
-    images: dict[str, Path], tmp_path: Path, fmt: str
-) -> None:
+def test_kvm_refuses_what_the_vm_does_not_decode(images: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "o.raw"
-    src = images[fmt]
+    src = images["big-log"]
     run = aiodd_run(["--isolation=kvm", f"if={src}", f"of={out}"], out)
     assert (run.status, run.output) == (1, None)
-    assert run.stderr == f"aiodd: {src}: this is a {fmt} image, {NOT_DECODED}\n"
+    assert run.stderr == f"aiodd: {src}: {LOG_TOO_LARGE}\n"
     with pytest.raises(UnsupportedImageError) as info:  # GuestFormatError, in the guest
-        open_input(str(src), fmt, isolation="kvm")
-    assert str(info.value) == f"{src}: this is a {fmt} image, {NOT_DECODED}"
-    assert info.value.fmt == fmt
+        open_input(str(src), None, isolation="kvm")
+    assert str(info.value) == f"{src}: {LOG_TOO_LARGE}"
+    assert info.value.fmt == "vhdx"
+    assert issubclass(GuestLogTooLarge, GuestFormatError)
     assert issubclass(GuestFormatError, UnsupportedImageError)
     assert leftovers(tmp_path) == []
 
 
 @needs_kvm
 @needs_qemu
-@pytest.mark.parametrize("fmt", NOT_IN_GUEST[:1])
 def test_the_library_reports_where_it_decoded_and_why(
-    images: dict[str, Path], tmp_path: Path, fmt: str
+    images: dict[str, Path], tmp_path: Path
 ) -> None:
     events: list[aiodd.Progress] = []
 
@@ -175,7 +195,7 @@ def test_the_library_reports_where_it_decoded_and_why(
                 images["raw"], out, isolation=isolation, on_progress=events.append
             )
             results.append(result)
-        results.append(await aiodd.dd(images[fmt], tmp_path / f"{fmt}.raw"))
+        results.append(await aiodd.dd(images["big-log"], tmp_path / "big-log.raw"))
         return results
 
     results = anyio.run(copies)
@@ -184,15 +204,16 @@ def test_the_library_reports_where_it_decoded_and_why(
         ("kvm", "requested"),
         ("sandbox", "requested"),
         ("inline", "requested"),
-        ("sandbox", f"auto: {fmt} is not decoded in the KVM guest yet"),
+        ("sandbox", FALLBACK_REASON),
     ]
     assert [r.warnings for r in results[:4]] == [()] * 4
     assert results[4].warnings == (
-        f"note: {images[fmt]}: this is a {fmt} image, {NOT_DECODED};"
-        " it is decoded in the sandboxed process instead",
+        f"note: {images['big-log']}: {LOG_TOO_LARGE}; it is decoded in the sandboxed process"
+        " instead",
     )
     for isolation in ("auto", "kvm", "sandbox", "inline"):
         assert (tmp_path / f"{isolation}.raw").read_bytes() == _data(images)
+    assert (tmp_path / "big-log.raw").read_bytes()[: MiB + 1000] == _data(images)[: MiB + 1000]
     assert {(e.isolation, e.isolation_reason) for e in events} == {
         (r.isolation, r.isolation_reason) for r in results[:4]
     }

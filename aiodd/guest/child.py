@@ -311,7 +311,7 @@ class Guest:
             self.reader = None
             self.mode = "sandbox"
             what = exc.fmt if exc.fmt is not None else "a layer"
-            self.reason = f"auto: {what} is not decoded in the KVM guest yet"
+            self.reason = f"auto: {what} {exc.reason}"
             self.note = str(exc)
             return None
         except BaseException:

@@ -26,7 +26,13 @@ from aiodd.formats.registry import detect
 FMT_NONE, FMT_RAW, FMT_QCOW2, FMT_VMDK, FMT_VPC, FMT_VHDX = 0, 1, 2, 3, 4, 5
 REF_BACKING, REF_DATA_FILE, REF_EXTENT, REF_PARENT = 1, 2, 3, 4
 E_IMAGE, E_UNSUPPORTED, E_REFUSED = 6, 7, 8
-GUEST_FORMATS = {"raw": FMT_RAW, "qcow2": FMT_QCOW2, "vmdk": FMT_VMDK, "vpc": FMT_VPC, "vhdx": FMT_VHDX}
+GUEST_FORMATS = {
+    "raw": FMT_RAW,
+    "qcow2": FMT_QCOW2,
+    "vmdk": FMT_VMDK,
+    "vpc": FMT_VPC,
+    "vhdx": FMT_VHDX,
+}
 # The plain files a layer names, and the Reference kind the Python decoders give them.
 PLAIN_REFS: dict[int, ReferenceKind] = {REF_DATA_FILE: "data_file", REF_EXTENT: "extent"}
 

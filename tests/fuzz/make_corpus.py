@@ -187,6 +187,9 @@ class _Recorder:
     def open_disk(self, ref: Reference) -> VirtualDisk:
         return registry.open_disk(self.open_file(ref), self, ref.format)
 
+    def open_layer(self, ref: Reference) -> tuple[MemFile, _Recorder]:
+        return self.open_file(ref), self
+
 
 def bundle_in_order(data: bytes, files: dict[str, bytes], name: str = "t.vmdk") -> bytes:
     """``data`` and the files the vmdk decoder opens for it, each where it asks."""

@@ -93,6 +93,7 @@ FMT_RAW: Final = 1
 FMT_QCOW2: Final = 2
 FMT_VMDK: Final = 3
 FMT_VPC: Final = 4
+FMT_VHDX: Final = 5
 
 OK: Final = 0
 E_REQUEST: Final = 1

@@ -288,7 +288,13 @@ def _stop_watchdog(previous: _Handler) -> None:
 # -- the VM ----------------------------------------------------------------------------
 
 
-FORMAT_NAMES: Final = {L.FMT_RAW: "raw", L.FMT_QCOW2: "qcow2", L.FMT_VMDK: "vmdk", L.FMT_VPC: "vpc"}
+FORMAT_NAMES: Final = {
+    L.FMT_RAW: "raw",
+    L.FMT_QCOW2: "qcow2",
+    L.FMT_VMDK: "vmdk",
+    L.FMT_VPC: "vpc",
+    L.FMT_VHDX: "vhdx",
+}
 """The formats the host names to the guest (``FMT_*``), by their registry names."""
 
 Opener = Callable[[int, int, str, str | None], tuple[int, int, int]]
@@ -296,6 +302,12 @@ Opener = Callable[[int, int, str, str | None], tuple[int, int, int]]
 None) -> (handle, size, format code)``, the file added with :meth:`GuestVM.add_file`.
 Any :class:`Exception` refuses it (raised once the command ends); :class:`AbiViolation`
 ends the VM instead."""
+
+
+class GuestOutOfMemory(IsolationError):
+    """The guest's heap could not hold what a command needed (``E_NOMEM``): an
+    IsolationError, the VM closed, which the reader may turn into a refusal it
+    knows the cause of."""
 
 
 class AbiViolation(Exception):
@@ -744,7 +756,11 @@ class GuestVM:
         if status == L.E_TOOBIG:
             raise ImageError(self.name, f"compressed data decodes to more than {L.OUT_SIZE} bytes")
         if status == L.E_NOMEM:
-            raise self._fail(f"ran out of memory (its limit is {L.HEAP_SIZE >> 20} MiB)")
+            self.close()
+            raise GuestOutOfMemory(
+                f"{self.name}: the guest reader ran out of memory"
+                f" (its limit is {L.HEAP_SIZE >> 20} MiB)"
+            )
         if status == L.E_REQUEST:
             raise self._fail(f"refused the request {op:#x}")
         if status in (L.E_IO, L.E_REFUSED):
