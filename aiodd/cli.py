@@ -85,10 +85,10 @@ options:
                        that names it, or below
   --isolation=MODE     where the input is decoded:
                        auto (default): kvm where it runs here, else sandbox; a layer
-                       kvm does not decode yet (vmdk, vpc, vhdx) goes to sandbox, with
+                       kvm does not decode yet (vhdx) goes to sandbox, with
                        a note; --progress=json and --version --verbose say which ran;
                        kvm: in a KVM micro-VM inside the guest process (needs read-write
-                       /dev/kvm; decodes raw and qcow2), or fail;
+                       /dev/kvm; decodes raw, qcow2, vmdk and vpc), or fail;
                        sandbox: in an isolated guest process, with every sandbox layer
                        the host offers (a missing one is warned about);
                        inline: in this process (trusted input only)
