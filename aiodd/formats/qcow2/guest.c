@@ -587,15 +587,9 @@ uint32_t qcow2_open(struct layer *layer, unsigned depth) {
                               " which aiodd does not read",
                               (int)name_length, backing_file, (int)format_length, backing_format);
         }
-        status = host_open(handle, AIODD_REF_BACKING, backing_file, name_length,
-                           backing_format != NULL ? backing_format : "", format_length, &file);
-        if (status != AIODD_OK) {
-            return status;
-        }
-        if (!disk_layer_format(file.format)) {
-            host_fault();
-        }
-        status = disk_open_layer(file.handle, file.format, file.size, depth + 1, &q->backing);
+        status = disk_open_named(handle, AIODD_REF_BACKING, backing_file, name_length,
+                                 backing_format != NULL ? backing_format : "", format_length,
+                                 AIODD_FMT_NONE, depth + 1, &q->backing);
         if (status != AIODD_OK) {
             return status;
         }

@@ -1273,15 +1273,8 @@ uint32_t vhdx_open(struct layer *layer, unsigned depth) {
     }
 
     if (name != NULL) {
-        struct host_file file;
-        status = host_open(handle, AIODD_REF_PARENT, name, (size_t)name_length, "", 0, &file);
-        if (status != AIODD_OK) {
-            return status;
-        }
-        if (!disk_layer_format(file.format)) {
-            host_fault();
-        }
-        status = disk_open_layer(file.handle, file.format, file.size, depth + 1, &x->parent);
+        status = disk_open_named(handle, AIODD_REF_PARENT, name, (size_t)name_length, "", 0,
+                                 AIODD_FMT_NONE, depth + 1, &x->parent);
         if (status != AIODD_OK) {
             return status;
         }

@@ -960,15 +960,9 @@ uint32_t vmdk_open(struct layer *layer, unsigned depth) {
     if (hint != NULL) {
         v->parent_name = hint;
         v->parent_name_length = hint_length;
-        struct host_file file;
-        status = host_open(handle, AIODD_REF_PARENT, hint, hint_length, "vmdk", 4, &file);
-        if (status != AIODD_OK) {
-            return status;
-        }
-        if (file.format != AIODD_FMT_VMDK) {
-            host_fault();  /* the parent is declared vmdk */
-        }
-        status = disk_open_layer(file.handle, file.format, file.size, depth + 1, &v->parent);
+        /* the parent is declared vmdk, as the Python decoder declares it */
+        status = disk_open_named(handle, AIODD_REF_PARENT, hint, hint_length, "vmdk", 4,
+                                 AIODD_FMT_VMDK, depth + 1, &v->parent);
         if (status != AIODD_OK) {
             return status;
         }

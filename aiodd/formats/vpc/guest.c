@@ -465,15 +465,8 @@ static uint32_t open_parent(struct layer *layer, struct vpc *v, const struct loc
     if (status != AIODD_OK) {
         return status;
     }
-    struct host_file file;
-    status = host_open(handle, AIODD_REF_PARENT, name, name_length, "", 0, &file);
-    if (status != AIODD_OK) {
-        return status;
-    }
-    if (!disk_layer_format(file.format)) {
-        host_fault();
-    }
-    return disk_open_layer(file.handle, file.format, file.size, depth + 1, &v->parent);
+    return disk_open_named(handle, AIODD_REF_PARENT, name, name_length, "", 0, AIODD_FMT_NONE,
+                           depth + 1, &v->parent);
 }
 
 /* -- opening (decode.open_disk) ------------------------------------------------------- */

@@ -96,6 +96,22 @@ int disk_layer_format(uint32_t format) {
            format == AIODD_FMT_VPC || format == AIODD_FMT_VHDX;
 }
 
+uint32_t disk_open_named(uint32_t referrer, uint32_t kind, const char *name,
+                         size_t name_length, const char *format, size_t format_length,
+                         uint32_t declared, unsigned depth, struct layer **out) {
+    struct host_file file;
+    uint32_t status =
+        host_open(referrer, kind, name, name_length, format, format_length, &file);
+    if (status != AIODD_OK) {
+        return status;
+    }
+    if (!disk_layer_format(file.format) ||
+        (declared != AIODD_FMT_NONE && file.format != declared)) {
+        host_fault();
+    }
+    return disk_open_layer(file.handle, file.format, file.size, depth, out);
+}
+
 uint32_t disk_open_layer(uint32_t handle, uint32_t format, uint64_t file_size, unsigned depth,
                          struct layer **out) {
     if (depth >= DISK_MAX_DEPTH) {

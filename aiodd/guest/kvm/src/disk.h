@@ -94,6 +94,14 @@ int disk_layer_format(uint32_t format);
 uint32_t disk_open_layer(uint32_t handle, uint32_t format, uint64_t file_size, unsigned depth,
                          struct layer **out);
 
+/* Ask the host for the layer that layer `referrer` names as `kind` (a backing file or a
+ * parent), `format` the format the image declares for it (empty: none), and open it
+ * `depth` layers down.  The host's answer must be a format the guest decodes, and
+ * `declared` too when it is not AIODD_FMT_NONE; anything else is the host's fault. */
+uint32_t disk_open_named(uint32_t referrer, uint32_t kind, const char *name,
+                         size_t name_length, const char *format, size_t format_length,
+                         uint32_t declared, unsigned depth, struct layer **out);
+
 /* Memory that lasts as long as the open image; NULL when the heap is exhausted. */
 void *disk_alloc(size_t n);
 
