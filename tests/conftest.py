@@ -6,11 +6,15 @@ import shutil
 import subprocess
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from aiodd.guest.kvm import availability
 from aiodd.guest.options import GuestOptions
+
+if TYPE_CHECKING:
+    from tests.fuzz.hosted import Hosted
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -103,3 +107,21 @@ def kvm_hostile_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      libraries=False)  # fmt: skip
     except BuildError as exc:
         pytest.skip(f"cannot build the hostile test guest: {exc}")
+
+
+@pytest.fixture(scope="session", params=["normal", "tiny-tables"])
+def hosted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Hosted:
+    """The guest's C decoders built natively (tests/fuzz/), as the guest has them and with
+    their table budgets cut to nothing (every table through a one-slot cache): both must
+    read as Python does.  Built once per run, for every decoder's differential tests."""
+    from tests.fuzz.build import HostedBuildError, build_library
+    from tests.fuzz.hosted import Hosted  # at run time, not only for mypy
+
+    tiny = request.param == "tiny-tables"
+    try:
+        library = build_library(
+            tmp_path_factory.mktemp("hosted") / "libhosted.so", tiny_tables=tiny
+        )
+    except HostedBuildError as exc:
+        pytest.skip(f"cannot build the hosted decoders: {exc}")
+    return Hosted(library, tiny_tables=tiny)

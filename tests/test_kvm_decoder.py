@@ -30,7 +30,6 @@ from aiodd.formats.base import VirtualDisk
 from aiodd.formats.qcow2 import decode as decoder
 from aiodd.formats.qcow2 import layout
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
-from tests.fuzz.build import HostedBuildError, build_library
 from tests.fuzz.hosted import ChainResolver, Hosted, MemFile, NotInGuest, Outcome, python_outcome
 from tests.test_decode_qcow2 import (
     BAD_HEADERS,
@@ -49,20 +48,6 @@ from tests.test_decode_qcow2 import (
 MiB = 1 << 20
 # Examples per mutation test; AIODD_DIFF_EXAMPLES=N for a longer search.
 EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "300"))
-
-
-@pytest.fixture(scope="module", params=["normal", "tiny-tables"])
-def hosted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Hosted:
-    """The decoders as the guest has them, and with their table budgets cut to nothing
-    (every table through a one-slot cache): both must read as Python does."""
-    tiny = request.param == "tiny-tables"
-    try:
-        library = build_library(
-            tmp_path_factory.mktemp("hosted") / "libhosted.so", tiny_tables=tiny
-        )
-    except HostedBuildError as exc:
-        pytest.skip(f"cannot build the hosted decoders: {exc}")
-    return Hosted(library, tiny_tables=tiny)
 
 
 def plan(virtual_size: int, seed: int = 0) -> list[tuple[int, int]]:

@@ -28,7 +28,6 @@ from aiodd.formats.vhdx import decode
 from aiodd.formats.vhdx import layout as L
 from tests import hostile
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
-from tests.fuzz.build import HostedBuildError, build_library
 from tests.fuzz.hosted import (
     FMT_VHDX,
     ChainResolver,
@@ -45,20 +44,6 @@ MiB = 1 << 20
 KiB = 1 << 10
 NAME = "t.vhdx"
 EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "300"))
-
-
-@pytest.fixture(scope="module", params=["normal", "tiny-tables"])
-def hosted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Hosted:
-    """The decoders as the guest has them, and with the table budgets cut to nothing
-    (the BAT read through a one-slot cache)."""
-    tiny = request.param == "tiny-tables"
-    try:
-        library = build_library(
-            tmp_path_factory.mktemp("hosted") / "libhosted.so", tiny_tables=tiny
-        )
-    except HostedBuildError as exc:
-        pytest.skip(f"cannot build the hosted decoders: {exc}")
-    return Hosted(library, tiny_tables=tiny)
 
 
 class Clipped:

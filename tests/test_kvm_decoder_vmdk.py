@@ -31,7 +31,6 @@ from aiodd.formats.vmdk import decode as decoder
 from aiodd.formats.vmdk import layout as L
 from tests import hostile
 from tests.conftest import needs_qemu, qemu_img, qemu_io
-from tests.fuzz.build import HostedBuildError, build_library
 from tests.fuzz.hosted import (
     FMT_VMDK,
     ChainResolver,
@@ -53,20 +52,6 @@ MiB = 1 << 20
 # Examples per mutation test; AIODD_DIFF_EXAMPLES=N for a longer search.
 EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "200"))
 NAME = "t.vmdk"
-
-
-@pytest.fixture(scope="module", params=["normal", "tiny-tables"])
-def hosted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Hosted:
-    """The decoder as the guest has it, and with the table budgets cut to nothing (every
-    grain directory and table through a one-slot cache): both must read as Python does."""
-    tiny = request.param == "tiny-tables"
-    try:
-        library = build_library(
-            tmp_path_factory.mktemp("hosted") / "libhosted.so", tiny_tables=tiny
-        )
-    except HostedBuildError as exc:
-        pytest.skip(f"cannot build the hosted decoders: {exc}")
-    return Hosted(library, tiny_tables=tiny)
 
 
 def plan(virtual_size: int, seed: int = 0) -> list[tuple[int, int]]:

@@ -27,7 +27,6 @@ from aiodd.formats.common import round_up
 from aiodd.formats.vpc import layout as L
 from tests import hostile
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
-from tests.fuzz.build import HostedBuildError, build_library
 from tests.fuzz.hosted import (
     FMT_QCOW2,
     FMT_VPC,
@@ -43,20 +42,6 @@ MiB = 1 << 20
 NAME = "t.vhd"
 EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "300"))
 UNALLOCATED = L.UNALLOCATED
-
-
-@pytest.fixture(scope="module", params=["normal", "tiny-tables"])
-def hosted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Hosted:
-    """The decoders as the guest has them, and with the table budgets cut to nothing
-    (the BAT and every bitmap through a one-slot cache)."""
-    tiny = request.param == "tiny-tables"
-    try:
-        library = build_library(
-            tmp_path_factory.mktemp("hosted") / "libhosted.so", tiny_tables=tiny
-        )
-    except HostedBuildError as exc:
-        pytest.skip(f"cannot build the hosted decoders: {exc}")
-    return Hosted(library, tiny_tables=tiny)
 
 
 def plan(virtual_size: int, seed: int = 0) -> list[tuple[int, int]]:
