@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import struct
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.measure import Log, human
 
 CHUNK = 64 * 1024  # one qcow2 cluster: every chunk is compressed on its own
+_ROOT = Path(__file__).resolve().parent.parent  # where ``bench`` is importable from
+_MAKE_DIFFERENCING = (
+    "import sys; from pathlib import Path; from bench.vhdx_edit import vhdx_differencing; "
+    "vhdx_differencing(Path(sys.argv[1]), [('relative_path', sys.argv[2])])"
+)
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,6 @@ class Data:
         expected = self._dir / f"chain-{size}.raw"
         if top in self._made:
             return top, expected
-        mib = 1 << 20
         below = base
         for level, name in enumerate(("mid", "top")):
             path = self._dir / f"chain-{name}-{size}.qcow2"
@@ -123,13 +129,7 @@ class Data:
                  str(path)],
                 check=True,
             )  # fmt: skip
-            writes: list[str] = []
-            for n in range(64):
-                at = (n * (size // 64) + (level + 1) * 3 * mib) // mib * mib % (size - mib)
-                writes += ["-c", f"write -P {0x40 + 16 * level + n % 16} {at} {mib}"]
-            subprocess.run(
-                ["qemu-io", "-f", "qcow2", *writes, str(path)], check=True, capture_output=True
-            )
+            _qemu_io(path, "qcow2", _overlay_writes(size, level))
             self._made[path] = f"qcow2 overlay of {below.name}, 64 MiB written"
             below = path
         subprocess.run(
@@ -137,6 +137,40 @@ class Data:
         )
         self._made[expected] = f"{top.name} converted to raw (the expected output)"
         return top, expected
+
+    def vhdx_differencing(self, size: int) -> tuple[Path, Path]:
+        """A vhdx differencing child (1 MiB blocks, 64 MiB written by qemu-io) over the
+        dynamic ``image(vhdx)``, and the raw bytes it reads as: the parent's with the
+        child's writes on top (qemu-img reads no vhdx differencing disk, so the bench
+        makes them).  Returns (child, raw)."""
+        parent = self.image(ImageKind("vhdx", "vhdx", "vhdx (dynamic)", (), False), size)
+        child = self._dir / f"vhdx-child-{size}.vhdx"
+        expected = self._dir / f"vhdx-child-{size}.raw"
+        if child in self._made:
+            return child, expected
+        self._log(f"making {child.name} (a differencing child of {parent.name}, 64 MiB written)")
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "vhdx", "-o",
+             "block_size=1M,block_state_zero=off", str(child), str(size)],
+            check=True,
+        )  # fmt: skip
+        writes = _overlay_writes(size, 0)
+        _qemu_io(child, "vhdx", writes)
+        # In a child process: the edit holds the whole file in memory, and the bench's own
+        # peak RSS would show in every later run's (a spawned child starts with it).
+        subprocess.run(
+            [sys.executable, "-c", _MAKE_DIFFERENCING, str(child), f".\\{parent.name}"],
+            cwd=_ROOT,
+            check=True,
+        )
+        self._made[child] = f"vhdx differencing child of {parent.name}, 64 MiB written"
+        shutil.copyfile(self.mixed_raw(size), expected)
+        with expected.open("r+b") as f:
+            for at, pattern in writes:
+                f.seek(at)
+                f.write(bytes([pattern]) * _OVERLAY_WRITE)
+        self._made[expected] = f"what {child.name} reads as (the expected output)"
+        return child, expected
 
     def sparse(self, size: int) -> Path:
         """A raw file of ``size`` bytes with no data blocks (``truncate``)."""
@@ -173,6 +207,28 @@ class Data:
             st = path.stat()
             rows.append((path.name, what, st.st_size, st.st_blocks * 512))
         return rows
+
+
+_OVERLAY_WRITE = 1 << 20
+
+
+def _overlay_writes(size: int, level: int) -> list[tuple[int, int]]:
+    """(offset, byte) of an overlay's 64 writes of 1 MiB, spread over the disk and apart
+    from those of the other levels; in order (in a small disk they overlap)."""
+    mib = _OVERLAY_WRITE
+    return [
+        ((n * (size // 64) + (level + 1) * 3 * mib) // mib * mib % (size - mib),
+         0x40 + 16 * level + n % 16)
+        for n in range(64)
+    ]  # fmt: skip
+
+
+def _qemu_io(path: Path, fmt: str, writes: list[tuple[int, int]]) -> None:
+    """Each write of ``writes`` as one qemu-io ``write -P BYTE OFFSET 1M``."""
+    commands: list[str] = []
+    for at, pattern in writes:
+        commands += ["-c", f"write -P {pattern} {at} {_OVERLAY_WRITE}"]
+    subprocess.run(["qemu-io", "-f", fmt, *commands, str(path)], check=True, capture_output=True)
 
 
 def _text_chunk(rng: random.Random, words: list[str]) -> bytes:

@@ -6,16 +6,17 @@ from __future__ import annotations
 from bench.context import Bench
 from bench.data import IMAGE_KINDS
 from bench.measure import Case, MiB, Result, find, human
+from bench.modes import kvm_skipped, modes
 from bench.report import Floor, Section, Table, ratio_floor
 
 NAME = "inputs"
 GROUP = "input formats"  # the first column of the floor tables
-MODES = ("sandbox", "inline")
 
 
 def run(b: Bench) -> Section:
     size = b.sizes.main
     sec = Section(NAME, "Input formats → raw")
+    ms = modes(b)
     raw = b.data.mixed_raw(size)
     images = {kind.key: b.data.image(kind, size) for kind in IMAGE_KINDS}
 
@@ -40,13 +41,15 @@ def run(b: Bench) -> Section:
         "40% text-like lines, 20% table-like records, 10% zeros.  qemu-img leaves its zero "
         "clusters unallocated in every image.\n\n" + "\n".join(rows)
     )
+    if skipped := kvm_skipped(b):
+        sec.preamble.append(skipped)
 
     out = b.out("inputs.raw")
     cases: list[Case] = []
     for kind in IMAGE_KINDS:
         src = images[kind.key]
         label = f"{kind.label} → raw"
-        for mode in MODES:
+        for mode in ms:
             cases.append(
                 Case(
                     Result(NAME, "main", f"aiodd ({mode})", f"{label}, bs=1M", size),
@@ -91,7 +94,7 @@ def run(b: Bench) -> Section:
         convert = find(results, "qemu-img convert", label)
         convert_sync = find(results, "qemu-img convert + sync", label)
         limit = 1.5 if kind.compressed else 1.0
-        for mode in MODES:
+        for mode in ms:
             ours = find(results, f"aiodd ({mode})", f"{label}, bs=1M")
             floors.append(
                 ratio_floor(

@@ -4,14 +4,14 @@ input the guest decodes, and the VM's start-up to its first decoded byte."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 from pathlib import Path
 
 from bench.context import Bench
 from bench.data import ImageKind
-from bench.measure import Case, Result, find, human
+from bench.measure import find, human
+from bench.modes import Copy, copy_cases, kvm_unavailable, run_probe
 from bench.report import Floor, Section, Table, ratio_floor
 
 NAME = "kvm"
@@ -54,76 +54,61 @@ def _guest_formats(b: Bench) -> frozenset[str]:
 def run(b: Bench) -> Section:
     size = b.sizes.main
     sec = Section(NAME, "The KVM guest reader: kvm vs inline")
+    why = kvm_unavailable(b.config.python)
     formats = _guest_formats(b)
-    if "raw" not in formats:
-        sec.notes.append("The KVM guest reader cannot run here: nothing measured.")
+    if why is not None or "raw" not in formats:
+        sec.notes.append(f"The KVM guest reader cannot run here ({why}): nothing measured.")
         return sec
     raw = b.data.mixed_raw(size)
-    inputs: list[tuple[str, str, Path, Path]] = [
-        ("raw", f"{human(size)} random raw", b.data.random_raw(size), b.data.random_raw(size))
+    copies = [
+        Copy("raw", f"{human(size)} random raw", b.data.random_raw(size), b.data.random_raw(size))
     ]
     for kind in KINDS:
         if kind.fmt in formats:
-            inputs.append((kind.fmt, kind.label, b.data.image(kind, size), raw))
+            copies.append(Copy(kind.fmt, kind.label, b.data.image(kind, size), raw))
     if "qcow2" in formats:
         chain, expected = b.data.qcow2_chain(size)
-        inputs.append(("qcow2", "3-layer qcow2 chain", chain, expected))
-    out = b.out("kvm.raw")
+        copies.append(Copy("qcow2", "3-layer qcow2 chain", chain, expected))
+    if "vhdx" in formats:
+        child, expected = b.data.vhdx_differencing(size)
+        copies.append(Copy("vhdx", "vhdx differencing over a dynamic parent", child, expected))
     runs = max(b.config.runs, 5) if not b.config.quick else b.config.runs
-    cases = [
-        Case(
-            Result(NAME, "main", f"aiodd ({mode})", f"{label} → raw, bs=1M", size),
-            (b.aiodd(src, out, bs="1M", isolation=mode, fmt_in=fmt),),
-            (out,),
-            check=b.same_bytes(expected, out, size),
-            runs=runs,
-        )
-        for fmt, label, src, expected in inputs
-        for mode in MODES
-    ]
     b.log("[kvm] copies, kvm vs inline vs sandbox")
-    results = b.run(cases)
+    results = b.run(copy_cases(b, NAME, copies, MODES, runs))
     sec.tables.append(Table(f"{human(size)} copies to raw, bs=1M", results))
     floors: list[Floor] = [
         ratio_floor(
             GROUP,
-            f"kvm within 10% of inline: {label}",
-            find(results, "aiodd (kvm)", f"{label} → raw, bs=1M"),
-            find(results, "aiodd (inline)", f"{label} → raw, bs=1M"),
+            f"kvm within 10% of inline: {c.label}",
+            find(results, "aiodd (kvm)", c.case),
+            find(results, "aiodd (inline)", c.case),
             1.10,
         )
-        for _, label, _, _ in inputs
+        for c in copies
     ]
 
     b.log("[kvm] the VM's start-up to its first decoded byte")
     rounds = b.sizes.startup_rounds
-    paths = [str(src) for _, _, src, _ in inputs[:2]]
-    proc = subprocess.run(
-        [b.config.python, str(PROBE), str(rounds), *paths],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        sec.notes.append(f"The start-up probe failed: {proc.stderr.strip()[-500:]}")
+    report = run_probe(b, PROBE, copies[:2])
+    if isinstance(report, str):
+        sec.notes.append(report)
         sec.floors = floors
         return sec
-    report: dict[str, dict[str, list[float]]] = json.loads(proc.stdout)
     rows = [
         "| input | VM made ms | opened ms | first byte ms | min-max first byte ms |",
         "|---|---|---|---|---|",
     ]
-    for (_, label, _, _), path in zip(inputs, paths, strict=False):
-        times = report[path]
+    for c in copies[:2]:
+        times = report[str(c.src)]
         made, opened, first = (
             statistics.median(times[key]) * 1000 for key in ("made", "opened", "first")
         )
         lo, hi = min(times["first"]) * 1000, max(times["first"]) * 1000
-        rows.append(f"| {label} | {made:.2f} | {opened:.2f} | {first:.2f} | {lo:.2f}-{hi:.2f} |")
+        rows.append(f"| {c.label} | {made:.2f} | {opened:.2f} | {first:.2f} | {lo:.2f}-{hi:.2f} |")
         floors.append(
             Floor(
                 GROUP,
-                f"VM start to the first decoded byte under {START_LIMIT_MS:g} ms ({label})",
+                f"VM start to the first decoded byte under {START_LIMIT_MS:g} ms ({c.label})",
                 f"{first:.2f} ms",
                 f"< {START_LIMIT_MS:g} ms",
                 first < START_LIMIT_MS,

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from bench.context import Bench
 from bench.measure import Case, Result, find, human
+from bench.modes import kvm_skipped, modes
 from bench.report import Floor, Section, Table, ratio_floor, rss_floor
 
 BS_SWEEP = ("512", "4K", "64K", "1M", "4M")
-MODES = ("sandbox", "inline")
 NAME = "raw"
 GROUP = "raw → raw"  # the first column of the floor tables
 
@@ -22,7 +22,9 @@ def _r(table: str, tool: str, case: str, nbytes: int) -> Result:
     return Result(NAME, table, tool, case, nbytes)
 
 
-def _aiodd_cases(b: Bench, table: str, src: Path, out: Path, size: int, bs: str) -> list[Case]:
+def _aiodd_cases(
+    b: Bench, table: str, src: Path, out: Path, size: int, bs: str, modes: tuple[str, ...]
+) -> list[Case]:
     """aiodd at ``bs`` in each isolation mode, its output checked against ``src``."""
     return [
         Case(
@@ -31,7 +33,7 @@ def _aiodd_cases(b: Bench, table: str, src: Path, out: Path, size: int, bs: str)
             (out,),
             check=b.same_bytes(src, out, size),
         )
-        for mode in MODES
+        for mode in modes
     ]
 
 
@@ -50,6 +52,9 @@ def copy_seconds(sample_stderr: str) -> float | None:
 def run(b: Bench) -> Section:
     s = b.sizes
     sec = Section(NAME, "Raw → raw")
+    ms = modes(b)
+    if skipped := kvm_skipped(b):
+        sec.preamble.append(skipped)
     small = b.data.random_raw(s.sweep)
     main = b.data.random_raw(s.main)
     tiny = b.data.random_raw(s.tiny)
@@ -67,7 +72,7 @@ def run(b: Bench) -> Section:
             runs=fixed_runs,
         ),
     ]
-    for mode in MODES:
+    for mode in ms:
         fixed.append(
             Case(
                 _r("fixed", f"aiodd ({mode})", "bs=1M", s.tiny),
@@ -103,7 +108,7 @@ def run(b: Bench) -> Section:
     out = b.out("sweep.raw")
     sweep: list[Case] = []
     for bs in BS_SWEEP:
-        sweep += _aiodd_cases(b, "sweep", small, out, s.sweep, bs)
+        sweep += _aiodd_cases(b, "sweep", small, out, s.sweep, bs, ms)
         sweep.append(
             Case(
                 _r("sweep", "qemu-img dd", f"bs={bs}", s.sweep),
@@ -117,7 +122,7 @@ def run(b: Bench) -> Section:
 
     # --- the main comparison ---------------------------------------------------------
     out = b.out("main.raw")
-    main_cases = [c for bs in BS_SWEEP for c in _aiodd_cases(b, "main", main, out, s.main, bs)]
+    main_cases = [c for bs in BS_SWEEP for c in _aiodd_cases(b, "main", main, out, s.main, bs, ms)]
     main_cases += [
         Case(_r("main", "qemu-img dd", "bs=1M", s.main), (b.qemu_dd(main, out, bs="1M"),), (out,)),
         Case(
@@ -153,7 +158,7 @@ def run(b: Bench) -> Section:
             (b.aiodd(main, out, bs="1M", isolation=mode, progress_json=True),),
             (out,),
         )
-        for mode in MODES
+        for mode in ms
     ]
     b.log("[raw] time split (--progress=json)")
     split_results = b.run(split)
@@ -178,9 +183,11 @@ def run(b: Bench) -> Section:
             sample_tree=True,
             runs=min(b.config.runs, 3),
         )
-        for mode in MODES
+        for mode in ms
     ]
-    for mode, bs in (("sandbox", "1M"), ("sandbox", "512"), ("inline", "1M")):
+    big_modes = [("sandbox", "1M"), ("sandbox", "512"), ("inline", "1M")]
+    big_modes += [("kvm", "1M")] if "kvm" in ms else []
+    for mode, bs in big_modes:
         result = _r("rss", f"aiodd ({mode})", f"{human(big)} sparse, bs={bs}", big)
         result.note = note
         rss_cases.append(
@@ -247,7 +254,7 @@ def run(b: Bench) -> Section:
     dd_fsync = find(main_results, "coreutils dd", "bs=4M conv=fsync")
     dd_direct = find(main_results, "coreutils dd", "bs=4M oflag=direct conv=fsync")
     floors: list[Floor] = []
-    for mode in MODES:
+    for mode in ms:
         rows = [r for r in main_results if r.tool == f"aiodd ({mode})" and r.ok]
         if not rows:
             continue
