@@ -8,9 +8,9 @@ from pathlib import Path
 
 from bench.context import Bench
 from bench.data import IMAGE_KINDS
-from bench.measure import find, human
-from bench.modes import Copy, copy_cases, run_probe
-from bench.report import Floor, Section, Table, ratio_floor
+from bench.measure import human
+from bench.modes import Copy, copy_cases, run_probe, within_inline
+from bench.report import Floor, Section, Table
 
 NAME = "isolation"
 GROUP = "isolation"  # the first column of the floor tables
@@ -31,16 +31,7 @@ def run(b: Bench) -> Section:
     results = b.run(copy_cases(b, NAME, copies, MODES, runs))
     sec.tables.append(Table(f"{human(size)} copies, bs=1M", results))
 
-    floors: list[Floor] = [
-        ratio_floor(
-            GROUP,
-            f"sandbox within 10% of inline: {c.label} → raw",
-            find(results, "aiodd (sandbox)", c.case),
-            find(results, "aiodd (inline)", c.case),
-            1.10,
-        )
-        for c in copies
-    ]
+    floors = within_inline(GROUP, results, copies, "sandbox", " → raw")
 
     # --- the guest's start-up, timed in one process -----------------------------------
     b.log("[isolation] guest start-up (open_input in-process)")

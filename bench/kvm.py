@@ -10,9 +10,9 @@ from pathlib import Path
 
 from bench.context import Bench
 from bench.data import ImageKind
-from bench.measure import find, human
-from bench.modes import Copy, copy_cases, kvm_unavailable, run_probe
-from bench.report import Floor, Section, Table, ratio_floor
+from bench.measure import human
+from bench.modes import Copy, copy_cases, kvm_unavailable, run_probe, within_inline
+from bench.report import Floor, Section, Table
 
 NAME = "kvm"
 GROUP = "kvm"  # the first column of the floor tables
@@ -76,16 +76,7 @@ def run(b: Bench) -> Section:
     b.log("[kvm] copies, kvm vs inline vs sandbox")
     results = b.run(copy_cases(b, NAME, copies, MODES, runs))
     sec.tables.append(Table(f"{human(size)} copies to raw, bs=1M", results))
-    floors: list[Floor] = [
-        ratio_floor(
-            GROUP,
-            f"kvm within 10% of inline: {c.label}",
-            find(results, "aiodd (kvm)", c.case),
-            find(results, "aiodd (inline)", c.case),
-            1.10,
-        )
-        for c in copies
-    ]
+    floors = within_inline(GROUP, results, copies, "kvm")
 
     b.log("[kvm] the VM's start-up to its first decoded byte")
     rounds = b.sizes.startup_rounds

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.context import Bench
-from bench.measure import Case, Result
+from bench.measure import Case, Result, find
+from bench.report import Floor, ratio_floor
 
 BASE_MODES = ("sandbox", "inline")
 
@@ -73,6 +74,22 @@ def copy_cases(
         )
         for c in copies
         for mode in modes
+    ]
+
+
+def within_inline(
+    group: str, results: Sequence[Result], copies: Sequence[Copy], mode: str, suffix: str = ""
+) -> list[Floor]:
+    """The floor of every isolation mode: each copy within 10 % of the same copy inline."""
+    return [
+        ratio_floor(
+            group,
+            f"{mode} within 10% of inline: {c.label}{suffix}",
+            find(results, f"aiodd ({mode})", c.case),
+            find(results, "aiodd (inline)", c.case),
+            1.10,
+        )
+        for c in copies
     ]
 
 
