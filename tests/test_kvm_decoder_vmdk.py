@@ -379,6 +379,7 @@ def _named_cases() -> Iterator[tuple[str, bytes, dict[str, bytes]]]:
         struct.pack_into("<I", so, first + 8, size)
         yield f"marker size {size:#x}", bytes(so), {}
     yield "no markers", _no_markers(base), {}
+    yield from _batched_grain_cases()
     # parents
     base_img = _sparse(data)
     base_cid = "1234abcd"
@@ -437,6 +438,45 @@ def _no_markers(data: bytes) -> bytes:
         gd=gd, grain_offset=grain_offset, compress=1,
     )  # fmt: skip
     return bytes(out)
+
+
+def _footer_gd(so: bytes) -> int:
+    """The file offset of a footer-style streamOptimized file's grain directory."""
+    return int(struct.unpack_from("<Q", so, len(so) - 1024 + 56)[0]) * 512
+
+
+def _batched_grain_cases() -> Iterator[tuple[str, bytes, dict[str, bytes]]]:
+    """The guest reads and inflates a command's grains in a batch: whatever fails after a
+    grain in Python's order (a later grain, a grain table, the parent) must still come
+    after that grain's own error."""
+    three = DATA[GRAIN : 3 * GRAIN] + DATA[GRAIN : 2 * GRAIN]
+    so = bytearray(_stream(three, {0: b"\xff" * 600}))
+    gt = struct.unpack_from("<I", so, _footer_gd(so))[0] * 512
+    struct.pack_into("<I", so, gt + 8, 0xFFFFFF00)
+    yield "corrupt grain then a grain past the end", bytes(so), {}
+    so = bytearray(_stream(three, {}))
+    gt = struct.unpack_from("<I", so, _footer_gd(so))[0] * 512
+    struct.pack_into("<I", so, struct.unpack_from("<I", so, gt)[0] * 512 + 8, 0)
+    struct.pack_into("<I", so, gt + 8, 0xFFFFFF00)
+    yield "bad marker then a grain past the end", bytes(so), {}
+    # four 4 KiB grains per table: a command crosses tables
+    small = bytearray(build_stream_optimized(DATA[GRAIN : GRAIN + 40 * KiB], grain=4096, gtes=4))
+    gd = _footer_gd(bytes(small))
+    first = struct.unpack_from("<I", small, struct.unpack_from("<I", small, gd)[0] * 512)[0]
+    small[first * 512 + 12 : first * 512 + 20] = b"\xff" * 8
+    struct.pack_into("<I", small, gd + 4, 0xFFFFFF00)
+    yield "corrupt grain then a grain table past the end", bytes(small), {}
+    # a grain between two that the parent holds
+    holes = DATA[GRAIN : 2 * GRAIN] + bytes(GRAIN) + DATA[GRAIN : 2 * GRAIN]
+    base_img = _sparse(DATA)
+    over = _with_parent(build_stream_optimized(holes), "1234abcd", "b.vmdk")
+    yield "stream over a parent", over, {"b.vmdk": base_img}
+    bad = bytearray(build_stream_optimized(holes))
+    gt = struct.unpack_from("<I", bad, _footer_gd(bytes(bad)))[0] * 512
+    first = struct.unpack_from("<I", bad, gt)[0]
+    bad[first * 512 + 12 : first * 512 + 20] = b"\xff" * 8
+    corrupt = _with_parent(bytes(bad), "1", "b.vmdk")
+    yield "corrupt grain then a parent cid mismatch", corrupt, {"b.vmdk": base_img}
 
 
 NAMED = list(_named_cases())
