@@ -996,6 +996,11 @@ static uint32_t run_pending(struct walk *w) {
         memset(dest, 0, (size_t)w->pending_length);
         return AIODD_OK;
     }
+    /* Python inflates the grains before this run first; the parent's errors come after */
+    uint32_t status = reader_settle(w->r);
+    if (status != AIODD_OK) {
+        return status;
+    }
     const uint32_t parent_cid = v->parent->vmdk->cid;
     if (parent_cid != v->parent_cid) {
         return image_error(v->layer->handle,
@@ -1031,10 +1036,15 @@ static uint32_t gd_entry(struct walk *w, uint64_t index, uint32_t *entry) {
 static uint32_t gt_entry(struct walk *w, uint32_t sector, uint64_t index, uint32_t *entry) {
     const struct extent *e = w->e;
     const uint64_t offset = (uint64_t)sector * SECTOR;
-    uint32_t status = check_table(e->handle, offset, e->gtes_per_gt * 4, e->file_size,
-                                  e->cowd ? "COWD grain table" : "grain table");
-    if (status != AIODD_OK) {
-        return status;
+    const uint64_t length = e->gtes_per_gt * 4;
+    uint32_t status;
+    if (length != 0 && (offset >= e->file_size || offset + length > e->file_size)) {
+        /* the grains queued before it inflate (and fail) first, as in Python */
+        if ((status = reader_settle(w->r)) != AIODD_OK) {
+            return status;
+        }
+        return check_table(e->handle, offset, length, e->file_size,
+                           e->cowd ? "COWD grain table" : "grain table");
     }
     const uint64_t *table;
     status = disk_table(w->r, w->v->layer, (uint64_t)e->index << 40 | (uint64_t)sector << 1,
@@ -1071,15 +1081,23 @@ static void pool_free(voidpf opaque, voidpf address) {
     (void)address;  /* the pool goes with the grain */
 }
 
-/* The compressed bytes [next, end) of a file, fed to zlib a window of IN at a time. */
+/* The compressed bytes [next, end) of a file: held in memory (`mem`, a span read in a
+ * batch), or fed to zlib a window of IN at a time. */
 struct source {
     uint32_t handle;
     uint64_t next;
     uint64_t end;
+    const unsigned char *mem;
 };
 
 static uint32_t feed(struct inflater *f, struct source *src) {
     if (f->z.avail_in > 0 || src->next >= src->end) {
+        return AIODD_OK;
+    }
+    if (src->mem != NULL) {
+        f->z.next_in = (unsigned char *)(uintptr_t)src->mem;  /* zlib only reads it */
+        f->z.avail_in = (uInt)(src->end - src->next);  /* at most IN */
+        src->next = src->end;
         return AIODD_OK;
     }
     struct host_segment s = {src->handle, src->next, min_u64(src->end - src->next, AIODD_IN_SIZE),
@@ -1179,12 +1197,85 @@ static uint32_t corrupt(const struct extent *e, uint64_t foff, const struct infl
                        (unsigned long)foff, sign, magnitude, (int)n, msg);
 }
 
-/* _SparseExtent._read_compressed, synchronously: the grain's bytes [in_grain, + n). */
+/* The command's inflater, made at its first compressed grain and reset for each (a reset
+ * stream behaves as a new one: its window stays 32 KiB). */
+static struct inflater *inflater_of(struct reader *r) {
+    if (r->grain != NULL) {
+        return r->grain;
+    }
+    struct inflater *f = heap_alloc(sizeof *f);
+    if (f == NULL) {
+        return NULL;
+    }
+    memset(&f->z, 0, sizeof f->z);
+    f->used = 0;
+    f->z.zalloc = pool_alloc;
+    f->z.zfree = pool_free;
+    f->z.opaque = f;
+    if (inflateInit(&f->z) != Z_OK) {
+        return NULL;
+    }
+    r->grain = f;
+    return f;
+}
+
+/* layout.inflate_grain and the check after it: the grain's bytes [in_grain, + n) into
+ * dest. */
+static uint32_t inflate_grain(struct inflater *f, const struct extent *e, struct source *src,
+                              uint64_t foff, uint64_t in_grain, unsigned char *dest, uint64_t n) {
+    const uint64_t grain = e->grain_size;
+    if (inflateReset(&f->z) != Z_OK) {
+        return AIODD_E_NOMEM;
+    }
+    f->z.next_in = Z_NULL;  /* the last grain's trailing bytes, which a reset keeps */
+    f->z.avail_in = 0;
+    uint64_t total = 0;
+    int err = Z_OK;
+    enum inflated state = GOING;
+    uint32_t status = inflate_to(f, src, grain, in_grain, dest, n, &total, &err, &state);
+    if (status == AIODD_OK && state == GOING && total == grain &&
+        (f->z.avail_in > 0 || src->next < src->end)) {
+        /* the tail must not inflate to one more byte */
+        status = inflate_to(f, src, grain + 1, in_grain, dest, n, &total, &err, &state);
+        if (status == AIODD_OK && state != FAILED && total > grain) {
+            return image_error(e->handle,
+                               "vmdk compressed grain at %#lx inflates to more than one grain"
+                               " (%lu bytes)",
+                               (unsigned long)foff, (unsigned long)grain);
+        }
+    }
+    if (status != AIODD_OK) {
+        return status;
+    }
+    if (state == FAILED) {
+        return corrupt(e, foff, f, err);
+    }
+    if (state != ENDED) {
+        return image_error(e->handle, "vmdk compressed grain at %#lx is truncated",
+                           (unsigned long)foff);
+    }
+    if (in_grain + n > total) {
+        return image_error(e->handle,
+                           "vmdk compressed grain at %#lx inflates to %lu bytes,"
+                           " short of the %lu needed",
+                           (unsigned long)foff, (unsigned long)total,
+                           (unsigned long)(in_grain + n));
+    }
+    return AIODD_OK;
+}
+
+static uint32_t bad_marker(const struct extent *e, uint64_t foff, uint32_t size) {
+    return image_error(e->handle, "vmdk grain marker at %#lx has an invalid size (%u)",
+                       (unsigned long)foff, size);
+}
+
+/* _SparseExtent._read_compressed, synchronously (a grain too large for a span in IN):
+ * the marker, then the data a window of IN at a time. */
 static uint32_t read_compressed(struct walk *w, uint64_t foff, uint64_t in_grain, uint64_t pos,
                                 uint64_t n) {
     const struct extent *e = w->e;
     const uint64_t grain = e->grain_size;
-    struct source src = {e->handle, foff, 0};
+    struct source src = {e->handle, foff, 0, NULL};
     if (e->markers) {
         unsigned char marker[MARKER_SIZE];
         uint32_t status = read_padded(e->handle, foff, MARKER_SIZE, marker);
@@ -1193,8 +1284,7 @@ static uint32_t read_compressed(struct walk *w, uint64_t foff, uint64_t in_grain
         }
         const uint32_t size = le32(marker + 8);
         if (size == 0 || size > 2 * grain) {
-            return image_error(e->handle, "vmdk grain marker at %#lx has an invalid size (%u)",
-                               (unsigned long)foff, size);
+            return bad_marker(e, foff, size);
         }
         src.next = foff + MARKER_SIZE;
         src.end = src.next + size;
@@ -1203,52 +1293,75 @@ static uint32_t read_compressed(struct walk *w, uint64_t foff, uint64_t in_grain
     }
     src.next = min_u64(src.next, e->file_size);
     src.end = min_u64(src.end, e->file_size);
-
-    struct inflater *f = heap_alloc(sizeof *f);
+    struct inflater *f = inflater_of(w->r);
     if (f == NULL) {
         return AIODD_E_NOMEM;
     }
-    memset(&f->z, 0, sizeof f->z);
-    f->used = 0;
-    f->z.zalloc = pool_alloc;
-    f->z.zfree = pool_free;
-    f->z.opaque = f;
-    uint32_t status = AIODD_OK;
-    if (inflateInit(&f->z) != Z_OK) {
-        status = AIODD_E_NOMEM;
-    }
-    uint64_t total = 0;
-    int err = Z_OK;
-    enum inflated state = GOING;
-    unsigned char *dest = w->dest + pos;
-    if (status == AIODD_OK) {
-        status = inflate_to(f, &src, grain, in_grain, dest, n, &total, &err, &state);
-    }
-    if (status == AIODD_OK && state == GOING && total == grain &&
-        (f->z.avail_in > 0 || src.next < src.end)) {
-        /* the tail must not inflate to one more byte */
-        status = inflate_to(f, &src, grain + 1, in_grain, dest, n, &total, &err, &state);
-        if (status == AIODD_OK && state != FAILED && total > grain) {
-            status = image_error(e->handle,
-                                 "vmdk compressed grain at %#lx inflates to more than one grain"
-                                 " (%lu bytes)",
-                                 (unsigned long)foff, (unsigned long)grain);
+    return inflate_grain(f, e, &src, foff, in_grain, w->dest + pos, n);
+}
+
+/* _SparseExtent._read_compressed over a span of the file read in a batch: the grain's
+ * marker and data lie in it (the span reaches a grain's largest extent, or the file's
+ * end). */
+static uint32_t grain_job(struct reader *r, const struct reader_job *job,
+                          const unsigned char *data, uint64_t got) {
+    const struct extent *e = job->owner;
+    const struct host_segment *s = &r->segments[job->segment];
+    const uint64_t foff = job->where;
+    const uint64_t have = s->offset + got > foff ? s->offset + got - foff : 0;
+    struct source src = {e->handle, foff, 0, NULL};
+    if (e->markers) {
+        if (have < min_u64(MARKER_SIZE, e->file_size - foff)) {
+            host_fault();  /* a read short of the file's end */
         }
+        unsigned char marker[MARKER_SIZE] = {0};
+        memcpy(marker, data + (foff - s->offset), (size_t)min_u64(have, MARKER_SIZE));
+        const uint32_t size = le32(marker + 8);
+        if (size == 0 || size > 2 * e->grain_size) {
+            return bad_marker(e, foff, size);
+        }
+        src.next = foff + MARKER_SIZE;
+        src.end = src.next + size;
+    } else {
+        src.end = foff + e->grain_size;
     }
-    if (status == AIODD_OK && state == FAILED) {
-        status = corrupt(e, foff, f, err);
-    } else if (status == AIODD_OK && state != ENDED) {
-        status = image_error(e->handle, "vmdk compressed grain at %#lx is truncated",
-                             (unsigned long)foff);
-    } else if (status == AIODD_OK && in_grain + n > total) {
-        status = image_error(e->handle,
-                             "vmdk compressed grain at %#lx inflates to %lu bytes,"
-                             " short of the %lu needed",
-                             (unsigned long)foff, (unsigned long)total,
-                             (unsigned long)(in_grain + n));
+    src.next = min_u64(src.next, e->file_size);
+    src.end = min_u64(src.end, e->file_size);
+    if (src.end - foff > have) {
+        host_fault();  /* as above */
     }
-    heap_free(f);
-    return status;
+    src.mem = data + (src.next - s->offset);
+    return inflate_grain(r->grain, e, &src, foff, job->skip, job->dest, job->length);
+}
+
+/* A compressed grain's bytes [in_grain, + n) into dest[pos]: queued as a job over a span
+ * of the file, which the next grains share while they follow it (streamOptimized writes
+ * them in order), so that a batch reads many grains in one doorbell. */
+static uint32_t compressed_grain(struct walk *w, uint64_t foff, uint64_t in_grain, uint64_t pos,
+                                 uint64_t n) {
+    const struct extent *e = w->e;
+    struct reader *r = w->r;
+    if (inflater_of(r) == NULL) {
+        return AIODD_E_NOMEM;
+    }
+    /* the most a grain can span: its marker and the largest size the check allows */
+    const uint64_t reach = e->markers ? MARKER_SIZE + 2 * e->grain_size : e->grain_size;
+    if (reach > AIODD_IN_SIZE) {
+        uint32_t status;
+        if (r->in_used != 0 && (status = reader_flush(r)) != AIODD_OK) {
+            return status;
+        }
+        return read_compressed(w, foff, in_grain, pos, n);
+    }
+    struct reader_job job = {
+        .run = grain_job,
+        .owner = e,
+        .dest = w->dest + pos,
+        .skip = in_grain,
+        .length = n,
+        .where = foff,
+    };
+    return reader_span_job(r, e->handle, e->file_size, foff, reach, &job);
 }
 
 /* _SparseExtent.read */
@@ -1263,6 +1376,9 @@ static uint32_t read_sparse(struct walk *w, uint64_t n) {
         const uint64_t gd_i = off / cover;
         const uint64_t in_cover = off % cover;
         if (gd_i >= e->gd_entries) {
+            if ((status = reader_settle(w->r)) != AIODD_OK) {
+                return status;
+            }
             return image_error(e->handle,
                                "vmdk grain directory (%lu entries) does not cover offset %#lx",
                                (unsigned long)e->gd_entries, (unsigned long)off);
@@ -1275,7 +1391,7 @@ static uint32_t read_sparse(struct walk *w, uint64_t n) {
         if (gt_sector == 0) {
             take = min_u64(n - pos, cover - in_cover);
         } else {
-            uint32_t gte;
+            uint32_t gte = 0;
             const uint64_t in_grain = in_cover % grain;
             if ((status = gt_entry(w, gt_sector, in_cover / grain, &gte)) != AIODD_OK) {
                 return status;
@@ -1292,6 +1408,9 @@ static uint32_t read_sparse(struct walk *w, uint64_t n) {
             if (gte != 0) {
                 const uint64_t foff = (uint64_t)gte * SECTOR;
                 if (foff >= e->file_size) {
+                    if ((status = reader_settle(w->r)) != AIODD_OK) {
+                        return status;
+                    }
                     return image_error(e->handle, "vmdk %s at %#lx lies past the end of the file",
                                        e->compressed ? "compressed grain" : "grain",
                                        (unsigned long)foff);
@@ -1300,10 +1419,7 @@ static uint32_t read_sparse(struct walk *w, uint64_t n) {
                     return status;
                 }
                 if (e->compressed) {
-                    if (w->r->in_used != 0 && (status = reader_flush(w->r)) != AIODD_OK) {
-                        return status;
-                    }
-                    status = read_compressed(w, foff, in_grain, pos, take);
+                    status = compressed_grain(w, foff, in_grain, pos, take);
                 } else {
                     status = reader_data(w->r, e->handle, e->file_size, foff + in_grain,
                                          w->dest + pos, take);
@@ -1352,7 +1468,7 @@ uint32_t vmdk_read(struct reader *r, struct layer *layer, uint64_t offset, unsig
         }
         if (i >= v->count) {
             memset(dest + pos, 0, (size_t)(length - pos));
-            return AIODD_OK;
+            return reader_settle(r);
         }
         const uint64_t start = i == 0 ? 0 : v->ends[i - 1];
         const uint64_t n = min_u64(length - pos, v->ends[i] - voff);
@@ -1370,5 +1486,6 @@ uint32_t vmdk_read(struct reader *r, struct layer *layer, uint64_t offset, unsig
         }
         pos += n;
     }
-    return AIODD_OK;
+    /* a layer above may fail next: the grains before it inflate (and fail) first */
+    return reader_settle(r);
 }

@@ -261,6 +261,7 @@ uint32_t disk_table(struct reader *r, const struct layer *layer, uint64_t key, u
     }
     r->count = 0;
     r->in_used = 0;
+    r->span = 0;
     disk.tags[victim] = (struct tag){layer, key, ++disk.clock, disk.buckets[bucket], 1};
     disk.buckets[bucket] = victim;
     *table = slot;
@@ -312,6 +313,7 @@ uint32_t reader_flush(struct reader *r) {
     uint32_t status = reader_flush_keep(r);
     r->count = 0;
     r->in_used = 0;
+    r->span = 0;
     return status;
 }
 
@@ -366,10 +368,46 @@ static uint32_t reader_in(struct reader *r, uint32_t handle, uint64_t file_size,
 
 uint32_t reader_job(struct reader *r, uint32_t handle, uint64_t file_size, uint64_t offset,
                     uint64_t length, struct reader_job *job) {
-    uint32_t status = reader_in(r, handle, file_size, offset, length, &job->segment);
+    uint32_t status;
+    if (r->job_count == AIODD_MAX_SEGMENTS && (status = reader_flush(r)) != AIODD_OK) {
+        return status;  /* spans' jobs can outnumber the segments */
+    }
+    status = reader_in(r, handle, file_size, offset, length, &job->segment);
     if (status != AIODD_OK) {
         return status;
     }
+    r->jobs[r->job_count++] = *job;
+    return AIODD_OK;
+}
+
+uint32_t reader_span_job(struct reader *r, uint32_t handle, uint64_t file_size, uint64_t offset,
+                         uint64_t length, struct reader_job *job) {
+    uint32_t status;
+    /* One segment may carry many jobs: the job list, not the segments, fills first. */
+    if (r->job_count == AIODD_MAX_SEGMENTS && (status = reader_flush(r)) != AIODD_OK) {
+        return status;
+    }
+    if (r->span != 0 && r->span == r->count) {
+        struct host_segment *last = &r->segments[r->count - 1];
+        const uint64_t start = last->offset;
+        const uint64_t end = start + last->length;
+        if (last->handle == handle && offset >= start && offset <= end) {
+            /* the IN bytes after the span are free: it was the last thing put in IN */
+            const uint64_t want = offset < file_size ? min_u64(length, file_size - offset) : 0;
+            const uint64_t grow = offset + want > end ? offset + want - end : 0;
+            if (grow <= AIODD_IN_SIZE - r->in_used) {
+                last->length += grow;
+                r->in_used += grow;
+                job->segment = r->count - 1;
+                r->jobs[r->job_count++] = *job;
+                return AIODD_OK;
+            }
+        }
+    }
+    if ((status = reader_in(r, handle, file_size, offset, length, &job->segment)) != AIODD_OK) {
+        return status;
+    }
+    r->span = r->count;
     r->jobs[r->job_count++] = *job;
     return AIODD_OK;
 }

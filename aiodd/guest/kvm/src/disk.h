@@ -66,6 +66,8 @@ struct reader {
     void *zlib;
     void *zstd;
     unsigned char *cluster;
+    void *grain;   /* vmdk's inflater, made at the first compressed grain */
+    size_t span;   /* 1 + the index of the segment reader_span_job may grow, or 0 */
 };
 
 /* -- the open image ------------------------------------------------------------------- */
@@ -134,6 +136,14 @@ uint32_t reader_data(struct reader *r, uint32_t handle, uint64_t file_size, uint
  * its bytes; the job's `segment` is set here. */
 uint32_t reader_job(struct reader *r, uint32_t handle, uint64_t file_size, uint64_t offset,
                     uint64_t length, struct reader_job *job);
+
+/* reader_job for reads that follow one another through a file (vmdk's compressed
+ * grains, whose lengths are only known from their bytes): when the last segment was
+ * queued here for the same file and reaches `offset`, it grows to cover the new range
+ * (while IN has room) instead of a segment being added.  The job's bytes start at
+ * segments[job->segment].dest + (offset - segments[job->segment].offset). */
+uint32_t reader_span_job(struct reader *r, uint32_t handle, uint64_t file_size, uint64_t offset,
+                         uint64_t length, struct reader_job *job);
 
 /* Send the batch and run its jobs; the batch is empty after. */
 uint32_t reader_flush(struct reader *r);
