@@ -95,7 +95,8 @@ struct log {
     uint64_t offset; /* in the file */
     uint64_t size;
     unsigned char guid[16];
-    uint64_t base[CURSORS]; /* the window each cursor holds; UINT64_MAX: none */
+    uint64_t base[CURSORS];  /* the window each cursor holds; UINT64_MAX: none */
+    unsigned owner[CURSORS]; /* whose part of IN holds it: cursors share a window */
 };
 
 /* A write the log makes: `length` zeros, or one sector whose bytes are lead, the log's
@@ -269,33 +270,50 @@ static uint32_t check_exact(const struct vhdx *x, uint64_t offset, uint64_t leng
 /* -- the log (layout.parse_log_entry, find_active_sequence; decode._replay_log) ------- */
 
 /* The log's bytes at `position` (below its size) through cursor `c`: *p, and how many
- * of them the window holds from there. */
-static uint32_t log_bytes(struct log *log, int c, uint64_t position, const unsigned char **p,
-                          uint64_t *avail) {
+ * of them the window holds from there.  A window another cursor holds is shared, not
+ * read again; one read into a cursor's part of IN takes it from those sharing it. */
+static uint32_t log_bytes(struct log *log, unsigned c, uint64_t position,
+                          const unsigned char **p, uint64_t *avail) {
     const uint64_t base = position / LOG_WINDOW * LOG_WINDOW;
     const uint64_t n = min_u64(LOG_WINDOW, log->size - base);
-    const unsigned char *window = host_in() + (uint64_t)c * LOG_WINDOW;
     if (log->base[c] != base) {
-        struct host_segment s = {log->handle, log->offset + base, n,
-                                 host_in() + (uint64_t)c * LOG_WINDOW, 0};
-        uint32_t status = host_readv(&s, 1);
-        if (status != AIODD_OK) {
-            return status;
+        unsigned holder = CURSORS;
+        for (unsigned k = 0; k < CURSORS; k++) {
+            if (log->base[k] == base) {
+                holder = log->owner[k];
+            }
         }
-        if (s.got != n) {
-            host_fault(); /* the log lies inside the file, which the host said is longer */
+        if (holder == CURSORS) {
+            for (unsigned k = 0; k < CURSORS; k++) {
+                if (k != c && log->owner[k] == c) {
+                    log->base[k] = UINT64_MAX;
+                }
+            }
+            struct host_segment s = {log->handle, log->offset + base, n,
+                                     host_in() + (uint64_t)c * LOG_WINDOW, 0};
+            uint32_t status = host_readv(&s, 1);
+            if (status != AIODD_OK) {
+                log->base[c] = UINT64_MAX;
+                return status;
+            }
+            if (s.got != n) {
+                host_fault(); /* the log lies inside the file, which the host said is longer */
+            }
+            holder = c;
         }
         log->base[c] = base;
+        log->owner[c] = holder;
     }
-    *p = window + (position - base);
+    *p = host_in() + (uint64_t)log->owner[c] * LOG_WINDOW + (position - base);
     *avail = n - (position - base);
     return AIODD_OK;
 }
 
 /* Whatever was in IN is gone (a command read into it): every window is read again. */
 static void log_forget(struct log *log) {
-    for (int c = 0; c < CURSORS; c++) {
+    for (unsigned c = 0; c < CURSORS; c++) {
         log->base[c] = UINT64_MAX;
+        log->owner[c] = c;
     }
 }
 
@@ -480,13 +498,13 @@ struct visit {
     uint32_t (*write)(struct visit *v, uint64_t age, const struct log_write *w);
 };
 
-/* The chain was found valid: its entries are read again, unchecked, a piece at a time. */
+/* The chain was found valid: its entries are read again, unchecked, a piece at a time
+ * (the windows the cursors hold must still be in IN). */
 static uint32_t each_write(struct overlay *o, struct visit *v) {
     struct log *log = &o->log;
     const uint64_t size = log->size;
     uint64_t age = 0;
     uint64_t position = o->start;
-    log_forget(log);
     for (uint64_t k = 0; k < o->chain; k++) {
         const unsigned char *p;
         uint64_t avail;
@@ -729,6 +747,7 @@ static uint32_t build_window(struct overlay *o, uint64_t lo) {
     struct edge_visit g = {{NULL, edge_write_visit}, o, 0, UINT64_MAX, 0};
     o->lo = lo;
     o->hi = UINT64_MAX;
+    log_forget(&o->log); /* IN has served other reads since */
     uint32_t status = each_write(o, &g.v);
     if (status != AIODD_OK) {
         o->lo = 1; /* none built */
