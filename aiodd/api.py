@@ -269,13 +269,13 @@ async def dd(
             memory.close()
         raise
     try:
-        mode = ("inline", "requested", None) if isolation == "inline" else _guest_mode(disk)
+        mode = ("inline", "requested") if isolation == "inline" else _guest_mode(disk)
         window = compute_window(disk.virtual_size, bs_value, count_value, skip_value)
         if window.skip_past_end:
             warnings.append(f"{src_path}: {SKIP_WARNING}")
         dst_name = os.path.basename(dst_path)
         plan = encoders.plan(output_format, window.length, filename=dst_name)
-        meter = ProgressMeter(plan.data_size, on_progress, progress_interval, mode[:2])
+        meter = ProgressMeter(plan.data_size, on_progress, progress_interval, mode)
         _check_output(src_path, dst_path, policy)
         raw = output_format == "raw"
         guard = await anyio.to_thread.run_sync(lambda: OutputLock.acquire(dst_path, raw=raw))
@@ -359,20 +359,16 @@ async def dd(
         window=window,
         output_size=plan.virtual_size,
         elapsed=time.monotonic() - started,
-        warnings=tuple(warnings) if mode[2] is None else (mode[2], *warnings),
+        warnings=tuple(warnings),
         isolation=mode[0],
         isolation_reason=mode[1],
         checksum=None if hasher is None else Checksum(hasher.name, hasher.hexdigest()),
     )
 
 
-def _guest_mode(disk: VirtualDisk) -> tuple[str, str, str | None]:
-    """Where the guest reader decodes ``disk``, why, and the note to give when ``auto``
-    could not use the KVM guest reader for a layer it does not decode."""
+def _guest_mode(disk: VirtualDisk) -> tuple[str, str]:
+    """Where the guest reader decodes ``disk``, and why."""
     from aiodd.guest.disk import GuestDisk
 
     assert isinstance(disk, GuestDisk)
-    note = None
-    if disk.note is not None:
-        note = f"note: {disk.note}; it is decoded in the sandboxed process instead"
-    return disk.mode, disk.mode_reason, note
+    return disk.mode, disk.mode_reason

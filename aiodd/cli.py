@@ -84,9 +84,8 @@ options:
                        backing file, data file, extent or parent must sit beside the image
                        that names it, or below
   --isolation=MODE     where the input is decoded:
-                       auto (default): kvm where it runs here, else sandbox; a layer
-                       kvm does not hold (a vhdx log over 8 MiB) goes to sandbox, with
-                       a note; --progress=json and --version --verbose say which ran;
+                       auto (default): kvm where it runs here, else sandbox;
+                       --progress=json and --version --verbose say which ran;
                        kvm: in a KVM micro-VM inside the guest process (needs read-write
                        /dev/kvm; decodes every input format), or fail;
                        sandbox: in an isolated guest process, with every sandbox layer

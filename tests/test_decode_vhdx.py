@@ -66,23 +66,23 @@ def log_entry(
     """A valid log entry: ``writes`` are (file offset, 4 KiB page or zero length)."""
     count = len(writes)
     desc_sectors = -(-(count + 2) // 128)
-    descs = b""
-    sectors = b""
+    descs: list[bytes] = []
+    sectors: list[bytes] = []
     for offset, what in writes:
         if isinstance(what, int):
-            descs += struct.pack("<4s4sQQQ", b"zero", bytes(4), what, offset, seq)
+            descs.append(struct.pack("<4s4sQQQ", b"zero", bytes(4), what, offset, seq))
         else:
             assert len(what) == 4096
-            descs += struct.pack("<4s4s8sQQ", b"desc", what[4092:], what[:8], offset, seq)
-            sectors += (
+            descs.append(struct.pack("<4s4s8sQQ", b"desc", what[4092:], what[:8], offset, seq))
+            sectors.append(
                 b"data"
                 + struct.pack("<I", seq >> 32)
                 + what[8:4092]
                 + struct.pack("<I", seq & 0xFFFFFFFF)
             )
-    length = (desc_sectors * 4096) + len(sectors)
+    length = (desc_sectors + len(sectors)) * 4096
     head = struct.pack("<4sIIIQII16sQQ", b"loge", 0, length, 0, seq, count, 0, guid, flushed, last)
-    body = (head + descs).ljust(desc_sectors * 4096, b"\0") + sectors
+    body = b"".join([head, *descs]).ljust(desc_sectors * 4096, b"\0") + b"".join(sectors)
     return bytes(reseal(bytearray(body)))
 
 

@@ -10,8 +10,8 @@ In the ``kvm`` mode (and ``auto``, where KVM runs) it also sets up the KVM guest
 (:mod:`aiodd.guest.kvm.reader`) before it seals itself, and the decoding happens in that
 micro-VM: the main thread runs the VM's work (``KVM_RUN`` must run there, for the
 watchdog's ``SIGPROF``), another thread receives the host's messages.  Under ``auto``, a
-host where KVM cannot run, or a layer in a format the VM does not decode, sends it back
-to the Python decoders, in this same sandboxed process.
+host where KVM cannot run sends it back to the Python decoders, in this same sandboxed
+process; where the VM runs, it decodes every format.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from aiodd.errors import ImageError, IsolationError
 from aiodd.formats import registry as decoders
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.guest import kvm, protocol, sandbox, seccomp
-from aiodd.guest.kvm.reader import GuestFormatError, KvmReader
+from aiodd.guest.kvm.reader import KvmReader
 from aiodd.guest.protocol import (
     Call,
     Close,
@@ -171,11 +171,8 @@ class Guest:
         self.main_jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()  # the VM's
         self.handlers = handlers
         self.reader: KvmReader | None = None
-        self.vm_input_fd = -1  # the image's descriptor for the VM (the Python decoders
-        # keep theirs, for a fallback)
         self.mode = "sandbox"  # where the image is decoded: kvm or sandbox
         self.reason = "requested"
-        self.note: str | None = None  # under auto: the layer the VM did not decode
         self.reads_on_main = False  # reads go to the VM's thread
 
     # -- the KVM guest reader --------------------------------------------------------
@@ -190,8 +187,6 @@ class Guest:
         if available:
             try:
                 self.reader = KvmReader(self.init.name, self.mems)
-                if self.input_fd >= 0:
-                    self.vm_input_fd = os.dup(self.input_fd)
             except (IsolationError, OSError) as exc:
                 if self.reader is not None:
                     self.reader.close()
@@ -283,37 +278,25 @@ class Guest:
 
     def open(self) -> None:
         try:
+            file = LocalFile(self.input_fd, self.init.name)
+            resolver = GuestResolver(self.link, 0)
             if self.reader is not None:
-                self.disk = self._open_in_vm(self.reader)
-            if self.disk is None:
-                file = LocalFile(self.input_fd, self.init.name)
-                resolver = GuestResolver(self.link, 0)
+                self.disk = self._open_in_vm(self.reader, file, resolver)
+            else:
                 self.disk = decoders.open_disk(file, resolver, self.init.fmt)
             self.reads_on_main = self.reader is not None
             disk = self.disk
-            self.link.send(
-                Opened(disk.format_name, disk.virtual_size, self.mode, self.reason, self.note)
-            )
+            self.link.send(Opened(disk.format_name, disk.virtual_size, self.mode, self.reason))
         except BaseException as exc:
             self.link.send(Failed(WireError.of_vm(exc)))
 
-    def _open_in_vm(self, reader: KvmReader) -> VirtualDisk | None:
-        """The image opened in the VM; None when ``auto`` goes back to the Python
-        decoders for a layer the VM does not decode."""
-        file = LocalFile(self.vm_input_fd, self.init.name)
+    def _open_in_vm(
+        self, reader: KvmReader, file: LocalFile, resolver: GuestResolver
+    ) -> VirtualDisk:
+        """The image opened in the VM, which decodes every format: there is no going
+        back to the Python decoders once it runs."""
         try:
-            return reader.open_disk(file, GuestResolver(self.link, 0), self.init.fmt)
-        except GuestFormatError as exc:
-            file.close()
-            if self.init.isolation == "kvm":
-                raise
-            reader.close()
-            self.reader = None
-            self.mode = "sandbox"
-            what = exc.fmt if exc.fmt is not None else "a layer"
-            self.reason = f"auto: {what} {exc.reason}"
-            self.note = str(exc)
-            return None
+            return reader.open_disk(file, resolver, self.init.fmt)
         except BaseException:
             file.close()
             raise

@@ -73,7 +73,6 @@ class GuestDisk:
         self.isolation: dict[str, str] = {}
         self.mode = ""  # where the guest decodes: kvm or sandbox
         self.mode_reason = ""  # and why (see aiodd.api.DdResult.isolation_reason)
-        self.note: str | None = None  # under auto: the layer the KVM guest did not decode
         self.format_name = ""
         self.virtual_size = 0
         self._mems: list[tuple[int, int, int]] = []  # (mem id, base address, size)
@@ -135,7 +134,6 @@ class GuestDisk:
         if isinstance(opened, Failed):
             raise self._policy_error or self.error_of(opened.error)
         self._set_mode(opened.mode, opened.reason)
-        self.note = opened.note
         self.format_name = opened.format
         self.virtual_size = opened.virtual_size
 

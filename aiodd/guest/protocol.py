@@ -474,46 +474,34 @@ class Ready(_Record):
 
 class Opened(_Record):
     """The image is open: reads may come.  ``mode`` and ``reason`` are as in
-    :class:`Ready`, once more: under ``auto``, a layer the KVM guest reader does not
-    decode sends the guest back to the Python decoders, and ``note`` then says which."""
+    :class:`Ready`, once more, for the copy's report."""
 
-    __slots__ = ("format", "mode", "note", "reason", "virtual_size")
+    __slots__ = ("format", "mode", "reason", "virtual_size")
 
     def __init__(
-        self,
-        format: str,
-        virtual_size: int,
-        mode: str = "sandbox",
-        reason: str = "",
-        note: str | None = None,
+        self, format: str, virtual_size: int, mode: str = "sandbox", reason: str = ""
     ) -> None:
         self.format = format
         self.virtual_size = virtual_size
         self.mode = mode
         self.reason = reason
-        self.note = note
 
     def encode(self) -> Message:
-        message: Message = {
+        return {
             "op": "opened",
             "format": self.format,
             "virtual_size": self.virtual_size,
             "mode": self.mode,
             "reason": self.reason,
         }
-        if self.note is not None:
-            message["note"] = self.note
-        return message
 
     @classmethod
     def decode(cls, message: Message) -> Opened:
-        note = message.get("note")
         return cls(
             clean(str_field(message, "format"), 16),
             int_field(message, "virtual_size"),
             _mode(message),
             clean(message.get("reason", "")),
-            clean(note) if note is not None else None,
         )
 
 

@@ -105,8 +105,8 @@ class MemFile:
 
 
 class NotInGuest(Exception):
-    """A layer in a format the guest leaves to the Python decoders (the VMM raises
-    GuestFormatError for it): no comparison is possible."""
+    """A layer in a format this native build has no code for: no comparison is
+    possible."""
 
 
 @dataclass(frozen=True)

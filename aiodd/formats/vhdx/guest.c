@@ -3,11 +3,13 @@
  * a change there is a change here (tests/test_kvm_decoder_vhdx.py holds the two
  * together).
  *
- * A dirty log is replayed as Python replays it: into an overlay of the file held in
- * memory, through which every later structure and every payload byte is read.  The log
- * is held whole, so a log larger than LOG_HELD_MAX is left to the Python decoder
- * (AIODD_E_NOMEM).  The BAT is held whole when the table budget allows, else read
- * through the table cache a slot at a time. */
+ * A dirty log is replayed as Python replays it: into an overlay of the file, through
+ * which every later structure and every payload byte is read.  Neither the log nor the
+ * overlay is held whole, so that any log the format allows (256 MiB) replays in bounded
+ * memory: the log streams through IN, and the overlay is built a window of the file at a
+ * time from the log's descriptors, its data sectors read from the file where they lie.
+ * The BAT is held whole when the table budget allows, else read through the table
+ * cache a slot at a time. */
 #include "vhdx/guest.h"
 
 #define KIB 1024ULL
@@ -31,9 +33,6 @@
 #define MAX_PARENT_PATH 4095u /* layout.MAX_PARENT_PATH */
 #define MAX_TABLE_ENTRIES 2047u
 
-/* What the guest holds of a log: qemu writes 1 MiB logs.  A larger one would crowd
- * the heap a command needs. */
-#define LOG_HELD_MAX (8 * MIB)
 /* A slot of the table cache holds this much of a BAT too large to hold whole. */
 #define BAT_CHUNK (64 * KIB)
 
@@ -83,22 +82,58 @@ static const char *const ITEM_NAMES[ITEM_KINDS] = {
     "logical sector size", "physical sector size", "parent locator",
 };
 
+/* The log is never held: it is read through IN a window at a time, each cursor keeping
+ * its own window, so that the scan, an entry's descriptors, its data sectors and its
+ * checksum each move forward through the log without evicting one another. */
+enum { CURSOR_SCAN, CURSOR_DESC, CURSOR_DATA, CURSOR_CRC, CURSORS };
+#ifndef LOG_WINDOW /* the tests cut it down (tests/fuzz/build.py), so small logs span windows */
+#define LOG_WINDOW (AIODD_IN_SIZE / CURSORS)
+#endif
+
+struct log {
+    uint32_t handle;
+    uint64_t offset; /* in the file */
+    uint64_t size;
+    unsigned char guid[16];
+    uint64_t base[CURSORS];  /* the window each cursor holds; UINT64_MAX: none */
+    unsigned owner[CURSORS]; /* whose part of IN holds it: cursors share a window */
+};
+
 /* A write the log makes: `length` zeros, or one sector whose bytes are lead, the log's
  * sector at `sector` (its bytes 8..4092), trail. */
 struct log_write {
     uint64_t offset;
     uint64_t length;
-    uint32_t sector;
+    uint64_t sector;
     int zero;
     unsigned char lead[8];
     unsigned char trail[4];
 };
 
-/* A stretch of the file the newest covering write decides (layout.Overlay). */
-struct piece {
-    uint64_t start;
-    uint64_t end;
-    uint32_t write;
+/* What a data sector's write puts in the file, for an interval it owns. */
+struct data_write {
+    uint32_t sector; /* UINT32_MAX: the owner writes zeros */
+    unsigned char lead[8];
+    unsigned char trail[4];
+};
+
+/* layout.Overlay, a window of it at a time: the log's writes cut the file's offsets
+ * [lo, hi) into intervals [edges[i], edges[i + 1]), i < count, each owned by the newest
+ * write covering it (owner: its age + 1, 0 for none), nothing written past
+ * edges[count].  A window holds at most `capacity` edges, so its memory is bounded
+ * whatever the log holds; a read outside it builds the window there, again from the log.
+ * The chain's writes are numbered by age (their place in the replay), oldest first. */
+struct overlay {
+    struct log log;
+    uint64_t start; /* the chain: its first entry's position, and how many entries */
+    uint64_t chain;
+    uint64_t capacity;
+    uint64_t *edges; /* 2 * capacity + 1: the edges are gathered here */
+    uint64_t *owner; /* a segment tree over the intervals; its leaves, from `leaves` */
+    uint64_t leaves;
+    struct data_write *data; /* per interval */
+    uint64_t count;
+    uint64_t lo, hi; /* hi UINT64_MAX: nothing past the window; lo > hi: none built */
 };
 
 struct vhdx {
@@ -111,11 +146,7 @@ struct vhdx {
     uint64_t bat_offset;
     uint64_t bat_entries;
     uint64_t *bat; /* NULL: too large to hold, read through the cache */
-    /* the log's overlay: pieces sorted by start, disjoint */
-    const unsigned char *log;
-    const struct log_write *writes;
-    const struct piece *pieces;
-    uint64_t piece_count;
+    struct overlay *overlay; /* NULL: no log to replay, or one that writes nothing */
     unsigned char *bitmap; /* a block's sector bitmap bytes, when the disk has a parent */
 };
 
@@ -169,104 +200,6 @@ static uint32_t image_error(uint32_t handle, const char *format, ...) {
     host_verror(AIODD_E_IMAGE, handle, format, args);
     va_end(args);
     return AIODD_E_IMAGE;
-}
-
-/* -- the overlay (layout.Overlay, decode.LoggedFile) ---------------------------------- */
-
-/* The first piece that ends after `offset`. */
-static uint64_t first_piece(const struct vhdx *x, uint64_t offset) {
-    uint64_t lo = 0, hi = x->piece_count;
-    while (lo < hi) {
-        uint64_t mid = lo + (hi - lo) / 2;
-        if (x->pieces[mid].end <= offset) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    return lo;
-}
-
-/* The bytes [from, from + n) of the file as piece p leaves them, into dest. */
-static void piece_bytes(const struct vhdx *x, const struct piece *p, uint64_t from,
-                        unsigned char *dest, uint64_t n) {
-    const struct log_write *w = &x->writes[p->write];
-    if (w->zero) {
-        memset(dest, 0, (size_t)n);
-        return;
-    }
-    for (uint64_t k = from - w->offset, i = 0; i < n; i++, k++) {
-        dest[i] = k < 8 ? w->lead[k] : k >= 4092 ? w->trail[k - 4092] : x->log[w->sector + k];
-    }
-}
-
-/* Overlay.apply: patch buf, the file's bytes at `offset`. */
-static void overlay_patch(const struct vhdx *x, uint64_t offset, unsigned char *buf,
-                          uint64_t length) {
-    const uint64_t end = offset + length;
-    for (uint64_t i = first_piece(x, offset); i < x->piece_count; i++) {
-        const struct piece *p = &x->pieces[i];
-        if (p->start >= end) {
-            break;
-        }
-        uint64_t lo = p->start > offset ? p->start : offset;
-        uint64_t hi = p->end < end ? p->end : end;
-        piece_bytes(x, p, lo, buf + (lo - offset), hi - lo);
-    }
-}
-
-/* LoggedFile.readinto at opening, into memory of the decoder's: the caller checked
- * that the range lies inside the file (x->size). */
-static uint32_t view_read(const struct vhdx *x, uint64_t offset, uint64_t length,
-                          unsigned char *dest) {
-    const struct layer *layer = x->layer;
-    for (uint64_t done = 0; done < length;) {
-        uint64_t n = min_u64(length - done, AIODD_IN_SIZE);
-        uint64_t got = 0;
-        if (offset + done < layer->file_size) {
-            uint32_t status = disk_read_in(layer->handle, offset + done, n, &got);
-            if (status != AIODD_OK) {
-                return status;
-            }
-        }
-        memcpy(dest + done, host_in(), (size_t)got);
-        memset(dest + done + got, 0, (size_t)(n - got));
-        done += n;
-    }
-    overlay_patch(x, offset, dest, length);
-    return AIODD_OK;
-}
-
-/* The file's [offset, offset + length) into a command's dest, through the overlay: the
- * pieces copied now, the rest queued. */
-static uint32_t queue_file(struct reader *r, const struct vhdx *x, uint64_t offset,
-                           unsigned char *dest, uint64_t length) {
-    const struct layer *layer = x->layer;
-    uint64_t cur = offset;
-    const uint64_t end = offset + length;
-    uint64_t i = x->piece_count ? first_piece(x, offset) : 0;
-    while (cur < end) {
-        uint64_t stop = end;
-        if (i < x->piece_count && x->pieces[i].start < end) {
-            stop = x->pieces[i].start > cur ? x->pieces[i].start : cur;
-        }
-        if (stop > cur) {
-            uint32_t status =
-                reader_data(r, layer->handle, layer->file_size, cur, dest + (cur - offset),
-                            stop - cur);
-            if (status != AIODD_OK) {
-                return status;
-            }
-            cur = stop;
-        }
-        if (cur < end) {
-            const struct piece *p = &x->pieces[i++];
-            uint64_t hi = p->end < end ? p->end : end;
-            piece_bytes(x, p, cur, dest + (cur - offset), hi - cur);
-            cur = hi;
-        }
-    }
-    return AIODD_OK;
 }
 
 /* -- the headers (layout.parse_header, choose_header) --------------------------------- */
@@ -336,96 +269,146 @@ static uint32_t check_exact(const struct vhdx *x, uint64_t offset, uint64_t leng
 
 /* -- the log (layout.parse_log_entry, find_active_sequence; decode._replay_log) ------- */
 
-struct log {
-    const unsigned char *bytes;
-    uint64_t size;
-    const unsigned char *guid;
-};
+/* The log's bytes at `position` (below its size) through cursor `c`: *p, and how many
+ * of them the window holds from there.  A window another cursor holds is shared, not
+ * read again; one read into a cursor's part of IN takes it from those sharing it. */
+static uint32_t log_bytes(struct log *log, unsigned c, uint64_t position,
+                          const unsigned char **p, uint64_t *avail) {
+    const uint64_t base = position / LOG_WINDOW * LOG_WINDOW;
+    const uint64_t n = min_u64(LOG_WINDOW, log->size - base);
+    if (log->base[c] != base) {
+        unsigned holder = CURSORS;
+        for (unsigned k = 0; k < CURSORS; k++) {
+            if (log->base[k] == base) {
+                holder = log->owner[k];
+            }
+        }
+        if (holder == CURSORS) {
+            for (unsigned k = 0; k < CURSORS; k++) {
+                if (k != c && log->owner[k] == c) {
+                    log->base[k] = UINT64_MAX;
+                }
+            }
+            struct host_segment s = {log->handle, log->offset + base, n,
+                                     host_in() + (uint64_t)c * LOG_WINDOW, 0};
+            uint32_t status = host_readv(&s, 1);
+            if (status != AIODD_OK) {
+                log->base[c] = UINT64_MAX;
+                return status;
+            }
+            if (s.got != n) {
+                host_fault(); /* the log lies inside the file, which the host said is longer */
+            }
+            holder = c;
+        }
+        log->base[c] = base;
+        log->owner[c] = holder;
+    }
+    *p = host_in() + (uint64_t)log->owner[c] * LOG_WINDOW + (position - base);
+    *avail = n - (position - base);
+    return AIODD_OK;
+}
+
+/* Whatever was in IN is gone (a command read into it): every window is read again. */
+static void log_forget(struct log *log) {
+    for (unsigned c = 0; c < CURSORS; c++) {
+        log->base[c] = UINT64_MAX;
+        log->owner[c] = c;
+    }
+}
 
 struct entry {
     uint64_t sequence;
     uint64_t length;
     uint64_t flushed;
     uint64_t last;
-    uint64_t writes;
+    uint64_t count;
 };
 
-static const unsigned char *log_at(const struct log *log, uint64_t position) {
-    return log->bytes + position % log->size;
+static void entry_head(const unsigned char *head, struct entry *e) {
+    *e = (struct entry){le64(head + 16), le32(head + 8), le64(head + 48), le64(head + 56),
+                        le32(head + 24)};
 }
 
-/* parse_log_entry: 1 and *e if the entry at `position` is valid; its writes go to
- * `out` when given. */
-static int parse_entry(const struct log *log, uint64_t position, struct entry *e,
-                       struct log_write *out) {
-    const unsigned char *head = log_at(log, position);
+/* parse_log_entry: *valid, and *e when the entry at `position` (a sector's start) is
+ * valid.  Its descriptors are checked before its checksum, which costs more: an entry
+ * is valid when every check passes, in whatever order. */
+static uint32_t parse_entry(struct log *log, uint64_t position, struct entry *e, int *valid) {
     const uint64_t size = log->size;
+    const unsigned char *p;
+    uint64_t avail;
+    unsigned char head[64];
+    uint32_t status = log_bytes(log, CURSOR_DESC, position, &p, &avail);
+    if (status != AIODD_OK) {
+        return status;
+    }
+    memcpy(head, p, 64);
+    *valid = 0;
     const uint64_t length = le32(head + 8);
     const uint64_t seq = le64(head + 16);
     const uint64_t count = le32(head + 24);
     if (memcmp(head, "loge", 4) != 0 || memcmp(head + 32, log->guid, 16) != 0 || seq == 0) {
-        return 0;
+        return AIODD_OK;
     }
     if (length == 0 || length % LOG_SECTOR || length > size) {
-        return 0;
+        return AIODD_OK;
     }
     const uint64_t desc_sectors = (count + 2 + 127) / 128;
     if (desc_sectors * LOG_SECTOR > length) {
-        return 0;
-    }
-    static const unsigned char zeros[4] = {0};
-    const uint64_t first = min_u64(length, size - position);
-    uint32_t state = crc_update(0xFFFFFFFFu, head, 4);
-    state = crc_update(state, zeros, 4);
-    state = crc_update(state, head + 8, first - 8);
-    state = crc_update(state, log->bytes, length - first);
-    if ((state ^ 0xFFFFFFFFu) != le32(head + 4)) {
-        return 0;
+        return AIODD_OK;
     }
     uint64_t data_at = desc_sectors * LOG_SECTOR;
     for (uint64_t i = 0; i < count; i++) {
-        const unsigned char *d = log_at(log, position + 64 + 32 * i);
-        const uint64_t file_offset = le64(d + 16);
-        if (le64(d + 24) != seq || file_offset % LOG_SECTOR) {
-            return 0;
+        const unsigned char *d;
+        if ((status = log_bytes(log, CURSOR_DESC, (position + 64 + 32 * i) % size, &d, &avail))) {
+            return status;
         }
-        struct log_write w;
-        memset(&w, 0, sizeof w);
-        w.offset = file_offset;
+        if (le64(d + 24) != seq || le64(d + 16) % LOG_SECTOR) {
+            return AIODD_OK;
+        }
         if (memcmp(d, "zero", 4) == 0) {
-            w.length = le64(d + 8);
-            if (w.length % LOG_SECTOR) {
-                return 0;
+            if (le64(d + 8) % LOG_SECTOR) {
+                return AIODD_OK;
             }
-            w.zero = 1;
         } else if (memcmp(d, "desc", 4) == 0) {
             if (data_at + LOG_SECTOR > length) {
-                return 0;
+                return AIODD_OK;
             }
-            const uint64_t at = (position + data_at) % size;
-            const unsigned char *sector = log->bytes + at;
+            const unsigned char *sector;
+            if ((status = log_bytes(log, CURSOR_DATA, (position + data_at) % size, &sector,
+                                    &avail))) {
+                return status;
+            }
             data_at += LOG_SECTOR;
             uint64_t stamp = (uint64_t)le32(sector + 4) << 32 | le32(sector + 4092);
             if (memcmp(sector, "data", 4) != 0 || stamp != seq) {
-                return 0;
+                return AIODD_OK;
             }
-            w.length = LOG_SECTOR;
-            w.sector = (uint32_t)at;
-            memcpy(w.lead, d + 8, 8);
-            memcpy(w.trail, d + 4, 4);
         } else {
-            return 0;
-        }
-        if (out != NULL) {
-            out[i] = w;
+            return AIODD_OK;
         }
     }
-    *e = (struct entry){seq, length, le64(head + 48), le64(head + 56), count};
-    return 1;
+    static const unsigned char zeros[4] = {0};
+    uint32_t state = crc_update(0xFFFFFFFFu, head, 4);
+    state = crc_update(state, zeros, 4);
+    for (uint64_t done = 8; done < length;) {
+        if ((status = log_bytes(log, CURSOR_CRC, (position + done) % size, &p, &avail))) {
+            return status;
+        }
+        const uint64_t n = min_u64(avail, length - done);
+        state = crc_update(state, p, n);
+        done += n;
+    }
+    if ((state ^ 0xFFFFFFFFu) != le32(head + 4)) {
+        return AIODD_OK;
+    }
+    entry_head(head, e);
+    *valid = 1;
+    return AIODD_OK;
 }
 
 /* find_active_sequence: the chain's first entry and its length (0: no entry). */
-static uint32_t active_sequence(const struct log *log, uint64_t *start, uint64_t *chain) {
+static uint32_t active_sequence(struct log *log, uint64_t *start, uint64_t *chain) {
     const uint64_t slots = log->size / LOG_SECTOR;
     uint64_t *seq = heap_alloc((size_t)slots * 8);
     uint64_t *last = heap_alloc((size_t)slots * 8);
@@ -436,11 +419,20 @@ static uint32_t active_sequence(const struct log *log, uint64_t *start, uint64_t
         return AIODD_E_NOMEM;
     }
     for (uint64_t s = 0; s < slots; s++) {
+        const unsigned char *p;
+        uint64_t avail;
         struct entry e;
+        int valid = 0;
         seq[s] = 0; /* 0: not a valid entry (a valid one's sequence is not 0) */
         length[s] = 0;
-        if (memcmp(log->bytes + s * LOG_SECTOR, "loge", 4) == 0 &&
-            parse_entry(log, s * LOG_SECTOR, &e, NULL)) {
+        uint32_t status = log_bytes(log, CURSOR_SCAN, s * LOG_SECTOR, &p, &avail);
+        if (status == AIODD_OK && memcmp(p, "loge", 4) == 0) {
+            status = parse_entry(log, s * LOG_SECTOR, &e, &valid);
+        }
+        if (status != AIODD_OK) {
+            return status;
+        }
+        if (valid) {
             seq[s] = e.sequence;
             length[s] = (uint32_t)e.length;
         }
@@ -499,130 +491,486 @@ static uint32_t active_sequence(const struct log *log, uint64_t *start, uint64_t
     return AIODD_OK;
 }
 
-struct event {
-    uint64_t offset;
-    uint32_t starting;
-    uint32_t age;
+/* A walk over the chain's writes, oldest first: `entry` before each entry's writes (may
+ * be NULL), `write` for each, with its age. */
+struct visit {
+    uint32_t (*entry)(struct visit *v, const struct entry *e);
+    uint32_t (*write)(struct visit *v, uint64_t age, const struct log_write *w);
 };
 
-static int event_before(const struct event *a, const struct event *b) {
-    if (a->offset != b->offset) {
-        return a->offset < b->offset;
+/* The chain was found valid: its entries are read again, unchecked, a piece at a time
+ * (the windows the cursors hold must still be in IN). */
+static uint32_t each_write(struct overlay *o, struct visit *v) {
+    struct log *log = &o->log;
+    const uint64_t size = log->size;
+    uint64_t age = 0;
+    uint64_t position = o->start;
+    for (uint64_t k = 0; k < o->chain; k++) {
+        const unsigned char *p;
+        uint64_t avail;
+        struct entry e;
+        uint32_t status = log_bytes(log, CURSOR_DESC, position, &p, &avail);
+        if (status != AIODD_OK) {
+            return status;
+        }
+        entry_head(p, &e);
+        if (v->entry != NULL && (status = v->entry(v, &e)) != AIODD_OK) {
+            return status;
+        }
+        uint64_t data_at = (e.count + 2 + 127) / 128 * LOG_SECTOR;
+        for (uint64_t i = 0; i < e.count; i++) {
+            const unsigned char *d;
+            if ((status = log_bytes(log, CURSOR_DESC, (position + 64 + 32 * i) % size, &d,
+                                    &avail))) {
+                return status;
+            }
+            struct log_write w;
+            memset(&w, 0, sizeof w);
+            w.offset = le64(d + 16);
+            if (memcmp(d, "zero", 4) == 0) {
+                w.length = le64(d + 8);
+                w.zero = 1;
+            } else {
+                w.length = LOG_SECTOR;
+                w.sector = (position + data_at) % size;
+                data_at += LOG_SECTOR;
+                memcpy(w.lead, d + 8, 8);
+                memcpy(w.trail, d + 4, 4);
+            }
+            if ((status = v->write(v, age++, &w)) != AIODD_OK) {
+                return status;
+            }
+        }
+        position = (position + e.length) % size;
     }
-    if (a->starting != b->starting) {
-        return a->starting < b->starting;
-    }
-    return a->age < b->age;
+    return AIODD_OK;
 }
 
-static void sift_events(struct event *e, uint64_t root, uint64_t n) {
+/* _replay_log's checks of each entry and write, in its order; counts the writes. */
+struct check_visit {
+    struct visit v;
+    uint32_t handle;
+    uint64_t file_size;
+    struct entry entry;
+    uint64_t limit;
+    uint64_t written; /* writes of at least one byte */
+    uint64_t end;     /* Overlay.end */
+};
+
+static uint32_t check_entry_visit(struct visit *v, const struct entry *e) {
+    struct check_visit *c = (struct check_visit *)v;
+    if (e->flushed > c->file_size) {
+        return image_error(c->handle,
+                           "vhdx log entry %lu expects a file of %lu bytes, the file has %lu:"
+                           " it was truncated",
+                           (unsigned long)e->sequence, (unsigned long)e->flushed,
+                           (unsigned long)c->file_size);
+    }
+    if (e->last > MAX_FILE_OFFSET) {
+        return image_error(c->handle, "vhdx log entry %lu has an absurd file size",
+                           (unsigned long)e->sequence);
+    }
+    c->entry = *e;
+    c->limit = c->file_size > e->last ? c->file_size : e->last;
+    return AIODD_OK;
+}
+
+static uint32_t check_write_visit(struct visit *v, uint64_t age, const struct log_write *w) {
+    struct check_visit *c = (struct check_visit *)v;
+    (void)age;
+    if ((u128)w->offset + w->length > c->limit) {
+        return image_error(c->handle, "vhdx log entry %lu writes at %#lx past the end of the file",
+                           (unsigned long)c->entry.sequence, (unsigned long)w->offset);
+    }
+    if (w->length > 0) {
+        c->written++;
+        if (w->offset + w->length > c->end) {
+            c->end = w->offset + w->length;
+        }
+    }
+    return AIODD_OK;
+}
+
+/* -- the overlay's windows ------------------------------------------------------------ */
+
+static void sift_u64(uint64_t *a, uint64_t root, uint64_t n) {
     for (;;) {
         uint64_t child = 2 * root + 1;
         if (child >= n) {
             return;
         }
-        if (child + 1 < n && event_before(&e[child], &e[child + 1])) {
+        if (child + 1 < n && a[child] < a[child + 1]) {
             child++;
         }
-        if (!event_before(&e[root], &e[child])) {
+        if (a[root] >= a[child]) {
             return;
         }
-        struct event t = e[root];
-        e[root] = e[child];
-        e[child] = t;
+        uint64_t t = a[root];
+        a[root] = a[child];
+        a[child] = t;
         root = child;
     }
 }
 
-static void sort_events(struct event *e, uint64_t n) {
+/* Sorts a[0:n) and drops the repeats; returns how many are left. */
+static uint64_t sort_unique(uint64_t *a, uint64_t n) {
     for (uint64_t i = n / 2; i-- > 0;) {
-        sift_events(e, i, n);
+        sift_u64(a, i, n);
     }
     for (uint64_t end = n; end-- > 1;) {
-        struct event t = e[0];
-        e[0] = e[end];
-        e[end] = t;
-        sift_events(e, 0, end);
+        uint64_t t = a[0];
+        a[0] = a[end];
+        a[end] = t;
+        sift_u64(a, 0, end);
+    }
+    uint64_t k = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (k == 0 || a[k - 1] != a[i]) {
+            a[k++] = a[i];
+        }
+    }
+    return k;
+}
+
+/* The index of edge `offset`, which is one. */
+static uint64_t edge_index(const struct overlay *o, uint64_t offset) {
+    uint64_t lo = 0, hi = o->count + 1;
+    while (hi - lo > 1) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (o->edges[mid] <= offset) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+/* The first `capacity` distinct edges past the window's start, in a buffer of twice
+ * that: sorted and cut back to `capacity` whenever it fills, whatever lies past the cut
+ * refused from then on. */
+struct edge_visit {
+    struct visit v;
+    struct overlay *o;
+    uint64_t n;
+    uint64_t threshold;
+    int cut;
+};
+
+static void edges_compact(struct edge_visit *g) {
+    struct overlay *o = g->o;
+    g->n = sort_unique(o->edges, g->n);
+    if (g->n > o->capacity) {
+        g->n = o->capacity;
+        g->threshold = o->edges[g->n - 1];
+        g->cut = 1;
     }
 }
 
-/* A max-heap of ages (Python's min-heap of negated ages). */
-static void ages_push(uint32_t *h, uint64_t *n, uint32_t age) {
-    uint64_t i = (*n)++;
-    h[i] = age;
-    while (i > 0 && h[(i - 1) / 2] < h[i]) {
-        uint32_t t = h[i];
-        h[i] = h[(i - 1) / 2];
-        h[(i - 1) / 2] = t;
-        i = (i - 1) / 2;
+static void edges_push(struct edge_visit *g, uint64_t edge) {
+    if (edge >= g->threshold) {
+        return;
     }
-}
-
-static void ages_pop(uint32_t *h, uint64_t *n) {
-    h[0] = h[--*n];
-    for (uint64_t i = 0;;) {
-        uint64_t c = 2 * i + 1;
-        if (c >= *n) {
+    if (g->n == 2 * g->o->capacity) {
+        edges_compact(g);
+        if (edge >= g->threshold) {
             return;
         }
-        if (c + 1 < *n && h[c + 1] > h[c]) {
-            c++;
-        }
-        if (h[i] >= h[c]) {
-            return;
-        }
-        uint32_t t = h[i];
-        h[i] = h[c];
-        h[c] = t;
-        i = c;
     }
+    g->o->edges[g->n++] = edge;
 }
 
-/* Overlay.__init__: the sweep over the writes' edges, newest covering write wins. */
-static uint32_t build_overlay(struct vhdx *x, const struct log_write *writes, uint64_t count) {
-    struct piece *pieces = disk_alloc((size_t)(2 * count + 1) * sizeof *pieces);
-    struct event *events = heap_alloc((size_t)(2 * count + 1) * sizeof *events);
-    uint32_t *ages = heap_alloc((size_t)(count + 1) * 4);
-    unsigned char *active = heap_alloc((size_t)count + 1);
-    if (pieces == NULL || events == NULL || ages == NULL || active == NULL) {
-        return AIODD_E_NOMEM;
+static uint32_t edge_write_visit(struct visit *v, uint64_t age, const struct log_write *w) {
+    struct edge_visit *g = (struct edge_visit *)v;
+    const uint64_t lo = g->o->lo;
+    (void)age;
+    if (w->length > 0 && w->offset + w->length > lo) {
+        if (w->offset > lo) {
+            edges_push(g, w->offset);
+        }
+        edges_push(g, w->offset + w->length);
     }
-    uint64_t n = 0;
-    for (uint64_t age = 0; age < count; age++) {
-        if (writes[age].length > 0) {
-            events[n++] = (struct event){writes[age].offset, 1, (uint32_t)age};
-            events[n++] = (struct event){writes[age].offset + writes[age].length, 0,
-                                         (uint32_t)age};
-        }
-        active[age] = 0;
-    }
-    sort_events(events, n);
-    uint64_t covering = 0, made = 0;
-    for (uint64_t i = 0; i < n;) {
-        const uint64_t at = events[i].offset;
-        while (i < n && events[i].offset == at) {
-            active[events[i].age] = (unsigned char)events[i].starting;
-            if (events[i].starting) {
-                ages_push(ages, &covering, events[i].age);
-            }
-            i++;
-        }
-        while (covering > 0 && !active[ages[0]]) {
-            ages_pop(ages, &covering);
-        }
-        if (covering == 0 || i == n) {
-            continue;
-        }
-        pieces[made++] = (struct piece){at, events[i].offset, ages[0]};
-    }
-    heap_free(active);
-    heap_free(ages);
-    heap_free(events);
-    x->pieces = pieces;
-    x->piece_count = made;
-    x->writes = writes;
     return AIODD_OK;
 }
+
+/* A write clipped to the window: 0 when it misses it. */
+static int clip(const struct overlay *o, const struct log_write *w, uint64_t *from,
+                uint64_t *to) {
+    if (w->length == 0) {
+        return 0;
+    }
+    *from = w->offset > o->lo ? w->offset : o->lo;
+    *to = w->offset + w->length < o->hi ? w->offset + w->length : o->hi;
+    return *from < *to;
+}
+
+/* Each write owns the intervals it covers, the newer over the older: the ages come in
+ * order, so a node of the tree keeps the last one set on it, and an interval's owner is
+ * the largest along its path to the root. */
+static uint32_t own_write_visit(struct visit *v, uint64_t age, const struct log_write *w) {
+    struct overlay *o = ((struct edge_visit *)v)->o;
+    uint64_t from, to;
+    if (clip(o, w, &from, &to)) {
+        for (uint64_t l = edge_index(o, from) + o->leaves, r = edge_index(o, to) + o->leaves;
+             l < r; l >>= 1, r >>= 1) {
+            if (l & 1) {
+                o->owner[l++] = age + 1;
+            }
+            if (r & 1) {
+                o->owner[--r] = age + 1;
+            }
+        }
+    }
+    return AIODD_OK;
+}
+
+/* The sectors of the data writes that own an interval (one spans at most two). */
+static uint32_t data_write_visit(struct visit *v, uint64_t age, const struct log_write *w) {
+    struct overlay *o = ((struct edge_visit *)v)->o;
+    uint64_t from, to;
+    if (!w->zero && clip(o, w, &from, &to)) {
+        for (uint64_t i = edge_index(o, from); i < o->count && o->edges[i] < to; i++) {
+            if (o->owner[o->leaves + i] == age + 1) {
+                struct data_write *d = &o->data[i];
+                d->sector = (uint32_t)w->sector;
+                memcpy(d->lead, w->lead, 8);
+                memcpy(d->trail, w->trail, 4);
+            }
+        }
+    }
+    return AIODD_OK;
+}
+
+/* The window from `lo`: three walks over the chain's writes (its edges, their owners,
+ * the owners' sectors). */
+static uint32_t build_window(struct overlay *o, uint64_t lo) {
+    struct edge_visit g = {{NULL, edge_write_visit}, o, 0, UINT64_MAX, 0};
+    o->lo = lo;
+    o->hi = UINT64_MAX;
+    log_forget(&o->log); /* IN has served other reads since */
+    uint32_t status = each_write(o, &g.v);
+    if (status != AIODD_OK) {
+        o->lo = 1; /* none built */
+        o->hi = 0;
+        return status;
+    }
+    edges_compact(&g);
+    memmove(o->edges + 1, o->edges, (size_t)g.n * 8);
+    o->edges[0] = lo;
+    o->count = g.n;
+    o->hi = g.cut ? o->edges[g.n] : UINT64_MAX;
+    o->leaves = 1;
+    while (o->leaves < o->count) {
+        o->leaves *= 2;
+    }
+    memset(o->owner, 0, (size_t)(2 * o->leaves) * 8);
+    g.v.write = own_write_visit;
+    if ((status = each_write(o, &g.v)) == AIODD_OK) {
+        for (uint64_t n = 1; n < o->leaves; n++) {
+            for (uint64_t c = 2 * n; c <= 2 * n + 1; c++) {
+                if (o->owner[c] < o->owner[n]) {
+                    o->owner[c] = o->owner[n];
+                }
+            }
+        }
+        for (uint64_t i = 0; i < o->count; i++) {
+            o->data[i].sector = UINT32_MAX;
+        }
+        g.v.write = data_write_visit;
+        status = each_write(o, &g.v);
+    }
+    if (status != AIODD_OK) {
+        o->lo = 1;
+        o->hi = 0;
+    }
+    return status;
+}
+
+/* The window holding `offset`, built there when the one held does not.  Building reads
+ * the log into IN: a command's batch is sent first (what it queued comes first in
+ * Python's order too). */
+static uint32_t overlay_window(struct reader *r, struct overlay *o, uint64_t offset) {
+    if (o->lo <= offset && offset < o->hi) {
+        return AIODD_OK;
+    }
+    if (r != NULL) {
+        uint32_t status = reader_flush(r);
+        if (status != AIODD_OK) {
+            return status;
+        }
+    }
+    return build_window(o, offset);
+}
+
+/* The interval holding `offset` (in the window); count when none does. */
+static uint64_t interval_of(const struct overlay *o, uint64_t offset) {
+    if (o->count == 0 || offset >= o->edges[o->count]) {
+        return o->count;
+    }
+    return edge_index(o, offset);
+}
+
+/* -- the overlay (layout.Overlay.apply, decode.LoggedFile) ---------------------------- */
+
+/* Interval i's bytes [from, to): zeros, or its data write's sector, whose middle part
+ * (the log's own bytes) is left to `middle`, the file offset where it lies given. */
+struct span {
+    uint64_t lead_at, lead_n;     /* in the write's lead */
+    uint64_t middle_at, middle_n; /* in the log's sector */
+    uint64_t trail_at, trail_n;   /* in the write's trail */
+};
+
+static void split_sector(uint64_t from, uint64_t to, struct span *s) {
+    /* a data write is one sector at a sector's start: its offset is from's sector */
+    const uint64_t k = from % LOG_SECTOR, end = k + (to - from);
+    const uint64_t m0 = k > 8 ? k : 8, m1 = end < 4092 ? end : 4092;
+    const uint64_t t0 = k > 4092 ? k : 4092;
+    s->lead_at = k;
+    s->lead_n = k < 8 ? (end < 8 ? end : 8) - k : 0;
+    s->middle_at = m0;
+    s->middle_n = m1 > m0 ? m1 - m0 : 0;
+    s->trail_at = t0 - 4092;
+    s->trail_n = end > t0 ? end - t0 : 0;
+}
+
+/* Overlay.apply: patch buf, the file's bytes at `offset`, in memory of the decoder's.
+ * The log's bytes a patch needs are read into IN, several sectors per doorbell. */
+#define PATCH_BATCH 64u
+static uint32_t overlay_patch(struct reader *r, const struct vhdx *x, uint64_t offset,
+                              unsigned char *buf, uint64_t length) {
+    struct overlay *o = x->overlay;
+    if (o == NULL) {
+        return AIODD_OK;
+    }
+    struct host_segment segments[PATCH_BATCH];
+    unsigned char *targets[PATCH_BATCH];
+    size_t queued = 0;
+    int flushed = 0;
+    const uint64_t end = offset + length;
+    uint32_t status;
+    for (uint64_t cur = offset; cur < end;) {
+        if ((status = overlay_window(r, o, cur)) != AIODD_OK) {
+            return status;
+        }
+        const uint64_t stop = min_u64(end, o->hi);
+        for (uint64_t i = interval_of(o, cur); cur < stop && i < o->count; i++) {
+            const uint64_t to = min_u64(stop, o->edges[i + 1]);
+            unsigned char *dest = buf + (cur - offset);
+            const struct data_write *d = &o->data[i];
+            if (o->owner[o->leaves + i] == 0) {
+                /* the file's own bytes */
+            } else if (d->sector == UINT32_MAX) {
+                memset(dest, 0, (size_t)(to - cur));
+            } else {
+                struct span s;
+                split_sector(cur, to, &s);
+                memcpy(dest, d->lead + s.lead_at, (size_t)s.lead_n);
+                memcpy(dest + s.lead_n + s.middle_n, d->trail + s.trail_at, (size_t)s.trail_n);
+                if (s.middle_n > 0) {
+                    if (r != NULL && !flushed) {
+                        if ((status = reader_flush(r)) != AIODD_OK) {
+                            return status;
+                        }
+                        flushed = 1;
+                    }
+                    segments[queued] = (struct host_segment){
+                        o->log.handle, o->log.offset + d->sector + s.middle_at, s.middle_n,
+                        host_in() + (uint64_t)queued * LOG_SECTOR, 0};
+                    targets[queued++] = dest + s.lead_n;
+                }
+            }
+            cur = to;
+            if (queued == PATCH_BATCH || (queued > 0 && (cur >= stop || i + 1 == o->count))) {
+                /* sent before the window moves: a new one is read into IN */
+                if ((status = host_readv(segments, queued)) != AIODD_OK) {
+                    return status;
+                }
+                for (size_t j = 0; j < queued; j++) {
+                    if (segments[j].got != segments[j].length) {
+                        host_fault(); /* the log lies inside the file */
+                    }
+                    memcpy(targets[j], segments[j].dest, (size_t)segments[j].length);
+                }
+                queued = 0;
+            }
+        }
+        cur = stop;
+    }
+    return AIODD_OK;
+}
+
+/* LoggedFile.readinto at opening, into memory of the decoder's: the caller checked
+ * that the range lies inside the file (x->size). */
+static uint32_t view_read(const struct vhdx *x, uint64_t offset, uint64_t length,
+                          unsigned char *dest) {
+    const struct layer *layer = x->layer;
+    for (uint64_t done = 0; done < length;) {
+        uint64_t n = min_u64(length - done, AIODD_IN_SIZE);
+        uint64_t got = 0;
+        if (offset + done < layer->file_size) {
+            uint32_t status = disk_read_in(layer->handle, offset + done, n, &got);
+            if (status != AIODD_OK) {
+                return status;
+            }
+        }
+        memcpy(dest + done, host_in(), (size_t)got);
+        memset(dest + done + got, 0, (size_t)(n - got));
+        done += n;
+    }
+    return overlay_patch(NULL, x, offset, dest, length);
+}
+
+/* The file's [offset, offset + length) into a command's dest, through the overlay: the
+ * zeros and a data write's own bytes now, the file's bytes and the log's queued. */
+static uint32_t queue_file(struct reader *r, const struct vhdx *x, uint64_t offset,
+                           unsigned char *dest, uint64_t length) {
+    const struct layer *layer = x->layer;
+    struct overlay *o = x->overlay;
+    if (o == NULL) {
+        return reader_data(r, layer->handle, layer->file_size, offset, dest, length);
+    }
+    const uint64_t end = offset + length;
+    uint32_t status;
+    for (uint64_t cur = offset; cur < end;) {
+        if ((status = overlay_window(r, o, cur)) != AIODD_OK) {
+            return status;
+        }
+        const uint64_t stop = min_u64(end, o->hi);
+        for (uint64_t i = interval_of(o, cur); cur < stop;) {
+            status = AIODD_OK;
+            const uint64_t to = i < o->count ? min_u64(stop, o->edges[i + 1]) : stop;
+            unsigned char *at = dest + (cur - offset);
+            const struct data_write *d = i < o->count ? &o->data[i] : NULL;
+            if (d == NULL || o->owner[o->leaves + i] == 0) {
+                status = reader_data(r, layer->handle, layer->file_size, cur, at, to - cur);
+            } else if (d->sector == UINT32_MAX) {
+                memset(at, 0, (size_t)(to - cur));
+            } else {
+                struct span s;
+                split_sector(cur, to, &s);
+                memcpy(at, d->lead + s.lead_at, (size_t)s.lead_n);
+                memcpy(at + s.lead_n + s.middle_n, d->trail + s.trail_at, (size_t)s.trail_n);
+                if (s.middle_n > 0) {
+                    status = reader_data(r, o->log.handle, layer->file_size,
+                                         o->log.offset + d->sector + s.middle_at, at + s.lead_n,
+                                         s.middle_n);
+                }
+            }
+            if (status != AIODD_OK) {
+                return status;
+            }
+            cur = to;
+            i++;
+        }
+    }
+    return AIODD_OK;
+}
+
+/* How many edges a window holds at most: its memory (48 bytes an edge) stays under
+ * 3 MiB whatever the log writes.  The tests cut it down, so small logs need windows. */
+#ifndef EDGE_MAX
+#define EDGE_MAX (64 * 1024ULL)
+#endif
 
 /* _replay_log: sets the overlay and x->size. */
 static uint32_t replay_log(struct vhdx *x, const struct header *h) {
@@ -645,65 +993,40 @@ static uint32_t replay_log(struct vhdx *x, const struct header *h) {
     if (status != AIODD_OK) {
         return status;
     }
-    if (h->log_length > LOG_HELD_MAX) {
+    struct overlay *o = disk_alloc(sizeof *o);
+    if (o == NULL) {
         return AIODD_E_NOMEM;
     }
-    unsigned char *bytes = disk_alloc(h->log_length);
-    if (bytes == NULL) {
+    memset(o, 0, sizeof *o);
+    o->log.handle = handle;
+    o->log.offset = h->log_offset;
+    o->log.size = h->log_length;
+    memcpy(o->log.guid, h->log_guid, 16);
+    o->lo = 1; /* none built */
+    log_forget(&o->log);
+    if ((status = active_sequence(&o->log, &o->start, &o->chain)) != AIODD_OK ||
+        o->chain == 0) {
+        return status;
+    }
+    struct check_visit c = {{check_entry_visit, check_write_visit}, handle, file_size,
+                            {0, 0, 0, 0, 0}, 0, 0, 0};
+    if ((status = each_write(o, &c.v)) != AIODD_OK || c.written == 0) {
+        return status;
+    }
+    o->capacity = min_u64(EDGE_MAX, 2 * c.written);
+    uint64_t leaves = 1;
+    while (leaves < o->capacity) {
+        leaves *= 2;
+    }
+    o->edges = disk_alloc((size_t)(2 * o->capacity + 1) * 8);
+    o->owner = disk_alloc((size_t)(2 * leaves) * 8);
+    o->data = disk_alloc((size_t)o->capacity * sizeof *o->data);
+    if (o->edges == NULL || o->owner == NULL || o->data == NULL) {
         return AIODD_E_NOMEM;
     }
-    if ((status = view_read(x, h->log_offset, h->log_length, bytes)) != AIODD_OK) {
-        return status;
-    }
-    const struct log log = {bytes, h->log_length, h->log_guid};
-    uint64_t start = 0, chain = 0;
-    if ((status = active_sequence(&log, &start, &chain)) != AIODD_OK) {
-        return status;
-    }
-    if (chain == 0) {
-        return AIODD_OK;
-    }
-    uint64_t count = 0;
-    struct entry e;
-    for (uint64_t k = 0, at = start; k < chain; k++, at = (at + e.length) % log.size) {
-        parse_entry(&log, at, &e, NULL);
-        count += e.writes;
-    }
-    struct log_write *writes = disk_alloc((size_t)(count + 1) * sizeof *writes);
-    if (writes == NULL) {
-        return AIODD_E_NOMEM;
-    }
-    uint64_t made = 0;
-    for (uint64_t k = 0, at = start; k < chain; k++, at = (at + e.length) % log.size) {
-        parse_entry(&log, at, &e, writes + made);
-        if (e.flushed > file_size) {
-            return image_error(handle,
-                               "vhdx log entry %lu expects a file of %lu bytes, the file has %lu:"
-                               " it was truncated",
-                               (unsigned long)e.sequence, (unsigned long)e.flushed,
-                               (unsigned long)file_size);
-        }
-        if (e.last > MAX_FILE_OFFSET) {
-            return image_error(handle, "vhdx log entry %lu has an absurd file size",
-                               (unsigned long)e.sequence);
-        }
-        const uint64_t limit = file_size > e.last ? file_size : e.last;
-        for (uint64_t i = 0; i < e.writes; i++) {
-            const struct log_write *w = &writes[made + i];
-            if ((u128)w->offset + w->length > limit) {
-                return image_error(handle,
-                                   "vhdx log entry %lu writes at %#lx past the end of the file",
-                                   (unsigned long)e.sequence, (unsigned long)w->offset);
-            }
-        }
-        made += e.writes;
-    }
-    x->log = bytes;
-    if ((status = build_overlay(x, writes, made)) != AIODD_OK) {
-        return status;
-    }
-    if (x->piece_count > 0 && x->pieces[x->piece_count - 1].end > x->size) {
-        x->size = x->pieces[x->piece_count - 1].end;
+    x->overlay = o;
+    if (c.end > x->size) {
+        x->size = c.end;
     }
     return AIODD_OK;
 }
@@ -1056,12 +1379,14 @@ static uint32_t bat_entry(struct reader *r, const struct vhdx *x, uint64_t index
     }
     /* the cache reads big-endian entries: swapped back, the entry is little-endian */
     uint64_t value = bswap64(table[index - first]);
-    if (x->piece_count > 0) {
+    if (x->overlay != NULL) {
         unsigned char raw[8];
         for (int i = 0; i < 8; i++) {
             raw[i] = (unsigned char)(value >> (8 * i));
         }
-        overlay_patch(x, x->bat_offset + index * 8, raw, 8);
+        if ((status = overlay_patch(r, x, x->bat_offset + index * 8, raw, 8)) != AIODD_OK) {
+            return status;
+        }
         value = le64(raw);
     }
     *entry = value;

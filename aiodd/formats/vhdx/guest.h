@@ -5,7 +5,7 @@
 
 #include "disk.h"
 
-/* open_disk: the headers, the log (replayed in memory), the region table, the
+/* open_disk: the headers, the log (replayed into an overlay), the region table, the
  * metadata, the BAT and the parent (opened as a further layer, recursively); depth is
  * the layer's place in the chain. */
 uint32_t vhdx_open(struct layer *layer, unsigned depth);

@@ -17,26 +17,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from aiodd.errors import ImageError, IsolationError, UnsupportedImageError
+from aiodd.errors import IsolationError
 from aiodd.formats import INPUT_FORMATS, check_input_format, foreign
 from aiodd.formats.base import RandomAccessFile, Reference, ReferenceKind, Resolver
 from aiodd.formats.common import zero_fill
-from aiodd.formats.vhdx import layout as vhdx
 from aiodd.guest.kvm import layout as L
-from aiodd.guest.kvm.vmm import MAX_OFFSET, AbiViolation, GuestOutOfMemory, GuestVM
+from aiodd.guest.kvm.vmm import MAX_OFFSET, AbiViolation, GuestVM
 
 __all__ = (
     "GUEST_FORMATS",
-    "VHDX_LOG_HELD",
-    "GuestFormatError",
-    "GuestLogTooLarge",
     "KvmDisk",
     "KvmReader",
     "guest_format",
 )
-
-GUEST_FORMATS: frozenset[str] = frozenset({"raw", "qcow2", "vmdk", "vpc", "vhdx"})
-"""The formats the guest decodes; every layer of a chain must be one of them."""
 
 _CODES: Final = {
     "raw": L.FMT_RAW,
@@ -46,9 +39,9 @@ _CODES: Final = {
     "vhdx": L.FMT_VHDX,
 }
 
-VHDX_LOG_HELD: Final = 8 << 20
-"""The largest vhdx log the guest holds (LOG_HELD_MAX in aiodd/formats/vhdx/guest.c):
-qemu writes 1 MiB logs; a larger one is left to the Python decoders."""
+GUEST_FORMATS: frozenset[str] = frozenset(_CODES)
+"""The formats the guest decodes: every input format (a test holds them equal), so no
+image is left to the Python decoders."""
 
 OPEN_TIMEOUT: Final = 30.0
 """Seconds the guest has to open an image (its whole chain): GuestOptions' default."""
@@ -63,46 +56,10 @@ MAX_FILES: Final = 4096 + 128
 host's own refusal comes first."""
 
 
-class GuestFormatError(UnsupportedImageError):
-    """A layer of the chain is in a format the KVM guest does not decode (yet).
-
-    Under ``auto`` the child falls back to the Python decoders (sandbox mode); under
-    ``kvm`` it is the error the user sees.
-    """
-
-    reason = "is not decoded in the KVM guest yet"
-    """Why, after the format's name, for ``DdResult.isolation_reason``."""
-
-    @classmethod
-    def of(cls, name: str, fmt: str) -> GuestFormatError:
-        """The error for file ``name``, an image of format ``fmt`` (as the registry names it)."""
-        return cls(
-            name, f"this is a {fmt} image, which the KVM guest reader does not decode yet", fmt
-        )
-
-
-class GuestLogTooLarge(GuestFormatError):
-    """A vhdx layer's dirty log is larger than the guest holds (:data:`VHDX_LOG_HELD`)."""
-
-    reason = "log is larger than the KVM guest holds"
-
-
-def _vhdx_log_length(file: RandomAccessFile) -> int:
-    """The length of the log ``file``'s current header names (0 when it has no log, or
-    no valid header: the guest would have said so, not run out of memory)."""
-    headers = [vhdx.parse_header(file.pread(at, vhdx.HEADER_SIZE)) for at in vhdx.HEADER_OFFSETS]
-    try:
-        header = vhdx.choose_header(*headers)
-    except ImageError:
-        return 0
-    return 0 if header.log_guid == vhdx.ZERO_GUID else header.log_length
-
-
 def guest_format(file: RandomAccessFile, fmt: str | None) -> str:
     """The format the guest decodes ``file`` as: ``fmt`` when one is named (as
     :func:`aiodd.formats.registry.open_disk` honours it), else the detected one; a
-    format aiodd does not read is refused as the registry refuses it, one the guest does
-    not decode with :class:`GuestFormatError`."""
+    format aiodd does not read is refused as the registry refuses it."""
     if fmt is None:
         from aiodd.formats import registry
 
@@ -111,8 +68,6 @@ def guest_format(file: RandomAccessFile, fmt: str | None) -> str:
             raise foreign.refusal(file.name, fmt)
     else:
         check_input_format(fmt)
-    if fmt not in GUEST_FORMATS:
-        raise GuestFormatError.of(file.name, fmt)
     return fmt
 
 
@@ -177,30 +132,11 @@ class KvmReader:
         self._resolvers = [resolver]
         try:
             virtual_size = self._vm.open(_CODES[name], timeout=self._open_timeout)
-        except GuestOutOfMemory as exc:
-            refusal = self._log_too_large()
-            self._forget(keep=1)
-            if refusal is None:
-                raise
-            raise refusal from exc
         except BaseException:
             self._forget(keep=1)
             raise
         self._disk = KvmDisk(self, name, virtual_size)
         return self._disk
-
-    def _log_too_large(self) -> GuestLogTooLarge | None:
-        """Why an open ran out of memory when a vhdx layer's log is one the guest does
-        not hold (the Python decoders read it); None for any other cause."""
-        for file, code in zip(self._vm.files, self._vm.formats, strict=True):
-            if code == L.FMT_VHDX and (length := _vhdx_log_length(file)) > VHDX_LOG_HELD:
-                return GuestLogTooLarge(
-                    file.name,
-                    f"this vhdx image's log ({length} bytes) is larger than the KVM guest"
-                    f" reader holds ({VHDX_LOG_HELD} bytes)",
-                    "vhdx",
-                )
-        return None
 
     def _open_reference(
         self, referrer: int, kind: int, name: str, fmt: str | None

@@ -306,8 +306,7 @@ ends the VM instead."""
 
 class GuestOutOfMemory(IsolationError):
     """The guest's heap could not hold what a command needed (``E_NOMEM``): an
-    IsolationError, the VM closed, which the reader may turn into a refusal it
-    knows the cause of."""
+    IsolationError, the VM closed."""
 
 
 class AbiViolation(Exception):
