@@ -63,7 +63,7 @@ ISOLATIONS = ("sandbox", "inline")
 # test_the_case_formats_are_the_images checks the builders agree.
 PREFIX_FORMATS = {
     "qcow2": "qcow2", "backing": "qcow2", "chain": "qcow2", "data": "qcow2",
-    "vmdk": "vmdk", "vpc": "vpc", "vhd": "vpc", "vhdx": "vhdx",
+    "vmdk": "vmdk", "vpc": "vpc", "vhd": "vpc", "vhdx": "vhdx", "vdi": "vdi",
 }  # fmt: skip
 # Cases whose refusal under kvm is another, right one: a vhdx log over 8 MiB is more than
 # the KVM guest holds, so --isolation=kvm refuses the image for that (auto reads it in
@@ -523,7 +523,7 @@ def test_the_case_formats_are_the_images(tmp_path: Path) -> None:
             head = f.read(PROBE_SIZE)
         seen[kind] = detect(head, built.image.name)
         assert seen[kind] == fmt, case.id
-    assert set(seen.values()) == {"qcow2", "vmdk", "vpc", "vhdx"}
+    assert set(seen.values()) == {"qcow2", "vmdk", "vpc", "vhdx", "vdi"}
 
 
 def test_corpus_is_built_as_described(tmp_path: Path) -> None:
