@@ -1530,8 +1530,7 @@ def vdi_get(path: Path, name: str) -> int:
 
 
 def vdi_image(path: Path, size: str = "4M", writes: tuple[str, ...] = (), opts: str = "") -> Path:
-    args = ["create", "-q", "-f", "vdi", *(["-o", opts] if opts else []), path, size]
-    qemu_img(*args)
+    qemu_img("create", "-q", "-f", "vdi", *(["-o", opts] if opts else []), path, size)
     if writes:
         qemu_io(path, list(writes), "vdi")
     return path
@@ -1579,8 +1578,8 @@ _VDI_CASES: dict[str, tuple[tuple[str, ...], dict[str, int | bytes]]] = {
         },
     ),
 }
-for _name, (_vexpect, _fields) in _VDI_CASES.items():
-    CASES.append(Case(f"vdi_{_name}", vdi_case(_vexpect, **_fields)))
+for _name, (_dexpect, _dfields) in _VDI_CASES.items():
+    CASES.append(Case(f"vdi_{_name}", vdi_case(_dexpect, **_dfields)))
 # Without its signature the file probes as raw: read as a VDI only when forced.
 CASES.append(
     Case("vdi_bad_signature", vdi_case(("bad signature 0xdeadbeef",), signature=0xDEADBEEF), "vdi")
