@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -315,7 +316,7 @@ def test_parity_with_qemu(tmp_path: Path, opts: str) -> None:
     assert read_all(path, None, isolation=isolation) == expected
 
 
-VIRTUALBOX = {
+VIRTUALBOX: dict[str, Callable[[], bytes]] = {
     "dynamic": lambda: image(5 * MiB + 3000, {0: pattern(MiB, 1), 3: pattern(MiB, 4),
                              5: pattern(3000, 9)}, order=[3, 0, 5], discarded=(1,),
                              virtualbox=True),
