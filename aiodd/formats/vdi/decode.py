@@ -5,8 +5,8 @@ checked as qemu 7.2 checks it (version 1.1, 512-byte sectors, 1 MiB blocks, no p
 differencing images and snapshots are refused), then the block map is read: a block
 whose entry is a block number reads from ``offset_data`` plus that many blocks, one
 never written or discarded reads as zeros.  Unlike qemu, which reads what lies past
-the file's end as zeros, a block map or a block that does not lie whole inside the
-file is refused as corrupt (docs/formats.md#vdi).
+the file's end as zeros, a block map, or a block's part inside the disk, that does not
+lie inside the file is refused as corrupt (docs/formats.md#vdi).
 """
 
 from __future__ import annotations
