@@ -473,7 +473,7 @@ def test_chain_of_64_layers_is_read_65_is_refused(isolation: str, tmp_path: Path
 @pytest.mark.parametrize(
     "isolation", [pytest.param(i, marks=kvm_marks(i)) for i in with_kvm(ISOLATIONS, ["qcow2"])]
 )
-@pytest.mark.parametrize("output_format", ["raw", "qcow2", "vmdk", "vpc", "vhdx"])
+@pytest.mark.parametrize("output_format", ["raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi"])
 def test_corruption_found_mid_copy_leaves_no_output(
     output_format: str, isolation: str, tmp_path: Path
 ) -> None:
