@@ -43,6 +43,7 @@ IMAGE_KINDS = (
         "vmdk-stream", "vmdk", "vmdk streamOptimized", ("-o", "subformat=streamOptimized"), True
     ),
     ImageKind("vhdx", "vhdx", "vhdx (dynamic)", (), False),
+    ImageKind("vdi", "vdi", "vdi (dynamic)", (), False),
 )
 
 

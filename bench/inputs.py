@@ -1,4 +1,4 @@
-"""Input formats → raw.  qcow2, compressed qcow2, vmdk streamOptimized and vhdx,
+"""Input formats → raw.  qcow2, compressed qcow2, vmdk streamOptimized, vhdx and vdi,
 all made by qemu-img from the same compressible raw file, copied back to raw."""
 
 from __future__ import annotations

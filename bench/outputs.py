@@ -1,4 +1,4 @@
-"""Output formats.  A random raw input → qcow2, vmdk, vpc, vhdx; and the peak
+"""Output formats.  A random raw input → qcow2, vmdk, vpc, vhdx, vdi; and the peak
 memory of a big sparse input → each format."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from bench.report import Floor, Section, Table, ratio_floor, rss_floor
 
 NAME = "outputs"
 GROUP = "output formats"  # the first column of the floor tables
-FORMATS = ("qcow2", "vmdk", "vpc", "vhdx")
+FORMATS = ("qcow2", "vmdk", "vpc", "vhdx", "vdi")
 # The copies: sandbox, and kvm where it runs (a raw input: kvm only reads it; the encoders
 # run in the host whatever the mode).  The big memory runs are sandboxed only.
 MODES = ("sandbox", "kvm")

@@ -392,6 +392,44 @@ def vpc_force_size(d: Path) -> Built:
     return _vpc(d, "force_size=on"), None  # the exact size, not the CHS product
 
 
+def _vdi(d: Path, *opts: str) -> Path:
+    path = create(d / "img.vdi", "vdi", 5 * MiB, *opts)
+    io(path, "vdi", scatter(5 * MiB))
+    return path
+
+
+def vdi_dynamic(d: Path) -> Built:
+    return _vdi(d), None
+
+
+def vdi_static(d: Path) -> Built:
+    return _vdi(d, "static=on"), None
+
+
+def vdi_virtualbox(d: Path) -> Built:
+    """As VirtualBox writes one: its header text and size, the block map and the data on
+    1 MiB boundaries, blocks stored out of order, a discarded block, and an odd disk size
+    (VBoxManage convertfromraw) that qemu rounds up to a sector."""
+    from tests.test_decode_vdi import image
+
+    data = pattern(6 * MiB, 41)
+    blocks = {0: data[:MiB], 2: data[2 * MiB : 3 * MiB], 4: data[4 * MiB : 4 * MiB + 3000]}
+    path = d / "vbox.vdi"
+    path.write_bytes(
+        image(4 * MiB + 3000, blocks, order=[2, 4, 0], discarded=(1,), virtualbox=True)
+    )
+    return path, None
+
+
+def chain_qcow2_vdi(d: Path) -> Built:
+    """A qcow2 over a VDI, its backing format declared."""
+    base = create(d / "base.vdi", "vdi", 3 * MiB)
+    io(base, "vdi", ["write -P 0x91 0 3M"])
+    top = create(d / "top.qcow2", "qcow2", 4 * MiB, "backing_file=base.vdi", "backing_fmt=vdi")
+    io(top, "qcow2", ["write -P 0x92 1M 64k"])
+    return top, None
+
+
 def _vhdx(d: Path, *opts: str) -> Path:
     path = create(d / "img.vhdx", "vhdx", 5 * MiB, *opts)
     io(path, "vhdx", scatter(5 * MiB))
@@ -483,6 +521,7 @@ BUILDERS: dict[str, Callable[[Path], Built]] = {
     "chain-qcow2-qcow2-raw": chain_qcow2_qcow2_raw,
     "chain-qcow2-qcow2-vhdx": chain_qcow2_qcow2_vhdx,
     "chain-qcow2-vpc": chain_qcow2_vpc,
+    "chain-qcow2-vdi": chain_qcow2_vdi,
     "chain-vmdk-over-raw": chain_vmdk_over_raw,
     "chain-probed": chain_probed,
     "chain-backing-fmt-raw": chain_backing_fmt_raw,
@@ -497,6 +536,9 @@ BUILDERS: dict[str, Callable[[Path], Built]] = {
     "vpc-fixed": vpc_fixed,
     "vpc-fixed-f": vpc_fixed_forced,
     "vpc-force-size": vpc_force_size,
+    "vdi-dynamic": vdi_dynamic,
+    "vdi-static": vdi_static,
+    "vdi-virtualbox": vdi_virtualbox,
     "vhdx-dynamic": vhdx_dynamic,
     "vhdx-dynamic-1M": vhdx_dynamic_1m,
     "vhdx-fixed-1M": vhdx_fixed_1m,

@@ -1403,6 +1403,110 @@ def build_vpc_bad_checksum(tree: Tree) -> Built:
     return Built(image, ("vpc", "checksum"))
 
 
+# -- corrupt vdi
+
+# The header fields a case edits: (offset, struct format), little-endian.
+VDI = {
+    "signature": (64, "<I"),
+    "version": (68, "<I"),
+    "image_type": (76, "<I"),
+    "offset_bmap": (340, "<I"),
+    "offset_data": (344, "<I"),
+    "sector_size": (360, "<I"),
+    "disk_size": (368, "<Q"),
+    "block_size": (376, "<I"),
+    "blocks_in_image": (384, "<I"),
+    "blocks_allocated": (388, "<I"),
+    "uuid_link": (424, "16s"),
+    "uuid_parent": (440, "16s"),
+}
+VDI_MAX_BLOCKS = ((1 << 31) - 512) // 4  # qemu's VDI_BLOCKS_IN_IMAGE_MAX
+
+
+def vdi_set(path: Path, **fields: int | bytes) -> None:
+    for name, value in fields.items():
+        at, fmt = VDI[name]
+        patch(path, at, fmt, value)
+
+
+def vdi_get(path: Path, name: str) -> int:
+    at, fmt = VDI[name]
+    return unpack(path, at, fmt)[0]
+
+
+def vdi_image(path: Path, size: str = "4M", writes: tuple[str, ...] = (), opts: str = "") -> Path:
+    qemu_img("create", "-q", "-f", "vdi", *(["-o", opts] if opts else []), path, size)
+    if writes:
+        qemu_io(path, list(writes), "vdi")
+    return path
+
+
+def vdi_base(tree: Tree) -> Path:
+    return vdi_image(tree.img / "bad.vdi", "4M", ("write -P 0x44 0 64k", "write -P 5 3M 4k"))
+
+
+def vdi_case(expect: tuple[str, ...], **fields: int | bytes) -> Callable[[Tree], Built]:
+    def build(tree: Tree) -> Built:
+        image = vdi_base(tree)
+        vdi_set(image, **fields)
+        return Built(image, ("vdi", *expect))
+
+    return build
+
+
+_VDI_CASES: dict[str, tuple[tuple[str, ...], dict[str, int | bytes]]] = {
+    "disk_size_huge": (("disk size", "larger than"), {"disk_size": 1 << 62}),
+    "version_1_0": (("version 1.0",), {"version": 0x00010000}),
+    "bmap_unaligned": (("block map offset 0x201",), {"offset_bmap": 0x201}),
+    "data_unaligned": (("data offset 0x401",), {"offset_data": 0x401}),
+    "sector_size_4096": (("sector size 4096",), {"sector_size": 4096}),
+    "block_size_zero": (("block size 0",), {"block_size": 0}),
+    "block_size_2m": (("block size 2097152",), {"block_size": 2 * MiB}),
+    "block_size_huge": (("block size 2147483648",), {"block_size": 1 << 31}),
+    "bmap_too_small": (("block map of 1 entries", "too small"), {"blocks_in_image": 1}),
+    "bmap_entries_huge": (("larger than",), {"blocks_in_image": 0xFFFF_FFFF}),
+    "link_uuid": (("differencing", "link"), {"uuid_link": b"\x01" * 16}),
+    "parent_uuid": (("differencing", "parent"), {"uuid_parent": b"\x02" * 16}),
+    "bmap_overlaps_header": (("overlaps the header",), {"offset_bmap": 0}),
+    "data_overlaps_bmap": (("overlaps the block map",), {"offset_data": 0x200}),
+    "bmap_past_end": (
+        ("block map at 0x40000000", "past the end"),
+        {"offset_bmap": 1 << 30, "offset_data": (1 << 30) + 512},
+    ),
+    # The largest disk qemu opens: a 2 GiB block map, which the file does not hold.
+    "disk_size_max": (
+        ("block map at 0x200 (536870784 entries)", "past the end"),
+        {
+            "disk_size": VDI_MAX_BLOCKS * MiB,
+            "blocks_in_image": VDI_MAX_BLOCKS,
+            "offset_data": 512 + 4 * VDI_MAX_BLOCKS,
+        },
+    ),
+}
+for _name, (_dexpect, _dfields) in _VDI_CASES.items():
+    CASES.append(Case(f"vdi_{_name}", vdi_case(_dexpect, **_dfields)))
+# Without its signature the file probes as raw: read as a VDI only when forced.
+CASES.append(
+    Case("vdi_bad_signature", vdi_case(("bad signature 0xdeadbeef",), signature=0xDEADBEEF), "vdi")
+)
+
+
+@case()
+def build_vdi_bmap_entry_past_end(tree: Tree) -> Built:
+    image = vdi_base(tree)
+    patch(image, vdi_get(image, "offset_bmap"), "<I", 0xFFFF_FF00)
+    return Built(image, ("vdi", "block map entry 0 (block at 0xffffff0000400)", "past the end"))
+
+
+@case()
+def build_vdi_bmap_entry_beyond_blocks(tree: Tree) -> Built:
+    # an entry past blocks_in_image (qemu-img check calls it corrupt) whose block is not
+    # in the file
+    image = vdi_base(tree)
+    patch(image, vdi_get(image, "offset_bmap") + 4 * 3, "<I", 7)
+    return Built(image, ("vdi", "block map entry 3", "past the end"))
+
+
 # -- corrupt vhdx
 
 
@@ -1633,6 +1737,19 @@ def _vpc_base(work: Path) -> Base:
     return Base("vpc", "vpc", data, floor, regions, tuple(fields))
 
 
+def _vdi_base(work: Path) -> Base:
+    path = vdi_image(work / "base.vdi", "4M", ("write -P 0x44 0 64k", "write -P 5 3M 4k"))
+    data = path.read_bytes()
+    bmap_at, data_at = struct.unpack_from("<II", data, 340)
+    entries = struct.unpack_from("<I", data, 384)[0]
+    bmap = struct.unpack_from(f"<{entries}I", data, bmap_at)
+    floor = data_at + max(e for e in bmap if e < 0xFFFF_FFFE) * MiB
+    regions = ((0, 512), (bmap_at, 4 * entries))
+    fields = [(at, 8 if fmt == "<Q" else 4, False) for at, fmt in VDI.values() if fmt[-1] in "IQ"]
+    fields += table_fields(bmap_at, 4, entries, False)
+    return Base("vdi", "vdi", data, floor, regions, tuple(fields))
+
+
 def _vhdx_base(work: Path) -> Base:
     path = vhdx(
         work / "base.vhdx", "3M", "block_size=1M", ("write -P 0x55 0 1M", "write -P 6 2M 4k")
@@ -1712,6 +1829,7 @@ BASE_BUILDERS: dict[str, Callable[[Path], Base]] = {
     "vmdk_stream": _vmdk_stream_base,
     "vpc": _vpc_base,
     "vhdx": _vhdx_base,
+    "vdi": _vdi_base,
 }
 
 _BASES: dict[str, Base] = {}
@@ -1730,7 +1848,7 @@ def base(name: str) -> Base:
 # -- truncation: cut each base at fixed offsets and at fractions of its floor
 
 CUTS: tuple[int | float, ...] = (0, 7, 24, 100, 511, 0.25, 0.5, 0.9, 1.0)
-TRUNCATED_BASES = ("qcow2", "qcow2_compressed", "vmdk", "vmdk_stream", "vpc", "vhdx")
+TRUNCATED_BASES = ("qcow2", "qcow2_compressed", "vmdk", "vmdk_stream", "vpc", "vhdx", "vdi")
 
 
 def cut_offset(b: Base, cut: int | float) -> int:
@@ -1922,8 +2040,8 @@ def build_message_qcow2_backing_format(tree: Tree) -> Built:
     (tree.img / EVIL).write_bytes(bytes(512))
     image = backing(tree, EVIL, "raw")
     at = next(a for a, magic, _ in qcow2_extensions(image) if magic == 0xE2792ACA)
-    patch(image, at + 8, ">3s", b"vdi")
-    return Built(image, ("qcow2", "backing file", "vdi"))
+    patch(image, at + 8, ">3s", b"dmg")
+    return Built(image, ("qcow2", "backing file", "dmg"))
 
 
 @case()

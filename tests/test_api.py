@@ -247,7 +247,7 @@ async def test_replacing_a_file_keeps_its_mode(sample: tuple[Path, bytes], tmp_p
     assert dst.stat().st_mode & 0o777 == 0o600
 
 
-@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vpc", "vhdx"])
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vpc", "vhdx", "vdi"])
 async def test_structured_output_round_trips(
     sample: tuple[Path, bytes], tmp_path: Path, fmt: str
 ) -> None:

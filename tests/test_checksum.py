@@ -22,7 +22,7 @@ pytestmark = pytest.mark.anyio
 
 KiB, MiB = 1 << 10, 1 << 20
 ALGORITHMS = ("sha256", "sha512", "blake2b")
-FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx")
+FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi")
 # (bs, skip, count) of each window shape
 SHAPES = {
     "empty": (512, 3, 3),

@@ -23,12 +23,13 @@ from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.formats.foreign import PROBE_SIZE
 from aiodd.formats.qcow2.layout import EXT_BACKING_FORMAT
 from aiodd.formats.registry import PROBE_ORDER, PROBES, detect, open_disk
+from aiodd.formats.vdi import layout as vdi_layout
 from aiodd.io import LocalFile
-from tests.conftest import needs_qemu, qemu_img
+from tests.conftest import needs_qemu, qemu_img, qemu_io
 from tests.harness import aiodd_run, aiodd_subprocess, leftovers, qemu_dd
 
 MiB = 1 << 20
-READS = "aiodd reads raw, qcow2, vmdk, vpc and vhdx"
+READS = "aiodd reads raw, qcow2, vmdk, vpc, vhdx and vdi"
 ISOLATIONS = ["sandbox", "inline"]
 
 
@@ -126,8 +127,6 @@ def write(d: Path, name: str, data: bytes) -> Path:
 # (name, qemu format, the refusal's words, builder)
 Builder = Callable[[Path, str], Path]
 FOREIGN: list[tuple[str, str, str, Builder]] = [
-    ("t.vdi", "vdi", "a VDI image", lambda d, n: create(d, n, "-f", "vdi")),
-    ("s.vdi", "vdi", "a VDI image", lambda d, n: create(d, n, "-f", "vdi", "-o", "static=on")),
     ("t.qcow", "qcow", "a qcow (version 1) image", lambda d, n: create(d, n, "-f", "qcow")),
     ("t.qed", "qed", "a QED image", lambda d, n: create(d, n, "-f", "qed")),
     ("t.prl", "parallels", "a Parallels image", lambda d, n: create(d, n, "-f", "parallels")),
@@ -180,9 +179,9 @@ def test_refused_by_name(
 @needs_qemu
 def test_refused_by_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    create(tmp_path, "t.vdi", "-f", "vdi")
-    got = aiodd_subprocess(["if=t.vdi", "of=o.raw"], tmp_path / "o.raw")
-    assert (got.status, got.stderr, got.output) == (1, refused("t.vdi", "a VDI image"), None)
+    create(tmp_path, "t.qed", "-f", "qed")
+    got = aiodd_subprocess(["if=t.qed", "of=o.raw"], tmp_path / "o.raw")
+    assert (got.status, got.stderr, got.output) == (1, refused("t.qed", "a QED image"), None)
 
 
 @needs_qemu
@@ -226,7 +225,7 @@ def test_a_dmg_by_name_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.parametrize(
-    "fmt", ["vdi", "qcow", "qed", "parallels", "luks", "dmg", "bochs", "cloop", "vvfat", "nbd"]
+    "fmt", ["qcow", "qed", "parallels", "luks", "dmg", "bochs", "cloop", "vvfat", "nbd"]
 )
 def test_forcing_a_format_aiodd_does_not_read(tmp_path: Path, fmt: str) -> None:
     got = aiodd_run(["-f", fmt, "if=whatever", "of=o.raw"], tmp_path / "o.raw")
@@ -257,34 +256,26 @@ def drop_backing_format(image: Path) -> None:
 
 @needs_qemu
 @pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_backing_file_probed_as_vdi(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolation: str
+@pytest.mark.parametrize("declared", [True, False], ids=["declared", "probed"])
+def test_backing_file_vdi(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolation: str, declared: bool
 ) -> None:
+    """A VDI under a qcow2, declared or probed (as images written before qemu-img insisted
+    on -F have it), reads as qemu reads it."""
     monkeypatch.chdir(tmp_path)
     create(tmp_path, "base.vdi", "-f", "vdi")
+    qemu_io(tmp_path / "base.vdi", ["write -P 0x5d 1M 64k"], "vdi")
     qemu_img("create", "-f", "qcow2", "-b", "base.vdi", "-F", "vdi", "top.qcow2")
-    drop_backing_format(tmp_path / "top.qcow2")
-    info = qemu_img("info", "--backing-chain", "top.qcow2").stdout.decode()
-    assert "image: base.vdi\nfile format: vdi\n" in info
+    qemu_io(tmp_path / "top.qcow2", ["write -P 0x6e 3M 4k"], "qcow2")
+    if not declared:
+        drop_backing_format(tmp_path / "top.qcow2")
+        info = qemu_img("info", "--backing-chain", "top.qcow2").stdout.decode()
+        assert "image: base.vdi\nfile format: vdi\n" in info
     got = aiodd_run([f"--isolation={isolation}", "if=top.qcow2", "of=o.raw"], tmp_path / "o.raw")
-    assert (got.status, got.stderr, got.output) == (1, refused("base.vdi", "a VDI image"), None)
-    assert leftovers(tmp_path) == []
-
-
-@needs_qemu
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_backing_file_declared_vdi(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolation: str
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    create(tmp_path, "base.vdi", "-f", "vdi")
-    qemu_img("create", "-f", "qcow2", "-b", "base.vdi", "-F", "vdi", "top.qcow2")
-    got = aiodd_run([f"--isolation={isolation}", "if=top.qcow2", "of=o.raw"], tmp_path / "o.raw")
-    want = (
-        "aiodd: top.qcow2: qcow2 backing file 'base.vdi' has format 'vdi',"
-        " which aiodd does not read\n"
-    )
-    assert (got.status, got.stderr, got.output) == (1, want, None)
+    want = qemu_dd(["if=top.qcow2", "of=q.raw"], tmp_path / "q.raw")
+    assert (got.status, got.stderr, want.status) == (0, "", 0)
+    assert got.output == want.output
+    assert got.output is not None and got.output[MiB : MiB + 1] == b"\x5d"
 
 
 @needs_qemu
@@ -306,13 +297,14 @@ def test_backing_format_raw_stays_raw(
 
 # --- near misses and ties, against qemu's own probe ----------------------------------
 
-VDI_AT_64 = bytes(64) + probes.VDI_SIGNATURE
+VDI_SIGNATURE = vdi_layout.SIGNATURE.to_bytes(4, "little")
+VDI_AT_64 = bytes(64) + VDI_SIGNATURE
 
 
 def with_vdi(head: bytes) -> bytes:
     """``head`` with the VDI signature at offset 64 (a tie at score 100)."""
     buf = bytearray(head.ljust(4096, b"\0"))
-    buf[64:68] = probes.VDI_SIGNATURE
+    buf[64:68] = VDI_SIGNATURE
     return bytes(buf)
 
 
@@ -337,7 +329,7 @@ NEAR: dict[str, bytes] = {
     "luks-v2": b"LUKS\xba\xbe\x00\x02" + bytes(600),
     "luks-v1-8-bytes": b"LUKS\xba\xbe\x00\x01",
     "vdi-68-bytes": VDI_AT_64,
-    "vdi-sig-at-0": probes.VDI_SIGNATURE + bytes(600),
+    "vdi-sig-at-0": VDI_SIGNATURE + bytes(600),
     "bochs-v3": bochs_head(0x00030000),
     "bochs-v1": bochs_head(0x00010000),
     "bochs-no-nul": bochs_head(magic=probes.BOCHS_MAGIC + b"!"),
@@ -412,7 +404,7 @@ def headers(draw: st.DrawFn) -> bytes:
     body = draw(st.binary(max_size=PROBE_SIZE))
     buf = bytearray(magic + draw(version) + body)
     if draw(st.booleans()):
-        buf[64:68] = probes.VDI_SIGNATURE
+        buf[64:68] = VDI_SIGNATURE
     if draw(st.booleans()) and buf:  # a near miss: one byte of the magic changed
         i = draw(st.integers(0, max(0, min(len(buf), len(magic) + 4) - 1)))
         buf[i] ^= draw(st.integers(1, 255))
@@ -444,7 +436,7 @@ def test_probes_read_their_fields(head: bytes) -> None:
     magic_ok = buf[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt")
     assert probes.parallels(buf, "") == (100 if magic_ok and u32le == 2 else 0)
     assert probes.luks(buf, "") == (100 if buf[:8] == b"LUKS\xba\xbe\0\1" else 0)
-    assert probes.vdi(buf, "") == (100 if buf[64:68] == b"\x7f\x10\xda\xbe" else 0)
+    assert vdi_layout.probe(buf) == (100 if buf[64:68] == b"\x7f\x10\xda\xbe" else 0)
 
 
 @given(st.binary(max_size=64), st.text(max_size=20))
@@ -488,7 +480,6 @@ class NoReferences:
 def test_open_disk_refuses_what_it_cannot_read(tmp_path: Path, fmt: str) -> None:
     """The decoders' entry point, which the guest reader and every backing layer use."""
     data = {
-        "vdi": VDI_AT_64,
         "qcow": b"QFI\xfb\0\0\0\1",
         "qed": b"QED\0",
         "parallels": b"WithoutFreeSpace\2\0\0\0",

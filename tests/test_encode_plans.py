@@ -17,16 +17,18 @@ from hypothesis import strategies as st
 from aiodd.errors import UsageError
 from aiodd.formats import plans as _common
 from aiodd.formats import registry as encoders
-from aiodd.formats.base import OutputPlan
+from aiodd.formats.base import Extent, OutputPlan
 from aiodd.formats.crc32c import crc32c
 from aiodd.formats.plans import Identity
 from aiodd.formats.qcow2 import encode as qcow2
+from aiodd.formats.vdi import encode as vdi
+from aiodd.formats.vdi import layout as vdi_layout
 from aiodd.formats.vhdx import encode as vhdx
 from aiodd.formats.vmdk import encode as vmdk
 from aiodd.formats.vpc import encode as vpc
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
-FORMATS = ("qcow2", "vmdk", "vpc", "vhdx")
+FORMATS = ("qcow2", "vmdk", "vpc", "vhdx", "vdi")
 WINDOWS = (0, 1, 511, 513, 3000, 65535, 65537, MiB, 2 * MiB - 1, 2 * MiB + 1, 8 * MiB + 1)
 FIXED = Identity(seed=b"0123456789abcdef", timestamp=1_700_000_000)
 
@@ -162,7 +164,7 @@ def test_data_is_few_extents(fmt: str) -> None:
 
 
 def test_registry_lists_every_format() -> None:
-    assert encoders.output_formats() == ["raw", "qcow2", "vmdk", "vpc", "vhdx"]
+    assert encoders.output_formats() == ["raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi"]
     for name in FORMATS:
         assert name == encoders.encoder(name).NAME
 
@@ -176,7 +178,7 @@ def test_negative_window_is_a_bug(fmt: str) -> None:
 # --- identity -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [vmdk, vpc, vhdx])
+@pytest.mark.parametrize("module", [vmdk, vpc, vhdx, vdi])
 def test_identity_makes_metadata_reproducible(module: object) -> None:
     plan_fn = module.plan  # type: ignore[attr-defined]
     a = b"".join(d for _, d in plan_fn(3000, identity=FIXED).metadata())
@@ -698,7 +700,13 @@ def peak_while_iterating(blocks: Iterator[tuple[int, bytes]]) -> tuple[int, int]
 
 @pytest.mark.parametrize(
     ("fmt", "out"),
-    [("qcow2", 2 * TiB), ("vmdk", 2 * TiB - GiB), ("vhdx", 2 * TiB), ("vhdx", 64 * TiB)],
+    [
+        ("qcow2", 2 * TiB),
+        ("vmdk", 2 * TiB - GiB),
+        ("vhdx", 2 * TiB),
+        ("vhdx", 64 * TiB),
+        ("vdi", 16 * TiB),
+    ],
 )
 def test_huge_metadata_is_generated_lazily(fmt: str, out: int) -> None:
     plan = make_plan(fmt, out)
@@ -727,3 +735,46 @@ def test_64_gib_metadata_is_fast(fmt: str) -> None:
     elapsed = time.perf_counter() - start
     assert total > 0
     assert elapsed < 1.0, f"{fmt}: {elapsed:.2f} s for 64 GiB of metadata"
+
+
+# --- vdi ------------------------------------------------------------------------------
+
+
+def test_vdi_structures() -> None:
+    """The header and block map `qemu-img dd -O vdi` writes (qemu 7.2, read with xxd):
+    its text, header size 0x180, the map at 0x200 padded with zeros, every block
+    allocated in order, the UUIDs stored with their first three fields swapped."""
+    plan = vdi.plan(3_000_000, identity=FIXED)
+    assert (plan.virtual_size, plan.blocks, plan.data_start) == (3_000_320, 3, 0x400)
+    assert plan.file_size == 0x400 + 3 * MiB  # as qemu's file
+    blocks = check_tiling(plan)
+    header = blocks[0]
+    assert header[:64] == b"<<< QEMU VM Virtual Disk Image >>>\n".ljust(64, b"\0")
+    assert struct.unpack_from("<IIIII", header, 64) == (0xBEDA107F, 0x00010001, 0x180, 1, 0)
+    assert struct.unpack_from("<IIIIIII", header, 340) == (0x200, 0x400, 0, 0, 0, 512, 0)
+    assert struct.unpack_from("<QIIII", header, 368) == (3_000_320, MiB, 0, 3, 3)
+    image = FIXED.guid("vdi image uuid")
+    assert header[392:408] == image[3::-1] + image[5:3:-1] + image[7:5:-1] + image[8:]
+    assert header[399] >> 4 == 4  # the version nibble, where qemu's swap puts it
+    assert header[424:512] == bytes(88)  # no link, no parent
+    assert covered(blocks, 0x200, 0x200) == struct.pack("<3I", 0, 1, 2) + bytes(500)
+    assert plan.data_extents(0, plan.data_size) == [Extent(0x400, 3_000_320)]
+    assert covered(blocks, 0x400 + 3_000_320, 3 * MiB - 3_000_320) == bytes(3 * MiB - 3_000_320)
+    assert vdi_layout.parse_header(header).virtual_size == plan.virtual_size
+
+
+def test_vdi_empty_matches_qemu_layout() -> None:
+    plan = vdi.plan(0)
+    assert (plan.virtual_size, plan.blocks, plan.file_size) == (0, 0, 512)
+    blocks = check_tiling(plan)
+    assert struct.unpack_from("<IIQ", blocks[0], 340) == (0x200, 0x200, 0)
+
+
+def test_vdi_over_qemus_maximum_is_a_usage_error() -> None:
+    """qemu refuses more than 0x1fffff80 blocks of 1 MiB: the block map must fit in one
+    request of at most INT_MAX bytes."""
+    top = vdi_layout.MAX_DISK_SIZE
+    assert top == 0x1FFFFF80 * MiB
+    assert vdi.plan(top).blocks == 0x1FFFFF80
+    with pytest.raises(UsageError, match=r"^vdi cannot hold \d+ bytes"):
+        vdi.plan(top + 1)

@@ -20,6 +20,7 @@ import pytest
 from aiodd.errors import UsageError
 from aiodd.formats import registry as encoders
 from aiodd.formats.base import OutputPlan
+from aiodd.formats.vdi import encode as vdi
 from aiodd.formats.vhdx import encode as vhdx
 from aiodd.formats.vmdk import encode as vmdk
 from aiodd.formats.vpc import encode as vpc
@@ -28,9 +29,9 @@ from tests.conftest import needs_qemu, qemu_img
 pytestmark = needs_qemu
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
-FORMATS = ("qcow2", "vmdk", "vpc", "vhdx")
+FORMATS = ("qcow2", "vmdk", "vpc", "vhdx", "vdi")
 WINDOWS = (0, 1, 511, 513, 3000, 65535, 65537, MiB, 2 * MiB - 1, 2 * MiB + 1, 8 * MiB + 1)
-CHECKABLE = {"qcow2", "vmdk", "vhdx"}  # qemu-img check does not support vpc
+CHECKABLE = {"qcow2", "vmdk", "vhdx", "vdi"}  # qemu-img check does not support vpc
 INFO_TOOL = {"vmdk": "vmdkinfo", "vpc": "vhdiinfo", "vhdx": "vhdiinfo"}
 
 
@@ -133,6 +134,11 @@ def compare_with_qemu(fmt: str, out: int, tmp_path: Path) -> None:
     raw = to_raw(ours, fmt, tmp_path)
     assert raw == window + bytes(plan.virtual_size - out)
     assert raw == to_raw(theirs, fmt, tmp_path)
+    if fmt == "vdi":
+        # the same file but for the two UUIDs qemu draws at random
+        mine, qemus = bytearray(ours.read_bytes()), bytearray(theirs.read_bytes())
+        mine[392:424] = qemus[392:424] = bytes(32)
+        assert mine == qemus
     if out:
         reader_accepts(fmt, ours)
     else:  # libvhdi refuses a BAT of 0 entries: qemu's empty VHD/VHDX as well as ours
@@ -178,6 +184,8 @@ def map_extents(path: Path, fmt: str) -> list[dict[str, object]]:
         ("vhdx", 200 * GiB + 512),  # 32 MiB blocks
         ("vpc", 5 * GiB + 3),
         ("vpc", 200 * GiB),  # above the CHS ceiling: exact size
+        ("vdi", 5 * GiB + 3),
+        ("vdi", 2 * TiB),  # a 8 MiB block map
     ],
 )
 def test_huge_plan_sparse(fmt: str, out: int, tmp_path: Path) -> None:
@@ -232,6 +240,16 @@ def test_vpc_limit_matches_qemu(tmp_path: Path) -> None:
     assert refused.returncode == 1
     with pytest.raises(UsageError):
         vpc.plan(2041 * GiB)
+
+
+def test_vdi_limit_matches_qemu(tmp_path: Path) -> None:
+    """qemu creates no VDI of more than 0x1fffff80 blocks of 1 MiB (one at the limit
+    would write a 2 GiB block map: tests/test_encode_plans.py plans it instead)."""
+    top = vdi.MAX_DISK_SIZE
+    refused = qemu_img("create", "-q", "-f", "vdi", tmp_path / "x.vdi", str(top + 512), check=False)
+    assert refused.returncode == 1
+    with pytest.raises(UsageError):
+        vdi.plan(top + 1)
 
 
 @pytest.mark.parametrize(

@@ -21,16 +21,20 @@ from aiodd.formats import registry
 from aiodd.formats.base import OutputPlan, Reference, SparsePlan, VirtualDisk
 from aiodd.formats.plans import Identity, Packer
 from aiodd.formats.qcow2 import encode as qcow2
+from aiodd.formats.vdi import encode as vdi
 from aiodd.formats.vhdx import encode as vhdx
 from aiodd.formats.vmdk import encode as vmdk
 from aiodd.formats.vpc import encode as vpc
 
 KiB, MiB = 1 << 10, 1 << 20
 FIXED = Identity(seed=b"0123456789abcdef", timestamp=1_700_000_000)
-FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx")
-ENCODERS = {"qcow2": qcow2, "vmdk": vmdk, "vpc": vpc, "vhdx": vhdx}
+FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi")
+ENCODERS = {"qcow2": qcow2, "vmdk": vmdk, "vpc": vpc, "vhdx": vhdx, "vdi": vdi}
 # Allocation unit of each structured format (vhdx: the block size qemu picks below 1 GiB).
-UNIT = {"raw": ZERO_GRANULE, "qcow2": 64 * KiB, "vmdk": 64 * KiB, "vpc": 2 * MiB, "vhdx": 8 * MiB}
+UNIT = {
+    "raw": ZERO_GRANULE, "qcow2": 64 * KiB, "vmdk": 64 * KiB, "vpc": 2 * MiB, "vhdx": 8 * MiB,
+    "vdi": MiB,
+}  # fmt: skip
 
 
 class MemFile:
@@ -182,6 +186,10 @@ def _allocated(fmt: str, image: bytes, disk: VirtualDisk) -> set[int]:
         return {
             b for b in range(units) if struct.unpack_from(">I", image, bat + 4 * b)[0] != 0xFFFFFFFF
         }
+    if fmt == "vdi":
+        return {
+            b for b in range(units) if struct.unpack_from("<I", image, 512 + 4 * b)[0] < 0xFFFFFFFE
+        }
     if fmt == "vhdx":
         ratio = 2**23 * 512 // unit
         states = {
@@ -242,6 +250,8 @@ def _first_block(fmt: str, size: int) -> int:
         return vmdk.plan(size).layout.grain_offset * 512
     if fmt == "vpc":
         return vpc.plan(size).data_start
+    if fmt == "vdi":
+        return vdi.plan(size).data_start
     return vhdx.plan(size).layout.payload_offset
 
 

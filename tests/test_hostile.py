@@ -63,7 +63,7 @@ ISOLATIONS = ("sandbox", "inline")
 # test_the_case_formats_are_the_images checks the builders agree.
 PREFIX_FORMATS = {
     "qcow2": "qcow2", "backing": "qcow2", "chain": "qcow2", "data": "qcow2",
-    "vmdk": "vmdk", "vpc": "vpc", "vhd": "vpc", "vhdx": "vhdx",
+    "vmdk": "vmdk", "vpc": "vpc", "vhd": "vpc", "vhdx": "vhdx", "vdi": "vdi",
 }  # fmt: skip
 QCOW2_OVER_RAW = with_kvm(ISOLATIONS, ["qcow2", "raw"])  # backing(): a qcow2 over a raw file
 TIMEOUT = 60.0  # seconds a run may take
@@ -466,7 +466,7 @@ def test_chain_of_64_layers_is_read_65_is_refused(isolation: str, tmp_path: Path
 @pytest.mark.parametrize(
     "isolation", [pytest.param(i, marks=kvm_marks(i)) for i in with_kvm(ISOLATIONS, ["qcow2"])]
 )
-@pytest.mark.parametrize("output_format", ["raw", "qcow2", "vmdk", "vpc", "vhdx"])
+@pytest.mark.parametrize("output_format", ["raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi"])
 def test_corruption_found_mid_copy_leaves_no_output(
     output_format: str, isolation: str, tmp_path: Path
 ) -> None:
@@ -516,7 +516,7 @@ def test_the_case_formats_are_the_images(tmp_path: Path) -> None:
             head = f.read(PROBE_SIZE)
         seen[kind] = detect(head, built.image.name)
         assert seen[kind] == fmt, case.id
-    assert set(seen.values()) == {"qcow2", "vmdk", "vpc", "vhdx"}
+    assert set(seen.values()) == {"qcow2", "vmdk", "vpc", "vhdx", "vdi"}
 
 
 def test_corpus_is_built_as_described(tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ import pytest
 from aiodd.errors import ImageError, IsolationError, PolicyError, UsageError
 from aiodd.formats import registry
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
-from aiodd.formats.foreign import VDI_SIGNATURE
 from aiodd.guest.kvm import availability
 from aiodd.guest.kvm import layout as L
 from aiodd.guest.kvm.reader import (
@@ -45,7 +44,7 @@ MiB = 1 << 20
 QCOW2_HEAD = b"QFI\xfb" + (3).to_bytes(4, "big") + bytes(1016)
 VMDK_HEAD = b"KDMV" + bytes(1020)
 VPC_HEAD = b"conectix" + bytes(1016)
-VDI_HEAD = bytes(64) + VDI_SIGNATURE + bytes(1020)
+LUKS_HEAD = b"LUKS\xba\xbe\0\1" + bytes(1016)  # a format aiodd does not read
 
 
 class MemFile:
@@ -417,7 +416,7 @@ def test_a_vhdx_log_larger_than_8_mib_is_replayed_in_the_guest(
         disk.close()
 
 
-@pytest.mark.parametrize(("head", "fmt"), [(VDI_HEAD, None), (b"x" * 512, "foo"), (b"", "vvfat")])
+@pytest.mark.parametrize(("head", "fmt"), [(LUKS_HEAD, None), (b"x" * 512, "foo"), (b"", "vvfat")])
 def test_refusals_are_the_registrys(reader: KvmReader, head: bytes, fmt: str | None) -> None:
     with pytest.raises((ImageError, UsageError)) as python:
         registry.open_disk(MemFile(head, "disk.img"), MemResolver({}), fmt)
@@ -512,12 +511,12 @@ def test_a_chain_asks_each_layers_own_resolver(kvm_hostile_guest: Path) -> None:
 @pytest.mark.parametrize(
     ("files", "request_", "message"),
     [
-        ({"base.vdi": VDI_HEAD}, open_request("base.vdi"), None),
+        ({"base.luks": LUKS_HEAD}, open_request("base.luks"), None),
         ({}, open_request("missing.img"), "top.img: backing 'missing.img' is refused"),
         ({}, open_request("gone", kind=L.REF_DATA_FILE),
          "top.img: data_file 'gone' is refused"),
     ],
-    ids=["foreign vdi", "refused backing", "refused data file"],
+    ids=["foreign luks", "refused backing", "refused data file"],
 )  # fmt: skip
 def test_a_refused_open_is_raised_as_the_host_raised_it(
     kvm_hostile_guest: Path,
@@ -561,7 +560,8 @@ def test_an_unknown_named_format_is_the_registrys_usage_error(kvm_hostile_guest:
         with pytest.raises(UsageError) as info:
             kvm.open_disk(top, resolver, None)
         assert str(info.value) == (
-            "unknown input format 'nonsense': supported formats are qcow2, raw, vhdx, vmdk, vpc"
+            "unknown input format 'nonsense':"
+            " supported formats are qcow2, raw, vdi, vhdx, vmdk, vpc"
         )
     finally:
         kvm.close()

@@ -6,9 +6,9 @@ Both tools run as commands with the same operands: ``python -m aiodd`` (``--isol
 inline`` in half of the cases, ``--isolation=sandbox`` in the other half; a third of the
 cases whose every layer the KVM guest reader decodes get ``--isolation=kvm`` instead) and
 ``qemu-img dd``.  Judged: the exit status; the ``cannot skip to specified offset`` warning; for raw
-output the bytes, exactly; for ``-O qcow2/vmdk/vpc/vhdx`` the virtual size (``qemu-img
+output the bytes, exactly; for ``-O qcow2/vmdk/vpc/vhdx/vdi`` the virtual size (``qemu-img
 info``), the bytes after ``qemu-img convert -O raw`` and ``qemu-img check`` (qcow2, vmdk,
-vhdx); on failure, no file left by aiodd.  Round trips go back to raw through aiodd; the
+vhdx, vdi); on failure, no file left by aiodd.  Round trips go back to raw through aiodd; the
 independent readers (libvmdk's ``vmdkinfo``/``vmdkmount``, libvhdi's ``vhdiinfo``/
 ``vhdimount``) read our outputs.
 
@@ -42,8 +42,8 @@ pytestmark = needs_qemu
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 HUGE = "7E"
-OUT_FORMATS = ("qcow2", "vmdk", "vpc", "vhdx")
-CHECKABLE = {"qcow2", "vmdk", "vhdx"}  # qemu-img check does not support vpc
+OUT_FORMATS = ("qcow2", "vmdk", "vpc", "vhdx", "vdi")
+CHECKABLE = {"qcow2", "vmdk", "vhdx", "vdi"}  # qemu-img check does not support vpc
 ISOLATIONS = ("inline", "sandbox")
 TIMEOUT = 300
 
@@ -244,6 +244,7 @@ SOURCES: list[tuple[str, str | None]] = [(name, None) for name in BUILDERS] + [
     ("vpc-dynamic", "raw"),
     ("vpc-fixed", "raw"),
     ("vhdx-dynamic", "vpc"),  # exit 1
+    ("vpc-dynamic", "vdi"),  # exit 1: no VDI signature
     ("vhdx-dynamic-1M", "vhdx"),
     ("qcow2-zstd", "qcow2"),
 ]
@@ -255,6 +256,7 @@ CHAIN_FORMATS = {
     "chain-qcow2-qcow2-raw": {"qcow2", "raw"},
     "chain-qcow2-qcow2-vhdx": {"qcow2", "vhdx"},
     "chain-qcow2-vpc": {"qcow2", "vpc"},
+    "chain-qcow2-vdi": {"qcow2", "vdi"},
     "chain-vmdk-over-raw": {"vmdk", "raw"},
     "chain-probed": {"qcow2", "vmdk"},
     "chain-backing-fmt-raw": {"qcow2", "raw"},
@@ -321,10 +323,11 @@ def _default_slice() -> list[Case]:
         labels = [w.label for w in windows_for(name)]
         n = len(labels)
         wanted = {("raw", labels[s % n]), ("raw", labels[(s + 3) % n])}
-        wanted |= {(OUT_FORMATS[s % 4], labels[(s + 5) % n])}
-        wanted |= {(OUT_FORMATS[(s + 2) % 4], labels[(s + 7) % n])}
+        k = len(OUT_FORMATS)
+        wanted |= {(OUT_FORMATS[s % k], labels[(s + 5) % n])}
+        wanted |= {(OUT_FORMATS[(s + 2) % k], labels[(s + 7) % n])}
         if forced is not None:
-            wanted = {("raw", labels[0]), (OUT_FORMATS[s % 4], labels[0])}
+            wanted = {("raw", labels[0]), (OUT_FORMATS[s % k], labels[0])}
         picked += [c for c in mine if (c.out, c.window) in wanted]
     # half inline, half sandbox, alternating down the list (in thirds with kvm)
     return [
@@ -526,6 +529,8 @@ ROUND_TRIPS = [
     ("qcow2-2M", "whole", "vhdx"),
     ("raw-3000", "whole", "vmdk"),
     ("qcow2-zstd", "bs1", "vpc"),
+    ("vdi-virtualbox", "whole", "vdi"),
+    ("qcow2-v3", "across-2M", "vdi"),
 ]
 
 

@@ -22,9 +22,12 @@ pytestmark = [pytest.mark.anyio, needs_qemu]
 
 KiB, MiB = 1 << 10, 1 << 20
 GRANULE = 4 * KiB
-UNIT = {"raw": GRANULE, "qcow2": 64 * KiB, "vmdk": 64 * KiB, "vpc": 2 * MiB, "vhdx": 8 * MiB}
+UNIT = {
+    "raw": GRANULE, "qcow2": 64 * KiB, "vmdk": 64 * KiB, "vpc": 2 * MiB, "vhdx": 8 * MiB,
+    "vdi": MiB,
+}  # fmt: skip
 FORMATS = tuple(UNIT)
-CHECKABLE = {"qcow2", "vmdk", "vhdx"}
+CHECKABLE = {"qcow2", "vmdk", "vhdx", "vdi"}
 SKIP = 129  # sectors: the window starts inside the input's first 64 KiB cluster
 # Data in the window's own offsets: a few bytes, whole clusters, a byte at a block's
 # edge, zero clusters, zero 2 MiB and 8 MiB blocks, and a last byte in an unaligned tail.
@@ -114,6 +117,7 @@ def vhdx_allocated(image: Path) -> list[int]:
         ("vmdk", "qcow2", "inline"),
         ("vpc", "raw", "sandbox"),
         ("vhdx", "qcow2", "inline"),
+        ("vdi", "qcow2", "sandbox"),
     ],
 )
 async def test_same_disk_and_no_block_of_zeros(
@@ -170,7 +174,7 @@ async def test_a_window_of_zeros_allocates_nothing(
         assert not any(f.read())
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vpc", "vhdx"])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vpc", "vhdx", "vdi"])
 async def test_an_empty_window(sources: dict[str, Path], tmp_path: Path, fmt: str) -> None:
     out = tmp_path / f"empty.{fmt}"
     result = await aiodd.dd(
@@ -212,3 +216,18 @@ def test_a_block_device_gets_its_zeros_written(
         written = device.read(4 * MiB)
     assert written[:MiB] == data  # the zeros too: a device has no holes
     assert written[MiB:] == b"\xee" * (3 * MiB)
+
+
+async def test_vdi_is_what_qemu_img_convert_writes(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """``--sparse -O vdi`` lays out the file as ``qemu-img convert -O vdi`` does: the same
+    blocks allocated, packed in order, the same file size; the same bytes but for the
+    two random UUIDs."""
+    ours, theirs = tmp_path / "ours.vdi", tmp_path / "theirs.vdi"
+    await aiodd.dd(sources["window"], ours, output_format="vdi", isolation="inline", sparse=True)
+    qemu_img("convert", "-f", "raw", "-O", "vdi", sources["window"], theirs)
+    mine, qemus = bytearray(ours.read_bytes()), bytearray(theirs.read_bytes())
+    mine[392:424] = qemus[392:424] = bytes(32)
+    assert len(mine) == len(qemus)
+    assert mine == qemus

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from aiodd.errors import UsageError
 
-INPUT_FORMATS = ("qcow2", "raw", "vhdx", "vmdk", "vpc")
+INPUT_FORMATS = ("qcow2", "raw", "vdi", "vhdx", "vmdk", "vpc")
 # The order qemu-img's users know them in; raw is the default.
-OUTPUT_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx")
+OUTPUT_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi")
 # What aiodd reads, as its refusals say it.
 READS = f"{', '.join(OUTPUT_FORMATS[:-1])} and {OUTPUT_FORMATS[-1]}"
 

@@ -1,6 +1,6 @@
 """qemu's probes for the formats it detects and aiodd does not read.
 
-qemu-img detects vdi, qcow (version 1), qed, parallels, luks, bochs and cloop from the
+qemu-img detects qcow (version 1), qed, parallels, luks, bochs and cloop from the
 first 2048 bytes of a file, and dmg from the file's *name*.  aiodd runs the same tests,
 with the same scores, so that such an image is refused by name rather than copied as a
 raw disk (docs/formats.md).  Pure functions over bytes and names: no I/O.
@@ -22,7 +22,6 @@ PROBE_SIZE = 2048
 
 Probe = Callable[[bytes, str], int]
 
-VDI_SIGNATURE = (0xBEDA107F).to_bytes(4, "little")  # at offset 64, after the text
 QCOW_MAGIC = b"QFI\xfb"  # qcow2's too: the version tells them apart
 QED_MAGIC = b"QED\x00"
 PARALLELS_MAGICS = (b"WithoutFreeSpace", b"WithouFreSpacExt")
@@ -44,11 +43,6 @@ def _u32be(head: bytes, at: int) -> int:
 def _c_string_is(head: bytes, at: int, text: bytes) -> bool:
     """``strcmp(head + at, text) == 0``: the text, then a NUL."""
     return head[at : at + len(text) + 1] == text + b"\x00"
-
-
-def vdi(head: bytes, filename: str) -> int:
-    """The signature in a whole 512-byte header; the version is checked only on open."""
-    return 100 if len(head) >= 512 and head[64:68] == VDI_SIGNATURE else 0
 
 
 def qcow(head: bytes, filename: str) -> int:
@@ -103,7 +97,6 @@ def dmg(head: bytes, filename: str) -> int:
 
 
 PROBES: dict[str, Probe] = {
-    "vdi": vdi,
     "qcow": qcow,
     "qed": qed,
     "parallels": parallels,
@@ -114,7 +107,6 @@ PROBES: dict[str, Probe] = {
 }
 
 TITLES = {
-    "vdi": "a VDI image",
     "qcow": "a qcow (version 1) image",
     "qed": "a QED image",
     "parallels": "a Parallels image",

@@ -83,6 +83,8 @@ if TYPE_CHECKING:
     from aiodd.formats.qcow2 import encode as _qcow2_encode
     from aiodd.formats.raw import decode as _raw_decode
     from aiodd.formats.raw import encode as _raw_encode
+    from aiodd.formats.vdi import decode as _vdi_decode
+    from aiodd.formats.vdi import encode as _vdi_encode
     from aiodd.formats.vhdx import decode as _vhdx_decode
     from aiodd.formats.vhdx import encode as _vhdx_encode
     from aiodd.formats.vmdk import decode as _vmdk_decode
@@ -91,10 +93,10 @@ if TYPE_CHECKING:
     from aiodd.formats.vpc import encode as _vpc_encode
 
     _DECODERS: tuple[Decoder, ...] = (
-        _qcow2_decode, _raw_decode, _vhdx_decode, _vmdk_decode, _vpc_decode,
+        _qcow2_decode, _raw_decode, _vdi_decode, _vhdx_decode, _vmdk_decode, _vpc_decode,
     )  # fmt: skip
     _ENCODERS: tuple[Encoder, ...] = (
-        _qcow2_encode, _raw_encode, _vhdx_encode, _vmdk_encode, _vpc_encode,
+        _qcow2_encode, _raw_encode, _vdi_encode, _vhdx_encode, _vmdk_encode, _vpc_encode,
     )  # fmt: skip
 
 # qemu 7.2's list of format drivers, in the order it asks them.  The first highest score

@@ -400,9 +400,58 @@ def write_vpc_corpus(directory: Path) -> int:
     return len(seeds)
 
 
-# By hand: make_corpus.py vpc DIR, or make_corpus.py DIR [qcow2|vmdk]
+def vdi_seeds(tmp: Path | None) -> Iterator[tuple[str, bytes]]:
+    """VDIs of one block, cut where their disk ends (a last block needs only its part
+    inside the disk), so that whole images fit in the fuzzer's -max_len (VirtualBox's
+    1 MiB alignment does not): hand-built ones, a few header fields broken, and
+    qemu-made dynamic and static ones where qemu is (``tmp``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.test_decode_vdi import image
+
+    def cut(data: bytes, disk: int) -> bytes:
+        return data[: int.from_bytes(data[344:348], "little") + disk]
+
+    small = 64 * 1024
+    yield "vdi-one-block", cut(image(small, {0: b"\x11" * 4096}), small)
+    yield (
+        "vdi-virtualbox-text",
+        cut(image(small, {0: b"\x12" * 512}, fields={"header_size": 0x190}), small),
+    )
+    yield "vdi-unallocated", cut(image(small, {}), small)
+    yield "vdi-discarded", cut(image(small, {}, discarded=(0,)), small)
+    yield "vdi-odd-size", cut(image(3000, {0: b"\x13" * 3000}), 3072)
+    yield "vdi-empty", image(0, {})
+    for field in ("version", "block_size", "blocks_in_image", "offset_data", "uuid_parent"):
+        raw = bytearray(cut(image(small, {0: b"\x14"}), small))
+        raw[{"version": 68, "block_size": 376, "blocks_in_image": 384, "offset_data": 344,
+             "uuid_parent": 440}[field]] ^= 0x40  # fmt: skip
+        yield f"vdi-{field}", bytes(raw)
+    if tmp is None:
+        return
+    for opts in ("static=off", "static=on"):
+        path = tmp / f"{opts}.vdi"
+        _qemu("qemu-img", "create", "-f", "vdi", "-o", opts, path, "64k")
+        _qemu("qemu-io", "-f", "vdi", "-c", "write -P 0x15 4k 8k", path)
+        yield f"vdi-{opts}", cut(path.read_bytes(), small)
+
+
+def write_vdi_corpus(directory: Path) -> int:
+    """The seeds of fuzz_vdi.c."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        qemu = shutil.which("qemu-img") and shutil.which("qemu-io")
+        seeds = list(vdi_seeds(Path(tmp) if qemu else None))
+    for name, data in seeds:
+        digest = hashlib.sha1(data).hexdigest()[:12]
+        (directory / f"{name}-{digest}").write_bytes(data)
+    return len(seeds)
+
+
+# By hand: make_corpus.py vpc DIR, make_corpus.py vdi DIR, or make_corpus.py DIR [qcow2|vmdk]
 if __name__ == "__main__":  # pragma: no cover - by hand
     if sys.argv[1] == "vpc":
         print(write_vpc_corpus(Path(sys.argv[2])), "seeds")
+    elif sys.argv[1] == "vdi":
+        print(write_vdi_corpus(Path(sys.argv[2])), "seeds")
     else:
         print(write_corpus(Path(sys.argv[1]), *sys.argv[2:3]), "seeds")

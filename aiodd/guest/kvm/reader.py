@@ -37,6 +37,7 @@ _CODES: Final = {
     "vmdk": L.FMT_VMDK,
     "vpc": L.FMT_VPC,
     "vhdx": L.FMT_VHDX,
+    "vdi": L.FMT_VDI,
 }
 
 GUEST_FORMATS: frozenset[str] = frozenset(_CODES)

@@ -6,6 +6,7 @@
 #include "vhdx/guest.h"
 #include "vmdk/guest.h"
 #include "vpc/guest.h"
+#include "vdi/guest.h"
 
 /* What the open image may hold of the heap: its tables whole (L1s) and the cache of the
  * others (L2 tables, and L1s too large to hold).  Together well under half the heap:
@@ -93,7 +94,7 @@ uint32_t disk_read_in(uint32_t handle, uint64_t offset, uint64_t length, uint64_
 
 int disk_layer_format(uint32_t format) {
     return format == AIODD_FMT_RAW || format == AIODD_FMT_QCOW2 || format == AIODD_FMT_VMDK ||
-           format == AIODD_FMT_VPC || format == AIODD_FMT_VHDX;
+           format == AIODD_FMT_VPC || format == AIODD_FMT_VHDX || format == AIODD_FMT_VDI;
 }
 
 uint32_t disk_open_named(uint32_t referrer, uint32_t kind, const char *name,
@@ -137,6 +138,8 @@ uint32_t disk_open_layer(uint32_t handle, uint32_t format, uint64_t file_size, u
         return vpc_open(layer, depth);
     case AIODD_FMT_VHDX:
         return vhdx_open(layer, depth);
+    case AIODD_FMT_VDI:
+        return vdi_open(layer);
     default:
         return AIODD_E_REQUEST;
     }
@@ -427,6 +430,9 @@ uint32_t disk_read_layer(struct reader *r, struct layer *layer, uint64_t offset,
     }
     if (layer->format == AIODD_FMT_VHDX) {
         return vhdx_read(r, layer, offset, dest, length);
+    }
+    if (layer->format == AIODD_FMT_VDI) {
+        return vdi_read(r, layer, offset, dest, length);
     }
     return raw_read(r, layer, offset, dest, length);
 }
