@@ -25,6 +25,7 @@ DECODERS = (
     FORMATS / "vmdk" / "guest.c",
     FORMATS / "vpc" / "guest.c",
     FORMATS / "vhdx" / "guest.c",
+    FORMATS / "parallels" / "guest.c",
 )
 GUEST_SOURCES = (
     SRC / "main.c",
