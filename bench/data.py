@@ -36,6 +36,7 @@ IMAGE_KINDS = (
         "vmdk-stream", "vmdk", "vmdk streamOptimized", ("-o", "subformat=streamOptimized"), True
     ),
     ImageKind("vhdx", "vhdx", "vhdx (dynamic)", (), False),
+    ImageKind("parallels", "parallels", "parallels (1 MiB clusters)", (), False),
 )
 
 

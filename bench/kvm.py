@@ -38,6 +38,7 @@ KINDS = (
         "vpc-dynamic", "vpc", "vpc dynamic", ("-o", "subformat=dynamic,force_size=on"), False
     ),
     ImageKind("vhdx", "vhdx", "vhdx (dynamic)", (), False),
+    ImageKind("parallels", "parallels", "parallels (1 MiB clusters)", (), False),
 )
 
 

@@ -133,7 +133,7 @@ def data_of(size: int, seed: int = 1) -> bytes:
 
 
 def test_the_formats_the_guest_decodes() -> None:
-    assert frozenset({"raw", "qcow2", "vmdk", "vpc", "vhdx"}) == GUEST_FORMATS
+    assert frozenset({"raw", "qcow2", "vmdk", "vpc", "vhdx", "parallels"}) == GUEST_FORMATS
     assert set(registry.input_formats()) >= GUEST_FORMATS
 
 
@@ -606,7 +606,8 @@ def test_an_unknown_named_format_is_the_registrys_usage_error(kvm_hostile_guest:
         with pytest.raises(UsageError) as info:
             kvm.open_disk(top, resolver, None)
         assert str(info.value) == (
-            "unknown input format 'nonsense': supported formats are qcow2, raw, vhdx, vmdk, vpc"
+            "unknown input format 'nonsense': supported formats are parallels, qcow2, raw, vhdx,"
+            " vmdk, vpc"
         )
     finally:
         kvm.close()
