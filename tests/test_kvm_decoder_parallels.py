@@ -286,3 +286,26 @@ def test_mutated_images(
     if cut % 4 == 0:
         mutated = mutated[: cut % (len(mutated) + 1)]
     compare(hosted, mutated)
+
+
+# -- batching -----------------------------------------------------------------------------
+
+
+@needs_qemu
+@pytest.mark.parametrize(("cluster", "per_command"), [("4K", 1), ("1M", 1)])
+def test_doorbells_per_command(
+    hosted: Hosted, tmp_path: Path, cluster: str, per_command: int
+) -> None:
+    """A 4 MiB command is one batch of reads (the clusters qemu-img lays out in order are
+    one read each run), never a doorbell per cluster."""
+    if hosted.tiny_tables:
+        pytest.skip("a one-slot cache reloads the BAT's pieces by design")
+    path = _make(tmp_path, "b.prl", "16M", cluster)
+    qemu_io(path, ["write -P 0x11 0 16M"], "parallels")
+    data = path.read_bytes()
+    hosted.outcome(data, ChainResolver({}), lambda vs: [])
+    opened = hosted.doorbells
+    commands = [(start, 4 * MiB) for start in range(0, 16 * MiB, 4 * MiB)]
+    got = hosted.outcome(data, ChainResolver({}), lambda vs: commands)
+    assert all(r == b"\x11" * 4 * MiB for r in got.reads)
+    assert hosted.doorbells - opened <= per_command * len(commands) + 2, hosted.doorbells - opened
