@@ -16,7 +16,7 @@ from aiodd.formats import registry
 from aiodd.formats.base import VirtualDisk
 from aiodd.formats.common import LayoutError
 from aiodd.formats.parallels import layout as L
-from tests.conftest import needs_qemu, qemu_img, qemu_io, qemu_raw_bytes
+from tests.conftest import needs_qemu, qemu_img, qemu_io, qemu_raw_bytes, with_kvm
 from tests.fuzz.hosted import ChainResolver, MemFile
 from tests.harness import aiodd_run, qemu_dd
 
@@ -320,3 +320,43 @@ def test_an_image_in_use_reads_as_qemu_reads_it(tmp_path: Path) -> None:
     struct.pack_into("<I", data, 44, L.INUSE_MAGIC)
     path.write_bytes(bytes(data))
     assert read_all(path) == qemu_raw_bytes(path, tmp_path, "parallels")
+
+
+# --- the larger matrix (-m full_matrix) ----------------------------------------------
+
+FULL_CLUSTERS = ["512", "1K", "1536", "4K", "16K", "64K", "256K", "1M", "2M", "4M"]
+FULL_WINDOWS = [
+    [],
+    ["bs=1", "skip=4095", "count=4100"],
+    ["bs=512", "skip=1", "count=3"],
+    ["bs=3000", "skip=349", "count=700"],
+    ["bs=64K", "skip=15", "count=17"],
+    ["bs=1M", "skip=1", "count=2"],
+    ["bs=7000", "skip=440", "count=7E"],
+    ["bs=1M", "skip=4"],
+]
+
+
+@needs_qemu
+@pytest.mark.full_matrix
+@pytest.mark.parametrize("old", [False, True], ids=["ext-magic", "old-magic"])
+@pytest.mark.parametrize("cluster", FULL_CLUSTERS)
+def test_parity_matrix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cluster: str, old: bool
+) -> None:
+    """Every cluster size under both magics, each window against qemu-img dd."""
+    from tests.formats_corpus import to_old_magic
+
+    monkeypatch.chdir(tmp_path)
+    path = make(tmp_path, "m.prl", "3M", f"cluster_size={cluster}")
+    qemu_io(path, WRITES, "parallels")
+    if old:
+        to_old_magic(path)
+    for window in FULL_WINDOWS:
+        for isolation in with_kvm(("inline", "sandbox"), {"parallels"}):
+            ours = aiodd_run(
+                [f"--isolation={isolation}", "if=m.prl", "of=a.raw", *window], tmp_path / "a.raw"
+            )
+            theirs = qemu_dd(["if=m.prl", "of=q.raw", *window], tmp_path / "q.raw")
+            assert (ours.status, theirs.status) == (0, 0), (window, isolation, ours.stderr)
+            assert ours.output == theirs.output, (window, isolation)
