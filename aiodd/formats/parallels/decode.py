@@ -2,8 +2,8 @@
 
 Detection is qemu's: either magic, then version 2.  A cluster the BAT names is read
 from the file (zeros where the file ends inside it); an absent cluster, or one past the
-BAT's end, reads as zeros.  Every cluster the virtual disk reaches is checked at open:
-it must start inside the file and after the BAT.
+BAT's end, reads as zeros.  A cluster a read reaches must start inside the file and
+after the BAT, or the read fails naming its entry.
 """
 
 from __future__ import annotations
@@ -16,17 +16,21 @@ from aiodd.formats.parallels import layout as L
 
 NAME = L.NAME
 probe = L.probe
+_BAT_PIECE = 1 << 20  # entries per read of the BAT
 
 
 class ParallelsDisk:
     format_name = NAME
 
-    def __init__(self, file: RandomAccessFile, header: L.Header, bat: array[int]) -> None:
+    def __init__(
+        self, file: RandomAccessFile, header: L.Header, bat: array[int], file_size: int
+    ) -> None:
         self._file = file
+        self._header = header
         self._virtual_size = header.virtual_size
         self._cluster = header.cluster_size
-        self._unit = header.entry_unit
         self._bat = bat
+        self._file_size = file_size
 
     @property
     def virtual_size(self) -> int:
@@ -35,9 +39,15 @@ class ParallelsDisk:
     def _host(self, index: int) -> int:
         """Where cluster ``index`` starts in the file; 0 for an absent cluster."""
         entry = self._bat[index] if index < len(self._bat) else L.UNALLOCATED
-        return entry * self._unit
+        if entry == L.UNALLOCATED:
+            return 0
+        return L.cluster_at(index, entry, self._header, self._file_size)
 
     def read_into(self, offset: int, buf: memoryview) -> None:
+        with naming(self._file.name, NAME):
+            self._read(offset, buf)
+
+    def _read(self, offset: int, buf: memoryview) -> None:
         cs = self._cluster
         pos, total = 0, len(buf)
         while pos < total:
@@ -66,10 +76,19 @@ class ParallelsDisk:
         self._file.close()
 
 
+def _read_bat(file: RandomAccessFile, entries: int) -> array[int]:
+    """The first ``entries`` entries, read in pieces: a large BAT is held once, as
+    integers, and never also as one bytes object."""
+    bat: array[int] = array("I")
+    for first in range(0, entries, _BAT_PIECE):
+        n = min(_BAT_PIECE, entries - first)
+        bat.extend(L.parse_bat(file.pread(L.HEADER_SIZE + 4 * first, 4 * n), n))
+    return bat
+
+
 def open_disk(file: RandomAccessFile, resolver: Resolver) -> VirtualDisk:
     with naming(file.name, NAME):
         header = L.parse_header(file.pread(0, L.HEADER_SIZE))
         L.check_extents(header, file.size)
-        bat = L.parse_bat(file.pread(L.HEADER_SIZE, 4 * header.used_entries), header.used_entries)
-        L.check_bat(header, bat, file.size)
-    return ParallelsDisk(file, header, bat)
+    bat = _read_bat(file, header.used_entries)
+    return ParallelsDisk(file, header, bat, file.size)

@@ -3,9 +3,10 @@
  * byte; a change there is a change here (tests/test_kvm_decoder_parallels.py holds the
  * two together).
  *
- * Once open, a read cannot fail: every cluster the virtual disk reaches was found to
- * start inside the file, and where one ends past the file the reader gives zeros, as
- * Python does. */
+ * A read fails only on a cluster that starts past the file's end or inside the header
+ * or BAT, checked cluster by cluster in Python's order (a run of clusters is looked at
+ * ahead of its read, as Python looks); where a cluster ends past the file the reader
+ * gives zeros, as Python does. */
 #include "parallels/guest.h"
 
 #define HEADER_SIZE 64u
@@ -20,6 +21,7 @@
 struct parallels {
     uint64_t cluster_size;
     uint64_t unit;     /* bytes per unit of a BAT entry */
+    uint64_t bat_end;
     uint64_t entries;  /* the entries the virtual disk reaches */
     uint32_t *bat;     /* NULL: too large to hold, read through the cache */
 };
@@ -40,27 +42,6 @@ static uint32_t le32(const unsigned char *p) {
 
 static uint64_t le64(const unsigned char *p) {
     return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
-
-/* layout.check_bat for one entry; index in the BAT. */
-static uint32_t check_entry(uint32_t handle, uint64_t index, uint32_t entry, uint64_t unit,
-                            uint64_t bat_end, uint64_t file_size) {
-    if (entry == 0) {
-        return AIODD_OK;
-    }
-    const uint64_t at = (uint64_t)entry * unit;
-    if (at >= file_size) {
-        return image_error(handle,
-                           "parallels BAT entry %lu (cluster at %#lx) lies past the end of the"
-                           " file",
-                           (unsigned long)index, (unsigned long)at);
-    }
-    if (at < bat_end) {
-        return image_error(handle,
-                           "parallels BAT entry %lu (cluster at %#lx) overlaps the header or BAT",
-                           (unsigned long)index, (unsigned long)at);
-    }
-    return AIODD_OK;
 }
 
 uint32_t parallels_open(struct layer *layer) {
@@ -136,8 +117,9 @@ uint32_t parallels_open(struct layer *layer) {
     p->entries = reached < bat_entries ? reached : bat_entries;
     layer->virtual_size = nb_sectors * SECTOR;
 
-    /* The BAT the disk reaches, checked entry by entry as layout.check_bat checks it, and
-     * kept when the budget allows. */
+    p->bat_end = bat_end;
+
+    /* The BAT the disk reaches, kept when the budget allows. */
     const uint64_t bytes = 4 * p->entries;
     if (bytes > 0 && disk_take_table_budget(bytes)) {
         p->bat = disk_alloc((size_t)bytes);
@@ -147,7 +129,7 @@ uint32_t parallels_open(struct layer *layer) {
     } else if (bytes > 0) {
         disk_note_tables(BAT_PIECE);
     }
-    for (uint64_t done = 0; done < bytes;) {
+    for (uint64_t done = 0; p->bat != NULL && done < bytes;) {
         const uint64_t chunk = min_u64(bytes - done, AIODD_IN_SIZE);
         if ((status = disk_read_in(handle, HEADER_SIZE + done, chunk, &got)) != AIODD_OK) {
             return status;
@@ -156,15 +138,7 @@ uint32_t parallels_open(struct layer *layer) {
             host_fault();  /* inside the file, by the size the host gave */
         }
         for (uint64_t i = 0; i < chunk / 4; i++) {
-            const uint32_t entry = le32(in + 4 * i);
-            const uint64_t index = done / 4 + i;
-            if (p->bat != NULL) {
-                p->bat[index] = entry;
-            }
-            status = check_entry(handle, index, entry, p->unit, bat_end, file_size);
-            if (status != AIODD_OK) {
-                return status;
-            }
+            p->bat[done / 4 + i] = le32(in + 4 * i);
         }
         done += chunk;
     }
@@ -177,6 +151,25 @@ static uint32_t bswap32(uint32_t x) {
     return x >> 24 | (x >> 8 & 0xFF00u) | (x << 8 & 0xFF0000u) | x << 24;
 }
 
+/* layout.cluster_at: a cluster a read reaches starts inside the file, after the BAT. */
+static uint32_t cluster_at(const struct layer *layer, uint64_t index, uint32_t entry,
+                           uint64_t *at) {
+    const struct parallels *p = layer->parallels;
+    *at = (uint64_t)entry * p->unit;
+    if (*at >= layer->file_size) {
+        return image_error(layer->handle,
+                           "parallels BAT entry %lu (cluster at %#lx) lies past the end of the"
+                           " file",
+                           (unsigned long)index, (unsigned long)*at);
+    }
+    if (*at < p->bat_end) {
+        return image_error(layer->handle,
+                           "parallels BAT entry %lu (cluster at %#lx) overlaps the header or BAT",
+                           (unsigned long)index, (unsigned long)*at);
+    }
+    return AIODD_OK;
+}
+
 /* Where cluster `index` starts in the file; 0 for an absent cluster. */
 static uint32_t host_offset(struct reader *r, const struct layer *layer, uint64_t index,
                             uint64_t *at) {
@@ -186,8 +179,7 @@ static uint32_t host_offset(struct reader *r, const struct layer *layer, uint64_
         return AIODD_OK;
     }
     if (p->bat != NULL) {
-        *at = (uint64_t)p->bat[index] * p->unit;
-        return AIODD_OK;
+        return p->bat[index] == 0 ? AIODD_OK : cluster_at(layer, index, p->bat[index], at);
     }
     /* A cache slot's worth of entries at a time: the cache gives the bytes as big-endian
      * 64-bit words, each two little-endian entries, the first in the high half. */
@@ -198,12 +190,12 @@ static uint32_t host_offset(struct reader *r, const struct layer *layer, uint64_
     const uint64_t *table;
     uint32_t status = disk_table(r, layer, piece, layer->handle, layer->file_size,
                                  HEADER_SIZE + first * 4, (count * 4 + 7) / 8 * 8, &table);
-    if (status == AIODD_OK) {
-        const uint64_t word = table[(index - first) / 2];
-        const uint32_t half = (uint32_t)((index - first) % 2 == 0 ? word >> 32 : word);
-        *at = (uint64_t)bswap32(half) * p->unit;
+    if (status != AIODD_OK) {
+        return status;
     }
-    return status;
+    const uint64_t word = table[(index - first) / 2];
+    const uint32_t entry = bswap32((uint32_t)((index - first) % 2 == 0 ? word >> 32 : word));
+    return entry == 0 ? AIODD_OK : cluster_at(layer, index, entry, at);
 }
 
 uint32_t parallels_read(struct reader *r, struct layer *layer, uint64_t offset,

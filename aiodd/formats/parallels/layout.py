@@ -75,7 +75,8 @@ class Header:
 
     @property
     def used_entries(self) -> int:
-        """The entries the virtual disk reaches; qemu never reads the others."""
+        """The entries the virtual disk reaches; qemu never reads the others, nor does
+        aiodd."""
         return min(self.bat_entries, -(-self.nb_sectors // self.tracks))
 
 
@@ -129,26 +130,21 @@ def parse_bat(raw: bytes, entries: int) -> array[int]:
     return bat
 
 
-def check_bat(header: Header, bat: array[int], file_size: int) -> None:
-    """Every cluster the virtual disk reaches starts inside the file, after the BAT; the
-    first entry that does not is named.  A cluster that starts inside the file and ends
-    past it reads as zeros there, as in qemu."""
-    unit = header.entry_unit
-    limit = header.used_entries
-    lowest = header.bat_end
-    for index in range(limit):
-        entry = bat[index]
-        if entry == UNALLOCATED:
-            continue
-        at = entry * unit
-        if at >= file_size:
-            raise LayoutError(
-                f"parallels BAT entry {index} (cluster at {at:#x}) lies past the end of the file"
-            )
-        if at < lowest:
-            raise LayoutError(
-                f"parallels BAT entry {index} (cluster at {at:#x}) overlaps the header or BAT"
-            )
+def cluster_at(index: int, entry: int, header: Header, file_size: int) -> int:
+    """Where BAT entry ``index`` (``entry``, not 0) puts its cluster: it must start
+    inside the file, after the BAT.  Checked as a read reaches the cluster, as qcow2's
+    clusters are.  A cluster that starts inside the file and ends past it reads as
+    zeros there, as in qemu."""
+    at = entry * header.entry_unit
+    if at >= file_size:
+        raise LayoutError(
+            f"parallels BAT entry {index} (cluster at {at:#x}) lies past the end of the file"
+        )
+    if at < header.bat_end:
+        raise LayoutError(
+            f"parallels BAT entry {index} (cluster at {at:#x}) overlaps the header or BAT"
+        )
+    return at
 
 
 def build_header(
