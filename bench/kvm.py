@@ -39,6 +39,7 @@ KINDS = (
     ),
     ImageKind("vhdx", "vhdx", "vhdx (dynamic)", (), False),
     ImageKind("vdi", "vdi", "vdi (dynamic)", (), False),
+    ImageKind("parallels", "parallels", "parallels (1 MiB clusters)", (), False),
 )
 
 

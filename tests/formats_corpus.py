@@ -430,6 +430,53 @@ def chain_qcow2_vdi(d: Path) -> Built:
     return top, None
 
 
+def _parallels(d: Path, *opts: str, size: int = 5 * MiB) -> Path:
+    path = create(d / "img.prl", "parallels", size, *opts)
+    io(path, "parallels", scatter(size))
+    return path
+
+
+def parallels_1m(d: Path) -> Built:
+    return _parallels(d), None  # qemu-img's default cluster, 1 MiB
+
+
+def parallels_64k(d: Path) -> Built:
+    return _parallels(d, "cluster_size=64K"), None
+
+
+def parallels_4k(d: Path) -> Built:
+    return _parallels(d, "cluster_size=4K", size=5 * MiB + 3 * KiB), None
+
+
+def to_old_magic(path: Path) -> None:
+    """Rewrite a qemu-made image under the first magic, whose BAT counts sectors, not
+    clusters (qemu 7.2 reads both; qemu-img writes only the second)."""
+    data = bytearray(path.read_bytes())
+    assert data[:16] == b"WithouFreSpacExt"
+    tracks, entries = struct.unpack_from("<II", data, 28)
+    data[:16] = b"WithoutFreeSpace"
+    for i in range(entries):
+        (entry,) = struct.unpack_from("<I", data, 64 + 4 * i)
+        struct.pack_into("<I", data, 64 + 4 * i, entry * tracks)
+    path.write_bytes(bytes(data))
+
+
+def parallels_old_magic(d: Path) -> Built:
+    path = _parallels(d, "cluster_size=64K")
+    to_old_magic(path)
+    return path, None
+
+
+def chain_qcow2_parallels(d: Path) -> Built:
+    """A qcow2 over a parallels backing file, probed (qemu-img checks the format given)."""
+    base = create(d / "base.prl", "parallels", 3 * MiB, "cluster_size=64K")
+    io(base, "parallels", ["write -P 0x91 0 3M", "write -P 0x92 1M 64k"])
+    top = create(d / "top.qcow2", "qcow2", 4 * MiB, "backing_file=base.prl",
+                 "backing_fmt=parallels")  # fmt: skip
+    io(top, "qcow2", ["write -P 0x93 1536k 100k"])
+    return top, None
+
+
 def _vhdx(d: Path, *opts: str) -> Path:
     path = create(d / "img.vhdx", "vhdx", 5 * MiB, *opts)
     io(path, "vhdx", scatter(5 * MiB))
@@ -540,6 +587,11 @@ BUILDERS: dict[str, Callable[[Path], Built]] = {
     "vdi-static": vdi_static,
     "vdi-virtualbox": vdi_virtualbox,
     "vhdx-dynamic": vhdx_dynamic,
+    "parallels-1M": parallels_1m,
+    "parallels-64k": parallels_64k,
+    "parallels-4k": parallels_4k,
+    "parallels-old-magic": parallels_old_magic,
+    "chain-qcow2-parallels": chain_qcow2_parallels,
     "vhdx-dynamic-1M": vhdx_dynamic_1m,
     "vhdx-fixed-1M": vhdx_fixed_1m,
     "vhdx-256M-blocks": vhdx_256m_blocks,

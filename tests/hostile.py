@@ -512,6 +512,18 @@ def vpc_differencing(path: Path, locators: list[tuple[bytes, bytes]]) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- parallels
+
+
+def parallels(path: Path, size: str = "4M", writes: tuple[str, ...] = ()) -> Path:
+    """A qemu-made parallels image of 4 KiB clusters: a BAT of 1024 entries ends at
+    4160, so its data starts at 8 KiB."""
+    qemu_img("create", "-q", "-f", "parallels", "-o", "cluster_size=4K", path, size)
+    if writes:
+        qemu_io(path, list(writes), "parallels")
+    return path
+
+
 # --------------------------------------------------------------------------- vhdx
 
 
@@ -1454,6 +1466,38 @@ def vdi_case(expect: tuple[str, ...], **fields: int | bytes) -> Callable[[Tree],
     return build
 
 
+# -- corrupt parallels: the header's sizes and the BAT's entries (little-endian)
+
+
+def parallels_base(tree: Tree) -> Path:
+    return parallels(tree.img / "bad.prl", "4M", ("write -P 0x44 0 64k", "write -P 5 3M 4k"))
+
+
+_PARALLELS_CASES: dict[str, tuple[tuple[str, ...], int, str, int]] = {
+    "cluster_size_zero": (("cluster size is zero",), 28, "<I", 0),
+    "cluster_size_huge": (("cluster of 4294967295 sectors", "too large"), 28, "<I", 0xFFFF_FFFF),
+    "bat_entries_huge": (("BAT of 4294967295 entries", "too large"), 32, "<I", 0xFFFF_FFFF),
+    "bat_past_end": (("BAT (16777216 entries)", "past the end"), 32, "<I", 1 << 24),
+    "virtual_size_huge": (("virtual size", "too large"), 36, "<Q", 1 << 63),
+    "data_off_past_end": (("data area at 0x1fffffffe00", "past the end"), 48, "<I", 0xFFFF_FFFF),
+    "data_off_in_bat": (("data area at 0x200", "overlaps the header or BAT"), 48, "<I", 1),
+    "bat_entry_past_end": (("BAT entry 0", "past the end"), 64, "<I", 0xFFFF_FF00),
+    "bat_entry_in_bat": (("BAT entry 0 (cluster at 0x1000)", "overlaps"), 64, "<I", 1),
+    "bat_entry_768_past_end": (("BAT entry 768", "past the end"), 64 + 4 * 768, "<I", 1 << 20),
+}
+
+
+def parallels_case(
+    expect: tuple[str, ...], at: int, fmt: str, value: int
+) -> Callable[[Tree], Built]:
+    def build(tree: Tree) -> Built:
+        image = parallels_base(tree)
+        patch(image, at, fmt, value)
+        return Built(image, ("parallels", *expect))
+
+    return build
+
+
 _VDI_CASES: dict[str, tuple[tuple[str, ...], dict[str, int | bytes]]] = {
     "disk_size_huge": (("disk size", "larger than"), {"disk_size": 1 << 62}),
     "version_1_0": (("version 1.0",), {"version": 0x00010000}),
@@ -1505,6 +1549,8 @@ def build_vdi_bmap_entry_beyond_blocks(tree: Tree) -> Built:
     image = vdi_base(tree)
     patch(image, vdi_get(image, "offset_bmap") + 4 * 3, "<I", 7)
     return Built(image, ("vdi", "block map entry 3", "past the end"))
+for _name, (_qexpect, _at, _fmt, _value) in _PARALLELS_CASES.items():
+    CASES.append(Case(f"parallels_{_name}", parallels_case(_qexpect, _at, _fmt, _value)))
 
 
 # -- corrupt vhdx
@@ -1794,6 +1840,19 @@ def _vhdx_base(work: Path) -> Base:
     return Base("vhdx", "vhdx", bytes(img.data), floor, regions, tuple(fields))
 
 
+def _parallels_base(work: Path) -> Base:
+    path = parallels(work / "base.prl", "4M", ("write -P 0x44 0 64k", "write -P 5 3M 4k"))
+    data = path.read_bytes()
+    entries = struct.unpack_from("<I", data, 32)[0]
+    bat = struct.unpack_from(f"<{entries}I", data, 64)
+    floor = max(bat) * 4096  # the last cluster's start: a cut there leaves it outside
+    regions = ((0, 64), (64, 4 * entries))
+    header = [(16, 4), (28, 4), (32, 4), (36, 8), (44, 4), (48, 4), (56, 8)]
+    fields = [(at, w, False) for at, w in header] + table_fields(64, 4, 3, False)
+    fields.append((64 + 4 * 768, 4, False))
+    return Base("parallels", "parallels", data, floor, regions, tuple(fields))
+
+
 BASE_BUILDERS: dict[str, Callable[[Path], Base]] = {
     "qcow2": lambda w: _qcow2_base(
         w,
@@ -1830,6 +1889,7 @@ BASE_BUILDERS: dict[str, Callable[[Path], Base]] = {
     "vpc": _vpc_base,
     "vhdx": _vhdx_base,
     "vdi": _vdi_base,
+    "parallels": _parallels_base,
 }
 
 _BASES: dict[str, Base] = {}
@@ -1848,7 +1908,9 @@ def base(name: str) -> Base:
 # -- truncation: cut each base at fixed offsets and at fractions of its floor
 
 CUTS: tuple[int | float, ...] = (0, 7, 24, 100, 511, 0.25, 0.5, 0.9, 1.0)
-TRUNCATED_BASES = ("qcow2", "qcow2_compressed", "vmdk", "vmdk_stream", "vpc", "vhdx", "vdi")
+TRUNCATED_BASES = (
+    "qcow2", "qcow2_compressed", "vmdk", "vmdk_stream", "vpc", "vhdx", "vdi", "parallels",
+)  # fmt: skip
 
 
 def cut_offset(b: Base, cut: int | float) -> int:

@@ -21,6 +21,7 @@ from aiodd.formats import QEMU_FORMATS, check_input_format
 from aiodd.formats import foreign as probes
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.formats.foreign import PROBE_SIZE
+from aiodd.formats.parallels.layout import probe as parallels_probe
 from aiodd.formats.qcow2.layout import EXT_BACKING_FORMAT
 from aiodd.formats.registry import PROBE_ORDER, PROBES, detect, open_disk
 from aiodd.formats.vdi import layout as vdi_layout
@@ -29,7 +30,7 @@ from tests.conftest import needs_qemu, qemu_img, qemu_io
 from tests.harness import aiodd_run, aiodd_subprocess, leftovers, qemu_dd
 
 MiB = 1 << 20
-READS = "aiodd reads raw, qcow2, vmdk, vpc, vhdx and vdi"
+READS = "aiodd reads raw, qcow2, vmdk, vpc, vhdx, vdi and parallels"
 ISOLATIONS = ["sandbox", "inline"]
 
 
@@ -129,7 +130,6 @@ Builder = Callable[[Path, str], Path]
 FOREIGN: list[tuple[str, str, str, Builder]] = [
     ("t.qcow", "qcow", "a qcow (version 1) image", lambda d, n: create(d, n, "-f", "qcow")),
     ("t.qed", "qed", "a QED image", lambda d, n: create(d, n, "-f", "qed")),
-    ("t.prl", "parallels", "a Parallels image", lambda d, n: create(d, n, "-f", "parallels")),
     ("t.luks", "luks", "a LUKS encrypted image", create_luks),
     ("t.bochs", "bochs", "a Bochs image", lambda d, n: write(d, n, bochs_image())),
     ("t1.bochs", "bochs", "a Bochs image", lambda d, n: write(d, n, bochs_image(0x00010000))),
@@ -185,6 +185,33 @@ def test_refused_by_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 @needs_qemu
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+@pytest.mark.parametrize("magic", [b"WithouFreSpacExt", b"WithoutFreeSpace"])
+def test_parallels_is_detected_and_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolation: str, magic: bytes
+) -> None:
+    """Either magic probes as parallels, as in qemu; ``-f parallels`` reads the same and
+    ``-f raw`` copies the container."""
+    from tests.formats_corpus import to_old_magic
+
+    monkeypatch.chdir(tmp_path)
+    image = create(tmp_path, "t.prl", "-f", "parallels", "-o", "cluster_size=64K")
+    subprocess.run(["qemu-io", "-f", "parallels", "-c", "write -P 0x5c 64k 100k", "t.prl"],
+                   check=True, capture_output=True)  # fmt: skip
+    if magic == b"WithoutFreeSpace":
+        to_old_magic(image)
+    assert image.read_bytes()[:16] == magic
+    assert qemu_probe(image) == "parallels" == detect(image.read_bytes(), "t.prl")
+    for forced in ([], ["-f", "parallels"], ["-f", "raw"]):
+        args = [*forced, "if=t.prl", "bs=64k"]
+        got = aiodd_run([f"--isolation={isolation}", *args, "of=a.raw"], tmp_path / "a.raw")
+        want = qemu_dd([*args, "of=q.raw"], tmp_path / "q.raw")
+        assert (got.status, got.stderr, want.status) == (0, "", 0)
+        assert got.output == want.output
+    assert got.output is not None and got.output[: image.stat().st_size] == image.read_bytes()
+
+
+@needs_qemu
 @pytest.mark.parametrize(("name", "fmt", "title", "build"), FOREIGN, ids=FOREIGN_IDS)
 def test_forced_raw_copies_the_container(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, fmt: str, title: str, build: Builder
@@ -225,7 +252,7 @@ def test_a_dmg_by_name_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.parametrize(
-    "fmt", ["qcow", "qed", "parallels", "luks", "dmg", "bochs", "cloop", "vvfat", "nbd"]
+    "fmt", ["qcow", "qed", "luks", "dmg", "bochs", "cloop", "vvfat", "nbd"]
 )
 def test_forcing_a_format_aiodd_does_not_read(tmp_path: Path, fmt: str) -> None:
     got = aiodd_run(["-f", fmt, "if=whatever", "of=o.raw"], tmp_path / "o.raw")
@@ -367,6 +394,11 @@ def test_near_misses_as_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ca
     elif fmt in probes.TITLES:
         got = aiodd_run(["if=near.img", "of=o.raw"], tmp_path / "o.raw")
         assert (got.status, got.stderr) == (1, refused("near.img", probes.TITLES[fmt]))
+    elif fmt == "parallels":  # a header of zero-sector clusters: both refuse it
+        got = aiodd_run(["if=near.img", "of=o.raw"], tmp_path / "o.raw")
+        want = qemu_dd(["if=near.img", "of=q.raw"], tmp_path / "q.raw")
+        assert (got.status, want.status) == (1, 1)
+        assert got.stderr == "aiodd: near.img: parallels cluster size is zero\n"
 
 
 def test_ties_resolved_in_qemu_order() -> None:
@@ -434,7 +466,7 @@ def test_probes_read_their_fields(head: bytes) -> None:
     assert probes.qcow(buf, "") == (100 if buf[:8] == b"QFI\xfb\0\0\0\1" else 0)
     assert probes.qed(buf, "") == (100 if buf[:4] == b"QED\0" else 0)
     magic_ok = buf[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt")
-    assert probes.parallels(buf, "") == (100 if magic_ok and u32le == 2 else 0)
+    assert parallels_probe(buf) == (100 if magic_ok and u32le == 2 else 0)
     assert probes.luks(buf, "") == (100 if buf[:8] == b"LUKS\xba\xbe\0\1" else 0)
     assert vdi_layout.probe(buf) == (100 if buf[64:68] == b"\x7f\x10\xda\xbe" else 0)
 
@@ -482,7 +514,6 @@ def test_open_disk_refuses_what_it_cannot_read(tmp_path: Path, fmt: str) -> None
     data = {
         "qcow": b"QFI\xfb\0\0\0\1",
         "qed": b"QED\0",
-        "parallels": b"WithoutFreeSpace\2\0\0\0",
         "luks": b"LUKS\xba\xbe\0\1",
         "bochs": bochs_head(),
         "cloop": CLOOP_MAGIC,

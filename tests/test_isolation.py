@@ -58,7 +58,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     raw.write_bytes(os.urandom(MiB + 1000))
     made = {"raw": raw}
     if QEMU_IMG is not None:
-        for fmt in ("vmdk", "vpc", "vhdx", "vdi"):
+        for fmt in ("vmdk", "vpc", "vhdx", "vdi", "parallels"):
             path = directory / f"in.{fmt}"
             qemu_img("convert", "-f", "raw", "-O", fmt, raw, path)
             made[fmt] = path
@@ -124,7 +124,7 @@ def test_auto_picks_kvm_here(images: dict[str, Path], tmp_path: Path) -> None:
 
 @needs_kvm
 @needs_qemu
-@pytest.mark.parametrize("fmt", ["vmdk", "vpc", "vhdx", "vdi"])
+@pytest.mark.parametrize("fmt", ["vmdk", "vpc", "vhdx", "vdi", "parallels"])
 def test_auto_decodes_every_format_in_kvm(
     images: dict[str, Path], tmp_path: Path, fmt: str
 ) -> None:

@@ -561,7 +561,7 @@ def test_an_unknown_named_format_is_the_registrys_usage_error(kvm_hostile_guest:
             kvm.open_disk(top, resolver, None)
         assert str(info.value) == (
             "unknown input format 'nonsense':"
-            " supported formats are qcow2, raw, vdi, vhdx, vmdk, vpc"
+            " supported formats are parallels, qcow2, raw, vdi, vhdx, vmdk, vpc"
         )
     finally:
         kvm.close()

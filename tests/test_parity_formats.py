@@ -247,6 +247,8 @@ SOURCES: list[tuple[str, str | None]] = [(name, None) for name in BUILDERS] + [
     ("vpc-dynamic", "vdi"),  # exit 1: no VDI signature
     ("vhdx-dynamic-1M", "vhdx"),
     ("qcow2-zstd", "qcow2"),
+    ("parallels-64k", "raw"),  # the container bytes
+    ("vpc-dynamic", "parallels"),  # exit 1
 ]
 
 
@@ -257,6 +259,7 @@ CHAIN_FORMATS = {
     "chain-qcow2-qcow2-vhdx": {"qcow2", "vhdx"},
     "chain-qcow2-vpc": {"qcow2", "vpc"},
     "chain-qcow2-vdi": {"qcow2", "vdi"},
+    "chain-qcow2-parallels": {"qcow2", "parallels"},
     "chain-vmdk-over-raw": {"vmdk", "raw"},
     "chain-probed": {"qcow2", "vmdk"},
     "chain-backing-fmt-raw": {"qcow2", "raw"},

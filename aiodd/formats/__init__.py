@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from aiodd.errors import UsageError
 
-INPUT_FORMATS = ("qcow2", "raw", "vdi", "vhdx", "vmdk", "vpc")
+INPUT_FORMATS = ("parallels", "qcow2", "raw", "vdi", "vhdx", "vmdk", "vpc")
 # The order qemu-img's users know them in; raw is the default.
 OUTPUT_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi")
-# What aiodd reads, as its refusals say it.
-READS = f"{', '.join(OUTPUT_FORMATS[:-1])} and {OUTPUT_FORMATS[-1]}"
+# What aiodd reads, as its refusals say it: the formats it writes, then those it only reads.
+_READ_ORDER = (*OUTPUT_FORMATS, *(f for f in INPUT_FORMATS if f not in OUTPUT_FORMATS))
+READS = f"{', '.join(_READ_ORDER[:-1])} and {_READ_ORDER[-1]}"
 
 # Every format name qemu-img 7.2 accepts for -f (its --help lists them): one aiodd does
 # not read is a known format it refuses, not an unknown name.

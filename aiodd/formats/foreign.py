@@ -1,6 +1,6 @@
 """qemu's probes for the formats it detects and aiodd does not read.
 
-qemu-img detects qcow (version 1), qed, parallels, luks, bochs and cloop from the
+qemu-img detects qcow (version 1), qed, luks, bochs and cloop from the
 first 2048 bytes of a file, and dmg from the file's *name*.  aiodd runs the same tests,
 with the same scores, so that such an image is refused by name rather than copied as a
 raw disk (docs/formats.md).  Pure functions over bytes and names: no I/O.
@@ -24,7 +24,6 @@ Probe = Callable[[bytes, str], int]
 
 QCOW_MAGIC = b"QFI\xfb"  # qcow2's too: the version tells them apart
 QED_MAGIC = b"QED\x00"
-PARALLELS_MAGICS = (b"WithoutFreeSpace", b"WithouFreSpacExt")
 LUKS_MAGIC = b"LUKS\xba\xbe"
 BOCHS_MAGIC = b"Bochs Virtual HD Image"
 CLOOP_MAGIC = (
@@ -55,13 +54,6 @@ def qcow(head: bytes, filename: str) -> int:
 def qed(head: bytes, filename: str) -> int:
     """The magic in a whole 64-byte header; nothing else."""
     return 100 if len(head) >= 64 and head[:4] == QED_MAGIC else 0
-
-
-def parallels(head: bytes, filename: str) -> int:
-    """Either magic, and version 2, in a 64-byte header."""
-    if len(head) >= 64 and head[:16] in PARALLELS_MAGICS and _u32le(head, 16) == 2:
-        return 100
-    return 0
 
 
 def luks(head: bytes, filename: str) -> int:
@@ -99,7 +91,6 @@ def dmg(head: bytes, filename: str) -> int:
 PROBES: dict[str, Probe] = {
     "qcow": qcow,
     "qed": qed,
-    "parallels": parallels,
     "luks": luks,
     "bochs": bochs,
     "cloop": cloop,
@@ -109,7 +100,6 @@ PROBES: dict[str, Probe] = {
 TITLES = {
     "qcow": "a qcow (version 1) image",
     "qed": "a QED image",
-    "parallels": "a Parallels image",
     "luks": "a LUKS encrypted image",
     "bochs": "a Bochs image",
     "cloop": "a cloop image",

@@ -79,6 +79,7 @@ FORMATS: dict[str, Format] = {
 
 if TYPE_CHECKING:
     # mypy holds every format's modules to the protocols the Format objects promise.
+    from aiodd.formats.parallels import decode as _parallels_decode
     from aiodd.formats.qcow2 import decode as _qcow2_decode
     from aiodd.formats.qcow2 import encode as _qcow2_encode
     from aiodd.formats.raw import decode as _raw_decode
@@ -93,7 +94,8 @@ if TYPE_CHECKING:
     from aiodd.formats.vpc import encode as _vpc_encode
 
     _DECODERS: tuple[Decoder, ...] = (
-        _qcow2_decode, _raw_decode, _vdi_decode, _vhdx_decode, _vmdk_decode, _vpc_decode,
+        _parallels_decode, _qcow2_decode, _raw_decode, _vdi_decode, _vhdx_decode, _vmdk_decode,
+        _vpc_decode,
     )  # fmt: skip
     _ENCODERS: tuple[Encoder, ...] = (
         _qcow2_encode, _raw_encode, _vdi_encode, _vhdx_encode, _vmdk_encode, _vpc_encode,

@@ -5,7 +5,7 @@ place of the doorbell and the guest's heap: a shared library for ctypes
 (:func:`build_library`) and a libFuzzer binary (:func:`build_fuzzer`).  Both link the
 system's zlib and zstd.  Run by hand::
 
-    python tests/fuzz/build.py fuzzer OUT   # or: fuzzer-vpc OUT, fuzzer-vmdk OUT, library OUT
+    python tests/fuzz/build.py fuzzer OUT   # or fuzzer-vpc, fuzzer-vmdk, fuzzer-parallels, library
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ def build_library(output: Path, *, cc: str = "gcc", tiny_tables: bool = False) -
 def build_fuzzer(
     output: Path, *, cc: str = "clang", tiny_tables: bool = True, target: str = "fuzz_qcow2.c"
 ) -> Path:
-    """The libFuzzer binary of ``target`` (fuzz_qcow2.c, fuzz_vpc.c, fuzz_vmdk.c), with
-    AddressSanitizer and UBSan; with tiny tables by default, as a fuzzing input is too
-    small to need the cache otherwise."""
+    """The libFuzzer binary of ``target`` (fuzz_qcow2.c, fuzz_vpc.c, fuzz_vmdk.c,
+    fuzz_parallels.c), with AddressSanitizer and UBSan; with tiny tables by default, as a
+    fuzzing input is too small to need the cache otherwise."""
     tiny = TINY_TABLES if tiny_tables else ()
     _compile(
         [compiler(cc), *FLAGS, *tiny, SANITIZERS, "-fno-sanitize-recover=undefined", "-O1"]

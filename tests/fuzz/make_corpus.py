@@ -447,11 +447,53 @@ def write_vdi_corpus(directory: Path) -> int:
     return len(seeds)
 
 
-# By hand: make_corpus.py vpc DIR, make_corpus.py vdi DIR, or make_corpus.py DIR [qcow2|vmdk]
+def parallels_qemu_made(tmp: Path) -> Iterator[tuple[str, bytes]]:
+    """Images qemu-img makes, of several cluster sizes, and one under the old magic."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.formats_corpus import to_old_magic
+
+    writes = ("-c", "write -P 0x11 0 64k", "-c", "write -P 0x12 2100k 4k")
+    for cluster in ("512", "4K", "64K", "1M"):
+        path = tmp / f"p{cluster}.prl"
+        _qemu("qemu-img", "create", "-f", "parallels", "-o", f"cluster_size={cluster}", path, "3M")
+        _qemu("qemu-io", "-f", "parallels", *writes, path)
+        if len(path.read_bytes()) <= 1 << 20:
+            yield f"parallels-{cluster}", path.read_bytes()
+    path = tmp / "p4K.prl"
+    to_old_magic(path)
+    yield "parallels-old-magic", path.read_bytes()
+
+
+def parallels_hand_built() -> Iterator[tuple[str, bytes]]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.test_kvm_decoder_parallels import NAMED as PARALLELS_NAMED
+
+    for name, data in PARALLELS_NAMED:
+        if len(data) <= 1 << 20:  # the fuzzer's -max_len
+            yield "parallels-" + name.replace(" ", "-"), data
+
+
+def write_parallels_corpus(directory: Path) -> int:
+    """The seeds of fuzz_parallels.c."""
+    directory.mkdir(parents=True, exist_ok=True)
+    seeds = list(parallels_hand_built())
+    if shutil.which("qemu-img") and shutil.which("qemu-io"):
+        with tempfile.TemporaryDirectory() as tmp:
+            seeds += list(parallels_qemu_made(Path(tmp)))
+    for name, data in seeds:
+        digest = hashlib.sha1(data).hexdigest()[:12]
+        (directory / f"{name}-{digest}").write_bytes(data)
+    return len(seeds)
+
+
+# By hand: make_corpus.py vpc DIR, make_corpus.py vdi DIR, make_corpus.py parallels DIR,
+# or make_corpus.py DIR [qcow2|vmdk]
 if __name__ == "__main__":  # pragma: no cover - by hand
     if sys.argv[1] == "vpc":
         print(write_vpc_corpus(Path(sys.argv[2])), "seeds")
     elif sys.argv[1] == "vdi":
         print(write_vdi_corpus(Path(sys.argv[2])), "seeds")
+    elif sys.argv[1] == "parallels":
+        print(write_parallels_corpus(Path(sys.argv[2])), "seeds")
     else:
         print(write_corpus(Path(sys.argv[1]), *sys.argv[2:3]), "seeds")

@@ -473,7 +473,7 @@ static const char *keep_name(const unsigned char *bytes, uint64_t got, struct na
 
 /* The formats a backing file may be declared as (aiodd.formats.INPUT_FORMATS). */
 static int input_format(const char *name, size_t length) {
-    static const char *const formats[] = {"qcow2", "raw", "vdi", "vhdx", "vmdk", "vpc"};
+    static const char *const formats[] = {"parallels", "qcow2", "raw", "vdi", "vhdx", "vmdk", "vpc"};
     for (size_t i = 0; i < sizeof formats / sizeof formats[0]; i++) {
         size_t n = 0;
         while (formats[i][n] != '\0') {

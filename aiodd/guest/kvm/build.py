@@ -26,6 +26,7 @@ DECODERS = (
     FORMATS / "vpc" / "guest.c",
     FORMATS / "vhdx" / "guest.c",
     FORMATS / "vdi" / "guest.c",
+    FORMATS / "parallels" / "guest.c",
 )
 GUEST_SOURCES = (
     SRC / "main.c",

@@ -95,6 +95,7 @@ FMT_VMDK: Final = 3
 FMT_VPC: Final = 4
 FMT_VHDX: Final = 5
 FMT_VDI: Final = 6
+FMT_PARALLELS: Final = 9
 
 OK: Final = 0
 E_REQUEST: Final = 1

@@ -38,6 +38,7 @@ _CODES: Final = {
     "vpc": L.FMT_VPC,
     "vhdx": L.FMT_VHDX,
     "vdi": L.FMT_VDI,
+    "parallels": L.FMT_PARALLELS,
 }
 
 GUEST_FORMATS: frozenset[str] = frozenset(_CODES)

@@ -295,6 +295,7 @@ FORMAT_NAMES: Final = {
     L.FMT_VPC: "vpc",
     L.FMT_VHDX: "vhdx",
     L.FMT_VDI: "vdi",
+    L.FMT_PARALLELS: "parallels",
 }
 """The formats the host names to the guest (``FMT_*``), by their registry names."""
 

@@ -85,6 +85,7 @@ struct aiodd_desc {
 #define AIODD_FMT_VPC 4
 #define AIODD_FMT_VHDX 5
 #define AIODD_FMT_VDI 6
+#define AIODD_FMT_PARALLELS 9
 
 /* Status codes, both directions. */
 #define AIODD_OK 0

@@ -4,7 +4,8 @@
  * An image is a chain of layers, each a file the host opened (a handle) decoded by one
  * format: raw (aiodd/formats/raw/guest.c), qcow2 (aiodd/formats/qcow2/guest.c), vmdk
  * (aiodd/formats/vmdk/guest.c), vpc (aiodd/formats/vpc/guest.c), vhdx
- * (aiodd/formats/vhdx/guest.c) or vdi (aiodd/formats/vdi/guest.c).  The
+ * (aiodd/formats/vhdx/guest.c), vdi (aiodd/formats/vdi/guest.c) or parallels
+ * (aiodd/formats/parallels/guest.c).  The
  * layers, their L1 tables and a cache of their tables live below the heap mark taken
  * after CMD_OPEN; a command's scratch above it.
  *
@@ -30,10 +31,11 @@ struct vmdk;
 struct vpc;
 struct vhdx;
 struct vdi;
+struct parallels;
 
 struct layer {
     uint32_t handle;
-    uint32_t format;  /* AIODD_FMT_RAW, _QCOW2, _VMDK, _VPC, _VHDX or _VDI */
+    uint32_t format;  /* AIODD_FMT_RAW, _QCOW2, _VMDK, _VPC, _VHDX, _VDI or _PARALLELS */
     uint64_t file_size;
     uint64_t virtual_size;
     struct qcow2 *qcow2;
@@ -41,6 +43,7 @@ struct layer {
     struct vpc *vpc;
     struct vhdx *vhdx;
     struct vdi *vdi;
+    struct parallels *parallels;
 };
 
 struct reader;
