@@ -21,14 +21,16 @@ from aiodd.formats import QEMU_FORMATS, check_input_format
 from aiodd.formats import foreign as probes
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.formats.foreign import PROBE_SIZE
+from aiodd.formats.qcow import layout as qcow_layout
 from aiodd.formats.qcow2.layout import EXT_BACKING_FORMAT
+from aiodd.formats.qed import layout as qed_layout
 from aiodd.formats.registry import PROBE_ORDER, PROBES, detect, open_disk
 from aiodd.io import LocalFile
 from tests.conftest import needs_qemu, qemu_img
 from tests.harness import aiodd_run, aiodd_subprocess, leftovers, qemu_dd
 
 MiB = 1 << 20
-READS = "aiodd reads raw, qcow2, vmdk, vpc and vhdx"
+READS = "aiodd reads raw, qcow2, vmdk, vpc, vhdx, qcow and qed"
 ISOLATIONS = ["sandbox", "inline"]
 
 
@@ -128,8 +130,6 @@ Builder = Callable[[Path, str], Path]
 FOREIGN: list[tuple[str, str, str, Builder]] = [
     ("t.vdi", "vdi", "a VDI image", lambda d, n: create(d, n, "-f", "vdi")),
     ("s.vdi", "vdi", "a VDI image", lambda d, n: create(d, n, "-f", "vdi", "-o", "static=on")),
-    ("t.qcow", "qcow", "a qcow (version 1) image", lambda d, n: create(d, n, "-f", "qcow")),
-    ("t.qed", "qed", "a QED image", lambda d, n: create(d, n, "-f", "qed")),
     ("t.prl", "parallels", "a Parallels image", lambda d, n: create(d, n, "-f", "parallels")),
     ("t.luks", "luks", "a LUKS encrypted image", create_luks),
     ("t.bochs", "bochs", "a Bochs image", lambda d, n: write(d, n, bochs_image())),
@@ -186,6 +186,29 @@ def test_refused_by_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 @needs_qemu
+@pytest.mark.parametrize("forced", [False, True], ids=["probed", "forced"])
+@pytest.mark.parametrize("fmt", ["qcow", "qed"])
+def test_qcow_and_qed_are_detected_and_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, forced: bool
+) -> None:
+    """Formerly refused, now read: detected as qemu detects them, or named by ``-f``."""
+    monkeypatch.chdir(tmp_path)
+    image = create(tmp_path, f"t.{fmt}", "-f", fmt)
+    subprocess.run(
+        ["qemu-io", "-f", fmt, "-c", "write -P 0x5c 4000 70000", image.name], check=True,
+        capture_output=True,
+    )  # fmt: skip
+    assert qemu_probe(image) == fmt
+    assert detect(image.read_bytes()[:PROBE_SIZE], image.name) == fmt
+    flags = ["-f", fmt] if forced else []
+    got = aiodd_run([*flags, f"if={image.name}", "of=o.raw", "bs=64k"], tmp_path / "o.raw")
+    want = qemu_dd([*flags, f"if={image.name}", "of=q.raw", "bs=64k"], tmp_path / "q.raw")
+    assert (got.status, want.status) == (0, 0), got.stderr
+    assert got.output == want.output
+    assert got.output is not None and got.output[4000:74000] == b"\x5c" * 70000
+
+
+@needs_qemu
 @pytest.mark.parametrize(("name", "fmt", "title", "build"), FOREIGN, ids=FOREIGN_IDS)
 def test_forced_raw_copies_the_container(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, fmt: str, title: str, build: Builder
@@ -226,7 +249,7 @@ def test_a_dmg_by_name_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.parametrize(
-    "fmt", ["vdi", "qcow", "qed", "parallels", "luks", "dmg", "bochs", "cloop", "vvfat", "nbd"]
+    "fmt", ["vdi", "parallels", "luks", "dmg", "bochs", "cloop", "vvfat", "nbd"]
 )
 def test_forcing_a_format_aiodd_does_not_read(tmp_path: Path, fmt: str) -> None:
     got = aiodd_run(["-f", fmt, "if=whatever", "of=o.raw"], tmp_path / "o.raw")
@@ -439,8 +462,8 @@ def test_detect_is_the_best_score_padded(head: bytes, name: str) -> None:
 def test_probes_read_their_fields(head: bytes) -> None:
     buf = pad(head)
     u32le = int.from_bytes(buf[16:20], "little")
-    assert probes.qcow(buf, "") == (100 if buf[:8] == b"QFI\xfb\0\0\0\1" else 0)
-    assert probes.qed(buf, "") == (100 if buf[:4] == b"QED\0" else 0)
+    assert qcow_layout.probe(buf) == (100 if buf[:8] == b"QFI\xfb\0\0\0\1" else 0)
+    assert qed_layout.probe(buf) == (100 if buf[:4] == b"QED\0" else 0)
     magic_ok = buf[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt")
     assert probes.parallels(buf, "") == (100 if magic_ok and u32le == 2 else 0)
     assert probes.luks(buf, "") == (100 if buf[:8] == b"LUKS\xba\xbe\0\1" else 0)
@@ -489,8 +512,6 @@ def test_open_disk_refuses_what_it_cannot_read(tmp_path: Path, fmt: str) -> None
     """The decoders' entry point, which the guest reader and every backing layer use."""
     data = {
         "vdi": VDI_AT_64,
-        "qcow": b"QFI\xfb\0\0\0\1",
-        "qed": b"QED\0",
         "parallels": b"WithoutFreeSpace\2\0\0\0",
         "luks": b"LUKS\xba\xbe\0\1",
         "bochs": bochs_head(),

@@ -130,3 +130,48 @@ def read_by_bitmap(
             read_here(lo, view[lo:hi])
         else:
             read_parent(parent, voffset + lo, view[lo:hi])
+
+
+class Runs:
+    """One read of a table-mapped disk, as coalesced runs: clusters that follow each other
+    in the file become one ``readinto``, neighbouring zero or parent pieces one fill or
+    one read of the parent.  Positions are in ``buf``; ``base`` is the virtual offset of
+    ``buf[0]``.  Used by the formats whose tables map whole clusters (qcow, qed)."""
+
+    __slots__ = ("base", "buf", "file", "kind", "length", "parent", "source", "start")
+
+    NONE, DATA, ZERO, PARENT = 0, 1, 2, 3
+
+    def __init__(
+        self, file: RandomAccessFile, parent: VirtualDisk | None, base: int, buf: memoryview
+    ) -> None:
+        self.file = file
+        self.parent = parent
+        self.base = base
+        self.buf = buf
+        self.kind = Runs.NONE
+        self.start = 0
+        self.length = 0
+        self.source = 0  # the file offset of a data run
+
+    def add(self, kind: int, start: int, length: int, source: int = 0) -> None:
+        """Pieces come in order: ``buf[start:start + length]`` is ``kind`` (from file
+        offset ``source`` for data)."""
+        if kind == self.kind and (kind != Runs.DATA or self.source + self.length == source):
+            self.length += length
+            return
+        self.flush()
+        self.kind, self.start, self.length, self.source = kind, start, length, source
+
+    def flush(self) -> None:
+        kind, start, length = self.kind, self.start, self.length
+        self.kind = Runs.NONE
+        view = self.buf[start : start + length]
+        if kind == Runs.DATA:
+            n = self.file.readinto(self.source, view)
+            if n < length:  # a cluster the file's end cuts: zeros, as qemu reads them
+                zero_fill(view[n:])
+        elif kind == Runs.ZERO:
+            zero_fill(view)
+        elif kind == Runs.PARENT:
+            read_parent(self.parent, self.base + start, view)

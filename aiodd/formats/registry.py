@@ -79,8 +79,10 @@ FORMATS: dict[str, Format] = {
 
 if TYPE_CHECKING:
     # mypy holds every format's modules to the protocols the Format objects promise.
+    from aiodd.formats.qcow import decode as _qcow_decode
     from aiodd.formats.qcow2 import decode as _qcow2_decode
     from aiodd.formats.qcow2 import encode as _qcow2_encode
+    from aiodd.formats.qed import decode as _qed_decode
     from aiodd.formats.raw import decode as _raw_decode
     from aiodd.formats.raw import encode as _raw_encode
     from aiodd.formats.vhdx import decode as _vhdx_decode
@@ -91,7 +93,8 @@ if TYPE_CHECKING:
     from aiodd.formats.vpc import encode as _vpc_encode
 
     _DECODERS: tuple[Decoder, ...] = (
-        _qcow2_decode, _raw_decode, _vhdx_decode, _vmdk_decode, _vpc_decode,
+        _qcow_decode, _qcow2_decode, _qed_decode, _raw_decode, _vhdx_decode, _vmdk_decode,
+        _vpc_decode,
     )  # fmt: skip
     _ENCODERS: tuple[Encoder, ...] = (
         _qcow2_encode, _raw_encode, _vhdx_encode, _vmdk_encode, _vpc_encode,
