@@ -69,7 +69,7 @@ def sample(cb: int, l2b: int) -> Qcow:
             (span // cs) + 1: cluster(3, cs),
             2 * (span // cs) + 2: cluster(4, cs),
             7: b"\x33" * cs,
-        },  # fmt: skip
+        },
         compressed={7},
     )
 
@@ -155,8 +155,8 @@ def with_entry(image: Qcow, index: int, entry: int) -> bytes:
 ERRORS: list[tuple[str, bytes, str, type[ImageError]]] = [
     ("truncated", Qcow(4096).build()[:40], "qcow header is truncated (the file has 40 bytes)",
      ImageError),
-    ("magic", b"QFI\xfa" + Qcow(4096).build()[4:], "image is not in qcow format (no QFI\\xfb magic)",
-     ImageError),
+    ("magic", b"QFI\xfa" + Qcow(4096).build()[4:],
+     "image is not in qcow format (no QFI\\xfb magic)", ImageError),
     ("version-2", Qcow(4096).build()[:4] + struct.pack(">I", 2) + Qcow(4096).build()[8:],
      "qcow version 2 is not supported (only 1): this is a qcow2 image", UnsupportedImageError),
     ("version-7", Qcow(4096).build()[:4] + struct.pack(">I", 7) + Qcow(4096).build()[8:],
@@ -189,7 +189,8 @@ ERRORS: list[tuple[str, bytes, str, type[ImageError]]] = [
      ImageError),
     ("data-past-end", with_entry(Qcow(4096), 0, 1 << 40),
      "qcow data cluster at 0x10000000000 lies past the end of the file", ImageError),
-    ("compressed-past-end", with_entry(Qcow(4096), 0, layout.OFLAG_COMPRESSED | 100 << 51 | 1 << 40),
+    ("compressed-past-end",
+     with_entry(Qcow(4096), 0, layout.OFLAG_COMPRESSED | 100 << 51 | 1 << 40),
      "qcow compressed cluster at 0x10000000000 lies past the end of the file", ImageError),
     ("compressed-garbage", with_entry(Qcow(4096), 0, layout.OFLAG_COMPRESSED | 100 << 51 | 0),
      "qcow compressed cluster at 0x0 fails to inflate", ImageError),
