@@ -133,7 +133,7 @@ def data_of(size: int, seed: int = 1) -> bytes:
 
 
 def test_the_formats_the_guest_decodes() -> None:
-    assert frozenset({"raw", "qcow2", "vmdk", "vpc", "vhdx"}) == GUEST_FORMATS
+    assert frozenset({"raw", "qcow2", "vmdk", "vpc", "vhdx", "qcow", "qed"}) == GUEST_FORMATS
     assert set(registry.input_formats()) >= GUEST_FORMATS
 
 

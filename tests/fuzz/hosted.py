@@ -24,6 +24,7 @@ from aiodd.formats.foreign import PROBE_SIZE
 from aiodd.formats.registry import detect
 
 FMT_NONE, FMT_RAW, FMT_QCOW2, FMT_VMDK, FMT_VPC, FMT_VHDX = 0, 1, 2, 3, 4, 5
+FMT_QCOW, FMT_QED = 7, 8
 REF_BACKING, REF_DATA_FILE, REF_EXTENT, REF_PARENT = 1, 2, 3, 4
 E_IMAGE, E_UNSUPPORTED, E_REFUSED = 6, 7, 8
 GUEST_FORMATS = {
@@ -32,6 +33,8 @@ GUEST_FORMATS = {
     "vmdk": FMT_VMDK,
     "vpc": FMT_VPC,
     "vhdx": FMT_VHDX,
+    "qcow": FMT_QCOW,
+    "qed": FMT_QED,
 }
 # The plain files a layer names, and the Reference kind the Python decoders give them.
 PLAIN_REFS: dict[int, ReferenceKind] = {REF_DATA_FILE: "data_file", REF_EXTENT: "extent"}

@@ -473,7 +473,7 @@ static const char *keep_name(const unsigned char *bytes, uint64_t got, struct na
 
 /* The formats a backing file may be declared as (aiodd.formats.INPUT_FORMATS). */
 static int input_format(const char *name, size_t length) {
-    static const char *const formats[] = {"qcow2", "raw", "vhdx", "vmdk", "vpc"};
+    static const char *const formats[] = {"qcow", "qcow2", "qed", "raw", "vhdx", "vmdk", "vpc"};
     for (size_t i = 0; i < sizeof formats / sizeof formats[0]; i++) {
         size_t n = 0;
         while (formats[i][n] != '\0') {
@@ -634,7 +634,7 @@ static void zstd_free(void *opaque, void *address) {
 /* The codecs for a command, made once: the cluster buffer and zlib's pool first, zstd
  * last, so that zstd's window (the one block that is freed and made again, when a frame
  * needs another size) stays on top of the heap and is given back. */
-static uint32_t prepare_codecs(struct reader *r) {
+uint32_t prepare_codecs(struct reader *r) {
     if (r->cluster != NULL) {
         return AIODD_OK;
     }
@@ -671,16 +671,14 @@ static uint32_t prepare_codecs(struct reader *r) {
     return AIODD_OK;
 }
 
-enum inflated { INFLATED, CORRUPT, NO_MEMORY };
-
 /* zlib.decompressobj(-12).decompress(data, limit), as CPython runs it: inflate with
  * Z_SYNC_FLUSH while the output fills, stopping at the limit, an error raised from any
  * call.  The output is `out` and then, when `extra` is given, one more byte there (a
  * whole cluster inflates straight into the command's output; the extra byte only tells
  * "more than one cluster"). */
-static enum inflated zlib_cluster(struct zlib_state *z, const unsigned char *data, uint64_t got,
-                                  unsigned char *out, uint64_t out_size, unsigned char *extra,
-                                  uint64_t *produced) {
+enum inflated zlib_cluster(struct zlib_state *z, const unsigned char *data, uint64_t got,
+                           unsigned char *out, uint64_t out_size, unsigned char *extra,
+                           uint64_t *produced) {
     z_stream *s = &z->stream;
     if (inflateReset(s) != Z_OK) {
         return CORRUPT;

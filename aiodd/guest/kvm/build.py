@@ -25,6 +25,8 @@ DECODERS = (
     FORMATS / "vmdk" / "guest.c",
     FORMATS / "vpc" / "guest.c",
     FORMATS / "vhdx" / "guest.c",
+    FORMATS / "qcow" / "guest.c",
+    FORMATS / "qed" / "guest.c",
 )
 GUEST_SOURCES = (
     SRC / "main.c",

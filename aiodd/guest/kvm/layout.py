@@ -94,6 +94,8 @@ FMT_QCOW2: Final = 2
 FMT_VMDK: Final = 3
 FMT_VPC: Final = 4
 FMT_VHDX: Final = 5
+FMT_QCOW: Final = 7
+FMT_QED: Final = 8
 
 OK: Final = 0
 E_REQUEST: Final = 1

@@ -35,7 +35,9 @@ __all__ = (
     "guest_format",
 )
 
-GUEST_FORMATS: frozenset[str] = frozenset({"raw", "qcow2", "vmdk", "vpc", "vhdx"})
+GUEST_FORMATS: frozenset[str] = frozenset(
+    {"raw", "qcow2", "vmdk", "vpc", "vhdx", "qcow", "qed"}
+)
 """The formats the guest decodes; every layer of a chain must be one of them."""
 
 _CODES: Final = {
@@ -44,6 +46,8 @@ _CODES: Final = {
     "vmdk": L.FMT_VMDK,
     "vpc": L.FMT_VPC,
     "vhdx": L.FMT_VHDX,
+    "qcow": L.FMT_QCOW,
+    "qed": L.FMT_QED,
 }
 
 VHDX_LOG_HELD: Final = 8 << 20

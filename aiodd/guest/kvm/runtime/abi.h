@@ -84,6 +84,8 @@ struct aiodd_desc {
 #define AIODD_FMT_VMDK 3
 #define AIODD_FMT_VPC 4
 #define AIODD_FMT_VHDX 5
+#define AIODD_FMT_QCOW 7
+#define AIODD_FMT_QED 8
 
 /* Status codes, both directions. */
 #define AIODD_OK 0

@@ -1,7 +1,9 @@
 /* The open image and the batched reads of a command (disk.h). */
 #include "disk.h"
 
+#include "qcow/guest.h"
 #include "qcow2/guest.h"
+#include "qed/guest.h"
 #include "raw/guest.h"
 #include "vhdx/guest.h"
 #include "vmdk/guest.h"
@@ -93,7 +95,8 @@ uint32_t disk_read_in(uint32_t handle, uint64_t offset, uint64_t length, uint64_
 
 int disk_layer_format(uint32_t format) {
     return format == AIODD_FMT_RAW || format == AIODD_FMT_QCOW2 || format == AIODD_FMT_VMDK ||
-           format == AIODD_FMT_VPC || format == AIODD_FMT_VHDX;
+           format == AIODD_FMT_VPC || format == AIODD_FMT_VHDX || format == AIODD_FMT_QCOW ||
+           format == AIODD_FMT_QED;
 }
 
 uint32_t disk_open_named(uint32_t referrer, uint32_t kind, const char *name,
@@ -137,6 +140,10 @@ uint32_t disk_open_layer(uint32_t handle, uint32_t format, uint64_t file_size, u
         return vpc_open(layer, depth);
     case AIODD_FMT_VHDX:
         return vhdx_open(layer, depth);
+    case AIODD_FMT_QCOW:
+        return qcow_open(layer, depth);
+    case AIODD_FMT_QED:
+        return qed_open(layer, depth);
     default:
         return AIODD_E_REQUEST;
     }
@@ -389,6 +396,12 @@ uint32_t disk_read_layer(struct reader *r, struct layer *layer, uint64_t offset,
     }
     if (layer->format == AIODD_FMT_VHDX) {
         return vhdx_read(r, layer, offset, dest, length);
+    }
+    if (layer->format == AIODD_FMT_QCOW) {
+        return qcow_read(r, layer, offset, dest, length);
+    }
+    if (layer->format == AIODD_FMT_QED) {
+        return qed_read(r, layer, offset, dest, length);
     }
     return raw_read(r, layer, offset, dest, length);
 }

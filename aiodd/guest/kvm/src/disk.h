@@ -3,8 +3,9 @@
  *
  * An image is a chain of layers, each a file the host opened (a handle) decoded by one
  * format: raw (aiodd/formats/raw/guest.c), qcow2 (aiodd/formats/qcow2/guest.c), vmdk
- * (aiodd/formats/vmdk/guest.c), vpc (aiodd/formats/vpc/guest.c) or vhdx
- * (aiodd/formats/vhdx/guest.c).  The
+ * (aiodd/formats/vmdk/guest.c), vpc (aiodd/formats/vpc/guest.c), vhdx
+ * (aiodd/formats/vhdx/guest.c), qcow (aiodd/formats/qcow/guest.c) or qed
+ * (aiodd/formats/qed/guest.c).  The
  * layers, their L1 tables and a cache of their tables live below the heap mark taken
  * after CMD_OPEN; a command's scratch above it.
  *
@@ -26,19 +27,23 @@
 #define DISK_MAX_DEPTH 256u
 
 struct qcow2;
+struct qcow;
+struct qed;
 struct vmdk;
 struct vpc;
 struct vhdx;
 
 struct layer {
     uint32_t handle;
-    uint32_t format;  /* AIODD_FMT_RAW, _QCOW2, _VMDK, _VPC or _VHDX */
+    uint32_t format;  /* AIODD_FMT_RAW, _QCOW2, _VMDK, _VPC, _VHDX, _QCOW or _QED */
     uint64_t file_size;
     uint64_t virtual_size;
     struct qcow2 *qcow2;
     struct vmdk *vmdk;
     struct vpc *vpc;
     struct vhdx *vhdx;
+    struct qcow *qcow;
+    struct qed *qed;
 };
 
 struct reader;
