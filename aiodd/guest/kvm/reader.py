@@ -35,9 +35,7 @@ __all__ = (
     "guest_format",
 )
 
-GUEST_FORMATS: frozenset[str] = frozenset(
-    {"raw", "qcow2", "vmdk", "vpc", "vhdx", "qcow", "qed"}
-)
+GUEST_FORMATS: frozenset[str] = frozenset({"raw", "qcow2", "vmdk", "vpc", "vhdx", "qcow", "qed"})
 """The formats the guest decodes; every layer of a chain must be one of them."""
 
 _CODES: Final = {
