@@ -36,6 +36,10 @@ IMAGE_KINDS = (
         "vmdk-stream", "vmdk", "vmdk streamOptimized", ("-o", "subformat=streamOptimized"), True
     ),
     ImageKind("vhdx", "vhdx", "vhdx (dynamic)", (), False),
+    # Read-only formats (aiodd does not write them); qcow uncompressed: qemu-img 7.2's
+    # convert -c -O qcow ends with an error after writing the image.
+    ImageKind("qcow", "qcow", "qcow (version 1)", (), False),
+    ImageKind("qed", "qed", "qed", (), False),
 )
 
 
