@@ -781,55 +781,27 @@ struct walk {
     const struct qcow2 *q;
     uint64_t base;  /* the guest offset of dest[0] */
     unsigned char *dest;
-    int pending;    /* a run of backing clusters waits: [pending_pos, + pending_length) */
-    uint64_t pending_pos;
-    uint64_t pending_length;
-    int stale;      /* a backing read ran: the L2 table must be looked up again */
+    struct parent_run run;  /* backing clusters waiting; stale: look the L2 table up again */
 };
 
 /* An error of the tables: the clusters decompressed before it in Python's order come
  * first, and may fail first. */
 static uint32_t fail(struct walk *w, const char *format, ...) __attribute__((format(printf, 2, 3)));
 static uint32_t fail(struct walk *w, const char *format, ...) {
-    uint32_t status = reader_settle(w->r);
-    if (status != AIODD_OK) {
-        return status;
-    }
     va_list args;
     va_start(args, format);
-    host_verror(AIODD_E_IMAGE, w->q->layer->handle, format, args);
+    uint32_t status = reader_vfail(w->r, w->q->layer->handle, format, args);
     va_end(args);
-    return AIODD_E_IMAGE;
+    return status;
 }
 
 /* _Reader.flush of a backing run: read_parent. */
 static uint32_t run_backing(struct walk *w) {
-    if (!w->pending) {
-        return AIODD_OK;
-    }
-    w->pending = 0;
-    unsigned char *dest = w->dest + w->pending_pos;
-    if (w->q->backing == NULL) {
-        memset(dest, 0, (size_t)w->pending_length);  /* cannot fail: no order to keep */
-        return AIODD_OK;
-    }
-    uint32_t status = reader_settle(w->r);
-    if (status != AIODD_OK) {
-        return status;
-    }
-    w->stale = 1;
-    return disk_read_parent(w->r, w->q->backing, w->base + w->pending_pos, dest,
-                            w->pending_length);
+    return parent_run_flush(&w->run, w->r, w->q->backing, w->base, w->dest);
 }
 
 static uint32_t add_backing(struct walk *w, uint64_t pos, uint64_t n) {
-    if (w->pending) {
-        w->pending_length += n;
-    } else {
-        w->pending = 1;
-        w->pending_pos = pos;
-        w->pending_length = n;
-    }
+    parent_run_add(&w->run, pos, n);
     return AIODD_OK;
 }
 
@@ -1086,8 +1058,8 @@ static uint32_t walk(struct walk *w, uint64_t stop) {
             if (status != AIODD_OK) {
                 return status;
             }
-            if (w->stale) {
-                w->stale = 0;
+            if (w->run.stale) {
+                w->run.stale = 0;
                 if ((status = l2_table(w, l2_offset, l1_index, &table)) != AIODD_OK) {
                     return status;
                 }
@@ -1109,6 +1081,6 @@ uint32_t qcow2_read(struct reader *r, struct layer *layer, uint64_t offset, unsi
     if (stop == 0) {
         return AIODD_OK;
     }
-    struct walk w = {r, layer->qcow2, offset, dest, 0, 0, 0, 0};
+    struct walk w = {r, layer->qcow2, offset, dest, {0, 0, 0, 0}};
     return walk(&w, stop);
 }

@@ -222,29 +222,22 @@ struct walk {
     const struct qed *q;
     uint64_t base;  /* the guest offset of dest[0] */
     unsigned char *dest;
-    int pending;    /* a run of backing clusters waits: [pending_pos, + pending_length) */
-    uint64_t pending_pos;
-    uint64_t pending_length;
+    struct parent_run run;  /* backing clusters waiting */
 };
 
-/* Runs.flush of a parent run: read_parent. */
-static uint32_t run_backing(struct walk *w) {
-    if (!w->pending) {
-        return AIODD_OK;
-    }
-    w->pending = 0;
-    return disk_read_parent(w->r, w->q->backing, w->base + w->pending_pos,
-                            w->dest + w->pending_pos, w->pending_length);
+/* An error of the tables: a parent's compressed clusters queued before it, which Python
+ * has inflated by then, first. */
+static uint32_t fail(struct walk *w, const char *format, ...) __attribute__((format(printf, 2, 3)));
+static uint32_t fail(struct walk *w, const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    uint32_t status = reader_vfail(w->r, w->q->layer->handle, format, args);
+    va_end(args);
+    return status;
 }
 
-static void add_backing(struct walk *w, uint64_t pos, uint64_t n) {
-    if (w->pending) {
-        w->pending_length += n;
-    } else {
-        w->pending = 1;
-        w->pending_pos = pos;
-        w->pending_length = n;
-    }
+static uint32_t run_backing(struct walk *w) {
+    return parent_run_flush(&w->run, w->r, w->q->backing, w->base, w->dest);
 }
 
 /* One entry of a table at `offset` holding `entries` (QedDisk._l2_piece and the L1),
@@ -285,13 +278,13 @@ static uint32_t walk(struct walk *w, uint64_t stop) {
             return status;
         }
         if (l2_offset == 0) {
-            add_backing(w, pos, span_end - pos);
+            parent_run_add(&w->run, pos, span_end - pos);
             pos = span_end;
             continue;
         }
         if (!table_offset_valid(q, l2_offset)) {
-            return image_error(handle, "qed L2 table offset %#lx is invalid (L1 index %lu)",
-                               (unsigned long)l2_offset, (unsigned long)l1_index);
+            return fail(w, "qed L2 table offset %#lx is invalid (L1 index %lu)",
+                        (unsigned long)l2_offset, (unsigned long)l1_index);
         }
         uint64_t index = (guest >> q->cluster_bits) & l2_mask;
         while (pos < span_end) {
@@ -302,7 +295,7 @@ static uint32_t walk(struct walk *w, uint64_t stop) {
             const uint64_t in_cluster = (w->base + pos) & cluster_mask;
             const uint64_t n = min_u64(cluster_mask + 1 - in_cluster, span_end - pos);
             if (entry == 0) {
-                add_backing(w, pos, n);
+                parent_run_add(&w->run, pos, n);
             } else if (entry == ZERO_CLUSTER) {
                 if ((status = run_backing(w)) != AIODD_OK) {
                     return status;
@@ -315,11 +308,10 @@ static uint32_t walk(struct walk *w, uint64_t stop) {
                     return status;
                 }
             } else {
-                return image_error(handle,
-                                   "qed data cluster offset %#lx is invalid"
-                                   " (L2 table at %#lx, index %lu)",
-                                   (unsigned long)entry, (unsigned long)l2_offset,
-                                   (unsigned long)index);
+                return fail(w,
+                            "qed data cluster offset %#lx is invalid"
+                            " (L2 table at %#lx, index %lu)",
+                            (unsigned long)entry, (unsigned long)l2_offset, (unsigned long)index);
             }
             pos += n;
             index++;
@@ -338,6 +330,6 @@ uint32_t qed_read(struct reader *r, struct layer *layer, uint64_t offset, unsign
     if (stop == 0) {
         return AIODD_OK;
     }
-    struct walk w = {r, layer->qed, offset, dest, 0, 0, 0};
+    struct walk w = {r, layer->qed, offset, dest, {0, 0, 0, 0}};
     return walk(&w, stop);
 }

@@ -424,6 +424,33 @@ uint32_t disk_read_parent(struct reader *r, struct layer *parent, uint64_t offse
     return AIODD_OK;
 }
 
+uint32_t parent_run_flush(struct parent_run *run, struct reader *r, struct layer *parent,
+                          uint64_t base, unsigned char *dest) {
+    if (!run->pending) {
+        return AIODD_OK;
+    }
+    run->pending = 0;
+    if (parent == NULL) {
+        memset(dest + run->pos, 0, (size_t)run->length);  /* cannot fail: no order to keep */
+        return AIODD_OK;
+    }
+    uint32_t status = reader_settle(r);
+    if (status != AIODD_OK) {
+        return status;
+    }
+    run->stale = 1;
+    return disk_read_parent(r, parent, base + run->pos, dest + run->pos, run->length);
+}
+
+uint32_t reader_vfail(struct reader *r, uint32_t handle, const char *format, va_list args) {
+    uint32_t status = reader_settle(r);
+    if (status != AIODD_OK) {
+        return status;
+    }
+    host_verror(AIODD_E_IMAGE, handle, format, args);
+    return AIODD_E_IMAGE;
+}
+
 uint32_t disk_read(uint64_t offset, unsigned char *dest, uint64_t length) {
     if (!disk.open) {
         return AIODD_E_REQUEST;

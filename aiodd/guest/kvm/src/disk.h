@@ -147,6 +147,34 @@ uint32_t reader_flush(struct reader *r);
  * that can fail after them in the decoder's order. */
 uint32_t reader_settle(struct reader *r);
 
+/* A run of pieces a table-mapped layer reads from its parent (common.Runs' parent
+ * runs): kept until a piece of another kind follows, or the read ends, where Python
+ * reads it. */
+struct parent_run {
+    int pending;
+    uint64_t pos;  /* in the command's dest */
+    uint64_t length;
+    int stale;     /* the parent was read: a table pointer taken before may have moved */
+};
+
+static inline void parent_run_add(struct parent_run *run, uint64_t pos, uint64_t n) {
+    if (run->pending) {
+        run->length += n;
+    } else {
+        *run = (struct parent_run){1, pos, n, run->stale};
+    }
+}
+
+/* Read the pending run from `parent` (zeros without one) into dest + pos, at the virtual
+ * offset base + pos; the jobs queued before it run first, as Python has run them by
+ * then. */
+uint32_t parent_run_flush(struct parent_run *run, struct reader *r, struct layer *parent,
+                          uint64_t base, unsigned char *dest);
+
+/* An image error of layer `handle` found while reading: the jobs queued before it in
+ * Python's order run first, and may fail first. */
+uint32_t reader_vfail(struct reader *r, uint32_t handle, const char *format, va_list args);
+
 /* A table through the cache: `length` bytes of big-endian 64-bit entries of file
  * `handle` at `offset` (zeros where the file ends), as host-order entries, cached under
  * (layer, key).  The pointer holds until the next disk_read_parent. */
