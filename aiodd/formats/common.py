@@ -132,6 +132,51 @@ def read_by_bitmap(
             read_parent(parent, voffset + lo, view[lo:hi])
 
 
+class MappedDisk:
+    """What the disks of qcow and qed share: the file, a backing disk (or none), reads
+    clamped to the virtual size (zeros past it) and handed to ``_read``, errors naming
+    the file.  A subclass sets ``format_name`` and implements ``_read``."""
+
+    format_name = ""
+
+    def __init__(
+        self, file: RandomAccessFile, backing: VirtualDisk | None, virtual_size: int
+    ) -> None:
+        self._file = file
+        self._backing = backing
+        self._virtual_size = virtual_size
+
+    @property
+    def virtual_size(self) -> int:
+        return self._virtual_size
+
+    @property
+    def backing(self) -> VirtualDisk | None:
+        return self._backing
+
+    def close(self) -> None:
+        if self._backing is not None:
+            self._backing.close()
+        self._file.close()
+
+    def _error(self, message: str) -> ImageError:
+        return ImageError(self._file.name, message, self.format_name)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        total = len(buf)
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
+        stop = min(total, max(0, self._virtual_size - offset))
+        if stop < total:
+            zero_fill(buf[stop:total])
+        if stop:
+            self._read(offset, buf, stop)
+
+    def _read(self, base: int, buf: memoryview, stop: int) -> None:
+        """Fill ``buf[:stop]`` with the virtual bytes from ``base`` (inside the disk)."""
+        raise NotImplementedError
+
+
 class Runs:
     """One read of a table-mapped disk, as coalesced runs: clusters that follow each other
     in the file become one ``readinto``, neighbouring zero or parent pieces one fill or

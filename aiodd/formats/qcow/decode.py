@@ -13,9 +13,8 @@ import threading
 from array import array
 from collections import OrderedDict
 
-from aiodd.errors import ImageError
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
-from aiodd.formats.common import SECTOR, Runs, zero_fill
+from aiodd.formats.common import SECTOR, MappedDisk, Runs
 from aiodd.formats.qcow import layout
 from aiodd.formats.qcow.layout import OFLAG_COMPRESSED, Header
 from aiodd.formats.qcow2.layout import be64_table
@@ -25,40 +24,22 @@ probe = layout.probe
 L2_CACHE_BYTES = 8 * 1024 * 1024
 
 
-class QcowDisk:
+class QcowDisk(MappedDisk):
     format_name = NAME
 
     def __init__(
         self, file: RandomAccessFile, header: Header, l1: array[int], backing: VirtualDisk | None
     ) -> None:
-        self._file = file
+        super().__init__(file, backing, header.virtual_size)
         self._header = header
         self._l1 = l1
-        self._backing = backing
-        self._virtual_size = header.virtual_size
         self._cache: OrderedDict[int, array[int]] = OrderedDict()
         self._cache_max = max(1, L2_CACHE_BYTES >> (header.l2_bits + 3))
         self._lock = threading.Lock()
 
     @property
-    def virtual_size(self) -> int:
-        return self._virtual_size
-
-    @property
     def header(self) -> Header:
         return self._header
-
-    @property
-    def backing(self) -> VirtualDisk | None:
-        return self._backing
-
-    def close(self) -> None:
-        if self._backing is not None:
-            self._backing.close()
-        self._file.close()
-
-    def _error(self, message: str) -> ImageError:
-        return ImageError(self._file.name, message, NAME)
 
     def _l2_table(self, l2_offset: int) -> array[int]:
         with self._lock:
@@ -76,16 +57,6 @@ class QcowDisk:
             while len(self._cache) > self._cache_max:
                 self._cache.popitem(last=False)
         return table
-
-    def read_into(self, offset: int, buf: memoryview) -> None:
-        total = len(buf)
-        if offset < 0:
-            raise ValueError(f"negative offset {offset}")
-        stop = min(total, max(0, self._virtual_size - offset))
-        if stop < total:
-            zero_fill(buf[stop:total])
-        if stop:
-            self._read(offset, buf, stop)
 
     def _read(self, base: int, buf: memoryview, stop: int) -> None:
         header = self._header

@@ -15,9 +15,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from aiodd.errors import ImageError
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
-from aiodd.formats.common import Runs, zero_fill
+from aiodd.formats.common import MappedDisk, Runs
 from aiodd.formats.qed import layout
 from aiodd.formats.qed.layout import UNALLOCATED, ZERO_CLUSTER, Header
 
@@ -27,38 +26,21 @@ PIECE_ENTRIES = 8192  # an L2 table is read 64 KiB at a time
 CACHE_PIECES = 256
 
 
-class QedDisk:
+class QedDisk(MappedDisk):
     format_name = NAME
 
     def __init__(
         self, file: RandomAccessFile, header: Header, l1: list[int], backing: VirtualDisk | None
     ) -> None:
-        self._file = file
+        super().__init__(file, backing, header.image_size)
         self._header = header
         self._l1 = l1
-        self._backing = backing
         self._cache: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
-    def virtual_size(self) -> int:
-        return self._header.image_size
-
-    @property
     def header(self) -> Header:
         return self._header
-
-    @property
-    def backing(self) -> VirtualDisk | None:
-        return self._backing
-
-    def close(self) -> None:
-        if self._backing is not None:
-            self._backing.close()
-        self._file.close()
-
-    def _error(self, message: str) -> ImageError:
-        return ImageError(self._file.name, message, NAME)
 
     def _l2_piece(self, l2_offset: int, piece: int) -> list[int]:
         key = (l2_offset, piece)
@@ -77,16 +59,6 @@ class QedDisk:
             while len(self._cache) > CACHE_PIECES:
                 self._cache.popitem(last=False)
         return table
-
-    def read_into(self, offset: int, buf: memoryview) -> None:
-        total = len(buf)
-        if offset < 0:
-            raise ValueError(f"negative offset {offset}")
-        stop = min(total, max(0, self._header.image_size - offset))
-        if stop < total:
-            zero_fill(buf[stop:total])
-        if stop:
-            self._read(offset, buf, stop)
 
     def _read(self, base: int, buf: memoryview, stop: int) -> None:
         header = self._header
