@@ -147,3 +147,23 @@ def test_mutated_images(
     if cut % 4 == 0:
         mutated = mutated[: cut % (len(mutated) + 1)]
     compare(hosted, mutated, fmt="qed", name=NAME)
+
+
+def test_a_parents_error_comes_before_a_later_table_error(hosted: Hosted) -> None:
+    """Python inflates the parent's compressed cluster when it reads the parent run, so
+    its failure comes before the next span's bad L2 table; the guest queues the inflating
+    and must run it before it reports the table."""
+    from aiodd.formats.qcow import layout as qcow_layout
+    from tests.qcow_images import Qcow, Qed
+
+    span = 1024 * 4096  # cluster 4 KiB, tables of 2 clusters
+    garbage = qcow_layout.OFLAG_COMPRESSED | 100 << 51  # at offset 0: the header's bytes
+    base = Qcow(2 * span, 12, 9, entries={1022: garbage}).build()
+    top = Qed(2 * span, data={1023: b"\x5a" * 4096}, backing=b"base.qcow")
+    top.l1_entries[1] = 7 * 4096
+    got = compare(hosted, top.build(), {"base.qcow": base}, fmt="qed", name=NAME,
+                  reads=lambda size: [(span - 8192, 16384)])  # fmt: skip
+    assert got.reads[0] == (
+        "ImageError",
+        "base.qcow: qcow compressed cluster at 0x0 fails to inflate",
+    )
