@@ -3,12 +3,31 @@ corpus: every field can be set, so that each of qemu's checks can be met or miss
 
 from __future__ import annotations
 
+import random
 import struct
 import zlib
 from dataclasses import dataclass, field
 
+from aiodd.formats.base import Decoder
 from aiodd.formats.qcow import layout as qcow
 from aiodd.formats.qed import layout as qed
+
+
+def cluster(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def read_whole(decoder: Decoder, data: bytes, name: str, files: dict[str, bytes] | None) -> bytes:
+    """The whole virtual disk of ``data`` (named ``name``), decoded in memory."""
+    from tests.test_decode_qcow2 import MemFile, MemResolver
+
+    disk = decoder.open_disk(MemFile(data, name), MemResolver(files))
+    try:
+        buf = bytearray(disk.virtual_size)
+        disk.read_into(0, memoryview(buf))
+        return bytes(buf)
+    finally:
+        disk.close()
 
 
 def deflate(data: bytes) -> bytes:

@@ -17,24 +17,14 @@ from aiodd.formats.qcow import decode as decoder
 from aiodd.formats.qcow import layout
 from aiodd.formats.registry import detect
 from tests.conftest import needs_qemu, qemu_img, qemu_raw_bytes
-from tests.qcow_images import Qcow, deflate
+from tests.qcow_images import Qcow, cluster, deflate, read_whole
 from tests.test_decode_qcow2 import MemFile, MemResolver
 
 NAME = "t.qcow"
 
 
-def cluster(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
 def read_all(data: bytes, files: dict[str, bytes] | None = None) -> bytes:
-    disk = decoder.open_disk(MemFile(data, NAME), MemResolver(files))
-    try:
-        buf = bytearray(disk.virtual_size)
-        disk.read_into(0, memoryview(buf))
-        return bytes(buf)
-    finally:
-        disk.close()
+    return read_whole(decoder, data, NAME, files)
 
 
 def expected(image: Qcow, backing: bytes = b"") -> bytes:

@@ -17,24 +17,14 @@ from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.qed import decode as decoder
 from aiodd.formats.qed import layout
 from tests.conftest import needs_qemu, qemu_img, qemu_raw_bytes
-from tests.qcow_images import Qed
+from tests.qcow_images import Qed, cluster, read_whole
 from tests.test_decode_qcow2 import MemFile, MemResolver
 
 NAME = "t.qed"
 
 
-def cluster(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
 def read_all(data: bytes, files: dict[str, bytes] | None = None) -> bytes:
-    disk = decoder.open_disk(MemFile(data, NAME), MemResolver(files))
-    try:
-        buf = bytearray(disk.virtual_size)
-        disk.read_into(0, memoryview(buf))
-        return bytes(buf)
-    finally:
-        disk.close()
+    return read_whole(decoder, data, NAME, files)
 
 
 def expected(image: Qed, backing: bytes = b"") -> bytes:
