@@ -45,6 +45,10 @@ IMAGE_KINDS = (
     ImageKind("vhdx", "vhdx", "vhdx (dynamic)", (), False),
     ImageKind("vdi", "vdi", "vdi (dynamic)", (), False),
     ImageKind("parallels", "parallels", "parallels (1 MiB clusters)", (), False),
+    # Read-only formats (aiodd does not write them); qcow uncompressed: qemu-img 7.2's
+    # convert -c -O qcow ends with an error after writing the image.
+    ImageKind("qcow", "qcow", "qcow (version 1)", (), False),
+    ImageKind("qed", "qed", "qed", (), False),
 )
 
 

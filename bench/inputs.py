@@ -1,5 +1,6 @@
-"""Input formats → raw.  qcow2, compressed qcow2, vmdk streamOptimized, vhdx, vdi and
-parallels, all made by qemu-img from the same compressible raw file, copied back to raw."""
+"""Input formats → raw.  qcow2, compressed qcow2, vmdk streamOptimized, vhdx, vdi,
+parallels, qcow (version 1) and qed, all made by qemu-img from the same compressible raw
+file, copied back to raw."""
 
 from __future__ import annotations
 

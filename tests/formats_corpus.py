@@ -302,6 +302,86 @@ def chain_backing_fmt_raw(d: Path) -> Built:
     return top, None
 
 
+def qcow_4k(d: Path) -> Built:
+    """qcow as qemu-img creates it without a backing file: 4 KiB clusters, 4 KiB L2s."""
+    path = create(d / "img.qcow", "qcow", 5 * MiB)
+    io(path, "qcow", scatter(5 * MiB))
+    return path, None
+
+
+def qcow_compressed(d: Path) -> Built:
+    """Every cluster compressed by ``qemu-img convert -c -O qcow``.  qemu 7.2 ends the
+    copy with an empty compressed write, which qcow refuses: the command fails after the
+    image is complete, so its status is not looked at, its image is."""
+    source = d / "source.raw"
+    source.write_bytes(pattern(3 * MiB + 7 * 512, 6))
+    path = d / "img.qcow"
+    subprocess.run(
+        ["qemu-img", "convert", "-c", "-O", "qcow", source.name, path.name],
+        capture_output=True, cwd=d,
+    )  # fmt: skip
+    source.unlink()
+    assert virtual_size(path, "qcow") == 3 * MiB + 7 * 512
+    return path, None
+
+
+def chain_qcow_raw(d: Path) -> Built:
+    """qcow over a shorter raw file: with a backing file qemu-img makes 512-byte
+    clusters and 32 KiB L2 tables."""
+    base = d / "base.raw"
+    base.write_bytes(pattern(1_500_001, 7))
+    top = create(d / "top.qcow", "qcow", 3 * MiB, "backing_file=base.raw", "backing_fmt=raw")
+    io(top, "qcow", ["write -P 0x71 1000 5000", "write -z 600k 20k", "write -P 0x72 2M 300k"])
+    return top, None
+
+
+def _qed(d: Path, *opts: str) -> Path:
+    path = create(d / "img.qed", "qed", 5 * MiB, *opts)
+    io(path, "qed", scatter(5 * MiB))
+    return path
+
+
+def qed_64k(d: Path) -> Built:
+    return _qed(d), None
+
+
+def qed_4k_t16(d: Path) -> Built:
+    return _qed(d, "cluster_size=4k", "table_size=16"), None
+
+
+def qed_1m_t2(d: Path) -> Built:
+    return _qed(d, "cluster_size=1M", "table_size=2"), None
+
+
+def chain_qed_raw(d: Path) -> Built:
+    """qed over raw: backing_fmt=raw sets the no-probe feature, so the base is raw."""
+    base = d / "base.raw"
+    base.write_bytes(pattern(2_000_000, 8))
+    top = create(d / "top.qed", "qed", 3 * MiB, "backing_file=base.raw", "backing_fmt=raw")
+    io(top, "qed", ["write -P 0x81 70k 100k", "write -z 1M 64k", "write -P 0x82 2500k 4k"])
+    return top, None
+
+
+def chain_qed_qcow2(d: Path) -> Built:
+    """qed over qcow2: qed records no other backing format, so both tools probe."""
+    base = create(d / "base.qcow2", "qcow2", 4 * MiB)
+    io(base, "qcow2", ["write -P 0x91 0 3M", "write -c -P 0x92 3M 128k"])
+    top = create(d / "top.qed", "qed", 4 * MiB, "backing_file=base.qcow2", "backing_fmt=qcow2")
+    io(top, "qed", ["write -P 0x93 1000k 100k", "write -z 2M 64k"])
+    return top, None
+
+
+def chain_qcow2_qed_qcow(d: Path) -> Built:
+    """qcow2 over qed over qcow: three formats, two of them read-only to aiodd."""
+    base = create(d / "base.qcow", "qcow", 2 * MiB)
+    io(base, "qcow", ["write -P 0xa1 0 2M"])
+    mid = create(d / "mid.qed", "qed", 3 * MiB, "backing_file=base.qcow", "backing_fmt=qcow")
+    io(mid, "qed", ["write -P 0xa2 100k 200k", "write -z 1M 128k"])
+    top = create(d / "top.qcow2", "qcow2", 4 * MiB, "backing_file=mid.qed", "backing_fmt=qed")
+    io(top, "qcow2", ["write -P 0xa3 1000 5000", "write -P 0xa4 2500k 100k"])
+    return top, None
+
+
 def _vmdk(d: Path, subformat: str, size: int, *opts: str) -> Path:
     path = create(d / "img.vmdk", "vmdk", size, f"subformat={subformat}", *opts)
     return path
@@ -572,6 +652,15 @@ BUILDERS: dict[str, Callable[[Path], Built]] = {
     "chain-vmdk-over-raw": chain_vmdk_over_raw,
     "chain-probed": chain_probed,
     "chain-backing-fmt-raw": chain_backing_fmt_raw,
+    "qcow-4k": qcow_4k,
+    "qcow-compressed": qcow_compressed,
+    "chain-qcow-raw": chain_qcow_raw,
+    "qed-64k": qed_64k,
+    "qed-4k-t16": qed_4k_t16,
+    "qed-1M-t2": qed_1m_t2,
+    "chain-qed-raw": chain_qed_raw,
+    "chain-qed-qcow2": chain_qed_qcow2,
+    "chain-qcow2-qed-qcow": chain_qcow2_qed_qcow,
     "vmdk-sparse": vmdk_sparse,
     "vmdk-zeroed": vmdk_zeroed,
     "vmdk-stream": vmdk_stream,

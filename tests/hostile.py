@@ -1042,6 +1042,84 @@ def build_vmdk_extents_more_than_open_files(tree: Tree) -> Built:
     return Built(vmdk_descriptor(tree, text), (quoted("y"),))
 
 
+# -- qcow (version 1) and QED backing files
+
+
+def qcow(path: Path, size: str = "1M", writes: tuple[str, ...] = (), *, backing: str = "") -> Path:
+    """``qemu-img create -f qcow`` (a backing file recorded as given, never opened)."""
+    args: list[str | Path] = ["create", "-q", "-f", "qcow"]
+    if backing:
+        args += ["-u", "-b", backing, "-F", "raw"]
+    qemu_img(*args, path, size)
+    if writes:
+        qemu_io(path, list(writes), "qcow")
+    return path
+
+
+def qed(
+    path: Path, size: str = "1M", writes: tuple[str, ...] = (), *, backing: str = "",
+    backing_fmt: str = "raw", opts: str = "cluster_size=4096",
+) -> Path:  # fmt: skip
+    """``qemu-img create -f qed``; ``backing_fmt=raw`` sets the no-probe feature."""
+    args: list[str | Path] = ["create", "-q", "-f", "qed", "-o", opts]
+    if backing:
+        args += ["-u", "-b", backing, "-F", backing_fmt]
+    qemu_img(*args, path, size)
+    if writes:
+        qemu_io(path, list(writes), "qed")
+    return path
+
+
+@case(qemu="leaks")
+def build_qcow_backing_absolute(tree: Tree) -> Built:
+    image = qcow(tree.img / "top.qcow", backing=str(tree.secret))
+    return Built(image, outside_rule(str(tree.secret)))
+
+
+@case(qemu="leaks")
+def build_qcow_backing_symlink(tree: Tree) -> Built:
+    (tree.img / "base.raw").symlink_to(tree.secret)
+    return Built(qcow(tree.img / "top.qcow", backing="base.raw"), link_rule("base.raw"))
+
+
+@case(qemu="safe")
+def build_qcow_backing_dev_zero(tree: Tree) -> Built:
+    return Built(qcow(tree.img / "top.qcow", backing="/dev/zero"), outside_rule("/dev/zero"))
+
+
+@case(qemu="hangs")
+def build_qcow_backing_loop(tree: Tree) -> Built:
+    qcow(tree.img / "a.qcow", backing="b.qcow")
+    qcow(tree.img / "b.qcow", backing="a.qcow")
+    return Built(tree.img / "a.qcow", (quoted("a.qcow"), "loops", NO_OPTION))
+
+
+@case(qemu="leaks")
+def build_qed_backing_relative_traversal(tree: Tree) -> Built:
+    ref = f"../{SECRET_NAME}"
+    return Built(qed(tree.img / "top.qed", backing=ref), outside_rule(ref))
+
+
+@case(qemu="leaks")
+def build_qed_backing_symlink(tree: Tree) -> Built:
+    (tree.img / "base.raw").symlink_to(tree.secret)
+    return Built(qed(tree.img / "top.qed", backing="base.raw"), link_rule("base.raw"))
+
+
+@case(qemu="safe")
+def build_qed_backing_proc(tree: Tree) -> Built:
+    ref = "/proc/self/environ"
+    return Built(qed(tree.img / "top.qed", backing=ref), (quoted(ref), "/proc", NO_OPTION))
+
+
+@case(qemu="hangs")
+def build_qed_backing_loop_through_qcow2(tree: Tree) -> Built:
+    """qed -> qcow2 -> qed: a loop across formats (the qed's backing is probed)."""
+    qed(tree.img / "a.qed", backing="b.qcow2", backing_fmt="qcow2")
+    qcow2(tree.img / "b.qcow2", "1M", backing="a.qed", backing_fmt="qed")
+    return Built(tree.img / "a.qed", (quoted("a.qed"), "loops", NO_OPTION))
+
+
 REFERENCE_CASES = list(CASES)
 """The cases whose hostility is a reference to a host file (qemu-img dd is compared)."""
 
@@ -1669,6 +1747,193 @@ def build_vhdx_no_valid_header(tree: Tree) -> Built:
     return Built(img.path, ("vhdx", "header"))
 
 
+# -- corrupt qcow (version 1) and QED
+
+QCOW = {
+    "magic": (0, ">4s"),
+    "version": (4, ">I"),
+    "backing_file_offset": (8, ">Q"),
+    "backing_file_size": (16, ">I"),
+    "size": (24, ">Q"),
+    "cluster_bits": (32, ">B"),
+    "l2_bits": (33, ">B"),
+    "crypt_method": (36, ">I"),
+    "l1_table_offset": (40, ">Q"),
+}
+QED = {
+    "magic": (0, "<4s"),
+    "cluster_size": (4, "<I"),
+    "table_size": (8, "<I"),
+    "header_size": (12, "<I"),
+    "features": (16, "<Q"),
+    "compat_features": (24, "<Q"),
+    "autoclear_features": (32, "<Q"),
+    "l1_table_offset": (40, "<Q"),
+    "image_size": (48, "<Q"),
+    "backing_filename_offset": (56, "<I"),
+    "backing_filename_size": (60, "<I"),
+}
+QCOW_WRITES = ("write -P 0x11 0 8k", "write -P 0x22 900k 4k")
+
+
+def set_fields(path: Path, layout: dict[str, tuple[int, str]], **fields: int) -> None:
+    for name, value in fields.items():
+        offset, fmt = layout[name]
+        patch(path, offset, fmt, value)
+
+
+def get_field(path: Path, layout: dict[str, tuple[int, str]], name: str) -> int:
+    offset, fmt = layout[name]
+    return unpack(path, offset, fmt)[0]
+
+
+def qcow_first_l2(path: Path) -> tuple[int, int]:
+    """(where the first L2 table is, where its first entry is)."""
+    l1_at = get_field(path, QCOW, "l1_table_offset")
+    return l1_at, unpack(path, l1_at, ">Q")[0]
+
+
+def qed_first_l2(path: Path) -> tuple[int, int]:
+    l1_at = get_field(path, QED, "l1_table_offset")
+    return l1_at, unpack(path, l1_at, "<Q")[0]
+
+
+def header_case(
+    maker: Callable[[Path], Path], layout: dict[str, tuple[int, str]], fmt: str,
+    fields: dict[str, int], expect: tuple[str, ...],
+) -> Callable[[Tree], Built]:  # fmt: skip
+    def build(tree: Tree) -> Built:
+        image = maker(tree.img / f"bad.{fmt}")
+        set_fields(image, layout, **fields)
+        return Built(image, (fmt, *expect))
+
+    return build
+
+
+_QCOW_FIELD_CASES: dict[str, tuple[dict[str, int], tuple[str, ...]]] = {
+    "size_max": ({"size": (1 << 64) - 1}, ("virtual size", "too big")),
+    "size_huge": ({"size": 1 << 45}, ("L1 table", "past the end")),
+    "size_1": ({"size": 1}, ("too small",)),
+    "l1_table_past_end": ({"l1_table_offset": 1 << 40}, ("L1 table", "past the end")),
+    "cluster_bits_255": ({"cluster_bits": 255}, ("cluster_bits",)),
+    "l2_bits_0": ({"l2_bits": 0}, ("l2_bits",)),
+    "encrypted": ({"crypt_method": 1}, ("encryption", "not supported")),
+    "crypt_method_max": ({"crypt_method": 0xFFFF_FFFF}, ("encryption method",)),
+    "version_2": ({"version": 2}, ("version 2", "qcow2")),
+    "backing_name_size_huge": (
+        {"backing_file_offset": 48, "backing_file_size": 0xFFFF_FFFF},
+        ("backing file name", "too long"),
+    ),
+}
+for _name, (_fields, _expect) in _QCOW_FIELD_CASES.items():
+    CASES.append(
+        Case(
+            f"qcow_{_name}",
+            header_case(lambda p: qcow(p, "1M", QCOW_WRITES), QCOW, "qcow", _fields, _expect),
+            fmt="qcow" if _name == "version_2" else None,
+        )
+    )
+
+_QED_FIELD_CASES: dict[str, tuple[dict[str, int], tuple[str, ...]]] = {
+    "cluster_size_max": ({"cluster_size": 0x8000_0000}, ("cluster size",)),
+    "cluster_size_0": ({"cluster_size": 0}, ("cluster size",)),
+    "table_size_max": ({"table_size": 0xFFFF_FFFF}, ("table size",)),
+    "table_size_1": ({"table_size": 1}, ("L1 table offset",)),
+    "image_size_huge": ({"image_size": 1 << 62}, ("image size", "too large")),
+    "image_size_odd": ({"image_size": 1000}, ("image size", "512")),
+    "l1_table_past_end": ({"l1_table_offset": 1 << 40}, ("L1 table offset", "invalid")),
+    "l1_table_wraps": ({"l1_table_offset": (1 << 64) - 4096}, ("L1 table offset", "invalid")),
+    "l1_table_in_header": ({"header_size": 1 << 16}, ("L1 table offset", "invalid")),
+    "unknown_feature": ({"features": 1 << 40}, ("unsupported features",)),
+    "backing_name_outside_header": (
+        {"features": 1, "backing_filename_offset": 0xFFFF_FF00, "backing_filename_size": 0xFF},
+        ("backing file name offset",),
+    ),
+}
+for _name, (_fields, _expect) in _QED_FIELD_CASES.items():
+    CASES.append(
+        Case(
+            f"qed_{_name}",
+            header_case(lambda p: qed(p, "1M", QCOW_WRITES), QED, "qed", _fields, _expect),
+        )
+    )
+
+
+@case()
+def build_qcow_l2_table_past_end(tree: Tree) -> Built:
+    image = qcow(tree.img / "bad.qcow", "1M", QCOW_WRITES)
+    l1_at, _ = qcow_first_l2(image)
+    patch(image, l1_at, ">Q", 1 << 40)
+    return Built(image, ("qcow", "L2 table", "past the end"))
+
+
+@case()
+def build_qcow_data_cluster_past_end(tree: Tree) -> Built:
+    image = qcow(tree.img / "bad.qcow", "1M", QCOW_WRITES)
+    _, l2 = qcow_first_l2(image)
+    patch(image, l2, ">Q", 1 << 44)
+    return Built(image, ("qcow", "data cluster", "past the end"))
+
+
+@case()
+def build_qcow_data_cluster_unaligned(tree: Tree) -> Built:
+    image = qcow(tree.img / "bad.qcow", "1M", QCOW_WRITES)
+    _, l2 = qcow_first_l2(image)
+    patch(image, l2, ">Q", unpack(image, l2, ">Q")[0] + 3)
+    return Built(image, ("qcow", "not sector aligned"))
+
+
+@case()
+def build_qcow_compressed_cluster_past_end(tree: Tree) -> Built:
+    image = qcow(tree.img / "bad.qcow", "1M", QCOW_WRITES)
+    _, l2 = qcow_first_l2(image)
+    patch(image, l2, ">Q", 1 << 63 | 100 << 51 | 1 << 40)
+    return Built(image, ("qcow", "compressed cluster", "past the end"))
+
+
+@case()
+def build_qcow_deflate_garbage(tree: Tree) -> Built:
+    image = qcow(tree.img / "bad.qcow", "1M", QCOW_WRITES)
+    at = append_aligned(image, os.urandom(2000))
+    _, l2 = qcow_first_l2(image)
+    patch(image, l2, ">Q", 1 << 63 | 2000 << 51 | at)
+    return Built(image, ("qcow", "compressed cluster", "inflate"))
+
+
+@case()
+def build_qcow_deflate_short(tree: Tree) -> Built:
+    image = qcow(tree.img / "bad.qcow", "1M", QCOW_WRITES)
+    packed = deflate(b"\x5a" * 100)
+    at = append_aligned(image, packed)
+    _, l2 = qcow_first_l2(image)
+    patch(image, l2, ">Q", 1 << 63 | len(packed) << 51 | at)
+    return Built(image, ("qcow", "less than one cluster"))
+
+
+@case()
+def build_qed_l2_table_past_end(tree: Tree) -> Built:
+    image = qed(tree.img / "bad.qed", "1M", QCOW_WRITES)
+    l1_at, _ = qed_first_l2(image)
+    patch(image, l1_at, "<Q", 1 << 40)
+    return Built(image, ("qed", "L2 table offset", "invalid"))
+
+
+@case()
+def build_qed_data_cluster_past_end(tree: Tree) -> Built:
+    image = qed(tree.img / "bad.qed", "1M", QCOW_WRITES)
+    _, l2 = qed_first_l2(image)
+    patch(image, l2, "<Q", 1 << 44)
+    return Built(image, ("qed", "data cluster offset", "invalid"))
+
+
+@case()
+def build_qed_data_cluster_unaligned(tree: Tree) -> Built:
+    image = qed(tree.img / "bad.qed", "1M", QCOW_WRITES)
+    _, l2 = qed_first_l2(image)
+    patch(image, l2, "<Q", unpack(image, l2, "<Q")[0] + 512)
+    return Built(image, ("qed", "data cluster offset", "invalid"))
+
+
 # --------------------------------------------------------------------------- bases
 #
 # Small valid images of each format, for truncation and bit flips (here and in
@@ -1853,6 +2118,29 @@ def _parallels_base(work: Path) -> Base:
     return Base("parallels", "parallels", data, floor, regions, tuple(fields))
 
 
+def _qcow_base(work: Path) -> Base:
+    writes = ("write -P 0x11 0 8k", "write -c -P 0x5a 16k 4k", "write -P 0x22 900k 4k")
+    path = qcow(work / "base.qcow", "1M", writes)
+    l1_at, l2_at = qcow_first_l2(path)
+    entries = struct.unpack(">512Q", path.read_bytes()[l2_at : l2_at + 4096])
+    hosts = [e & ((1 << 51) - 1) if e >> 63 else e for e in entries]
+    regions = ((0, 48), (l1_at, 8), (l2_at, 4096))
+    fields = header_fields(QCOW) + table_fields(l1_at, 8, 1, True)
+    fields += table_fields(l2_at, 8, 8, True)
+    return Base("qcow", "qcow", path.read_bytes(), max(hosts), regions, tuple(fields))
+
+
+def _qed_base(work: Path) -> Base:
+    path = qed(work / "base.qed", "1M", ("write -P 0x11 0 8k", "write -z 64k 4k",
+                                         "write -P 0x22 900k 4k"))  # fmt: skip
+    l1_at, l2_at = qed_first_l2(path)
+    entries = struct.unpack("<1024Q", path.read_bytes()[l2_at : l2_at + 8192])
+    regions = ((0, 64), (l1_at, 8192), (l2_at, 8192))
+    fields = header_fields(QED) + table_fields(l1_at, 8, 2, False)
+    fields += table_fields(l2_at, 8, 8, False)
+    return Base("qed", "qed", path.read_bytes(), max(entries), regions, tuple(fields))
+
+
 BASE_BUILDERS: dict[str, Callable[[Path], Base]] = {
     "qcow2": lambda w: _qcow2_base(
         w,
@@ -1884,6 +2172,8 @@ BASE_BUILDERS: dict[str, Callable[[Path], Base]] = {
         "cluster_size=4096,compression_type=zstd",
         ("write -c -P 0x5a 0 4k", "write -c -P 0x5b 8k 4k"),
     ),
+    "qcow": _qcow_base,
+    "qed": _qed_base,
     "vmdk": _vmdk_base,
     "vmdk_stream": _vmdk_stream_base,
     "vpc": _vpc_base,
@@ -1909,7 +2199,8 @@ def base(name: str) -> Base:
 
 CUTS: tuple[int | float, ...] = (0, 7, 24, 100, 511, 0.25, 0.5, 0.9, 1.0)
 TRUNCATED_BASES = (
-    "qcow2", "qcow2_compressed", "vmdk", "vmdk_stream", "vpc", "vhdx", "vdi", "parallels",
+    "qcow2", "qcow2_compressed", "qcow", "qed", "vmdk", "vmdk_stream", "vpc", "vhdx", "vdi",
+    "parallels",
 )  # fmt: skip
 
 

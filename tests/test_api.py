@@ -122,8 +122,18 @@ async def test_a_hex_size_with_a_suffix_warns_as_qemu_does(
         ({"count": "16E"}, "invalid count '16E': must be between 0 and 9223372036854775807"),
         ({"skip": -1}, "invalid skip '-1': must be between 0 and 9223372036854775807"),
         (
+            {"output_format": "vdi"},
+            f"unknown output format 'vdi': supported formats are {', '.join(OUTPUT_FORMATS)}",
+        ),
+        (
             {"output_format": "qed"},
-            f"unknown output format 'qed': supported formats are {', '.join(OUTPUT_FORMATS)}",
+            "output format 'qed' is not supported: QED is kept in qemu for old images only;"
+            " write qcow2 instead (-O qcow2)",
+        ),
+        (
+            {"output_format": "qcow"},
+            "output format 'qcow' is not supported: qcow (version 1) is kept in qemu for old"
+            " images only; write qcow2 instead (-O qcow2)",
         ),
         ({"isolation": "none"}, "invalid isolation 'none': use auto, kvm, sandbox or inline"),
         ({"io_size": 1000}, "invalid io_size '1000': must be a multiple of 4096 of at least 65536"),

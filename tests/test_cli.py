@@ -74,7 +74,17 @@ def test_options_may_follow_operands_like_gnu_getopt() -> None:
         ),
         (["if=a", "of=b", "skip=-1"], "invalid skip '-1': not a size"),
         (["if=a", "of=b", "bs=1KB"], "invalid bs '1KB': not a size"),
-        (["-O", "qed", "if=a", "of=b"], "unknown output format 'qed': supported formats are raw"),
+        (["-O", "vdi", "if=a", "of=b"], "unknown output format 'vdi': supported formats are raw"),
+        (
+            ["-O", "qed", "if=a", "of=b"],
+            "output format 'qed' is not supported: QED is kept in qemu for old images only;"
+            " write qcow2 instead (-O qcow2)",
+        ),
+        (
+            ["-O", "qcow", "if=a", "of=b"],
+            "output format 'qcow' is not supported: qcow (version 1) is kept in qemu for old"
+            " images only; write qcow2 instead (-O qcow2)",
+        ),
         (["-f", "nope", "if=a", "of=b"], "unknown input format 'nope'"),
         (["-x", "if=a", "of=b"], "option -x not recognized"),
         (

@@ -756,11 +756,11 @@ def test_external_data_file_refused_by_policy() -> None:
 
 
 def test_backing_reference_and_unknown_format() -> None:
-    data = image({}, backing=b"b.img", extensions=[(layout.EXT_BACKING_FORMAT, b"qed")])
+    data = image({}, backing=b"b.img", extensions=[(layout.EXT_BACKING_FORMAT, b"vvfat")])
     with pytest.raises(UnsupportedImageError) as exc:
         open_mem(data, {"b.img": b""})
     assert message(exc) == (
-        "qcow2 backing file 'b.img' has format 'qed', which aiodd does not read"
+        "qcow2 backing file 'b.img' has format 'vvfat', which aiodd does not read"
     )
     resolver = MemResolver({"b.img": b"x" * 1000})
     disk = decoder.open_disk(MemFile(image({}, backing=b"b.img")), resolver)

@@ -22,7 +22,9 @@ from aiodd.formats import foreign as probes
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.formats.foreign import PROBE_SIZE
 from aiodd.formats.parallels.layout import probe as parallels_probe
+from aiodd.formats.qcow import layout as qcow_layout
 from aiodd.formats.qcow2.layout import EXT_BACKING_FORMAT
+from aiodd.formats.qed import layout as qed_layout
 from aiodd.formats.registry import PROBE_ORDER, PROBES, detect, open_disk
 from aiodd.formats.vdi import layout as vdi_layout
 from aiodd.io import LocalFile
@@ -30,7 +32,7 @@ from tests.conftest import needs_qemu, qemu_img, qemu_io
 from tests.harness import aiodd_run, aiodd_subprocess, leftovers, qemu_dd
 
 MiB = 1 << 20
-READS = "aiodd reads raw, qcow2, vmdk, vpc, vhdx, vdi and parallels"
+READS = "aiodd reads raw, qcow2, vmdk, vpc, vhdx, vdi, parallels, qcow and qed"
 ISOLATIONS = ["sandbox", "inline"]
 
 
@@ -128,8 +130,6 @@ def write(d: Path, name: str, data: bytes) -> Path:
 # (name, qemu format, the refusal's words, builder)
 Builder = Callable[[Path, str], Path]
 FOREIGN: list[tuple[str, str, str, Builder]] = [
-    ("t.qcow", "qcow", "a qcow (version 1) image", lambda d, n: create(d, n, "-f", "qcow")),
-    ("t.qed", "qed", "a QED image", lambda d, n: create(d, n, "-f", "qed")),
     ("t.luks", "luks", "a LUKS encrypted image", create_luks),
     ("t.bochs", "bochs", "a Bochs image", lambda d, n: write(d, n, bochs_image())),
     ("t1.bochs", "bochs", "a Bochs image", lambda d, n: write(d, n, bochs_image(0x00010000))),
@@ -212,6 +212,29 @@ def test_parallels_is_detected_and_read(
 
 
 @needs_qemu
+@pytest.mark.parametrize("forced", [False, True], ids=["probed", "forced"])
+@pytest.mark.parametrize("fmt", ["qcow", "qed"])
+def test_qcow_and_qed_are_detected_and_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, forced: bool
+) -> None:
+    """Formerly refused, now read: detected as qemu detects them, or named by ``-f``."""
+    monkeypatch.chdir(tmp_path)
+    image = create(tmp_path, f"t.{fmt}", "-f", fmt)
+    subprocess.run(
+        ["qemu-io", "-f", fmt, "-c", "write -P 0x5c 4000 70000", image.name], check=True,
+        capture_output=True,
+    )  # fmt: skip
+    assert qemu_probe(image) == fmt
+    assert detect(image.read_bytes()[:PROBE_SIZE], image.name) == fmt
+    flags = ["-f", fmt] if forced else []
+    got = aiodd_run([*flags, f"if={image.name}", "of=o.raw", "bs=64k"], tmp_path / "o.raw")
+    want = qemu_dd([*flags, f"if={image.name}", "of=q.raw", "bs=64k"], tmp_path / "q.raw")
+    assert (got.status, want.status) == (0, 0), got.stderr
+    assert got.output == want.output
+    assert got.output is not None and got.output[4000:74000] == b"\x5c" * 70000
+
+
+@needs_qemu
 @pytest.mark.parametrize(("name", "fmt", "title", "build"), FOREIGN, ids=FOREIGN_IDS)
 def test_forced_raw_copies_the_container(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, fmt: str, title: str, build: Builder
@@ -252,7 +275,7 @@ def test_a_dmg_by_name_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.parametrize(
-    "fmt", ["qcow", "qed", "luks", "dmg", "bochs", "cloop", "vvfat", "nbd"]
+    "fmt", ["luks", "dmg", "bochs", "cloop", "vvfat", "nbd"]
 )
 def test_forcing_a_format_aiodd_does_not_read(tmp_path: Path, fmt: str) -> None:
     got = aiodd_run(["-f", fmt, "if=whatever", "of=o.raw"], tmp_path / "o.raw")
@@ -463,8 +486,8 @@ def test_detect_is_the_best_score_padded(head: bytes, name: str) -> None:
 def test_probes_read_their_fields(head: bytes) -> None:
     buf = pad(head)
     u32le = int.from_bytes(buf[16:20], "little")
-    assert probes.qcow(buf, "") == (100 if buf[:8] == b"QFI\xfb\0\0\0\1" else 0)
-    assert probes.qed(buf, "") == (100 if buf[:4] == b"QED\0" else 0)
+    assert qcow_layout.probe(buf) == (100 if buf[:8] == b"QFI\xfb\0\0\0\1" else 0)
+    assert qed_layout.probe(buf) == (100 if buf[:4] == b"QED\0" else 0)
     magic_ok = buf[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt")
     assert parallels_probe(buf) == (100 if magic_ok and u32le == 2 else 0)
     assert probes.luks(buf, "") == (100 if buf[:8] == b"LUKS\xba\xbe\0\1" else 0)
@@ -512,8 +535,6 @@ class NoReferences:
 def test_open_disk_refuses_what_it_cannot_read(tmp_path: Path, fmt: str) -> None:
     """The decoders' entry point, which the guest reader and every backing layer use."""
     data = {
-        "qcow": b"QFI\xfb\0\0\0\1",
-        "qed": b"QED\0",
         "luks": b"LUKS\xba\xbe\0\1",
         "bochs": bochs_head(),
         "cloop": CLOOP_MAGIC,

@@ -252,7 +252,7 @@ def _named_cases() -> Iterator[tuple[str, bytes, dict[str, bytes]]]:
     )
     yield (
         "backing format unknown",
-        image({}, backing=b"b.img", extensions=[(layout.EXT_BACKING_FORMAT, b"qed")]),
+        image({}, backing=b"b.img", extensions=[(layout.EXT_BACKING_FORMAT, b"vvfat")]),
         {"b.img": b""},
     )
     yield (

@@ -560,8 +560,8 @@ def test_an_unknown_named_format_is_the_registrys_usage_error(kvm_hostile_guest:
         with pytest.raises(UsageError) as info:
             kvm.open_disk(top, resolver, None)
         assert str(info.value) == (
-            "unknown input format 'nonsense':"
-            " supported formats are parallels, qcow2, raw, vdi, vhdx, vmdk, vpc"
+            "unknown input format 'nonsense': supported formats are"
+            " parallels, qcow, qcow2, qed, raw, vdi, vhdx, vmdk, vpc"
         )
     finally:
         kvm.close()

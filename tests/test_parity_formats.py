@@ -249,6 +249,11 @@ SOURCES: list[tuple[str, str | None]] = [(name, None) for name in BUILDERS] + [
     ("qcow2-zstd", "qcow2"),
     ("parallels-64k", "raw"),  # the container bytes
     ("vpc-dynamic", "parallels"),  # exit 1
+    ("qcow-4k", "qcow"),
+    ("qed-64k", "qed"),
+    ("qed-64k", "raw"),  # the container bytes
+    ("qcow2-v3", "qed"),  # not in qed format: exit 1
+    ("qcow2-v2", "qcow"),  # qcow version 2: exit 1
 ]
 
 
@@ -263,6 +268,10 @@ CHAIN_FORMATS = {
     "chain-vmdk-over-raw": {"vmdk", "raw"},
     "chain-probed": {"qcow2", "vmdk"},
     "chain-backing-fmt-raw": {"qcow2", "raw"},
+    "chain-qcow-raw": {"qcow", "raw"},
+    "chain-qed-raw": {"qed", "raw"},
+    "chain-qed-qcow2": {"qed", "qcow2"},
+    "chain-qcow2-qed-qcow": {"qcow2", "qed", "qcow"},
 }
 
 

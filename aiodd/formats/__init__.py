@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from aiodd.errors import UsageError
 
-INPUT_FORMATS = ("parallels", "qcow2", "raw", "vdi", "vhdx", "vmdk", "vpc")
+INPUT_FORMATS = ("parallels", "qcow", "qcow2", "qed", "raw", "vdi", "vhdx", "vmdk", "vpc")
 # The order qemu-img's users know them in; raw is the default.
 OUTPUT_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi")
 # What aiodd reads, as its refusals say it: the formats it writes, then those it only reads.
 _READ_ORDER = (*OUTPUT_FORMATS, *(f for f in INPUT_FORMATS if f not in OUTPUT_FORMATS))
 READS = f"{', '.join(_READ_ORDER[:-1])} and {_READ_ORDER[-1]}"
+# Formats qemu-img writes that aiodd only reads, and why it does not write them.
+READ_ONLY = {
+    "qcow": "qcow (version 1) is kept in qemu for old images only",
+    "qed": "QED is kept in qemu for old images only",
+}
 
 # Every format name qemu-img 7.2 accepts for -f (its --help lists them): one aiodd does
 # not read is a known format it refuses, not an unknown name.
@@ -41,6 +46,11 @@ def check_input_format(name: str) -> str:
 
 
 def check_output_format(name: str) -> str:
+    if name in READ_ONLY:
+        raise UsageError(
+            f"output format '{name}' is not supported: {READ_ONLY[name]}; write qcow2 instead"
+            " (-O qcow2)"
+        )
     if name not in OUTPUT_FORMATS:
         raise UsageError(
             f"unknown output format '{name}': supported formats are {', '.join(OUTPUT_FORMATS)}"

@@ -130,3 +130,93 @@ def read_by_bitmap(
             read_here(lo, view[lo:hi])
         else:
             read_parent(parent, voffset + lo, view[lo:hi])
+
+
+class MappedDisk:
+    """What the disks of qcow and qed share: the file, a backing disk (or none), reads
+    clamped to the virtual size (zeros past it) and handed to ``_read``, errors naming
+    the file.  A subclass sets ``format_name`` and implements ``_read``."""
+
+    format_name = ""
+
+    def __init__(
+        self, file: RandomAccessFile, backing: VirtualDisk | None, virtual_size: int
+    ) -> None:
+        self._file = file
+        self._backing = backing
+        self._virtual_size = virtual_size
+
+    @property
+    def virtual_size(self) -> int:
+        return self._virtual_size
+
+    @property
+    def backing(self) -> VirtualDisk | None:
+        return self._backing
+
+    def close(self) -> None:
+        if self._backing is not None:
+            self._backing.close()
+        self._file.close()
+
+    def _error(self, message: str) -> ImageError:
+        return ImageError(self._file.name, message, self.format_name)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        total = len(buf)
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
+        stop = min(total, max(0, self._virtual_size - offset))
+        if stop < total:
+            zero_fill(buf[stop:total])
+        if stop:
+            self._read(offset, buf, stop)
+
+    def _read(self, base: int, buf: memoryview, stop: int) -> None:
+        """Fill ``buf[:stop]`` with the virtual bytes from ``base`` (inside the disk)."""
+        raise NotImplementedError
+
+
+class Runs:
+    """One read of a table-mapped disk, as coalesced runs: clusters that follow each other
+    in the file become one ``readinto``, neighbouring zero or parent pieces one fill or
+    one read of the parent.  Positions are in ``buf``; ``base`` is the virtual offset of
+    ``buf[0]``.  Used by the formats whose tables map whole clusters (qcow, qed)."""
+
+    __slots__ = ("base", "buf", "file", "kind", "length", "parent", "source", "start")
+
+    NONE, DATA, ZERO, PARENT = 0, 1, 2, 3
+
+    def __init__(
+        self, file: RandomAccessFile, parent: VirtualDisk | None, base: int, buf: memoryview
+    ) -> None:
+        self.file = file
+        self.parent = parent
+        self.base = base
+        self.buf = buf
+        self.kind = Runs.NONE
+        self.start = 0
+        self.length = 0
+        self.source = 0  # the file offset of a data run
+
+    def add(self, kind: int, start: int, length: int, source: int = 0) -> None:
+        """Pieces come in order: ``buf[start:start + length]`` is ``kind`` (from file
+        offset ``source`` for data)."""
+        if kind == self.kind and (kind != Runs.DATA or self.source + self.length == source):
+            self.length += length
+            return
+        self.flush()
+        self.kind, self.start, self.length, self.source = kind, start, length, source
+
+    def flush(self) -> None:
+        kind, start, length = self.kind, self.start, self.length
+        self.kind = Runs.NONE
+        view = self.buf[start : start + length]
+        if kind == Runs.DATA:
+            n = self.file.readinto(self.source, view)
+            if n < length:  # a cluster the file's end cuts: zeros, as qemu reads them
+                zero_fill(view[n:])
+        elif kind == Runs.ZERO:
+            zero_fill(view)
+        elif kind == Runs.PARENT:
+            read_parent(self.parent, self.base + start, view)

@@ -1,6 +1,6 @@
 """qemu's probes for the formats it detects and aiodd does not read.
 
-qemu-img detects qcow (version 1), qed, luks, bochs and cloop from the
+qemu-img detects luks, bochs and cloop from the
 first 2048 bytes of a file, and dmg from the file's *name*.  aiodd runs the same tests,
 with the same scores, so that such an image is refused by name rather than copied as a
 raw disk (docs/formats.md).  Pure functions over bytes and names: no I/O.
@@ -22,8 +22,6 @@ PROBE_SIZE = 2048
 
 Probe = Callable[[bytes, str], int]
 
-QCOW_MAGIC = b"QFI\xfb"  # qcow2's too: the version tells them apart
-QED_MAGIC = b"QED\x00"
 LUKS_MAGIC = b"LUKS\xba\xbe"
 BOCHS_MAGIC = b"Bochs Virtual HD Image"
 CLOOP_MAGIC = (
@@ -35,25 +33,9 @@ def _u32le(head: bytes, at: int) -> int:
     return int.from_bytes(head[at : at + 4], "little")
 
 
-def _u32be(head: bytes, at: int) -> int:
-    return int.from_bytes(head[at : at + 4], "big")
-
-
 def _c_string_is(head: bytes, at: int, text: bytes) -> bool:
     """``strcmp(head + at, text) == 0``: the text, then a NUL."""
     return head[at : at + len(text) + 1] == text + b"\x00"
-
-
-def qcow(head: bytes, filename: str) -> int:
-    """qcow version 1: the magic and exactly version 1 in a 48-byte header."""
-    if len(head) >= 48 and head[:4] == QCOW_MAGIC and _u32be(head, 4) == 1:
-        return 100
-    return 0
-
-
-def qed(head: bytes, filename: str) -> int:
-    """The magic in a whole 64-byte header; nothing else."""
-    return 100 if len(head) >= 64 and head[:4] == QED_MAGIC else 0
 
 
 def luks(head: bytes, filename: str) -> int:
@@ -89,8 +71,6 @@ def dmg(head: bytes, filename: str) -> int:
 
 
 PROBES: dict[str, Probe] = {
-    "qcow": qcow,
-    "qed": qed,
     "luks": luks,
     "bochs": bochs,
     "cloop": cloop,
@@ -98,8 +78,6 @@ PROBES: dict[str, Probe] = {
 }
 
 TITLES = {
-    "qcow": "a qcow (version 1) image",
-    "qed": "a QED image",
     "luks": "a LUKS encrypted image",
     "bochs": "a Bochs image",
     "cloop": "a cloop image",

@@ -80,8 +80,10 @@ FORMATS: dict[str, Format] = {
 if TYPE_CHECKING:
     # mypy holds every format's modules to the protocols the Format objects promise.
     from aiodd.formats.parallels import decode as _parallels_decode
+    from aiodd.formats.qcow import decode as _qcow_decode
     from aiodd.formats.qcow2 import decode as _qcow2_decode
     from aiodd.formats.qcow2 import encode as _qcow2_encode
+    from aiodd.formats.qed import decode as _qed_decode
     from aiodd.formats.raw import decode as _raw_decode
     from aiodd.formats.raw import encode as _raw_encode
     from aiodd.formats.vdi import decode as _vdi_decode
@@ -94,7 +96,8 @@ if TYPE_CHECKING:
     from aiodd.formats.vpc import encode as _vpc_encode
 
     _DECODERS: tuple[Decoder, ...] = (
-        _parallels_decode, _qcow2_decode, _raw_decode, _vdi_decode, _vhdx_decode, _vmdk_decode,
+        _parallels_decode, _qcow_decode, _qcow2_decode, _qed_decode, _raw_decode, _vdi_decode,
+        _vhdx_decode, _vmdk_decode,
         _vpc_decode,
     )  # fmt: skip
     _ENCODERS: tuple[Encoder, ...] = (

@@ -25,6 +25,7 @@ from aiodd.formats.registry import detect
 
 FMT_NONE, FMT_RAW, FMT_QCOW2, FMT_VMDK, FMT_VPC, FMT_VHDX, FMT_VDI = 0, 1, 2, 3, 4, 5, 6
 FMT_PARALLELS = 9
+FMT_QCOW, FMT_QED = 7, 8
 REF_BACKING, REF_DATA_FILE, REF_EXTENT, REF_PARENT = 1, 2, 3, 4
 E_IMAGE, E_UNSUPPORTED, E_REFUSED = 6, 7, 8
 GUEST_FORMATS = {
@@ -35,6 +36,8 @@ GUEST_FORMATS = {
     "vhdx": FMT_VHDX,
     "vdi": FMT_VDI,
     "parallels": FMT_PARALLELS,
+    "qcow": FMT_QCOW,
+    "qed": FMT_QED,
 }
 # The plain files a layer names, and the Reference kind the Python decoders give them.
 PLAIN_REFS: dict[int, ReferenceKind] = {REF_DATA_FILE: "data_file", REF_EXTENT: "extent"}

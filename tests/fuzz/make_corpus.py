@@ -150,6 +150,17 @@ def qemu_made(tmp: Path) -> Iterator[tuple[str, bytes]]:
     )
     _qemu("qemu-io", "-c", "write -P 0x61 0 8k", "-c", "write -z 16k 4k", data, cwd=tmp)
     yield "data-file", bundle([data.read_bytes(), (tmp / "d.data").read_bytes()])
+    # qcow (version 1) and qed, alone and over raw (qed's no-probe feature)
+    for fmt, opts in (("qcow", ()), ("qed", ("-o", "cluster_size=4k,table_size=2"))):
+        image = tmp / f"o.{fmt}"
+        _qemu("qemu-img", "create", "-f", fmt, *opts, image, "128k")
+        _qemu("qemu-io", "-f", fmt, "-c", "write -P 0x71 1k 5k", "-c", "write -z 64k 4k", image)
+        yield fmt, image.read_bytes()
+        over = tmp / f"over.{fmt}"
+        _qemu("qemu-img", "create", "-f", fmt, *opts, "-b", "base.raw", "-F", "raw", over,
+              "96k", cwd=tmp)  # fmt: skip
+        _qemu("qemu-io", "-f", fmt, "-c", "write -P 0x72 8k 4k", over)
+        yield f"{fmt}-over-raw", bundle([over.read_bytes(), base.read_bytes()])
 
 
 def hand_built() -> Iterator[tuple[str, bytes]]:

@@ -473,7 +473,8 @@ static const char *keep_name(const unsigned char *bytes, uint64_t got, struct na
 
 /* The formats a backing file may be declared as (aiodd.formats.INPUT_FORMATS). */
 static int input_format(const char *name, size_t length) {
-    static const char *const formats[] = {"parallels", "qcow2", "raw", "vdi", "vhdx", "vmdk", "vpc"};
+    static const char *const formats[] = {"parallels", "qcow", "qcow2", "qed", "raw",
+                                          "vdi",       "vhdx", "vmdk",  "vpc"};
     for (size_t i = 0; i < sizeof formats / sizeof formats[0]; i++) {
         size_t n = 0;
         while (formats[i][n] != '\0') {
@@ -634,7 +635,7 @@ static void zstd_free(void *opaque, void *address) {
 /* The codecs for a command, made once: the cluster buffer and zlib's pool first, zstd
  * last, so that zstd's window (the one block that is freed and made again, when a frame
  * needs another size) stays on top of the heap and is given back. */
-static uint32_t prepare_codecs(struct reader *r) {
+uint32_t prepare_codecs(struct reader *r) {
     if (r->cluster != NULL) {
         return AIODD_OK;
     }
@@ -671,16 +672,14 @@ static uint32_t prepare_codecs(struct reader *r) {
     return AIODD_OK;
 }
 
-enum inflated { INFLATED, CORRUPT, NO_MEMORY };
-
 /* zlib.decompressobj(-12).decompress(data, limit), as CPython runs it: inflate with
  * Z_SYNC_FLUSH while the output fills, stopping at the limit, an error raised from any
  * call.  The output is `out` and then, when `extra` is given, one more byte there (a
  * whole cluster inflates straight into the command's output; the extra byte only tells
  * "more than one cluster"). */
-static enum inflated zlib_cluster(struct zlib_state *z, const unsigned char *data, uint64_t got,
-                                  unsigned char *out, uint64_t out_size, unsigned char *extra,
-                                  uint64_t *produced) {
+enum inflated zlib_cluster(struct zlib_state *z, const unsigned char *data, uint64_t got,
+                           unsigned char *out, uint64_t out_size, unsigned char *extra,
+                           uint64_t *produced) {
     z_stream *s = &z->stream;
     if (inflateReset(s) != Z_OK) {
         return CORRUPT;
@@ -783,55 +782,27 @@ struct walk {
     const struct qcow2 *q;
     uint64_t base;  /* the guest offset of dest[0] */
     unsigned char *dest;
-    int pending;    /* a run of backing clusters waits: [pending_pos, + pending_length) */
-    uint64_t pending_pos;
-    uint64_t pending_length;
-    int stale;      /* a backing read ran: the L2 table must be looked up again */
+    struct parent_run run;  /* backing clusters waiting; stale: look the L2 table up again */
 };
 
 /* An error of the tables: the clusters decompressed before it in Python's order come
  * first, and may fail first. */
 static uint32_t fail(struct walk *w, const char *format, ...) __attribute__((format(printf, 2, 3)));
 static uint32_t fail(struct walk *w, const char *format, ...) {
-    uint32_t status = reader_settle(w->r);
-    if (status != AIODD_OK) {
-        return status;
-    }
     va_list args;
     va_start(args, format);
-    host_verror(AIODD_E_IMAGE, w->q->layer->handle, format, args);
+    uint32_t status = reader_vfail(w->r, w->q->layer->handle, format, args);
     va_end(args);
-    return AIODD_E_IMAGE;
+    return status;
 }
 
 /* _Reader.flush of a backing run: read_parent. */
 static uint32_t run_backing(struct walk *w) {
-    if (!w->pending) {
-        return AIODD_OK;
-    }
-    w->pending = 0;
-    unsigned char *dest = w->dest + w->pending_pos;
-    if (w->q->backing == NULL) {
-        memset(dest, 0, (size_t)w->pending_length);  /* cannot fail: no order to keep */
-        return AIODD_OK;
-    }
-    uint32_t status = reader_settle(w->r);
-    if (status != AIODD_OK) {
-        return status;
-    }
-    w->stale = 1;
-    return disk_read_parent(w->r, w->q->backing, w->base + w->pending_pos, dest,
-                            w->pending_length);
+    return parent_run_flush(&w->run, w->r, w->q->backing, w->base, w->dest);
 }
 
 static uint32_t add_backing(struct walk *w, uint64_t pos, uint64_t n) {
-    if (w->pending) {
-        w->pending_length += n;
-    } else {
-        w->pending = 1;
-        w->pending_pos = pos;
-        w->pending_length = n;
-    }
+    parent_run_add(&w->run, pos, n);
     return AIODD_OK;
 }
 
@@ -1088,8 +1059,8 @@ static uint32_t walk(struct walk *w, uint64_t stop) {
             if (status != AIODD_OK) {
                 return status;
             }
-            if (w->stale) {
-                w->stale = 0;
+            if (w->run.stale) {
+                w->run.stale = 0;
                 if ((status = l2_table(w, l2_offset, l1_index, &table)) != AIODD_OK) {
                     return status;
                 }
@@ -1111,6 +1082,6 @@ uint32_t qcow2_read(struct reader *r, struct layer *layer, uint64_t offset, unsi
     if (stop == 0) {
         return AIODD_OK;
     }
-    struct walk w = {r, layer->qcow2, offset, dest, 0, 0, 0, 0};
+    struct walk w = {r, layer->qcow2, offset, dest, {0, 0, 0, 0}};
     return walk(&w, stop);
 }

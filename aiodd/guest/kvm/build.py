@@ -27,6 +27,8 @@ DECODERS = (
     FORMATS / "vhdx" / "guest.c",
     FORMATS / "vdi" / "guest.c",
     FORMATS / "parallels" / "guest.c",
+    FORMATS / "qcow" / "guest.c",
+    FORMATS / "qed" / "guest.c",
 )
 GUEST_SOURCES = (
     SRC / "main.c",

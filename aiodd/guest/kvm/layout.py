@@ -96,6 +96,8 @@ FMT_VPC: Final = 4
 FMT_VHDX: Final = 5
 FMT_VDI: Final = 6
 FMT_PARALLELS: Final = 9
+FMT_QCOW: Final = 7
+FMT_QED: Final = 8
 
 OK: Final = 0
 E_REQUEST: Final = 1

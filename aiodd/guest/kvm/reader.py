@@ -39,6 +39,8 @@ _CODES: Final = {
     "vhdx": L.FMT_VHDX,
     "vdi": L.FMT_VDI,
     "parallels": L.FMT_PARALLELS,
+    "qcow": L.FMT_QCOW,
+    "qed": L.FMT_QED,
 }
 
 GUEST_FORMATS: frozenset[str] = frozenset(_CODES)

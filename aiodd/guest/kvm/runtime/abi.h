@@ -86,6 +86,8 @@ struct aiodd_desc {
 #define AIODD_FMT_VHDX 5
 #define AIODD_FMT_VDI 6
 #define AIODD_FMT_PARALLELS 9
+#define AIODD_FMT_QCOW 7
+#define AIODD_FMT_QED 8
 
 /* Status codes, both directions. */
 #define AIODD_OK 0

@@ -2,7 +2,9 @@
 #include "disk.h"
 
 #include "parallels/guest.h"
+#include "qcow/guest.h"
 #include "qcow2/guest.h"
+#include "qed/guest.h"
 #include "raw/guest.h"
 #include "vhdx/guest.h"
 #include "vmdk/guest.h"
@@ -96,7 +98,7 @@ uint32_t disk_read_in(uint32_t handle, uint64_t offset, uint64_t length, uint64_
 int disk_layer_format(uint32_t format) {
     return format == AIODD_FMT_RAW || format == AIODD_FMT_QCOW2 || format == AIODD_FMT_VMDK ||
            format == AIODD_FMT_VPC || format == AIODD_FMT_VHDX || format == AIODD_FMT_VDI ||
-           format == AIODD_FMT_PARALLELS;
+           format == AIODD_FMT_PARALLELS || format == AIODD_FMT_QCOW || format == AIODD_FMT_QED;
 }
 
 uint32_t disk_open_named(uint32_t referrer, uint32_t kind, const char *name,
@@ -144,6 +146,10 @@ uint32_t disk_open_layer(uint32_t handle, uint32_t format, uint64_t file_size, u
         return vdi_open(layer);
     case AIODD_FMT_PARALLELS:
         return parallels_open(layer);
+    case AIODD_FMT_QCOW:
+        return qcow_open(layer, depth);
+    case AIODD_FMT_QED:
+        return qed_open(layer, depth);
     default:
         return AIODD_E_REQUEST;
     }
@@ -441,6 +447,12 @@ uint32_t disk_read_layer(struct reader *r, struct layer *layer, uint64_t offset,
     if (layer->format == AIODD_FMT_PARALLELS) {
         return parallels_read(r, layer, offset, dest, length);
     }
+    if (layer->format == AIODD_FMT_QCOW) {
+        return qcow_read(r, layer, offset, dest, length);
+    }
+    if (layer->format == AIODD_FMT_QED) {
+        return qed_read(r, layer, offset, dest, length);
+    }
     return raw_read(r, layer, offset, dest, length);
 }
 
@@ -460,6 +472,33 @@ uint32_t disk_read_parent(struct reader *r, struct layer *parent, uint64_t offse
         memset(dest + inside, 0, (size_t)(length - inside));
     }
     return AIODD_OK;
+}
+
+uint32_t parent_run_flush(struct parent_run *run, struct reader *r, struct layer *parent,
+                          uint64_t base, unsigned char *dest) {
+    if (!run->pending) {
+        return AIODD_OK;
+    }
+    run->pending = 0;
+    if (parent == NULL) {
+        memset(dest + run->pos, 0, (size_t)run->length);  /* cannot fail: no order to keep */
+        return AIODD_OK;
+    }
+    uint32_t status = reader_settle(r);
+    if (status != AIODD_OK) {
+        return status;
+    }
+    run->stale = 1;
+    return disk_read_parent(r, parent, base + run->pos, dest + run->pos, run->length);
+}
+
+uint32_t reader_vfail(struct reader *r, uint32_t handle, const char *format, va_list args) {
+    uint32_t status = reader_settle(r);
+    if (status != AIODD_OK) {
+        return status;
+    }
+    host_verror(AIODD_E_IMAGE, handle, format, args);
+    return AIODD_E_IMAGE;
 }
 
 uint32_t disk_read(uint64_t offset, unsigned char *dest, uint64_t length) {

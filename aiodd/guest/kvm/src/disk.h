@@ -4,8 +4,9 @@
  * An image is a chain of layers, each a file the host opened (a handle) decoded by one
  * format: raw (aiodd/formats/raw/guest.c), qcow2 (aiodd/formats/qcow2/guest.c), vmdk
  * (aiodd/formats/vmdk/guest.c), vpc (aiodd/formats/vpc/guest.c), vhdx
- * (aiodd/formats/vhdx/guest.c), vdi (aiodd/formats/vdi/guest.c) or parallels
- * (aiodd/formats/parallels/guest.c).  The
+ * (aiodd/formats/vhdx/guest.c), vdi (aiodd/formats/vdi/guest.c), parallels
+ * (aiodd/formats/parallels/guest.c), qcow (aiodd/formats/qcow/guest.c) or qed
+ * (aiodd/formats/qed/guest.c).  The
  * layers, their L1 tables and a cache of their tables live below the heap mark taken
  * after CMD_OPEN; a command's scratch above it.
  *
@@ -27,6 +28,8 @@
 #define DISK_MAX_DEPTH 256u
 
 struct qcow2;
+struct qcow;
+struct qed;
 struct vmdk;
 struct vpc;
 struct vhdx;
@@ -35,7 +38,7 @@ struct parallels;
 
 struct layer {
     uint32_t handle;
-    uint32_t format;  /* AIODD_FMT_RAW, _QCOW2, _VMDK, _VPC, _VHDX, _VDI or _PARALLELS */
+    uint32_t format;  /* AIODD_FMT_RAW, _QCOW2, _VMDK, _VPC, _VHDX, _VDI, _PARALLELS, _QCOW or _QED */
     uint64_t file_size;
     uint64_t virtual_size;
     struct qcow2 *qcow2;
@@ -44,6 +47,8 @@ struct layer {
     struct vhdx *vhdx;
     struct vdi *vdi;
     struct parallels *parallels;
+    struct qcow *qcow;
+    struct qed *qed;
 };
 
 struct reader;
@@ -156,6 +161,34 @@ uint32_t reader_flush(struct reader *r);
 /* Run the queued jobs now (sending the batch first) if there are any: before anything
  * that can fail after them in the decoder's order. */
 uint32_t reader_settle(struct reader *r);
+
+/* A run of pieces a table-mapped layer reads from its parent (common.Runs' parent
+ * runs): kept until a piece of another kind follows, or the read ends, where Python
+ * reads it. */
+struct parent_run {
+    int pending;
+    uint64_t pos;  /* in the command's dest */
+    uint64_t length;
+    int stale;     /* the parent was read: a table pointer taken before may have moved */
+};
+
+static inline void parent_run_add(struct parent_run *run, uint64_t pos, uint64_t n) {
+    if (run->pending) {
+        run->length += n;
+    } else {
+        *run = (struct parent_run){1, pos, n, run->stale};
+    }
+}
+
+/* Read the pending run from `parent` (zeros without one) into dest + pos, at the virtual
+ * offset base + pos; the jobs queued before it run first, as Python has run them by
+ * then. */
+uint32_t parent_run_flush(struct parent_run *run, struct reader *r, struct layer *parent,
+                          uint64_t base, unsigned char *dest);
+
+/* An image error of layer `handle` found while reading: the jobs queued before it in
+ * Python's order run first, and may fail first. */
+uint32_t reader_vfail(struct reader *r, uint32_t handle, const char *format, va_list args);
 
 /* A table through the cache: `length` bytes of big-endian 64-bit entries of file
  * `handle` at `offset` (zeros where the file ends), as host-order entries, cached under

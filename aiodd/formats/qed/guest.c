@@ -1,0 +1,335 @@
+/* QED in the KVM guest: the twin of decode.py and layout.py, which say what each step
+ * means.  Every check runs in the Python decoder's order with its message byte for byte
+ * (tests/test_kvm_decoder_qed.py holds the two together).
+ *
+ * Tables are read in pieces of 64 KiB through the cache, as Python reads them (a table
+ * may be 16 clusters of 64 MiB); a run of backing clusters is read where Python flushes
+ * it, when a piece of another kind follows it or at the end. */
+#include "qed/guest.h"
+
+#define HEADER_SIZE 64u
+#define F_BACKING_FILE 0x01ULL
+#define F_BACKING_FORMAT_NO_PROBE 0x04ULL
+#define FEATURE_MASK 0x07ULL
+#define MIN_CLUSTER_SIZE (4u << 10)
+#define MAX_CLUSTER_SIZE (64u << 20)
+#define MAX_TABLE_SIZE 16u
+#define MAX_BACKING_NAME 4095u
+#define UINT32_MAX_U 0xffffffffULL
+#define ZERO_CLUSTER 1u
+#define PIECE_ENTRIES 8192u  /* decode.PIECE_ENTRIES */
+
+struct qed {
+    struct layer *layer;
+    struct layer *backing;
+    uint64_t cluster_size;
+    uint32_t cluster_bits;
+    uint64_t table_size;
+    uint64_t header_bytes;  /* header_size clusters, in bytes */
+    uint64_t file_size;     /* rounded down to a cluster */
+    uint64_t table_entries;
+    uint32_t l1_shift;
+    uint64_t l1_offset;
+    uint64_t l1_entries;
+    uint64_t *l1;  /* NULL: too large to hold, read through the cache */
+};
+
+static uint32_t image_error(uint32_t handle, const char *format, ...)
+    __attribute__((format(printf, 2, 3)));
+static uint32_t image_error(uint32_t handle, const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    host_verror(AIODD_E_IMAGE, handle, format, args);
+    va_end(args);
+    return AIODD_E_IMAGE;
+}
+
+static uint32_t le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t le64(const unsigned char *p) {
+    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
+}
+
+static int power_of_two_in(uint64_t value, uint64_t low, uint64_t high) {
+    return value >= low && value <= high && (value & (value - 1)) == 0;
+}
+
+static unsigned log2_u64(uint64_t value) {
+    unsigned bits = 0;
+    while (value > 1) {
+        value >>= 1;
+        bits++;
+    }
+    return bits;
+}
+
+/* Header.cluster_offset_valid */
+static int cluster_offset_valid(const struct qed *q, uint64_t offset) {
+    if (offset & (q->cluster_size - 1)) {
+        return 0;
+    }
+    return offset >= q->header_bytes && offset < q->file_size;
+}
+
+/* Header.table_offset_valid: in 64 bits, as qemu computes it. */
+static int table_offset_valid(const struct qed *q, uint64_t offset) {
+    const uint64_t end = offset + (q->table_size - 1) * q->cluster_size;
+    if (end <= offset) {
+        return 0;
+    }
+    return cluster_offset_valid(q, offset) && cluster_offset_valid(q, end);
+}
+
+/* layout.max_image_size, wrapping as qemu's does. */
+static uint64_t max_image_size(uint64_t cluster_size, uint64_t table_size) {
+    const uint64_t entries = table_size * cluster_size / 8;
+    return entries * cluster_size * entries;
+}
+
+/* -- decode.open_disk (layout.parse_header first) -------------------------------------- */
+
+uint32_t qed_open(struct layer *layer, unsigned depth) {
+    const uint32_t handle = layer->handle;
+    const unsigned char *in = host_in();
+    uint64_t got;
+    uint32_t status = disk_read_in(handle, 0, HEADER_SIZE, &got);
+    if (status != AIODD_OK) {
+        return status;
+    }
+    if (got < HEADER_SIZE) {
+        return image_error(handle, "qed header is truncated (the file has %lu bytes)",
+                           (unsigned long)got);
+    }
+    if (memcmp(in, "QED\0", 4) != 0) {
+        return image_error(handle, "image is not in qed format (no QED\\0 magic)");
+    }
+    const uint32_t cluster_size = le32(in + 4);
+    const uint32_t table_size = le32(in + 8);
+    const uint32_t header_size = le32(in + 12);
+    const uint64_t features = le64(in + 16);
+    const uint64_t l1_offset = le64(in + 40);
+    const uint64_t image_size = le64(in + 48);
+    const uint32_t backing_offset = le32(in + 56);
+    const uint32_t backing_size = le32(in + 60);
+    if (features & ~FEATURE_MASK) {
+        return host_error(AIODD_E_UNSUPPORTED, handle, "qed image uses unsupported features %#lx",
+                          (unsigned long)(features & ~FEATURE_MASK));
+    }
+    if (!power_of_two_in(cluster_size, MIN_CLUSTER_SIZE, MAX_CLUSTER_SIZE)) {
+        return image_error(handle,
+                           "qed cluster size %u is invalid (a power of two from 4 KiB to 64 MiB)",
+                           cluster_size);
+    }
+    if (!power_of_two_in(table_size, 1, MAX_TABLE_SIZE)) {
+        return image_error(handle,
+                           "qed table size %u is invalid (a power of two from 1 to 16 clusters)",
+                           table_size);
+    }
+    if (image_size % 512 != 0) {
+        return image_error(handle, "qed image size %lu is not a multiple of 512",
+                           (unsigned long)image_size);
+    }
+    if (image_size > max_image_size(cluster_size, table_size)) {
+        return image_error(handle, "qed image size %lu is too large for its cluster and table sizes",
+                           (unsigned long)image_size);
+    }
+    struct qed *q = disk_alloc(sizeof *q);
+    if (q == NULL) {
+        return AIODD_E_NOMEM;
+    }
+    memset(q, 0, sizeof *q);
+    q->layer = layer;
+    q->cluster_size = cluster_size;
+    q->cluster_bits = log2_u64(cluster_size);
+    q->table_size = table_size;
+    q->header_bytes = (uint64_t)header_size * cluster_size;
+    q->file_size = layer->file_size - layer->file_size % cluster_size;
+    q->table_entries = (uint64_t)table_size * cluster_size / 8;
+    q->l1_shift = q->cluster_bits + log2_u64(q->table_entries);
+    q->l1_offset = l1_offset;
+    if (!table_offset_valid(q, l1_offset)) {
+        return image_error(handle, "qed L1 table offset %#lx is invalid", (unsigned long)l1_offset);
+    }
+    if (header_size > UINT32_MAX_U / cluster_size) {
+        return image_error(handle, "qed header size %u is too large", header_size);
+    }
+    if (features & F_BACKING_FILE) {
+        if ((uint64_t)backing_offset + backing_size > (uint64_t)cluster_size * header_size) {
+            return image_error(handle, "qed backing file name offset %#x is invalid",
+                               backing_offset);
+        }
+        if (backing_size > MAX_BACKING_NAME) {
+            return image_error(handle, "qed backing file name is too long (%u bytes)",
+                               backing_size);
+        }
+    }
+    layer->qed = q;
+    layer->virtual_size = image_size;
+    q->l1_entries = (image_size >> q->l1_shift) + ((image_size & ((1ULL << q->l1_shift) - 1)) != 0);
+    disk_note_tables(PIECE_ENTRIES * 8);
+
+    const uint64_t l1_bytes = q->l1_entries * 8;
+    if (l1_bytes > 0 && disk_take_table_budget(l1_bytes)) {
+        q->l1 = disk_alloc((size_t)l1_bytes);
+        if (q->l1 == NULL) {
+            return AIODD_E_NOMEM;
+        }
+        for (uint64_t done = 0; done < l1_bytes;) {
+            uint64_t chunk = min_u64(l1_bytes - done, AIODD_IN_SIZE);
+            if ((status = disk_read_in(handle, l1_offset + done, chunk, &got)) != AIODD_OK) {
+                return status;
+            }
+            if (got < chunk) {
+                host_fault();  /* the table was found inside the file: the host's fault */
+            }
+            for (uint64_t i = 0; i < chunk / 8; i++) {
+                q->l1[done / 8 + i] = le64(in + i * 8);
+            }
+            done += chunk;
+        }
+    }
+
+    if (!(features & F_BACKING_FILE) || backing_size == 0) {
+        return AIODD_OK;
+    }
+    if ((status = disk_read_in(handle, backing_offset, backing_size, &got)) != AIODD_OK) {
+        return status;
+    }
+    uint64_t length = 0;
+    while (length < got && in[length] != 0) {
+        length++;
+    }
+    if (length == 0) {
+        return AIODD_OK;
+    }
+    char *name = disk_alloc((size_t)length);
+    if (name == NULL) {
+        return AIODD_E_NOMEM;
+    }
+    memcpy(name, in, (size_t)length);
+    const int raw = (features & F_BACKING_FORMAT_NO_PROBE) != 0;
+    return disk_open_named(handle, AIODD_REF_BACKING, name, (size_t)length, raw ? "raw" : "",
+                           raw ? 3 : 0, raw ? AIODD_FMT_RAW : AIODD_FMT_NONE, depth + 1,
+                           &q->backing);
+}
+
+/* -- reading (decode.QedDisk._read) --------------------------------------------------- */
+
+struct walk {
+    struct reader *r;
+    const struct qed *q;
+    uint64_t base;  /* the guest offset of dest[0] */
+    unsigned char *dest;
+    struct parent_run run;  /* backing clusters waiting */
+};
+
+/* An error of the tables: a parent's compressed clusters queued before it, which Python
+ * has inflated by then, first. */
+static uint32_t fail(struct walk *w, const char *format, ...) __attribute__((format(printf, 2, 3)));
+static uint32_t fail(struct walk *w, const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    uint32_t status = reader_vfail(w->r, w->q->layer->handle, format, args);
+    va_end(args);
+    return status;
+}
+
+static uint32_t run_backing(struct walk *w) {
+    return parent_run_flush(&w->run, w->r, w->q->backing, w->base, w->dest);
+}
+
+/* One entry of a table at `offset` holding `entries` (QedDisk._l2_piece and the L1),
+ * through the cache a piece at a time; `key_bit` keeps the L1's pieces apart. */
+static uint32_t table_entry(struct walk *w, uint64_t offset, uint64_t entries, uint64_t index,
+                            uint64_t key_bit, uint64_t *entry) {
+    const struct layer *layer = w->q->layer;
+    const uint64_t piece = index / PIECE_ENTRIES;
+    const uint64_t count = min_u64(PIECE_ENTRIES, entries - piece * PIECE_ENTRIES);
+    const uint64_t at = offset + piece * PIECE_ENTRIES * 8;
+    const uint64_t *table;
+    uint32_t status = disk_table(w->r, layer, at << 1 | key_bit, layer->handle,
+                                 layer->file_size, at, count * 8, &table);
+    if (status == AIODD_OK) {
+        /* the cache holds big-endian reads: QED's entries are little-endian */
+        *entry = __builtin_bswap64(table[index % PIECE_ENTRIES]);
+    }
+    return status;
+}
+
+static uint32_t walk(struct walk *w, uint64_t stop) {
+    const struct qed *q = w->q;
+    const uint64_t cluster_mask = q->cluster_size - 1;
+    const uint64_t span_mask = (1ULL << q->l1_shift) - 1;
+    const uint64_t l2_mask = q->table_entries - 1;
+    const uint32_t handle = q->layer->handle;
+    uint64_t pos = 0;
+    uint32_t status;
+    while (pos < stop) {
+        const uint64_t guest = w->base + pos;
+        const uint64_t l1_index = guest >> q->l1_shift;
+        const uint64_t span_end = pos + min_u64(stop - pos, span_mask - (guest & span_mask) + 1);
+        uint64_t l2_offset;
+        if (q->l1 != NULL) {
+            l2_offset = q->l1[l1_index];
+        } else if ((status = table_entry(w, q->l1_offset, q->l1_entries, l1_index, 1,
+                                         &l2_offset)) != AIODD_OK) {
+            return status;
+        }
+        if (l2_offset == 0) {
+            parent_run_add(&w->run, pos, span_end - pos);
+            pos = span_end;
+            continue;
+        }
+        if (!table_offset_valid(q, l2_offset)) {
+            return fail(w, "qed L2 table offset %#lx is invalid (L1 index %lu)",
+                        (unsigned long)l2_offset, (unsigned long)l1_index);
+        }
+        uint64_t index = (guest >> q->cluster_bits) & l2_mask;
+        while (pos < span_end) {
+            uint64_t entry;
+            if ((status = table_entry(w, l2_offset, q->table_entries, index, 0, &entry))) {
+                return status;
+            }
+            const uint64_t in_cluster = (w->base + pos) & cluster_mask;
+            const uint64_t n = min_u64(cluster_mask + 1 - in_cluster, span_end - pos);
+            if (entry == 0) {
+                parent_run_add(&w->run, pos, n);
+            } else if (entry == ZERO_CLUSTER) {
+                if ((status = run_backing(w)) != AIODD_OK) {
+                    return status;
+                }
+                memset(w->dest + pos, 0, (size_t)n);
+            } else if (cluster_offset_valid(q, entry)) {
+                if ((status = run_backing(w)) != AIODD_OK ||
+                    (status = reader_data(w->r, handle, q->layer->file_size, entry + in_cluster,
+                                          w->dest + pos, n)) != AIODD_OK) {
+                    return status;
+                }
+            } else {
+                return fail(w,
+                            "qed data cluster offset %#lx is invalid"
+                            " (L2 table at %#lx, index %lu)",
+                            (unsigned long)entry, (unsigned long)l2_offset, (unsigned long)index);
+            }
+            pos += n;
+            index++;
+        }
+    }
+    return run_backing(w);
+}
+
+uint32_t qed_read(struct reader *r, struct layer *layer, uint64_t offset, unsigned char *dest,
+                  uint64_t length) {
+    const uint64_t size = layer->virtual_size;
+    const uint64_t stop = offset < size ? min_u64(length, size - offset) : 0;
+    if (stop < length) {
+        memset(dest + stop, 0, (size_t)(length - stop));
+    }
+    if (stop == 0) {
+        return AIODD_OK;
+    }
+    struct walk w = {r, layer->qed, offset, dest, {0, 0, 0, 0}};
+    return walk(&w, stop);
+}
