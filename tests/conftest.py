@@ -33,9 +33,7 @@ needs_kvm = pytest.mark.skipif(
 # The input formats the KVM guest reader decodes, for the tests that rotate
 # --isolation=kvm into their runs where every layer of the input is of one of them
 # (tests/test_isolation.py checks the reader agrees).
-KVM_FORMATS = frozenset(
-    {"raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi", "parallels", "qcow", "qed"}
-)
+KVM_FORMATS = frozenset({"raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi", "parallels", "qcow", "qed"})
 
 
 def with_kvm(isolations: Sequence[str], formats: Collection[str]) -> tuple[str, ...]:

@@ -1627,6 +1627,8 @@ def build_vdi_bmap_entry_beyond_blocks(tree: Tree) -> Built:
     image = vdi_base(tree)
     patch(image, vdi_get(image, "offset_bmap") + 4 * 3, "<I", 7)
     return Built(image, ("vdi", "block map entry 3", "past the end"))
+
+
 for _name, (_qexpect, _at, _fmt, _value) in _PARALLELS_CASES.items():
     CASES.append(Case(f"parallels_{_name}", parallels_case(_qexpect, _at, _fmt, _value)))
 

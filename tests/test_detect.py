@@ -274,9 +274,7 @@ def test_a_dmg_by_name_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 # --- -f with a name qemu knows ------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "fmt", ["luks", "dmg", "bochs", "cloop", "vvfat", "nbd"]
-)
+@pytest.mark.parametrize("fmt", ["luks", "dmg", "bochs", "cloop", "vvfat", "nbd"])
 def test_forcing_a_format_aiodd_does_not_read(tmp_path: Path, fmt: str) -> None:
     got = aiodd_run(["-f", fmt, "if=whatever", "of=o.raw"], tmp_path / "o.raw")
     want = f"aiodd: input format '{fmt}' is not supported: {READS}\n"
