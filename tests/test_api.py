@@ -122,8 +122,8 @@ async def test_a_hex_size_with_a_suffix_warns_as_qemu_does(
         ({"count": "16E"}, "invalid count '16E': must be between 0 and 9223372036854775807"),
         ({"skip": -1}, "invalid skip '-1': must be between 0 and 9223372036854775807"),
         (
-            {"output_format": "vdi"},
-            f"unknown output format 'vdi': supported formats are {', '.join(OUTPUT_FORMATS)}",
+            {"output_format": "qcow3"},
+            f"unknown output format 'qcow3': supported formats are {', '.join(OUTPUT_FORMATS)}",
         ),
         (
             {"output_format": "qed"},

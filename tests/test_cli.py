@@ -74,7 +74,12 @@ def test_options_may_follow_operands_like_gnu_getopt() -> None:
         ),
         (["if=a", "of=b", "skip=-1"], "invalid skip '-1': not a size"),
         (["if=a", "of=b", "bs=1KB"], "invalid bs '1KB': not a size"),
-        (["-O", "vdi", "if=a", "of=b"], "unknown output format 'vdi': supported formats are raw"),
+        (["-O", "qcow3", "if=a", "of=b"], "unknown output format 'qcow3': supported formats are raw"),
+        (
+            ["-O", "parallels", "if=a", "of=b"],
+            "output format 'parallels' is not supported: aiodd reads parallels images and does"
+            " not write them; write qcow2 instead (-O qcow2)",
+        ),
         (
             ["-O", "qed", "if=a", "of=b"],
             "output format 'qed' is not supported: QED is kept in qemu for old images only;"

@@ -19,6 +19,7 @@ READS = f"{', '.join(_READ_ORDER[:-1])} and {_READ_ORDER[-1]}"
 READ_ONLY = {
     "qcow": "qcow (version 1) is kept in qemu for old images only",
     "qed": "QED is kept in qemu for old images only",
+    "parallels": "aiodd reads parallels images and does not write them",
 }
 
 # Every format name qemu-img 7.2 accepts for -f (its --help lists them): one aiodd does
