@@ -34,6 +34,7 @@ from typing import Any
 
 import zstandard  # noqa: F401  # the qcow2 decoder's zstd clusters
 
+from aiodd import _timing
 from aiodd.errors import ImageError, IsolationError
 from aiodd.formats import registry as decoders
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
@@ -230,7 +231,9 @@ class Guest:
         time.localtime()  # loads the time zone (a file) now rather than later
         # The namespaces in two halves, the VM between them (sandbox.unshare says why).
         attempt("namespaces", _unshare)
+        _timing.mark("namespaces")
         self.start_vm()
+        _timing.mark("KVM VM made")
         base_vm = sandbox.vm_size()  # the VM's memory is part of the start-up size
         if status["namespaces"].startswith("active"):
             attempt("namespaces", sandbox.empty_root)
@@ -249,6 +252,8 @@ class Guest:
                 status["rlimits"] += f", AS={limit >> 20} MiB"
             except OSError as exc:
                 status["rlimits"] = f"missing: RLIMIT_AS: {exc.strerror}"
+        _timing.mark("other layers, threads")
+        _timing.report("aiodd guest")  # while stderr may still be written to
         if "no_new_privs" not in wanted or not status["no_new_privs"].startswith("active"):
             if "seccomp" in wanted:
                 status["seccomp"] = "missing: needs no_new_privs"
@@ -395,11 +400,13 @@ def _within(value: int, hi: int, key: str) -> int:
 
 def main(control_fd: int, handlers: Mapping[str, Handler] | None = None) -> None:
     """Serve the host on ``control_fd``; ``handlers`` answer further requests (tests')."""
+    _timing.mark("imports")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=control_fd)
     link = HostLink(sock)
     data, fds, _flags, _addr = socket.recv_fds(sock, protocol.MAX_MESSAGE, 16)
     if not data:
         os._exit(0)
+    _timing.mark("waiting for the host")
     init = Init.decode(protocol.decode(data))
     guest = Guest(link, init, fds, handlers or {})
     status = guest.enter_sandbox()

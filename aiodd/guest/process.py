@@ -47,8 +47,10 @@ class Spawned:
         self.entry = entry
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         paths = [p for p in sys.path if p and os.path.isabs(p)]
-        env = {k: v for k, v in os.environ.items() if k in ("LD_LIBRARY_PATH",)}
-        stderr = None if os.environ.get("AIODD_GUEST_STDERR") == "1" else subprocess.DEVNULL
+        env = {k: v for k, v in os.environ.items() if k in ("LD_LIBRARY_PATH", "AIODD_TIMING")}
+        # AIODD_TIMING: the guest prints its own start-up phases, before seccomp seals it.
+        shown = os.environ.get("AIODD_GUEST_STDERR") == "1" or "AIODD_TIMING" in env
+        stderr = None if shown else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _BOOT, str(child.fileno()),
