@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from aiodd import __version__, _timing, options
 from aiodd.errors import (
@@ -321,7 +321,6 @@ def _run_short(inv: Invocation, signals: _Signals) -> bool:
     """A short copy, with no event loop (aiodd.api.short_copy); False when a signal
     stopped it before the output was in place."""
     from aiodd.api import short_copy
-    from aiodd.terminal import write_quietly
 
     _timing.mark("library imported")
     assert inv.src is not None and inv.dst is not None
@@ -342,8 +341,11 @@ def _run_short(inv: Invocation, signals: _Signals) -> bool:
     )
     if result is None:
         return False
-    for warning in result.warnings:
-        write_quietly(sys.stderr, f"{PROG}: {warning}\n")
+    if result.warnings:
+        from aiodd.terminal import write_quietly
+
+        for warning in result.warnings:
+            write_quietly(sys.stderr, f"{PROG}: {warning}\n")
     return True
 
 
@@ -367,6 +369,20 @@ def _print_checksum(checksum: str, dst: str) -> None:
         raise OutputError(
             f"cannot print the checksum: {describe(exc)} ({one_line(dst)} is complete)"
         ) from None
+
+
+def run() -> NoReturn:
+    """The ``aiodd`` command (and ``python -m aiodd``): :func:`main`, then an exit that
+    skips the interpreter's tear-down (a few ms of freeing what the process is about to
+    drop anyway).  Only once stdout and stderr are flushed: one that cannot be is left
+    to the ordinary exit, which reports it as Python does."""
+    status = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(status)
+    os._exit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
