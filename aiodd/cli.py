@@ -446,7 +446,7 @@ def _main(args: list[str], signals: _Signals) -> int:
             raise
         signals.received = signals.received or signal.SIGINT
     finally:
-        if "aiodd.guest.process" in sys.modules:
+        if "aiodd.guest.spawn" in sys.modules:
             from aiodd.guest import discard_prestarted
 
             discard_prestarted()

@@ -1,4 +1,4 @@
-"""The guest reader's side: runs in a fresh process started by :mod:`aiodd.guest.process`.
+"""The guest reader's side: runs in a fresh process started by :mod:`aiodd.guest.spawn`.
 
 It imports everything decoding needs, receives its descriptors (the input image and the
 shared memory), puts itself in the sandbox (:mod:`aiodd.guest.sandbox`) and only then
