@@ -27,13 +27,13 @@ def mark(phase: str) -> None:
 def report(who: str = "aiodd") -> None:
     if not ENABLED:
         return
-    lines = [f"{who}: timing: {'interpreter (CPU)':<24} {_interpreter * 1000:7.1f} ms"]
+    lines = [f"{who}: timing: {'interpreter (CPU)':<26} {_interpreter * 1000:7.1f} ms"]
     last = _started
     for phase, at in _phases:
-        lines.append(f"{who}: timing: {phase:<24} {(at - last) * 1000:7.1f} ms")
+        lines.append(f"{who}: timing: {phase:<26} {(at - last) * 1000:7.1f} ms")
         last = at
     lines.append(
-        f"{who}: timing: {'total after interpreter':<24} {(last - _started) * 1000:7.1f} ms"
+        f"{who}: timing: {'total after interpreter':<26} {(last - _started) * 1000:7.1f} ms"
     )
     try:
         sys.stderr.write("\n".join(lines) + "\n")

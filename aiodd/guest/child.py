@@ -239,6 +239,9 @@ class Guest:
             attempt("namespaces", sandbox.empty_root)
         attempt("no_new_privs", sandbox.no_new_privs)
         attempt("landlock", sandbox.landlock)
+        _timing.mark("root, privileges, landlock")
+        # Now: RLIMIT_FSIZE=0 forbids writing to a regular file, and seccomp any stderr.
+        _timing.report("aiodd guest")
         attempt("rlimits", lambda: sandbox.rlimits(MAX_FDS, self.init.cpu))
         threading.stack_size(THREAD_STACK)
         for _ in range(WORKERS):
@@ -252,8 +255,6 @@ class Guest:
                 status["rlimits"] += f", AS={limit >> 20} MiB"
             except OSError as exc:
                 status["rlimits"] = f"missing: RLIMIT_AS: {exc.strerror}"
-        _timing.mark("other layers, threads")
-        _timing.report("aiodd guest")  # while stderr may still be written to
         if "no_new_privs" not in wanted or not status["no_new_privs"].startswith("active"):
             if "seccomp" in wanted:
                 status["seccomp"] = "missing: needs no_new_privs"
