@@ -6,6 +6,9 @@ so the guest reader process, which imports this package too, does not pay for th
 pipeline's imports at start-up.
 """
 
+# First: AIODD_TIMING's clock starts with the package (docs/performance.md, "Start-up").
+from aiodd import _timing as _timing  # isort: skip
+
 from typing import TYPE_CHECKING, Any
 
 from aiodd._version import __version__ as __version__

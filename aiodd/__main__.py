@@ -1,5 +1,3 @@
-import sys
+from aiodd.cli import run
 
-from aiodd.cli import main
-
-sys.exit(main())
+run()

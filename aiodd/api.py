@@ -3,28 +3,28 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import mmap
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import anyio
-
-from aiodd import chain, options
-from aiodd.buffers import DEFAULT_COUNT, DEFAULT_UNIT, BufferPool
+from aiodd import _timing, chain, options
+from aiodd.buffers import DEFAULT_COUNT, DEFAULT_UNIT, Bytes
 from aiodd.errors import UsageError
 from aiodd.formats import registry as encoders
-from aiodd.formats.base import VirtualDisk
+from aiodd.formats.base import OutputPlan, VirtualDisk
 from aiodd.locks import OutputLock
 from aiodd.options import Cache, Isolation
-from aiodd.pipeline.run import run_pipeline
 from aiodd.policy import Policy
 from aiodd.progress import ProgressCallback, ProgressMeter
-from aiodd.stages.sink import OutputFile, clone_stream
+from aiodd.stages.sink import OutputFile
 from aiodd.window import Window, compute_window
+
+# anyio, the pipeline and hashlib are imported by dd() itself: a short copy
+# (short_copy(), which the command line runs for a window of a few MiB) needs no
+# event loop.
 
 SKIP_WARNING = "cannot skip to specified offset"
 
@@ -235,6 +235,14 @@ async def dd(
     "-t CACHE".  ``unsafe`` skips every flush: the output is still complete or absent,
     but not durable across a power cut.
     """
+    import hashlib
+
+    import anyio
+
+    from aiodd.buffers import BufferPool
+    from aiodd.pipeline.run import run_pipeline
+    from aiodd.stages.sink import clone_stream
+
     started = time.monotonic()
     warnings: list[str] = []
     bs_value = options.size_operand("bs", bs, warnings)
@@ -268,6 +276,7 @@ async def dd(
         if memory is not None:
             memory.close()
         raise
+    _timing.mark("input opened")
     try:
         mode = ("inline", "requested") if isolation == "inline" else _guest_mode(disk)
         window = compute_window(disk.virtual_size, bs_value, count_value, skip_value)
@@ -285,6 +294,7 @@ async def dd(
             output = await anyio.to_thread.run_sync(
                 lambda: OutputFile.create(dst_path, plan.file_size, raw=raw, cache=cache)
             )
+            _timing.mark("output opened")
             pool: BufferPool | None = None
             source: int | None = None
             try:
@@ -333,12 +343,15 @@ async def dd(
                         disk, window.start + done, window.end, rest, output, pool, meter
                     )
                 file_size = plan.file_size if layout is None else layout.file_size
+                _timing.mark("copy")
                 # A cancel during the flush (which the kernel finishes regardless) still
                 # undoes the copy; once the output is being put in place, that completes.
                 await anyio.to_thread.run_sync(output.flush, file_size)
+                _timing.mark("fsync")
                 await anyio.lowlevel.checkpoint_if_cancelled()
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(output.publish)
+                _timing.mark("rename")
             finally:
                 output.abort()
                 if pool is not None:
@@ -364,6 +377,144 @@ async def dd(
         isolation_reason=mode[1],
         checksum=None if hasher is None else Checksum(hasher.name, hasher.hexdigest()),
     )
+
+
+_SHORT_UNIT = 1 << 20
+
+
+def short_copy(
+    src: str,
+    dst: str,
+    *,
+    bs: int,
+    count: int | None,
+    skip: int,
+    input_format: str | None,
+    output_format: str,
+    isolation: Isolation,
+    allow_backing: Sequence[str],
+    require_isolation: bool,
+    force_share: bool,
+    cache: Cache,
+    stopped: Callable[[], bool],
+) -> DdResult | None:
+    """:func:`dd` for a window of at most :data:`aiodd.options.SHORT_COPY` bytes, without progress,
+    checksum or holes, and without an event loop: the command line's way to copy a few
+    sectors at the cost of a process start (docs/performance.md, "Start-up").
+
+    The same steps as :func:`dd`, in its order, with the same locks, checks and atomic
+    output.  ``stopped`` is asked between steps (the command line's signal handlers
+    only note a signal): when it says so before the output is put in place, the output
+    is forgotten and None is returned; once it is being put in place, that completes.
+    """
+    started = time.monotonic()
+    warnings: list[str] = []
+    encoders.check_output_format(output_format)
+    isolation = options.isolation(isolation)
+    cache = options.cache(cache)
+    policy = Policy(allow_backing, force_share=force_share)
+    if isolation == "inline":
+        memory = mmap.mmap(-1, _SHORT_UNIT)
+    else:
+        from aiodd.guest import shared_buffer
+
+        memory = shared_buffer(_SHORT_UNIT)
+    try:
+        disk = chain.open_input(
+            src,
+            input_format,
+            isolation=isolation,
+            require_isolation=require_isolation,
+            memory=memory,
+            policy=policy,
+        )
+        _timing.mark("input opened")
+        try:
+            mode = ("inline", "requested") if isolation == "inline" else _guest_mode(disk)
+            window = compute_window(disk.virtual_size, bs, count, skip)
+            if window.skip_past_end:
+                warnings.append(f"{src}: {SKIP_WARNING}")
+            plan = encoders.plan(output_format, window.length, filename=os.path.basename(dst))
+            _check_output(src, dst, policy)
+            if stopped():
+                return None
+            raw = output_format == "raw"
+            guard = OutputLock.acquire(dst, raw=raw)
+            try:
+                output = OutputFile.create(dst, plan.file_size, raw=raw, cache=cache)
+                _timing.mark("output opened")
+                try:
+                    guard.hold(output.fd, dst)
+                    if not _write_short(disk, window, plan, output, memory, stopped):
+                        return None
+                    _timing.mark("copy")
+                    output.flush(plan.file_size)
+                    _timing.mark("fsync")
+                    if stopped():
+                        return None
+                    output.publish()
+                    _timing.mark("rename")
+                finally:
+                    output.abort()
+                warnings.extend(output.warnings)
+            finally:
+                guard.close()
+        finally:
+            disk.close()
+    finally:
+        # A failure's traceback may still hold a view of the buffer: the mmap then goes
+        # with the last of them.
+        with contextlib.suppress(BufferError):
+            memory.close()
+    return DdResult(
+        input_format=disk.format_name,
+        output_format=output_format,
+        virtual_size=disk.virtual_size,
+        window=window,
+        output_size=plan.virtual_size,
+        elapsed=time.monotonic() - started,
+        warnings=tuple(warnings),
+        isolation=mode[0],
+        isolation_reason=mode[1],
+    )
+
+
+def _write_short(
+    disk: VirtualDisk,
+    window: Window,
+    plan: OutputPlan,
+    output: OutputFile,
+    memory: mmap.mmap,
+    stopped: Callable[[], bool],
+) -> bool:
+    """The pipeline's stages, one buffer at a time: read, pad with zeros up to the
+    plan's data size, place; False when ``stopped`` said so."""
+    output.write(list(plan.metadata()))
+    offset = 0
+    with memoryview(memory) as whole:
+        while offset < plan.data_size:
+            if stopped():
+                return False
+            length = min(len(whole), plan.data_size - offset)
+            with whole[:length] as view:
+                have = max(0, min(length, window.length - offset))
+                if have:
+                    disk.read_into(window.start + offset, view[:have])
+                if have < length:
+                    view[have:] = bytes(length - have)
+                writes: list[tuple[int, Bytes]] = []
+                pos = 0
+                for extent in plan.data_extents(offset, length):
+                    writes.append((extent.file_offset, view[pos : pos + extent.length]))
+                    pos += extent.length
+                if pos != length:
+                    raise RuntimeError(f"output plan mapped {pos} of {length} bytes at {offset:#x}")
+                output.write(writes)
+                for _, piece in writes:
+                    if isinstance(piece, memoryview):
+                        piece.release()
+            offset += length
+    return True
 
 
 def _guest_mode(disk: VirtualDisk) -> tuple[str, str]:

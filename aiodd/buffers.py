@@ -18,9 +18,10 @@ import functools
 import mmap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 MiB = 1024 * 1024
 DEFAULT_UNIT = 4 * MiB  # a thread hand-off costs ~100 µs: move megabytes per hand-off
@@ -180,6 +181,8 @@ class BufferPool:
         self._buffers = [Buffer(i, whole[i * size : (i + 1) * size]) for i in range(count)]
         self._send: MemoryObjectSendStream[Buffer]
         self._receive: MemoryObjectReceiveStream[Buffer]
+        import anyio  # here: a short copy (aiodd.api) needs the constants, not the pool
+
         self._send, self._receive = anyio.create_memory_object_stream[Buffer](count)
         for buffer in self._buffers:
             self._send.send_nowait(buffer)

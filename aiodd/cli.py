@@ -12,9 +12,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from aiodd import __version__, options
+from aiodd import __version__, _timing, options
 from aiodd.errors import (
     AioddError,
     InUseError,
@@ -308,6 +308,46 @@ async def _run(inv: Invocation) -> None:
         _print_checksum(checksum, inv.dst)
 
 
+def _is_short(inv: Invocation) -> bool:
+    """Whether the window is at most SHORT_COPY bytes, as the operands alone tell it, and
+    nothing asked for needs the pipeline (progress, a checksum, holes)."""
+    if inv.count is None or inv.progress != "none" or inv.checksum is not None or inv.sparse:
+        return False
+    return (inv.count - inv.skip) * inv.bs <= options.SHORT_COPY
+
+
+def _run_short(inv: Invocation, signals: _Signals) -> bool:
+    """A short copy, with no event loop (aiodd.api.short_copy); False when a signal
+    stopped it before the output was in place."""
+    from aiodd.api import short_copy
+
+    _timing.mark("library imported")
+    assert inv.src is not None and inv.dst is not None
+    result = short_copy(
+        inv.src,
+        inv.dst,
+        bs=inv.bs,
+        count=inv.count,
+        skip=inv.skip,
+        input_format=inv.input_format,
+        output_format=inv.output_format,
+        isolation=inv.isolation,
+        allow_backing=inv.allow_backing,
+        require_isolation=inv.require_isolation,
+        force_share=inv.force_share,
+        cache=inv.cache,
+        stopped=lambda: signals.received is not None,
+    )
+    if result is None:
+        return False
+    if result.warnings:
+        from aiodd.terminal import write_quietly
+
+        for warning in result.warnings:
+            write_quietly(sys.stderr, f"{PROG}: {warning}\n")
+    return True
+
+
 def checksum_line(checksum: str, name: str) -> str:
     """``ALGO:HEX  NAME``, as sha256sum prints a line: a name with a backslash or a
     line break is escaped, and the line then starts with a backslash."""
@@ -330,7 +370,22 @@ def _print_checksum(checksum: str, dst: str) -> None:
         ) from None
 
 
+def run() -> NoReturn:
+    """The ``aiodd`` command (and ``python -m aiodd``): :func:`main`, then an exit that
+    skips the interpreter's tear-down (a few ms of freeing what the process is about to
+    drop anyway).  Only once stdout and stderr are flushed: one that cannot be is left
+    to the ordinary exit, which reports it as Python does."""
+    status = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(status)
+    os._exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _timing.mark("imports")
     args = sys.argv[1:] if argv is None else list(argv)
     warnings.showwarning = _show_warning
     signals = _Signals()
@@ -339,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(args, signals)
     finally:
         signals.restore()
+        _timing.mark("close, exit")
+        _timing.report()
 
 
 def _main(args: list[str], signals: _Signals) -> int:
@@ -346,6 +403,7 @@ def _main(args: list[str], signals: _Signals) -> int:
     completed = False
     try:
         inv = parse_args(args)
+        _timing.mark("options")
         if inv.show_help:
             sys.stdout.write(
                 HELP.format(
@@ -364,11 +422,15 @@ def _main(args: list[str], signals: _Signals) -> int:
                 from aiodd.guest import prestart
 
                 prestart()  # the guest's interpreter starts while this one sets up
-            import anyio
+                _timing.mark("guest spawned")
+            if _is_short(inv):
+                completed = _run_short(inv, signals)
+            else:
+                import anyio
 
-            completed = anyio.run(
-                _run_interruptible, inv, signals, backend_options=_backend_options()
-            )
+                completed = anyio.run(
+                    _run_interruptible, inv, signals, backend_options=_backend_options()
+                )
     except (AioddError, OSError) as exc:
         # After a signal, a failure is most likely its echo (Ctrl-C at a terminal
         # reaches the guest reader too): the interruption is what happened.
@@ -383,7 +445,7 @@ def _main(args: list[str], signals: _Signals) -> int:
             raise
         signals.received = signals.received or signal.SIGINT
     finally:
-        if "aiodd.guest.process" in sys.modules:
+        if "aiodd.guest.spawn" in sys.modules:
             from aiodd.guest import discard_prestarted
 
             discard_prestarted()

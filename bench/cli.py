@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import cache, features, inputs, isolation, kvm, machine, outputs, raw
+from bench import cache, features, inputs, isolation, kvm, machine, outputs, raw, startup
 from bench.context import FULL, QUICK, Bench, Config
 from bench.measure import MiB
 from bench.report import Floor, Section, render_floors, render_section
@@ -26,6 +26,7 @@ SECTIONS: dict[str, Callable[[Bench], Section]] = {
     "checksum": features.run_checksum,
     "sparse": features.run_sparse,
     "cache": cache.run,
+    "startup": startup.run,
 }
 
 

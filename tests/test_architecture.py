@@ -153,7 +153,13 @@ def test_nothing_below_imports_the_api_or_the_cli() -> None:
     assert bad == []
 
 
-HOST_SIDE = ("aiodd.policy", "aiodd.guest.host", "aiodd.guest.process", "aiodd.guest.disk")
+HOST_SIDE = (
+    "aiodd.policy",
+    "aiodd.guest.host",
+    "aiodd.guest.process",
+    "aiodd.guest.spawn",
+    "aiodd.guest.disk",
+)
 
 
 def test_the_guest_side_imports_nothing_of_the_host_side() -> None:

@@ -44,14 +44,15 @@ ALLOWED: dict[str, set[str]] = {
     "protocol": set(),
     "sandbox": {"seccomp"},
     "seccomp": set(),
-    "options": {"sandbox"},
+    "options": {"sandbox", "spawn"},
+    "spawn": set(),
     "memory": set(),
     "channel": {"protocol"},
-    "process": {"channel", "options", "protocol"},
+    "process": {"channel", "protocol", "spawn"},
     "disk": {"channel", "memory", "options", "protocol"},
-    "host": {"disk", "memory", "options", "process"},
+    "host": {"disk", "memory", "options", "process", "spawn"},
 }
-HOST_SIDE = ("host", "disk", "process", "channel", "memory", "options")
+HOST_SIDE = ("host", "disk", "process", "spawn", "channel", "memory", "options")
 
 
 def _imports(path: Path) -> set[str]:

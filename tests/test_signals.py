@@ -224,6 +224,11 @@ def small(tmp_path: Path) -> tuple[Path, Path, Path, bytes]:
     return src, out_dir, out, data
 
 
+# The whole input goes through the pipeline; three MiB of it (count= given, at most
+# aiodd.options.SHORT_COPY) through the short copy, which has no event loop.
+WINDOWS = {"pipeline": [], "short copy": ["bs=1M", "count=3"]}
+
+
 def _signal_self(signum: int) -> None:
     """Send ``signum`` to this process and give its handler time to run."""
     os.kill(os.getpid(), signum)
@@ -242,6 +247,7 @@ def _wrap(
     monkeypatch.setattr(owner, name, wrapped)
 
 
+@pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("isolation", ["sandbox", "inline"])
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_a_signal_during_the_final_flush_undoes_the_copy(
@@ -249,6 +255,7 @@ def test_a_signal_during_the_final_flush_undoes_the_copy(
     monkeypatch: pytest.MonkeyPatch,
     signum: int,
     isolation: str,
+    window: str,
 ) -> None:
     """The flush under way finishes (the kernel does not stop it); nothing is put in place."""
     src, out_dir, out, _data = small
@@ -263,7 +270,7 @@ def test_a_signal_during_the_final_flush_undoes_the_copy(
 
     monkeypatch.setattr(os, "fsync", fsync)
     before = _guests()
-    status, stderr = _main([f"--isolation={isolation}", f"if={src}", f"of={out}"])
+    status, stderr = _main([f"--isolation={isolation}", f"if={src}", f"of={out}", *WINDOWS[window]])
     assert (status, stderr) == (128 + signum, _expected_line(signum))
     assert len(calls) == 1  # the file's flush, and no directory sync after it
     assert _names(out_dir) == {"o.raw"}
@@ -271,6 +278,7 @@ def test_a_signal_during_the_final_flush_undoes_the_copy(
     assert _guests() <= before
 
 
+@pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("stage", ["mid-data", "final flush"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_without_o_tmpfile_the_hidden_file_is_removed(
@@ -278,6 +286,7 @@ def test_without_o_tmpfile_the_hidden_file_is_removed(
     monkeypatch: pytest.MonkeyPatch,
     signum: int,
     stage: str,
+    window: str,
 ) -> None:
     """The named fallback: the hidden file exists while the copy runs, and goes."""
     src, out_dir, out, _data = small
@@ -293,7 +302,7 @@ def test_without_o_tmpfile_the_hidden_file_is_removed(
         _wrap(monkeypatch, OutputFile, "write", signal_now)
     else:
         _wrap(monkeypatch, os, "fsync", signal_now)
-    status, stderr = _main(["--isolation=inline", f"if={src}", f"of={out}"])
+    status, stderr = _main(["--isolation=inline", f"if={src}", f"of={out}", *WINDOWS[window]])
     assert (status, stderr) == (128 + signum, _expected_line(signum))
     (hidden,) = seen[0] - {"o.raw"}
     assert hidden.startswith(".o.raw.") and hidden.endswith(".aiodd-tmp")
@@ -301,6 +310,7 @@ def test_without_o_tmpfile_the_hidden_file_is_removed(
     assert out.read_bytes() == PRECIOUS
 
 
+@pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("when", ["while linking", "after linking"])
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_a_signal_once_the_output_is_being_put_in_place_lets_it_finish(
@@ -308,6 +318,7 @@ def test_a_signal_once_the_output_is_being_put_in_place_lets_it_finish(
     monkeypatch: pytest.MonkeyPatch,
     signum: int,
     when: str,
+    window: str,
 ) -> None:
     src, out_dir, out, data = small
     real_publish = OutputFile.publish
@@ -320,7 +331,7 @@ def test_a_signal_once_the_output_is_being_put_in_place_lets_it_finish(
             _signal_self(signum)
 
     monkeypatch.setattr(OutputFile, "publish", publish)
-    status, stderr = _main(["--isolation=inline", f"if={src}", f"of={out}"])
+    status, stderr = _main(["--isolation=inline", f"if={src}", f"of={out}", *WINDOWS[window]])
     by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
     assert (status, stderr) == (
         128 + signum,
@@ -330,9 +341,13 @@ def test_a_signal_once_the_output_is_being_put_in_place_lets_it_finish(
     assert out.read_bytes() == data
 
 
+@pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_while_the_guest_opens_the_input_closes_it(
-    small: tuple[Path, Path, Path, bytes], monkeypatch: pytest.MonkeyPatch, signum: int
+    small: tuple[Path, Path, Path, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    signum: int,
+    window: str,
 ) -> None:
     src, out_dir, out, _data = small
     guests: list[int] = []
@@ -345,7 +360,7 @@ def test_a_signal_while_the_guest_opens_the_input_closes_it(
         return disk
 
     monkeypatch.setattr(chain, "open_input", open_input)
-    status, stderr = _main(["--isolation=sandbox", f"if={src}", f"of={out}"])
+    status, stderr = _main(["--isolation=sandbox", f"if={src}", f"of={out}", *WINDOWS[window]])
     assert (status, stderr) == (128 + signum, _expected_line(signum))
     assert not Path(f"/proc/{guests[0]}").exists()
     assert _names(out_dir) == {"o.raw"}

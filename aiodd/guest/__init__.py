@@ -4,7 +4,8 @@
   the sandbox.
 - :mod:`aiodd.guest.disk` — the :class:`~aiodd.formats.base.VirtualDisk` a guest decodes,
   over a :mod:`~aiodd.guest.channel` (the interface a transport implements).
-- :mod:`aiodd.guest.process` — the transport: a child process on a socket pair.
+- :mod:`aiodd.guest.process` — the transport: a child process on a socket pair, started
+  by :mod:`aiodd.guest.spawn` (which the CLI runs first thing).
 - :mod:`aiodd.guest.protocol` — every message between host and guest, both directions.
 - :mod:`aiodd.guest.child` — the guest's side (``python -m aiodd.guest`` runs it too).
 - :mod:`aiodd.guest.sandbox` and :mod:`aiodd.guest.seccomp` — the layers the guest puts
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
     from aiodd.guest.memory import SharedBuffer as SharedBuffer
     from aiodd.guest.memory import shared_buffer as shared_buffer
     from aiodd.guest.options import GuestOptions as GuestOptions
-    from aiodd.guest.process import discard_prestarted as discard_prestarted
-    from aiodd.guest.process import prestart as prestart
+    from aiodd.guest.spawn import discard_prestarted as discard_prestarted
+    from aiodd.guest.spawn import prestart as prestart
 
 # Each name, by the module that defines it: ``prestart`` must not wait for the host's
 # machinery, it runs first thing in the CLI.
@@ -36,10 +37,10 @@ _HOMES = {
     "GuestOptions": "options",
     "IsolationWarning": "disk",
     "SharedBuffer": "memory",
-    "discard_prestarted": "process",
+    "discard_prestarted": "spawn",
     "isolation_report": "host",
     "open_guest": "host",
-    "prestart": "process",
+    "prestart": "spawn",
     "shared_buffer": "memory",
 }
 

@@ -1,4 +1,4 @@
-"""The guest reader's side: runs in a fresh process started by :mod:`aiodd.guest.process`.
+"""The guest reader's side: runs in a fresh process started by :mod:`aiodd.guest.spawn`.
 
 It imports everything decoding needs, receives its descriptors (the input image and the
 shared memory), puts itself in the sandbox (:mod:`aiodd.guest.sandbox`) and only then
@@ -34,6 +34,7 @@ from typing import Any
 
 import zstandard  # noqa: F401  # the qcow2 decoder's zstd clusters
 
+from aiodd import _timing
 from aiodd.errors import ImageError, IsolationError
 from aiodd.formats import registry as decoders
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
@@ -225,12 +226,17 @@ class Guest:
         time.localtime()  # loads the time zone (a file) now rather than later
         # The namespaces in two halves, the VM between them (sandbox.unshare says why).
         attempt("namespaces", _unshare)
+        _timing.mark("namespaces")
         self.start_vm()
+        _timing.mark("KVM VM made")
         base_vm = sandbox.vm_size()  # the VM's memory is part of the start-up size
         if status["namespaces"].startswith("active"):
             attempt("namespaces", sandbox.empty_root)
         attempt("no_new_privs", sandbox.no_new_privs)
         attempt("landlock", sandbox.landlock)
+        _timing.mark("root, privileges, landlock")
+        # Now: RLIMIT_FSIZE=0 forbids writing to a regular file, and seccomp any stderr.
+        _timing.report("aiodd guest")
         attempt("rlimits", lambda: sandbox.rlimits(MAX_FDS, self.init.cpu))
         threading.stack_size(THREAD_STACK)
         for _ in range(WORKERS):
@@ -378,11 +384,13 @@ def _within(value: int, hi: int, key: str) -> int:
 
 def main(control_fd: int, handlers: Mapping[str, Handler] | None = None) -> None:
     """Serve the host on ``control_fd``; ``handlers`` answer further requests (tests')."""
+    _timing.mark("imports")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=control_fd)
     link = HostLink(sock)
     data, fds, _flags, _addr = socket.recv_fds(sock, protocol.MAX_MESSAGE, 16)
     if not data:
         os._exit(0)
+    _timing.mark("waiting for the host")
     init = Init.decode(protocol.decode(data))
     guest = Guest(link, init, fds, handlers or {})
     status = guest.enter_sandbox()

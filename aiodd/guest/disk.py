@@ -15,6 +15,7 @@ import queue
 import threading
 import warnings
 
+from aiodd import _timing
 from aiodd.errors import AioddError, ImageError, IsolationError, PolicyError
 from aiodd.formats.base import Reference
 from aiodd.guest.channel import Channel, FileAnswer
@@ -112,6 +113,7 @@ class GuestDisk:
             kvm_device=options.kvm_device,
         )
         ready = self.channel.start(init, fds, self._resolve)
+        _timing.mark("guest ready")
         self.isolation = dict(ready.layers)
         self._set_mode(ready.mode, ready.reason)
         if options.isolation == "kvm" and ready.mode != "kvm":
@@ -131,6 +133,7 @@ class GuestDisk:
         if probe:
             return
         opened = self.channel.opened()
+        _timing.mark("guest opened input")
         if isinstance(opened, Failed):
             raise self._policy_error or self.error_of(opened.error)
         self._set_mode(opened.mode, opened.reason)

@@ -16,7 +16,8 @@ from aiodd.errors import IsolationError
 from aiodd.guest.disk import GuestDisk, IsolationWarning
 from aiodd.guest.memory import SharedBuffer, shared_buffer
 from aiodd.guest.options import GuestOptions
-from aiodd.guest.process import ProcessChannel, Spawned, prestart, take
+from aiodd.guest.process import ProcessChannel
+from aiodd.guest.spawn import Spawned, prestart, take
 from aiodd.policy import Layer, Policy
 
 __all__ = (

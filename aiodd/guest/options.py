@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 
 from aiodd.guest.sandbox import LAYERS
+from aiodd.guest.spawn import ENTRY
 
-ENTRY = "aiodd.guest.child"
 KVM_DEVICE_VARIABLE = "AIODD_KVM_DEVICE"
 
 

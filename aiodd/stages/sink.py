@@ -30,15 +30,17 @@ import errno
 import functools
 import os
 import stat
+from typing import TYPE_CHECKING
 
-import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream
-
-from aiodd.buffers import BufferPool, Bytes, WriteOp
 from aiodd.errors import OutputError, UsageError
 from aiodd.io import filesystem_magic
-from aiodd.options import Cache
-from aiodd.progress import ProgressMeter
+
+if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectReceiveStream
+
+    from aiodd.buffers import BufferPool, Bytes, WriteOp
+    from aiodd.options import Cache
+    from aiodd.progress import ProgressMeter
 
 
 def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -451,6 +453,8 @@ async def sink_stream(
     receive: MemoryObjectReceiveStream[WriteOp],
     meter: ProgressMeter,
 ) -> None:
+    import anyio  # here: a short copy writes through OutputFile with no event loop
+
     async with receive:
         async for op in receive:
             try:
@@ -494,6 +498,8 @@ async def clone_stream(
     filesystem that cannot (``EINVAL``, ``EOPNOTSUPP``, ``ENOSYS``), or a real one,
     which the pipeline then meets again and reports in its own words.
     """
+    import anyio
+
     chunk = chunk or CLONE_CHUNK
     length -= length % CLONE_ALIGN
     done = reported = 0

@@ -1,0 +1,160 @@
+"""Start-up: the short copy without an event loop, and AIODD_TIMING (docs/performance.md,
+"Start-up")."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from aiodd import chain, options
+from aiodd.api import dd
+from aiodd.cli import _is_short, main, parse_args
+
+MiB = 1 << 20
+OUTPUTS = ("raw", "qcow2", "vmdk", "vpc", "vhdx")
+# (bs, count, skip): a sector; a window that is no multiple of 512 (zero padding); one
+# that runs past the input's end; the longest short copy, over several buffers.
+WINDOWS = [("512", 1, 0), ("1000", 3, 1), ("64K", 40, 30), ("1M", 4, 0)]
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "in.raw"
+    path.write_bytes(os.urandom(2 * MiB + 777))
+    return path
+
+
+def _virtual_disk(path: Path, fmt: str) -> bytes:
+    disk = chain.open_input(str(path), fmt, isolation="inline")
+    try:
+        data = bytearray(disk.virtual_size)
+        disk.read_into(0, memoryview(data))
+        return bytes(data)
+    finally:
+        disk.close()
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=lambda w: f"bs={w[0]},count={w[1]},skip={w[2]}")
+@pytest.mark.parametrize("fmt", OUTPUTS)
+def test_the_short_copy_writes_what_the_pipeline_writes(
+    image: Path, tmp_path: Path, fmt: str, window: tuple[str, int, int]
+) -> None:
+    bs, count, skip = window
+    short, piped = tmp_path / f"short.{fmt}", tmp_path / f"piped.{fmt}"
+    argv = ["--isolation=inline", "-O", fmt, f"bs={bs}", f"count={count}", f"skip={skip}"]
+    assert _is_short(parse_args([*argv, f"if={image}", f"of={short}"]))
+    assert main([*argv, f"if={image}", f"of={short}"]) == 0
+    anyio.run(
+        lambda: dd(
+            image, piped, bs=bs, count=count, skip=skip, output_format=fmt, isolation="inline"
+        )
+    )
+    assert short.stat().st_size == piped.stat().st_size
+    assert _virtual_disk(short, fmt) == _virtual_disk(piped, fmt)
+    if fmt == "raw":
+        assert short.read_bytes() == piped.read_bytes()
+    assert {p.name for p in tmp_path.iterdir()} == {"in.raw", short.name, piped.name}
+
+
+@pytest.mark.parametrize("isolation", ["auto", "sandbox"])
+def test_the_short_copy_decodes_in_the_guest(image: Path, tmp_path: Path, isolation: str) -> None:
+    out = tmp_path / "out.raw"
+    assert main([f"--isolation={isolation}", "bs=4K", "count=3", "skip=1", f"if={image}",
+                 f"of={out}"]) == 0  # fmt: skip
+    assert out.read_bytes() == image.read_bytes()[4096 : 3 * 4096]
+
+
+def test_a_short_copy_past_the_end_warns_as_the_pipeline_does(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.raw"
+    assert main(["--isolation=inline", "bs=1M", "count=4", "skip=3", f"if={image}",
+                 f"of={out}"]) == 0  # fmt: skip
+    assert capsys.readouterr().err == f"aiodd: {image}: cannot skip to specified offset\n"
+    assert out.read_bytes() == b""
+
+
+@pytest.mark.parametrize(
+    ("extra", "short"),
+    [
+        (["count=1"], True),
+        ([f"bs={options.SHORT_COPY}", "count=1"], True),
+        ([f"bs={options.SHORT_COPY}", "count=2", "skip=1"], True),
+        ([f"bs={options.SHORT_COPY + 512}", "count=1"], False),
+        ([], False),  # to the input's end: any length
+        (["count=1", "-p"], False),
+        (["count=1", "--progress=json"], False),
+        (["count=1", "--checksum=sha256"], False),
+        (["count=1", "--sparse"], False),
+    ],
+)
+def test_which_copies_are_short(extra: list[str], short: bool) -> None:
+    assert _is_short(parse_args(["if=a", "of=b", *extra])) is short
+
+
+_LOADED = (
+    "import sys; from aiodd.cli import main; status = main(sys.argv[1:]);"
+    "print(status, 'asyncio' in sys.modules, 'anyio' in sys.modules)"
+)
+
+
+@pytest.mark.parametrize(
+    ("extra", "loop"), [(["bs=512", "count=1"], False), (["bs=512"], True)]
+)  # fmt: skip
+def test_a_short_copy_imports_no_event_loop(
+    image: Path, tmp_path: Path, extra: list[str], loop: bool
+) -> None:
+    """asyncio alone costs what the start-up floor allows a whole copy."""
+    out = tmp_path / "out.raw"
+    argv = ["--isolation=inline", f"if={image}", f"of={out}", *extra]
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOADED, *argv], capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.split() == ["0", str(loop), str(loop)]
+
+
+@pytest.mark.parametrize("isolation", ["inline", "sandbox", "auto"])
+def test_aiodd_timing_prints_the_phases(image: Path, tmp_path: Path, isolation: str) -> None:
+    out = tmp_path / "out.raw"
+    env = {**os.environ, "AIODD_TIMING": "1"}
+    # stderr a regular file: the guest must report before RLIMIT_FSIZE forbids writing one.
+    with (tmp_path / "stderr").open("w+") as stderr:
+        proc = subprocess.run(
+            [sys.executable, "-m", "aiodd", f"--isolation={isolation}", "bs=512", "count=1",
+             f"if={image}", f"of={out}"],
+            stderr=stderr, env=env, check=False,
+        )  # fmt: skip
+        stderr.seek(0)
+        lines = stderr.read().splitlines()
+    assert proc.returncode == 0, lines
+    host = [line.split(":")[2].split("  ")[0].strip() for line in lines
+            if line.startswith("aiodd: timing:")]  # fmt: skip
+    phases = ["interpreter (CPU)", "imports", "options"]
+    if isolation != "inline":
+        phases.append("guest spawned")
+    phases.append("library imported")
+    if isolation != "inline":
+        phases += ["guest ready", "guest opened input"]
+    phases += ["input opened", "output opened", "copy", "fsync", "rename", "close, exit"]
+    assert host == [*phases, "total after interpreter"]
+    guest = [line.split(":")[2].split("  ")[0].strip() for line in lines
+             if line.startswith("aiodd guest: timing:")]  # fmt: skip
+    if isolation == "inline":
+        assert guest == []
+    else:
+        assert guest == ["interpreter (CPU)", "imports", "waiting for the host", "namespaces",
+                         "KVM VM made", "root, privileges, landlock",
+                         "total after interpreter"]  # fmt: skip
+    assert out.read_bytes() == image.read_bytes()[:512]
+    quiet = subprocess.run(
+        [sys.executable, "-m", "aiodd", f"--isolation={isolation}", "bs=512", "count=1",
+         f"if={image}", f"of={out}"],
+        capture_output=True, text=True, check=False,
+        env={k: v for k, v in os.environ.items() if k != "AIODD_TIMING"},
+    )  # fmt: skip
+    assert (quiet.returncode, quiet.stderr) == (0, "")
