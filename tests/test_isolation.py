@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import anyio
@@ -308,6 +310,57 @@ def test_the_kvm_guest_readers_process_is_sealed(images: dict[str, Path]) -> Non
             assert view[:MiB] == _data(images)[512 : 512 + MiB]
         with pytest.raises(IsolationError, match="killed by its seccomp filter"):
             attempt(disk, "open", "/etc/hostname")
+    finally:
+        disk.close()
+        memory.close()
+
+
+@needs_kvm
+@needs_qemu
+def test_the_kvm_guest_reader_decodes_two_reads_at_once(tmp_path: Path) -> None:
+    """Two reads in flight at once (as the pipeline's two workers ask) go to the two VMs:
+    both open the image, and every byte lands where it belongs."""
+    raw = tmp_path / "in.raw"
+    rng = random.Random(5)
+    raw.write_bytes(b"".join(
+        rng.randbytes(4096) if rng.random() < 0.3 else bytes([n % 251]) * 4096
+        for n in range(4096)
+    ))  # fmt: skip
+    image = tmp_path / "in.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-c", raw, image)
+    data = raw.read_bytes()
+    policy = Policy()
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    chunk = 2 * MiB
+    memory = shared_buffer(2 * chunk)
+    try:
+        options = GuestOptions(entry=ENTRY, isolation="kvm")
+        disk: GuestDisk = open_guest(str(image), fd, None, policy, policy.top(str(image), fd),
+                                     memory=memory, options=options)  # fmt: skip
+    finally:
+        os.close(fd)
+    errors: list[BaseException] = []
+
+    def read(offset: int, view: memoryview) -> None:
+        try:
+            disk.read_into(offset, view)
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        assert attempt(disk, "kvm_vms") == "2 VMs, 1 opened"
+        with memoryview(memory) as view:
+            for start in range(0, len(data), 2 * chunk):
+                second = threading.Thread(
+                    target=read, args=(start + chunk, view[chunk : 2 * chunk])
+                )
+                second.start()
+                read(start, view[:chunk])
+                second.join()
+                assert not errors, errors
+                assert view[:chunk] == data[start : start + chunk], start
+                assert view[chunk:] == data[start + chunk : start + 2 * chunk], start
+        assert attempt(disk, "kvm_vms") == "2 VMs, 2 opened"
     finally:
         disk.close()
         memory.close()
