@@ -125,6 +125,13 @@ def _run(guest: Guest, what: object, arg: object) -> str:
             except OSError as exc:
                 results.append(str(exc.strerror))
         return ", ".join(results)
+    if what == "kvm_vms":
+        # how many VMs read, and how many have opened the image (the second opens it
+        # at its first read)
+        reader = guest.reader
+        if reader is None:
+            return "no VM"
+        return f"{reader.vms} VMs, {len(reader._open_vms)} opened"
     if what == "ids":
         return f"uid={os.getuid()} nnp={sandbox.get_no_new_privs()}"
     if what == "setrlimit":

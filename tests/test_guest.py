@@ -101,6 +101,28 @@ def test_seccomp_program(arch: str) -> None:
         assert name in seccomp.KILL and name in table
 
 
+@pytest.mark.parametrize("arch", sorted(seccomp.SYSCALLS))
+def test_seccomp_kvm_rule(arch: str) -> None:
+    """With two VMs: KVM_RUN on any of their four descriptors, nothing else; the
+    watchdogs' timer calls only then; creating a timer never (it is made before)."""
+    table = seccomp.SYSCALLS[arch]
+    kvm_run = 0xAE80
+    rule = seccomp.KvmRule((11, 12, 13, 14), (kvm_run,))
+    prog = seccomp.build_filter(arch, 7, rule)
+    plain = seccomp.build_filter(arch, 7)
+    eperm = seccomp.RET_ERRNO | errno.EPERM
+    for fd in rule.fds:
+        assert seccomp.run_filter(prog, arch, table["ioctl"], fd, kvm_run) == seccomp.RET_ALLOW
+        assert seccomp.run_filter(prog, arch, table["ioctl"], fd, 0xAE81) == eperm
+        assert seccomp.run_filter(plain, arch, table["ioctl"], fd, kvm_run) == eperm
+    for fd in (0, 7, 10, 15, 11 | 1 << 32):
+        assert seccomp.run_filter(prog, arch, table["ioctl"], fd, kvm_run) == eperm
+    for name in ("setitimer", "timer_settime", "timer_delete"):
+        assert seccomp.run_filter(prog, arch, table[name]) == seccomp.RET_ALLOW, name
+        assert seccomp.run_filter(plain, arch, table[name]) == eperm, name
+    assert "timer_create" not in table
+
+
 def test_seccomp_program_checks_the_abi() -> None:
     prog = seccomp.build_filter("x86_64", 3)
     x32_read = 0x40000000

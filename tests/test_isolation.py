@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import anyio
@@ -269,14 +271,67 @@ def test_the_kvm_guest_readers_process_is_sealed(images: dict[str, Path]) -> Non
         assert set(attempt(disk, "kvm_ioctl", "other-fd").split(", ")) == {
             "Operation not permitted"
         }
-        assert set(attempt(disk, "kvm_ioctl", "other-request").split(", ")) == {
-            "Operation not permitted"
-        }
+        # every descriptor of both VMs (the second reads on a thread of its own)
+        assert (
+            attempt(disk, "kvm_ioctl", "other-request").split(", ")
+            == ["Operation not permitted"] * 4
+        )
         with memoryview(memory) as view:
             disk.read_into(512, view[:MiB])
             assert view[:MiB] == _data(images)[512 : 512 + MiB]
         with pytest.raises(IsolationError, match="killed by its seccomp filter"):
             attempt(disk, "open", "/etc/hostname")
+    finally:
+        disk.close()
+        memory.close()
+
+
+@needs_kvm
+@needs_qemu
+def test_the_kvm_guest_reader_decodes_two_reads_at_once(tmp_path: Path) -> None:
+    """Two reads in flight at once (as the pipeline's two workers ask) go to the two VMs:
+    both open the image, and every byte lands where it belongs."""
+    raw = tmp_path / "in.raw"
+    rng = random.Random(5)
+    raw.write_bytes(b"".join(
+        rng.randbytes(4096) if rng.random() < 0.3 else bytes([n % 251]) * 4096
+        for n in range(4096)
+    ))  # fmt: skip
+    image = tmp_path / "in.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-c", raw, image)
+    data = raw.read_bytes()
+    policy = Policy()
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    chunk = 2 * MiB
+    memory = shared_buffer(2 * chunk)
+    try:
+        options = GuestOptions(entry=ENTRY, isolation="kvm")
+        disk: GuestDisk = open_guest(str(image), fd, None, policy, policy.top(str(image), fd),
+                                     memory=memory, options=options)  # fmt: skip
+    finally:
+        os.close(fd)
+    errors: list[BaseException] = []
+
+    def read(offset: int, view: memoryview) -> None:
+        try:
+            disk.read_into(offset, view)
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        assert attempt(disk, "kvm_vms") == "2 VMs, 1 opened"
+        with memoryview(memory) as view:
+            for start in range(0, len(data), 2 * chunk):
+                second = threading.Thread(
+                    target=read, args=(start + chunk, view[chunk : 2 * chunk])
+                )
+                second.start()
+                read(start, view[:chunk])
+                second.join()
+                assert not errors, errors
+                assert view[:chunk] == data[start : start + chunk], start
+                assert view[chunk:] == data[start + chunk : start + 2 * chunk], start
+        assert attempt(disk, "kvm_vms") == "2 VMs, 2 opened"
     finally:
         disk.close()
         memory.close()
@@ -325,5 +380,67 @@ def test_the_vms_watchdog_works_in_a_sealed_process(tmp_path: Path) -> None:
     )
     assert proc.stdout == (
         "evil.img: the guest reader did not finish within 0.3 s (watchdog) and was stopped\n"
+    ), proc.stderr
+    assert proc.returncode == -signal.SIGSYS
+
+
+_SECOND_VM_SCRIPT = """
+import os, sys, threading
+from pathlib import Path
+from aiodd.errors import IsolationError
+from aiodd.guest import sandbox, seccomp
+from aiodd.guest.kvm.vmm import KVM_RUN, GuestVM, ThreadWatchdog, keep_handler
+
+sandbox.unshare()
+first = GuestVM(name="first.img", guest=Path(sys.argv[1]), timeout=0.3)
+second = GuestVM(name="second.img", guest=Path(sys.argv[1]), timeout=0.3)
+keep_handler()
+sandbox.empty_root()
+sandbox.no_new_privs()
+sandbox.landlock()
+bound = threading.Event()
+sealed = threading.Event()
+ended = []
+
+def run():
+    second.bind(ThreadWatchdog())  # before sealing: timer_create is not in the filter
+    bound.set()
+    sealed.wait()
+    try:
+        second.command(0x203)  # the hostile guest spins
+    except IsolationError as exc:
+        ended.append(str(exc))
+
+thread = threading.Thread(target=run)
+thread.start()
+bound.wait()
+# stdout stands for the control socket
+seccomp.install(1, seccomp.KvmRule((*first.ioctl_fds, *second.ioctl_fds), (KVM_RUN,)))
+sealed.set()
+thread.join()
+print(ended[0], flush=True)
+try:
+    first.command(0x203)
+except IsolationError as exc:
+    print(exc, flush=True)
+os.open("/etc/hostname", os.O_RDONLY)
+"""
+
+
+@needs_kvm
+def test_the_second_vms_watchdog_works_in_a_sealed_process(tmp_path: Path) -> None:
+    """A VM run from a thread of its own is stopped by its own watchdog after sealing
+    (timer_settime passes the filter, the tick reaches that thread); the main thread's VM
+    is stopped by its own after it; the process is still sealed."""
+    hostile = build(tmp_path / "hostile.elf", [HOSTILE_SOURCE], libraries=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SECOND_VM_SCRIPT, str(hostile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout == (
+        "second.img: the guest reader did not finish within 0.3 s (watchdog) and was stopped\n"
+        "first.img: the guest reader did not finish within 0.3 s (watchdog) and was stopped\n"
     ), proc.stderr
     assert proc.returncode == -signal.SIGSYS

@@ -8,10 +8,13 @@ decides under the backing-file policy and answers with a descriptor or a refusal
 
 In the ``kvm`` mode (and ``auto``, where KVM runs) it also sets up the KVM guest reader
 (:mod:`aiodd.guest.kvm.reader`) before it seals itself, and the decoding happens in that
-micro-VM: the main thread runs the VM's work (``KVM_RUN`` must run there, for the
-watchdog's ``SIGPROF``), another thread receives the host's messages.  Under ``auto``, a
-host where KVM cannot run sends it back to the Python decoders, in this same sandboxed
-process; where the VM runs, it decodes every format.
+micro-VM: the main thread runs the VM's work (``KVM_RUN`` runs there, for the
+watchdog's ``SIGPROF``), another thread receives the host's messages.  A second VM,
+opening the same image, serves reads on a thread of its own, under a watchdog of its
+own, so two reads decode at once (a compressed image uses both cores, as the Python
+decoders' two workers do).  Under ``auto``, a host where KVM cannot run sends it back to
+the Python decoders, in this same sandboxed process; where the VM runs, it decodes every
+format.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from aiodd.formats import registry as decoders
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.guest import kvm, protocol, sandbox, seccomp
 from aiodd.guest.kvm.reader import KvmReader
+from aiodd.guest.kvm.vmm import ThreadWatchdog
 from aiodd.guest.protocol import (
     Call,
     Close,
@@ -62,6 +66,7 @@ for _codec in ("utf-8", "utf-16-le", "utf-16-be", "utf-16", "latin-1", "ascii"):
     codecs.lookup(_codec)
 
 WORKERS = 2
+VMS = 2  # the host asks for two reads at once (stages/reader.py's workers)
 M_TRIM_THRESHOLD = -1
 M_ARENA_MAX = -8
 THREAD_STACK = 1 << 20  # worker threads need little stack; keeps RLIMIT_AS meaningful
@@ -174,7 +179,7 @@ class Guest:
         self.reader: KvmReader | None = None
         self.mode = "sandbox"  # where the image is decoded: kvm or sandbox
         self.reason = "requested"
-        self.reads_on_main = False  # reads go to the VM's thread
+        self.reads_on_main = False  # reads go to the VMs' threads
 
     # -- the KVM guest reader --------------------------------------------------------
 
@@ -187,7 +192,7 @@ class Guest:
         available, why = kvm.availability(device)
         if available:
             try:
-                self.reader = KvmReader(self.init.name, self.mems)
+                self.reader = KvmReader(self.init.name, self.mems, vms=VMS)
             except (IsolationError, OSError) as exc:
                 if self.reader is not None:
                     self.reader.close()
@@ -198,6 +203,30 @@ class Guest:
             self.reason = "requested" if wanted == "kvm" else f"auto: {device} available"
         else:
             self.reason = why if wanted == "kvm" else f"auto: {why}"
+
+    def start_vm_threads(self, reader: KvmReader) -> int:
+        """A thread for each further VM, reading as the main thread does, each with its
+        watchdog's timer made before sealing (it cannot be made after); a VM whose
+        thread could not get one is closed.  How many threads were started."""
+        started = 0
+        for _ in range(reader.vms - 1):
+            ready = threading.Event()
+            threading.Thread(target=self._vm_thread, args=(reader, ready), daemon=True).start()
+            ready.wait()
+            started += 1
+        reader.drop_unbound()
+        return started
+
+    def _vm_thread(self, reader: KvmReader, ready: threading.Event) -> None:
+        # SIGPROF stays unblocked here: the watchdog's tick must interrupt KVM_RUN.
+        try:
+            watchdog = ThreadWatchdog()
+        except OSError:
+            ready.set()  # reads wait for the other VM
+            return
+        reader.bind(watchdog)
+        ready.set()
+        self.worker(self.main_jobs)
 
     # -- sandbox -------------------------------------------------------------------
 
@@ -241,10 +270,12 @@ class Guest:
         threading.stack_size(THREAD_STACK)
         for _ in range(WORKERS):
             _thread(functools.partial(self.worker, self.jobs))
+        threads = WORKERS + 2
         if self.reader is not None:  # the main thread is the VM's: receive on another
             _thread(self.serve)  # (now: seccomp forbids starting threads)
+            threads += self.start_vm_threads(self.reader)
         if "rlimits" in wanted and status["rlimits"].startswith("active"):
-            limit = base_vm + self.init.memory_limit + (WORKERS + 2) * 2 * THREAD_STACK
+            limit = base_vm + self.init.memory_limit + threads * 2 * THREAD_STACK
             try:
                 sandbox.limit_address_space(limit)
                 status["rlimits"] += f", AS={limit >> 20} MiB"
@@ -405,6 +436,6 @@ def main(control_fd: int, handlers: Mapping[str, Handler] | None = None) -> None
     if guest.reader is None:
         guest.jobs.put(guest.open)
         guest.serve()
-    guest.main_jobs.put(guest.open)
+    guest.open()  # here: a VM's thread would take it from the queue
     guest.worker(guest.main_jobs)
     sys.exit(0)  # pragma: no cover - serve() never returns

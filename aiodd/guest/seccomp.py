@@ -11,7 +11,7 @@ socket's descriptor it builds the classic-BPF program.  The program
 - allows ``write``/``sendto``/``sendmsg`` only on the control socket;
 - for the KVM guest reader only (a :class:`KvmRule`): ``ioctl`` only on the VM's
   descriptors and only with the requests its monitor makes (``KVM_RUN``), and
-  ``setitimer`` for its watchdog;
+  ``setitimer``, ``timer_settime`` and ``timer_delete`` for its watchdogs;
 - kills the process on the calls an attacker wants (:data:`KILL`: opening, executing,
   networking, tracing, forking, mounting, signalling others, loading BPF...);
 - answers ``EPERM`` to everything else (harmless calls the runtime may try).
@@ -54,6 +54,7 @@ _X86_64 = {
     "chroot": 161, "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168,
     "reboot": 169, "init_module": 175, "delete_module": 176, "quotactl": 179,
     "gettid": 186, "tkill": 200, "futex": 202, "set_tid_address": 218,
+    "timer_settime": 223, "timer_delete": 226,
     "restart_syscall": 219, "clock_gettime": 228, "clock_getres": 229,
     "clock_nanosleep": 230, "exit_group": 231, "tgkill": 234, "kexec_load": 246,
     "add_key": 248, "request_key": 249, "keyctl": 250, "openat": 257, "mkdirat": 258,
@@ -77,6 +78,7 @@ _AARCH64 = {
     "exit": 93, "exit_group": 94, "set_tid_address": 96, "unshare": 97, "futex": 98,
     "set_robust_list": 99, "nanosleep": 101, "clock_gettime": 113, "clock_getres": 114,
     "clock_nanosleep": 115, "setitimer": 103, "ptrace": 117, "sched_yield": 124,
+    "timer_settime": 110, "timer_delete": 111,
     "restart_syscall": 128, "kill": 129, "tkill": 130, "tgkill": 131, "sigaltstack": 132,
     "rt_sigaction": 134, "rt_sigprocmask": 135, "rt_sigreturn": 139, "setregid": 143, "setgid": 144,
     "setreuid": 145, "setuid": 146, "setresuid": 147, "setresgid": 149, "setrlimit": 164,
@@ -132,8 +134,10 @@ KILL = (
 )  # fmt: skip
 """Kill the process: the calls that only an attacker would make."""
 
-ALLOW_FOR_KVM = ("setitimer",)
-"""Allowed, with any arguments, only when the KVM guest reader runs: its watchdog."""
+ALLOW_FOR_KVM = ("setitimer", "timer_settime", "timer_delete")
+"""Allowed, with any arguments, only when the KVM guest reader runs: its watchdogs (the
+main thread's interval timer, a reading thread's CPU-time timer, made before sealing; a
+process's timers are its own)."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ reader").
 from __future__ import annotations
 
 import mmap
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -22,7 +23,13 @@ from aiodd.formats import INPUT_FORMATS, check_input_format, foreign
 from aiodd.formats.base import RandomAccessFile, Reference, ReferenceKind, Resolver
 from aiodd.formats.common import zero_fill
 from aiodd.guest.kvm import layout as L
-from aiodd.guest.kvm.vmm import MAX_OFFSET, AbiViolation, GuestVM
+from aiodd.guest.kvm import vmm
+from aiodd.guest.kvm.vmm import (
+    MAX_OFFSET,
+    AbiViolation,
+    GuestVM,
+    ThreadWatchdog,
+)
 
 __all__ = (
     "GUEST_FORMATS",
@@ -76,12 +83,15 @@ def guest_format(file: RandomAccessFile, fmt: str | None) -> str:
 
 
 class KvmReader:
-    """One micro-VM, created in the guest child before it seals itself, used after.
+    """Micro-VMs, created in the guest child before it seals itself, used after.
 
     ``memories`` are the shared buffers reads should land in: memory ``i`` becomes slot
     ``i`` of the guest, which then writes straight into it.  Raises
     :class:`IsolationError` (with the reason) when KVM cannot run.  Every call must come
-    from the main thread.  The keyword knobs are the watchdog's (the product's defaults;
+    from the main thread, but reads: with ``vms`` above one, each further VM (made when
+    it can be: at least one is) serves the reads of the thread :meth:`bind` gives it, so
+    two reads decode at once.  Every VM opens the same image, the files of its chain
+    opened once for all.  The keyword knobs are the watchdog's (the product's defaults;
     the tests shorten them).
     """
 
@@ -94,23 +104,77 @@ class KvmReader:
         open_timeout: float = OPEN_TIMEOUT,
         watchdog_floor: float = WATCHDOG_FLOOR,
         watchdog_rate: float = WATCHDOG_RATE,
+        vms: int = 1,
     ) -> None:
         self.name = name
         self._open_timeout = open_timeout
         self._watchdog_floor = watchdog_floor
         self._watchdog_rate = watchdog_rate
-        # The resolver of each handle's references (None: a data file names nothing).
-        self._resolvers: list[Resolver | None] = []
+        # The chain's files, the top layer first, each opened once for every VM; the
+        # resolver of each one's references (None: a data file names nothing), by id.
+        self._files: list[RandomAccessFile] = []
+        self._resolvers: dict[int, Resolver | None] = {}
+        # What each (referrer's file, kind, name, format) opened, in order: another VM
+        # asking the same gets the same files.
+        self._opened: dict[tuple[int, int, str, str | None], list[tuple[RandomAccessFile, int]]]
+        self._opened = {}
+        self._asked: dict[int, dict[tuple[int, int, str, str | None], int]] = {}  # by VM
+        self._lock = threading.Lock()  # opens from two VMs' threads
         self._disk: KvmDisk | None = None
-        self._vm = GuestVM(
-            name=name, guest=guest, memories=memories, opener=self._open_reference,
-            timeout=open_timeout,
-        )  # fmt: skip
+        self._open_vms: set[int] = set()  # the VMs that opened the disk, by id
+        self._vm = self._make_vm(name, guest, memories, open_timeout)
+        self._vms = [self._vm]
+        self._threads: dict[int, GuestVM] = {}  # the bound threads' VMs, by thread
+        self._handler: vmm.SignalHandler = None
+        self._kept = False
+        for _ in range(vms - 1):
+            try:
+                self._vms.append(self._make_vm(name, guest, memories, open_timeout))
+            except IsolationError:
+                break  # fewer VMs: reads wait for each other, as with one
+        if len(self._vms) > 1:
+            # A bound thread's watchdog tick may come at any time: SIGPROF must never
+            # have its default action (the end of the process).
+            self._handler, self._kept = vmm.keep_handler(), True
+
+    def _make_vm(
+        self, name: str, guest: Path | None, memories: Sequence[mmap.mmap], timeout: float
+    ) -> GuestVM:
+        vm: GuestVM | None = None
+
+        def opener(referrer: int, kind: int, ref: str, fmt: str | None) -> tuple[int, int, int]:
+            assert vm is not None
+            return self._open_reference(vm, referrer, kind, ref, fmt)
+
+        vm = GuestVM(name=name, guest=guest, memories=memories, opener=opener, timeout=timeout)
+        return vm
+
+    @property
+    def vms(self) -> int:
+        """How many VMs read (two reads at once when more than one)."""
+        return len(self._vms)
+
+    def bind(self, watchdog: ThreadWatchdog) -> None:
+        """Give the calling thread (``watchdog``'s) a VM of its own to read with: one
+        no thread has yet (ValueError when none is left).  Before sealing."""
+        free = [vm for vm in self._vms[1:] if vm not in self._threads.values()]
+        if not free:
+            raise ValueError("no VM is left to bind")
+        free[0].bind(watchdog)
+        self._threads[watchdog.thread] = free[0]
+
+    def drop_unbound(self) -> None:
+        """Close the further VMs no thread was bound to (their threads failed)."""
+        bound = set(map(id, self._threads.values()))
+        for vm in self._vms[1:]:
+            if id(vm) not in bound:
+                vm.close()
+        self._vms = [self._vm, *(vm for vm in self._vms[1:] if id(vm) in bound)]
 
     @property
     def ioctl_fds(self) -> tuple[int, ...]:
-        """The VM's and the vCPU's descriptors, which reads use after sealing."""
-        return self._vm.ioctl_fds
+        """Each VM's and each vCPU's descriptors, which reads use after sealing."""
+        return tuple(fd for vm in self._vms for fd in vm.ioctl_fds)
 
     @property
     def ioctl_requests(self) -> tuple[int, ...]:
@@ -132,8 +196,10 @@ class KvmReader:
         if self._disk is not None and not self._disk.closed:
             raise RuntimeError("the KVM guest reader already has an open disk")
         name = guest_format(file, fmt)
+        self._files = [file]
+        self._resolvers = {id(file): resolver}
         self._vm.set_files([(file, _CODES[name])])
-        self._resolvers = [resolver]
+        self._open_vms = {id(self._vm)}
         try:
             virtual_size = self._vm.open(_CODES[name], timeout=self._open_timeout)
         except BaseException:
@@ -142,16 +208,49 @@ class KvmReader:
         self._disk = KvmDisk(self, name, virtual_size)
         return self._disk
 
+    def _open_in(self, vm: GuestVM, disk: KvmDisk) -> None:
+        """Open the disk in a further VM, on its thread, at its first read: off the way
+        to the first byte, which the first VM decodes meanwhile.  The chain's files are
+        the ones the first VM's open opened."""
+        code = _CODES[disk.format_name]
+        vm.set_files([(self._files[0], code)])
+        size = vm.open(code, timeout=self._open_timeout)
+        if size != disk.virtual_size:
+            vm.close()
+            raise IsolationError(
+                f"{self.name}: the guest readers disagree on the virtual size"
+                f" ({disk.virtual_size} and {size} bytes)"
+            )
+        self._open_vms.add(id(vm))
+
     def _open_reference(
-        self, referrer: int, kind: int, name: str, fmt: str | None
+        self, vm: GuestVM, referrer: int, kind: int, name: str, fmt: str | None
     ) -> tuple[int, int, int]:
-        """The guest asks for a file its layer ``referrer`` names (an ``Opener``)."""
-        if len(self._vm.files) >= MAX_FILES:
+        """``vm``'s guest asks for a file its layer ``referrer`` names (an ``Opener``):
+        the file another VM got for the same request, else one the resolver opens."""
+        if len(vm.files) >= MAX_FILES:
             raise AbiViolation(f"open of more than {MAX_FILES} files")
-        resolver = self._resolvers[referrer]
+        with self._lock:
+            referring = vm.files[referrer]
+            key = (id(referring), kind, name, fmt)
+            asked = self._asked.setdefault(id(vm), {})
+            count = asked.get(key, 0)
+            opened = self._opened.setdefault(key, [])
+            if count < len(opened):
+                file, code = opened[count]
+            else:
+                file, code = self._open_new(referrer, referring, kind, name, fmt)
+                opened.append((file, code))
+            asked[key] = count + 1
+            return vm.add_file(file, code), file.size, code
+
+    def _open_new(
+        self, referrer: int, referring: RandomAccessFile, kind: int, name: str, fmt: str | None
+    ) -> tuple[RandomAccessFile, int]:
+        resolver = self._resolvers[id(referring)]
         if resolver is None:
             raise AbiViolation(f"open named by handle {referrer}, which is not an image")
-        image = self._vm.files[referrer].name
+        image = referring.name
         file: RandomAccessFile
         layer: Resolver | None
         if kind in (L.REF_DATA_FILE, L.REF_EXTENT):
@@ -167,21 +266,27 @@ class KvmReader:
             except BaseException:
                 file.close()
                 raise
-        self._resolvers.append(layer)
-        return self._vm.add_file(file, code), file.size, code
+        self._resolvers[id(file)] = layer
+        self._files.append(file)
+        return file, code
 
     def _forget(self, keep: int) -> None:
-        """Close the files given to the guest but the first ``keep``; the guest loses
+        """Close the files given to the guests but the first ``keep``; the guests lose
         them all."""
-        files = self._vm.files[keep:]
-        self._vm.set_files([])
-        self._resolvers = []
+        files = self._files[keep:]
+        for vm in self._vms:
+            vm.set_files([])
+        self._open_vms = set()
+        self._files, self._resolvers, self._opened, self._asked = [], {}, {}, {}
         for file in reversed(files):
             file.close()
 
     def _read(self, disk: KvmDisk, offset: int, buf: memoryview) -> None:
+        vm = self._threads.get(threading.get_ident(), self._vm)
         if disk is not self._disk or disk.closed:
             raise IsolationError(f"{self.name}: the disk is closed")
+        if id(vm) not in self._open_vms:
+            self._open_in(vm, disk)
         length = buf.nbytes
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
@@ -193,15 +298,15 @@ class KvmReader:
             return
         assert offset <= MAX_OFFSET - inside  # the virtual size is at most MAX_OFFSET
         view = buf[:inside] if inside < length else buf
-        address = self._vm.locate(view)
+        address = vm.locate(view)
         if address is not None:
-            self._vm.read(offset, inside, address, timeout=self._deadline(inside))
+            vm.read(offset, inside, address, timeout=self._deadline(inside))
             return
         done = 0
         while done < inside:
             n = min(L.OUT_SIZE, inside - done)
-            self._vm.read(offset + done, n, L.OUT_BASE, timeout=self._deadline(n))
-            self._vm.copy_output(view[done : done + n])
+            vm.read(offset + done, n, L.OUT_BASE, timeout=self._deadline(n))
+            vm.copy_output(view[done : done + n])
             done += n
 
     def _deadline(self, length: int) -> float:
@@ -213,8 +318,12 @@ class KvmReader:
             self._disk = None
 
     def close(self) -> None:
-        """Destroy the VM; idempotent.  An open disk's files stay the disk's to close."""
-        self._vm.close()
+        """Destroy the VMs; idempotent.  An open disk's files stay the disk's to close."""
+        for vm in self._vms:
+            vm.close()
+        if self._kept:
+            self._kept = False
+            vmm.restore_handler(self._handler)
 
 
 class KvmDisk:

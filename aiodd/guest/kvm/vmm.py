@@ -11,8 +11,9 @@ the watchdog), and every request that breaks the ABI, ends the VM with one
 The host reads files for the guest only through ``RandomAccessFile.readinto`` into a
 view of the guest's memory: no copy, and in-memory files work too.
 
-The vCPU runs in the calling thread, which must be the process's main thread: the
-watchdog is a repeating ``ITIMER_PROF`` whose ``SIGPROF`` interrupts ``KVM_RUN`` there.
+The vCPU runs in the calling thread: the process's main thread, where the watchdog is a
+repeating ``ITIMER_PROF`` whose ``SIGPROF`` interrupts ``KVM_RUN``, or a thread the VM is
+bound to (:meth:`GuestVM.bind`), whose own :class:`ThreadWatchdog` interrupts it there.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import platform
 import signal
 import struct
 import threading
@@ -275,13 +277,91 @@ def _on_tick(signum: int, frame: FrameType | None) -> None:
         raise _Expired
 
 
-_Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
+SignalHandler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
 
 
-def _stop_watchdog(previous: _Handler) -> None:
+def _stop_watchdog(previous: SignalHandler) -> None:
     _Watchdog.deadline = None  # first: from here on the handler never raises
     signal.setitimer(signal.ITIMER_PROF, 0, 0)
     # None: the previous handler was not set from Python; the default is all we can give
+    signal.signal(signal.SIGPROF, previous if previous is not None else signal.SIG_DFL)
+
+
+# A VM run from another thread than the main one has a watchdog of its own: a kernel
+# timer on that thread's CPU clock whose SIGPROF goes to that thread only (SIGEV_THREAD_ID),
+# so it interrupts that thread's KVM_RUN wherever the other threads are.  Python runs
+# signal handlers in the main thread only: the run loop checks the deadline itself after
+# each interruption.  The timer is created on the thread before the process seals itself
+# (timer_create is not in the filter); arming it later is timer_settime.
+
+_SYS_TIMER: Final = {
+    "x86_64": {"timer_create": 222, "timer_settime": 223, "timer_delete": 226},
+    "aarch64": {"timer_create": 107, "timer_settime": 110, "timer_delete": 111},
+}
+_CLOCK_THREAD_CPUTIME_ID: Final = 3
+_SIGEV_THREAD_ID: Final = 4
+_SIGEVENT = struct.Struct("<Qiii44x")  # sigev_value, sigev_signo, sigev_notify, _tid
+_ITIMERSPEC = struct.Struct("<4q")  # it_interval, it_value: (seconds, nanoseconds) each
+
+
+class ThreadWatchdog:
+    """The watchdog of the VMs run by the thread that creates it (docs/kvm.md, "The
+    watchdog"): a repeating CPU-time tick sent to this thread alone.  ``SIGPROF`` must
+    have a handler (:func:`keep_handler`), else the tick ends the process."""
+
+    def __init__(self) -> None:
+        numbers = _SYS_TIMER.get(platform.machine())
+        if numbers is None:
+            raise OSError(f"no timer system calls known for {platform.machine()}")
+        self._numbers = numbers
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.syscall.restype = ctypes.c_long
+        self.thread = threading.get_ident()
+        event = ctypes.create_string_buffer(
+            _SIGEVENT.pack(0, signal.SIGPROF, _SIGEV_THREAD_ID, threading.get_native_id()),
+            _SIGEVENT.size,
+        )
+        timer = ctypes.c_int(-1)
+        self._syscall(
+            "timer_create",
+            ctypes.c_long(_CLOCK_THREAD_CPUTIME_ID), event, ctypes.byref(timer),
+        )  # fmt: skip
+        self._timer: int | None = timer.value
+
+    def _syscall(self, name: str, *args: object) -> None:
+        if self._libc.syscall(ctypes.c_long(self._numbers[name]), *args) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{name}: {os.strerror(err)}")
+
+    def _set(self, tick: float) -> None:
+        if self._timer is None:
+            raise OSError("the watchdog's timer is deleted")
+        ns = int(tick * 1e9)
+        spec = ctypes.create_string_buffer(
+            _ITIMERSPEC.pack(ns // 10**9, ns % 10**9, ns // 10**9, ns % 10**9), _ITIMERSPEC.size
+        )
+        self._syscall("timer_settime", ctypes.c_long(self._timer), ctypes.c_long(0), spec, None)
+
+    def arm(self) -> None:
+        self._set(_TICK)
+
+    def disarm(self) -> None:
+        self._set(0)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            with contextlib.suppress(OSError):
+                self._syscall("timer_delete", ctypes.c_long(self._timer))
+            self._timer = None
+
+
+def keep_handler() -> SignalHandler:
+    """Give ``SIGPROF`` the watchdog's handler for good (main thread): a thread's
+    watchdog tick may come at any time.  The previous handler, for :func:`restore_handler`."""
+    return signal.signal(signal.SIGPROF, _on_tick)
+
+
+def restore_handler(previous: SignalHandler) -> None:
     signal.signal(signal.SIGPROF, previous if previous is not None else signal.SIG_DFL)
 
 
@@ -367,6 +447,8 @@ class GuestVM:
         self._ram: mmap.mmap | None = None
         self._run: mmap.mmap | None = None
         self._vm = self._vcpu = -1
+        self._watchdog: ThreadWatchdog | None = None  # another thread's, when bound
+        self._deadline: float | None = None  # that thread's run loop checks it
         started = time.perf_counter()
         try:
             template = _template(guest if guest is not None else GUEST)
@@ -424,6 +506,11 @@ class GuestVM:
     def ioctl_requests(self) -> tuple[int, ...]:
         """The ioctl requests the VM makes once it has started."""
         return (KVM_RUN,)
+
+    def bind(self, watchdog: ThreadWatchdog) -> None:
+        """Let the thread of ``watchdog`` run the VM too, under that watchdog (the main
+        thread still may, under its own)."""
+        self._watchdog = watchdog
 
     def add_file(self, file: RandomAccessFile, fmt: int = L.FMT_NONE) -> int:
         """Give the guest ``file`` (of format ``fmt``, an ``FMT_*``): its handle."""
@@ -524,6 +611,9 @@ class GuestVM:
         """Run ``body`` under the watchdog; any failure closes the VM."""
         if self._run is None:
             raise IsolationError(f"{self.name}: the guest reader is closed")
+        watchdog = self._watchdog
+        if watchdog is not None and watchdog.thread == threading.get_ident():
+            return self._guarded_on_thread(body, timeout, watchdog)
         try:
             previous = signal.signal(signal.SIGPROF, _on_tick)
         except ValueError:  # not the main thread
@@ -545,6 +635,34 @@ class GuestVM:
             self.close()
             raise
 
+    def _guarded_on_thread(
+        self, body: Callable[[], T], timeout: float, watchdog: ThreadWatchdog
+    ) -> T:
+        """:meth:`_guarded` on a bound thread: its own timer, the deadline checked by
+        the run loop."""
+        try:
+            try:
+                self._deadline = time.monotonic() + timeout
+                watchdog.arm()
+                return body()
+            finally:
+                self._deadline = None
+                watchdog.disarm()
+        except _Expired:
+            raise self._fail(
+                f"did not finish within {timeout:g} s (watchdog) and was stopped"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _interrupted(self) -> None:
+        """KVM_RUN was interrupted: on a bound thread, stop once the deadline has passed
+        (in the main thread the signal's handler has done it)."""
+        deadline = self._deadline
+        if deadline is not None and time.monotonic() >= deadline:
+            raise _Expired
+
     def _exit(self) -> tuple[int, int]:
         """Run the vCPU to its next doorbell: (port, value) of the ``out``.  Any other
         exit ends the VM with an IsolationError."""
@@ -554,11 +672,15 @@ class GuestVM:
             try:
                 fcntl.ioctl(self._vcpu, KVM_RUN, 0)
             except InterruptedError:
-                continue  # a watchdog tick: its handler has run (and raised if late)
+                # a watchdog tick: in the main thread its handler has run (and raised
+                # if late)
+                self._interrupted()
+                continue
             except OSError as exc:
                 raise self._fail(f"could not be run ({exc.strerror})") from None
             reason = _U32.unpack_from(run, _RUN_EXIT_REASON)[0]
             if reason == EXIT_INTR:
+                self._interrupted()
                 continue
             if reason == EXIT_IO:
                 direction, size, port, count, data_offset = _IO.unpack_from(run, _RUN_UNION)
