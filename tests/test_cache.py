@@ -198,7 +198,7 @@ def test_page_cache_writes_go_in_small_pieces(
         lengths.append(len(data))
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(sink.os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwrite", pwrite)
     data = _data(4 * MiB + 4096 + 100)
     path = tmp_path / "o.raw"
     output = OutputFile.create(str(path), len(data), raw=True, cache="unsafe")
