@@ -132,7 +132,7 @@ def _formats(b: Bench) -> tuple[list[Result], list[Floor]]:
     raw = b.data.mixed_raw(size)
     random = b.data.random_raw(size)
     cases: list[Case] = []
-    rows: list[str] = []  # the label of each row, its convert the last case
+    rows: list[str] = []  # one label per format row, for its floors
     for kind in IMAGE_KINDS:
         src = b.data.image(kind, size)
         out = b.out("cache-inputs.raw")
