@@ -1,17 +1,24 @@
 """``-t CACHE``: aiodd's cache modes on the 1 GiB random raw → raw copy, each against the
 tool that makes the same promise: ``-t unsafe`` (page cache, never flushed) against plain
 ``qemu-img convert`` (whose default is ``-t unsafe`` too) and plain coreutils ``dd``; the
-default ``-t none`` (past the page cache, flushed) against ``dd oflag=direct conv=fsync``."""
+default ``-t none`` (past the page cache, flushed) against ``dd oflag=direct conv=fsync``.
+
+Then ``-t unsafe`` on every format row of the inputs and outputs sections, in both
+isolation modes, against plain ``qemu-img convert``: like for like, where those
+sections' own floors compare a durable copy with convert's page cache."""
 
 from __future__ import annotations
 
 from bench.context import Bench
+from bench.data import IMAGE_KINDS
 from bench.measure import Case, Result, find, human
 from bench.report import Floor, Section, Table, ratio_floor
 
 NAME = "cache"
 GROUP = "-t CACHE"
 CACHES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+MODES = ("sandbox", "inline")
+OUTPUT_FORMATS = ("qcow2", "vmdk", "vpc", "vhdx")
 
 
 def _r(tool: str, case: str, nbytes: int) -> Result:
@@ -70,25 +77,31 @@ def run(b: Bench) -> Section:
             "conv=fsync, which also writes past the page cache, as -t none does.",
         )
     ]
-    unsafe = find(results, "aiodd (sandbox)", "-t unsafe")
     default = find(results, "aiodd (sandbox)", "-t none (the default)")
-    floors: list[Floor] = [
-        ratio_floor(
-            GROUP,
-            "aiodd -t unsafe ≤ qemu-img convert (page cache against page cache)",
-            unsafe,
-            find(results, "qemu-img convert", "-O raw"),
-            1.0,
-            informative=True,
-        ),
-        ratio_floor(
-            GROUP,
-            "aiodd -t unsafe within 1.25x coreutils dd bs=4M (page cache against page cache)",
-            unsafe,
-            find(results, "coreutils dd", "bs=4M"),
-            1.25,
-            informative=True,
-        ),
+    convert_raw = find(results, "qemu-img convert", "-O raw")
+    plain_dd = find(results, "coreutils dd", "bs=4M")
+    floors: list[Floor] = []
+    for mode in MODES:
+        unsafe = find(results, f"aiodd ({mode})", "-t unsafe")
+        floors += [
+            ratio_floor(
+                GROUP,
+                f"aiodd ({mode}) -t unsafe raw → raw ≤ qemu-img convert (page cache against"
+                " page cache)",
+                unsafe,
+                convert_raw,
+                1.0,
+            ),
+            ratio_floor(
+                GROUP,
+                f"aiodd ({mode}) -t unsafe raw → raw within 1.25x coreutils dd bs=4M (page"
+                " cache against page cache)",
+                unsafe,
+                plain_dd,
+                1.25,
+            ),
+        ]
+    floors.append(
         ratio_floor(
             GROUP,
             "aiodd default (-t none) within 1.25x dd oflag=direct conv=fsync (durable, "
@@ -97,7 +110,81 @@ def run(b: Bench) -> Section:
             find(results, "coreutils dd", "bs=4M oflag=direct conv=fsync"),
             1.25,
             informative=True,
-        ),
-    ]
+        )
+    )
+    format_results, format_floors = _formats(b)
+    sec.tables.append(
+        Table(
+            f"{human(size)} format rows with -t unsafe, against plain qemu-img convert",
+            format_results,
+            "The inputs section's images → raw and its random raw → each output format, "
+            "every copy left in the page cache.  aiodd's copy is dense; convert writes holes "
+            "where an input has no data.",
+        )
+    )
+    floors += format_floors
     sec.floors = floors
     return sec
+
+
+def _formats(b: Bench) -> tuple[list[Result], list[Floor]]:
+    size = b.sizes.main
+    raw = b.data.mixed_raw(size)
+    random = b.data.random_raw(size)
+    cases: list[Case] = []
+    rows: list[str] = []  # one label per format row, for its floors
+    for kind in IMAGE_KINDS:
+        src = b.data.image(kind, size)
+        out = b.out("cache-inputs.raw")
+        label = f"{kind.label} → raw"
+        cases += [
+            Case(
+                _r(f"aiodd ({mode})", f"{label}, -t unsafe", size),
+                (b.aiodd(src, out, bs="1M", isolation=mode, fmt_in=kind.fmt, cache="unsafe"),),
+                (out,),
+                check=b.same_bytes(raw, out, size),
+            )
+            for mode in MODES
+        ]
+        cases.append(
+            Case(
+                _r("qemu-img convert", label, size),
+                (b.qemu_convert(src, out, fmt_in=kind.fmt),),
+                (out,),
+            )
+        )
+        rows.append(label)
+    for fmt in OUTPUT_FORMATS:
+        out = b.out(f"cache-outputs.{fmt}")
+        label = f"raw → {fmt}"
+        cases += [
+            Case(
+                _r(f"aiodd ({mode})", f"{label}, -t unsafe", size),
+                (b.aiodd(random, out, bs="1M", isolation=mode, fmt_out=fmt, cache="unsafe"),),
+                (out,),
+                check=b.same_image(random, out, fmt),
+            )
+            for mode in MODES
+        ]
+        cases.append(
+            Case(
+                _r("qemu-img convert", label, size),
+                (b.qemu_convert(random, out, fmt_out=fmt),),
+                (out,),
+            )
+        )
+        rows.append(label)
+    b.log(f"[cache] -t unsafe on the format rows ({human(size)})")
+    results = b.run(cases)
+    floors = [
+        ratio_floor(
+            GROUP,
+            f"aiodd ({mode}) -t unsafe {label} ≤ qemu-img convert (page cache against page cache)",
+            find(results, f"aiodd ({mode})", f"{label}, -t unsafe"),
+            find(results, "qemu-img convert", label),
+            1.0,
+        )
+        for label in rows
+        for mode in MODES
+    ]
+    return results, floors

@@ -186,6 +186,32 @@ def test_only_none_and_directsync_write_past_the_page_cache(cache: str, tmp_path
         output.abort()
 
 
+def test_page_cache_writes_go_in_small_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 4 MiB buffer reaches the page cache as 128 KiB writes, each at its place
+    (docs/performance.md, "Cache modes (-t)": large writes get large, slow folios)."""
+    lengths: list[int] = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        lengths.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    data = _data(4 * MiB + 4096 + 100)
+    path = tmp_path / "o.raw"
+    output = OutputFile.create(str(path), len(data), raw=True, cache="unsafe")
+    try:
+        output.write([(0, data[: 4 * MiB]), (4 * MiB, memoryview(data)[4 * MiB :])])
+        output.commit(len(data))
+    finally:
+        output.abort()
+    assert path.read_bytes() == data
+    assert max(lengths) == sink.PAGE_CACHE_PIECE and sum(lengths) == len(data)
+    assert len(lengths) == 4 * MiB // sink.PAGE_CACHE_PIECE + 1
+
+
 # --- where copy_file_range is used -----------------------------------------------------
 
 

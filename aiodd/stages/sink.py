@@ -102,6 +102,13 @@ def direct_length(offset: int, length: int, address: int | None, alignment: int)
     return length - length % alignment
 
 
+# Writes through the page cache go in pieces of this size.  The kernel sizes the
+# page-cache folios it allocates for a write by the write's length; a 4 MiB write asks
+# for 2 MiB folios, which on these VMs are often memory the hypervisor has to back
+# again on first touch: 4 MiB writes cost 1-4 CPU-s per GiB where 128 KiB pieces cost
+# 0.4, steadily (docs/performance.md, "Cache modes (-t)").
+PAGE_CACHE_PIECE = 128 << 10
+
 _TEMP_SUFFIX = ".aiodd-tmp"
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 
@@ -340,7 +347,7 @@ class OutputFile:
     def _write_buffered(self, offset: int, view: memoryview) -> None:
         start = offset
         while view:
-            n = os.pwrite(self.fd, view, offset)
+            n = os.pwrite(self.fd, view[:PAGE_CACHE_PIECE], offset)
             view = view[n:]
             offset += n
         hint = self.cache in ("none", "writeback")  # the others flush at once, or never
