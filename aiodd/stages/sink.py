@@ -66,8 +66,12 @@ def _load_fallocate() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     writing zeros over the whole range, a second copy's worth of writing.
     """
     try:
-        fn = ctypes.CDLL(None, use_errno=True).fallocate64
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - no libc
+        return None
+    # fallocate64 takes 64-bit offsets on every ABI; musl has only fallocate (64-bit there).
+    fn = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     fn.restype = ctypes.c_int
@@ -563,6 +567,7 @@ async def _write_concurrently(
     """
     slots = anyio.Semaphore(output.writes_in_flight)
     busy: dict[int, tuple[list[tuple[int, int]], anyio.Event]] = {}
+    failed: list[bool] = []  # the meter raised: its callback is not called again
 
     async def write(key: int, op: WriteOp, done: anyio.Event) -> None:
         try:
@@ -574,8 +579,15 @@ async def _write_concurrently(
             del busy[key]
             done.set()
             slots.release()
-        if op.data_bytes:
-            meter.advance(op.data_bytes)
+        # Not once the copy is failing: a worker thread cannot be cancelled, and a
+        # progress callback that raised must not be called again by the other write.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if op.data_bytes and not failed:
+            try:
+                meter.advance(op.data_bytes)
+            except BaseException:
+                failed.append(True)
+                raise
 
     async with anyio.create_task_group() as tg:
         key = 0
