@@ -91,7 +91,8 @@ _WRITE_GRANULE = 64 << 10
 
 # O_DIRECT needs the file offset, the length and the memory address aligned to the
 # device's logical block.  512 is the common case; a device that wants 4096 says so
-# with EINVAL, and the writer moves up once before giving O_DIRECT up.
+# with EINVAL, and the writer moves up once before giving O_DIRECT up.  Files start
+# at 4096 (OutputFile.__init__ says why).
 _DIRECT_ALIGNMENTS = (512, 4096)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 # Local disk filesystems, where a large O_DIRECT write goes to the device as it is.
@@ -209,7 +210,11 @@ class OutputFile:
         if cache in ("none", "directsync"):
             direct_path = _proc_fd(fd) if unnamed else (temp_path or path)
             self.direct_fd = _open_direct(direct_path, fd, device=self.device)
-        self._alignment = 0
+        # A block device takes 512-byte pieces directly.  A filesystem takes them too,
+        # but ext4 serialises a direct write that is not aligned to its 4 KiB block,
+        # waits for every other one and zeroes the rest of the block: through the page
+        # cache such pieces cost less (docs/performance.md, "Durable at the disk's speed").
+        self._alignment = 0 if self.device else _DIRECT_ALIGNMENTS.index(4096)
         self.direct_bytes = 0  # written through O_DIRECT, for tests and the bench
         # Several writes may be in flight (sink_stream): what they share changes under it.
         self._lock = threading.Lock()
