@@ -411,10 +411,10 @@ class OutputFile:
 
         On ext4 an O_DIRECT write that allocates blocks holds the file's lock until the
         disk has it, so two writes in flight would still reach the disk one by one;
-        into allocated (unwritten) blocks they go together.  It also finds a full disk
-        before the copy rather than at its end.  Only where writes go direct, and best
-        effort: a filesystem that cannot allocate is written as before, and a real
-        error (a full disk) is reported by the write that meets it.
+        into allocated (unwritten) blocks they go together.  Only where writes go
+        direct, and best effort: a filesystem that cannot allocate is written as
+        before, and a real error (a full disk) is left for the write that meets it to
+        report, in the words it always used.
         """
         if self.device or self.direct_fd is None or _fallocate is None or size <= 0:
             return
