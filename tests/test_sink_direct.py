@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from aiodd.errors import OutputError
 from aiodd.io import filesystem_magic
+from aiodd.options import Cache
 from aiodd.stages.sink import DIRECT_FILESYSTEMS, OutputFile, direct_length
 
 MiB = 1024 * 1024
@@ -60,12 +61,12 @@ def test_aligned_pool_buffers_go_direct_and_the_rest_buffered(
     view = memoryview(memory)
     direct_output.write(
         [
-            (0, view[: 4 * MiB + 700]),  # 4 MiB + 512 direct, a 188-byte tail buffered
+            (0, view[: 4 * MiB + 700]),  # 4 MiB direct, a 700-byte tail buffered
             (5 * MiB + 3, view[1 : 2 * MiB]),  # unaligned offset and address: buffered
             (7 * MiB, bytes(data[:4096])),  # read-only bytes: buffered
         ]
     )
-    assert direct_output.direct_bytes == 4 * MiB + 512
+    assert direct_output.direct_bytes == 4 * MiB
     direct_output.commit(8 * MiB)
     view.release()
     memory.close()
@@ -77,7 +78,7 @@ def test_aligned_pool_buffers_go_direct_and_the_rest_buffered(
     assert got == bytes(expected)
 
 
-def test_einval_moves_to_4096_then_gives_up(
+def test_einval_gives_o_direct_up(
     direct_output: OutputFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_pwrite = os.pwrite
@@ -95,10 +96,10 @@ def test_einval_moves_to_4096_then_gives_up(
     memory = _pool_memory(data)
     view = memoryview(memory)
     direct_output.write([(0, view)])
-    assert calls == [(0, MiB), (0, MiB)]  # once at 512, once at 4096
+    assert calls == [(0, MiB)]  # a file starts at 4096: nothing coarser to try
     assert direct_output.direct_fd is None and direct_output.direct_bytes == 0
     direct_output.write([(MiB, view)])  # later writes go straight to the page cache
-    assert len(calls) == 2
+    assert len(calls) == 1
     direct_output.commit(2 * MiB)
     view.release()
     memory.close()
@@ -192,4 +193,169 @@ def test_a_real_copy_goes_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert (tmp_path / "out.raw").read_bytes() == data
     if outputs[0].direct_bytes == 0:
         pytest.skip(f"{tmp_path} does not take O_DIRECT")
-    assert outputs[0].direct_bytes == 9 * MiB + 512
+    assert outputs[0].direct_bytes == 9 * MiB  # the 512-byte tail is not a whole block
+
+
+def test_pieces_off_the_filesystem_block_go_buffered(
+    direct_output: OutputFile, tmp_path: Path
+) -> None:
+    """512-aligned, as vpc's data is past each bitmap, but not on a 4 KiB block."""
+    data = os.urandom(2 * MiB)
+    memory = _pool_memory(data)
+    view = memoryview(memory)
+    direct_output.write([(MiB + 512, view[512 : MiB + 512]), (4 * MiB, view[:MiB])])
+    assert direct_output.direct_bytes == MiB  # only the aligned one
+    direct_output.commit(5 * MiB)
+    view.release()
+    memory.close()
+    got = (tmp_path / "out.raw").read_bytes()
+    assert got[MiB + 512 : 2 * MiB + 512] == data[512 : MiB + 512]
+    assert got[4 * MiB :] == data[:MiB]
+
+
+def _ops(pool: Any, layout: list[tuple[int, int]]) -> list[Any]:
+    """One WriteOp per ``(offset, length)``, each in its own pool buffer."""
+    from aiodd.buffers import Chunk, WriteOp
+
+    ops = []
+    for i, (offset, length) in enumerate(layout):
+        buffer = pool._receive.receive_nowait()  # as the reader acquires it
+        buffer.view[:length] = bytes([i + 1]) * length
+        ops.append(WriteOp([(offset, buffer.view[:length])], Chunk(offset, length, buffer), length))
+    return ops
+
+
+def _run_sink(out: OutputFile, layout: list[tuple[int, int]], reserve: int) -> list[int]:
+    """Feed ``layout``'s ops to sink_stream; return how many writes were in flight at
+    each write's start."""
+    import threading
+    import time
+
+    import anyio
+
+    from aiodd.buffers import BufferPool, WriteOp
+    from aiodd.progress import ProgressMeter
+    from aiodd.stages.sink import sink_stream
+
+    lock = threading.Lock()
+    running = 0
+    seen: list[int] = []
+    real_write = out.write
+
+    def write(writes: list[tuple[int, Any]]) -> None:
+        nonlocal running
+        with lock:
+            running += 1
+            seen.append(running)
+        time.sleep(0.02)  # long enough for the other slot to start, if it may
+        real_write(writes)
+        with lock:
+            running -= 1
+
+    out.write = write  # type: ignore[method-assign]
+    pool = BufferPool(max(2, len(layout)), MiB)
+    total = sum(length for _, length in layout)
+    meter = ProgressMeter(total, None)
+
+    async def main() -> None:
+        send, receive = anyio.create_memory_object_stream[WriteOp](len(layout))
+        for op in _ops(pool, layout):
+            send.send_nowait(op)
+        send.close()
+        await sink_stream(out, pool, receive, meter, reserve)
+
+    anyio.run(main)
+    assert meter.done == total
+    assert pool._receive.statistics().current_buffer_used == pool.count  # all released
+    pool.close()
+    return seen
+
+
+def test_two_writes_go_to_an_allocated_file_together(
+    direct_output: OutputFile, tmp_path: Path
+) -> None:
+    layout = [(i * MiB, MiB) for i in range(6)]
+    seen = _run_sink(direct_output, layout, 6 * MiB)
+    if not direct_output.reserved:
+        pytest.skip(f"{tmp_path} cannot allocate ahead")
+    assert direct_output.writes_in_flight == 2
+    assert max(seen) == 2
+    direct_output.commit(6 * MiB)
+    got = (tmp_path / "out.raw").read_bytes()
+    assert got == b"".join(bytes([i + 1]) * MiB for i in range(6))
+
+
+def test_writes_sharing_a_granule_never_overlap(direct_output: OutputFile, tmp_path: Path) -> None:
+    """Each op touches the 64 KiB granule of the one before: they go one by one."""
+    layout = [(0, 1000), (1000, 3096), (4096, 4096), (8192, 4096)]
+    seen = _run_sink(direct_output, layout, 3 * 4096)
+    if not direct_output.reserved:
+        pytest.skip(f"{tmp_path} cannot allocate ahead")
+    assert seen == [1, 1, 1, 1]
+    direct_output.commit(3 * 4096)
+    expected = b"\1" * 1000 + b"\2" * 3096 + b"\3" * 4096 + b"\4" * 4096
+    assert (tmp_path / "out.raw").read_bytes() == expected
+
+
+@pytest.mark.parametrize("why", ["no allocation", "write-through", "sparse"])
+def test_one_write_at_a_time_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    """Without an allocated file ext4 would serialise the writes anyway; write-through
+    promises each write is on disk before the next starts."""
+    from aiodd.stages import sink
+
+    if why == "no allocation":
+        monkeypatch.setattr(sink, "_fallocate", lambda *args: -1)
+    cache: Cache = "writethrough" if why == "write-through" else "none"
+    out = OutputFile.create(str(tmp_path / "out.raw"), 4 * MiB, raw=True, cache=cache)
+    if cache == "none" and out.direct_fd is None:
+        out.abort()
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    layout = [(i * MiB, MiB) for i in range(4)]
+    seen = _run_sink(out, layout, 0 if why == "sparse" else 4 * MiB)
+    assert out.writes_in_flight == 1 and seen == [1, 1, 1, 1]
+    out.commit(4 * MiB)
+    got = (tmp_path / "out.raw").read_bytes()
+    assert got == b"".join(bytes([i + 1]) * MiB for i in range(4))
+
+
+def test_an_o_direct_descriptor_given_up_stays_open_until_the_end(
+    direct_output: OutputFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another write may still be using it: a closed number could be reused by any open."""
+    real_pwrite = os.pwrite
+    direct_fd = direct_output.direct_fd
+    assert direct_fd is not None
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        if fd == direct_fd:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    memory = _pool_memory(bytes(MiB))
+    view = memoryview(memory)
+    direct_output.write([(0, view)])
+    assert direct_output.direct_fd is None
+    os.fstat(direct_fd)  # still open
+    direct_output.commit(MiB)
+    with pytest.raises(OSError) as caught:
+        os.fstat(direct_fd)
+    assert caught.value.errno == errno.EBADF
+    view.release()
+    memory.close()
+
+
+def test_an_allocation_that_fails_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiodd.stages import sink
+
+    monkeypatch.setattr(sink, "_fallocate", lambda *args: -1)
+    out = OutputFile.create(str(tmp_path / "out.raw"), MiB, raw=True)
+    out.reserve(MiB)
+    assert not out.reserved and out.writes_in_flight == 1
+    out.write([(0, b"w" * MiB)])
+    out.commit(MiB)
+    assert (tmp_path / "out.raw").read_bytes() == b"w" * MiB

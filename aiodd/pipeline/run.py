@@ -120,7 +120,9 @@ async def run_pipeline(
                     _stage, "digest", lambda: digest_stream(hasher, padding, pool, win_rx, dig_tx)
                 )
             tg.start_soon(_stage, "encoder", encode)
-            tg.start_soon(_stage, "sink", lambda: sink_stream(output, pool, enc_rx, meter))
+            # A dense output is allocated whole first: see OutputFile.reserve.
+            reserve = plan.file_size if sparse is None else 0
+            tg.start_soon(_stage, "sink", lambda: sink_stream(output, pool, enc_rx, meter, reserve))
     except BaseExceptionGroup as group:
         first = _first_error(group)
         if first is None:

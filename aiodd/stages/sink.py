@@ -30,6 +30,7 @@ import errno
 import functools
 import os
 import stat
+import threading
 from typing import TYPE_CHECKING
 
 from aiodd.errors import OutputError, UsageError
@@ -59,9 +60,41 @@ def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-def
 _sync_file_range = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
+
+def _load_fallocate() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """libc's fallocate(2), which Python's os module does not offer.
+
+    Not os.posix_fallocate: where the filesystem cannot allocate, glibc emulates it by
+    writing zeros over the whole range, a second copy's worth of writing.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - no libc
+        return None
+    # fallocate64 takes 64-bit offsets on every ABI; musl has only fallocate (64-bit there).
+    fn = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
+
+# O_DIRECT writes the sink keeps in flight at once.  With one, the disk idles while
+# each write's completion comes back through the worker thread and the next is
+# handed out (docs/performance.md, "Durable at the disk's speed").
+WRITES_IN_FLIGHT = 2
+# Writes in flight together never share one of these: a buffered write into a page
+# that an O_DIRECT write covers at the same time could write stale bytes back over it.
+# 64 KiB covers every page size and filesystem block size in use.
+_WRITE_GRANULE = 64 << 10
+
 # O_DIRECT needs the file offset, the length and the memory address aligned to the
 # device's logical block.  512 is the common case; a device that wants 4096 says so
-# with EINVAL, and the writer moves up once before giving O_DIRECT up.
+# with EINVAL, and the writer moves up once before giving O_DIRECT up.  Files start
+# at 4096 (OutputFile.__init__ says why).
 _DIRECT_ALIGNMENTS = (512, 4096)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 # Local disk filesystems, where a large O_DIRECT write goes to the device as it is.
@@ -186,8 +219,18 @@ class OutputFile:
         if cache in ("none", "directsync"):
             direct_path = _proc_fd(fd) if unnamed else (temp_path or path)
             self.direct_fd = _open_direct(direct_path, fd, device=self.device)
-        self._alignment = 0
+        # A block device takes 512-byte pieces directly.  A filesystem takes them too,
+        # but ext4 serialises a direct write that is not aligned to its 4 KiB block,
+        # waits for every other one and zeroes the rest of the block: through the page
+        # cache such pieces cost less (docs/performance.md, "Durable at the disk's speed").
+        self._alignment = 0 if self.device else _DIRECT_ALIGNMENTS.index(4096)
         self.direct_bytes = 0  # written through O_DIRECT, for tests and the bench
+        # Several writes may be in flight (sink_stream): what they share changes under it.
+        self._lock = threading.Lock()
+        # O_DIRECT descriptors given up on: closed only once no write can still use them,
+        # as a closed descriptor's number can come back as another file's.
+        self._retired: list[int] = []
+        self.reserved = False  # the whole file is allocated (reserve)
         # Where the writes' offset 0 lies in the file: past what a clone put in place.
         self.offset = 0
 
@@ -317,17 +360,20 @@ class OutputFile:
 
     def _write_direct(self, offset: int, view: memoryview) -> int:
         """Write what O_DIRECT takes of ``view``; return how many bytes that was."""
-        assert self.direct_fd is not None
         address = _address(view)
         while True:
-            alignment = _DIRECT_ALIGNMENTS[self._alignment]
+            fd = self.direct_fd
+            if fd is None:  # another write gave O_DIRECT up meanwhile
+                return 0
+            level = self._alignment
+            alignment = _DIRECT_ALIGNMENTS[level]
             length = direct_length(offset, len(view), address, alignment)
             if not length:
                 return 0
             try:
                 done = 0
                 while done < length:
-                    n = os.pwrite(self.direct_fd, view[done:length], offset + done)
+                    n = os.pwrite(fd, view[done:length], offset + done)
                     done += n
                     if n % alignment:
                         break  # a short, odd write: the rest goes buffered
@@ -336,12 +382,16 @@ class OutputFile:
                     raise
                 # The filesystem wants a coarser alignment, or no O_DIRECT at all.
                 # Returning 0 makes the buffered path redo the whole piece.
-                if self._alignment + 1 < len(_DIRECT_ALIGNMENTS):
-                    self._alignment += 1
-                    continue
-                self._stop_direct()
-                return 0
-            self.direct_bytes += done
+                with self._lock:
+                    if self._alignment == level:  # not moved by another write meanwhile
+                        if level + 1 < len(_DIRECT_ALIGNMENTS):
+                            self._alignment += 1
+                        else:
+                            self._retired.append(fd)
+                            self.direct_fd = None
+                continue
+            with self._lock:
+                self.direct_bytes += done
             return done
 
     def _write_buffered(self, offset: int, view: memoryview) -> None:
@@ -357,10 +407,44 @@ class OutputFile:
             _sync_file_range(self.fd, start, offset - start, _SYNC_FILE_RANGE_WRITE)
 
     def _stop_direct(self) -> None:
+        """Close the O_DIRECT descriptors; only once no write is in flight."""
         if self.direct_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.direct_fd)
+            self._retired.append(self.direct_fd)
             self.direct_fd = None
+        while self._retired:
+            with contextlib.suppress(OSError):
+                os.close(self._retired.pop())
+
+    def reserve(self, size: int) -> None:
+        """Allocate the file's ``size`` bytes (from :attr:`offset`) before writing them.
+
+        On ext4 an O_DIRECT write that allocates blocks holds the file's lock until the
+        disk has it, so two writes in flight would still reach the disk one by one;
+        into allocated (unwritten) blocks they go together.  Only where writes go
+        direct, and best effort: a filesystem that cannot allocate is written as
+        before, and a real error (a full disk) is left for the write that meets it to
+        report, in the words it always used.
+        """
+        if self.device or self.direct_fd is None or _fallocate is None or size <= 0:
+            return
+        if _fallocate(self.fd, 0, self.offset, size) == 0:
+            self.reserved = True
+
+    @property
+    def writes_in_flight(self) -> int:
+        """How many writes :func:`sink_stream` may have in flight at once."""
+        if self.direct_fd is None or self._sync_each or not (self.device or self.reserved):
+            return 1
+        return WRITES_IN_FLIGHT
+
+    def granules(self, writes: list[tuple[int, Bytes]]) -> list[tuple[int, int]]:
+        """The write granules ``writes`` touch, as ``[first, last)`` ranges."""
+        spans = []
+        for offset, data in writes:
+            start = offset + self.offset
+            end = start + memoryview(data).nbytes
+            spans.append((start // _WRITE_GRANULE, -(-end // _WRITE_GRANULE)))
+        return spans
 
     def flush(self, size: int) -> None:
         """Finish the file at ``size`` bytes and make it durable (unless ``unsafe``);
@@ -459,10 +543,17 @@ async def sink_stream(
     pool: BufferPool,
     receive: MemoryObjectReceiveStream[WriteOp],
     meter: ProgressMeter,
+    reserve: int = 0,
 ) -> None:
+    """Write the ops received; ``reserve``, if given, is the dense file's size to allocate."""
     import anyio  # here: a short copy writes through OutputFile with no event loop
 
+    if reserve:
+        await anyio.to_thread.run_sync(output.reserve, reserve)
     async with receive:
+        if output.writes_in_flight > 1:
+            await _write_concurrently(output, pool, receive, meter)
+            return
         async for op in receive:
             try:
                 if op.writes:  # a sparse output's chunk of zeros has none
@@ -472,6 +563,70 @@ async def sink_stream(
                     pool.release(op.chunk.buffer)
             if op.data_bytes:
                 meter.advance(op.data_bytes)
+
+
+def _clash(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
+
+
+async def _write_concurrently(
+    output: OutputFile,
+    pool: BufferPool,
+    receive: MemoryObjectReceiveStream[WriteOp],
+    meter: ProgressMeter,
+) -> None:
+    """Keep ``output.writes_in_flight`` ops' writes in flight, each in its worker thread.
+
+    An op waits for those in flight whose granules it shares; in a dense file none do
+    but the odd neighbours of a metadata block, and the order they land in is the only
+    thing two writes to separate bytes could change.
+    """
+    import anyio
+
+    slots = anyio.Semaphore(output.writes_in_flight)
+    busy: dict[int, tuple[list[tuple[int, int]], anyio.Event]] = {}
+    failed: list[bool] = []  # the meter raised: its callback is not called again
+
+    async def write(key: int, op: WriteOp, done: anyio.Event) -> None:
+        try:
+            if op.writes:
+                await anyio.to_thread.run_sync(output.write, op.writes)
+        finally:
+            if op.chunk is not None:
+                pool.release(op.chunk.buffer)
+            del busy[key]
+            done.set()
+            slots.release()
+        # Not once the copy is failing: a worker thread cannot be cancelled, and a
+        # progress callback that raised must not be called again by the other write.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if op.data_bytes and not failed:
+            try:
+                meter.advance(op.data_bytes)
+            except BaseException:
+                failed.append(True)
+                raise
+
+    async with anyio.create_task_group() as tg:
+        key = 0
+        async for op in receive:
+            try:
+                spans = output.granules(op.writes)
+                await slots.acquire()
+                try:
+                    while clash := [e for s, e in busy.values() if _clash(s, spans)]:
+                        await clash[0].wait()
+                except BaseException:
+                    slots.release()
+                    raise
+            except BaseException:
+                if op.chunk is not None:
+                    pool.release(op.chunk.buffer)
+                raise
+            key += 1
+            done = anyio.Event()
+            busy[key] = (spans, done)
+            tg.start_soon(write, key, op, done)
 
 
 # Each copy_file_range call is one worker-thread job: between two of them the copy
