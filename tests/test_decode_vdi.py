@@ -19,7 +19,9 @@ from aiodd.formats.plans import Identity
 from aiodd.formats.vdi import decode as vdi
 from aiodd.formats.vdi import layout as L
 from aiodd.formats.vdi.encode import plan
+from tests import hostile
 from tests.conftest import needs_qemu, qemu_img, qemu_io, qemu_raw_bytes
+from tests.fuzz.hosted import MemFile
 
 MiB = 1 << 20
 ORACLE_TEXT = b"<<< Oracle VM VirtualBox Disk Image >>>\n"
@@ -81,41 +83,11 @@ def image(
     return bytes(out)
 
 
-FIELDS = {
-    "signature": (64, "<I"),
-    "version": (68, "<I"),
-    "header_size": (72, "<I"),
-    "offset_bmap": (340, "<I"),
-    "offset_data": (344, "<I"),
-    "sector_size": (360, "<I"),
-    "disk_size": (368, "<Q"),
-    "block_size": (376, "<I"),
-    "blocks_in_image": (384, "<I"),
-    "uuid_link": (424, "16s"),
-    "uuid_parent": (440, "16s"),
-}
+FIELDS = hostile.VDI
 
 
 def pattern(n: int, seed: int) -> bytes:
     return bytes((i * 7 + seed) & 0xFF or seed for i in range(n))
-
-
-class MemFile:
-    def __init__(self, data: bytes, name: str = "t.vdi") -> None:
-        self._data = data
-        self.name = name
-        self.size = len(data)
-
-    def pread(self, offset: int, length: int) -> bytes:
-        return self._data[offset : offset + length]
-
-    def readinto(self, offset: int, buf: memoryview) -> int:
-        chunk = self._data[offset : offset + len(buf)]
-        buf[: len(chunk)] = chunk
-        return len(chunk)
-
-    def close(self) -> None:
-        pass
 
 
 class NoResolver:
@@ -126,7 +98,7 @@ class NoResolver:
 
 
 def read(data: bytes) -> bytes:
-    disk = vdi.open_disk(MemFile(data), NoResolver())  # type: ignore[arg-type]
+    disk = vdi.open_disk(MemFile(data, "t.vdi"), NoResolver())  # type: ignore[arg-type]
     buf = bytearray(disk.virtual_size)
     chunk = 3 * MiB + 512  # unaligned, across blocks
     for at in range(0, len(buf), chunk):
@@ -261,7 +233,7 @@ def test_random_images_raise_only_image_errors(values: dict[str, int], size: int
     raw = image(size, {0: b"\x01", 2: b"\x02"} if size > 2 * MiB else {}, fields=fields)
     raw = raw[: len(raw) - cut % (len(raw) + 1)] if cut % 3 == 0 else raw
     try:
-        disk = vdi.open_disk(MemFile(raw), NoResolver())  # type: ignore[arg-type]
+        disk = vdi.open_disk(MemFile(raw, "t.vdi"), NoResolver())  # type: ignore[arg-type]
         disk.read_into(0, memoryview(bytearray(min(disk.virtual_size, 3 * MiB))))
     except ImageError:
         pass
