@@ -4,21 +4,26 @@
 :func:`agree` is the comparison itself: the same open error, the same virtual size and
 the same bytes or error for each read, the first read that differs named in the
 failure.  :class:`Differential` runs both decoders over one image of a format the
-registry opens and :func:`plan` is the reads a format's tests make by default;
+registry opens and :func:`plan` is the reads a format's tests make by default.
 :func:`damaged`, :func:`edited`, :func:`field_cases` and :func:`compare_each` give and
-compare the cases of tests/hostile.py, :func:`mutated` makes the edits of the
-hypothesis tests, and :func:`vm_outcome` is what the shipped guest reads in its
-micro-VM; :func:`command_doorbells` counts the doorbells of a copy's commands.
+compare the cases of tests/hostile.py; :data:`searching`, :func:`edit_lists`,
+:func:`mutated` and :func:`cut_short` make the hypothesis tests' mutations.
+:func:`vm_outcome` is what the shipped guest reads in its micro-VM, and
+:func:`command_doorbells` counts the doorbells of a copy's commands.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from aiodd.formats import registry
 from aiodd.formats.base import VirtualDisk
@@ -140,16 +145,37 @@ def field_cases(fmt: str, names: Iterable[str], tmp: Path) -> list[tuple[str, by
     return cases
 
 
+# Examples per mutation test; AIODD_DIFF_EXAMPLES=N for a longer search.
+EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "300"))
+# A mutation test's search: every example runs both decoders, slow by design.
+searching = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def edit_lists(
+    aims: int = 16, reach: int = 1 << 20
+) -> st.SearchStrategy[list[tuple[int, int, int]]]:
+    """Up to 6 byte edits (where, pos, value): ``where`` below ``aims`` picks the kind of
+    place, ``pos`` up to ``reach`` the place."""
+    edit = st.tuples(st.integers(0, aims - 1), st.integers(0, reach), st.integers(0, 255))
+    return st.lists(edit, max_size=6)
+
+
 def mutated(
-    base: bytes, edits: Iterable[tuple[int, int, int]], cut: int, aim: Callable[[int, int], int]
+    base: bytes, edits: Iterable[tuple[int, int, int]], aim: Callable[[int, int], int]
 ) -> bytes:
     """``base`` with each edit (where, pos, value) setting the byte at ``aim(where,
-    pos)``, then, one time in four, cut short at ``cut``."""
+    pos)``, wrapped to the image."""
     data = bytearray(base)
     for where, pos, value in edits:
         data[aim(where, pos) % len(data)] = value
-    out = bytes(data)
-    return out[: cut % (len(out) + 1)] if cut % 4 == 0 else out
+    return bytes(data)
+
+
+def cut_short(data: bytes, cut: int) -> bytes:
+    """``data`` cut at ``cut`` (wrapped), one time in four."""
+    return data[: cut % (len(data) + 1)] if cut % 4 == 0 else data
 
 
 def compare_each(

@@ -1,8 +1,8 @@
 """Hand-built qcow (version 1) and QED images for the decoder tests and the hostile
 corpus: every field can be set, so that each of qemu's checks can be met or missed.
-And the checks the two formats' decoder tests make alike: windows read as the whole
-disk reads, a mutated image reads or fails with a one-line error, qemu refuses what the
-decoder refuses."""
+And the checks the two formats' decoder tests make alike: a refusal, windows read as
+the whole disk reads, a mutated image reads or fails with a one-line error, qemu
+refuses what the decoder refuses."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from aiodd.errors import ImageError
 from aiodd.formats.base import Decoder
@@ -33,6 +35,15 @@ def read_whole(decoder: Decoder, data: bytes, name: str, files: dict[str, bytes]
         return bytes(buf)
     finally:
         disk.close()
+
+
+def refusal(
+    decoder: Decoder, data: bytes, name: str, files: dict[str, bytes] | None = None
+) -> ImageError:
+    """The ImageError that reading the whole of ``data`` raises."""
+    with pytest.raises(ImageError) as info:
+        read_whole(decoder, data, name, files)
+    return info.value
 
 
 def windows_match_the_whole(

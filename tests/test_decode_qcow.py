@@ -23,6 +23,7 @@ from tests.qcow_images import (
     qemu_refuses,
     read_whole,
     reads_or_fails_cleanly,
+    refusal,
     windows_match_the_whole,
 )
 from tests.test_decode_qcow2 import MemFile, MemResolver
@@ -44,9 +45,7 @@ def expected(image: Qcow, backing: bytes = b"") -> bytes:
 
 
 def failure(data: bytes, files: dict[str, bytes] | None = None) -> ImageError:
-    with pytest.raises(ImageError) as info:
-        read_all(data, files)
-    return info.value
+    return refusal(decoder, data, NAME, files)
 
 
 GEOMETRIES = [(9, 6), (9, 12), (12, 9), (14, 11), (16, 13), (16, 6)]

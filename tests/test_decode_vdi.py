@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiodd.chain import Isolation, open_input
+from aiodd.chain import Isolation
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats import registry
 from aiodd.formats.plans import Identity
 from aiodd.formats.vdi import decode as vdi
 from aiodd.formats.vdi import layout as L
 from aiodd.formats.vdi.encode import plan
-from tests import hostile
+from tests import hostile, test_decode_vpc
 from tests.conftest import needs_qemu, qemu_img, qemu_io, qemu_raw_bytes
 from tests.fuzz.hosted import MemFile
 
@@ -262,15 +262,7 @@ def test_written_images_read_back(seed: bytes, out: int) -> None:
 
 
 def read_all(path: Path, fmt: str | None = "vdi", isolation: Isolation = "inline") -> bytes:
-    disk = open_input(str(path), fmt, isolation=isolation)
-    try:
-        buf = bytearray(disk.virtual_size)
-        chunk = 3 * MiB + 512
-        for at in range(0, len(buf), chunk):
-            disk.read_into(at, memoryview(buf)[at : at + chunk])
-        return bytes(buf)
-    finally:
-        disk.close()
+    return test_decode_vpc.read_all(path, fmt, isolation)
 
 
 WRITES = ["write -P 0xab 0 3M", "write -P 0xcd 5000k 100k", "write -z 4M 512k", "write -P 7 8M 1k"]

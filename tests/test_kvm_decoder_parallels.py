@@ -11,11 +11,10 @@ of them (hypothesis).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from aiodd.formats.parallels import layout as L
@@ -26,8 +25,12 @@ from tests.differential import (
     Differential,
     command_doorbells,
     compare_each,
+    cut_short,
     damaged,
+    edit_lists,
     edited,
+    mutated,
+    searching,
 )
 from tests.formats_corpus import to_old_magic
 from tests.fuzz.hosted import Hosted
@@ -35,7 +38,6 @@ from tests.test_decode_parallels import image, pattern, set32
 
 MiB = 1 << 20
 NAME = "t.prl"
-EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "300"))
 
 
 compare = Differential("parallels", NAME)
@@ -203,31 +205,18 @@ def _bases() -> list[bytes]:
     return _BASES
 
 
-def _mutate(base: bytes, edits: list[tuple[int, int, int]]) -> bytes:
-    """Byte edits aimed at the header and the BAT as often as anywhere."""
-    data = bytearray(base)
-    for where, pos, value in edits:
-        at = (pos % 64) if where < 4 else (64 + pos % 256) if where < 8 else pos
-        data[at % max(len(data), 1)] = value
-    return bytes(data)
+def _aim(where: int, pos: int) -> int:
+    """The header and the BAT as often as anywhere."""
+    return (pos % 64) if where < 4 else (64 + pos % 256) if where < 8 else pos
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    which=st.integers(0, 3),
-    edits=st.lists(
-        st.tuples(st.integers(0, 11), st.integers(0, 1 << 20), st.integers(0, 255)), max_size=6
-    ),
-    cut=st.integers(0, 1 << 20),
-)
+@searching
+@given(which=st.integers(0, 3), edits=edit_lists(12), cut=st.integers(0, 1 << 20))
 def test_mutated_images(
     hosted: Hosted, which: int, edits: list[tuple[int, int, int]], cut: int
 ) -> None:
     bases = _bases()
-    mutated = _mutate(bases[which % len(bases)], edits)
-    if cut % 4 == 0:
-        mutated = mutated[: cut % (len(mutated) + 1)]
-    compare(hosted, mutated)
+    compare(hosted, cut_short(mutated(bases[which % len(bases)], edits, _aim), cut))
 
 
 # -- batching -----------------------------------------------------------------------------

@@ -10,25 +10,32 @@ tests/hostile.py with truncations and bit flips, and random mutations (hypothesi
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import hostile
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
-from tests.differential import Differential, compare_each, damaged, field_cases, mutated
+from tests.differential import (
+    Differential,
+    compare_each,
+    cut_short,
+    damaged,
+    edit_lists,
+    field_cases,
+    mutated,
+    searching,
+)
 from tests.fuzz.hosted import Hosted
 from tests.qcow_images import Qcow
 from tests.test_decode_qcow import ERRORS, GEOMETRIES, sample
 
 MiB = 1 << 20
 NAME = "t.qcow"
-EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "300"))
 
 
 compare = Differential("qcow", NAME)
@@ -130,19 +137,13 @@ def _bases() -> list[bytes]:
     return _BASES
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    which=st.integers(0, 2),
-    edits=st.lists(
-        st.tuples(st.integers(0, 15), st.integers(0, 1 << 20), st.integers(0, 255)), max_size=6
-    ),
-    cut=st.integers(0, 1 << 20),
-)
+@searching
+@given(which=st.integers(0, 2), edits=edit_lists(), cut=st.integers(0, 1 << 20))
 def test_mutated_images(
     hosted: Hosted, which: int, edits: list[tuple[int, int, int]], cut: int
 ) -> None:
     bases = _bases()
-    compare(hosted, mutated(bases[which % len(bases)], edits, cut, _aim))
+    compare(hosted, cut_short(mutated(bases[which % len(bases)], edits, _aim), cut))
 
 
 def _aim(where: int, pos: int) -> int:

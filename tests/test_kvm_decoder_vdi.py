@@ -11,24 +11,31 @@ tests/hostile.py, and random mutations of all of them (hypothesis).
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from aiodd.formats.vdi import layout as L
 from tests import hostile
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
-from tests.differential import Differential, compare_each, damaged, edited
+from tests.differential import (
+    Differential,
+    compare_each,
+    cut_short,
+    damaged,
+    edit_lists,
+    edited,
+    mutated,
+    searching,
+)
 from tests.fuzz.hosted import Hosted
 from tests.test_decode_vdi import VIRTUALBOX, image, pattern
 
 MiB = 1 << 20
 NAME = "t.vdi"
-EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "300"))
 
 
 compare = Differential("vdi", NAME)
@@ -203,28 +210,19 @@ def _bases() -> list[bytes]:
 
 def _mutate(base: bytes, edits: list[tuple[int, int, int]]) -> bytes:
     """Byte edits aimed at the header's fields and the block map as often as anywhere."""
-    data = bytearray(base)
     bmap_at = struct.unpack_from("<I", base, 340)[0]
     hot = [64, 340, 368, 376, 384, 424, bmap_at]
-    for where, pos, value in edits:
-        at = (hot[where % len(hot)] + pos % 24) if where < 10 else pos
-        data[at % len(data)] = value
-    return bytes(data)
+
+    def aim(where: int, pos: int) -> int:
+        return hot[where % len(hot)] + pos % 24 if where < 10 else pos
+
+    return mutated(base, edits, aim)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    which=st.integers(0, 2),
-    edits=st.lists(
-        st.tuples(st.integers(0, 15), st.integers(0, 1 << 22), st.integers(0, 255)), max_size=6
-    ),
-    cut=st.integers(0, 1 << 22),
-)
+@searching
+@given(which=st.integers(0, 2), edits=edit_lists(reach=1 << 22), cut=st.integers(0, 1 << 22))
 def test_mutated_images(
     hosted: Hosted, which: int, edits: list[tuple[int, int, int]], cut: int
 ) -> None:
     bases = _bases()
-    mutated = _mutate(bases[which % len(bases)], edits)
-    if cut % 4 == 0:
-        mutated = mutated[: cut % (len(mutated) + 1)]
-    compare(hosted, mutated)
+    compare(hosted, cut_short(_mutate(bases[which % len(bases)], edits), cut))

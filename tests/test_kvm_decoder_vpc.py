@@ -12,26 +12,32 @@ and random mutations of all of them (hypothesis).
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from aiodd.formats.common import round_up
 from aiodd.formats.vpc import layout as L
 from tests import hostile
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
-from tests.differential import Differential, compare_each, damaged
+from tests.differential import (
+    Differential,
+    compare_each,
+    cut_short,
+    damaged,
+    edit_lists,
+    mutated,
+    searching,
+)
 from tests.fuzz.hosted import Hosted
 from tests.test_decode_vpc import reseal
 
 MiB = 1 << 20
 NAME = "t.vhd"
-EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "300"))
 UNALLOCATED = L.UNALLOCATED
 
 
@@ -411,11 +417,12 @@ def _bases() -> list[tuple[bytes, dict[str, bytes]]]:
 def _mutate(base: bytes, edits: list[tuple[int, int, int]]) -> bytes:
     """Byte edits aimed at the structures (footer, dynamic header, BAT, locators, the
     first bitmap) as often as anywhere."""
-    data = bytearray(base)
-    hot = [0, 512, 1536, len(data) - 512]
-    for where, pos, value in edits:
-        at = (hot[where % len(hot)] + pos % 1100) if where < 8 else pos
-        data[at % len(data)] = value
+    hot = [0, 512, 1536, len(base) - 512]
+
+    def aim(where: int, pos: int) -> int:
+        return hot[where % len(hot)] + pos % 1100 if where < 8 else pos
+
+    data = bytearray(mutated(base, edits, aim))
     # reseal both checksums, half the time, so the edits reach past them
     if edits and edits[0][2] & 1 and len(data) >= 1536:
         footer = reseal(bytearray(data[:512]))
@@ -424,26 +431,17 @@ def _mutate(base: bytes, edits: list[tuple[int, int, int]]) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    which=st.integers(0, 3),
-    edits=st.lists(
-        st.tuples(st.integers(0, 15), st.integers(0, 1 << 20), st.integers(0, 255)), max_size=6
-    ),
-    cut=st.integers(0, 1 << 20),
-)
+@searching
+@given(which=st.integers(0, 3), edits=edit_lists(), cut=st.integers(0, 1 << 20))
 def test_mutated_images(
     hosted: Hosted, which: int, edits: list[tuple[int, int, int]], cut: int
 ) -> None:
     bases = _bases()
     data, files = bases[which % len(bases)]
-    mutated = _mutate(data, edits)
-    if cut % 4 == 0:
-        mutated = mutated[: cut % (len(mutated) + 1)]
-    compare(hosted, mutated, files)
+    compare(hosted, cut_short(_mutate(data, edits), cut), files)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@searching
 @given(locator=st.binary(max_size=64), platform=st.sampled_from([b"W2ru", b"W2ku", b"MacX"]))
 def test_mutated_locators(hosted: Hosted, locator: bytes, platform: bytes) -> None:
     """Any locator data: decoded (UTF-16, UTF-8, a file URL, escapes) to the same name or
