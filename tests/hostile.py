@@ -1499,7 +1499,6 @@ def build_vpc_bad_checksum(tree: Tree) -> Built:
 VDI = {
     "signature": (64, "<I"),
     "version": (68, "<I"),
-    "header_size": (72, "<I"),
     "image_type": (76, "<I"),
     "offset_bmap": (340, "<I"),
     "offset_data": (344, "<I"),

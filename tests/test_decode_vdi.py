@@ -19,7 +19,7 @@ from aiodd.formats.plans import Identity
 from aiodd.formats.vdi import decode as vdi
 from aiodd.formats.vdi import layout as L
 from aiodd.formats.vdi.encode import plan
-from tests import hostile, test_decode_vpc
+from tests import test_decode_vpc
 from tests.conftest import needs_qemu, qemu_img, qemu_io, qemu_raw_bytes
 from tests.fuzz.hosted import MemFile
 
@@ -83,7 +83,19 @@ def image(
     return bytes(out)
 
 
-FIELDS = hostile.VDI
+FIELDS = {
+    "signature": (64, "<I"),
+    "version": (68, "<I"),
+    "header_size": (72, "<I"),
+    "offset_bmap": (340, "<I"),
+    "offset_data": (344, "<I"),
+    "sector_size": (360, "<I"),
+    "disk_size": (368, "<Q"),
+    "block_size": (376, "<I"),
+    "blocks_in_image": (384, "<I"),
+    "uuid_link": (424, "16s"),
+    "uuid_parent": (440, "16s"),
+}
 
 
 def pattern(n: int, seed: int) -> bytes:
