@@ -83,6 +83,14 @@ def scatter(size: int) -> list[str]:
 Built = tuple[Path, str | None]
 
 
+def scattered(path: Path, fmt: str, *opts: str, size: int = 5 * MiB) -> Path:
+    """A ``fmt`` image of ``size`` bytes made by qemu-img with ``opts``, written as
+    :func:`scatter` writes."""
+    create(path, fmt, size, *opts)
+    io(path, fmt, scatter(size))
+    return path
+
+
 def raw_odd(d: Path) -> Built:
     path = d / "odd.raw"
     path.write_bytes(pattern(3000, 1))
@@ -304,9 +312,7 @@ def chain_backing_fmt_raw(d: Path) -> Built:
 
 def qcow_4k(d: Path) -> Built:
     """qcow as qemu-img creates it without a backing file: 4 KiB clusters, 4 KiB L2s."""
-    path = create(d / "img.qcow", "qcow", 5 * MiB)
-    io(path, "qcow", scatter(5 * MiB))
-    return path, None
+    return scattered(d / "img.qcow", "qcow"), None
 
 
 def qcow_compressed(d: Path) -> Built:
@@ -336,9 +342,7 @@ def chain_qcow_raw(d: Path) -> Built:
 
 
 def _qed(d: Path, *opts: str) -> Path:
-    path = create(d / "img.qed", "qed", 5 * MiB, *opts)
-    io(path, "qed", scatter(5 * MiB))
-    return path
+    return scattered(d / "img.qed", "qed", *opts)
 
 
 def qed_64k(d: Path) -> Built:
@@ -473,9 +477,7 @@ def vpc_force_size(d: Path) -> Built:
 
 
 def _vdi(d: Path, *opts: str) -> Path:
-    path = create(d / "img.vdi", "vdi", 5 * MiB, *opts)
-    io(path, "vdi", scatter(5 * MiB))
-    return path
+    return scattered(d / "img.vdi", "vdi", *opts)
 
 
 def vdi_dynamic(d: Path) -> Built:
@@ -511,9 +513,7 @@ def chain_qcow2_vdi(d: Path) -> Built:
 
 
 def _parallels(d: Path, *opts: str, size: int = 5 * MiB) -> Path:
-    path = create(d / "img.prl", "parallels", size, *opts)
-    io(path, "parallels", scatter(size))
-    return path
+    return scattered(d / "img.prl", "parallels", *opts, size=size)
 
 
 def parallels_1m(d: Path) -> Built:
@@ -558,9 +558,7 @@ def chain_qcow2_parallels(d: Path) -> Built:
 
 
 def _vhdx(d: Path, *opts: str) -> Path:
-    path = create(d / "img.vhdx", "vhdx", 5 * MiB, *opts)
-    io(path, "vhdx", scatter(5 * MiB))
-    return path
+    return scattered(d / "img.vhdx", "vhdx", *opts)
 
 
 def vhdx_dynamic(d: Path) -> Built:

@@ -1861,79 +1861,45 @@ for _name, (_fields, _expect) in _QED_FIELD_CASES.items():
     )
 
 
-@case()
-def build_qcow_l2_table_past_end(tree: Tree) -> Built:
-    image = qcow(tree.img / "bad.qcow", "1M", QCOW_WRITES)
-    l1_at, _ = qcow_first_l2(image)
-    patch(image, l1_at, ">Q", 1 << 40)
-    return Built(image, ("qcow", "L2 table", "past the end"))
+def entry_case(
+    fmt: str, table: str, entry: Callable[[Path, int], int], expect: tuple[str, ...]
+) -> Callable[[Tree], Built]:
+    """A qcow or qed image with the first entry of its L1 table, or of the first L2
+    table, set to ``entry(image, the entry's value)``."""
+    makers = {"qcow": (qcow, qcow_first_l2, ">Q"), "qed": (qed, qed_first_l2, "<Q")}
+    maker, first_l2, form = makers[fmt]
+
+    def build(tree: Tree) -> Built:
+        image = maker(tree.img / f"bad.{fmt}", "1M", QCOW_WRITES)
+        at = first_l2(image)[0 if table == "L1" else 1]
+        patch(image, at, form, entry(image, unpack(image, at, form)[0]))
+        return Built(image, (fmt, *expect))
+
+    return build
 
 
-@case()
-def build_qcow_data_cluster_past_end(tree: Tree) -> Built:
-    image = qcow(tree.img / "bad.qcow", "1M", QCOW_WRITES)
-    _, l2 = qcow_first_l2(image)
-    patch(image, l2, ">Q", 1 << 44)
-    return Built(image, ("qcow", "data cluster", "past the end"))
+def _packed(payload: bytes) -> Callable[[Path, int], int]:
+    """A compressed cluster entry for ``payload``, appended to the image."""
+    return lambda image, _: 1 << 63 | len(payload) << 51 | append_aligned(image, payload)
 
 
-@case()
-def build_qcow_data_cluster_unaligned(tree: Tree) -> Built:
-    image = qcow(tree.img / "bad.qcow", "1M", QCOW_WRITES)
-    _, l2 = qcow_first_l2(image)
-    patch(image, l2, ">Q", unpack(image, l2, ">Q")[0] + 3)
-    return Built(image, ("qcow", "not sector aligned"))
-
-
-@case()
-def build_qcow_compressed_cluster_past_end(tree: Tree) -> Built:
-    image = qcow(tree.img / "bad.qcow", "1M", QCOW_WRITES)
-    _, l2 = qcow_first_l2(image)
-    patch(image, l2, ">Q", 1 << 63 | 100 << 51 | 1 << 40)
-    return Built(image, ("qcow", "compressed cluster", "past the end"))
-
-
-@case()
-def build_qcow_deflate_garbage(tree: Tree) -> Built:
-    image = qcow(tree.img / "bad.qcow", "1M", QCOW_WRITES)
-    at = append_aligned(image, os.urandom(2000))
-    _, l2 = qcow_first_l2(image)
-    patch(image, l2, ">Q", 1 << 63 | 2000 << 51 | at)
-    return Built(image, ("qcow", "compressed cluster", "inflate"))
-
-
-@case()
-def build_qcow_deflate_short(tree: Tree) -> Built:
-    image = qcow(tree.img / "bad.qcow", "1M", QCOW_WRITES)
-    packed = deflate(b"\x5a" * 100)
-    at = append_aligned(image, packed)
-    _, l2 = qcow_first_l2(image)
-    patch(image, l2, ">Q", 1 << 63 | len(packed) << 51 | at)
-    return Built(image, ("qcow", "less than one cluster"))
-
-
-@case()
-def build_qed_l2_table_past_end(tree: Tree) -> Built:
-    image = qed(tree.img / "bad.qed", "1M", QCOW_WRITES)
-    l1_at, _ = qed_first_l2(image)
-    patch(image, l1_at, "<Q", 1 << 40)
-    return Built(image, ("qed", "L2 table offset", "invalid"))
-
-
-@case()
-def build_qed_data_cluster_past_end(tree: Tree) -> Built:
-    image = qed(tree.img / "bad.qed", "1M", QCOW_WRITES)
-    _, l2 = qed_first_l2(image)
-    patch(image, l2, "<Q", 1 << 44)
-    return Built(image, ("qed", "data cluster offset", "invalid"))
-
-
-@case()
-def build_qed_data_cluster_unaligned(tree: Tree) -> Built:
-    image = qed(tree.img / "bad.qed", "1M", QCOW_WRITES)
-    _, l2 = qed_first_l2(image)
-    patch(image, l2, "<Q", unpack(image, l2, "<Q")[0] + 512)
-    return Built(image, ("qed", "data cluster offset", "invalid"))
+_ENTRY_CASES: dict[str, tuple[str, Callable[[Path, int], int], tuple[str, ...]]] = {
+    "qcow_l2_table_past_end": ("L1", lambda _, __: 1 << 40, ("L2 table", "past the end")),
+    "qcow_data_cluster_past_end": ("L2", lambda _, __: 1 << 44, ("data cluster", "past the end")),
+    "qcow_data_cluster_unaligned": ("L2", lambda _, old: old + 3, ("not sector aligned",)),
+    "qcow_compressed_cluster_past_end": (
+        "L2", lambda _, __: 1 << 63 | 100 << 51 | 1 << 40, ("compressed cluster", "past the end"),
+    ),
+    "qcow_deflate_garbage": ("L2", _packed(os.urandom(2000)), ("compressed cluster", "inflate")),
+    "qcow_deflate_short": ("L2", _packed(deflate(b"\x5a" * 100)), ("less than one cluster",)),
+    "qed_l2_table_past_end": ("L1", lambda _, __: 1 << 40, ("L2 table offset", "invalid")),
+    "qed_data_cluster_past_end": ("L2", lambda _, __: 1 << 44, ("data cluster offset", "invalid")),
+    "qed_data_cluster_unaligned": (
+        "L2", lambda _, old: old + 512, ("data cluster offset", "invalid"),
+    ),
+}  # fmt: skip
+for _name, (_table, _entry, _expect) in _ENTRY_CASES.items():
+    CASES.append(Case(_name, entry_case(_name.partition("_")[0], _table, _entry, _expect)))
 
 
 # --------------------------------------------------------------------------- bases

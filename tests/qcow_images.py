@@ -1,5 +1,8 @@
 """Hand-built qcow (version 1) and QED images for the decoder tests and the hostile
-corpus: every field can be set, so that each of qemu's checks can be met or missed."""
+corpus: every field can be set, so that each of qemu's checks can be met or missed.
+And the checks the two formats' decoder tests make alike: a refusal, windows read as
+the whole disk reads, a mutated image reads or fails with a one-line error, qemu
+refuses what the decoder refuses."""
 
 from __future__ import annotations
 
@@ -7,7 +10,11 @@ import random
 import struct
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import pytest
+
+from aiodd.errors import ImageError
 from aiodd.formats.base import Decoder
 from aiodd.formats.qcow import layout as qcow
 from aiodd.formats.qed import layout as qed
@@ -28,6 +35,54 @@ def read_whole(decoder: Decoder, data: bytes, name: str, files: dict[str, bytes]
         return bytes(buf)
     finally:
         disk.close()
+
+
+def refusal(
+    decoder: Decoder, data: bytes, name: str, files: dict[str, bytes] | None = None
+) -> ImageError:
+    """The ImageError that reading the whole of ``data`` raises."""
+    with pytest.raises(ImageError) as info:
+        read_whole(decoder, data, name, files)
+    return info.value
+
+
+def windows_match_the_whole(
+    decoder: Decoder, data: bytes, name: str, *, seed: int, longest: int, past_end: int = 0
+) -> None:
+    """200 reads of up to ``longest`` bytes at random places (up to ``past_end`` bytes
+    past the disk's end, read as zeros) give the bytes of the whole disk's read."""
+    from tests.test_decode_qcow2 import MemFile, MemResolver
+
+    whole = read_whole(decoder, data, name, None)
+    disk = decoder.open_disk(MemFile(data, name), MemResolver())
+    rng = random.Random(seed)
+    for _ in range(200):
+        start = rng.randrange(len(whole) + past_end)
+        buf = bytearray(rng.randrange(1, longest))
+        disk.read_into(start, memoryview(buf))
+        assert bytes(buf) == whole[start : start + len(buf)].ljust(len(buf), b"\0")
+
+
+def reads_or_fails_cleanly(decoder: Decoder, data: bytes, name: str) -> None:
+    """``data`` opens and reads its first MiB, or fails with a one-line ImageError."""
+    from tests.test_decode_qcow2 import MemFile, MemResolver
+
+    try:
+        disk = decoder.open_disk(MemFile(data, name), MemResolver())
+        buf = bytearray(min(disk.virtual_size, 1 << 20))
+        disk.read_into(0, memoryview(buf))
+    except ImageError as error:
+        assert "\n" not in str(error)
+
+
+def qemu_refuses(tmp_path: Path, data: bytes, name: str, fmt: str) -> None:
+    """``qemu-img convert -f fmt`` of ``data`` fails."""
+    from tests.conftest import qemu_img
+
+    path = tmp_path / name
+    path.write_bytes(data)
+    done = qemu_img("convert", "-f", fmt, "-O", "raw", path, tmp_path / "o.raw", check=False)
+    assert done.returncode == 1, done.stderr
 
 
 def deflate(data: bytes) -> bytes:

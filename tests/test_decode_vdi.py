@@ -12,14 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiodd.chain import Isolation, open_input
+from aiodd.chain import Isolation
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats import registry
 from aiodd.formats.plans import Identity
 from aiodd.formats.vdi import decode as vdi
 from aiodd.formats.vdi import layout as L
 from aiodd.formats.vdi.encode import plan
+from tests import test_decode_vpc
 from tests.conftest import needs_qemu, qemu_img, qemu_io, qemu_raw_bytes
+from tests.fuzz.hosted import MemFile
 
 MiB = 1 << 20
 ORACLE_TEXT = b"<<< Oracle VM VirtualBox Disk Image >>>\n"
@@ -100,24 +102,6 @@ def pattern(n: int, seed: int) -> bytes:
     return bytes((i * 7 + seed) & 0xFF or seed for i in range(n))
 
 
-class MemFile:
-    def __init__(self, data: bytes, name: str = "t.vdi") -> None:
-        self._data = data
-        self.name = name
-        self.size = len(data)
-
-    def pread(self, offset: int, length: int) -> bytes:
-        return self._data[offset : offset + length]
-
-    def readinto(self, offset: int, buf: memoryview) -> int:
-        chunk = self._data[offset : offset + len(buf)]
-        buf[: len(chunk)] = chunk
-        return len(chunk)
-
-    def close(self) -> None:
-        pass
-
-
 class NoResolver:
     def open_file(self, ref: object) -> object:
         raise AssertionError("a VDI names no file")
@@ -126,7 +110,7 @@ class NoResolver:
 
 
 def read(data: bytes) -> bytes:
-    disk = vdi.open_disk(MemFile(data), NoResolver())  # type: ignore[arg-type]
+    disk = vdi.open_disk(MemFile(data, "t.vdi"), NoResolver())  # type: ignore[arg-type]
     buf = bytearray(disk.virtual_size)
     chunk = 3 * MiB + 512  # unaligned, across blocks
     for at in range(0, len(buf), chunk):
@@ -261,7 +245,7 @@ def test_random_images_raise_only_image_errors(values: dict[str, int], size: int
     raw = image(size, {0: b"\x01", 2: b"\x02"} if size > 2 * MiB else {}, fields=fields)
     raw = raw[: len(raw) - cut % (len(raw) + 1)] if cut % 3 == 0 else raw
     try:
-        disk = vdi.open_disk(MemFile(raw), NoResolver())  # type: ignore[arg-type]
+        disk = vdi.open_disk(MemFile(raw, "t.vdi"), NoResolver())  # type: ignore[arg-type]
         disk.read_into(0, memoryview(bytearray(min(disk.virtual_size, 3 * MiB))))
     except ImageError:
         pass
@@ -290,15 +274,7 @@ def test_written_images_read_back(seed: bytes, out: int) -> None:
 
 
 def read_all(path: Path, fmt: str | None = "vdi", isolation: Isolation = "inline") -> bytes:
-    disk = open_input(str(path), fmt, isolation=isolation)
-    try:
-        buf = bytearray(disk.virtual_size)
-        chunk = 3 * MiB + 512
-        for at in range(0, len(buf), chunk):
-            disk.read_into(at, memoryview(buf)[at : at + chunk])
-        return bytes(buf)
-    finally:
-        disk.close()
+    return test_decode_vpc.read_all(path, fmt, isolation)
 
 
 WRITES = ["write -P 0xab 0 3M", "write -P 0xcd 5000k 100k", "write -z 4M 512k", "write -P 7 8M 1k"]

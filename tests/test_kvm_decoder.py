@@ -25,11 +25,11 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiodd.errors import ImageError
 from aiodd.formats.base import VirtualDisk
 from aiodd.formats.qcow2 import decode as decoder
 from aiodd.formats.qcow2 import layout
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
+from tests.differential import COMMANDS, agree, command_doorbells, vm_outcome
 from tests.fuzz.hosted import ChainResolver, Hosted, MemFile, NotInGuest, Outcome, python_outcome
 from tests.test_decode_qcow2 import (
     BAD_HEADERS,
@@ -84,20 +84,8 @@ def compare(
         got = hosted.outcome(data, ChainResolver(files), reads)
     except NotInGuest:
         return None
-    assert got.error == expected.error
-    assert got.virtual_size == expected.virtual_size
-    assert len(got.reads) == len(expected.reads)
-    for i, (a, b) in enumerate(zip(got.reads, expected.reads, strict=True)):
-        if a != b:
-            where = reads(expected.virtual_size or 0)[i]
-            assert a == b, f"read {where}: C {_short(a)}, Python {_short(b)}"
+    agree(got, expected, reads)
     return got
-
-
-def _short(read: bytes | tuple[str, str]) -> object:
-    if isinstance(read, tuple):
-        return read
-    return f"{len(read)} bytes"
 
 
 # -- the hand-built cases of test_decode_qcow2 -------------------------------------------
@@ -619,26 +607,6 @@ def _python_disk(data: bytes, files: dict[str, bytes]) -> VirtualDisk:
     return decoder.open_disk(MemFile(data, NAME), ChainResolver(files))
 
 
-def _kvm_outcome(reader: object, data: bytes, files: dict[str, bytes]) -> Outcome:
-    kvm_reader: Any = reader
-    try:
-        disk = kvm_reader.open_disk(MemFile(data, NAME), ChainResolver(files), "qcow2")
-    except ImageError as exc:
-        return Outcome(None, (), (type(exc).__name__, str(exc)))
-    out: list[bytes | tuple[str, str]] = []
-    try:
-        for offset, length in plan(disk.virtual_size):
-            buf = bytearray(length)
-            try:
-                disk.read_into(offset, memoryview(buf))
-                out.append(bytes(buf))
-            except ImageError as exc:
-                out.append((type(exc).__name__, str(exc)))
-    finally:
-        disk.close()
-    return Outcome(disk.virtual_size, tuple(out))
-
-
 def test_the_guest_in_its_vm_reads_as_python(hosted: Hosted) -> None:
     """The shipped guest.elf, in a micro-VM, under the VMM's reader: the named cases and
     their mutations read as Python reads them (the error records, the names the guest
@@ -661,7 +629,7 @@ def test_the_guest_in_its_vm_reads_as_python(hosted: Hosted) -> None:
     try:
         for data, files in cases:
             expected = python_outcome(partial(_python_disk, data, files), plan)
-            assert _kvm_outcome(reader, data, files) == expected
+            assert vm_outcome(reader, data, ChainResolver(files), "qcow2", NAME, plan) == expected
     finally:
         reader.close()
 
@@ -688,13 +656,8 @@ def test_doorbells_per_command(
         pytest.skip("a one-slot cache reloads tables by design")
     path = _make(tmp_path, "p.qcow2", "16M", *opts)
     qemu_io(path, cmds)
-    data = path.read_bytes()
-    hosted.outcome(data, ChainResolver({}), lambda vs: [])
-    opened = hosted.doorbells
-    commands = [(start, 4 * MiB) for start in range(0, 16 * MiB, 4 * MiB)]
-    got = hosted.outcome(data, ChainResolver({}), lambda vs: commands)
-    assert all(r == b"\x11" * 4 * MiB for r in got.reads)
-    assert hosted.doorbells - opened <= per_command * len(commands) + 1, hosted.doorbells - opened
+    rung = command_doorbells(hosted, path.read_bytes(), b"\x11")
+    assert rung <= per_command * len(COMMANDS) + 1, rung
 
 
 def test_raw_reads_are_the_file(hosted: Hosted) -> None:

@@ -11,82 +11,36 @@ of them (hypothesis).
 
 from __future__ import annotations
 
-import os
-import random
-import struct
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from aiodd.formats import registry
 from aiodd.formats.parallels import layout as L
 from tests import hostile
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
-from tests.formats_corpus import to_old_magic
-from tests.fuzz.hosted import (
-    FMT_PARALLELS,
-    FMT_QCOW2,
-    ChainResolver,
-    Hosted,
-    MemFile,
-    Outcome,
-    python_outcome,
+from tests.differential import (
+    COMMANDS,
+    Differential,
+    command_doorbells,
+    compare_each,
+    cut_short,
+    damaged,
+    edit_lists,
+    edited,
+    mutated,
+    searching,
 )
+from tests.formats_corpus import to_old_magic
+from tests.fuzz.hosted import Hosted
 from tests.test_decode_parallels import image, pattern, set32
 
 MiB = 1 << 20
 NAME = "t.prl"
-EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "300"))
 
 
-def plan(virtual_size: int, seed: int = 0) -> list[tuple[int, int]]:
-    """The reads of one image, all inside the virtual disk: the start in 1 MiB commands,
-    the end, and odd ranges across sectors and clusters."""
-    if virtual_size == 0:
-        return [(0, 0)]
-    reads = [
-        (start, min(MiB, virtual_size - start))
-        for start in range(0, min(virtual_size, 4 * MiB), MiB)
-    ]
-    if virtual_size > 4 * MiB:
-        reads.append((virtual_size - MiB, MiB))
-    rng = random.Random(seed)
-    for _ in range(6):
-        start = rng.randrange(virtual_size)
-        length = rng.choice([1, 511, 4097, 65537, 300000])
-        reads.append((start, min(length, virtual_size - start)))
-    reads.append((max(virtual_size - 50, 0), min(50, virtual_size)))
-    return reads
-
-
-def compare(
-    hosted: Hosted,
-    data: bytes,
-    files: dict[str, bytes] | None = None,
-    reads: Callable[[int], Sequence[tuple[int, int]]] = plan,
-    *,
-    fmt: str = "parallels",
-    name: str = NAME,
-) -> Outcome:
-    """Both decoders over ``data`` opened as ``fmt``; they must agree."""
-    files = files or {}
-    expected = python_outcome(
-        lambda: registry.open_disk(MemFile(data, name), ChainResolver(files), fmt), reads
-    )
-    code = FMT_PARALLELS if fmt == "parallels" else FMT_QCOW2
-    got = hosted.outcome(data, ChainResolver(files), reads, name=name, fmt=code)
-    assert got.error == expected.error
-    assert got.virtual_size == expected.virtual_size
-    assert len(got.reads) == len(expected.reads)
-    for i, (a, b) in enumerate(zip(got.reads, expected.reads, strict=True)):
-        if a != b:
-            where = reads(expected.virtual_size or 0)[i]
-            shown = [r if isinstance(r, tuple) else f"{len(r)} bytes" for r in (a, b)]
-            assert a == b, f"read {where}: C {shown[0]}, Python {shown[1]}"
-    return got
+compare = Differential("parallels", NAME)
 
 
 # -- hand-built images --------------------------------------------------------------------
@@ -214,32 +168,20 @@ def test_qemu_images(hosted: Hosted, tmp_path: Path, cluster: str, old: bool) ->
 
 
 def _hostile_parallels() -> list[tuple[str, bytes]]:
-    b = hostile.base("parallels")
-    cases = []
-    for name, (_expect, at, fmt, value) in hostile._PARALLELS_CASES.items():
-        data = bytearray(b.data)
-        struct.pack_into(fmt, data, at, value)
-        cases.append((name, bytes(data)))
-    for cut in hostile.CUTS:
-        cases.append((f"truncated_at_{cut}", b.data[: hostile.cut_offset(b, cut)]))
-    for seed in range(20):
-        cases.append((f"flipped_{seed}", hostile.flip_bits(b, seed, 1 + seed % 4)))
-    return cases
+    fields = {k: [(at, fmt, value)] for k, (_, at, fmt, value) in hostile._PARALLELS_CASES.items()}
+    return edited("parallels", fields) + damaged("parallels", flips=20)
 
 
 @needs_qemu
 def test_hostile_parallels_cases(hosted: Hosted) -> None:
-    for name, data in _hostile_parallels():
-        try:
-            got = compare(hosted, data)
-        except AssertionError as exc:
-            raise AssertionError(f"hostile case {name}: {exc}") from None
-        if name in hostile._PARALLELS_CASES:
-            # refused at open, or by the first read that reaches the bad entry
-            errors = [got.error, *(r for r in got.reads if isinstance(r, tuple))]
-            error = next(e for e in errors if e is not None)
-            for part in hostile._PARALLELS_CASES[name][0]:
-                assert part in error[1], (name, got.error)
+    outcomes = compare_each(compare, hosted, _hostile_parallels())
+    for name, (parts, *_) in hostile._PARALLELS_CASES.items():
+        got = outcomes[name]
+        # refused at open, or by the first read that reaches the bad entry
+        errors = [got.error, *(r for r in got.reads if isinstance(r, tuple))]
+        error = next(e for e in errors if e is not None)
+        for part in parts:
+            assert part in error[1], (name, got.error)
 
 
 # -- mutations ----------------------------------------------------------------------------
@@ -263,31 +205,18 @@ def _bases() -> list[bytes]:
     return _BASES
 
 
-def _mutate(base: bytes, edits: list[tuple[int, int, int]]) -> bytes:
-    """Byte edits aimed at the header and the BAT as often as anywhere."""
-    data = bytearray(base)
-    for where, pos, value in edits:
-        at = (pos % 64) if where < 4 else (64 + pos % 256) if where < 8 else pos
-        data[at % max(len(data), 1)] = value
-    return bytes(data)
+def _aim(where: int, pos: int) -> int:
+    """The header and the BAT as often as anywhere."""
+    return (pos % 64) if where < 4 else (64 + pos % 256) if where < 8 else pos
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    which=st.integers(0, 3),
-    edits=st.lists(
-        st.tuples(st.integers(0, 11), st.integers(0, 1 << 20), st.integers(0, 255)), max_size=6
-    ),
-    cut=st.integers(0, 1 << 20),
-)
+@searching
+@given(which=st.integers(0, 3), edits=edit_lists(12), cut=st.integers(0, 1 << 20))
 def test_mutated_images(
     hosted: Hosted, which: int, edits: list[tuple[int, int, int]], cut: int
 ) -> None:
     bases = _bases()
-    mutated = _mutate(bases[which % len(bases)], edits)
-    if cut % 4 == 0:
-        mutated = mutated[: cut % (len(mutated) + 1)]
-    compare(hosted, mutated)
+    compare(hosted, cut_short(mutated(bases[which % len(bases)], edits, _aim), cut))
 
 
 # -- batching -----------------------------------------------------------------------------
@@ -304,10 +233,5 @@ def test_doorbells_per_command(
         pytest.skip("a one-slot cache reloads the BAT's pieces by design")
     path = _make(tmp_path, "b.prl", "16M", cluster)
     qemu_io(path, ["write -P 0x11 0 16M"], "parallels")
-    data = path.read_bytes()
-    hosted.outcome(data, ChainResolver({}), lambda vs: [])
-    opened = hosted.doorbells
-    commands = [(start, 4 * MiB) for start in range(0, 16 * MiB, 4 * MiB)]
-    got = hosted.outcome(data, ChainResolver({}), lambda vs: commands)
-    assert all(r == b"\x11" * 4 * MiB for r in got.reads)
-    assert hosted.doorbells - opened <= per_command * len(commands) + 2, hosted.doorbells - opened
+    rung = command_doorbells(hosted, path.read_bytes(), b"\x11")
+    assert rung <= per_command * len(COMMANDS) + 2, rung

@@ -10,72 +10,35 @@ tests/hostile.py with truncations and bit flips, and random mutations (hypothesi
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from aiodd.formats import registry
 from tests import hostile
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
-from tests.fuzz.hosted import GUEST_FORMATS, ChainResolver, Hosted, MemFile, Outcome, python_outcome
+from tests.differential import (
+    Differential,
+    compare_each,
+    cut_short,
+    damaged,
+    edit_lists,
+    field_cases,
+    mutated,
+    searching,
+)
+from tests.fuzz.hosted import Hosted
 from tests.qcow_images import Qcow
 from tests.test_decode_qcow import ERRORS, GEOMETRIES, sample
 
 MiB = 1 << 20
 NAME = "t.qcow"
-EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "300"))
 
 
-def plan(virtual_size: int, seed: int = 0) -> list[tuple[int, int]]:
-    """The reads of one image, inside the virtual disk: the start in 1 MiB commands, the
-    end, and odd ranges across clusters and tables."""
-    if virtual_size == 0:
-        return [(0, 0)]
-    reads = [
-        (start, min(MiB, virtual_size - start))
-        for start in range(0, min(virtual_size, 4 * MiB), MiB)
-    ]
-    if virtual_size > 4 * MiB:
-        reads.append((virtual_size - MiB, MiB))
-    rng = random.Random(seed)
-    for _ in range(6):
-        start = rng.randrange(virtual_size)
-        length = rng.choice([1, 511, 4097, 65537, 300000])
-        reads.append((start, min(length, virtual_size - start)))
-    reads.append((max(virtual_size - 50, 0), min(50, virtual_size)))
-    return reads
-
-
-def compare(
-    hosted: Hosted,
-    data: bytes,
-    files: dict[str, bytes] | None = None,
-    reads: Callable[[int], Sequence[tuple[int, int]]] = plan,
-    *,
-    fmt: str = "qcow",
-    name: str = NAME,
-) -> Outcome:
-    """Both decoders over ``data`` opened as ``fmt``; they must agree."""
-    files = files or {}
-    expected = python_outcome(
-        lambda: registry.open_disk(MemFile(data, name), ChainResolver(files), fmt), reads
-    )
-    got = hosted.outcome(data, ChainResolver(files), reads, name=name, fmt=GUEST_FORMATS[fmt])
-    assert got.error == expected.error
-    assert got.virtual_size == expected.virtual_size
-    assert len(got.reads) == len(expected.reads)
-    for i, (a, b) in enumerate(zip(got.reads, expected.reads, strict=True)):
-        if a != b:
-            where = reads(expected.virtual_size or 0)[i]
-            shown = [r if isinstance(r, tuple) else f"{len(r)} bytes" for r in (a, b)]
-            assert a == b, f"read {where}: C {shown[0]}, Python {shown[1]}"
-    return got
+compare = Differential("qcow", NAME)
 
 
 # -- the decoder tests' images -------------------------------------------------------------
@@ -156,19 +119,8 @@ def test_a_qcow2_over_a_qcow(hosted: Hosted, tmp_path: Path) -> None:
 
 @needs_qemu
 def test_hostile_qcow_cases(hosted: Hosted, tmp_path: Path) -> None:
-    b = hostile.base("qcow")
-    cases = [(f"truncated_at_{cut}", b.data[: hostile.cut_offset(b, cut)]) for cut in hostile.CUTS]
-    cases += [(f"flipped_{seed}", hostile.flip_bits(b, seed, 1 + seed % 4)) for seed in range(30)]
-    for name in hostile._QCOW_FIELD_CASES:
-        case = next(c for c in hostile.CASES if c.id == f"qcow_{name}")
-        (tmp_path / name).mkdir()
-        tree = hostile.make_tree(tmp_path / name)
-        cases.append((name, case.build(tree).image.read_bytes()))
-    for name, data in cases:
-        try:
-            compare(hosted, data)
-        except AssertionError as exc:
-            raise AssertionError(f"hostile case {name}: {exc}") from None
+    cases = damaged("qcow", flips=30) + field_cases("qcow", hostile._QCOW_FIELD_CASES, tmp_path)
+    compare_each(compare, hosted, cases)
 
 
 # -- mutations ----------------------------------------------------------------------------
@@ -185,24 +137,15 @@ def _bases() -> list[bytes]:
     return _BASES
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    which=st.integers(0, 2),
-    edits=st.lists(
-        st.tuples(st.integers(0, 15), st.integers(0, 1 << 20), st.integers(0, 255)), max_size=6
-    ),
-    cut=st.integers(0, 1 << 20),
-)
+@searching
+@given(which=st.integers(0, 2), edits=edit_lists(), cut=st.integers(0, 1 << 20))
 def test_mutated_images(
     hosted: Hosted, which: int, edits: list[tuple[int, int, int]], cut: int
 ) -> None:
     bases = _bases()
-    data = bytearray(bases[which % len(bases)])
-    for where, pos, value in edits:
-        # the header and the first tables as often as anywhere
-        at = pos % 48 if where < 6 else (pos % 4096 if where < 12 else pos)
-        data[at % len(data)] = value
-    mutated = bytes(data)
-    if cut % 4 == 0:
-        mutated = mutated[: cut % (len(mutated) + 1)]
-    compare(hosted, mutated)
+    compare(hosted, cut_short(mutated(bases[which % len(bases)], edits, _aim), cut))
+
+
+def _aim(where: int, pos: int) -> int:
+    """The header and the first tables as often as anywhere."""
+    return pos % 48 if where < 6 else (pos % 4096 if where < 12 else pos)

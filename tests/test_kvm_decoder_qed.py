@@ -11,34 +11,43 @@ cases of tests/hostile.py with truncations and bit flips, and random mutations
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import hostile
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
+from tests.differential import (
+    Differential,
+    compare_each,
+    cut_short,
+    damaged,
+    edit_lists,
+    field_cases,
+    mutated,
+    searching,
+)
 from tests.fuzz.hosted import Hosted
 from tests.test_decode_qed import ERRORS, GEOMETRIES, sample
-from tests.test_kvm_decoder_qcow import compare
 
 MiB = 1 << 20
 NAME = "t.qed"
-EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "300"))
+
+compare = Differential("qed", NAME)
 
 
 @pytest.mark.parametrize(("cs", "ts"), GEOMETRIES)
 def test_every_geometry(hosted: Hosted, cs: int, ts: int) -> None:
-    got = compare(hosted, sample(cs, ts).build(), fmt="qed", name=NAME)
+    got = compare(hosted, sample(cs, ts).build())
     assert got.error is None
 
 
 @pytest.mark.parametrize(("case", "data"), [e[:2] for e in ERRORS], ids=[e[0] for e in ERRORS])
 def test_refusals(hosted: Hosted, case: str, data: bytes) -> None:
-    got = compare(hosted, data, fmt="qed", name=NAME)
+    got = compare(hosted, data)
     assert got.error is not None or any(isinstance(r, tuple) for r in got.reads)
 
 
@@ -46,7 +55,7 @@ def test_refusals(hosted: Hosted, case: str, data: bytes) -> None:
 def test_backing_files(hosted: Hosted, raw: bool) -> None:
     base = random.Random(9).randbytes(30000)
     image = sample(4096, 2, backing=b"base.img", raw_backing=raw).build()
-    got = compare(hosted, image, {"base.img": base}, fmt="qed", name=NAME)
+    got = compare(hosted, image, {"base.img": base})
     assert got.error is None and got.reads[0][4096:8192] == base[4096:8192]
 
 
@@ -54,7 +63,7 @@ def test_need_check_and_unknown_compat_bits(hosted: Hosted) -> None:
     from aiodd.formats.qed import layout
 
     image = sample(4096, 2, features=layout.F_NEED_CHECK, compat_features=0xFF).build()
-    assert compare(hosted, image, fmt="qed", name=NAME).error is None
+    assert compare(hosted, image).error is None
 
 
 @needs_qemu
@@ -66,7 +75,7 @@ def test_qemu_images(hosted: Hosted, tmp_path: Path, opts: tuple[str, ...]) -> N
     qemu_img("create", "-q", "-f", "qed", *(["-o", ",".join(opts)] if opts else []), image, "5M")
     qemu_io(image, ["write -P 0xab 0 100k", "write -z 512k 192k", "write -P 0x22 1000k 1M",
                     "discard 1024k 512k", "write -P 0x66 5241344 1024"], "qed")  # fmt: skip
-    got = compare(hosted, image.read_bytes(), fmt="qed", name=NAME)
+    got = compare(hosted, image.read_bytes())
     assert got.error is None and got.reads[0][:100] == b"\xab" * 100
 
 
@@ -77,7 +86,7 @@ def test_qemu_chains(hosted: Hosted, tmp_path: Path) -> None:
     over_raw = tmp_path / "r.qed"
     qemu_img("create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", over_raw, "3M")
     qemu_io(over_raw, ["write -P 0x81 70k 100k", "write -z 1M 64k"], "qed")
-    got = compare(hosted, over_raw.read_bytes(), {"base.raw": raw}, fmt="qed", name=NAME)
+    got = compare(hosted, over_raw.read_bytes(), {"base.raw": raw})
     assert got.error is None and got.reads[0][:1000] == raw[:1000]
 
     base = tmp_path / "base.qcow2"
@@ -87,7 +96,7 @@ def test_qemu_chains(hosted: Hosted, tmp_path: Path) -> None:
     qemu_img("create", "-q", "-f", "qed", "-b", "base.qcow2", "-F", "qcow2", over_qcow2, "4M")
     qemu_io(over_qcow2, ["write -P 0x93 1000k 100k"], "qed")
     files = {"base.qcow2": base.read_bytes()}
-    got = compare(hosted, over_qcow2.read_bytes(), files, fmt="qed", name=NAME)
+    got = compare(hosted, over_qcow2.read_bytes(), files)
     assert got.error is None and got.reads[2][:64] == b"\x45" * 64
 
     top = tmp_path / "top.qcow2"
@@ -100,18 +109,8 @@ def test_qemu_chains(hosted: Hosted, tmp_path: Path) -> None:
 
 @needs_qemu
 def test_hostile_qed_cases(hosted: Hosted, tmp_path: Path) -> None:
-    b = hostile.base("qed")
-    cases = [(f"truncated_at_{cut}", b.data[: hostile.cut_offset(b, cut)]) for cut in hostile.CUTS]
-    cases += [(f"flipped_{seed}", hostile.flip_bits(b, seed, 1 + seed % 4)) for seed in range(30)]
-    for name in hostile._QED_FIELD_CASES:
-        case = next(c for c in hostile.CASES if c.id == f"qed_{name}")
-        (tmp_path / name).mkdir()
-        cases.append((name, case.build(hostile.make_tree(tmp_path / name)).image.read_bytes()))
-    for name, data in cases:
-        try:
-            compare(hosted, data, fmt="qed", name=NAME)
-        except AssertionError as exc:
-            raise AssertionError(f"hostile case {name}: {exc}") from None
+    cases = damaged("qed", flips=30) + field_cases("qed", hostile._QED_FIELD_CASES, tmp_path)
+    compare_each(compare, hosted, cases)
 
 
 _BASES: list[bytes] = []
@@ -126,27 +125,18 @@ def _bases() -> list[bytes]:
     return _BASES
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    which=st.integers(0, 2),
-    edits=st.lists(
-        st.tuples(st.integers(0, 15), st.integers(0, 1 << 20), st.integers(0, 255)), max_size=6
-    ),
-    cut=st.integers(0, 1 << 20),
-)
+@searching
+@given(which=st.integers(0, 2), edits=edit_lists(), cut=st.integers(0, 1 << 20))
 def test_mutated_images(
     hosted: Hosted, which: int, edits: list[tuple[int, int, int]], cut: int
 ) -> None:
     bases = _bases()
-    data = bytearray(bases[which % len(bases)])
-    for where, pos, value in edits:
-        # the header, the L1 (at the first cluster) and the first L2 as often as anywhere
-        at = pos % 64 if where < 6 else (4096 + pos % 16384 if where < 12 else pos)
-        data[at % len(data)] = value
-    mutated = bytes(data)
-    if cut % 4 == 0:
-        mutated = mutated[: cut % (len(mutated) + 1)]
-    compare(hosted, mutated, fmt="qed", name=NAME)
+    compare(hosted, cut_short(mutated(bases[which % len(bases)], edits, _aim), cut))
+
+
+def _aim(where: int, pos: int) -> int:
+    """The header, the L1 (at the first cluster) and the first L2 as often as anywhere."""
+    return pos % 64 if where < 6 else (4096 + pos % 16384 if where < 12 else pos)
 
 
 def test_a_parents_error_comes_before_a_later_table_error(hosted: Hosted) -> None:
@@ -161,7 +151,7 @@ def test_a_parents_error_comes_before_a_later_table_error(hosted: Hosted) -> Non
     base = Qcow(2 * span, 12, 9, entries={1022: garbage}).build()
     top = Qed(2 * span, data={1023: b"\x5a" * 4096}, backing=b"base.qcow")
     top.l1_entries[1] = 7 * 4096
-    got = compare(hosted, top.build(), {"base.qcow": base}, fmt="qed", name=NAME,
+    got = compare(hosted, top.build(), {"base.qcow": base},
                   reads=lambda size: [(span - 8192, 16384)])  # fmt: skip
     assert got.reads[0] == (
         "ImageError",

@@ -11,61 +11,34 @@ tests/hostile.py, and random mutations of all of them (hypothesis).
 
 from __future__ import annotations
 
-import os
 import struct
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from aiodd.formats import registry
 from aiodd.formats.vdi import layout as L
 from tests import hostile
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
-from tests.fuzz.hosted import (
-    FMT_QCOW2,
-    FMT_VDI,
-    ChainResolver,
-    Hosted,
-    MemFile,
-    Outcome,
-    python_outcome,
+from tests.differential import (
+    Differential,
+    compare_each,
+    cut_short,
+    damaged,
+    edit_lists,
+    edited,
+    mutated,
+    searching,
 )
+from tests.fuzz.hosted import Hosted
 from tests.test_decode_vdi import VIRTUALBOX, image, pattern
-from tests.test_kvm_decoder_vpc import plan
 
 MiB = 1 << 20
 NAME = "t.vdi"
-EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "300"))
 
 
-def compare(
-    hosted: Hosted,
-    data: bytes,
-    files: dict[str, bytes] | None = None,
-    reads: Callable[[int], Sequence[tuple[int, int]]] = plan,
-    *,
-    fmt: str = "vdi",
-    name: str = NAME,
-) -> Outcome:
-    """Both decoders over ``data`` opened as ``fmt``; they must agree."""
-    files = files or {}
-    expected = python_outcome(
-        lambda: registry.open_disk(MemFile(data, name), ChainResolver(files), fmt), reads
-    )
-    code = FMT_VDI if fmt == "vdi" else FMT_QCOW2
-    got = hosted.outcome(data, ChainResolver(files), reads, name=name, fmt=code)
-    assert got.error == expected.error
-    assert got.virtual_size == expected.virtual_size
-    assert len(got.reads) == len(expected.reads)
-    for i, (a, b) in enumerate(zip(got.reads, expected.reads, strict=True)):
-        if a != b:
-            where = reads(expected.virtual_size or 0)[i]
-            shown = [r if isinstance(r, tuple) else f"{len(r)} bytes" for r in (a, b)]
-            assert a == b, f"read {where}: C {shown[0]}, Python {shown[1]}"
-    return got
+compare = Differential("vdi", NAME)
 
 
 # -- hand-built images --------------------------------------------------------------------
@@ -203,28 +176,15 @@ def test_qemu_converted_image(hosted: Hosted, tmp_path: Path) -> None:
 
 
 def _hostile_vdi() -> list[tuple[str, bytes]]:
-    b = hostile.base("vdi")
-    cases = []
-    for name, (_expect, fields) in hostile._VDI_CASES.items():
-        data = bytearray(b.data)
-        for field, value in fields.items():
-            at, fmt = hostile.VDI[field]
-            struct.pack_into(fmt, data, at, value)
-        cases.append((name, bytes(data)))
-    for cut in hostile.CUTS:
-        cases.append((f"truncated_at_{cut}", b.data[: hostile.cut_offset(b, cut)]))
-    for seed in range(20):
-        cases.append((f"flipped_{seed}", hostile.flip_bits(b, seed, 1 + seed % 4)))
-    return cases
+    fields = {
+        k: [(*hostile.VDI[f], v) for f, v in c[1].items()] for k, c in hostile._VDI_CASES.items()
+    }
+    return edited("vdi", fields) + damaged("vdi", flips=20)
 
 
 @needs_qemu
 def test_hostile_vdi_cases(hosted: Hosted) -> None:
-    for name, data in _hostile_vdi():
-        try:
-            compare(hosted, data)
-        except AssertionError as exc:
-            raise AssertionError(f"hostile case {name}: {exc}") from None
+    compare_each(compare, hosted, _hostile_vdi())
 
 
 # -- mutations ----------------------------------------------------------------------------
@@ -250,28 +210,19 @@ def _bases() -> list[bytes]:
 
 def _mutate(base: bytes, edits: list[tuple[int, int, int]]) -> bytes:
     """Byte edits aimed at the header's fields and the block map as often as anywhere."""
-    data = bytearray(base)
     bmap_at = struct.unpack_from("<I", base, 340)[0]
     hot = [64, 340, 368, 376, 384, 424, bmap_at]
-    for where, pos, value in edits:
-        at = (hot[where % len(hot)] + pos % 24) if where < 10 else pos
-        data[at % len(data)] = value
-    return bytes(data)
+
+    def aim(where: int, pos: int) -> int:
+        return hot[where % len(hot)] + pos % 24 if where < 10 else pos
+
+    return mutated(base, edits, aim)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    which=st.integers(0, 2),
-    edits=st.lists(
-        st.tuples(st.integers(0, 15), st.integers(0, 1 << 22), st.integers(0, 255)), max_size=6
-    ),
-    cut=st.integers(0, 1 << 22),
-)
+@searching
+@given(which=st.integers(0, 2), edits=edit_lists(reach=1 << 22), cut=st.integers(0, 1 << 22))
 def test_mutated_images(
     hosted: Hosted, which: int, edits: list[tuple[int, int, int]], cut: int
 ) -> None:
     bases = _bases()
-    mutated = _mutate(bases[which % len(bases)], edits)
-    if cut % 4 == 0:
-        mutated = mutated[: cut % (len(mutated) + 1)]
-    compare(hosted, mutated)
+    compare(hosted, cut_short(_mutate(bases[which % len(bases)], edits), cut))

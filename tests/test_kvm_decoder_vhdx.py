@@ -18,19 +18,18 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache, partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiodd.errors import ImageError
 from aiodd.formats.base import VirtualDisk
 from aiodd.formats.common import read_parent
 from aiodd.formats.vhdx import decode
 from aiodd.formats.vhdx import layout as L
 from tests import hostile
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_kvm, needs_qemu, qemu_img, qemu_io
+from tests.differential import agree, vm_outcome
 from tests.fuzz.hosted import (
     FMT_VHDX,
     ChainResolver,
@@ -102,14 +101,7 @@ def compare(
         got = hosted.outcome(data, ChainResolver(files), reads, name=NAME, fmt=FMT_VHDX)
     except NotInGuest as exc:
         raise AssertionError(f"a parent in a format the guest does not read: {exc}") from None
-    assert got.error == expected.error
-    assert got.virtual_size == expected.virtual_size
-    assert len(got.reads) == len(expected.reads)
-    for i, (a, b) in enumerate(zip(got.reads, expected.reads, strict=True)):
-        if a != b:
-            where = reads(expected.virtual_size or 0)[i]
-            shown = [r if isinstance(r, tuple) else f"{len(r)} bytes" for r in (a, b)]
-            assert a == b, f"read {where}: C {shown[0]}, Python {shown[1]}"
+    agree(got, expected, reads)
     return got
 
 
@@ -563,26 +555,6 @@ def _python_disk(data: bytes) -> VirtualDisk:
     return Clipped(decode.open_disk(MemFile(data, NAME), ChainResolver({})))
 
 
-def _kvm_outcome(reader: object, data: bytes, reads: Reads) -> Outcome:
-    kvm_reader: Any = reader
-    try:
-        disk = kvm_reader.open_disk(MemFile(data, NAME), ChainResolver({}), "vhdx")
-    except ImageError as exc:
-        return Outcome(None, (), (type(exc).__name__, str(exc)))
-    out: list[bytes | tuple[str, str]] = []
-    try:
-        for offset, length in reads(disk.virtual_size):
-            buf = bytearray(length)
-            try:
-                disk.read_into(offset, memoryview(buf))
-                out.append(bytes(buf))
-            except ImageError as exc:
-                out.append((type(exc).__name__, str(exc)))
-    finally:
-        disk.close()
-    return Outcome(disk.virtual_size, tuple(out))
-
-
 @needs_qemu
 @needs_kvm
 def test_large_logs_in_the_vm(tmp_path: Path) -> None:
@@ -595,7 +567,7 @@ def test_large_logs_in_the_vm(tmp_path: Path) -> None:
     try:
         for data in cases:
             expected = python_outcome(partial(_python_disk, data), _reads)
-            assert _kvm_outcome(reader, data, _reads) == expected
+            assert vm_outcome(reader, data, ChainResolver({}), "vhdx", NAME, _reads) == expected
     finally:
         reader.close()
 

@@ -31,6 +31,7 @@ from aiodd.formats.vmdk import decode as decoder
 from aiodd.formats.vmdk import layout as L
 from tests import hostile
 from tests.conftest import needs_qemu, qemu_img, qemu_io
+from tests.differential import agree
 from tests.fuzz.hosted import (
     FMT_VMDK,
     ChainResolver,
@@ -88,18 +89,8 @@ def compare(
     res = resolver if resolver is not None else ChainResolver(files or {})
     expected = python_outcome(lambda: decoder.open_disk(MemFile(data, name), res), reads)
     got = hosted.outcome(data, res, reads, name=name, fmt=FMT_VMDK)
-    assert got.error == expected.error
-    assert got.virtual_size == expected.virtual_size
-    assert len(got.reads) == len(expected.reads)
-    for i, (a, b) in enumerate(zip(got.reads, expected.reads, strict=True)):
-        if a != b:
-            where = reads(expected.virtual_size or 0)[i]
-            assert a == b, f"read {where}: C {_short(a)}, Python {_short(b)}"
+    agree(got, expected, reads)
     return got
-
-
-def _short(read: bytes | tuple[str, str]) -> object:
-    return read if isinstance(read, tuple) else f"{len(read)} bytes"
 
 
 def _ok(got: Outcome) -> None:

@@ -12,84 +12,36 @@ and random mutations of all of them (hypothesis).
 
 from __future__ import annotations
 
-import os
-import random
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from aiodd.formats import registry
 from aiodd.formats.common import round_up
 from aiodd.formats.vpc import layout as L
 from tests import hostile
 from tests.conftest import QEMU_IMG, QEMU_IO, needs_qemu, qemu_img, qemu_io
-from tests.fuzz.hosted import (
-    FMT_QCOW2,
-    FMT_VPC,
-    ChainResolver,
-    Hosted,
-    MemFile,
-    Outcome,
-    python_outcome,
+from tests.differential import (
+    Differential,
+    compare_each,
+    cut_short,
+    damaged,
+    edit_lists,
+    mutated,
+    searching,
 )
+from tests.fuzz.hosted import Hosted
 from tests.test_decode_vpc import reseal
 
 MiB = 1 << 20
 NAME = "t.vhd"
-EXAMPLES = int(os.environ.get("AIODD_DIFF_EXAMPLES", "300"))
 UNALLOCATED = L.UNALLOCATED
 
 
-def plan(virtual_size: int, seed: int = 0) -> list[tuple[int, int]]:
-    """The reads of one image, all inside the virtual disk (the decoders' contract: a
-    caller never reads past it): the start in 1 MiB commands, the end, and odd ranges
-    across sectors and blocks."""
-    if virtual_size == 0:
-        return [(0, 0)]
-    reads = [
-        (start, min(MiB, virtual_size - start))
-        for start in range(0, min(virtual_size, 4 * MiB), MiB)
-    ]
-    if virtual_size > 4 * MiB:
-        reads.append((virtual_size - MiB, MiB))
-    rng = random.Random(seed)
-    for _ in range(6):
-        start = rng.randrange(virtual_size)
-        length = rng.choice([1, 511, 4097, 65537, 300000])
-        reads.append((start, min(length, virtual_size - start)))
-    reads.append((max(virtual_size - 50, 0), min(50, virtual_size)))
-    return reads
-
-
-def compare(
-    hosted: Hosted,
-    data: bytes,
-    files: dict[str, bytes] | None = None,
-    reads: Callable[[int], Sequence[tuple[int, int]]] = plan,
-    *,
-    fmt: str = "vpc",
-    name: str = NAME,
-) -> Outcome:
-    """Both decoders over ``data`` opened as ``fmt``; they must agree."""
-    files = files or {}
-    expected = python_outcome(
-        lambda: registry.open_disk(MemFile(data, name), ChainResolver(files), fmt), reads
-    )
-    code = FMT_VPC if fmt == "vpc" else FMT_QCOW2
-    got = hosted.outcome(data, ChainResolver(files), reads, name=name, fmt=code)
-    assert got.error == expected.error
-    assert got.virtual_size == expected.virtual_size
-    assert len(got.reads) == len(expected.reads)
-    for i, (a, b) in enumerate(zip(got.reads, expected.reads, strict=True)):
-        if a != b:
-            where = reads(expected.virtual_size or 0)[i]
-            shown = [r if isinstance(r, tuple) else f"{len(r)} bytes" for r in (a, b)]
-            assert a == b, f"read {where}: C {shown[0]}, Python {shown[1]}"
-    return got
+compare = Differential("vpc", NAME)
 
 
 # -- hand-built images --------------------------------------------------------------------
@@ -414,20 +366,12 @@ def _hostile_vpc() -> list[tuple[str, bytes]]:
     data = bytearray(b.data)
     struct.pack_into(">I", data, 64, 0x12345678)
     cases.append(("bad_checksum", bytes(data)))
-    for cut in hostile.CUTS:
-        cases.append((f"truncated_at_{cut}", b.data[: hostile.cut_offset(b, cut)]))
-    for seed in range(20):
-        cases.append((f"flipped_{seed}", hostile.flip_bits(b, seed, 1 + seed % 4)))
-    return cases
+    return cases + damaged("vpc", flips=20)
 
 
 @needs_qemu
 def test_hostile_vpc_cases(hosted: Hosted) -> None:
-    for name, data in _hostile_vpc():
-        try:
-            compare(hosted, data)
-        except AssertionError as exc:
-            raise AssertionError(f"hostile case {name}: {exc}") from None
+    compare_each(compare, hosted, _hostile_vpc())
 
 
 @needs_qemu
@@ -473,11 +417,12 @@ def _bases() -> list[tuple[bytes, dict[str, bytes]]]:
 def _mutate(base: bytes, edits: list[tuple[int, int, int]]) -> bytes:
     """Byte edits aimed at the structures (footer, dynamic header, BAT, locators, the
     first bitmap) as often as anywhere."""
-    data = bytearray(base)
-    hot = [0, 512, 1536, len(data) - 512]
-    for where, pos, value in edits:
-        at = (hot[where % len(hot)] + pos % 1100) if where < 8 else pos
-        data[at % len(data)] = value
+    hot = [0, 512, 1536, len(base) - 512]
+
+    def aim(where: int, pos: int) -> int:
+        return hot[where % len(hot)] + pos % 1100 if where < 8 else pos
+
+    data = bytearray(mutated(base, edits, aim))
     # reseal both checksums, half the time, so the edits reach past them
     if edits and edits[0][2] & 1 and len(data) >= 1536:
         footer = reseal(bytearray(data[:512]))
@@ -486,26 +431,17 @@ def _mutate(base: bytes, edits: list[tuple[int, int, int]]) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    which=st.integers(0, 3),
-    edits=st.lists(
-        st.tuples(st.integers(0, 15), st.integers(0, 1 << 20), st.integers(0, 255)), max_size=6
-    ),
-    cut=st.integers(0, 1 << 20),
-)
+@searching
+@given(which=st.integers(0, 3), edits=edit_lists(), cut=st.integers(0, 1 << 20))
 def test_mutated_images(
     hosted: Hosted, which: int, edits: list[tuple[int, int, int]], cut: int
 ) -> None:
     bases = _bases()
     data, files = bases[which % len(bases)]
-    mutated = _mutate(data, edits)
-    if cut % 4 == 0:
-        mutated = mutated[: cut % (len(mutated) + 1)]
-    compare(hosted, mutated, files)
+    compare(hosted, cut_short(_mutate(data, edits), cut), files)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@searching
 @given(locator=st.binary(max_size=64), platform=st.sampled_from([b"W2ru", b"W2ku", b"MacX"]))
 def test_mutated_locators(hosted: Hosted, locator: bytes, platform: bytes) -> None:
     """Any locator data: decoded (UTF-16, UTF-8, a file URL, escapes) to the same name or

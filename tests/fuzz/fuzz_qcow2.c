@@ -9,22 +9,9 @@
  *
  * Each input is opened and its virtual disk read in a few commands: the start in
  * uneven chunks, then the end, each into a buffer of its exact size. */
-#include <stdlib.h>
 #include <string.h>
 
-#include "hosted.h"
-#include "abi.h"
-
-#define BUNDLE "AIODDFZ1"
-#define MAX_BUNDLED 16
-#define READ_LIMIT (3u << 20)
-
-static struct {
-    const uint8_t *data[MAX_BUNDLED];
-    uint64_t size[MAX_BUNDLED];
-    uint32_t count;
-    uint32_t next;
-} bundle;
+#include "bundle.h"
 
 static uint32_t probe(const uint8_t *data, uint64_t size) {
     if (size >= 8 && memcmp(data, "vhdxfile", 8) == 0) {
@@ -80,66 +67,9 @@ static uint32_t opener(uint32_t referrer, uint32_t kind, const char *name, uint6
     return AIODD_OK;
 }
 
-static void unbundle(const uint8_t *data, size_t size) {
-    bundle.count = 0;
-    bundle.next = 1;
-    if (size < 8 || memcmp(data, BUNDLE, 8) != 0) {
-        bundle.data[0] = data;
-        bundle.size[0] = size;
-        bundle.count = 1;
-        return;
-    }
-    size_t pos = 8;
-    while (bundle.count < MAX_BUNDLED && size - pos >= 4) {
-        uint32_t n = (uint32_t)data[pos] | (uint32_t)data[pos + 1] << 8 |
-                     (uint32_t)data[pos + 2] << 16 | (uint32_t)data[pos + 3] << 24;
-        pos += 4;
-        n = n < size - pos ? n : (uint32_t)(size - pos);
-        bundle.data[bundle.count] = data + pos;
-        bundle.size[bundle.count] = n;
-        bundle.count++;
-        pos += n;
-    }
-    if (bundle.count == 0) {
-        bundle.data[0] = data;
-        bundle.size[0] = 0;
-        bundle.count = 1;
-    }
-}
-
-static void read_range(uint64_t offset, uint64_t length) {
-    unsigned char *buf = malloc(length ? length : 1);
-    if (buf == NULL) {
-        abort();
-    }
-    hosted_read(offset, buf, length);
-    free(buf);
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     unbundle(data, size);
-    hosted_reset();
-    for (uint32_t i = 0; i < bundle.count; i++) {
-        hosted_add_file(bundle.data[i], bundle.size[i]);
-    }
-    hosted_set_opener(opener);
-    uint64_t virtual_size = 0;
-    if (hosted_open(probe(bundle.data[0], bundle.size[0]), &virtual_size) != AIODD_OK) {
-        return 0;
-    }
-    uint64_t limit = virtual_size < READ_LIMIT ? virtual_size : READ_LIMIT;
-    static const uint64_t chunks[] = {1, 4095, 65536 + 7, 1u << 20};
-    uint64_t offset = 0;
-    for (unsigned i = 0; offset < limit; i = (i + 1) % 4) {
-        uint64_t n = chunks[i] < limit - offset ? chunks[i] : limit - offset;
-        read_range(offset, n);
-        offset += n;
-    }
-    if (virtual_size > limit) {
-        uint64_t tail = virtual_size - limit < (1u << 20) ? virtual_size - limit : (1u << 20);
-        read_range(virtual_size - tail, tail + 100);  /* and a little past the end */
-    }
-    hosted_reset();
+    read_bundle(probe(bundle.data[0], bundle.size[0]), opener, 100 /* a little past the end */);
     return 0;
 }

@@ -20,7 +20,8 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 
 from aiodd.errors import ImageError
@@ -350,23 +351,28 @@ def vhdx_seeds() -> Iterator[tuple[str, bytes]]:
     yield "vhdx-dirty-log", dirty
 
 
-def write_corpus(directory: Path, fmt: str = "qcow2") -> int:
+def write_seeds(
+    directory: Path,
+    hand: Iterable[tuple[str, bytes]],
+    qemu: Callable[[Path], Iterable[tuple[str, bytes]]],
+) -> int:
+    """The seeds ``hand`` and, where qemu is, ``qemu(a temporary folder)`` gives, each
+    written under its name and digest; how many."""
     directory.mkdir(parents=True, exist_ok=True)
-    qemu = shutil.which("qemu-img") and shutil.which("qemu-io")
-    if fmt == "vmdk":
-        seeds = list(vmdk_hand_built())
-        if qemu:
-            with tempfile.TemporaryDirectory() as tmp:
-                seeds += list(vmdk_qemu_made(Path(tmp)))
-    else:
-        seeds = list(hand_built()) + list(vhdx_seeds())
-        if qemu:
-            with tempfile.TemporaryDirectory() as tmp:
-                seeds += list(qemu_made(Path(tmp)))
+    seeds = list(hand)
+    if shutil.which("qemu-img") and shutil.which("qemu-io"):
+        with tempfile.TemporaryDirectory() as tmp:
+            seeds += list(qemu(Path(tmp)))
     for name, data in seeds:
         digest = hashlib.sha1(data).hexdigest()[:12]
         (directory / f"{name}-{digest}").write_bytes(data)
     return len(seeds)
+
+
+def write_corpus(directory: Path, fmt: str = "qcow2") -> int:
+    if fmt == "vmdk":
+        return write_seeds(directory, vmdk_hand_built(), vmdk_qemu_made)
+    return write_seeds(directory, chain(hand_built(), vhdx_seeds()), qemu_made)
 
 
 def vpc_qemu_made(tmp: Path) -> Iterator[tuple[str, bytes]]:
@@ -400,29 +406,25 @@ def vpc_hand_built() -> Iterator[tuple[str, bytes]]:
 
 def write_vpc_corpus(directory: Path) -> int:
     """The seeds of fuzz_vpc.c."""
-    directory.mkdir(parents=True, exist_ok=True)
-    seeds = list(vpc_hand_built())
-    if shutil.which("qemu-img") and shutil.which("qemu-io"):
-        with tempfile.TemporaryDirectory() as tmp:
-            seeds += list(vpc_qemu_made(Path(tmp)))
-    for name, data in seeds:
-        digest = hashlib.sha1(data).hexdigest()[:12]
-        (directory / f"{name}-{digest}").write_bytes(data)
-    return len(seeds)
+    return write_seeds(directory, vpc_hand_built(), vpc_qemu_made)
 
 
-def vdi_seeds(tmp: Path | None) -> Iterator[tuple[str, bytes]]:
-    """VDIs of one block, cut where their disk ends (a last block needs only its part
-    inside the disk), so that whole images fit in the fuzzer's -max_len (VirtualBox's
-    1 MiB alignment does not): hand-built ones, a few header fields broken, and
-    qemu-made dynamic and static ones where qemu is (``tmp``)."""
+# The seeds' VDIs are of one block and cut where their disk ends (a last block needs only
+# its part inside the disk), so that whole images fit in the fuzzer's -max_len
+# (VirtualBox's 1 MiB alignment does not).
+VDI_DISK = 64 * 1024
+
+
+def vdi_cut(data: bytes, disk: int = VDI_DISK) -> bytes:
+    return data[: int.from_bytes(data[344:348], "little") + disk]
+
+
+def vdi_hand_built() -> Iterator[tuple[str, bytes]]:
+    """Hand-built VDIs, and a few header fields broken."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from tests.test_decode_vdi import image
 
-    def cut(data: bytes, disk: int) -> bytes:
-        return data[: int.from_bytes(data[344:348], "little") + disk]
-
-    small = 64 * 1024
+    cut, small = vdi_cut, VDI_DISK
     yield "vdi-one-block", cut(image(small, {0: b"\x11" * 4096}), small)
     yield (
         "vdi-virtualbox-text",
@@ -437,25 +439,20 @@ def vdi_seeds(tmp: Path | None) -> Iterator[tuple[str, bytes]]:
         raw[{"version": 68, "block_size": 376, "blocks_in_image": 384, "offset_data": 344,
              "uuid_parent": 440}[field]] ^= 0x40  # fmt: skip
         yield f"vdi-{field}", bytes(raw)
-    if tmp is None:
-        return
+
+
+def vdi_qemu_made(tmp: Path) -> Iterator[tuple[str, bytes]]:
+    """qemu-made dynamic and static VDIs."""
     for opts in ("static=off", "static=on"):
         path = tmp / f"{opts}.vdi"
         _qemu("qemu-img", "create", "-f", "vdi", "-o", opts, path, "64k")
         _qemu("qemu-io", "-f", "vdi", "-c", "write -P 0x15 4k 8k", path)
-        yield f"vdi-{opts}", cut(path.read_bytes(), small)
+        yield f"vdi-{opts}", vdi_cut(path.read_bytes())
 
 
 def write_vdi_corpus(directory: Path) -> int:
     """The seeds of fuzz_vdi.c."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        qemu = shutil.which("qemu-img") and shutil.which("qemu-io")
-        seeds = list(vdi_seeds(Path(tmp) if qemu else None))
-    for name, data in seeds:
-        digest = hashlib.sha1(data).hexdigest()[:12]
-        (directory / f"{name}-{digest}").write_bytes(data)
-    return len(seeds)
+    return write_seeds(directory, vdi_hand_built(), vdi_qemu_made)
 
 
 def parallels_qemu_made(tmp: Path) -> Iterator[tuple[str, bytes]]:
@@ -486,15 +483,7 @@ def parallels_hand_built() -> Iterator[tuple[str, bytes]]:
 
 def write_parallels_corpus(directory: Path) -> int:
     """The seeds of fuzz_parallels.c."""
-    directory.mkdir(parents=True, exist_ok=True)
-    seeds = list(parallels_hand_built())
-    if shutil.which("qemu-img") and shutil.which("qemu-io"):
-        with tempfile.TemporaryDirectory() as tmp:
-            seeds += list(parallels_qemu_made(Path(tmp)))
-    for name, data in seeds:
-        digest = hashlib.sha1(data).hexdigest()[:12]
-        (directory / f"{name}-{digest}").write_bytes(data)
-    return len(seeds)
+    return write_seeds(directory, parallels_hand_built(), parallels_qemu_made)
 
 
 # By hand: make_corpus.py vpc DIR, make_corpus.py vdi DIR, make_corpus.py parallels DIR,
