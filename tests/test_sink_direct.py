@@ -359,3 +359,45 @@ def test_an_allocation_that_fails_is_no_error(
     out.write([(0, b"w" * MiB)])
     out.commit(MiB)
     assert (tmp_path / "out.raw").read_bytes() == b"w" * MiB
+
+
+def test_an_output_over_half_the_free_space_is_not_allocated_ahead(
+    direct_output: OutputFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A huge window (a hostile header's, say) must not fill the disk in one call."""
+    from aiodd.stages import sink
+
+    calls: list[tuple[int, ...]] = []
+
+    def fallocate(*args: int) -> int:
+        calls.append(args)
+        return 0
+
+    monkeypatch.setattr(sink, "_fallocate", fallocate)
+    free = os.fstatvfs(direct_output.fd)
+    half = free.f_bavail * free.f_frsize // 2
+    direct_output.reserve(half + 4096)
+    assert calls == [] and not direct_output.reserved and direct_output.writes_in_flight == 1
+    direct_output.reserve(8 * MiB)
+    assert calls == [(direct_output.fd, 0, direct_output.offset, 8 * MiB)]
+    assert direct_output.reserved
+    direct_output.abort()
+
+
+def test_a_failed_allocation_gives_back_what_it_got(
+    direct_output: OutputFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiodd.stages import sink
+
+    calls: list[tuple[int, ...]] = []
+
+    def fallocate(*args: int) -> int:
+        calls.append(args)
+        return -1 if args[1] == 0 else 0
+
+    monkeypatch.setattr(sink, "_fallocate", fallocate)
+    direct_output.reserve(8 * MiB)
+    fd, at = direct_output.fd, direct_output.offset
+    assert calls == [(fd, 0, at, 8 * MiB), (fd, 0x02 | 0x01, at, 8 * MiB)]
+    assert not direct_output.reserved and direct_output.writes_in_flight == 1
+    direct_output.abort()

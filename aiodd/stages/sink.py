@@ -81,6 +81,8 @@ def _load_fallocate() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 
 
 _fallocate = _load_fallocate()
+_KEEP_SIZE = 0x01  # FALLOC_FL_KEEP_SIZE
+_PUNCH_HOLE = 0x02  # FALLOC_FL_PUNCH_HOLE
 
 # O_DIRECT writes the sink keeps in flight at once.  With one, the disk idles while
 # each write's completion comes back through the worker thread and the next is
@@ -427,8 +429,20 @@ class OutputFile:
         """
         if self.device or self.direct_fd is None or _fallocate is None or size <= 0:
             return
+        # At most half the free space: a window that a hostile header makes huge, or a
+        # disk shared with others, must not be filled in one call before the first read
+        # has even been checked; such a copy is written one piece at a time instead.
+        try:
+            vfs = os.fstatvfs(self.fd)
+        except OSError:
+            return
+        if size > vfs.f_bavail * vfs.f_frsize // 2:
+            return
         if _fallocate(self.fd, 0, self.offset, size) == 0:
             self.reserved = True
+        else:
+            # ext4 keeps what a failed fallocate got: give it back (nothing is written yet).
+            _fallocate(self.fd, _PUNCH_HOLE | _KEEP_SIZE, self.offset, size)
 
     @property
     def writes_in_flight(self) -> int:
