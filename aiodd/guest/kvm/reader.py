@@ -13,8 +13,8 @@ reader").
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Final
 
 from aiodd.errors import IsolationError
@@ -90,7 +90,7 @@ class KvmReader:
         name: str,
         memories: Sequence[mmap.mmap] = (),
         *,
-        guest: Path | None = None,
+        guest: str | os.PathLike[str] | None = None,
         open_timeout: float = OPEN_TIMEOUT,
         watchdog_floor: float = WATCHDOG_FLOOR,
         watchdog_rate: float = WATCHDOG_RATE,
