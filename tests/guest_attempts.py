@@ -14,6 +14,7 @@ import fcntl
 import os
 import resource
 import socket
+import sys
 from typing import TYPE_CHECKING
 
 from aiodd.guest import sandbox
@@ -132,6 +133,12 @@ def _run(guest: Guest, what: object, arg: object) -> str:
         if reader is None:
             return "no VM"
         return f"{reader.vms} VMs, {len(reader._open_vms)} opened"
+    if what == "modules":  # which of these modules (or ".suffix"es) the guest imported
+        names = [str(name) for name in arg] if isinstance(arg, list) else []
+        suffixes = tuple(name for name in names if name.startswith("."))
+        return "ok: " + ",".join(
+            sorted(m for m in sys.modules if m in names or m.endswith(suffixes))
+        )
     if what == "ids":
         return f"uid={os.getuid()} nnp={sandbox.get_no_new_privs()}"
     if what == "setrlimit":

@@ -42,3 +42,25 @@ def test_the_registry_imports_no_format_until_asked() -> None:
         "[]",
         "['aiodd.formats.raw.encode', 'aiodd.formats.raw.layout']",
     ]
+
+
+def test_every_reader_probes_from_a_module_of_its_own() -> None:
+    """Detection needs only ``probe.py``; the decoder's probe is the same function."""
+    for name, fmt in FORMATS.items():
+        if fmt.reads:
+            assert fmt.probe.__module__ == f"aiodd.formats.{name}.probe"
+            assert fmt.decoder.probe is fmt.probe
+
+
+def test_detection_imports_no_decoder() -> None:
+    code = (
+        "import sys, aiodd.formats.registry as r\n"
+        "print(r.detect(b'QFI\\xfb\\0\\0\\0\\3' + bytes(4088)), r.detect(bytes(4096)))\n"
+        "print(sorted(m for m in sys.modules if m.endswith(('.decode', '.encode', '.layout'))))\n"
+        "print('zstandard' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["qcow2 raw", "[]", "False"]

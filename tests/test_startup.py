@@ -148,7 +148,7 @@ def test_aiodd_timing_prints_the_phases(image: Path, tmp_path: Path, isolation: 
         assert guest == []
     else:
         assert guest == ["interpreter (CPU)", "imports", "waiting for the host", "namespaces",
-                         "KVM VM made", "root, privileges, landlock",
+                         "KVM VM made", "decoders imported", "root, privileges, landlock",
                          "total after interpreter"]  # fmt: skip
     assert out.read_bytes() == image.read_bytes()[:512]
     quiet = subprocess.run(
@@ -158,3 +158,54 @@ def test_aiodd_timing_prints_the_phases(image: Path, tmp_path: Path, isolation: 
         env={k: v for k, v in os.environ.items() if k != "AIODD_TIMING"},
     )  # fmt: skip
     assert (quiet.returncode, quiet.stderr) == (0, "")
+
+
+def _guest_modules(image: Path, isolation: str, names: list[str]) -> tuple[str, set[str]]:
+    """Where the guest of ``isolation`` decodes ``image``, and which of the modules
+    ``names`` (or ``".suffix"``: those whose name ends so) it imported."""
+    from aiodd.guest import GuestOptions, open_guest, shared_buffer
+    from aiodd.policy import Policy
+    from tests.guest_attempts import ENTRY, attempt
+
+    policy = Policy()
+    memory = shared_buffer(MiB)
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        options = GuestOptions(entry=ENTRY, isolation=isolation)
+        disk = open_guest(str(image), fd, None, policy, policy.top(str(image), fd),
+                          memory=memory, options=options)  # fmt: skip
+    finally:
+        os.close(fd)
+    try:
+        result = attempt(disk, "modules", names)
+        assert result.startswith("ok: "), result
+        return disk.mode, set(result[4:].split(",")) - {""}
+    finally:
+        disk.close()
+        memory.close()
+
+
+_DECODING = ("zlib", "zstandard", "aiodd.formats.raw.decode", "aiodd.formats.qcow2.decode",
+             "aiodd.formats.vhdx.layout", "aiodd.formats.vmdk.layout")  # fmt: skip
+
+
+def test_the_sandbox_guest_imports_the_python_decoders(image: Path) -> None:
+    mode, modules = _guest_modules(image, "sandbox", list(_DECODING))
+    assert mode == "sandbox"
+    assert set(_DECODING) <= modules
+
+
+def test_the_kvm_guest_imports_no_python_decoder(image: Path) -> None:
+    """The VM decodes every format: its process detects formats, and imports neither a
+    Python decoder nor what one needs (docs/performance.md, "Start-up")."""
+    from aiodd.guest import kvm
+
+    available, why = kvm.availability()
+    if not available:
+        pytest.skip(f"the KVM guest reader cannot run here: {why}")
+    mode, modules = _guest_modules(
+        image, "kvm", [*_DECODING, ".decode", ".encode", ".layout", "aiodd.formats.qcow2.probe"]
+    )
+    assert mode == "kvm"
+    modules.discard("aiodd.guest.kvm.layout")  # the VM's own
+    assert modules == {"aiodd.formats.qcow2.probe"}  # detection's

@@ -20,8 +20,7 @@ A format's ``decode`` module satisfies :class:`Decoder` and its ``encode`` modul
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 ReferenceKind = Literal["backing", "data_file", "extent", "parent"]
 
@@ -107,8 +106,10 @@ class VirtualDisk(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Reference:
+# The records here are NamedTuples, not dataclasses: the guest process imports this
+# module, and importing dataclasses would cost it milliseconds of start-up
+# (docs/performance.md, "Start-up").
+class Reference(NamedTuple):
     """A file named inside an image."""
 
     kind: ReferenceKind
@@ -138,8 +139,7 @@ class Resolver(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Extent:
+class Extent(NamedTuple):
     """``length`` bytes of the window land at ``file_offset`` in the container."""
 
     file_offset: int

@@ -2,18 +2,20 @@
 does it.
 
 A :class:`Format` is tiny: it imports its ``decode`` or ``encode`` module on first use,
-so a copy pays only for the formats it touches (detection runs every reader's probe, so
-it loads the decoders).  Nothing here knows one format from another: what a format
-needs is a property of its modules (:class:`~aiodd.formats.base.Decoder`,
-:class:`~aiodd.formats.base.Encoder`).  Detection also runs qemu's probes for the
-formats aiodd does not read (:mod:`aiodd.formats.foreign`), so that such an image is
-refused instead of being read as raw (docs/formats.md).
+so a copy pays only for the formats it touches.  Detection runs every reader's probe,
+which sits in a ``probe`` module of its own, so it loads no decoder (the KVM guest
+reader's process detects formats and decodes none).  Nothing here knows one format
+from another: what a format needs is a property of its modules
+(:class:`~aiodd.formats.base.Decoder`, :class:`~aiodd.formats.base.Encoder`).
+Detection also runs qemu's probes for the formats aiodd does not read
+(:mod:`aiodd.formats.foreign`), so that such an image is refused instead of being read
+as raw (docs/formats.md).
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, cast
 
@@ -46,6 +48,7 @@ __all__ = (
     "detect",
     "encoder",
     "import_decoders",
+    "import_probes",
     "input_formats",
     "open_disk",
     "output_formats",
@@ -54,14 +57,27 @@ __all__ = (
 )
 
 
-@dataclass(frozen=True)
 class Format:
     """One format's room, ``aiodd/formats/<name>/``: its ``layout``, ``decode`` and
-    ``encode`` modules, the last two imported when first asked for."""
+    ``encode`` modules, the last two imported when first asked for.
 
-    name: str
-    reads: bool = True
-    writes: bool = True
+    A plain class, not a dataclass: the guest process imports this module, and importing
+    dataclasses would cost it milliseconds of start-up (docs/performance.md, "Start-up").
+    """
+
+    def __init__(self, name: str, reads: bool = True, writes: bool = True) -> None:
+        self.name = name
+        self.reads = reads
+        self.writes = writes
+
+    def __repr__(self) -> str:
+        return f"Format({self.name!r}, reads={self.reads}, writes={self.writes})"
+
+    @cached_property
+    def probe(self) -> Callable[[bytes], int]:
+        """The decoder's ``probe``, from a module that holds only it."""
+        module = cast(Decoder, importlib.import_module(f"aiodd.formats.{self.name}.probe"))
+        return module.probe
 
     @cached_property
     def decoder(self) -> Decoder:
@@ -132,8 +148,17 @@ def encoder(name: str) -> Encoder:
     return FORMATS[check_output_format(name)].encoder
 
 
+def import_probes() -> None:
+    """Import every probe now (a process about to lose the right to open files), and
+    nothing else that decodes."""
+    for fmt in FORMATS.values():
+        if fmt.reads:
+            fmt.probe  # noqa: B018
+
+
 def import_decoders() -> None:
     """Import every decoder now (a process about to lose the right to open files)."""
+    import_probes()
     for fmt in FORMATS.values():
         if fmt.reads:
             fmt.decoder  # noqa: B018
@@ -141,7 +166,7 @@ def import_decoders() -> None:
 
 def _probes() -> list[tuple[str, Probe]]:
     def of(fmt: Format) -> Probe:
-        return lambda head, filename: fmt.decoder.probe(head)
+        return lambda head, filename: fmt.probe(head)
 
     table = {
         **foreign.PROBES,

@@ -1,7 +1,7 @@
 """The guest reader's side: runs in a fresh process started by :mod:`aiodd.guest.spawn`.
 
-It imports everything decoding needs, receives its descriptors (the input image and the
-shared memory), puts itself in the sandbox (:mod:`aiodd.guest.sandbox`) and only then
+It receives its descriptors (the input image and the shared memory), imports what
+decoding needs, puts itself in the sandbox (:mod:`aiodd.guest.sandbox`) and only then
 reads image bytes.  From then on it can read the descriptors it holds, use memory and
 talk on its control socket; each further file the image names is asked of the host, which
 decides under the backing-file policy and answers with a descriptor or a refusal.
@@ -14,12 +14,12 @@ opening the same image, serves reads on a thread of its own, under a watchdog of
 own, so two reads decode at once (a compressed image uses both cores, as the Python
 decoders' two workers do).  Under ``auto``, a host where KVM cannot run sends it back to
 the Python decoders, in this same sandboxed process; where the VM runs, it decodes every
-format.
+format, and the process imports no Python decoder (only the probes that detect a format),
+``zlib`` or ``zstandard``.
 """
 
 from __future__ import annotations
 
-import codecs
 import functools
 import mmap
 import os
@@ -29,18 +29,11 @@ import socket
 import sys
 import threading
 import time
-
-# Everything decoding may need is imported here, before the sandbox forbids open().
-import zlib  # noqa: F401
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import zstandard  # noqa: F401  # the qcow2 decoder's zstd clusters
+from typing import TYPE_CHECKING, Any
 
 from aiodd import _timing
 from aiodd.errors import ImageError, IsolationError
-from aiodd.formats import registry as decoders
-from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.guest import kvm, protocol, sandbox, seccomp
 from aiodd.guest.kvm.reader import KvmReader
 from aiodd.guest.kvm.vmm import ThreadWatchdog
@@ -59,11 +52,8 @@ from aiodd.guest.protocol import (
 )
 from aiodd.io import LocalFile
 
-# The registry imports decoders on first use: import them all, now.
-decoders.import_decoders()
-# Codecs are imported on first use: look up every one a decoder may use, now.
-for _codec in ("utf-8", "utf-16-le", "utf-16-be", "utf-16", "latin-1", "ascii"):
-    codecs.lookup(_codec)
+if TYPE_CHECKING:
+    from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 
 WORKERS = 2
 VMS = 2  # the host asks for two reads at once (stages/reader.py's workers)
@@ -143,7 +133,10 @@ class GuestResolver:
     def open_disk(self, ref: Reference) -> VirtualDisk:
         file, layer = self._ask(ref, disk=True)
         try:
-            return decoders.open_disk(file, GuestResolver(self._link, layer), ref.format)
+            # Imported before the seal (_import_python_decoders): only a lookup now.
+            from aiodd.formats import registry
+
+            return registry.open_disk(file, GuestResolver(self._link, layer), ref.format)
         except BaseException:
             file.close()
             raise
@@ -258,6 +251,15 @@ class Guest:
         _timing.mark("namespaces")
         self.start_vm()
         _timing.mark("KVM VM made")
+        if self.reader is not None:
+            # The reader detects formats in Python: their probes, now, while open()
+            # is allowed; it needs no Python decoder.
+            from aiodd.formats import registry
+
+            registry.import_probes()
+        elif self.init.isolation != "kvm":
+            _import_python_decoders()
+        _timing.mark("decoders imported")
         base_vm = sandbox.vm_size()  # the VM's memory is part of the start-up size
         if status["namespaces"].startswith("active"):
             attempt("namespaces", sandbox.empty_root)
@@ -320,7 +322,9 @@ class Guest:
             if self.reader is not None:
                 self.disk = self._open_in_vm(self.reader, file, resolver)
             else:
-                self.disk = decoders.open_disk(file, resolver, self.init.fmt)
+                from aiodd.formats import registry  # imported before the seal
+
+                self.disk = registry.open_disk(file, resolver, self.init.fmt)
             self.reads_on_main = self.reader is not None
             disk = self.disk
             self.link.send(Opened(disk.format_name, disk.virtual_size, self.mode, self.reason))
@@ -384,6 +388,27 @@ class Guest:
                 os._exit(0)
             else:
                 os._exit(2)
+
+
+def _import_python_decoders() -> None:
+    """Import everything the Python decoders may need, while open() is still allowed.
+
+    Only a guest that decodes in Python (``sandbox``, or ``auto`` where the VM cannot
+    be made) pays for it: the VM decodes every format, and a guest that runs it never
+    imports a decoder, ``zlib`` or ``zstandard`` (docs/performance.md, "Start-up").
+    """
+    import codecs
+    import zlib  # noqa: F401
+
+    import zstandard  # noqa: F401  # the qcow2 decoder's zstd clusters
+
+    from aiodd.formats import registry
+
+    # The registry imports decoders on first use: import them all, now.
+    registry.import_decoders()
+    # Codecs are imported on first use: look up every one a decoder may use, now.
+    for codec in ("utf-8", "utf-16-le", "utf-16-be", "utf-16", "latin-1", "ascii"):
+        codecs.lookup(codec)
 
 
 def _unshare() -> str:

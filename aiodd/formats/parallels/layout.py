@@ -22,12 +22,15 @@ from sys import byteorder
 
 from aiodd.formats.common import SECTOR, LayoutError
 
+# Detection imports the probe's module alone (docs/performance.md, "Start-up").
+from aiodd.formats.parallels.probe import HEADER_SIZE as HEADER_SIZE
+from aiodd.formats.parallels.probe import MAGIC as MAGIC
+from aiodd.formats.parallels.probe import MAGIC_EXT as MAGIC_EXT
+from aiodd.formats.parallels.probe import MAGICS as MAGICS
+from aiodd.formats.parallels.probe import VERSION as VERSION
+from aiodd.formats.parallels.probe import probe as probe
+
 NAME = "parallels"
-HEADER_SIZE = 64
-MAGIC = b"WithoutFreeSpace"  # BAT entries in sectors
-MAGIC_EXT = b"WithouFreSpacExt"  # BAT entries in clusters
-MAGICS = (MAGIC, MAGIC_EXT)
-VERSION = 2
 INUSE_MAGIC = 0x746F6E59
 UNALLOCATED = 0
 # qemu 7.2's bounds: a cluster of at most INT32_MAX / 513 sectors, a BAT of at most
@@ -38,12 +41,6 @@ MAX_BAT_ENTRIES = 0x7FFFFFFF // 4
 MAX_SECTORS = ((1 << 63) - SECTOR) // SECTOR
 
 _HEADER = struct.Struct("<16sIIIIIQIIIQ")
-
-
-def probe(head: bytes) -> int:
-    """qemu's ``parallels_probe``: either magic and version 2 in a 64-byte header."""
-    ours = len(head) >= HEADER_SIZE and head[:16] in MAGICS
-    return 100 if ours and int.from_bytes(head[16:20], "little") == VERSION else 0
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR
 
+# Detection imports the probe's module alone (docs/performance.md, "Start-up").
+from aiodd.formats.qcow.probe import HEADER_SIZE as HEADER_SIZE
+from aiodd.formats.qcow.probe import MAGIC as MAGIC
+from aiodd.formats.qcow.probe import VERSION as VERSION
+from aiodd.formats.qcow.probe import probe as probe
+
 NAME = "qcow"
-MAGIC = b"QFI\xfb"
-VERSION = 1
-HEADER_SIZE = 48
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 16
 # l2_bits counts 8-byte entries: tables of 512 bytes to 64 KiB.
 MIN_L2_BITS, MAX_L2_BITS = 6, 13
@@ -47,13 +50,6 @@ class Header:
     @property
     def virtual_size(self) -> int:
         return self.size // SECTOR * SECTOR
-
-
-def probe(head: bytes) -> int:
-    """qemu's ``qcow_probe``: the magic and exactly version 1 in a 48-byte header."""
-    if len(head) >= HEADER_SIZE and head[:4] == MAGIC and int.from_bytes(head[4:8], "big") == 1:
-        return 100
-    return 0
 
 
 def _err(name: str, message: str) -> ImageError:

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR
 
+# Detection imports the probe's module alone (docs/performance.md, "Start-up").
+from aiodd.formats.qcow2.probe import MAGIC as MAGIC
+from aiodd.formats.qcow2.probe import probe as probe
+
 NAME = "qcow2"
-MAGIC = b"QFI\xfb"
 
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
@@ -123,13 +126,6 @@ class Header:
     @property
     def data_file_raw(self) -> bool:
         return bool(self.autoclear & AUTOCLEAR_DATA_FILE_RAW)
-
-
-def probe(head: bytes) -> int:
-    """qemu's ``qcow2_probe``: the magic and a version of at least 2."""
-    if len(head) >= 8 and head[:4] == MAGIC and int.from_bytes(head[4:8], "big") >= 2:
-        return 100
-    return 0
 
 
 def _err(name: str, message: str) -> ImageError:

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR
 
+# Detection imports the probe's module alone (docs/performance.md, "Start-up").
+from aiodd.formats.qed.probe import HEADER_SIZE as HEADER_SIZE
+from aiodd.formats.qed.probe import MAGIC as MAGIC
+from aiodd.formats.qed.probe import probe as probe
+
 NAME = "qed"
-MAGIC = b"QED\x00"
-HEADER_SIZE = 64
 
 F_BACKING_FILE = 0x01
 F_NEED_CHECK = 0x02  # not closed cleanly: qemu checks it only when it opens it writable
@@ -89,11 +92,6 @@ class Header:
         if end <= offset:
             return False
         return self.cluster_offset_valid(offset) and self.cluster_offset_valid(end)
-
-
-def probe(head: bytes) -> int:
-    """qemu's ``bdrv_qed_probe``: the magic in a whole 64-byte header; nothing else."""
-    return 100 if len(head) >= HEADER_SIZE and head[:4] == MAGIC else 0
 
 
 def _err(name: str, message: str) -> ImageError:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from aiodd.formats.common import SECTOR, round_up
 
+# Detection imports the probe's module alone (docs/performance.md, "Start-up").
+from aiodd.formats.raw.probe import probe as probe
+
 NAME = "raw"
-
-
-def probe(head: bytes) -> int:
-    """Anything is a raw disk, with the lowest confidence."""
-    return 1
 
 
 def virtual_size(file_size: int) -> int:

@@ -23,10 +23,13 @@ from sys import byteorder
 from aiodd.formats.common import SECTOR, MiB, div_round_up, round_up
 from aiodd.formats.common import LayoutError as LayoutError  # what the parsers raise
 
+# Detection imports the probe's module alone (docs/performance.md, "Start-up").
+from aiodd.formats.vdi.probe import HEADER_SIZE as HEADER_SIZE
+from aiodd.formats.vdi.probe import SIGNATURE as SIGNATURE
+from aiodd.formats.vdi.probe import SIGNATURE_AT as SIGNATURE_AT
+from aiodd.formats.vdi.probe import probe as probe
+
 NAME = "vdi"
-HEADER_SIZE = 512
-SIGNATURE = 0xBEDA107F
-SIGNATURE_AT = 64
 VERSION_1_1 = 0x00010001
 TYPE_DYNAMIC = 1
 TYPE_STATIC = 2
@@ -57,13 +60,6 @@ assert _HEADER.size == HEADER_SIZE
 class UnsupportedLayout(LayoutError):
     """A valid structure that uses what aiodd (and qemu) does not read: the decoder
     raises it as an :class:`~aiodd.errors.UnsupportedImageError`."""
-
-
-def probe(head: bytes) -> int:
-    """qemu's ``vdi_probe``: the signature, in a buffer that holds a whole header."""
-    if len(head) >= HEADER_SIZE and _u32(head, SIGNATURE_AT) == SIGNATURE:
-        return 100
-    return 0
 
 
 def _u32(raw: bytes, at: int) -> int:

@@ -24,8 +24,11 @@ from aiodd.formats.common import LayoutError as LayoutError  # what the parsers 
 from aiodd.formats.common import MiB as MiB  # the unit of every region's alignment
 from aiodd.formats.crc32c import crc32c
 
+# Detection imports the probe's module alone (docs/performance.md, "Start-up").
+from aiodd.formats.vhdx.probe import SIGNATURE as SIGNATURE
+from aiodd.formats.vhdx.probe import probe as probe
+
 NAME = "vhdx"
-SIGNATURE = b"vhdxfile"
 HEADER_1 = 64 * KiB
 HEADER_2 = 128 * KiB
 HEADER_OFFSETS = (HEADER_1, HEADER_2)
@@ -87,11 +90,6 @@ ITEM_REQUIRED = 4
 # File parameters flags.
 LEAVE_BLOCKS_ALLOCATED = 1
 HAS_PARENT = 2
-
-
-def probe(head: bytes) -> int:
-    """qemu's ``vhdx_probe``: the file identifier's signature at offset 0."""
-    return 100 if head[:8] == SIGNATURE else 0
 
 
 def _crc_ok(raw: bytes, at: int = 4) -> bool:

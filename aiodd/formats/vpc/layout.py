@@ -23,11 +23,14 @@ from urllib.parse import unquote
 from aiodd.formats.common import SECTOR, round_up
 from aiodd.formats.common import LayoutError as LayoutError  # what the parsers raise
 
+# Detection imports the probe's module alone (docs/performance.md, "Start-up").
+from aiodd.formats.vpc.probe import FOOTER_COOKIE as FOOTER_COOKIE
+from aiodd.formats.vpc.probe import probe as probe
+
 NAME = "vpc"
 FOOTER_SIZE = 512
 DYN_HEADER_SIZE = 1024
 
-FOOTER_COOKIE = b"conectix"
 DYN_COOKIE = b"cxsparse"
 
 TYPE_FIXED = 2
@@ -77,11 +80,6 @@ _DynFields = namedtuple(
     " parent_timestamp reserved parent_name locators reserved_end",
 )
 _LOCATOR = struct.Struct(">4sIIIQ")
-
-
-def probe(head: bytes) -> int:
-    """qemu's ``vpc_probe``: the footer copy's cookie at offset 0."""
-    return 100 if head[:8] == FOOTER_COOKIE else 0
 
 
 def checksum(data: bytes | bytearray) -> int:

@@ -9,16 +9,34 @@ from __future__ import annotations
 
 import fcntl
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-GUEST = Path(__file__).resolve().parent / "guest.elf"
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    GUEST: Path
+    """The guest binary, as a Path (made on first use: see :data:`GUEST_PATH`)."""
+
+GUEST_PATH = os.path.join(os.path.dirname(os.path.realpath(__file__)), "guest.elf")
+"""The guest binary: a string, so that the guest process need not import pathlib
+(docs/performance.md, "Start-up")."""
 KVM_DEVICE = "/dev/kvm"
 APT_PACKAGES = "gcc zlib1g-dev libzstd-dev"
 
 _KVM_GET_API_VERSION = 0xAE00
 
 
-def availability(device: str = KVM_DEVICE, guest: Path = GUEST) -> tuple[bool, str]:
+def __getattr__(name: str) -> object:
+    if name == "GUEST":
+        from pathlib import Path
+
+        return Path(GUEST_PATH)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def availability(
+    device: str = KVM_DEVICE, guest: str | os.PathLike[str] = GUEST_PATH
+) -> tuple[bool, str]:
     """Whether the KVM guest reader can run here: ``(True, "")``, or ``(False, reason)``."""
     try:
         fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
@@ -32,7 +50,7 @@ def availability(device: str = KVM_DEVICE, guest: Path = GUEST) -> tuple[bool, s
         os.close(fd)
     if version != 12:
         return False, f"{device}: KVM API version {version}, not 12"
-    if not guest.is_file():
+    if not os.path.isfile(guest):
         return False, (
             f"the guest binary {guest} was not built when aiodd was installed "
             f"(install the Debian packages {APT_PACKAGES}, then reinstall aiodd)"

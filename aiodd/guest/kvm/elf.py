@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiodd.guest.kvm.layout import IMAGE_BASE, IMAGE_END, PAGE
 
@@ -22,8 +22,7 @@ _PHDR = struct.Struct("<IIQQQQQQ")
 _MAX_FILE = IMAGE_END - IMAGE_BASE + PAGE
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):  # not a dataclass: see aiodd/formats/base.py
     vaddr: int
     data: bytes  # p_filesz bytes; the rest of memsz is zero
     memsz: int
@@ -38,8 +37,7 @@ class Segment:
         return bool(self.flags & PF_X)
 
 
-@dataclass(frozen=True)
-class Image:
+class Image(NamedTuple):
     entry: int
     segments: tuple[Segment, ...]
 

@@ -13,9 +13,9 @@ reader").
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Final
 
 from aiodd.errors import IsolationError
@@ -100,7 +100,7 @@ class KvmReader:
         name: str,
         memories: Sequence[mmap.mmap] = (),
         *,
-        guest: Path | None = None,
+        guest: str | os.PathLike[str] | None = None,
         open_timeout: float = OPEN_TIMEOUT,
         watchdog_floor: float = WATCHDOG_FLOOR,
         watchdog_rate: float = WATCHDOG_RATE,
@@ -138,7 +138,11 @@ class KvmReader:
             self._handler, self._kept = vmm.keep_handler(), True
 
     def _make_vm(
-        self, name: str, guest: Path | None, memories: Sequence[mmap.mmap], timeout: float
+        self,
+        name: str,
+        guest: str | os.PathLike[str] | None,
+        memories: Sequence[mmap.mmap],
+        timeout: float,
     ) -> GuestVM:
         vm: GuestVM | None = None
 

@@ -29,7 +29,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import FrameType
 from typing import Final, TypeVar
 
@@ -219,8 +218,9 @@ def _address(buffer: object) -> int:
 class _Template:
     """What every VM's RAM starts with, but the canary: built once per guest binary."""
 
-    def __init__(self, path: Path) -> None:
-        image = elf.parse(path.read_bytes())
+    def __init__(self, path: str) -> None:
+        with open(path, "rb") as file:
+            image = elf.parse(file.read())
         self.entry = image.entry
         self.pieces: list[tuple[int, bytes]] = [(L.GDT, _gdt()), (L.TSS, _tss())]
         self.pieces += _page_tables(image).items()
@@ -231,9 +231,9 @@ _templates: dict[tuple[str, int, int], _Template] = {}
 _cpuid: bytearray | None = None
 
 
-def _template(path: Path) -> _Template:
-    st = path.stat()
-    key = (str(path), st.st_mtime_ns, st.st_size)
+def _template(path: str) -> _Template:
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
     if key not in _templates:
         _templates[key] = _Template(path)
     return _templates[key]
@@ -416,12 +416,12 @@ class GuestVM:
         files: Sequence[RandomAccessFile] = (),
         *,
         name: str = "image",
-        guest: Path | None = None,
+        guest: str | os.PathLike[str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         memories: Sequence[mmap.mmap] = (),
         opener: Opener | None = None,
     ) -> None:
-        from aiodd.guest.kvm import GUEST, KVM_DEVICE
+        from aiodd.guest.kvm import GUEST_PATH, KVM_DEVICE
 
         if threading.current_thread() is not threading.main_thread():
             raise IsolationError(f"{name}: the KVM guest reader must run in the main thread")
@@ -451,7 +451,7 @@ class GuestVM:
         self._deadline: float | None = None  # that thread's run loop checks it
         started = time.perf_counter()
         try:
-            template = _template(guest if guest is not None else GUEST)
+            template = _template(os.fspath(guest) if guest is not None else GUEST_PATH)
             kvm = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
             try:
                 self._create(kvm, template)
