@@ -31,16 +31,6 @@ struct qcow {
     uint64_t *l1;  /* NULL: too large to hold, read through the cache */
 };
 
-static uint32_t image_error(uint32_t handle, const char *format, ...)
-    __attribute__((format(printf, 2, 3)));
-static uint32_t image_error(uint32_t handle, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    host_verror(AIODD_E_IMAGE, handle, format, args);
-    va_end(args);
-    return AIODD_E_IMAGE;
-}
-
 /* -- the header (layout.parse_header) ------------------------------------------------- */
 
 struct header {
@@ -145,48 +135,26 @@ uint32_t qcow_open(struct layer *layer, unsigned depth) {
     disk_note_tables(cluster_size > table_size ? cluster_size : table_size);
     disk_note_codec(0);
 
-    const uint64_t l1_bytes = h.l1_size * 8;
-    if (l1_bytes > 0 && disk_take_table_budget(l1_bytes)) {
-        q->l1 = disk_alloc((size_t)l1_bytes);
-        if (q->l1 == NULL) {
-            return AIODD_E_NOMEM;
-        }
-        for (uint64_t done = 0; done < l1_bytes;) {
-            uint64_t chunk = min_u64(l1_bytes - done, AIODD_IN_SIZE);
-            if ((status = disk_read_in(handle, h.l1_offset + done, chunk, &got)) != AIODD_OK) {
-                return status;
-            }
-            if (got < chunk) {
-                host_fault();  /* the file was found long enough: the host's fault */
-            }
-            for (uint64_t i = 0; i < chunk / 8; i++) {
-                q->l1[done / 8 + i] = be64(in + i * 8);
-            }
-            done += chunk;
-        }
+    int whole;
+    if ((status = disk_hold_table(handle, h.l1_offset, h.l1_size, 0, &q->l1, &whole))) {
+        return status;
+    }
+    if (!whole) {
+        host_fault();  /* the file was found long enough: the host's fault */
     }
 
     /* The name past the file's end reads as zeros: an empty name, no backing file. */
     if (h.backing_size == 0 || h.backing_offset >= file_size) {
         return AIODD_OK;
     }
-    if ((status = disk_read_in(handle, h.backing_offset, h.backing_size, &got)) != AIODD_OK) {
+    char *name;
+    size_t length;
+    status = disk_read_name(handle, h.backing_offset, h.backing_size, &name, &length);
+    if (status != AIODD_OK || length == 0) {
         return status;
     }
-    uint64_t length = 0;
-    while (length < got && in[length] != 0) {
-        length++;
-    }
-    if (length == 0) {
-        return AIODD_OK;
-    }
-    char *name = disk_alloc((size_t)length);
-    if (name == NULL) {
-        return AIODD_E_NOMEM;
-    }
-    memcpy(name, in, (size_t)length);
-    return disk_open_named(handle, AIODD_REF_BACKING, name, (size_t)length, "", 0,
-                           AIODD_FMT_NONE, depth + 1, &q->backing);
+    return disk_open_named(handle, AIODD_REF_BACKING, name, length, "", 0, AIODD_FMT_NONE,
+                           depth + 1, &q->backing);
 }
 
 /* -- compressed clusters (layout.decompress_cluster) ---------------------------------- */
@@ -239,14 +207,7 @@ struct walk {
 };
 
 /* An error of the tables: the clusters inflated before it in Python's order first. */
-static uint32_t fail(struct walk *w, const char *format, ...) __attribute__((format(printf, 2, 3)));
-static uint32_t fail(struct walk *w, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    uint32_t status = reader_vfail(w->r, w->q->layer->handle, format, args);
-    va_end(args);
-    return status;
-}
+#define fail(w, ...) reader_fail((w)->r, (w)->q->layer->handle, __VA_ARGS__)
 
 static uint32_t run_backing(struct walk *w) {
     return parent_run_flush(&w->run, w->r, w->q->backing, w->base, w->dest);
@@ -281,22 +242,7 @@ static uint32_t compressed(struct walk *w, uint64_t entry, uint64_t pos, uint64_
 
 static uint32_t l1_entry(struct walk *w, uint64_t index, uint64_t *entry) {
     const struct qcow *q = w->q;
-    if (q->l1 != NULL) {
-        *entry = q->l1[index];
-        return AIODD_OK;
-    }
-    const uint64_t per_chunk = disk_cluster_max() / 8;
-    const uint64_t chunk = index / per_chunk;
-    const uint64_t first = chunk * per_chunk;
-    const uint64_t count = min_u64(per_chunk, q->l1_size - first);
-    const struct layer *layer = q->layer;
-    const uint64_t *table;
-    uint32_t status = disk_table(w->r, layer, chunk << 1 | 1, layer->handle, layer->file_size,
-                                 q->l1_offset + first * 8, count * 8, &table);
-    if (status == AIODD_OK) {
-        *entry = table[index - first];
-    }
-    return status;
+    return disk_table_entry(w->r, q->layer, q->l1, q->l1_offset, q->l1_size, index, entry);
 }
 
 static uint32_t l2_table(struct walk *w, uint64_t l2_offset, const uint64_t **table) {
@@ -375,11 +321,7 @@ static uint32_t walk(struct walk *w, uint64_t stop) {
 
 uint32_t qcow_read(struct reader *r, struct layer *layer, uint64_t offset, unsigned char *dest,
                    uint64_t length) {
-    const uint64_t size = layer->virtual_size;
-    const uint64_t stop = offset < size ? min_u64(length, size - offset) : 0;
-    if (stop < length) {
-        memset(dest + stop, 0, (size_t)(length - stop));
-    }
+    const uint64_t stop = disk_clip(layer, offset, dest, length);
     if (stop == 0) {
         return AIODD_OK;
     }

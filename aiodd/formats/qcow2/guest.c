@@ -12,6 +12,7 @@
 #define ZSTD_STATIC_LINKING_ONLY /* ZSTD_createDCtx_advanced: the heap's allocator */
 #include <zlib.h>
 #include <zstd.h>
+#include "zpool.h"
 #include <zstd_errors.h>
 
 #define MIN_CLUSTER_BITS 9u
@@ -124,16 +125,6 @@ struct header {
     struct name backing_format;
     struct name data_file;
 };
-
-static uint32_t image_error(uint32_t handle, const char *format, ...)
-    __attribute__((format(printf, 2, 3)));
-static uint32_t image_error(uint32_t handle, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    host_verror(AIODD_E_IMAGE, handle, format, args);
-    va_end(args);
-    return AIODD_E_IMAGE;
-}
 
 /* layout.header_cluster_bits, over the first `length` bytes of the file. */
 static uint32_t header_cluster_bits(const unsigned char *head, uint64_t length, uint32_t handle,
@@ -542,27 +533,13 @@ uint32_t qcow2_open(struct layer *layer, unsigned depth) {
     disk_note_tables(1ULL << h.cluster_bits);
     disk_note_codec(h.compression == COMPRESSION_ZSTD);
 
-    const uint64_t l1_bytes = h.l1_entries * 8;
-    if (l1_bytes > 0 && disk_take_table_budget(l1_bytes)) {
-        q->l1 = disk_alloc((size_t)l1_bytes);
-        if (q->l1 == NULL) {
-            return AIODD_E_NOMEM;
-        }
-        for (uint64_t done = 0; done < l1_bytes;) {
-            uint64_t chunk = min_u64(l1_bytes - done, AIODD_IN_SIZE);
-            if ((status = disk_read_in(handle, h.l1_offset + done, chunk, &got)) != AIODD_OK) {
-                return status;
-            }
-            if (got < chunk) {
-                return image_error(handle,
-                                   "qcow2 L1 table at %#lx extends past the end of the file",
-                                   (unsigned long)h.l1_offset);
-            }
-            for (uint64_t i = 0; i < chunk / 8; i++) {
-                q->l1[done / 8 + i] = be64(in + i * 8);
-            }
-            done += chunk;
-        }
+    int whole;
+    if ((status = disk_hold_table(handle, h.l1_offset, h.l1_entries, 0, &q->l1, &whole))) {
+        return status;
+    }
+    if (!whole) {
+        return image_error(handle, "qcow2 L1 table at %#lx extends past the end of the file",
+                           (unsigned long)h.l1_offset);
     }
 
     struct host_file file;
@@ -602,25 +579,8 @@ uint32_t qcow2_open(struct layer *layer, unsigned depth) {
 
 struct zlib_state {
     z_stream stream;
-    unsigned char *pool;
-    size_t used;
+    struct zpool pool;
 };
-
-static voidpf zlib_alloc(voidpf opaque, uInt items, uInt size) {
-    struct zlib_state *z = opaque;
-    size_t n = ((size_t)items * size + 15u) & ~(size_t)15u;
-    if (n > ZLIB_POOL - z->used) {
-        return Z_NULL;
-    }
-    void *p = z->pool + z->used;
-    z->used += n;
-    return p;
-}
-
-static void zlib_free(voidpf opaque, voidpf address) {
-    (void)opaque;
-    (void)address;  /* the pool goes with the command's scratch */
-}
 
 static void *zstd_alloc(void *opaque, size_t size) {
     (void)opaque;
@@ -650,10 +610,7 @@ uint32_t prepare_codecs(struct reader *r) {
             return AIODD_E_NOMEM;
         }
         memset(z, 0, sizeof *z);
-        z->pool = pool;
-        z->stream.zalloc = zlib_alloc;
-        z->stream.zfree = zlib_free;
-        z->stream.opaque = z;
+        zpool_attach(&z->stream, &z->pool, pool, ZLIB_POOL);
         if (inflateInit2(&z->stream, -12) != Z_OK) {
             return AIODD_E_NOMEM;
         }
@@ -787,14 +744,7 @@ struct walk {
 
 /* An error of the tables: the clusters decompressed before it in Python's order come
  * first, and may fail first. */
-static uint32_t fail(struct walk *w, const char *format, ...) __attribute__((format(printf, 2, 3)));
-static uint32_t fail(struct walk *w, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    uint32_t status = reader_vfail(w->r, w->q->layer->handle, format, args);
-    va_end(args);
-    return status;
-}
+#define fail(w, ...) reader_fail((w)->r, (w)->q->layer->handle, __VA_ARGS__)
 
 /* _Reader.flush of a backing run: read_parent. */
 static uint32_t run_backing(struct walk *w) {
@@ -982,23 +932,7 @@ static uint32_t extended_entry(struct walk *w, uint64_t entry, uint64_t bitmap,
 
 static uint32_t l1_entry(struct walk *w, uint64_t index, uint64_t *entry) {
     const struct qcow2 *q = w->q;
-    if (q->l1 != NULL) {
-        *entry = q->l1[index];
-        return AIODD_OK;
-    }
-    /* Too large to hold: through the cache, a cache slot's worth of entries at a time. */
-    const uint64_t per_chunk = disk_cluster_max() / 8;
-    const uint64_t chunk = index / per_chunk;
-    const uint64_t first = chunk * per_chunk;
-    const uint64_t count = min_u64(per_chunk, q->l1_entries - first);
-    const struct layer *layer = q->layer;
-    const uint64_t *table;
-    uint32_t status = disk_table(w->r, layer, chunk << 1 | 1, layer->handle, layer->file_size,
-                                 q->l1_offset + first * 8, count * 8, &table);
-    if (status == AIODD_OK) {
-        *entry = table[index - first];
-    }
-    return status;
+    return disk_table_entry(w->r, q->layer, q->l1, q->l1_offset, q->l1_entries, index, entry);
 }
 
 /* Qcow2Disk._l2_table */
@@ -1074,11 +1008,7 @@ static uint32_t walk(struct walk *w, uint64_t stop) {
 
 uint32_t qcow2_read(struct reader *r, struct layer *layer, uint64_t offset, unsigned char *dest,
                     uint64_t length) {
-    const uint64_t size = layer->virtual_size;
-    const uint64_t stop = offset < size ? min_u64(length, size - offset) : 0;
-    if (stop < length) {
-        memset(dest + stop, 0, (size_t)(length - stop));
-    }
+    const uint64_t stop = disk_clip(layer, offset, dest, length);
     if (stop == 0) {
         return AIODD_OK;
     }

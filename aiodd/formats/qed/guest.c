@@ -34,16 +34,6 @@ struct qed {
     uint64_t *l1;  /* NULL: too large to hold, read through the cache */
 };
 
-static uint32_t image_error(uint32_t handle, const char *format, ...)
-    __attribute__((format(printf, 2, 3)));
-static uint32_t image_error(uint32_t handle, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    host_verror(AIODD_E_IMAGE, handle, format, args);
-    va_end(args);
-    return AIODD_E_IMAGE;
-}
-
 static uint32_t le32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
@@ -170,47 +160,25 @@ uint32_t qed_open(struct layer *layer, unsigned depth) {
     q->l1_entries = (image_size >> q->l1_shift) + ((image_size & ((1ULL << q->l1_shift) - 1)) != 0);
     disk_note_tables(PIECE_ENTRIES * 8);
 
-    const uint64_t l1_bytes = q->l1_entries * 8;
-    if (l1_bytes > 0 && disk_take_table_budget(l1_bytes)) {
-        q->l1 = disk_alloc((size_t)l1_bytes);
-        if (q->l1 == NULL) {
-            return AIODD_E_NOMEM;
-        }
-        for (uint64_t done = 0; done < l1_bytes;) {
-            uint64_t chunk = min_u64(l1_bytes - done, AIODD_IN_SIZE);
-            if ((status = disk_read_in(handle, l1_offset + done, chunk, &got)) != AIODD_OK) {
-                return status;
-            }
-            if (got < chunk) {
-                host_fault();  /* the table was found inside the file: the host's fault */
-            }
-            for (uint64_t i = 0; i < chunk / 8; i++) {
-                q->l1[done / 8 + i] = le64(in + i * 8);
-            }
-            done += chunk;
-        }
+    int whole;
+    if ((status = disk_hold_table(handle, l1_offset, q->l1_entries, 1, &q->l1, &whole))) {
+        return status;
+    }
+    if (!whole) {
+        host_fault();  /* the table was found inside the file: the host's fault */
     }
 
     if (!(features & F_BACKING_FILE) || backing_size == 0) {
         return AIODD_OK;
     }
-    if ((status = disk_read_in(handle, backing_offset, backing_size, &got)) != AIODD_OK) {
+    char *name;
+    size_t length;
+    status = disk_read_name(handle, backing_offset, backing_size, &name, &length);
+    if (status != AIODD_OK || length == 0) {
         return status;
     }
-    uint64_t length = 0;
-    while (length < got && in[length] != 0) {
-        length++;
-    }
-    if (length == 0) {
-        return AIODD_OK;
-    }
-    char *name = disk_alloc((size_t)length);
-    if (name == NULL) {
-        return AIODD_E_NOMEM;
-    }
-    memcpy(name, in, (size_t)length);
     const int raw = (features & F_BACKING_FORMAT_NO_PROBE) != 0;
-    return disk_open_named(handle, AIODD_REF_BACKING, name, (size_t)length, raw ? "raw" : "",
+    return disk_open_named(handle, AIODD_REF_BACKING, name, length, raw ? "raw" : "",
                            raw ? 3 : 0, raw ? AIODD_FMT_RAW : AIODD_FMT_NONE, depth + 1,
                            &q->backing);
 }
@@ -227,14 +195,7 @@ struct walk {
 
 /* An error of the tables: a parent's compressed clusters queued before it, which Python
  * has inflated by then, first. */
-static uint32_t fail(struct walk *w, const char *format, ...) __attribute__((format(printf, 2, 3)));
-static uint32_t fail(struct walk *w, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    uint32_t status = reader_vfail(w->r, w->q->layer->handle, format, args);
-    va_end(args);
-    return status;
-}
+#define fail(w, ...) reader_fail((w)->r, (w)->q->layer->handle, __VA_ARGS__)
 
 static uint32_t run_backing(struct walk *w) {
     return parent_run_flush(&w->run, w->r, w->q->backing, w->base, w->dest);
@@ -322,11 +283,7 @@ static uint32_t walk(struct walk *w, uint64_t stop) {
 
 uint32_t qed_read(struct reader *r, struct layer *layer, uint64_t offset, unsigned char *dest,
                   uint64_t length) {
-    const uint64_t size = layer->virtual_size;
-    const uint64_t stop = offset < size ? min_u64(length, size - offset) : 0;
-    if (stop < length) {
-        memset(dest + stop, 0, (size_t)(length - stop));
-    }
+    const uint64_t stop = disk_clip(layer, offset, dest, length);
     if (stop == 0) {
         return AIODD_OK;
     }

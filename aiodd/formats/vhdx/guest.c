@@ -192,16 +192,6 @@ static int crc_ok(const unsigned char *raw, uint64_t length) {
     return (state ^ 0xFFFFFFFFu) == le32(raw + 4);
 }
 
-static uint32_t image_error(uint32_t handle, const char *format, ...)
-    __attribute__((format(printf, 2, 3)));
-static uint32_t image_error(uint32_t handle, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    host_verror(AIODD_E_IMAGE, handle, format, args);
-    va_end(args);
-    return AIODD_E_IMAGE;
-}
-
 /* -- the headers (layout.parse_header, choose_header) --------------------------------- */
 
 struct header {
@@ -1618,18 +1608,7 @@ struct walk {
 
 /* An error of this layer: what was queued before it in Python's order runs first, and
  * may fail first. */
-static uint32_t fail(struct walk *w, const char *format, ...) __attribute__((format(printf, 2, 3)));
-static uint32_t fail(struct walk *w, const char *format, ...) {
-    uint32_t status = reader_settle(w->r);
-    if (status != AIODD_OK) {
-        return status;
-    }
-    va_list args;
-    va_start(args, format);
-    host_verror(AIODD_E_IMAGE, w->x->layer->handle, format, args);
-    va_end(args);
-    return AIODD_E_IMAGE;
-}
+#define fail(w, ...) reader_fail((w)->r, (w)->x->layer->handle, __VA_ARGS__)
 
 /* _read_file */
 static uint32_t read_file(struct walk *w, uint64_t offset, uint64_t pos, uint64_t length) {
