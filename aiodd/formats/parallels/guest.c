@@ -26,14 +26,6 @@ struct parallels {
     uint32_t *bat;     /* NULL: too large to hold, read through the cache */
 };
 
-static uint32_t le32(const unsigned char *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t le64(const unsigned char *p) {
-    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
-
 uint32_t parallels_open(struct layer *layer) {
     const uint32_t handle = layer->handle;
     const uint64_t file_size = layer->file_size;

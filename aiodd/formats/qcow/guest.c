@@ -198,25 +198,14 @@ static uint32_t inflate_job(struct reader *r, const struct reader_job *job,
 
 /* -- reading (decode.QcowDisk._read) -------------------------------------------------- */
 
-struct walk {
-    struct reader *r;
-    const struct qcow *q;
-    uint64_t base;  /* the guest offset of dest[0] */
-    unsigned char *dest;
-    struct parent_run run;  /* backing clusters waiting; stale: look the L2 table up again */
-};
-
-/* An error of the tables: the clusters inflated before it in Python's order first. */
-#define fail(w, ...) reader_fail((w)->r, (w)->q->layer->handle, __VA_ARGS__)
-
-static uint32_t run_backing(struct walk *w) {
-    return parent_run_flush(&w->run, w->r, w->q->backing, w->base, w->dest);
+static const struct qcow *of(const struct table_walk *w) {
+    return w->format;
 }
 
-static uint32_t compressed(struct walk *w, uint64_t entry, uint64_t pos, uint64_t n) {
-    const struct qcow *q = w->q;
+static uint32_t compressed(struct table_walk *w, uint64_t entry, uint64_t pos, uint64_t n) {
+    const struct qcow *q = of(w);
     const struct layer *layer = q->layer;
-    uint32_t status = run_backing(w);  /* Python flushes before it inflates */
+    uint32_t status = walk_flush(w);  /* Python flushes before it inflates */
     if (status != AIODD_OK) {
         return status;
     }
@@ -224,8 +213,8 @@ static uint32_t compressed(struct walk *w, uint64_t entry, uint64_t pos, uint64_
     const uint64_t host = entry & ((1ULL << shift) - 1);
     const uint64_t length = (entry >> shift) & ((1ULL << q->cluster_bits) - 1);
     if (host >= layer->file_size) {
-        return fail(w, "qcow compressed cluster at %#lx lies past the end of the file",
-                    (unsigned long)host);
+        return walk_fail(w, "qcow compressed cluster at %#lx lies past the end of the file",
+                         (unsigned long)host);
     }
     const uint64_t in_cluster = (w->base + pos) & ((1ULL << q->cluster_bits) - 1);
     /* skip: the compressed length above, the place in the cluster below (both < 2^16) */
@@ -240,91 +229,56 @@ static uint32_t compressed(struct walk *w, uint64_t entry, uint64_t pos, uint64_
     return reader_job(w->r, layer->handle, layer->file_size, host, length, &job);
 }
 
-static uint32_t l1_entry(struct walk *w, uint64_t index, uint64_t *entry) {
-    const struct qcow *q = w->q;
-    return disk_table_entry(w->r, q->layer, q->l1, q->l1_offset, q->l1_size, index, entry);
+static uint32_t l2_offset(struct table_walk *w, uint64_t l1_index, uint64_t *offset) {
+    const struct qcow *q = of(w);
+    return disk_table_entry(w->r, q->layer, q->l1, q->l1_offset, q->l1_size, l1_index, offset);
 }
 
-static uint32_t l2_table(struct walk *w, uint64_t l2_offset, const uint64_t **table) {
-    const struct layer *layer = w->q->layer;
+static uint32_t l2_table(struct table_walk *w, uint64_t l2_offset, uint64_t l1_index) {
+    (void)l1_index;
+    const struct layer *layer = w->layer;
     if (l2_offset >= layer->file_size) {
-        return fail(w, "qcow L2 table at %#lx lies past the end of the file",
-                    (unsigned long)l2_offset);
+        return walk_fail(w, "qcow L2 table at %#lx lies past the end of the file",
+                         (unsigned long)l2_offset);
     }
     return disk_table(w->r, layer, l2_offset << 1, layer->handle, layer->file_size, l2_offset,
-                      8ULL << w->q->l2_bits, table);
+                      8ULL << of(w)->l2_bits, &w->table);
 }
 
-static uint32_t walk(struct walk *w, uint64_t stop) {
-    const struct qcow *q = w->q;
-    const uint32_t cluster_bits = q->cluster_bits;
-    const uint64_t cluster_mask = (1ULL << cluster_bits) - 1;
-    const uint32_t span_bits = cluster_bits + q->l2_bits;
-    const uint64_t span_mask = (1ULL << span_bits) - 1;
-    const uint64_t l2_mask = (1ULL << q->l2_bits) - 1;
-    const uint64_t file_size = q->layer->file_size;
-    uint64_t pos = 0;
-    uint32_t status;
-    while (pos < stop) {
-        const uint64_t guest = w->base + pos;
-        const uint64_t l1_index = guest >> span_bits;
-        const uint64_t span_end = pos + min_u64(stop - pos, span_mask - (guest & span_mask) + 1);
-        uint64_t l2_offset;
-        if ((status = l1_entry(w, l1_index, &l2_offset)) != AIODD_OK) {
-            return status;
-        }
-        if (!l2_offset) {
-            parent_run_add(&w->run, pos, span_end - pos);
-            pos = span_end;
-            continue;
-        }
-        const uint64_t *table;
-        if ((status = l2_table(w, l2_offset, &table)) != AIODD_OK) {
-            return status;
-        }
-        uint64_t index = (guest >> cluster_bits) & l2_mask;
-        while (pos < span_end) {
-            const uint64_t in_cluster = (w->base + pos) & cluster_mask;
-            const uint64_t n = min_u64(cluster_mask + 1 - in_cluster, span_end - pos);
-            const uint64_t entry = table[index];
-            if (!entry) {
-                parent_run_add(&w->run, pos, n);
-            } else if (entry & OFLAG_COMPRESSED) {
-                status = compressed(w, entry, pos, n);
-            } else if (entry & (SECTOR - 1)) {
-                return fail(w,
-                            "qcow data cluster offset %#lx is not sector aligned"
-                            " (L2 table at %#lx, index %lu)",
-                            (unsigned long)entry, (unsigned long)l2_offset, (unsigned long)index);
-            } else if (entry >= file_size) {
-                return fail(w, "qcow data cluster at %#lx lies past the end of the file",
-                            (unsigned long)entry);
-            } else if ((status = run_backing(w)) == AIODD_OK) {
-                status = reader_data(w->r, q->layer->handle, file_size, entry + in_cluster,
-                                     w->dest + pos, n);
-            }
-            if (status != AIODD_OK) {
-                return status;
-            }
-            if (w->run.stale) {
-                w->run.stale = 0;
-                if ((status = l2_table(w, l2_offset, &table)) != AIODD_OK) {
-                    return status;
-                }
-            }
-            pos += n;
-            index++;
-        }
+static uint32_t entry(struct table_walk *w, uint64_t l2_offset, uint64_t index, uint64_t pos,
+                      uint64_t n) {
+    const struct layer *layer = w->layer;
+    const uint64_t e = w->table[index];
+    if (!e) {
+        parent_run_add(&w->run, pos, n);
+        return AIODD_OK;
     }
-    return run_backing(w);
+    if (e & OFLAG_COMPRESSED) {
+        return compressed(w, e, pos, n);
+    }
+    if (e & (SECTOR - 1)) {
+        return walk_fail(w,
+                         "qcow data cluster offset %#lx is not sector aligned"
+                         " (L2 table at %#lx, index %lu)",
+                         (unsigned long)e, (unsigned long)l2_offset, (unsigned long)index);
+    }
+    if (e >= layer->file_size) {
+        return walk_fail(w, "qcow data cluster at %#lx lies past the end of the file",
+                         (unsigned long)e);
+    }
+    uint32_t status = walk_flush(w);
+    if (status != AIODD_OK) {
+        return status;
+    }
+    const uint64_t in_cluster = (w->base + pos) & ((1ULL << of(w)->cluster_bits) - 1);
+    return reader_data(w->r, layer->handle, layer->file_size, e + in_cluster, w->dest + pos, n);
 }
+
+static const struct table_walk_ops OPS = {l2_offset, l2_table, entry};
 
 uint32_t qcow_read(struct reader *r, struct layer *layer, uint64_t offset, unsigned char *dest,
                    uint64_t length) {
-    const uint64_t stop = disk_clip(layer, offset, dest, length);
-    if (stop == 0) {
-        return AIODD_OK;
-    }
-    struct walk w = {r, layer->qcow, offset, dest, {0, 0, 0, 0}};
-    return walk(&w, stop);
+    const struct qcow *q = layer->qcow;
+    struct table_walk w = {r, q, layer, q->backing, offset, dest, NULL, {0, 0, 0, 0}};
+    return table_walk(&w, &OPS, q->cluster_bits, q->l2_bits, length);
 }

@@ -25,14 +25,6 @@ struct vdi {
     uint32_t *bmap;  /* NULL: too large to hold, read through the cache */
 };
 
-static uint32_t le32(const unsigned char *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t le64(const unsigned char *p) {
-    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
-
 static int is_null_uuid(const unsigned char *uuid) {
     for (unsigned i = 0; i < 16; i++) {
         if (uuid[i] != 0) {

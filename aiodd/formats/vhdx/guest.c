@@ -156,14 +156,6 @@ static uint16_t le16(const unsigned char *p) {
     return (uint16_t)(p[0] | p[1] << 8);
 }
 
-static uint32_t le32(const unsigned char *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t le64(const unsigned char *p) {
-    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
-
 /* crc32c.py: CRC-32C (Castagnoli), reflected, as a running state. */
 static uint32_t crc_table[256];
 

@@ -169,14 +169,6 @@ static size_t latin1_repr(char *out, const unsigned char *s, size_t n, const cha
 
 /* -- little-endian fields (layout.py's structs) --------------------------------------- */
 
-static uint32_t le32(const unsigned char *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t le64(const unsigned char *p) {
-    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
-
 struct sparse_header {
     uint32_t version;
     uint32_t flags;

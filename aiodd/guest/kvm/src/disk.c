@@ -509,6 +509,67 @@ uint32_t reader_fail(struct reader *r, uint32_t handle, const char *format, ...)
     return status;
 }
 
+uint32_t walk_flush(struct table_walk *w) {
+    return parent_run_flush(&w->run, w->r, w->parent, w->base, w->dest);
+}
+
+uint32_t walk_fail(struct table_walk *w, const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    uint32_t status = reader_vfail(w->r, w->layer->handle, format, args);
+    va_end(args);
+    return status;
+}
+
+uint32_t table_walk(struct table_walk *w, const struct table_walk_ops *ops, uint32_t cluster_bits,
+                    uint32_t l2_bits, uint64_t length) {
+    const uint64_t stop = disk_clip(w->layer, w->base, w->dest, length);
+    if (stop == 0) {
+        return AIODD_OK;
+    }
+    const uint64_t cluster_size = 1ULL << cluster_bits;
+    const uint64_t cluster_mask = cluster_size - 1;
+    const uint32_t span_bits = cluster_bits + l2_bits;
+    const uint64_t span_mask = (1ULL << span_bits) - 1;
+    const uint64_t l2_mask = (1ULL << l2_bits) - 1;
+    uint64_t pos = 0;
+    uint32_t status;
+    while (pos < stop) {
+        const uint64_t guest = w->base + pos;
+        const uint64_t l1_index = guest >> span_bits;
+        const uint64_t span_end = pos + min_u64(stop - pos, span_mask - (guest & span_mask) + 1);
+        uint64_t l2_offset;
+        if ((status = ops->l2_offset(w, l1_index, &l2_offset)) != AIODD_OK) {
+            return status;
+        }
+        if (!l2_offset) {
+            parent_run_add(&w->run, pos, span_end - pos);
+            pos = span_end;
+            continue;
+        }
+        if ((status = ops->l2_table(w, l2_offset, l1_index)) != AIODD_OK) {
+            return status;
+        }
+        uint64_t index = (guest >> cluster_bits) & l2_mask;
+        while (pos < span_end) {
+            const uint64_t in_cluster = (w->base + pos) & cluster_mask;
+            const uint64_t n = min_u64(cluster_size - in_cluster, span_end - pos);
+            if ((status = ops->entry(w, l2_offset, index, pos, n)) != AIODD_OK) {
+                return status;
+            }
+            if (w->run.stale) {
+                w->run.stale = 0;
+                if ((status = ops->l2_table(w, l2_offset, l1_index)) != AIODD_OK) {
+                    return status;
+                }
+            }
+            pos += n;
+            index++;
+        }
+    }
+    return walk_flush(w);
+}
+
 uint32_t image_error(uint32_t handle, const char *format, ...) {
     va_list args;
     va_start(args, format);

@@ -186,6 +186,44 @@ static inline void parent_run_add(struct parent_run *run, uint64_t pos, uint64_t
 uint32_t parent_run_flush(struct parent_run *run, struct reader *r, struct layer *parent,
                           uint64_t base, unsigned char *dest);
 
+/* A read of a layer mapped by a two-level table (qcow2, qcow, qed): [base, base + stop)
+ * of its virtual disk into dest, an L1 entry's span of clusters at a time, a run of the
+ * parent's clusters read where Python flushes it. */
+struct table_walk {
+    struct reader *r;
+    const void *format;  /* the layer's decoder (struct qcow2, qcow, qed) */
+    struct layer *layer;
+    struct layer *parent;  /* NULL: none, zeros */
+    uint64_t base;         /* the virtual offset of dest[0] */
+    unsigned char *dest;
+    const uint64_t *table;  /* the L2 table looked up, for a decoder that holds one */
+    struct parent_run run;  /* the parent's clusters waiting; stale: look the L2 table up again */
+};
+
+/* What a format says of its tables. */
+struct table_walk_ops {
+    /* The L2 table's offset in L1 entry `l1_index`; 0: none, the span is the parent's. */
+    uint32_t (*l2_offset)(struct table_walk *w, uint64_t l1_index, uint64_t *offset);
+    /* Check the L2 table at `offset` and look it up; again when the parent was read
+     * (w->run.stale), as a pointer into the cache may have moved. */
+    uint32_t (*l2_table)(struct table_walk *w, uint64_t offset, uint64_t l1_index);
+    /* Entry `index` of that table: the n bytes at dest + pos, all in one cluster. */
+    uint32_t (*entry)(struct table_walk *w, uint64_t l2_offset, uint64_t index, uint64_t pos,
+                      uint64_t n);
+};
+
+/* The layer's read of `length` bytes at w->base into w->dest (zeros past its end), over
+ * clusters of 2^cluster_bits bytes, 2^l2_bits of them to an L2 table. */
+uint32_t table_walk(struct table_walk *w, const struct table_walk_ops *ops, uint32_t cluster_bits,
+                    uint32_t l2_bits, uint64_t length);
+
+/* Read the parent's pending run (Python's flush of a backing run). */
+uint32_t walk_flush(struct table_walk *w);
+
+/* An error of the tables: the jobs queued before it in Python's order run first. */
+uint32_t walk_fail(struct table_walk *w, const char *format, ...)
+    __attribute__((format(printf, 2, 3)));
+
 /* An image error of layer `handle` found while reading: the jobs queued before it in
  * Python's order run first, and may fail first. */
 uint32_t reader_vfail(struct reader *r, uint32_t handle, const char *format, va_list args);
@@ -256,6 +294,14 @@ static inline uint64_t be64(const unsigned char *p) {
 
 static inline uint32_t be32(const unsigned char *p) {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | (uint32_t)p[3];
+}
+
+static inline uint32_t le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline uint64_t le64(const unsigned char *p) {
+    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
 }
 
 static inline uint64_t min_u64(uint64_t a, uint64_t b) {
