@@ -189,6 +189,80 @@ def _clone_source(
     return fd
 
 
+def _settings(output_format: str, isolation: Isolation, cache: Cache) -> tuple[Isolation, Cache]:
+    """The options every copy checks first, in this order."""
+    encoders.check_output_format(output_format)
+    return options.isolation(isolation), options.cache(cache)
+
+
+def _prepare(
+    disk: VirtualDisk,
+    src: str,
+    dst: str,
+    window_operands: tuple[int, int | None, int],
+    output_format: str,
+    isolation: Isolation,
+    policy: Policy,
+    warnings: list[str],
+) -> tuple[tuple[str, str], Window, OutputPlan]:
+    """What a copy does with the open input before it touches the output: where it is
+    decoded (and why), the window of (bs, count, skip), the output's plan, and the
+    output's check against the input's files."""
+    mode = ("inline", "requested") if isolation == "inline" else _guest_mode(disk)
+    window = compute_window(disk.virtual_size, *window_operands)
+    if window.skip_past_end:
+        warnings.append(f"{src}: {SKIP_WARNING}")
+    plan = encoders.plan(output_format, window.length, filename=os.path.basename(dst))
+    _check_output(src, dst, policy)
+    return mode, window, plan
+
+
+def _open_output(
+    dst: str, plan: OutputPlan, output_format: str, cache: Cache
+) -> tuple[OutputLock, OutputFile]:
+    """The output's locks, then the output itself, held by them; the caller closes the
+    lock and aborts the output (a no-op once it is published)."""
+    raw = output_format == "raw"
+    guard = OutputLock.acquire(dst, raw=raw)
+    try:
+        output = OutputFile.create(dst, plan.file_size, raw=raw, cache=cache)
+    except BaseException:
+        guard.close()
+        raise
+    _timing.mark("output opened")
+    try:
+        guard.hold(output.fd, dst)
+    except BaseException:
+        output.abort()
+        guard.close()
+        raise
+    return guard, output
+
+
+def _result(
+    disk: VirtualDisk,
+    output_format: str,
+    window: Window,
+    plan: OutputPlan,
+    started: float,
+    warnings: list[str],
+    mode: tuple[str, str],
+    checksum: Checksum | None = None,
+) -> DdResult:
+    return DdResult(
+        input_format=disk.format_name,
+        output_format=output_format,
+        virtual_size=disk.virtual_size,
+        window=window,
+        output_size=plan.virtual_size,
+        elapsed=time.monotonic() - started,
+        warnings=tuple(warnings),
+        isolation=mode[0],
+        isolation_reason=mode[1],
+        checksum=checksum,
+    )
+
+
 async def dd(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -249,9 +323,7 @@ async def dd(
     count_value = None if count is None else options.size_operand("count", count, warnings)
     skip_value = options.size_operand("skip", skip, warnings)
     src_path, dst_path = os.fspath(src), os.fspath(dst)
-    encoders.check_output_format(output_format)
-    isolation = options.isolation(isolation)
-    cache = options.cache(cache)
+    isolation, cache = _settings(output_format, isolation, cache)
     io_size = options.io_size(io_size)
     hasher = None if checksum is None else hashlib.new(options.checksum(checksum))
     policy = Policy(allow_backing, force_share=force_share)
@@ -278,29 +350,23 @@ async def dd(
         raise
     _timing.mark("input opened")
     try:
-        mode = ("inline", "requested") if isolation == "inline" else _guest_mode(disk)
-        window = compute_window(disk.virtual_size, bs_value, count_value, skip_value)
-        if window.skip_past_end:
-            warnings.append(f"{src_path}: {SKIP_WARNING}")
-        dst_name = os.path.basename(dst_path)
-        plan = encoders.plan(output_format, window.length, filename=dst_name)
+        operands = (bs_value, count_value, skip_value)
+        mode, window, plan = _prepare(
+            disk, src_path, dst_path, operands, output_format, isolation, policy, warnings
+        )
         meter = ProgressMeter(plan.data_size, on_progress, progress_interval, mode)
-        _check_output(src_path, dst_path, policy)
-        raw = output_format == "raw"
-        guard = await anyio.to_thread.run_sync(lambda: OutputLock.acquire(dst_path, raw=raw))
+        # A cancel that comes while a worker thread creates the output waits for it, and
+        # takes effect at the next await: within the try blocks that close it.
+        guard, output = await anyio.to_thread.run_sync(
+            lambda: _open_output(dst_path, plan, output_format, cache)
+        )
         try:
-            # A cancel that comes while a worker thread creates the output waits for
-            # it, and takes effect at the next await: within the try blocks that close it.
-            output = await anyio.to_thread.run_sync(
-                lambda: OutputFile.create(dst_path, plan.file_size, raw=raw, cache=cache)
-            )
-            _timing.mark("output opened")
             pool: BufferPool | None = None
             source: int | None = None
             try:
-                guard.hold(output.fd, dst_path)
                 pool = BufferPool(DEFAULT_COUNT, io_size, memory)
                 # A device keeps its old bytes where nothing is written: dense there.
+                dst_name = os.path.basename(dst_path)
                 layout = (
                     encoders.sparse_plan(output_format, window.length, filename=dst_name)
                     if sparse and not output.device
@@ -365,18 +431,8 @@ async def dd(
         disk.close()
         if memory is not None:
             memory.close()
-    return DdResult(
-        input_format=disk.format_name,
-        output_format=output_format,
-        virtual_size=disk.virtual_size,
-        window=window,
-        output_size=plan.virtual_size,
-        elapsed=time.monotonic() - started,
-        warnings=tuple(warnings),
-        isolation=mode[0],
-        isolation_reason=mode[1],
-        checksum=None if hasher is None else Checksum(hasher.name, hasher.hexdigest()),
-    )
+    checksum_value = None if hasher is None else Checksum(hasher.name, hasher.hexdigest())
+    return _result(disk, output_format, window, plan, started, warnings, mode, checksum_value)
 
 
 _SHORT_UNIT = 1 << 20
@@ -409,9 +465,7 @@ def short_copy(
     """
     started = time.monotonic()
     warnings: list[str] = []
-    encoders.check_output_format(output_format)
-    isolation = options.isolation(isolation)
-    cache = options.cache(cache)
+    isolation, cache = _settings(output_format, isolation, cache)
     policy = Policy(allow_backing, force_share=force_share)
     if isolation == "inline":
         memory = mmap.mmap(-1, _SHORT_UNIT)
@@ -430,21 +484,14 @@ def short_copy(
         )
         _timing.mark("input opened")
         try:
-            mode = ("inline", "requested") if isolation == "inline" else _guest_mode(disk)
-            window = compute_window(disk.virtual_size, bs, count, skip)
-            if window.skip_past_end:
-                warnings.append(f"{src}: {SKIP_WARNING}")
-            plan = encoders.plan(output_format, window.length, filename=os.path.basename(dst))
-            _check_output(src, dst, policy)
+            mode, window, plan = _prepare(
+                disk, src, dst, (bs, count, skip), output_format, isolation, policy, warnings
+            )
             if stopped():
                 return None
-            raw = output_format == "raw"
-            guard = OutputLock.acquire(dst, raw=raw)
+            guard, output = _open_output(dst, plan, output_format, cache)
             try:
-                output = OutputFile.create(dst, plan.file_size, raw=raw, cache=cache)
-                _timing.mark("output opened")
                 try:
-                    guard.hold(output.fd, dst)
                     if not _write_short(disk, window, plan, output, memory, stopped):
                         return None
                     _timing.mark("copy")
@@ -466,17 +513,7 @@ def short_copy(
         # with the last of them.
         with contextlib.suppress(BufferError):
             memory.close()
-    return DdResult(
-        input_format=disk.format_name,
-        output_format=output_format,
-        virtual_size=disk.virtual_size,
-        window=window,
-        output_size=plan.virtual_size,
-        elapsed=time.monotonic() - started,
-        warnings=tuple(warnings),
-        isolation=mode[0],
-        isolation_reason=mode[1],
-    )
+    return _result(disk, output_format, window, plan, started, warnings, mode)
 
 
 def _write_short(

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypedDict
 
 from aiodd import __version__, _timing, options
 from aiodd.errors import (
@@ -261,9 +261,50 @@ def _version_text(verbose: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _CopyArgs(TypedDict):
+    """The operands and options both ways of copying take alike."""
+
+    bs: int
+    count: int | None
+    skip: int
+    input_format: str | None
+    output_format: str
+    isolation: Isolation
+    allow_backing: list[str]
+    require_isolation: bool
+    force_share: bool
+    cache: Cache
+
+
+def _copy_args(inv: Invocation) -> _CopyArgs:
+    return _CopyArgs(
+        bs=inv.bs,
+        count=inv.count,
+        skip=inv.skip,
+        input_format=inv.input_format,
+        output_format=inv.output_format,
+        isolation=inv.isolation,
+        allow_backing=inv.allow_backing,
+        require_isolation=inv.require_isolation,
+        force_share=inv.force_share,
+        cache=inv.cache,
+    )
+
+
+def _print_warnings(warnings: Sequence[str]) -> None:
+    """The copy's warnings, once it is done and its output in place: a closed stderr
+    must not turn that into a failure."""
+    if not warnings:
+        return
+    from aiodd.terminal import write_quietly
+
+    for warning in warnings:
+        write_quietly(sys.stderr, f"{PROG}: {warning}\n")
+
+
 async def _run(inv: Invocation) -> None:
     from aiodd.api import dd
-    from aiodd.terminal import BarRenderer, JsonRenderer, PercentRenderer, write_quietly
+    from aiodd.terminal import BarRenderer, JsonRenderer, PercentRenderer
 
     assert inv.src is not None and inv.dst is not None
     renderer: Renderer | None = None
@@ -277,19 +318,10 @@ async def _run(inv: Invocation) -> None:
         result = await dd(
             inv.src,
             inv.dst,
-            bs=inv.bs,
-            count=inv.count,
-            skip=inv.skip,
-            input_format=inv.input_format,
-            output_format=inv.output_format,
             on_progress=renderer,
-            isolation=inv.isolation,
-            allow_backing=inv.allow_backing,
-            require_isolation=inv.require_isolation,
-            force_share=inv.force_share,
             checksum=inv.checksum,
             sparse=inv.sparse,
-            cache=inv.cache,
+            **_copy_args(inv),
         )
     except BaseException:
         if renderer is not None:
@@ -300,10 +332,7 @@ async def _run(inv: Invocation) -> None:
         renderer.finish(checksum=checksum)
     elif renderer is not None:
         renderer.finish()  # the summary, only once the output is in place
-    # The copy is done and its output in place: a closed stderr must not turn that into
-    # a failure.
-    for warning in result.warnings:
-        write_quietly(sys.stderr, f"{PROG}: {warning}\n")
+    _print_warnings(result.warnings)
     if checksum is not None:
         _print_checksum(checksum, inv.dst)
 
@@ -324,27 +353,11 @@ def _run_short(inv: Invocation, signals: _Signals) -> bool:
     _timing.mark("library imported")
     assert inv.src is not None and inv.dst is not None
     result = short_copy(
-        inv.src,
-        inv.dst,
-        bs=inv.bs,
-        count=inv.count,
-        skip=inv.skip,
-        input_format=inv.input_format,
-        output_format=inv.output_format,
-        isolation=inv.isolation,
-        allow_backing=inv.allow_backing,
-        require_isolation=inv.require_isolation,
-        force_share=inv.force_share,
-        cache=inv.cache,
-        stopped=lambda: signals.received is not None,
+        inv.src, inv.dst, stopped=lambda: signals.received is not None, **_copy_args(inv)
     )
     if result is None:
         return False
-    if result.warnings:
-        from aiodd.terminal import write_quietly
-
-        for warning in result.warnings:
-            write_quietly(sys.stderr, f"{PROG}: {warning}\n")
+    _print_warnings(result.warnings)
     return True
 
 

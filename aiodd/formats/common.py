@@ -4,8 +4,11 @@ decoder of a chained format repeats.  Pure; no I/O but through the interfaces of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from typing import Generic, TypeVar
 
 from aiodd.errors import ImageError
 from aiodd.formats.base import RandomAccessFile, VirtualDisk
@@ -15,6 +18,9 @@ KiB = 1 << 10
 MiB = 1 << 20
 
 _ZEROS = memoryview(bytes(MiB))
+
+_Key = TypeVar("_Key", bound=Hashable)
+_Table = TypeVar("_Table")
 
 
 def round_up(n: int, unit: int) -> int:
@@ -51,6 +57,21 @@ def zero_fill(buf: memoryview) -> None:
         k = min(n - pos, len(_ZEROS))
         buf[pos : pos + k] = _ZEROS[:k]
         pos += k
+
+
+def block_pieces(
+    offset: int, buf: memoryview, block: int
+) -> Iterator[tuple[int, int, int, memoryview]]:
+    """``buf``, the virtual disk's bytes from ``offset``, cut where its blocks of
+    ``block`` bytes end: (the block's index, the offset in it, the position in ``buf``,
+    the piece of ``buf``) each."""
+    pos = 0
+    total = len(buf)
+    while pos < total:
+        index, within = divmod(offset + pos, block)
+        n = min(block - within, total - pos)
+        yield index, within, pos, buf[pos : pos + n]
+        pos += n
 
 
 def read_parent(parent: VirtualDisk | None, offset: int, view: memoryview) -> None:
@@ -133,7 +154,7 @@ def read_by_bitmap(
 
 
 class MappedDisk:
-    """What the disks of qcow and qed share: the file, a backing disk (or none), reads
+    """What the disks of qcow2, qcow and qed share: the file, a backing disk (or none), reads
     clamped to the virtual size (zeros past it) and handed to ``_read``, errors naming
     the file.  A subclass sets ``format_name`` and implements ``_read``."""
 
@@ -175,6 +196,34 @@ class MappedDisk:
     def _read(self, base: int, buf: memoryview, stop: int) -> None:
         """Fill ``buf[:stop]`` with the virtual bytes from ``base`` (inside the disk)."""
         raise NotImplementedError
+
+
+class TableCache(Generic[_Key, _Table]):
+    """A bounded LRU of the tables a disk has read, for threads reading at once: a table
+    is loaded outside the lock (two threads may both load one; either copy serves)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._tables: OrderedDict[_Key, _Table] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def get(self, key: _Key, load: Callable[[], _Table]) -> _Table:
+        """The table under ``key``, from ``load()`` (which may raise) when not held."""
+        with self._lock:
+            table = self._tables.get(key)
+            if table is not None:
+                self._tables.move_to_end(key)
+                return table
+        table = load()
+        with self._lock:
+            self._tables[key] = table
+            self._tables.move_to_end(key)
+            while len(self._tables) > self._limit:
+                self._tables.popitem(last=False)
+        return table
 
 
 class Runs:

@@ -12,7 +12,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, Protocol
 
 from aiodd.formats.base import Extent
 from aiodd.formats.common import MiB
@@ -211,6 +211,37 @@ class Packer:
         self._finish_tables(self._tables)
         ready, self._ready = self._ready, []
         return ready
+
+
+class _Sized(Protocol):
+    @property
+    def virtual_size(self) -> int: ...
+
+    @property
+    def data_size(self) -> int: ...
+
+
+class PackedPlan:
+    """What a sparse plan over a dense one shares with the others: the dense plan's
+    sizes, and data bytes placed by a :class:`Packer` as the stream passes.  A subclass
+    sets ``dense`` and ``_packer``."""
+
+    dense: _Sized
+    _packer: Packer
+
+    @property
+    def virtual_size(self) -> int:
+        return self.dense.virtual_size
+
+    @property
+    def data_size(self) -> int:
+        return self.dense.data_size
+
+    def data_extents(self, offset: int, length: int) -> list[Extent]:
+        return self._packer.extents(offset, length)
+
+    def ready(self, offset: int) -> list[tuple[int, bytes]]:
+        return self._packer.ready(offset)
 
 
 def table_entries(

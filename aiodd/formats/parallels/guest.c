@@ -26,24 +26,6 @@ struct parallels {
     uint32_t *bat;     /* NULL: too large to hold, read through the cache */
 };
 
-static uint32_t image_error(uint32_t handle, const char *format, ...)
-    __attribute__((format(printf, 2, 3)));
-static uint32_t image_error(uint32_t handle, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    host_verror(AIODD_E_IMAGE, handle, format, args);
-    va_end(args);
-    return AIODD_E_IMAGE;
-}
-
-static uint32_t le32(const unsigned char *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t le64(const unsigned char *p) {
-    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
-
 uint32_t parallels_open(struct layer *layer) {
     const uint32_t handle = layer->handle;
     const uint64_t file_size = layer->file_size;
@@ -120,36 +102,14 @@ uint32_t parallels_open(struct layer *layer) {
     p->bat_end = bat_end;
 
     /* The BAT the disk reaches, kept when the budget allows. */
-    const uint64_t bytes = 4 * p->entries;
-    if (bytes > 0 && disk_take_table_budget(bytes)) {
-        p->bat = disk_alloc((size_t)bytes);
-        if (p->bat == NULL) {
-            return AIODD_E_NOMEM;
-        }
-    } else if (bytes > 0) {
-        disk_note_tables(BAT_PIECE);
+    if ((status = disk_keep_table32(p->entries, BAT_PIECE, &p->bat)) != AIODD_OK ||
+        p->bat == NULL) {
+        return status;
     }
-    for (uint64_t done = 0; p->bat != NULL && done < bytes;) {
-        const uint64_t chunk = min_u64(bytes - done, AIODD_IN_SIZE);
-        if ((status = disk_read_in(handle, HEADER_SIZE + done, chunk, &got)) != AIODD_OK) {
-            return status;
-        }
-        if (got < chunk) {
-            host_fault();  /* inside the file, by the size the host gave */
-        }
-        for (uint64_t i = 0; i < chunk / 4; i++) {
-            p->bat[done / 4 + i] = le32(in + 4 * i);
-        }
-        done += chunk;
-    }
-    return AIODD_OK;
+    return disk_scan_table32(handle, HEADER_SIZE, p->entries, 1, p->bat, NULL, NULL);
 }
 
 /* -- reading (decode.ParallelsDisk.read_into) ------------------------------------------ */
-
-static uint32_t bswap32(uint32_t x) {
-    return x >> 24 | (x >> 8 & 0xFF00u) | (x << 8 & 0xFF0000u) | x << 24;
-}
 
 /* layout.cluster_at: a cluster a read reaches starts inside the file, after the BAT. */
 static uint32_t cluster_at(const struct layer *layer, uint64_t index, uint32_t entry,
@@ -181,31 +141,18 @@ static uint32_t host_offset(struct reader *r, const struct layer *layer, uint64_
     if (p->bat != NULL) {
         return p->bat[index] == 0 ? AIODD_OK : cluster_at(layer, index, p->bat[index], at);
     }
-    /* A cache slot's worth of entries at a time: the cache gives the bytes as big-endian
-     * 64-bit words, each two little-endian entries, the first in the high half. */
-    const uint64_t per_piece = disk_cluster_max() / 4;
-    const uint64_t piece = index / per_piece;
-    const uint64_t first = piece * per_piece;
-    const uint64_t count = min_u64(per_piece, p->entries - first);
-    const uint64_t *table;
-    uint32_t status = disk_table(r, layer, piece, layer->handle, layer->file_size,
-                                 HEADER_SIZE + first * 4, (count * 4 + 7) / 8 * 8, &table);
+    uint32_t entry;
+    uint32_t status = disk_table_entry32(r, layer, HEADER_SIZE, p->entries, index, 1, &entry);
     if (status != AIODD_OK) {
         return status;
     }
-    const uint64_t word = table[(index - first) / 2];
-    const uint32_t entry = bswap32((uint32_t)((index - first) % 2 == 0 ? word >> 32 : word));
     return entry == 0 ? AIODD_OK : cluster_at(layer, index, entry, at);
 }
 
 uint32_t parallels_read(struct reader *r, struct layer *layer, uint64_t offset,
                         unsigned char *dest, uint64_t length) {
     const struct parallels *p = layer->parallels;
-    const uint64_t size = layer->virtual_size;
-    const uint64_t stop = offset < size ? min_u64(length, size - offset) : 0;
-    if (stop < length) {
-        memset(dest + stop, 0, (size_t)(length - stop));
-    }
+    const uint64_t stop = disk_clip(layer, offset, dest, length);
     const uint64_t cs = p->cluster_size;
     for (uint64_t pos = 0; pos < stop;) {
         uint64_t index = (offset + pos) / cs;

@@ -9,12 +9,10 @@ cluster is inflated, outside the lock.
 
 from __future__ import annotations
 
-import threading
 from array import array
-from collections import OrderedDict
 
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
-from aiodd.formats.common import SECTOR, MappedDisk, Runs
+from aiodd.formats.common import SECTOR, MappedDisk, Runs, TableCache
 from aiodd.formats.qcow import layout
 from aiodd.formats.qcow.layout import OFLAG_COMPRESSED, Header
 from aiodd.formats.qcow2.layout import be64_table
@@ -33,30 +31,23 @@ class QcowDisk(MappedDisk):
         super().__init__(file, backing, header.virtual_size)
         self._header = header
         self._l1 = l1
-        self._cache: OrderedDict[int, array[int]] = OrderedDict()
-        self._cache_max = max(1, L2_CACHE_BYTES >> (header.l2_bits + 3))
-        self._lock = threading.Lock()
+        self._cache: TableCache[int, array[int]] = TableCache(
+            max(1, L2_CACHE_BYTES >> (header.l2_bits + 3))
+        )
 
     @property
     def header(self) -> Header:
         return self._header
 
     def _l2_table(self, l2_offset: int) -> array[int]:
-        with self._lock:
-            table = self._cache.get(l2_offset)
-            if table is not None:
-                self._cache.move_to_end(l2_offset)
-                return table
+        return self._cache.get(l2_offset, lambda: self._load_l2(l2_offset))
+
+    def _load_l2(self, l2_offset: int) -> array[int]:
         if l2_offset >= self._file.size:
             raise self._error(f"qcow L2 table at {l2_offset:#x} lies past the end of the file")
         length = 8 << self._header.l2_bits
         raw = self._file.pread(l2_offset, length)
-        table = be64_table(raw.ljust(length, b"\0"))  # zeros past the end, as qemu reads
-        with self._lock:
-            self._cache[l2_offset] = table
-            while len(self._cache) > self._cache_max:
-                self._cache.popitem(last=False)
-        return table
+        return be64_table(raw.ljust(length, b"\0"))  # zeros past the end, as qemu reads
 
     def _read(self, base: int, buf: memoryview, stop: int) -> None:
         header = self._header

@@ -31,16 +31,6 @@ struct qcow {
     uint64_t *l1;  /* NULL: too large to hold, read through the cache */
 };
 
-static uint32_t image_error(uint32_t handle, const char *format, ...)
-    __attribute__((format(printf, 2, 3)));
-static uint32_t image_error(uint32_t handle, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    host_verror(AIODD_E_IMAGE, handle, format, args);
-    va_end(args);
-    return AIODD_E_IMAGE;
-}
-
 /* -- the header (layout.parse_header) ------------------------------------------------- */
 
 struct header {
@@ -145,48 +135,26 @@ uint32_t qcow_open(struct layer *layer, unsigned depth) {
     disk_note_tables(cluster_size > table_size ? cluster_size : table_size);
     disk_note_codec(0);
 
-    const uint64_t l1_bytes = h.l1_size * 8;
-    if (l1_bytes > 0 && disk_take_table_budget(l1_bytes)) {
-        q->l1 = disk_alloc((size_t)l1_bytes);
-        if (q->l1 == NULL) {
-            return AIODD_E_NOMEM;
-        }
-        for (uint64_t done = 0; done < l1_bytes;) {
-            uint64_t chunk = min_u64(l1_bytes - done, AIODD_IN_SIZE);
-            if ((status = disk_read_in(handle, h.l1_offset + done, chunk, &got)) != AIODD_OK) {
-                return status;
-            }
-            if (got < chunk) {
-                host_fault();  /* the file was found long enough: the host's fault */
-            }
-            for (uint64_t i = 0; i < chunk / 8; i++) {
-                q->l1[done / 8 + i] = be64(in + i * 8);
-            }
-            done += chunk;
-        }
+    int whole;
+    if ((status = disk_hold_table(handle, h.l1_offset, h.l1_size, 0, &q->l1, &whole))) {
+        return status;
+    }
+    if (!whole) {
+        host_fault();  /* the file was found long enough: the host's fault */
     }
 
     /* The name past the file's end reads as zeros: an empty name, no backing file. */
     if (h.backing_size == 0 || h.backing_offset >= file_size) {
         return AIODD_OK;
     }
-    if ((status = disk_read_in(handle, h.backing_offset, h.backing_size, &got)) != AIODD_OK) {
+    char *name;
+    size_t length;
+    status = disk_read_name(handle, h.backing_offset, h.backing_size, &name, &length);
+    if (status != AIODD_OK || length == 0) {
         return status;
     }
-    uint64_t length = 0;
-    while (length < got && in[length] != 0) {
-        length++;
-    }
-    if (length == 0) {
-        return AIODD_OK;
-    }
-    char *name = disk_alloc((size_t)length);
-    if (name == NULL) {
-        return AIODD_E_NOMEM;
-    }
-    memcpy(name, in, (size_t)length);
-    return disk_open_named(handle, AIODD_REF_BACKING, name, (size_t)length, "", 0,
-                           AIODD_FMT_NONE, depth + 1, &q->backing);
+    return disk_open_named(handle, AIODD_REF_BACKING, name, length, "", 0, AIODD_FMT_NONE,
+                           depth + 1, &q->backing);
 }
 
 /* -- compressed clusters (layout.decompress_cluster) ---------------------------------- */
@@ -230,32 +198,14 @@ static uint32_t inflate_job(struct reader *r, const struct reader_job *job,
 
 /* -- reading (decode.QcowDisk._read) -------------------------------------------------- */
 
-struct walk {
-    struct reader *r;
-    const struct qcow *q;
-    uint64_t base;  /* the guest offset of dest[0] */
-    unsigned char *dest;
-    struct parent_run run;  /* backing clusters waiting; stale: look the L2 table up again */
-};
-
-/* An error of the tables: the clusters inflated before it in Python's order first. */
-static uint32_t fail(struct walk *w, const char *format, ...) __attribute__((format(printf, 2, 3)));
-static uint32_t fail(struct walk *w, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    uint32_t status = reader_vfail(w->r, w->q->layer->handle, format, args);
-    va_end(args);
-    return status;
+static const struct qcow *of(const struct table_walk *w) {
+    return w->format;
 }
 
-static uint32_t run_backing(struct walk *w) {
-    return parent_run_flush(&w->run, w->r, w->q->backing, w->base, w->dest);
-}
-
-static uint32_t compressed(struct walk *w, uint64_t entry, uint64_t pos, uint64_t n) {
-    const struct qcow *q = w->q;
+static uint32_t compressed(struct table_walk *w, uint64_t entry, uint64_t pos, uint64_t n) {
+    const struct qcow *q = of(w);
     const struct layer *layer = q->layer;
-    uint32_t status = run_backing(w);  /* Python flushes before it inflates */
+    uint32_t status = walk_flush(w);  /* Python flushes before it inflates */
     if (status != AIODD_OK) {
         return status;
     }
@@ -263,8 +213,8 @@ static uint32_t compressed(struct walk *w, uint64_t entry, uint64_t pos, uint64_
     const uint64_t host = entry & ((1ULL << shift) - 1);
     const uint64_t length = (entry >> shift) & ((1ULL << q->cluster_bits) - 1);
     if (host >= layer->file_size) {
-        return fail(w, "qcow compressed cluster at %#lx lies past the end of the file",
-                    (unsigned long)host);
+        return walk_fail(w, "qcow compressed cluster at %#lx lies past the end of the file",
+                         (unsigned long)host);
     }
     const uint64_t in_cluster = (w->base + pos) & ((1ULL << q->cluster_bits) - 1);
     /* skip: the compressed length above, the place in the cluster below (both < 2^16) */
@@ -279,110 +229,56 @@ static uint32_t compressed(struct walk *w, uint64_t entry, uint64_t pos, uint64_
     return reader_job(w->r, layer->handle, layer->file_size, host, length, &job);
 }
 
-static uint32_t l1_entry(struct walk *w, uint64_t index, uint64_t *entry) {
-    const struct qcow *q = w->q;
-    if (q->l1 != NULL) {
-        *entry = q->l1[index];
-        return AIODD_OK;
-    }
-    const uint64_t per_chunk = disk_cluster_max() / 8;
-    const uint64_t chunk = index / per_chunk;
-    const uint64_t first = chunk * per_chunk;
-    const uint64_t count = min_u64(per_chunk, q->l1_size - first);
-    const struct layer *layer = q->layer;
-    const uint64_t *table;
-    uint32_t status = disk_table(w->r, layer, chunk << 1 | 1, layer->handle, layer->file_size,
-                                 q->l1_offset + first * 8, count * 8, &table);
-    if (status == AIODD_OK) {
-        *entry = table[index - first];
-    }
-    return status;
+static uint32_t l2_offset(struct table_walk *w, uint64_t l1_index, uint64_t *offset) {
+    const struct qcow *q = of(w);
+    return disk_table_entry(w->r, q->layer, q->l1, q->l1_offset, q->l1_size, l1_index, offset);
 }
 
-static uint32_t l2_table(struct walk *w, uint64_t l2_offset, const uint64_t **table) {
-    const struct layer *layer = w->q->layer;
+static uint32_t l2_table(struct table_walk *w, uint64_t l2_offset, uint64_t l1_index) {
+    (void)l1_index;
+    const struct layer *layer = w->layer;
     if (l2_offset >= layer->file_size) {
-        return fail(w, "qcow L2 table at %#lx lies past the end of the file",
-                    (unsigned long)l2_offset);
+        return walk_fail(w, "qcow L2 table at %#lx lies past the end of the file",
+                         (unsigned long)l2_offset);
     }
     return disk_table(w->r, layer, l2_offset << 1, layer->handle, layer->file_size, l2_offset,
-                      8ULL << w->q->l2_bits, table);
+                      8ULL << of(w)->l2_bits, &w->table);
 }
 
-static uint32_t walk(struct walk *w, uint64_t stop) {
-    const struct qcow *q = w->q;
-    const uint32_t cluster_bits = q->cluster_bits;
-    const uint64_t cluster_mask = (1ULL << cluster_bits) - 1;
-    const uint32_t span_bits = cluster_bits + q->l2_bits;
-    const uint64_t span_mask = (1ULL << span_bits) - 1;
-    const uint64_t l2_mask = (1ULL << q->l2_bits) - 1;
-    const uint64_t file_size = q->layer->file_size;
-    uint64_t pos = 0;
-    uint32_t status;
-    while (pos < stop) {
-        const uint64_t guest = w->base + pos;
-        const uint64_t l1_index = guest >> span_bits;
-        const uint64_t span_end = pos + min_u64(stop - pos, span_mask - (guest & span_mask) + 1);
-        uint64_t l2_offset;
-        if ((status = l1_entry(w, l1_index, &l2_offset)) != AIODD_OK) {
-            return status;
-        }
-        if (!l2_offset) {
-            parent_run_add(&w->run, pos, span_end - pos);
-            pos = span_end;
-            continue;
-        }
-        const uint64_t *table;
-        if ((status = l2_table(w, l2_offset, &table)) != AIODD_OK) {
-            return status;
-        }
-        uint64_t index = (guest >> cluster_bits) & l2_mask;
-        while (pos < span_end) {
-            const uint64_t in_cluster = (w->base + pos) & cluster_mask;
-            const uint64_t n = min_u64(cluster_mask + 1 - in_cluster, span_end - pos);
-            const uint64_t entry = table[index];
-            if (!entry) {
-                parent_run_add(&w->run, pos, n);
-            } else if (entry & OFLAG_COMPRESSED) {
-                status = compressed(w, entry, pos, n);
-            } else if (entry & (SECTOR - 1)) {
-                return fail(w,
-                            "qcow data cluster offset %#lx is not sector aligned"
-                            " (L2 table at %#lx, index %lu)",
-                            (unsigned long)entry, (unsigned long)l2_offset, (unsigned long)index);
-            } else if (entry >= file_size) {
-                return fail(w, "qcow data cluster at %#lx lies past the end of the file",
-                            (unsigned long)entry);
-            } else if ((status = run_backing(w)) == AIODD_OK) {
-                status = reader_data(w->r, q->layer->handle, file_size, entry + in_cluster,
-                                     w->dest + pos, n);
-            }
-            if (status != AIODD_OK) {
-                return status;
-            }
-            if (w->run.stale) {
-                w->run.stale = 0;
-                if ((status = l2_table(w, l2_offset, &table)) != AIODD_OK) {
-                    return status;
-                }
-            }
-            pos += n;
-            index++;
-        }
+static uint32_t entry(struct table_walk *w, uint64_t l2_offset, uint64_t index, uint64_t pos,
+                      uint64_t n) {
+    const struct layer *layer = w->layer;
+    const uint64_t e = w->table[index];
+    if (!e) {
+        parent_run_add(&w->run, pos, n);
+        return AIODD_OK;
     }
-    return run_backing(w);
+    if (e & OFLAG_COMPRESSED) {
+        return compressed(w, e, pos, n);
+    }
+    if (e & (SECTOR - 1)) {
+        return walk_fail(w,
+                         "qcow data cluster offset %#lx is not sector aligned"
+                         " (L2 table at %#lx, index %lu)",
+                         (unsigned long)e, (unsigned long)l2_offset, (unsigned long)index);
+    }
+    if (e >= layer->file_size) {
+        return walk_fail(w, "qcow data cluster at %#lx lies past the end of the file",
+                         (unsigned long)e);
+    }
+    uint32_t status = walk_flush(w);
+    if (status != AIODD_OK) {
+        return status;
+    }
+    const uint64_t in_cluster = (w->base + pos) & ((1ULL << of(w)->cluster_bits) - 1);
+    return reader_data(w->r, layer->handle, layer->file_size, e + in_cluster, w->dest + pos, n);
 }
+
+static const struct table_walk_ops OPS = {l2_offset, l2_table, entry};
 
 uint32_t qcow_read(struct reader *r, struct layer *layer, uint64_t offset, unsigned char *dest,
                    uint64_t length) {
-    const uint64_t size = layer->virtual_size;
-    const uint64_t stop = offset < size ? min_u64(length, size - offset) : 0;
-    if (stop < length) {
-        memset(dest + stop, 0, (size_t)(length - stop));
-    }
-    if (stop == 0) {
-        return AIODD_OK;
-    }
-    struct walk w = {r, layer->qcow, offset, dest, {0, 0, 0, 0}};
-    return walk(&w, stop);
+    const struct qcow *q = layer->qcow;
+    struct table_walk w = {r, q, layer, q->backing, offset, dest, NULL, {0, 0, 0, 0}};
+    return table_walk(&w, &OPS, q->cluster_bits, q->l2_bits, length);
 }

@@ -10,14 +10,12 @@ bounded LRU guarded by a lock, so two threads may read disjoint ranges at once.
 
 from __future__ import annotations
 
-import threading
 from array import array
-from collections import OrderedDict
 
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats import INPUT_FORMATS
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
-from aiodd.formats.common import read_parent, zero_fill
+from aiodd.formats.common import MappedDisk, TableCache, read_parent, zero_fill
 from aiodd.formats.qcow2 import layout
 from aiodd.formats.qcow2.layout import (
     ALL_ALLOC,
@@ -43,7 +41,7 @@ def _zero_fill(buf: memoryview, start: int, stop: int) -> None:
     zero_fill(buf[start:stop])
 
 
-class Qcow2Disk:
+class Qcow2Disk(MappedDisk):
     format_name = NAME
 
     def __init__(
@@ -54,51 +52,34 @@ class Qcow2Disk:
         data_file: RandomAccessFile | None,
         backing: VirtualDisk | None,
     ) -> None:
-        self._file = file
+        super().__init__(file, backing, header.virtual_size)
         self._header = header
         self._l1 = l1
         self._data = data_file if data_file is not None else file
         self._external = data_file is not None
-        self._backing = backing
-        self._virtual_size = header.virtual_size
         self._cluster_bits = header.cluster_bits
         self._l2_bits = header.l2_bits
         self._extended = header.extended_l2
         self._v2 = header.version < 3
-        self._cache: OrderedDict[int, array[int]] = OrderedDict()
-        self._cache_max = max(1, L2_CACHE_BYTES >> header.cluster_bits)
-        self._lock = threading.Lock()
-
-    @property
-    def virtual_size(self) -> int:
-        return self._virtual_size
+        self._cache: TableCache[int, array[int]] = TableCache(
+            max(1, L2_CACHE_BYTES >> header.cluster_bits)
+        )
 
     @property
     def header(self) -> Header:
         return self._header
 
-    @property
-    def backing(self) -> VirtualDisk | None:
-        return self._backing
-
     def close(self) -> None:
-        if self._backing is not None:
-            self._backing.close()
         if self._external:
             self._data.close()
-        self._file.close()
-
-    def _error(self, message: str) -> ImageError:
-        return ImageError(self._file.name, message, NAME)
+        super().close()
 
     # -- L2 tables ---------------------------------------------------------------------
 
     def _l2_table(self, l2_offset: int, l1_index: int) -> array[int]:
-        with self._lock:
-            table = self._cache.get(l2_offset)
-            if table is not None:
-                self._cache.move_to_end(l2_offset)
-                return table
+        return self._cache.get(l2_offset, lambda: self._load_l2(l2_offset, l1_index))
+
+    def _load_l2(self, l2_offset: int, l1_index: int) -> array[int]:
         cluster_size = 1 << self._cluster_bits
         if l2_offset & (cluster_size - 1):
             raise self._error(
@@ -109,25 +90,12 @@ class Qcow2Disk:
         raw = self._file.pread(l2_offset, cluster_size)
         if len(raw) < cluster_size:  # qemu reads zeros past the end of the file
             raw += bytes(cluster_size - len(raw))
-        table = layout.be64_table(raw)
-        with self._lock:
-            self._cache[l2_offset] = table
-            self._cache.move_to_end(l2_offset)
-            while len(self._cache) > self._cache_max:
-                self._cache.popitem(last=False)
-        return table
+        return layout.be64_table(raw)
 
     # -- reading -------------------------------------------------------------------------
 
-    def read_into(self, offset: int, buf: memoryview) -> None:
-        total = len(buf)
-        if offset < 0:
-            raise ValueError(f"negative offset {offset}")
-        stop = min(total, max(0, self._virtual_size - offset))
-        if stop < total:
-            _zero_fill(buf, stop, total)
-        if stop:
-            _Reader(self, offset, buf).run(stop)
+    def _read(self, base: int, buf: memoryview, stop: int) -> None:
+        _Reader(self, base, buf).run(stop)
 
 
 class _Reader:

@@ -12,6 +12,7 @@
 #define ZSTD_STATIC_LINKING_ONLY /* ZSTD_createDCtx_advanced: the heap's allocator */
 #include <zlib.h>
 #include <zstd.h>
+#include "zpool.h"
 #include <zstd_errors.h>
 
 #define MIN_CLUSTER_BITS 9u
@@ -124,16 +125,6 @@ struct header {
     struct name backing_format;
     struct name data_file;
 };
-
-static uint32_t image_error(uint32_t handle, const char *format, ...)
-    __attribute__((format(printf, 2, 3)));
-static uint32_t image_error(uint32_t handle, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    host_verror(AIODD_E_IMAGE, handle, format, args);
-    va_end(args);
-    return AIODD_E_IMAGE;
-}
 
 /* layout.header_cluster_bits, over the first `length` bytes of the file. */
 static uint32_t header_cluster_bits(const unsigned char *head, uint64_t length, uint32_t handle,
@@ -542,27 +533,13 @@ uint32_t qcow2_open(struct layer *layer, unsigned depth) {
     disk_note_tables(1ULL << h.cluster_bits);
     disk_note_codec(h.compression == COMPRESSION_ZSTD);
 
-    const uint64_t l1_bytes = h.l1_entries * 8;
-    if (l1_bytes > 0 && disk_take_table_budget(l1_bytes)) {
-        q->l1 = disk_alloc((size_t)l1_bytes);
-        if (q->l1 == NULL) {
-            return AIODD_E_NOMEM;
-        }
-        for (uint64_t done = 0; done < l1_bytes;) {
-            uint64_t chunk = min_u64(l1_bytes - done, AIODD_IN_SIZE);
-            if ((status = disk_read_in(handle, h.l1_offset + done, chunk, &got)) != AIODD_OK) {
-                return status;
-            }
-            if (got < chunk) {
-                return image_error(handle,
-                                   "qcow2 L1 table at %#lx extends past the end of the file",
-                                   (unsigned long)h.l1_offset);
-            }
-            for (uint64_t i = 0; i < chunk / 8; i++) {
-                q->l1[done / 8 + i] = be64(in + i * 8);
-            }
-            done += chunk;
-        }
+    int whole;
+    if ((status = disk_hold_table(handle, h.l1_offset, h.l1_entries, 0, &q->l1, &whole))) {
+        return status;
+    }
+    if (!whole) {
+        return image_error(handle, "qcow2 L1 table at %#lx extends past the end of the file",
+                           (unsigned long)h.l1_offset);
     }
 
     struct host_file file;
@@ -602,25 +579,8 @@ uint32_t qcow2_open(struct layer *layer, unsigned depth) {
 
 struct zlib_state {
     z_stream stream;
-    unsigned char *pool;
-    size_t used;
+    struct zpool pool;
 };
-
-static voidpf zlib_alloc(voidpf opaque, uInt items, uInt size) {
-    struct zlib_state *z = opaque;
-    size_t n = ((size_t)items * size + 15u) & ~(size_t)15u;
-    if (n > ZLIB_POOL - z->used) {
-        return Z_NULL;
-    }
-    void *p = z->pool + z->used;
-    z->used += n;
-    return p;
-}
-
-static void zlib_free(voidpf opaque, voidpf address) {
-    (void)opaque;
-    (void)address;  /* the pool goes with the command's scratch */
-}
 
 static void *zstd_alloc(void *opaque, size_t size) {
     (void)opaque;
@@ -650,10 +610,7 @@ uint32_t prepare_codecs(struct reader *r) {
             return AIODD_E_NOMEM;
         }
         memset(z, 0, sizeof *z);
-        z->pool = pool;
-        z->stream.zalloc = zlib_alloc;
-        z->stream.zfree = zlib_free;
-        z->stream.opaque = z;
+        zpool_attach(&z->stream, &z->pool, pool, ZLIB_POOL);
         if (inflateInit2(&z->stream, -12) != Z_OK) {
             return AIODD_E_NOMEM;
         }
@@ -777,90 +734,71 @@ static uint32_t inflate_job(struct reader *r, const struct reader_job *job,
 
 /* -- reading (decode._Reader) --------------------------------------------------------- */
 
-struct walk {
-    struct reader *r;
-    const struct qcow2 *q;
-    uint64_t base;  /* the guest offset of dest[0] */
-    unsigned char *dest;
-    struct parent_run run;  /* backing clusters waiting; stale: look the L2 table up again */
-};
-
-/* An error of the tables: the clusters decompressed before it in Python's order come
- * first, and may fail first. */
-static uint32_t fail(struct walk *w, const char *format, ...) __attribute__((format(printf, 2, 3)));
-static uint32_t fail(struct walk *w, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    uint32_t status = reader_vfail(w->r, w->q->layer->handle, format, args);
-    va_end(args);
-    return status;
+static const struct qcow2 *of(const struct table_walk *w) {
+    return w->format;
 }
 
-/* _Reader.flush of a backing run: read_parent. */
-static uint32_t run_backing(struct walk *w) {
-    return parent_run_flush(&w->run, w->r, w->q->backing, w->base, w->dest);
-}
-
-static uint32_t add_backing(struct walk *w, uint64_t pos, uint64_t n) {
+static uint32_t add_backing(struct table_walk *w, uint64_t pos, uint64_t n) {
     parent_run_add(&w->run, pos, n);
     return AIODD_OK;
 }
 
-static uint32_t add_zero(struct walk *w, uint64_t pos, uint64_t n) {
-    uint32_t status = run_backing(w);
+static uint32_t add_zero(struct table_walk *w, uint64_t pos, uint64_t n) {
+    uint32_t status = walk_flush(w);
     if (status == AIODD_OK) {
         memset(w->dest + pos, 0, (size_t)n);
     }
     return status;
 }
 
-static uint32_t add_data(struct walk *w, uint64_t pos, uint64_t n, uint64_t source) {
-    uint32_t status = run_backing(w);
+static uint32_t add_data(struct table_walk *w, uint64_t pos, uint64_t n, uint64_t source) {
+    uint32_t status = walk_flush(w);
     if (status != AIODD_OK) {
         return status;
     }
-    return reader_data(w->r, w->q->data_handle, w->q->data_size, source, w->dest + pos, n);
+    return reader_data(w->r, of(w)->data_handle, of(w)->data_size, source, w->dest + pos, n);
 }
 
-static uint32_t host_cluster(struct walk *w, uint64_t entry, uint64_t l2_offset, uint64_t index,
-                             uint64_t guest_cluster, uint64_t *host) {
-    const struct qcow2 *q = w->q;
+static uint32_t host_cluster(struct table_walk *w, uint64_t entry, uint64_t l2_offset,
+                             uint64_t index, uint64_t guest_cluster, uint64_t *host) {
+    const struct qcow2 *q = of(w);
     uint64_t h = entry & L2E_OFFSET_MASK;
     if (h & ((1ULL << q->cluster_bits) - 1)) {
-        return fail(w,
-                    "qcow2 data cluster offset %#lx is not cluster aligned"
-                    " (L2 table at %#lx, index %lu)",
-                    (unsigned long)h, (unsigned long)l2_offset, (unsigned long)index);
+        return walk_fail(w,
+                         "qcow2 data cluster offset %#lx is not cluster aligned"
+                         " (L2 table at %#lx, index %lu)",
+                         (unsigned long)h, (unsigned long)l2_offset, (unsigned long)index);
     }
     if (q->external && h != guest_cluster) {
-        return fail(w,
-                    "qcow2 data cluster at %#lx in the external data file does not match"
-                    " its guest offset %#lx",
-                    (unsigned long)h, (unsigned long)guest_cluster);
+        return walk_fail(w,
+                         "qcow2 data cluster at %#lx in the external data file does not match"
+                         " its guest offset %#lx",
+                         (unsigned long)h, (unsigned long)guest_cluster);
     }
     *host = h;
     return AIODD_OK;
 }
 
-static uint32_t past_end(struct walk *w, uint64_t host) {
-    const struct qcow2 *q = w->q;
+static uint32_t past_end(struct table_walk *w, uint64_t host) {
+    const struct qcow2 *q = of(w);
     if (q->external) {
-        return fail(w, "qcow2 data cluster at %#lx lies past the end of the data file '%.*s'",
-                    (unsigned long)host, (int)q->data_name_length, q->data_name);
+        return walk_fail(w,
+                         "qcow2 data cluster at %#lx lies past the end of the data file '%.*s'",
+                         (unsigned long)host, (int)q->data_name_length, q->data_name);
     }
-    return fail(w, "qcow2 data cluster at %#lx lies past the end of the file",
-                (unsigned long)host);
+    return walk_fail(w, "qcow2 data cluster at %#lx lies past the end of the file",
+                     (unsigned long)host);
 }
 
-static uint32_t compressed(struct walk *w, uint64_t entry, uint64_t l2_offset, uint64_t index,
-                           uint64_t pos, uint64_t n) {
-    const struct qcow2 *q = w->q;
+static uint32_t compressed(struct table_walk *w, uint64_t entry, uint64_t l2_offset,
+                           uint64_t index, uint64_t pos, uint64_t n) {
+    const struct qcow2 *q = of(w);
     const struct layer *layer = q->layer;
     if (q->external) {
-        return fail(w,
-                    "qcow2 compressed cluster in an image with an external data file"
-                    " (L2 table at %#lx, index %lu)",
-                    (unsigned long)l2_offset, (unsigned long)index);
+        return walk_fail(w,
+                         "qcow2 compressed cluster in an image with an external data file"
+                         " (L2 table at %#lx, index %lu)",
+                         (unsigned long)l2_offset, (unsigned long)index);
     }
     /* layout.compressed_location */
     const uint32_t cluster_bits = q->cluster_bits;
@@ -870,10 +808,10 @@ static uint32_t compressed(struct walk *w, uint64_t entry, uint64_t l2_offset, u
     const uint64_t sectors = ((entry >> csize_shift) & csize_mask) + 1;
     const uint64_t length = sectors * 512 - (host & 511);
     if (host >= layer->file_size) {
-        return fail(w, "qcow2 compressed cluster at %#lx lies past the end of the file",
-                    (unsigned long)host);
+        return walk_fail(w, "qcow2 compressed cluster at %#lx lies past the end of the file",
+                         (unsigned long)host);
     }
-    uint32_t status = run_backing(w);
+    uint32_t status = walk_flush(w);
     if (status != AIODD_OK) {
         return status;
     }
@@ -889,18 +827,18 @@ static uint32_t compressed(struct walk *w, uint64_t entry, uint64_t l2_offset, u
 }
 
 /* _Reader._entry */
-static uint32_t plain_entry(struct walk *w, uint64_t entry, uint64_t l2_offset, uint64_t index,
-                            uint64_t pos, uint64_t n) {
-    const struct qcow2 *q = w->q;
+static uint32_t plain_entry(struct table_walk *w, uint64_t entry, uint64_t l2_offset,
+                            uint64_t index, uint64_t pos, uint64_t n) {
+    const struct qcow2 *q = of(w);
     if (entry & OFLAG_COMPRESSED) {
         return compressed(w, entry, l2_offset, index, pos, n);
     }
     if (entry & OFLAG_ZERO) {
         if (q->version < 3) {
-            return fail(w,
-                        "qcow2 zero cluster flag in a version 2 image"
-                        " (L2 table at %#lx, index %lu)",
-                        (unsigned long)l2_offset, (unsigned long)index);
+            return walk_fail(w,
+                             "qcow2 zero cluster flag in a version 2 image"
+                             " (L2 table at %#lx, index %lu)",
+                             (unsigned long)l2_offset, (unsigned long)index);
         }
         return add_zero(w, pos, n);
     }
@@ -921,9 +859,9 @@ static uint32_t plain_entry(struct walk *w, uint64_t entry, uint64_t l2_offset, 
 }
 
 /* _Reader._extended_entry */
-static uint32_t extended_entry(struct walk *w, uint64_t entry, uint64_t bitmap,
+static uint32_t extended_entry(struct table_walk *w, uint64_t entry, uint64_t bitmap,
                                uint64_t l2_offset, uint64_t index, uint64_t pos, uint64_t n) {
-    const struct qcow2 *q = w->q;
+    const struct qcow2 *q = of(w);
     if (entry & OFLAG_COMPRESSED) {
         return compressed(w, entry, l2_offset, index, pos, n);
     }
@@ -932,10 +870,10 @@ static uint32_t extended_entry(struct walk *w, uint64_t entry, uint64_t bitmap,
     const uint64_t zero = bitmap >> 32;
     const int allocated = (entry & L2E_OFFSET_MASK) || (q->external && (entry & OFLAG_COPIED));
     if (allocated ? (alloc & zero) : alloc) {
-        return fail(w,
-                    "qcow2 extended L2 entry has an invalid subcluster bitmap %#018lx"
-                    " (L2 table at %#lx, index %lu)",
-                    (unsigned long)bitmap, (unsigned long)l2_offset, (unsigned long)index);
+        return walk_fail(w,
+                         "qcow2 extended L2 entry has an invalid subcluster bitmap %#018lx"
+                         " (L2 table at %#lx, index %lu)",
+                         (unsigned long)bitmap, (unsigned long)l2_offset, (unsigned long)index);
     }
     uint64_t guest = w->base + pos;
     uint64_t host = 0;
@@ -980,108 +918,47 @@ static uint32_t extended_entry(struct walk *w, uint64_t entry, uint64_t bitmap,
     return AIODD_OK;
 }
 
-static uint32_t l1_entry(struct walk *w, uint64_t index, uint64_t *entry) {
-    const struct qcow2 *q = w->q;
-    if (q->l1 != NULL) {
-        *entry = q->l1[index];
-        return AIODD_OK;
-    }
-    /* Too large to hold: through the cache, a cache slot's worth of entries at a time. */
-    const uint64_t per_chunk = disk_cluster_max() / 8;
-    const uint64_t chunk = index / per_chunk;
-    const uint64_t first = chunk * per_chunk;
-    const uint64_t count = min_u64(per_chunk, q->l1_entries - first);
-    const struct layer *layer = q->layer;
-    const uint64_t *table;
-    uint32_t status = disk_table(w->r, layer, chunk << 1 | 1, layer->handle, layer->file_size,
-                                 q->l1_offset + first * 8, count * 8, &table);
-    if (status == AIODD_OK) {
-        *entry = table[index - first];
-    }
+static uint32_t l2_offset(struct table_walk *w, uint64_t l1_index, uint64_t *offset) {
+    const struct qcow2 *q = of(w);
+    uint64_t l1e = 0;
+    uint32_t status =
+        disk_table_entry(w->r, q->layer, q->l1, q->l1_offset, q->l1_entries, l1_index, &l1e);
+    *offset = l1e & L1E_OFFSET_MASK;
     return status;
 }
 
 /* Qcow2Disk._l2_table */
-static uint32_t l2_table(struct walk *w, uint64_t l2_offset, uint64_t l1_index,
-                         const uint64_t **table) {
-    const struct layer *layer = w->q->layer;
-    if (l2_offset & ((1ULL << w->q->cluster_bits) - 1)) {
-        return fail(w, "qcow2 L2 table offset %#lx is not cluster aligned (L1 index %lu)",
-                    (unsigned long)l2_offset, (unsigned long)l1_index);
+static uint32_t l2_table(struct table_walk *w, uint64_t l2_offset, uint64_t l1_index) {
+    const struct layer *layer = w->layer;
+    const uint32_t cluster_bits = of(w)->cluster_bits;
+    if (l2_offset & ((1ULL << cluster_bits) - 1)) {
+        return walk_fail(w, "qcow2 L2 table offset %#lx is not cluster aligned (L1 index %lu)",
+                         (unsigned long)l2_offset, (unsigned long)l1_index);
     }
     if (l2_offset >= layer->file_size) {
-        return fail(w, "qcow2 L2 table at %#lx lies past the end of the file",
-                    (unsigned long)l2_offset);
+        return walk_fail(w, "qcow2 L2 table at %#lx lies past the end of the file",
+                         (unsigned long)l2_offset);
     }
     return disk_table(w->r, layer, l2_offset, layer->handle, layer->file_size, l2_offset,
-                      1ULL << w->q->cluster_bits, table);
+                      1ULL << cluster_bits, &w->table);
 }
+
+/* _Reader.run's step over one cluster */
+static uint32_t entry(struct table_walk *w, uint64_t l2_offset, uint64_t index, uint64_t pos,
+                      uint64_t n) {
+    if (of(w)->extended) {
+        return extended_entry(w, w->table[2 * index], w->table[2 * index + 1], l2_offset, index,
+                              pos, n);
+    }
+    return plain_entry(w, w->table[index], l2_offset, index, pos, n);
+}
+
+static const struct table_walk_ops OPS = {l2_offset, l2_table, entry};
 
 /* _Reader.run */
-static uint32_t walk(struct walk *w, uint64_t stop) {
-    const struct qcow2 *q = w->q;
-    const uint32_t cluster_bits = q->cluster_bits;
-    const uint64_t cluster_size = 1ULL << cluster_bits;
-    const uint64_t cluster_mask = cluster_size - 1;
-    const uint32_t span_bits = cluster_bits + q->l2_bits;
-    const uint64_t span_mask = (1ULL << span_bits) - 1;
-    const uint64_t l2_mask = (1ULL << q->l2_bits) - 1;
-    uint64_t pos = 0;
-    uint32_t status;
-    while (pos < stop) {
-        const uint64_t guest = w->base + pos;
-        const uint64_t l1_index = guest >> span_bits;
-        const uint64_t span_end = pos + min_u64(stop - pos, span_mask - (guest & span_mask) + 1);
-        uint64_t l1e;
-        if ((status = l1_entry(w, l1_index, &l1e)) != AIODD_OK) {
-            return status;
-        }
-        const uint64_t l2_offset = l1e & L1E_OFFSET_MASK;
-        if (!l2_offset) {
-            add_backing(w, pos, span_end - pos);
-            pos = span_end;
-            continue;
-        }
-        const uint64_t *table;
-        if ((status = l2_table(w, l2_offset, l1_index, &table)) != AIODD_OK) {
-            return status;
-        }
-        uint64_t index = (guest >> cluster_bits) & l2_mask;
-        while (pos < span_end) {
-            const uint64_t in_cluster = (w->base + pos) & cluster_mask;
-            const uint64_t n = min_u64(cluster_size - in_cluster, span_end - pos);
-            if (q->extended) {
-                status = extended_entry(w, table[2 * index], table[2 * index + 1], l2_offset,
-                                        index, pos, n);
-            } else {
-                status = plain_entry(w, table[index], l2_offset, index, pos, n);
-            }
-            if (status != AIODD_OK) {
-                return status;
-            }
-            if (w->run.stale) {
-                w->run.stale = 0;
-                if ((status = l2_table(w, l2_offset, l1_index, &table)) != AIODD_OK) {
-                    return status;
-                }
-            }
-            pos += n;
-            index++;
-        }
-    }
-    return run_backing(w);
-}
-
 uint32_t qcow2_read(struct reader *r, struct layer *layer, uint64_t offset, unsigned char *dest,
                     uint64_t length) {
-    const uint64_t size = layer->virtual_size;
-    const uint64_t stop = offset < size ? min_u64(length, size - offset) : 0;
-    if (stop < length) {
-        memset(dest + stop, 0, (size_t)(length - stop));
-    }
-    if (stop == 0) {
-        return AIODD_OK;
-    }
-    struct walk w = {r, layer->qcow2, offset, dest, {0, 0, 0, 0}};
-    return walk(&w, stop);
+    const struct qcow2 *q = layer->qcow2;
+    struct table_walk w = {r, q, layer, q->backing, offset, dest, NULL, {0, 0, 0, 0}};
+    return table_walk(&w, &OPS, q->cluster_bits, q->l2_bits, length);
 }

@@ -12,11 +12,8 @@ read-only: as it is.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
-from aiodd.formats.common import MappedDisk, Runs
+from aiodd.formats.common import MappedDisk, Runs, TableCache
 from aiodd.formats.qed import layout
 from aiodd.formats.qed.layout import UNALLOCATED, ZERO_CLUSTER, Header
 
@@ -35,30 +32,19 @@ class QedDisk(MappedDisk):
         super().__init__(file, backing, header.image_size)
         self._header = header
         self._l1 = l1
-        self._cache: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache: TableCache[tuple[int, int], list[int]] = TableCache(CACHE_PIECES)
 
     @property
     def header(self) -> Header:
         return self._header
 
     def _l2_piece(self, l2_offset: int, piece: int) -> list[int]:
-        key = (l2_offset, piece)
-        with self._lock:
-            table = self._cache.get(key)
-            if table is not None:
-                self._cache.move_to_end(key)
-                return table
+        return self._cache.get((l2_offset, piece), lambda: self._load_piece(l2_offset, piece))
+
+    def _load_piece(self, l2_offset: int, piece: int) -> list[int]:
         count = min(PIECE_ENTRIES, self._header.table_entries - piece * PIECE_ENTRIES)
         # The table lies wholly inside the file: table_offset_valid said so.
-        table = layout.le64_table(
-            self._file.pread(l2_offset + piece * PIECE_ENTRIES * 8, count * 8)
-        )
-        with self._lock:
-            self._cache[key] = table
-            while len(self._cache) > CACHE_PIECES:
-                self._cache.popitem(last=False)
-        return table
+        return layout.le64_table(self._file.pread(l2_offset + piece * PIECE_ENTRIES * 8, count * 8))
 
     def _read(self, base: int, buf: memoryview, stop: int) -> None:
         header = self._header

@@ -34,24 +34,6 @@ struct qed {
     uint64_t *l1;  /* NULL: too large to hold, read through the cache */
 };
 
-static uint32_t image_error(uint32_t handle, const char *format, ...)
-    __attribute__((format(printf, 2, 3)));
-static uint32_t image_error(uint32_t handle, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    host_verror(AIODD_E_IMAGE, handle, format, args);
-    va_end(args);
-    return AIODD_E_IMAGE;
-}
-
-static uint32_t le32(const unsigned char *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t le64(const unsigned char *p) {
-    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
-
 static int power_of_two_in(uint64_t value, uint64_t low, uint64_t high) {
     return value >= low && value <= high && (value & (value - 1)) == 0;
 }
@@ -170,81 +152,40 @@ uint32_t qed_open(struct layer *layer, unsigned depth) {
     q->l1_entries = (image_size >> q->l1_shift) + ((image_size & ((1ULL << q->l1_shift) - 1)) != 0);
     disk_note_tables(PIECE_ENTRIES * 8);
 
-    const uint64_t l1_bytes = q->l1_entries * 8;
-    if (l1_bytes > 0 && disk_take_table_budget(l1_bytes)) {
-        q->l1 = disk_alloc((size_t)l1_bytes);
-        if (q->l1 == NULL) {
-            return AIODD_E_NOMEM;
-        }
-        for (uint64_t done = 0; done < l1_bytes;) {
-            uint64_t chunk = min_u64(l1_bytes - done, AIODD_IN_SIZE);
-            if ((status = disk_read_in(handle, l1_offset + done, chunk, &got)) != AIODD_OK) {
-                return status;
-            }
-            if (got < chunk) {
-                host_fault();  /* the table was found inside the file: the host's fault */
-            }
-            for (uint64_t i = 0; i < chunk / 8; i++) {
-                q->l1[done / 8 + i] = le64(in + i * 8);
-            }
-            done += chunk;
-        }
+    int whole;
+    if ((status = disk_hold_table(handle, l1_offset, q->l1_entries, 1, &q->l1, &whole))) {
+        return status;
+    }
+    if (!whole) {
+        host_fault();  /* the table was found inside the file: the host's fault */
     }
 
     if (!(features & F_BACKING_FILE) || backing_size == 0) {
         return AIODD_OK;
     }
-    if ((status = disk_read_in(handle, backing_offset, backing_size, &got)) != AIODD_OK) {
+    char *name;
+    size_t length;
+    status = disk_read_name(handle, backing_offset, backing_size, &name, &length);
+    if (status != AIODD_OK || length == 0) {
         return status;
     }
-    uint64_t length = 0;
-    while (length < got && in[length] != 0) {
-        length++;
-    }
-    if (length == 0) {
-        return AIODD_OK;
-    }
-    char *name = disk_alloc((size_t)length);
-    if (name == NULL) {
-        return AIODD_E_NOMEM;
-    }
-    memcpy(name, in, (size_t)length);
     const int raw = (features & F_BACKING_FORMAT_NO_PROBE) != 0;
-    return disk_open_named(handle, AIODD_REF_BACKING, name, (size_t)length, raw ? "raw" : "",
+    return disk_open_named(handle, AIODD_REF_BACKING, name, length, raw ? "raw" : "",
                            raw ? 3 : 0, raw ? AIODD_FMT_RAW : AIODD_FMT_NONE, depth + 1,
                            &q->backing);
 }
 
 /* -- reading (decode.QedDisk._read) --------------------------------------------------- */
 
-struct walk {
-    struct reader *r;
-    const struct qed *q;
-    uint64_t base;  /* the guest offset of dest[0] */
-    unsigned char *dest;
-    struct parent_run run;  /* backing clusters waiting */
-};
-
-/* An error of the tables: a parent's compressed clusters queued before it, which Python
- * has inflated by then, first. */
-static uint32_t fail(struct walk *w, const char *format, ...) __attribute__((format(printf, 2, 3)));
-static uint32_t fail(struct walk *w, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    uint32_t status = reader_vfail(w->r, w->q->layer->handle, format, args);
-    va_end(args);
-    return status;
-}
-
-static uint32_t run_backing(struct walk *w) {
-    return parent_run_flush(&w->run, w->r, w->q->backing, w->base, w->dest);
+static const struct qed *of(const struct table_walk *w) {
+    return w->format;
 }
 
 /* One entry of a table at `offset` holding `entries` (QedDisk._l2_piece and the L1),
  * through the cache a piece at a time; `key_bit` keeps the L1's pieces apart. */
-static uint32_t table_entry(struct walk *w, uint64_t offset, uint64_t entries, uint64_t index,
-                            uint64_t key_bit, uint64_t *entry) {
-    const struct layer *layer = w->q->layer;
+static uint32_t table_entry(struct table_walk *w, uint64_t offset, uint64_t entries,
+                            uint64_t index, uint64_t key_bit, uint64_t *entry) {
+    const struct layer *layer = w->layer;
     const uint64_t piece = index / PIECE_ENTRIES;
     const uint64_t count = min_u64(PIECE_ENTRIES, entries - piece * PIECE_ENTRIES);
     const uint64_t at = offset + piece * PIECE_ENTRIES * 8;
@@ -258,78 +199,61 @@ static uint32_t table_entry(struct walk *w, uint64_t offset, uint64_t entries, u
     return status;
 }
 
-static uint32_t walk(struct walk *w, uint64_t stop) {
-    const struct qed *q = w->q;
-    const uint64_t cluster_mask = q->cluster_size - 1;
-    const uint64_t span_mask = (1ULL << q->l1_shift) - 1;
-    const uint64_t l2_mask = q->table_entries - 1;
-    const uint32_t handle = q->layer->handle;
-    uint64_t pos = 0;
-    uint32_t status;
-    while (pos < stop) {
-        const uint64_t guest = w->base + pos;
-        const uint64_t l1_index = guest >> q->l1_shift;
-        const uint64_t span_end = pos + min_u64(stop - pos, span_mask - (guest & span_mask) + 1);
-        uint64_t l2_offset;
-        if (q->l1 != NULL) {
-            l2_offset = q->l1[l1_index];
-        } else if ((status = table_entry(w, q->l1_offset, q->l1_entries, l1_index, 1,
-                                         &l2_offset)) != AIODD_OK) {
-            return status;
-        }
-        if (l2_offset == 0) {
-            parent_run_add(&w->run, pos, span_end - pos);
-            pos = span_end;
-            continue;
-        }
-        if (!table_offset_valid(q, l2_offset)) {
-            return fail(w, "qed L2 table offset %#lx is invalid (L1 index %lu)",
-                        (unsigned long)l2_offset, (unsigned long)l1_index);
-        }
-        uint64_t index = (guest >> q->cluster_bits) & l2_mask;
-        while (pos < span_end) {
-            uint64_t entry;
-            if ((status = table_entry(w, l2_offset, q->table_entries, index, 0, &entry))) {
-                return status;
-            }
-            const uint64_t in_cluster = (w->base + pos) & cluster_mask;
-            const uint64_t n = min_u64(cluster_mask + 1 - in_cluster, span_end - pos);
-            if (entry == 0) {
-                parent_run_add(&w->run, pos, n);
-            } else if (entry == ZERO_CLUSTER) {
-                if ((status = run_backing(w)) != AIODD_OK) {
-                    return status;
-                }
-                memset(w->dest + pos, 0, (size_t)n);
-            } else if (cluster_offset_valid(q, entry)) {
-                if ((status = run_backing(w)) != AIODD_OK ||
-                    (status = reader_data(w->r, handle, q->layer->file_size, entry + in_cluster,
-                                          w->dest + pos, n)) != AIODD_OK) {
-                    return status;
-                }
-            } else {
-                return fail(w,
-                            "qed data cluster offset %#lx is invalid"
-                            " (L2 table at %#lx, index %lu)",
-                            (unsigned long)entry, (unsigned long)l2_offset, (unsigned long)index);
-            }
-            pos += n;
-            index++;
-        }
+static uint32_t l2_offset(struct table_walk *w, uint64_t l1_index, uint64_t *offset) {
+    const struct qed *q = of(w);
+    if (q->l1 != NULL) {
+        *offset = q->l1[l1_index];
+        return AIODD_OK;
     }
-    return run_backing(w);
+    return table_entry(w, q->l1_offset, q->l1_entries, l1_index, 1, offset);
 }
+
+/* Its pieces are looked up entry by entry: only the offset to check. */
+static uint32_t l2_table(struct table_walk *w, uint64_t l2_offset, uint64_t l1_index) {
+    if (!table_offset_valid(of(w), l2_offset)) {
+        return walk_fail(w, "qed L2 table offset %#lx is invalid (L1 index %lu)",
+                         (unsigned long)l2_offset, (unsigned long)l1_index);
+    }
+    return AIODD_OK;
+}
+
+static uint32_t entry(struct table_walk *w, uint64_t l2_offset, uint64_t index, uint64_t pos,
+                      uint64_t n) {
+    const struct qed *q = of(w);
+    uint64_t e;
+    uint32_t status = table_entry(w, l2_offset, q->table_entries, index, 0, &e);
+    if (status != AIODD_OK) {
+        return status;
+    }
+    if (e == 0) {
+        parent_run_add(&w->run, pos, n);
+        return AIODD_OK;
+    }
+    if (e == ZERO_CLUSTER) {
+        if ((status = walk_flush(w)) == AIODD_OK) {
+            memset(w->dest + pos, 0, (size_t)n);
+        }
+        return status;
+    }
+    if (!cluster_offset_valid(q, e)) {
+        return walk_fail(w,
+                         "qed data cluster offset %#lx is invalid"
+                         " (L2 table at %#lx, index %lu)",
+                         (unsigned long)e, (unsigned long)l2_offset, (unsigned long)index);
+    }
+    if ((status = walk_flush(w)) != AIODD_OK) {
+        return status;
+    }
+    const uint64_t in_cluster = (w->base + pos) & (q->cluster_size - 1);
+    return reader_data(w->r, w->layer->handle, w->layer->file_size, e + in_cluster,
+                       w->dest + pos, n);
+}
+
+static const struct table_walk_ops OPS = {l2_offset, l2_table, entry};
 
 uint32_t qed_read(struct reader *r, struct layer *layer, uint64_t offset, unsigned char *dest,
                   uint64_t length) {
-    const uint64_t size = layer->virtual_size;
-    const uint64_t stop = offset < size ? min_u64(length, size - offset) : 0;
-    if (stop < length) {
-        memset(dest + stop, 0, (size_t)(length - stop));
-    }
-    if (stop == 0) {
-        return AIODD_OK;
-    }
-    struct walk w = {r, layer->qed, offset, dest, {0, 0, 0, 0}};
-    return walk(&w, stop);
+    const struct qed *q = layer->qed;
+    struct table_walk w = {r, q, layer, q->backing, offset, dest, NULL, {0, 0, 0, 0}};
+    return table_walk(&w, &OPS, q->cluster_bits, q->l1_shift - q->cluster_bits, length);
 }

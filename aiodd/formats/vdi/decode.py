@@ -15,7 +15,7 @@ from array import array
 
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.base import RandomAccessFile, Resolver, VirtualDisk
-from aiodd.formats.common import LayoutError, zero_fill
+from aiodd.formats.common import LayoutError, block_pieces, zero_fill
 from aiodd.formats.vdi import layout as L
 
 NAME = L.NAME
@@ -37,22 +37,16 @@ class VdiDisk:
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         bs = L.BLOCK_SIZE
-        pos = 0
-        total = len(buf)
-        while pos < total:
-            index, within = divmod(offset + pos, bs)
-            n = min(bs - within, total - pos)
-            view = buf[pos : pos + n]
+        for index, within, _, view in block_pieces(offset, buf, bs):
             entry = self._bmap[index] if index < len(self._bmap) else L.UNALLOCATED
             if L.is_allocated(entry):
                 at = self._data + entry * bs + within
-                if self._file.readinto(at, view) < n:
+                if self._file.readinto(at, view) < len(view):
                     raise ImageError(
                         self._file.name, f"vdi block data at {at:#x} is truncated", NAME
                     )
             else:
                 zero_fill(view)
-            pos += n
 
     def close(self) -> None:
         self._file.close()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
 from aiodd.formats.common import SECTOR, div_round_up, round_up
-from aiodd.formats.plans import Identity, Packer, lanes, table_entries, zeros
+from aiodd.formats.plans import Identity, PackedPlan, Packer, lanes, table_entries, zeros
 from aiodd.formats.vdi import layout as L
 from aiodd.formats.vdi.layout import MAX_DISK_SIZE as MAX_DISK_SIZE
 
@@ -94,7 +94,7 @@ class VdiPlan:
 
 
 @dataclass
-class VdiSparsePlan:
+class VdiSparsePlan(PackedPlan):
     """The dense plan's header and block map position; blocks packed as data arrives.
     The header, which counts the blocks allocated, comes last."""
 
@@ -112,14 +112,6 @@ class VdiSparsePlan:
         )
 
     @property
-    def virtual_size(self) -> int:
-        return self.dense.virtual_size
-
-    @property
-    def data_size(self) -> int:
-        return self.dense.data_size
-
-    @property
     def file_size(self) -> int:
         return self.dense.data_start + self._packer.count * BLOCK
 
@@ -130,9 +122,6 @@ class VdiSparsePlan:
         if offset < 0 or length < 0 or offset + length > self.data_size:
             raise ValueError(f"range {offset}+{length} outside the allocated blocks")
         return self._packer.extents(offset, length)
-
-    def ready(self, offset: int) -> list[tuple[int, bytes]]:
-        return self._packer.ready(offset)
 
     def _bmap(self, index: int, slots: array[int] | None) -> list[tuple[int, bytes]]:
         count = min(_BMAP_PIECE, self.dense.blocks - index * _BMAP_PIECE)

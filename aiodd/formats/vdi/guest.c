@@ -25,24 +25,6 @@ struct vdi {
     uint32_t *bmap;  /* NULL: too large to hold, read through the cache */
 };
 
-static uint32_t refuse(uint32_t status, uint32_t handle, const char *format, ...)
-    __attribute__((format(printf, 3, 4)));
-static uint32_t refuse(uint32_t status, uint32_t handle, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    host_verror(status, handle, format, args);
-    va_end(args);
-    return status;
-}
-
-static uint32_t le32(const unsigned char *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t le64(const unsigned char *p) {
-    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
-
 static int is_null_uuid(const unsigned char *uuid) {
     for (unsigned i = 0; i < 16; i++) {
         if (uuid[i] != 0) {
@@ -57,12 +39,13 @@ static int is_null_uuid(const unsigned char *uuid) {
 static uint32_t parse_header(const unsigned char *h, uint64_t got, uint32_t handle,
                              struct vdi *v, uint64_t *virtual_size) {
     if (got < HEADER_SIZE) {
-        return refuse(AIODD_E_IMAGE, handle, "vdi header is truncated");
+        return host_error(AIODD_E_IMAGE, handle, "vdi header is truncated");
     }
     uint64_t disk_size = le64(h + 368);
     if (disk_size > MAX_DISK_SIZE) {
-        return refuse(AIODD_E_UNSUPPORTED, handle, "vdi disk size %lu is larger than %lu bytes",
-                      (unsigned long)disk_size, (unsigned long)MAX_DISK_SIZE);
+        return host_error(AIODD_E_UNSUPPORTED, handle,
+                          "vdi disk size %lu is larger than %lu bytes", (unsigned long)disk_size,
+                          (unsigned long)MAX_DISK_SIZE);
     }
     disk_size = (disk_size + SECTOR - 1) / SECTOR * SECTOR;
     const uint32_t signature = le32(h + 64);
@@ -73,52 +56,56 @@ static uint32_t parse_header(const unsigned char *h, uint64_t got, uint32_t hand
     const uint32_t block_size = le32(h + 376);
     const uint32_t blocks = le32(h + 384);
     if (signature != SIGNATURE) {
-        return refuse(AIODD_E_IMAGE, handle, "not in vdi format: bad signature 0x%08x", signature);
+        return host_error(AIODD_E_IMAGE, handle, "not in vdi format: bad signature 0x%08x",
+                          signature);
     }
     if (version != VERSION_1_1) {
-        return refuse(AIODD_E_UNSUPPORTED, handle,
-                      "vdi version %u.%u is not supported (qemu reads 1.1)", version >> 16,
-                      version & 0xFFFFu);
+        return host_error(AIODD_E_UNSUPPORTED, handle,
+                          "vdi version %u.%u is not supported (qemu reads 1.1)", version >> 16,
+                          version & 0xFFFFu);
     }
     if (offset_bmap % SECTOR != 0) {
-        return refuse(AIODD_E_UNSUPPORTED, handle,
-                      "vdi block map offset %#x is not a multiple of 512", offset_bmap);
+        return host_error(AIODD_E_UNSUPPORTED, handle,
+                          "vdi block map offset %#x is not a multiple of 512", offset_bmap);
     }
     if (offset_data % SECTOR != 0) {
-        return refuse(AIODD_E_UNSUPPORTED, handle, "vdi data offset %#x is not a multiple of 512",
-                      offset_data);
+        return host_error(AIODD_E_UNSUPPORTED, handle,
+                          "vdi data offset %#x is not a multiple of 512", offset_data);
     }
     if (sector_size != SECTOR) {
-        return refuse(AIODD_E_UNSUPPORTED, handle, "vdi sector size %u is not 512", sector_size);
+        return host_error(AIODD_E_UNSUPPORTED, handle, "vdi sector size %u is not 512",
+                          sector_size);
     }
     if (block_size != BLOCK_SIZE) {
-        return refuse(AIODD_E_UNSUPPORTED, handle,
-                      "vdi block size %u is not supported (qemu reads 1 MiB blocks)", block_size);
+        return host_error(AIODD_E_UNSUPPORTED, handle,
+                          "vdi block size %u is not supported (qemu reads 1 MiB blocks)",
+                          block_size);
     }
     if (disk_size > (uint64_t)blocks * BLOCK_SIZE) {
-        return refuse(AIODD_E_IMAGE, handle,
-                      "vdi block map of %u entries is too small for the disk size %lu", blocks,
-                      (unsigned long)disk_size);
+        return host_error(AIODD_E_IMAGE, handle,
+                          "vdi block map of %u entries is too small for the disk size %lu", blocks,
+                          (unsigned long)disk_size);
     }
     if (!is_null_uuid(h + 424)) {
-        return refuse(AIODD_E_UNSUPPORTED, handle,
-                      "vdi differencing images are not supported (link UUID set)");
+        return host_error(AIODD_E_UNSUPPORTED, handle,
+                          "vdi differencing images are not supported (link UUID set)");
     }
     if (!is_null_uuid(h + 440)) {
-        return refuse(AIODD_E_UNSUPPORTED, handle,
-                      "vdi differencing images are not supported (parent UUID set)");
+        return host_error(AIODD_E_UNSUPPORTED, handle,
+                          "vdi differencing images are not supported (parent UUID set)");
     }
     if (blocks > MAX_BLOCKS) {
-        return refuse(AIODD_E_UNSUPPORTED, handle, "vdi block map of %u entries is larger than %u",
-                      blocks, MAX_BLOCKS);
+        return host_error(AIODD_E_UNSUPPORTED, handle,
+                          "vdi block map of %u entries is larger than %u", blocks, MAX_BLOCKS);
     }
     const uint64_t entries = (disk_size + BLOCK_SIZE - 1) / BLOCK_SIZE;
     if (entries > 0 && offset_bmap < HEADER_SIZE) {
-        return refuse(AIODD_E_IMAGE, handle, "vdi block map at %#x overlaps the header",
-                      offset_bmap);
+        return host_error(AIODD_E_IMAGE, handle, "vdi block map at %#x overlaps the header",
+                          offset_bmap);
     }
     if (entries > 0 && offset_data < offset_bmap + 4 * entries) {
-        return refuse(AIODD_E_IMAGE, handle, "vdi data at %#x overlaps the block map", offset_data);
+        return host_error(AIODD_E_IMAGE, handle, "vdi data at %#x overlaps the block map",
+                          offset_data);
     }
     v->offset_bmap = offset_bmap;
     v->offset_data = offset_data;
@@ -129,52 +116,33 @@ static uint32_t parse_header(const unsigned char *h, uint64_t got, uint32_t hand
 
 /* -- opening (decode.open_disk) ------------------------------------------------------- */
 
+/* decode.open_disk's check of one entry. */
+static uint32_t check_block(void *context, uint64_t index, uint32_t entry) {
+    const struct layer *layer = context;
+    const struct vdi *v = layer->vdi;
+    if (entry >= DISCARDED) {
+        return AIODD_OK;
+    }
+    const uint64_t at = v->offset_data + (uint64_t)entry * BLOCK_SIZE;
+    const uint64_t need = min_u64(BLOCK_SIZE, layer->virtual_size - index * BLOCK_SIZE);
+    if (at + need > layer->file_size) {
+        return host_error(AIODD_E_IMAGE, layer->handle,
+                          "vdi block map entry %lu (block at %#lx) lies past the end of the file",
+                          (unsigned long)index, (unsigned long)at);
+    }
+    return AIODD_OK;
+}
+
 /* The block map, checked entry by entry as Python checks it (the first entry whose
  * block, as far as the disk reads it, lies past the end of the file), and kept when the
  * budget allows. */
 static uint32_t load_bmap(struct layer *layer, struct vdi *v) {
-    const uint32_t handle = layer->handle;
-    const uint64_t bytes = 4 * v->entries;
-    if (bytes > 0 && disk_take_table_budget(bytes)) {
-        v->bmap = disk_alloc((size_t)bytes);
-        if (v->bmap == NULL) {
-            return AIODD_E_NOMEM;
-        }
-    } else if (bytes > 0) {
-        disk_note_tables(BMAP_PIECE);
+    uint32_t status = disk_keep_table32(v->entries, BMAP_PIECE, &v->bmap);
+    if (status != AIODD_OK) {
+        return status;
     }
-    const unsigned char *in = host_in();
-    for (uint64_t done = 0; done < bytes;) {
-        uint64_t chunk = min_u64(bytes - done, AIODD_IN_SIZE);
-        uint64_t got;
-        uint32_t status = disk_read_in(handle, v->offset_bmap + done, chunk, &got);
-        if (status != AIODD_OK) {
-            return status;
-        }
-        if (got < chunk) {
-            host_fault();  /* inside the file, by the size the host gave */
-        }
-        for (uint64_t i = 0; i < chunk / 4; i++) {
-            const uint32_t entry = le32(in + 4 * i);
-            const uint64_t index = done / 4 + i;
-            if (v->bmap != NULL) {
-                v->bmap[index] = entry;
-            }
-            if (entry >= DISCARDED) {
-                continue;
-            }
-            const uint64_t at = v->offset_data + (uint64_t)entry * BLOCK_SIZE;
-            const uint64_t need = min_u64(BLOCK_SIZE, layer->virtual_size - index * BLOCK_SIZE);
-            if (at + need > layer->file_size) {
-                return refuse(AIODD_E_IMAGE, handle,
-                              "vdi block map entry %lu (block at %#lx) lies past the end of the"
-                              " file",
-                              (unsigned long)index, (unsigned long)at);
-            }
-        }
-        done += chunk;
-    }
-    return AIODD_OK;
+    return disk_scan_table32(layer->handle, v->offset_bmap, v->entries, 1, v->bmap, check_block,
+                             layer);
 }
 
 uint32_t vdi_open(struct layer *layer) {
@@ -198,9 +166,9 @@ uint32_t vdi_open(struct layer *layer) {
     }
     const uint64_t bytes = 4 * v->entries;
     if (v->offset_bmap + bytes > layer->file_size) {
-        return refuse(AIODD_E_IMAGE, handle,
-                      "vdi block map at %#lx (%lu entries) lies past the end of the file",
-                      (unsigned long)v->offset_bmap, (unsigned long)v->entries);
+        return host_error(AIODD_E_IMAGE, handle,
+                          "vdi block map at %#lx (%lu entries) lies past the end of the file",
+                          (unsigned long)v->offset_bmap, (unsigned long)v->entries);
     }
     layer->virtual_size = size;
     return load_bmap(layer, v);
@@ -219,30 +187,13 @@ static uint32_t bmap_entry(struct reader *r, const struct layer *layer, uint64_t
         *entry = v->bmap[index];
         return AIODD_OK;
     }
-    /* A cache slot's worth of entries at a time; the cache hands out big-endian 64-bit
-     * words, each holding two little-endian entries, the first in its high half. */
-    const uint64_t per_piece = disk_cluster_max() / 4;
-    const uint64_t piece = index / per_piece;
-    const uint64_t first = piece * per_piece;
-    const uint64_t count = min_u64(per_piece, v->entries - first);
-    const uint64_t *table;
-    uint32_t status = disk_table(r, layer, piece, layer->handle, layer->file_size,
-                                 v->offset_bmap + first * 4, (count * 4 + 7) / 8 * 8, &table);
-    if (status == AIODD_OK) {
-        const uint64_t word = table[(index - first) / 2];
-        *entry = __builtin_bswap32((uint32_t)((index - first) % 2 == 0 ? word >> 32 : word));
-    }
-    return status;
+    return disk_table_entry32(r, layer, v->offset_bmap, v->entries, index, 1, entry);
 }
 
 uint32_t vdi_read(struct reader *r, struct layer *layer, uint64_t offset, unsigned char *dest,
                   uint64_t length) {
     const struct vdi *v = layer->vdi;
-    const uint64_t size = layer->virtual_size;
-    const uint64_t stop = offset < size ? min_u64(length, size - offset) : 0;
-    if (stop < length) {
-        memset(dest + stop, 0, (size_t)(length - stop));
-    }
+    const uint64_t stop = disk_clip(layer, offset, dest, length);
     for (uint64_t pos = 0; pos < stop;) {
         const uint64_t index = (offset + pos) / BLOCK_SIZE;
         const uint64_t within = (offset + pos) % BLOCK_SIZE;

@@ -34,7 +34,15 @@ from aiodd._version import __version__
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
 from aiodd.formats.common import SECTOR, KiB, MiB, div_round_up, round_up
-from aiodd.formats.plans import Identity, Packer, pad, table_entries, without_zeros, zeros
+from aiodd.formats.plans import (
+    Identity,
+    PackedPlan,
+    Packer,
+    pad,
+    table_entries,
+    without_zeros,
+    zeros,
+)
 from aiodd.formats.vhdx import layout as L
 from aiodd.formats.vhdx.layout import BAT_GUID as BAT_GUID
 from aiodd.formats.vhdx.layout import FILE_PARAMETERS_GUID as FILE_PARAMETERS_GUID
@@ -225,7 +233,7 @@ class VhdxPlan:
 
 
 @dataclass
-class VhdxSparsePlan:
+class VhdxSparsePlan(PackedPlan):
     """The dense plan's headers, regions and metadata; payload blocks packed as data
     arrives.  Each BAT piece is the dense plan's: ``chunks`` runs of ``chunk ratio``
     payload entries, each followed by its (zero) sector bitmap entry."""
@@ -247,14 +255,6 @@ class VhdxSparsePlan:
         )
 
     @property
-    def virtual_size(self) -> int:
-        return self.dense.virtual_size
-
-    @property
-    def data_size(self) -> int:
-        return self.dense.data_size
-
-    @property
     def file_size(self) -> int:
         lay = self.dense.layout
         return lay.payload_offset + self._packer.count * lay.block_size
@@ -272,12 +272,6 @@ class VhdxSparsePlan:
                 (dense.layout.metadata_offset, dense.metadata_region()),
             ]
         )
-
-    def data_extents(self, offset: int, length: int) -> list[Extent]:
-        return self._packer.extents(offset, length)
-
-    def ready(self, offset: int) -> list[tuple[int, bytes]]:
-        return self._packer.ready(offset)
 
     def finish(self) -> Iterator[tuple[int, bytes]]:
         yield from self._packer.finish()

@@ -156,14 +156,6 @@ static uint16_t le16(const unsigned char *p) {
     return (uint16_t)(p[0] | p[1] << 8);
 }
 
-static uint32_t le32(const unsigned char *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t le64(const unsigned char *p) {
-    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
-
 /* crc32c.py: CRC-32C (Castagnoli), reflected, as a running state. */
 static uint32_t crc_table[256];
 
@@ -190,16 +182,6 @@ static int crc_ok(const unsigned char *raw, uint64_t length) {
     state = crc_update(state, zeros, 4);
     state = crc_update(state, raw + 8, length - 8);
     return (state ^ 0xFFFFFFFFu) == le32(raw + 4);
-}
-
-static uint32_t image_error(uint32_t handle, const char *format, ...)
-    __attribute__((format(printf, 2, 3)));
-static uint32_t image_error(uint32_t handle, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    host_verror(AIODD_E_IMAGE, handle, format, args);
-    va_end(args);
-    return AIODD_E_IMAGE;
 }
 
 /* -- the headers (layout.parse_header, choose_header) --------------------------------- */
@@ -1618,18 +1600,7 @@ struct walk {
 
 /* An error of this layer: what was queued before it in Python's order runs first, and
  * may fail first. */
-static uint32_t fail(struct walk *w, const char *format, ...) __attribute__((format(printf, 2, 3)));
-static uint32_t fail(struct walk *w, const char *format, ...) {
-    uint32_t status = reader_settle(w->r);
-    if (status != AIODD_OK) {
-        return status;
-    }
-    va_list args;
-    va_start(args, format);
-    host_verror(AIODD_E_IMAGE, w->x->layer->handle, format, args);
-    va_end(args);
-    return AIODD_E_IMAGE;
-}
+#define fail(w, ...) reader_fail((w)->r, (w)->x->layer->handle, __VA_ARGS__)
 
 /* _read_file */
 static uint32_t read_file(struct walk *w, uint64_t offset, uint64_t pos, uint64_t length) {

@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
 from aiodd.formats.common import SECTOR, div_round_up, round_up
-from aiodd.formats.plans import Identity, Packer, lanes, pad, table_entries, without_zeros, zeros
+from aiodd.formats.plans import (
+    Identity,
+    PackedPlan,
+    Packer,
+    lanes,
+    pad,
+    table_entries,
+    without_zeros,
+    zeros,
+)
 from aiodd.formats.vmdk import layout as L
 
 NAME = L.NAME
@@ -177,7 +186,7 @@ class VmdkPlan:
 
 
 @dataclass
-class VmdkSparsePlan:
+class VmdkSparsePlan(PackedPlan):
     """The dense plan's header, descriptor and directories; grains packed as data arrives."""
 
     dense: VmdkPlan
@@ -195,14 +204,6 @@ class VmdkSparsePlan:
         )
 
     @property
-    def virtual_size(self) -> int:
-        return self.dense.virtual_size
-
-    @property
-    def data_size(self) -> int:
-        return self.dense.data_size
-
-    @property
     def file_size(self) -> int:
         return (self.dense.layout.grain_offset + self._packer.count * GRAIN_SECTORS) * SECTOR
 
@@ -217,12 +218,6 @@ class VmdkSparsePlan:
                 *dense._directory(lay.gd_offset, tables=False),
             ]
         )
-
-    def data_extents(self, offset: int, length: int) -> list[Extent]:
-        return self._packer.extents(offset, length)
-
-    def ready(self, offset: int) -> list[tuple[int, bytes]]:
-        return self._packer.ready(offset)
 
     def finish(self) -> Iterator[tuple[int, bytes]]:
         yield from self._packer.finish()

@@ -11,6 +11,7 @@
 #include "vmdk/guest.h"
 
 #include <zlib.h>
+#include "zpool.h"
 
 #define SECTOR 512u
 #define GD_AT_END 0xFFFFFFFFFFFFFFFFULL
@@ -74,16 +75,6 @@ struct vmdk {
 };
 
 /* -- messages ------------------------------------------------------------------------- */
-
-static uint32_t image_error(uint32_t handle, const char *format, ...)
-    __attribute__((format(printf, 2, 3)));
-static uint32_t image_error(uint32_t handle, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    host_verror(AIODD_E_IMAGE, handle, format, args);
-    va_end(args);
-    return AIODD_E_IMAGE;
-}
 
 /* A 128-bit number as Python prints it: decimal, or hex with "0x" ({n:#x}). */
 static const char *u128_text(char *buf, size_t size, u128 value, int hex) {
@@ -177,14 +168,6 @@ static size_t latin1_repr(char *out, const unsigned char *s, size_t n, const cha
 }
 
 /* -- little-endian fields (layout.py's structs) --------------------------------------- */
-
-static uint32_t le32(const unsigned char *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t le64(const unsigned char *p) {
-    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
 
 struct sparse_header {
     uint32_t version;
@@ -1060,26 +1043,10 @@ static uint32_t gt_entry(struct walk *w, uint32_t sector, uint64_t index, uint32
 
 struct inflater {
     z_stream z;
-    size_t used;
+    struct zpool zpool;
     unsigned char pool[ZLIB_POOL];
     unsigned char scratch[SCRATCH];
 };
-
-static voidpf pool_alloc(voidpf opaque, uInt items, uInt size) {
-    struct inflater *f = opaque;
-    size_t n = ((size_t)items * size + 15u) & ~(size_t)15u;
-    if (n > ZLIB_POOL - f->used) {
-        return Z_NULL;
-    }
-    void *p = f->pool + f->used;
-    f->used += n;
-    return p;
-}
-
-static void pool_free(voidpf opaque, voidpf address) {
-    (void)opaque;
-    (void)address;  /* the pool goes with the grain */
-}
 
 /* The compressed bytes [next, end) of a file: held in memory (`mem`, a span read in a
  * batch), or fed to zlib a window of IN at a time. */
@@ -1208,10 +1175,7 @@ static struct inflater *inflater_of(struct reader *r) {
         return NULL;
     }
     memset(&f->z, 0, sizeof f->z);
-    f->used = 0;
-    f->z.zalloc = pool_alloc;
-    f->z.zfree = pool_free;
-    f->z.opaque = f;
+    zpool_attach(&f->z, &f->zpool, f->pool, ZLIB_POOL);
     if (inflateInit(&f->z) != Z_OK) {
         return NULL;
     }

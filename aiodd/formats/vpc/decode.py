@@ -15,7 +15,14 @@ from functools import partial
 
 from aiodd.errors import ImageError
 from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
-from aiodd.formats.common import SECTOR, bit_runs, naming, read_by_bitmap, read_parent
+from aiodd.formats.common import (
+    SECTOR,
+    bit_runs,
+    block_pieces,
+    naming,
+    read_by_bitmap,
+    read_parent,
+)
 from aiodd.formats.vpc import layout as L
 
 NAME = L.NAME
@@ -74,13 +81,7 @@ class DynamicVpcDisk:
             raise ImageError(self._file.name, f"vpc block data at {offset:#x} is truncated", NAME)
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        bs = self._block_size
-        pos = 0
-        total = len(buf)
-        while pos < total:
-            index, within = divmod(offset + pos, bs)
-            n = min(bs - within, total - pos)
-            view = buf[pos : pos + n]
+        for index, within, pos, view in block_pieces(offset, buf, self._block_size):
             entry = self._bat[index] if index < len(self._bat) else L.UNALLOCATED
             if entry == L.UNALLOCATED:
                 read_parent(self._parent, offset + pos, view)
@@ -91,7 +92,6 @@ class DynamicVpcDisk:
                     self._read_differencing(start, data, within, offset + pos, view)
                 else:
                     self._read_file(data + within, view)
-            pos += n
 
     def _read_differencing(
         self, bitmap_at: int, data: int, within: int, voffset: int, view: memoryview

@@ -28,6 +28,7 @@ from aiodd.formats.base import Extent
 from aiodd.formats.common import SECTOR, div_round_up, round_up
 from aiodd.formats.plans import (
     Identity,
+    PackedPlan,
     Packer,
     lanes,
     strided_extents,
@@ -190,7 +191,7 @@ _UNALLOCATED = 0xFFFFFFFF
 
 
 @dataclass
-class VpcSparsePlan:
+class VpcSparsePlan(PackedPlan):
     """The dense plan's footer, header and BAT position; blocks packed as data arrives."""
 
     dense: VpcPlan
@@ -206,14 +207,6 @@ class VpcSparsePlan:
             stride=STRIDE,
             render=self._bat,
         )
-
-    @property
-    def virtual_size(self) -> int:
-        return self.dense.virtual_size
-
-    @property
-    def data_size(self) -> int:
-        return self.dense.data_size
 
     @property
     def file_size(self) -> int:

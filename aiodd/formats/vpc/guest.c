@@ -37,16 +37,6 @@ struct vpc {
     uint32_t *bat;  /* NULL: too large to hold, read through the cache */
 };
 
-static uint32_t image_error(uint32_t handle, const char *format, ...)
-    __attribute__((format(printf, 2, 3)));
-static uint32_t image_error(uint32_t handle, const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    host_verror(AIODD_E_IMAGE, handle, format, args);
-    va_end(args);
-    return AIODD_E_IMAGE;
-}
-
 static int cookie(const unsigned char *bytes, uint64_t length, const char *expected) {
     return length >= 8 && memcmp(bytes, expected, 8) == 0;
 }
@@ -471,47 +461,28 @@ static uint32_t open_parent(struct layer *layer, struct vpc *v, const struct loc
 
 /* -- opening (decode.open_disk) ------------------------------------------------------- */
 
+/* decode.open_disk's check of one entry. */
+static uint32_t check_block(void *context, uint64_t index, uint32_t entry) {
+    const struct layer *layer = context;
+    const struct vpc *v = layer->vpc;
+    if (entry != UNALLOCATED &&
+        (uint64_t)entry * SECTOR + v->bitmap_size + v->block_size > layer->file_size) {
+        return image_error(layer->handle,
+                           "vpc BAT entry %lu (block at %#lx) lies past the end of the file",
+                           (unsigned long)index, (unsigned long)entry * SECTOR);
+    }
+    return AIODD_OK;
+}
+
 /* The BAT, checked entry by entry as Python checks it (the first entry whose block lies
  * past the end of the file), and kept when the budget allows. */
 static uint32_t load_bat(struct layer *layer, struct vpc *v) {
-    const uint32_t handle = layer->handle;
-    const uint64_t bytes = 4 * v->entries;
-    const uint64_t span = v->bitmap_size + v->block_size;
-    if (bytes > 0 && disk_take_table_budget(bytes)) {
-        v->bat = disk_alloc((size_t)bytes);
-        if (v->bat == NULL) {
-            return AIODD_E_NOMEM;
-        }
-    } else if (bytes > 0) {
-        disk_note_tables(BAT_PIECE);
+    uint32_t status = disk_keep_table32(v->entries, BAT_PIECE, &v->bat);
+    if (status != AIODD_OK) {
+        return status;
     }
-    const unsigned char *in = host_in();
-    for (uint64_t done = 0; done < bytes;) {
-        uint64_t chunk = min_u64(bytes - done, AIODD_IN_SIZE);
-        uint64_t got;
-        uint32_t status = disk_read_in(handle, v->table_offset + done, chunk, &got);
-        if (status != AIODD_OK) {
-            return status;
-        }
-        if (got < chunk) {
-            host_fault();  /* inside the file, by the size the host gave */
-        }
-        for (uint64_t i = 0; i < chunk / 4; i++) {
-            uint32_t entry = be32(in + 4 * i);
-            uint64_t index = done / 4 + i;
-            if (v->bat != NULL) {
-                v->bat[index] = entry;
-            }
-            if (entry != UNALLOCATED && (uint64_t)entry * SECTOR + span > layer->file_size) {
-                return image_error(handle,
-                                   "vpc BAT entry %lu (block at %#lx) lies past the end of the"
-                                   " file",
-                                   (unsigned long)index, (unsigned long)entry * SECTOR);
-            }
-        }
-        done += chunk;
-    }
-    return AIODD_OK;
+    return disk_scan_table32(layer->handle, v->table_offset, v->entries, 0, v->bat, check_block,
+                             layer);
 }
 
 uint32_t vpc_open(struct layer *layer, unsigned depth) {
@@ -636,19 +607,7 @@ static uint32_t bat_entry(struct reader *r, const struct layer *layer, uint64_t 
         *entry = v->bat[index];
         return AIODD_OK;
     }
-    /* A cache slot's worth of entries at a time; a 64-bit word holds two, high first. */
-    const uint64_t per_piece = disk_cluster_max() / 4;
-    const uint64_t piece = index / per_piece;
-    const uint64_t first = piece * per_piece;
-    const uint64_t count = min_u64(per_piece, v->entries - first);
-    const uint64_t *table;
-    uint32_t status = disk_table(r, layer, piece << 1 | 1, layer->handle, layer->file_size,
-                                 v->table_offset + first * 4, (count * 4 + 7) / 8 * 8, &table);
-    if (status == AIODD_OK) {
-        uint64_t word = table[(index - first) / 2];
-        *entry = (uint32_t)((index - first) % 2 == 0 ? word >> 32 : word);
-    }
-    return status;
+    return disk_table_entry32(r, layer, v->table_offset, v->entries, index, 0, entry);
 }
 
 /* read_by_bitmap over one block: set runs from the file, clear runs from the parent,
@@ -691,11 +650,7 @@ static uint32_t read_differencing(struct reader *r, const struct layer *layer, u
 uint32_t vpc_read(struct reader *r, struct layer *layer, uint64_t offset, unsigned char *dest,
                   uint64_t length) {
     const struct vpc *v = layer->vpc;
-    const uint64_t size = layer->virtual_size;
-    const uint64_t stop = offset < size ? min_u64(length, size - offset) : 0;
-    if (stop < length) {
-        memset(dest + stop, 0, (size_t)(length - stop));
-    }
+    const uint64_t stop = disk_clip(layer, offset, dest, length);
     if (stop == 0) {
         return AIODD_OK;
     }

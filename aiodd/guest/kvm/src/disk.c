@@ -501,6 +501,233 @@ uint32_t reader_vfail(struct reader *r, uint32_t handle, const char *format, va_
     return AIODD_E_IMAGE;
 }
 
+uint32_t reader_fail(struct reader *r, uint32_t handle, const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    uint32_t status = reader_vfail(r, handle, format, args);
+    va_end(args);
+    return status;
+}
+
+uint32_t walk_flush(struct table_walk *w) {
+    return parent_run_flush(&w->run, w->r, w->parent, w->base, w->dest);
+}
+
+uint32_t walk_fail(struct table_walk *w, const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    uint32_t status = reader_vfail(w->r, w->layer->handle, format, args);
+    va_end(args);
+    return status;
+}
+
+uint32_t table_walk(struct table_walk *w, const struct table_walk_ops *ops, uint32_t cluster_bits,
+                    uint32_t l2_bits, uint64_t length) {
+    const uint64_t stop = disk_clip(w->layer, w->base, w->dest, length);
+    if (stop == 0) {
+        return AIODD_OK;
+    }
+    const uint64_t cluster_size = 1ULL << cluster_bits;
+    const uint64_t cluster_mask = cluster_size - 1;
+    const uint32_t span_bits = cluster_bits + l2_bits;
+    const uint64_t span_mask = (1ULL << span_bits) - 1;
+    const uint64_t l2_mask = (1ULL << l2_bits) - 1;
+    uint64_t pos = 0;
+    uint32_t status;
+    while (pos < stop) {
+        const uint64_t guest = w->base + pos;
+        const uint64_t l1_index = guest >> span_bits;
+        const uint64_t span_end = pos + min_u64(stop - pos, span_mask - (guest & span_mask) + 1);
+        uint64_t l2_offset;
+        if ((status = ops->l2_offset(w, l1_index, &l2_offset)) != AIODD_OK) {
+            return status;
+        }
+        if (!l2_offset) {
+            parent_run_add(&w->run, pos, span_end - pos);
+            pos = span_end;
+            continue;
+        }
+        if ((status = ops->l2_table(w, l2_offset, l1_index)) != AIODD_OK) {
+            return status;
+        }
+        uint64_t index = (guest >> cluster_bits) & l2_mask;
+        while (pos < span_end) {
+            const uint64_t in_cluster = (w->base + pos) & cluster_mask;
+            const uint64_t n = min_u64(cluster_size - in_cluster, span_end - pos);
+            if ((status = ops->entry(w, l2_offset, index, pos, n)) != AIODD_OK) {
+                return status;
+            }
+            if (w->run.stale) {
+                w->run.stale = 0;
+                if ((status = ops->l2_table(w, l2_offset, l1_index)) != AIODD_OK) {
+                    return status;
+                }
+            }
+            pos += n;
+            index++;
+        }
+    }
+    return walk_flush(w);
+}
+
+uint32_t image_error(uint32_t handle, const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    host_verror(AIODD_E_IMAGE, handle, format, args);
+    va_end(args);
+    return AIODD_E_IMAGE;
+}
+
+uint64_t disk_clip(const struct layer *layer, uint64_t offset, unsigned char *dest,
+                   uint64_t length) {
+    const uint64_t size = layer->virtual_size;
+    const uint64_t stop = offset < size ? min_u64(length, size - offset) : 0;
+    if (stop < length) {
+        memset(dest + stop, 0, (size_t)(length - stop));
+    }
+    return stop;
+}
+
+uint32_t disk_hold_table(uint32_t handle, uint64_t offset, uint64_t entries, int little,
+                         uint64_t **table, int *whole) {
+    const uint64_t bytes = entries * 8;
+    *whole = 1;
+    if (bytes == 0 || !disk_take_table_budget(bytes)) {
+        return AIODD_OK;
+    }
+    uint64_t *held = disk_alloc((size_t)bytes);
+    if (held == NULL) {
+        return AIODD_E_NOMEM;
+    }
+    *table = held;
+    const unsigned char *in = host_in();
+    for (uint64_t done = 0; done < bytes;) {
+        const uint64_t chunk = min_u64(bytes - done, AIODD_IN_SIZE);
+        uint64_t got;
+        uint32_t status = disk_read_in(handle, offset + done, chunk, &got);
+        if (status != AIODD_OK) {
+            return status;
+        }
+        if (got < chunk) {
+            *whole = 0;
+            return AIODD_OK;
+        }
+        for (uint64_t i = 0; i < chunk / 8; i++) {
+            const uint64_t entry = be64(in + i * 8);
+            held[done / 8 + i] = little ? __builtin_bswap64(entry) : entry;
+        }
+        done += chunk;
+    }
+    return AIODD_OK;
+}
+
+uint32_t disk_table_entry(struct reader *r, const struct layer *layer, const uint64_t *held,
+                          uint64_t offset, uint64_t entries, uint64_t index, uint64_t *entry) {
+    if (held != NULL) {
+        *entry = held[index];
+        return AIODD_OK;
+    }
+    const uint64_t per_chunk = disk_cluster_max() / 8;
+    const uint64_t chunk = index / per_chunk;
+    const uint64_t first = chunk * per_chunk;
+    const uint64_t count = min_u64(per_chunk, entries - first);
+    const uint64_t *table;
+    uint32_t status = disk_table(r, layer, chunk << 1 | 1, layer->handle, layer->file_size,
+                                 offset + first * 8, count * 8, &table);
+    if (status == AIODD_OK) {
+        *entry = table[index - first];
+    }
+    return status;
+}
+
+uint32_t disk_keep_table32(uint64_t entries, uint64_t piece, uint32_t **table) {
+    const uint64_t bytes = 4 * entries;
+    if (bytes > 0 && disk_take_table_budget(bytes)) {
+        if ((*table = disk_alloc((size_t)bytes)) == NULL) {
+            return AIODD_E_NOMEM;
+        }
+    } else if (bytes > 0) {
+        disk_note_tables(piece);
+    }
+    return AIODD_OK;
+}
+
+uint32_t disk_scan_table32(uint32_t handle, uint64_t offset, uint64_t entries, int little,
+                           uint32_t *keep,
+                           uint32_t (*visit)(void *context, uint64_t index, uint32_t entry),
+                           void *context) {
+    const uint64_t bytes = 4 * entries;
+    const unsigned char *in = host_in();
+    for (uint64_t done = 0; done < bytes;) {
+        const uint64_t chunk = min_u64(bytes - done, AIODD_IN_SIZE);
+        uint64_t got;
+        uint32_t status = disk_read_in(handle, offset + done, chunk, &got);
+        if (status != AIODD_OK) {
+            return status;
+        }
+        if (got < chunk) {
+            host_fault();
+        }
+        for (uint64_t i = 0; i < chunk / 4; i++) {
+            const uint32_t word = be32(in + 4 * i);
+            const uint32_t entry = little ? __builtin_bswap32(word) : word;
+            const uint64_t index = done / 4 + i;
+            if (keep != NULL) {
+                keep[index] = entry;
+            }
+            if (visit != NULL && (status = visit(context, index, entry)) != AIODD_OK) {
+                return status;
+            }
+        }
+        done += chunk;
+    }
+    return AIODD_OK;
+}
+
+uint32_t disk_table_entry32(struct reader *r, const struct layer *layer, uint64_t offset,
+                            uint64_t entries, uint64_t index, int little, uint32_t *entry) {
+    /* the cache gives big-endian 64-bit words, each two entries, the first in the high
+     * half */
+    const uint64_t per_piece = disk_cluster_max() / 4;
+    const uint64_t piece = index / per_piece;
+    const uint64_t first = piece * per_piece;
+    const uint64_t count = min_u64(per_piece, entries - first);
+    const uint64_t *table;
+    uint32_t status = disk_table(r, layer, piece << 1 | 1, layer->handle, layer->file_size,
+                                 offset + first * 4, (count * 4 + 7) / 8 * 8, &table);
+    if (status == AIODD_OK) {
+        const uint64_t word = table[(index - first) / 2];
+        const uint32_t half = (uint32_t)((index - first) % 2 == 0 ? word >> 32 : word);
+        *entry = little ? __builtin_bswap32(half) : half;
+    }
+    return status;
+}
+
+uint32_t disk_read_name(uint32_t handle, uint64_t offset, uint64_t size, char **name,
+                        size_t *length) {
+    *name = NULL;
+    *length = 0;
+    uint64_t got;
+    uint32_t status = disk_read_in(handle, offset, size, &got);
+    if (status != AIODD_OK) {
+        return status;
+    }
+    const unsigned char *in = host_in();
+    uint64_t n = 0;
+    while (n < got && in[n] != 0) {
+        n++;
+    }
+    if (n == 0) {
+        return AIODD_OK;
+    }
+    if ((*name = disk_alloc((size_t)n)) == NULL) {
+        return AIODD_E_NOMEM;
+    }
+    memcpy(*name, in, (size_t)n);
+    *length = (size_t)n;
+    return AIODD_OK;
+}
+
 uint32_t disk_read(uint64_t offset, unsigned char *dest, uint64_t length) {
     if (!disk.open) {
         return AIODD_E_REQUEST;

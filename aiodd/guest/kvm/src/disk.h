@@ -186,9 +186,95 @@ static inline void parent_run_add(struct parent_run *run, uint64_t pos, uint64_t
 uint32_t parent_run_flush(struct parent_run *run, struct reader *r, struct layer *parent,
                           uint64_t base, unsigned char *dest);
 
+/* A read of a layer mapped by a two-level table (qcow2, qcow, qed): [base, base + stop)
+ * of its virtual disk into dest, an L1 entry's span of clusters at a time, a run of the
+ * parent's clusters read where Python flushes it. */
+struct table_walk {
+    struct reader *r;
+    const void *format;  /* the layer's decoder (struct qcow2, qcow, qed) */
+    struct layer *layer;
+    struct layer *parent;  /* NULL: none, zeros */
+    uint64_t base;         /* the virtual offset of dest[0] */
+    unsigned char *dest;
+    const uint64_t *table;  /* the L2 table looked up, for a decoder that holds one */
+    struct parent_run run;  /* the parent's clusters waiting; stale: look the L2 table up again */
+};
+
+/* What a format says of its tables. */
+struct table_walk_ops {
+    /* The L2 table's offset in L1 entry `l1_index`; 0: none, the span is the parent's. */
+    uint32_t (*l2_offset)(struct table_walk *w, uint64_t l1_index, uint64_t *offset);
+    /* Check the L2 table at `offset` and look it up; again when the parent was read
+     * (w->run.stale), as a pointer into the cache may have moved. */
+    uint32_t (*l2_table)(struct table_walk *w, uint64_t offset, uint64_t l1_index);
+    /* Entry `index` of that table: the n bytes at dest + pos, all in one cluster. */
+    uint32_t (*entry)(struct table_walk *w, uint64_t l2_offset, uint64_t index, uint64_t pos,
+                      uint64_t n);
+};
+
+/* The layer's read of `length` bytes at w->base into w->dest (zeros past its end), over
+ * clusters of 2^cluster_bits bytes, 2^l2_bits of them to an L2 table. */
+uint32_t table_walk(struct table_walk *w, const struct table_walk_ops *ops, uint32_t cluster_bits,
+                    uint32_t l2_bits, uint64_t length);
+
+/* Read the parent's pending run (Python's flush of a backing run). */
+uint32_t walk_flush(struct table_walk *w);
+
+/* An error of the tables: the jobs queued before it in Python's order run first. */
+uint32_t walk_fail(struct table_walk *w, const char *format, ...)
+    __attribute__((format(printf, 2, 3)));
+
 /* An image error of layer `handle` found while reading: the jobs queued before it in
  * Python's order run first, and may fail first. */
 uint32_t reader_vfail(struct reader *r, uint32_t handle, const char *format, va_list args);
+uint32_t reader_fail(struct reader *r, uint32_t handle, const char *format, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* An image error of layer `handle` (AIODD_E_IMAGE), found while opening it. */
+uint32_t image_error(uint32_t handle, const char *format, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* A layer's read of [offset, offset + length): zeros dest past the virtual disk's end and
+ * says how much of it lies inside (0: nothing left to decode). */
+uint64_t disk_clip(const struct layer *layer, uint64_t offset, unsigned char *dest,
+                   uint64_t length);
+
+/* A table of `entries` 64-bit entries (big-endian, or little-endian with `little`) of
+ * file `handle` at `offset`, held whole when the budget allows it; *table stays NULL when
+ * not (read it through disk_table_entry).  *whole is 0 when the file ended before the
+ * table did: what that means is the caller's to say. */
+uint32_t disk_hold_table(uint32_t handle, uint64_t offset, uint64_t entries, int little,
+                         uint64_t **table, int *whole);
+
+/* Entry `index` of a table of `entries` 64-bit big-endian entries at `offset` of the
+ * layer's file: from `held` when it is held whole, else through the cache a slot's worth
+ * of entries at a time (keys with the low bit set, apart from L2 tables'). */
+uint32_t disk_table_entry(struct reader *r, const struct layer *layer, const uint64_t *held,
+                          uint64_t offset, uint64_t entries, uint64_t index, uint64_t *entry);
+
+/* A table of `entries` 32-bit entries, kept whole in *table when the budget allows; when
+ * not, *table stays NULL and the cache is told of slots of `piece` bytes. */
+uint32_t disk_keep_table32(uint64_t entries, uint64_t piece, uint32_t **table);
+
+/* Read a table of `entries` 32-bit entries (big-endian, or little-endian with `little`)
+ * at `offset` of file `handle` through IN, outside a command: into `keep` unless it is
+ * NULL, and each, in order, to `visit` (when given), whose error stops the scan.  The
+ * table lies inside the file (the caller has checked): a short read is the host's
+ * fault. */
+uint32_t disk_scan_table32(uint32_t handle, uint64_t offset, uint64_t entries, int little,
+                           uint32_t *keep,
+                           uint32_t (*visit)(void *context, uint64_t index, uint32_t entry),
+                           void *context);
+
+/* Entry `index` of such a table of the layer's file through the cache, a slot's worth
+ * of entries at a time (keys as disk_table_entry's). */
+uint32_t disk_table_entry32(struct reader *r, const struct layer *layer, uint64_t offset,
+                            uint64_t entries, uint64_t index, int little, uint32_t *entry);
+
+/* A name of at most `size` bytes at `offset` of file `handle`, up to its first NUL, in
+ * memory of the open image; *length 0 (and *name NULL) for an empty one. */
+uint32_t disk_read_name(uint32_t handle, uint64_t offset, uint64_t size, char **name,
+                        size_t *length);
 
 /* A table through the cache: `length` bytes of big-endian 64-bit entries of file
  * `handle` at `offset` (zeros where the file ends), as host-order entries, cached under
@@ -208,6 +294,14 @@ static inline uint64_t be64(const unsigned char *p) {
 
 static inline uint32_t be32(const unsigned char *p) {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | (uint32_t)p[3];
+}
+
+static inline uint32_t le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline uint64_t le64(const unsigned char *p) {
+    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
 }
 
 static inline uint64_t min_u64(uint64_t a, uint64_t b) {
