@@ -114,7 +114,7 @@ def hosted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     """The guest's C decoders built natively (tests/fuzz/), as the guest has them and with
     their table budgets cut to nothing (every table through a one-slot cache): both must
     read as Python does.  Built once per run, for every decoder's differential tests."""
-    from tests.fuzz.build import HostedBuildError, build_library
+    from tests.fuzz.build import CompilerMissing, HostedBuildError, build_library
     from tests.fuzz.hosted import Hosted  # at run time, not only for mypy
 
     tiny = request.param == "tiny-tables"
@@ -122,6 +122,8 @@ def hosted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         library = build_library(
             tmp_path_factory.mktemp("hosted") / "libhosted.so", tiny_tables=tiny
         )
-    except HostedBuildError as exc:
+    except CompilerMissing as exc:
         pytest.skip(f"cannot build the hosted decoders: {exc}")
+    except HostedBuildError as exc:
+        pytest.fail(f"the hosted decoders do not build: {exc}")
     return Hosted(library, tiny_tables=tiny)

@@ -179,9 +179,9 @@ def test_refused_by_name(
 @needs_qemu
 def test_refused_by_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    create(tmp_path, "t.qed", "-f", "qed")
-    got = aiodd_subprocess(["if=t.qed", "of=o.raw"], tmp_path / "o.raw")
-    assert (got.status, got.stderr, got.output) == (1, refused("t.qed", "a QED image"), None)
+    write(tmp_path, "t.bochs", bochs_image())
+    got = aiodd_subprocess(["if=t.bochs", "of=o.raw"], tmp_path / "o.raw")
+    assert (got.status, got.stderr, got.output) == (1, refused("t.bochs", "a Bochs image"), None)
 
 
 @needs_qemu

@@ -45,6 +45,11 @@ class HostedBuildError(Exception):
     """The compiler is missing or refused the sources; the message says which."""
 
 
+class CompilerMissing(HostedBuildError):
+    """No such compiler here: the tests that need it skip.  Any other build error fails
+    them (a decoder that stopped compiling must not read as a skip)."""
+
+
 def _compile(args: list[str]) -> None:
     result = subprocess.run(args, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -54,7 +59,7 @@ def _compile(args: list[str]) -> None:
 def compiler(name: str) -> str:
     found = shutil.which(name)
     if found is None:
-        raise HostedBuildError(f"{name} not found")
+        raise CompilerMissing(f"{name} not found")
     return found
 
 

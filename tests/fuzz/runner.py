@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuzz.build import HostedBuildError, build_fuzzer
+from tests.fuzz.build import CompilerMissing, HostedBuildError, build_fuzzer
 
 
 def fuzzer_or_skip(tmp_path_factory: pytest.TempPathFactory, target: str) -> Path:
@@ -24,8 +24,12 @@ def fuzzer_or_skip(tmp_path_factory: pytest.TempPathFactory, target: str) -> Pat
     output = tmp_path_factory.mktemp("fuzzer") / Path(target).stem
     try:
         return build_fuzzer(output, target=target)
-    except HostedBuildError as exc:
+    except CompilerMissing as exc:
         pytest.skip(f"clang cannot build a libFuzzer binary here: {exc}")
+    except HostedBuildError as exc:
+        if "libclang_rt.fuzzer" in str(exc):  # a clang without its libFuzzer runtime
+            pytest.skip(f"clang cannot build a libFuzzer binary here: {exc}")
+        pytest.fail(f"the fuzz target {target} does not build: {exc}")
 
 
 def fuzzing_run(
