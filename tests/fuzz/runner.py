@@ -11,6 +11,7 @@ coverage, for the caller's bound that the decoder, not only the harness, was rea
 from __future__ import annotations
 
 import re
+import resource
 import subprocess
 from pathlib import Path
 
@@ -42,10 +43,15 @@ def fuzzing_run(
             (seeds / f"regression-{path.name}").write_bytes(path.read_bytes())
     corpus = tmp_path / "corpus"
     corpus.mkdir()
+    # libFuzzer's RSS limit is on the peak getrusage gives, and Linux hands a spawned
+    # process the peak of the one that spawned it (it is carried across execve): the
+    # limit is 2 GiB above what this test process has reached, not 2 GiB in all.
+    inherited = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     args = [
         f"-max_total_time={seconds}",
         f"-max_len={max_len}",
-        "-rss_limit_mb=2048",
+        f"-rss_limit_mb={inherited + 2048}",
+        "-malloc_limit_mb=2048",
         "-timeout=20",
         f"-artifact_prefix={tmp_path}/",
         "-print_final_stats=1",
