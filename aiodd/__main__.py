@@ -1,3 +1,3 @@
-from aiodd.cli import run
+from aiodd._command import run
 
 run()

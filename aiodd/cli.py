@@ -434,8 +434,10 @@ def _main(args: list[str], signals: _Signals) -> int:
             if inv.isolation != "inline":
                 from aiodd.guest import prestart
 
-                prestart()  # the guest's interpreter starts while this one sets up
-                _timing.mark("guest spawned")
+                # The guest's interpreter starts while this one sets up (the aiodd
+                # command started it already: aiodd._command).
+                if prestart():
+                    _timing.mark("guest spawned")
             if _is_short(inv):
                 completed = _run_short(inv, signals)
             else:

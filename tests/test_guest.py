@@ -301,6 +301,20 @@ def test_without_seccomp_open_works(make_guest: object, secret: Path) -> None:
     assert attempt(disk, "open", str(secret)) == "ok: " + SECRET[:64].hex()
 
 
+def test_guest_holds_no_descriptor_it_was_not_given(make_guest: object, secret: Path) -> None:
+    # An inheritable descriptor of the caller's (a shell's 9<file) must not reach the
+    # guest, even with no sandbox layer to close it: spawning leaves it open.
+    fd = os.open(secret, os.O_RDONLY)
+    os.set_inheritable(fd, True)
+    try:
+        disk = make_guest(())  # type: ignore[operator]
+        held = attempt(disk, "fds")
+    finally:
+        os.close(fd)
+    assert held.startswith("ok: ")
+    assert str(secret) not in held
+
+
 def test_landlock_denies_opening(make_guest: object, secret: Path) -> None:
     disk = make_guest(("no_new_privs", "landlock"))  # type: ignore[operator]
     assert disk.isolation["landlock"].startswith("active")

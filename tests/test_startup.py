@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from aiodd import chain, options
+from aiodd._command import needs_no_guest
 from aiodd.api import dd
 from aiodd.cli import _is_short, main, parse_args
 
@@ -134,10 +135,9 @@ def test_aiodd_timing_prints_the_phases(image: Path, tmp_path: Path, isolation: 
     assert proc.returncode == 0, lines
     host = [line.split(":")[2].split("  ")[0].strip() for line in lines
             if line.startswith("aiodd: timing:")]  # fmt: skip
-    phases = ["interpreter (CPU)", "imports", "options"]
-    if isolation != "inline":
-        phases.append("guest spawned")
-    phases.append("library imported")
+    # The aiodd command starts the guest before it imports the CLI (aiodd/_command.py).
+    early = ["guest spawned"] if isolation != "inline" else []
+    phases = ["interpreter (CPU)", *early, "imports", "options", "library imported"]
     if isolation != "inline":
         phases += ["guest ready", "guest opened input"]
     phases += ["input opened", "output opened", "copy", "fsync", "rename", "close, exit"]
@@ -209,3 +209,28 @@ def test_the_kvm_guest_imports_no_python_decoder(image: Path) -> None:
     assert mode == "kvm"
     modules.discard("aiodd.guest.kvm.layout")  # the VM's own
     assert modules == {"aiodd.formats.qcow2.probe"}  # detection's
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["if=a", "of=b"], False),
+        (["--isolation=inline", "if=a", "of=b"], True),
+        (["if=a", "--isolation", "inline", "of=b"], True),
+        (["--iso=inline", "if=a"], True),  # getopt takes an unambiguous prefix
+        (["--i", "inline"], True),
+        (["--isolation=kvm", "if=a"], False),
+        (["--isolation"], False),
+        (["-h"], True),
+        (["--help"], True),
+        (["--version"], True),
+        (["--verbose", "if=a"], False),
+        (["--", "--isolation=inline"], False),  # an operand, not an option
+        (["if=--isolation=inline"], False),
+        (["-p", "if=a"], False),
+    ],
+)
+def test_the_command_starts_a_guest_unless_none_is_needed(
+    args: list[str], expected: bool
+) -> None:
+    assert needs_no_guest(args) is expected

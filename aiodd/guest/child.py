@@ -20,12 +20,13 @@ format, and the process imports no Python decoder (only the probes that detect a
 
 from __future__ import annotations
 
+import _queue
+import _socket
 import functools
 import mmap
 import os
-import queue
 import signal
-import socket
+import struct
 import sys
 import threading
 import time
@@ -63,12 +64,13 @@ THREAD_STACK = 1 << 20  # worker threads need little stack; keeps RLIMIT_AS mean
 # A vmdk descriptor may name up to 4096 extents (vmdk/layout.py's MAX_EXTENTS), each an open
 # file, plus a chain of 64 layers: the guest must be able to hold them all.
 MAX_FDS = 4096 + 256
+_FD = struct.Struct("i")  # one descriptor in an SCM_RIGHTS message
 
 
 class HostLink:
     """The control socket to the host, shared by the receiving thread and the workers."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self._send_lock = threading.Lock()
         self._waiters: dict[int, list[Any]] = {}
@@ -166,8 +168,8 @@ class Guest:
             self.mems.append(mmap.mmap(fd, size))
             os.close(fd)
         self.disk: VirtualDisk | None = None
-        self.jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()  # the worker threads'
-        self.main_jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()  # the VM's
+        self.jobs: _queue.SimpleQueue[Job] = _queue.SimpleQueue()  # the worker threads'
+        self.main_jobs: _queue.SimpleQueue[Job] = _queue.SimpleQueue()  # the VM's
         self.handlers = handlers
         self.reader: KvmReader | None = None
         self.mode = "sandbox"  # where the image is decoded: kvm or sandbox
@@ -308,7 +310,7 @@ class Guest:
     # -- work ----------------------------------------------------------------------
 
     @staticmethod
-    def worker(jobs: queue.SimpleQueue[Job]) -> None:
+    def worker(jobs: _queue.SimpleQueue[Job]) -> None:
         while True:
             job = jobs.get()
             if job is None:
@@ -368,7 +370,7 @@ class Guest:
         sock = self.link.sock
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(sock, protocol.MAX_MESSAGE, 16)
+                data, fds = _receive(sock)
             except OSError:
                 os._exit(1)
             if not data:
@@ -411,6 +413,22 @@ def _import_python_decoders() -> None:
         codecs.lookup(codec)
 
 
+def _receive(sock: _socket.socket) -> tuple[bytes, list[int]]:
+    """One message from the host and the descriptors it carries (at most 16).
+
+    ``socket.recv_fds`` over ``_socket``: the ``socket`` module's enums cost the guest
+    about 2 ms of start-up (docs/performance.md, "Start-up")."""
+    data, ancillary, _flags, _addr = sock.recvmsg(
+        protocol.MAX_MESSAGE, _socket.CMSG_SPACE(16 * _FD.size)
+    )
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD.size
+            fds.extend(fd for (fd,) in _FD.iter_unpack(payload[:usable]))
+    return data, fds
+
+
 def _unshare() -> str:
     sandbox.unshare()
     return "unshared"
@@ -441,9 +459,9 @@ def _within(value: int, hi: int, key: str) -> int:
 def main(control_fd: int, handlers: Mapping[str, Handler] | None = None) -> None:
     """Serve the host on ``control_fd``; ``handlers`` answer further requests (tests')."""
     _timing.mark("imports")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=control_fd)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, control_fd)
     link = HostLink(sock)
-    data, fds, _flags, _addr = socket.recv_fds(sock, protocol.MAX_MESSAGE, 16)
+    data, fds = _receive(sock)
     if not data:
         os._exit(0)
     _timing.mark("waiting for the host")

@@ -19,7 +19,6 @@ import os
 import resource
 import signal
 import socket
-import subprocess
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -44,7 +43,7 @@ class ProcessChannel:
     def __init__(self, name: str, process: Spawned, open_timeout: float) -> None:
         self._name = name
         self._process = process
-        self._sock = process.sock
+        self._sock = socket.socket(fileno=process.sock.detach())
         self._open_timeout = open_timeout
         self._resolve: FileResolver | None = None
         self._send_lock = threading.Lock()
@@ -203,7 +202,7 @@ class ProcessChannel:
         proc = self._process.proc
         try:
             rc = proc.wait(5)
-        except subprocess.TimeoutExpired:
+        except TimeoutError:
             proc.kill()
             rc = proc.wait()
         why = death_reason(rc, self._killed_for, self._closed)
@@ -225,7 +224,7 @@ class ProcessChannel:
         self._send(protocol.Close())
         try:
             self._process.proc.wait(2)
-        except subprocess.TimeoutExpired:
+        except TimeoutError:
             self._process.proc.kill()
         if self._pump.is_alive():
             self._pump.join(5)
