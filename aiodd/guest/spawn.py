@@ -64,7 +64,9 @@ class GuestProcess:
 
     def __del__(self) -> None:
         # Not closed at the reaping: another thread may still be polling it.
-        os.close(self._pidfd)
+        fd = getattr(self, "_pidfd", -1)  # absent if pidfd_open failed
+        if fd >= 0:
+            os.close(fd)
 
     def kill(self) -> None:
         with self._lock:
