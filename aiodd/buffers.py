@@ -179,6 +179,7 @@ class BufferPool:
         self.count = count
         whole = memoryview(memory)
         self._buffers = [Buffer(i, whole[i * size : (i + 1) * size]) for i in range(count)]
+        self._holds = [0] * count  # releases still owed before a buffer is free again
         self._send: MemoryObjectSendStream[Buffer]
         self._receive: MemoryObjectReceiveStream[Buffer]
         import anyio  # here: a short copy (aiodd.api) needs the constants, not the pool
@@ -190,7 +191,15 @@ class BufferPool:
     async def acquire(self) -> Buffer:
         return await self._receive.receive()
 
+    def hold(self, buffer: Buffer) -> None:
+        """One more :meth:`release` is needed before ``buffer`` is free: a second stage
+        reads it beside the first (the digest, beside the encoder and the sink)."""
+        self._holds[buffer.index] += 1
+
     def release(self, buffer: Buffer) -> None:
+        if self._holds[buffer.index]:
+            self._holds[buffer.index] -= 1
+            return
         self._send.send_nowait(buffer)
 
     def close(self) -> None:

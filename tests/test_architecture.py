@@ -142,7 +142,8 @@ TOPS = {"aiodd", "aiodd.__main__", "aiodd._command", "aiodd.cli", "aiodd.api"}
 
 def test_nothing_below_imports_the_api_or_the_cli() -> None:
     """``api`` and ``cli`` are the two doors; only the package face, ``__main__`` and
-    the command's entry point (``_command``) lead to them, and the CLI may call the library (never the other way)."""
+    the command's entry point (``_command``) lead to them, and the CLI may call the
+    library (never the other way)."""
     bad = [
         f"{MODULES[name].relative_to(ROOT)}:{imp.line} imports {imp.target}"
         for name in MODULES

@@ -9,13 +9,17 @@ import hashlib
 import io
 import json
 import os
+import threading
 from pathlib import Path
 
+import anyio
 import pytest
 
 import aiodd
+from aiodd.buffers import BufferPool, Chunk
 from aiodd.cli import checksum_line, main
 from aiodd.formats.vpc import encode as vpc
+from aiodd.stages.digest import digest_stream
 from tests.conftest import needs_qemu, qemu_img
 
 pytestmark = pytest.mark.anyio
@@ -231,3 +235,57 @@ def test_names_that_would_break_the_line_are_escaped_as_sha256sum_does() -> None
     assert checksum_line("sha256:ab", "o.raw") == "sha256:ab  o.raw\n"
     assert checksum_line("sha256:ab", "a\nb\\c") == "\\sha256:ab  a\\nb\\\\c\n"
     assert checksum_line("sha256:ab", "a\rb") == "\\sha256:ab  a\\rb\n"
+
+
+# -- the digest stage: a side branch ---------------------------------------------------
+
+
+async def test_a_held_buffer_is_free_after_both_releases() -> None:
+    pool = BufferPool(2, 4096)
+    first = await pool.acquire()
+    await pool.acquire()
+    pool.hold(first)
+    pool.release(first)
+    with pytest.raises(anyio.WouldBlock):
+        pool._receive.receive_nowait()  # the second reader still has it
+    pool.release(first)
+    assert await pool.acquire() is first
+    pool.close()
+
+
+async def test_the_writes_do_not_wait_for_the_hash() -> None:
+    """Every chunk reaches the encoder while the hash of the first is still running; a
+    stage that hashed before passing a chunk on would hold them all back."""
+    pool = BufferPool(4, 4096)
+    go = threading.Event()
+    seen: list[bytes] = []
+
+    class Slow:
+        def __init__(self) -> None:
+            self.inner = hashlib.sha256()
+
+        def update(self, data: bytes | memoryview, /) -> None:
+            assert go.wait(10), "the hash was never let go"
+            self.inner.update(data)
+
+    hasher = Slow()
+    in_tx, in_rx = anyio.create_memory_object_stream[Chunk](4)
+    out_tx, out_rx = anyio.create_memory_object_stream[Chunk](4)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(digest_stream, hasher, 100, pool, in_rx, out_tx)
+            async with in_tx:
+                for i in range(4):
+                    buffer = await pool.acquire()
+                    buffer.view[:4096] = bytes([i + 1]) * 4096
+                    await in_tx.send(Chunk(i * 4096, 4096, buffer))
+            async with out_rx:
+                async for chunk in out_rx:
+                    seen.append(bytes(chunk.data))
+                    pool.release(chunk.buffer)  # the sink's release
+            assert len(seen) == 4  # all passed on, none hashed yet
+            go.set()
+    assert hasher.inner.digest() == hashlib.sha256(b"".join(seen) + bytes(100)).digest()
+    for _ in range(4):  # both releases of every buffer happened
+        pool._receive.receive_nowait()
+    pool.close()

@@ -230,7 +230,5 @@ def test_the_kvm_guest_imports_no_python_decoder(image: Path) -> None:
         (["-p", "if=a"], False),
     ],
 )
-def test_the_command_starts_a_guest_unless_none_is_needed(
-    args: list[str], expected: bool
-) -> None:
+def test_the_command_starts_a_guest_unless_none_is_needed(args: list[str], expected: bool) -> None:
     assert needs_no_guest(args) is expected

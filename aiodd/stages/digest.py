@@ -7,8 +7,12 @@ VHD's blocks of CHS padding), which are hashed last from a small zero buffer.  S
 digest is that of the whole guest-visible disk, exactly what converting the output back
 to raw gives (docs/usage.md, "Checksum").
 
-Each chunk is hashed in a worker thread (hashlib releases the GIL on large buffers) and
-then passed on: the hashing of one chunk overlaps the writing of the one before it.
+The stage is a side branch: each chunk goes on to the encoder at once, and a worker
+thread hashes the chunks in order beside it (hashlib releases the GIL on large buffers),
+so neither the writes nor the hash wait for the other; a chunk's buffer returns to the
+pool once both the sink and the hash are done with it (:meth:`BufferPool.hold`).  The
+hash falls behind by at most the pool's depth, and the copy ends when both are done.
+No stage after the windower writes into a buffer, so the hash reads what is written.
 """
 
 from __future__ import annotations
@@ -45,13 +49,41 @@ async def digest_stream(
     send: MemoryObjectSendStream[Chunk],
 ) -> None:
     """Hash every chunk in order, then ``padding`` zeros, passing the chunks on unchanged."""
-    async with receive, send:
-        async for chunk in receive:
-            try:
-                await anyio.to_thread.run_sync(hasher.update, chunk.data)
-            except BaseException:
-                pool.release(chunk.buffer)  # not handed on: back to the pool
-                raise
-            await send.send(chunk)
-        if padding > 0:
-            await anyio.to_thread.run_sync(_pad, hasher, padding)
+    hash_tx, hash_rx = anyio.create_memory_object_stream[Chunk](pool.count)
+
+    async def hash_chunks() -> None:
+        async with hash_rx:
+            async for chunk in hash_rx:
+                # Every chunk waiting, in one hand-off to the thread (~100 µs each).
+                batch = [chunk]
+                while True:
+                    try:
+                        batch.append(hash_rx.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                try:
+                    await anyio.to_thread.run_sync(_update, hasher, batch)
+                finally:
+                    for done in batch:
+                        pool.release(done.buffer)
+            if padding > 0:
+                await anyio.to_thread.run_sync(_pad, hasher, padding)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hash_chunks)
+        # The encoder hears of the end at once; the hash may finish after it.
+        async with receive, send, hash_tx:
+            async for chunk in receive:
+                pool.hold(chunk.buffer)  # the hash's release, beside the sink's
+                try:
+                    hash_tx.send_nowait(chunk)  # room: the pool has no more chunks
+                except BaseException:
+                    pool.release(chunk.buffer)  # neither hashed nor handed on
+                    pool.release(chunk.buffer)
+                    raise
+                await send.send(chunk)
+
+
+def _update(hasher: Hasher, batch: list[Chunk]) -> None:
+    for chunk in batch:
+        hasher.update(chunk.data)
