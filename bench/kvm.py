@@ -74,7 +74,7 @@ def run(b: Bench) -> Section:
     if "vhdx" in formats:
         child, expected = b.data.vhdx_differencing(size)
         copies.append(Copy("vhdx", "vhdx differencing over a dynamic parent", child, expected))
-    runs = max(b.config.runs, 5) if not b.config.quick else b.config.runs
+    runs = max(b.config.runs, 7) if not b.config.quick else b.config.runs
     b.log("[kvm] copies, kvm vs inline vs sandbox")
     results = b.run(copy_cases(b, NAME, copies, MODES, runs))
     sec.tables.append(Table(f"{human(size)} copies to raw, bs=1M", results))
