@@ -1,8 +1,10 @@
-"""Starting a guest process: the part of the transport the CLI runs before anything else.
+"""Starting a guest process: the part of the transport the command runs before anything.
 
 The guest's interpreter start-up and imports take longer than the host's work, so the
-CLI starts it first thing (:func:`prestart`), and this module imports only what starting
-a process needs; the transport's machinery (:mod:`aiodd.guest.process`) loads meanwhile.
+``aiodd`` command starts it first thing (:func:`prestart`, from :mod:`aiodd._command`),
+and this module imports only what starting a process needs (not ``subprocess``, not
+``socket``); the CLI and the transport's machinery (:mod:`aiodd.guest.process`) load
+meanwhile.
 """
 
 from __future__ import annotations
