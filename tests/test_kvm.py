@@ -271,6 +271,39 @@ def test_raw_reads_straight_into_a_slot(data_file: tuple[LocalFile, bytes], size
         memory.close()
 
 
+class _CountingFile(LocalFile):
+    sparse_reads = 0
+
+    def readinto_sparse(
+        self, offset: int, buf: memoryview, holes: list[tuple[int, int]] | None = None
+    ) -> int:
+        self.sparse_reads += 1
+        return super().readinto_sparse(offset, buf, holes)
+
+
+def test_long_reads_zero_a_local_file_s_holes_instead_of_reading_them(tmp_path: Path) -> None:
+    path = tmp_path / "sparse.raw"
+    with path.open("wb") as f:
+        f.truncate(8 << 20)
+        f.seek((3 << 20) + 5)
+        f.write(b"data" * 1024)
+    expected = path.read_bytes()
+    file = _CountingFile(os.open(path, os.O_RDONLY), "sparse.raw")
+    memory = shared_buffer(4 << 20)
+    try:
+        with GuestVM([file], memories=[memory]) as guest:
+            guest.open(L.FMT_RAW)
+            guest.read(1 << 20, 4 << 20, slot_address(0))
+            assert memory[:] == expected[1 << 20 : 5 << 20]
+            assert file.sparse_reads == 1
+            guest.read((3 << 20) + 1, 4096, slot_address(0))  # short: a plain read
+            assert memory[:4096] == expected[(3 << 20) + 1 : (3 << 20) + 4097]
+            assert file.sparse_reads == 1
+    finally:
+        memory.close()
+        file.close()
+
+
 def test_several_slots_and_plain_anonymous_memory(data_file: tuple[LocalFile, bytes]) -> None:
     file, data = data_file
     memories = [shared_buffer(1 << 20), mmap.mmap(-1, 3 << 20), shared_buffer(4096)]
