@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -91,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"{tool} is not on PATH", file=sys.stderr)
             return 2
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        # Said now, not after the whole run has been measured.
+        print("--plot needs matplotlib: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
     parent = args.workdir or Path(tempfile.gettempdir())
     workdir = Path(tempfile.mkdtemp(prefix="aiodd-bench-", dir=parent))
     config = Config(
