@@ -70,9 +70,9 @@ def _run(guest: Guest, what: object, arg: object) -> str:
         return "ok: " + ",".join(sorted(os.listdir(str(arg))))
     if what == "fds":  # what each open descriptor names
         names = []
-        for fd in sorted(os.listdir("/proc/self/fd"), key=int):
+        for entry in sorted(os.listdir("/proc/self/fd"), key=int):
             with contextlib.suppress(OSError):
-                names.append(os.readlink(f"/proc/self/fd/{fd}"))
+                names.append(os.readlink(f"/proc/self/fd/{entry}"))
         return "ok: " + "\n".join(names)
     if what == "exec":
         os.execv(str(arg), [str(arg)])

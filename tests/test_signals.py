@@ -36,6 +36,20 @@ from tests.conftest import needs_kvm
 MiB = 1024 * 1024
 ROOT = str(Path(aiodd.__file__).resolve().parents[1])
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+
+
+@pytest.fixture(autouse=True)
+def _sighup_as_from_a_terminal() -> Iterator[None]:
+    """SIGHUP at its default, whatever this test run inherited: aiodd keeps an ignored
+    SIGHUP ignored (nohup; test_nohup_keeps_sighup_ignored), so under ``nohup pytest``
+    every SIGHUP case here would otherwise copy on to the end."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 PRECIOUS = b"precious, and not to be touched\n" * 100
 
 
