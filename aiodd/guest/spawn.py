@@ -51,7 +51,10 @@ class GuestProcess:
         self._lock = threading.Lock()
 
     def poll(self) -> int | None:
-        return self.wait(0) if self._exited(0) else None
+        try:
+            return self.wait(0)
+        except TimeoutError:
+            return None
 
     def wait(self, timeout: float | None = None) -> int:
         """The exit status, as :attr:`subprocess.Popen.returncode` gives it; raises
@@ -82,11 +85,7 @@ class GuestProcess:
             poller = select.poll()
             poller.register(self._pidfd, select.POLLIN)
         ms = None if timeout is None else max(0, round(timeout * 1000))
-        while True:
-            try:
-                return bool(poller.poll(ms))
-            except InterruptedError:  # pragma: no cover - PEP 475 retries; a handler raising
-                continue
+        return bool(poller.poll(ms))  # PEP 475: a signal's EINTR is retried by Python
 
 
 class Spawned:
@@ -142,8 +141,8 @@ def prestart() -> bool:
     """Start a guest now so that the next :func:`take` finds it ready; whether one was
     started (``False``: one already waits).
 
-    Meant for the CLI to call first thing: the guest's interpreter start-up and imports
-    then overlap with the host's own.
+    Meant for the ``aiodd`` command to call first thing (:mod:`aiodd._command`): the
+    guest's interpreter start-up and imports then overlap with the host's own.
     """
     global _spare
     with _spare_lock:

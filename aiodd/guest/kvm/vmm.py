@@ -32,7 +32,7 @@ from types import FrameType
 from typing import Final, TypeVar
 
 from aiodd.errors import ImageError, IsolationError, UnsupportedImageError
-from aiodd.formats.base import RandomAccessFile
+from aiodd.formats.base import RandomAccessFile, SparseFile
 from aiodd.guest.kvm import elf
 from aiodd.guest.kvm import layout as L
 
@@ -632,12 +632,13 @@ class GuestVM:
         except _Expired:
             # The handler fires once; if that was inside the first stop, finish it here.
             _stop_watchdog(previous)
-            raise self._fail(
-                f"did not finish within {timeout:g} s (watchdog) and was stopped"
-            ) from None
+            raise self._stopped_by_watchdog(timeout) from None
         except BaseException:
             self.close()
             raise
+
+    def _stopped_by_watchdog(self, timeout: float) -> IsolationError:
+        return self._fail(f"did not finish within {timeout:g} s (watchdog) and was stopped")
 
     def _guarded_on_thread(
         self, body: Callable[[], T], timeout: float, watchdog: ThreadWatchdog
@@ -653,9 +654,7 @@ class GuestVM:
                 self._deadline = None
                 watchdog.disarm()
         except _Expired:
-            raise self._fail(
-                f"did not finish within {timeout:g} s (watchdog) and was stopped"
-            ) from None
+            raise self._stopped_by_watchdog(timeout) from None
         except BaseException:
             self.close()
             raise
@@ -777,18 +776,18 @@ class GuestVM:
                 # A local file's holes are zeroed here, not read: reading a hole makes
                 # the kernel zero a page-cache page per 4 KiB, several times slower
                 # (the raw decoder does the same where it runs in Python, aiodd/io.py).
-                sparse = getattr(file, "readinto_sparse", None) if length >= SPARSE_MIN else None
                 with self._view(dest, length) as view:
                     try:
-                        got = sparse(offset, view) if sparse else file.readinto(offset, view)
+                        if length >= SPARSE_MIN and isinstance(file, SparseFile):
+                            got = file.readinto_sparse(offset, view)
+                        else:
+                            got = file.readinto(offset, view)
                     except OSError as exc:
                         self._failure = self._failure or exc
                         status = L.E_IO
                         got = 0
                 if not 0 <= got <= length:
-                    raise IsolationError(
-                        f"{self.files[handle].name}: readinto returned {got} for {length} bytes"
-                    )
+                    raise IsolationError(f"{file.name}: readinto returned {got} for {length} bytes")
             _U64.pack_into(self._ram, L.REQ_BASE + i * L.SEGMENT.size + L.SEGMENT_GOT, got)
         self._answer(L.OP_READV, length=count, status=status)
 
