@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -39,15 +40,22 @@ SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
 
 
 @pytest.fixture(autouse=True)
-def _sighup_as_from_a_terminal() -> Iterator[None]:
-    """SIGHUP at its default, whatever this test run inherited: aiodd keeps an ignored
-    SIGHUP ignored (nohup; test_nohup_keeps_sighup_ignored), so under ``nohup pytest``
-    every SIGHUP case here would otherwise copy on to the end."""
-    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+def _signals_as_from_a_terminal() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP at their defaults, whatever this test run inherited:
+    aiodd keeps an ignored signal ignored (nohup; test_nohup_keeps_sighup_ignored), so
+    under ``nohup pytest``, or ``pytest &`` in a script (SIGINT ignored), those cases
+    would otherwise copy on to the end of a 64 GiB window."""
+    defaults: dict[int, Callable[[int, FrameType | None], object] | int] = {
+        signal.SIGINT: signal.default_int_handler,
+        signal.SIGTERM: signal.SIG_DFL,
+        signal.SIGHUP: signal.SIG_DFL,
+    }
+    previous = {signum: signal.signal(signum, handler) for signum, handler in defaults.items()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 PRECIOUS = b"precious, and not to be touched\n" * 100
