@@ -19,7 +19,7 @@ import aiodd
 from aiodd.buffers import BufferPool, Chunk
 from aiodd.cli import checksum_line, main
 from aiodd.formats.vpc import encode as vpc
-from aiodd.stages.digest import digest_stream
+from aiodd.stages.digest import Hasher, digest_stream
 from tests.conftest import needs_qemu, qemu_img
 
 pytestmark = pytest.mark.anyio
@@ -288,4 +288,95 @@ async def test_the_writes_do_not_wait_for_the_hash() -> None:
     assert hasher.inner.digest() == hashlib.sha256(b"".join(seen) + bytes(100)).digest()
     for _ in range(4):  # both releases of every buffer happened
         pool._receive.receive_nowait()
+    pool.close()
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _feed(pool: BufferPool, count: int, hasher: Hasher) -> list[bytes]:
+    """Run the stage on ``count`` chunks of one page each, taken as the sink would."""
+    seen: list[bytes] = []
+    in_tx, in_rx = anyio.create_memory_object_stream[Chunk](count)
+    out_tx, out_rx = anyio.create_memory_object_stream[Chunk](count)
+
+    async def sink() -> None:
+        async with out_rx:
+            async for chunk in out_rx:
+                seen.append(bytes(chunk.data))
+                pool.release(chunk.buffer)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(digest_stream, hasher, 0, pool, in_rx, out_tx)
+        tg.start_soon(sink)
+        async with in_tx:
+            for i in range(count):
+                buffer = await pool.acquire()
+                buffer.view[:4096] = bytes([i + 1]) * 4096
+                await in_tx.send(Chunk(i * 4096, 4096, buffer))
+    return seen
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_the_hash_frees_buffers_the_copy_waits_for(anyio_backend: str) -> None:
+    """Ten chunks through a pool of two: each buffer is taken again only after the hash
+    thread gave it back, through the loop's side of the branch."""
+    pool = BufferPool(2, 4096)
+    hasher = hashlib.sha256()
+    before = _open_descriptors()
+    with anyio.fail_after(10):
+        seen = await _feed(pool, 10, hasher)
+    assert hasher.digest() == hashlib.sha256(b"".join(seen)).digest()
+    assert len(seen) == 10
+    assert _open_descriptors() == before
+    pool.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_failing_hash_fails_the_stage_and_leaves_nothing_open(
+    anyio_backend: str,
+) -> None:
+    class Failing:
+        calls = 0
+
+        def update(self, data: bytes | memoryview, /) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                raise ValueError("the hash broke")
+
+    before = _open_descriptors()
+    pool = BufferPool(4, 4096)
+    with anyio.fail_after(10), pytest.raises(BaseExceptionGroup) as caught:
+        await _feed(pool, 4, Failing())
+    assert caught.value.subgroup(ValueError) is not None
+    assert _open_descriptors() == before
+    pool.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_cancelled_copy_waits_for_the_hash_thread_and_hashes_no_more(
+    anyio_backend: str,
+) -> None:
+    entered, go = threading.Event(), threading.Event()
+    updates: list[int] = []
+
+    class Slow:
+        def update(self, data: bytes | memoryview, /) -> None:
+            updates.append(len(data))
+            entered.set()
+            assert go.wait(10), "the hash was never let go"
+
+    before = _open_descriptors()
+    pool = BufferPool(4, 4096)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_feed, pool, 4, Slow())
+            await anyio.to_thread.run_sync(entered.wait)
+            tg.cancel_scope.cancel()
+            # The stage cannot end while its thread hashes: the cancelled copy waits.
+            threading.Timer(0.2, go.set).start()
+    assert go.is_set()
+    assert updates == [4096]  # the chunks queued behind it were handed back unhashed
+    assert _open_descriptors() == before
     pool.close()
