@@ -5,6 +5,7 @@ library's result, and the usage errors."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -291,8 +292,15 @@ async def test_the_writes_do_not_wait_for_the_hash() -> None:
     pool.close()
 
 
-def _open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_descriptors() -> set[str]:
+    """The pipes this process holds open (the stage's wake-up pipe is one)."""
+    pipes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("pipe:"):
+                pipes.add(f"{fd} {target}")
+    return pipes
 
 
 async def _feed(pool: BufferPool, count: int, hasher: Hasher) -> list[bytes]:
@@ -329,7 +337,7 @@ async def test_the_hash_frees_buffers_the_copy_waits_for(anyio_backend: str) -> 
         seen = await _feed(pool, 10, hasher)
     assert hasher.digest() == hashlib.sha256(b"".join(seen)).digest()
     assert len(seen) == 10
-    assert _open_descriptors() == before
+    assert _open_descriptors() <= before  # none left open
     pool.close()
 
 
@@ -350,7 +358,7 @@ async def test_a_failing_hash_fails_the_stage_and_leaves_nothing_open(
     with anyio.fail_after(10), pytest.raises(BaseExceptionGroup) as caught:
         await _feed(pool, 4, Failing())
     assert caught.value.subgroup(ValueError) is not None
-    assert _open_descriptors() == before
+    assert _open_descriptors() <= before  # none left open
     pool.close()
 
 
@@ -378,5 +386,5 @@ async def test_a_cancelled_copy_waits_for_the_hash_thread_and_hashes_no_more(
             threading.Timer(0.2, go.set).start()
     assert go.is_set()
     assert updates == [4096]  # the chunks queued behind it were handed back unhashed
-    assert _open_descriptors() == before
+    assert _open_descriptors() <= before  # none left open
     pool.close()

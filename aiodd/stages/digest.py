@@ -14,24 +14,21 @@ pool once both the sink and the hash are done with it (:meth:`BufferPool.hold`).
 hash falls behind by at most the pool's depth, and the copy ends when both are done.
 No stage after the windower writes into a buffer, so the hash reads what is written.
 
-The thread runs for the whole copy and takes its chunks from a queue, so it never waits
-for the event loop between two of them: on a 1 GiB copy the hash is the slower branch,
-and a hand-off per batch left it idle for 5 % of the copy (docs/performance.md, "The
-hash alone").  Each hashed chunk goes back through a second queue, with a byte on a pipe
-to wake the loop, which gives its buffer back to the pool.
+The thread runs for the whole copy and takes its chunks from a queue
+(:class:`~aiodd.workers.WorkerThreads`), so it never waits for the event loop between
+two of them: on a 1 GiB copy the hash is the slower branch, and a hand-off per batch
+left it idle for 5 % of the copy (docs/performance.md, "The hash alone").
 """
 
 from __future__ import annotations
 
-import os
-from contextlib import suppress
-from queue import Empty, SimpleQueue
 from typing import Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from aiodd.buffers import BufferPool, Chunk
+from aiodd.workers import WorkerThreads
 
 _ZERO_PIECE = bytes(1 << 20)
 
@@ -58,68 +55,19 @@ async def digest_stream(
     send: MemoryObjectSendStream[Chunk],
 ) -> None:
     """Hash every chunk in order, then ``padding`` zeros, passing the chunks on unchanged."""
-    to_hash: SimpleQueue[Chunk | None] = SimpleQueue()
-    hashed: SimpleQueue[Chunk] = SimpleQueue()
-    bell, ring = os.pipe()
-    os.set_blocking(bell, False)
-    failed = False  # the copy is failing: the thread only hands the chunks back
 
-    def hash_all() -> None:
-        while (chunk := to_hash.get()) is not None:
-            if not failed:
-                hasher.update(chunk.data)
-            hashed.put(chunk)
-            # At most one byte per buffer of the pool is ever unread: never blocks.
-            os.write(ring, b"\0")
-        if not failed:
-            _pad(hasher, padding)
+    def hashed(chunk: Chunk, error: BaseException | None) -> None:
+        pool.release(chunk.buffer)
+        if error is not None:
+            raise error
 
-    def release_hashed() -> None:
-        while True:
-            try:
-                chunk = hashed.get_nowait()
-            except Empty:
-                return
-            pool.release(chunk.buffer)
-
-    async def answer_the_bell() -> None:
-        while True:
-            await anyio.wait_readable(bell)
-            with suppress(BlockingIOError):  # read already, by an earlier wake-up
-                os.read(bell, 4096)
-            release_hashed()
-
-    async def hash_in_thread() -> None:
-        try:
-            await anyio.to_thread.run_sync(hash_all)
-        finally:
-            finished.set()
-
-    finished = anyio.Event()
-    try:
-        async with anyio.create_task_group() as releases:
-            releases.start_soon(answer_the_bell)
-            async with anyio.create_task_group() as branches:
-                branches.start_soon(hash_in_thread)
-                try:
-                    # The encoder hears of the end at once; the hash may finish after it.
-                    async with receive, send:
-                        async for chunk in receive:
-                            pool.hold(chunk.buffer)  # the hash's release, beside the sink's
-                            to_hash.put(chunk)
-                            await send.send(chunk)
-                except BaseException:
-                    failed = True
-                    raise
-                finally:
-                    to_hash.put(None)
-                try:
-                    await finished.wait()
-                except BaseException:  # cancelled: the chunks still queued go unhashed
-                    failed = True
-                    raise
-            releases.cancel_scope.cancel()
-        release_hashed()
-    finally:
-        os.close(bell)
-        os.close(ring)
+    hash_thread = WorkerThreads(lambda chunk: hasher.update(chunk.data), hashed)
+    # The encoder hears of the end at once (``send`` closes first); the hash may finish
+    # after it.
+    async with hash_thread.running(), receive, send:
+        async for chunk in receive:
+            pool.hold(chunk.buffer)  # the hash's release, beside the sink's
+            hash_thread.put(chunk)
+            await send.send(chunk)
+    if padding > 0:
+        await anyio.to_thread.run_sync(_pad, hasher, padding)

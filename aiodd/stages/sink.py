@@ -559,71 +559,55 @@ async def sink_stream(
     meter: ProgressMeter,
     reserve: int = 0,
 ) -> None:
-    """Write the ops received; ``reserve``, if given, is the dense file's size to allocate."""
+    """Write the ops received; ``reserve``, if given, is the dense file's size to allocate.
+
+    ``output.writes_in_flight`` worker threads write, each op whole, and as many ops
+    again wait queued behind them, so that a thread that finishes a write starts the
+    next at once instead of waiting for the event loop to hand it out
+    (:class:`~aiodd.workers.WorkerThreads`).  An op waits, before it is queued, for the
+    ops queued or in flight whose granules it shares; in a dense file none do but the
+    odd neighbours of a metadata block, and the order they land in is the only thing
+    two writes to separate bytes could change.  With one thread the ops are written in
+    the order received.
+    """
     import anyio  # here: a short copy writes through OutputFile with no event loop
+
+    from aiodd.workers import WorkerThreads
 
     if reserve:
         await anyio.to_thread.run_sync(output.reserve, reserve)
-    async with receive:
-        if output.writes_in_flight > 1:
-            await _write_concurrently(output, pool, receive, meter)
-            return
-        async for op in receive:
-            try:
-                if op.writes:  # a sparse output's chunk of zeros has none
-                    await anyio.to_thread.run_sync(output.write, op.writes)
-            finally:
-                if op.chunk is not None:
-                    pool.release(op.chunk.buffer)
-            if op.data_bytes:
-                meter.advance(op.data_bytes)
-
-
-def _clash(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
-    return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
-
-
-async def _write_concurrently(
-    output: OutputFile,
-    pool: BufferPool,
-    receive: MemoryObjectReceiveStream[WriteOp],
-    meter: ProgressMeter,
-) -> None:
-    """Keep ``output.writes_in_flight`` ops' writes in flight, each in its worker thread.
-
-    An op waits for those in flight whose granules it shares; in a dense file none do
-    but the odd neighbours of a metadata block, and the order they land in is the only
-    thing two writes to separate bytes could change.
-    """
-    import anyio
-
-    slots = anyio.Semaphore(output.writes_in_flight)
+    threads = output.writes_in_flight
+    slots = anyio.Semaphore(2 * threads)
     busy: dict[int, tuple[list[tuple[int, int]], anyio.Event]] = {}
-    failed: list[bool] = []  # the meter raised: its callback is not called again
 
-    async def write(key: int, op: WriteOp, done: anyio.Event) -> None:
-        try:
-            if op.writes:
-                await anyio.to_thread.run_sync(output.write, op.writes)
-        finally:
-            if op.chunk is not None:
-                pool.release(op.chunk.buffer)
-            del busy[key]
-            done.set()
-            slots.release()
-        # Not once the copy is failing: a worker thread cannot be cancelled, and a
-        # progress callback that raised must not be called again by the other write.
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        if op.data_bytes and not failed:
-            try:
-                meter.advance(op.data_bytes)
-            except BaseException:
-                failed.append(True)
-                raise
+    def write(item: tuple[int, WriteOp]) -> None:
+        output.write(item[1].writes)
 
-    async with anyio.create_task_group() as tg:
+    def written(item: tuple[int, WriteOp], error: BaseException | None) -> None:
+        key, op = item
+        if op.chunk is not None:
+            pool.release(op.chunk.buffer)
+        busy.pop(key)[1].set()
+        slots.release()
+        if error is not None:
+            raise error
+        # Not once the copy is failing: a progress callback that raised, or a copy
+        # being cancelled, must not see another call.
+        if op.data_bytes and not writers.failing:
+            meter.advance(op.data_bytes)
+
+    writers = WorkerThreads(write, written, threads)
+    # ``receive`` closes last: closed while the threads finish, it would fail the
+    # encoder's next send, and that echo could be reported instead of the sink's error.
+    async with receive, writers.running():
         key = 0
         async for op in receive:
+            if not op.writes:  # a sparse output's chunk of zeros: no thread to visit
+                if op.chunk is not None:
+                    pool.release(op.chunk.buffer)
+                if op.data_bytes:
+                    meter.advance(op.data_bytes)
+                continue
             try:
                 spans = output.granules(op.writes)
                 await slots.acquire()
@@ -638,9 +622,12 @@ async def _write_concurrently(
                     pool.release(op.chunk.buffer)
                 raise
             key += 1
-            done = anyio.Event()
-            busy[key] = (spans, done)
-            tg.start_soon(write, key, op, done)
+            busy[key] = (spans, anyio.Event())
+            writers.put((key, op))
+
+
+def _clash(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
 
 
 # Each copy_file_range call is one worker-thread job: between two of them the copy
