@@ -456,3 +456,11 @@ def test_local_file_reads_through_interface(tmp_path: Path) -> None:
         vpc.open_disk(file, NoResolver())  # type: ignore[arg-type]
     assert info.value.file == "shown-name"
     file.close()
+
+
+@given(st.text(st.sampled_from("%aF09gZ/é€\u00a9 ") | st.characters(codec="utf-8"), max_size=40))
+def test_percent_decoding_is_urllibs(text: str) -> None:
+    """The guest's own unquote (it may not import urllib) agrees with urllib's."""
+    from urllib.parse import unquote
+
+    assert L.unquote(text) == unquote(text)

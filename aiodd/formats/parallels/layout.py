@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import struct
 from array import array
-from dataclasses import dataclass
 from sys import byteorder
+from typing import NamedTuple
 
 from aiodd.formats.common import SECTOR, LayoutError
 
@@ -43,8 +43,7 @@ MAX_SECTORS = ((1 << 63) - SECTOR) // SECTOR
 _HEADER = struct.Struct("<16sIIIIIQIIIQ")
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     magic: bytes
     tracks: int  # sectors per cluster
     bat_entries: int

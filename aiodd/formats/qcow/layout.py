@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR
@@ -35,8 +35,7 @@ OFLAG_COMPRESSED = 1 << 63
 _HEADER = struct.Struct(">4sIQIIQBBHIQ")
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     """The parts of a qcow header the decoder needs, validated."""
 
     size: int  # as stored; the disk reads as size rounded down to 512

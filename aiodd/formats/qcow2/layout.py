@@ -14,7 +14,7 @@ import struct
 import sys
 import zlib
 from array import array
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR
@@ -84,8 +84,7 @@ _HEADER_V3 = struct.Struct(">QQQII")
 _EXT = struct.Struct(">II")
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     """The parts of a qcow2 header the decoder needs, validated."""
 
     version: int
@@ -186,8 +185,7 @@ def _check_in_file(name: str, what: str, offset: int, length: int, file_size: in
         raise _err(name, f"qcow2 {what} at {offset:#x} {where} past the end of the file")
 
 
-@dataclass(frozen=True)
-class Extensions:
+class Extensions(NamedTuple):
     backing_format: str | None = None
     data_file: str | None = None
     feature_names: tuple[tuple[int, int, str], ...] = ()  # (type, bit, name)

@@ -8,7 +8,7 @@ subclass :class:`~aiodd.errors.UnsupportedImageError`) on bad input and nothing 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR
@@ -38,8 +38,7 @@ UNALLOCATED, ZERO_CLUSTER = 0, 1  # the table entries that are not offsets
 _HEADER = struct.Struct("<4sIIIQQQQQII")
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     """The parts of a QED header the decoder needs, validated."""
 
     cluster_size: int

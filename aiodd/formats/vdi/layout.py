@@ -17,8 +17,8 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import namedtuple
-from dataclasses import dataclass
 from sys import byteorder
+from typing import NamedTuple
 
 from aiodd.formats.common import SECTOR, MiB, div_round_up, round_up
 from aiodd.formats.common import LayoutError as LayoutError  # what the parsers raise
@@ -66,8 +66,7 @@ def _u32(raw: bytes, at: int) -> int:
     return int.from_bytes(raw[at : at + 4], "little")
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     image_type: int
     offset_bmap: int
     offset_data: int

@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 import struct
 from bisect import bisect_right
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aiodd.formats.common import KiB, div_round_up
 from aiodd.formats.common import LayoutError as LayoutError  # what the parsers raise
@@ -118,8 +118,7 @@ def _checked(fmt: struct.Struct, raw: bytes, offset: int = 0) -> tuple[object, .
 _HEADER = struct.Struct("<4sIQ16s16s16sHHIQ")
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     sequence: int
     log_guid: bytes
     log_version: int
@@ -174,14 +173,12 @@ _REGION_HEADER = struct.Struct("<4sII4x")
 _REGION_ENTRY = struct.Struct("<16sQII")
 
 
-@dataclass(frozen=True)
-class Region:
+class Region(NamedTuple):
     offset: int
     length: int
 
 
-@dataclass(frozen=True)
-class Regions:
+class Regions(NamedTuple):
     bat: Region
     metadata: Region
 
@@ -297,8 +294,7 @@ def build_metadata_table(items: list[tuple[bytes, int, int, int]]) -> bytes:
     return raw.ljust(METADATA_TABLE_SIZE, b"\0")
 
 
-@dataclass(frozen=True)
-class Parameters:
+class Parameters(NamedTuple):
     block_size: int
     leave_blocks_allocated: bool
     has_parent: bool
@@ -412,8 +408,7 @@ _LOG_HEADER = struct.Struct("<4sIIIQII16sQQ")
 _DESCRIPTOR = struct.Struct("<4s4s8sQQ")
 
 
-@dataclass(frozen=True)
-class Write:
+class Write(NamedTuple):
     """A log write to the file: ``data`` at ``offset``, or ``length`` zeros."""
 
     offset: int
@@ -421,14 +416,13 @@ class Write:
     data: bytes | None
 
 
-@dataclass
-class LogEntry:
+class LogEntry(NamedTuple):
     position: int
     sequence: int
     length: int
     flushed_file_offset: int
     last_file_offset: int
-    writes: list[Write] = field(default_factory=list)
+    writes: list[Write]  # filled as the entry is read
 
 
 def _circular(log: bytes, start: int, length: int) -> bytes:
@@ -453,7 +447,7 @@ def parse_log_entry(log: bytes, position: int, log_guid: bytes) -> LogEntry | No
     raw = _circular(log, position, length)
     if not _crc_ok(raw):
         return None
-    entry = LogEntry(position, seq, length, flushed, last)
+    entry = LogEntry(position, seq, length, flushed, last, [])
     data_at = desc_sectors * LOG_SECTOR
     for i in range(count):
         sig, a, b, file_offset, dseq = _DESCRIPTOR.unpack_from(raw, 64 + 32 * i)

@@ -27,7 +27,7 @@ import struct
 import sys
 import zlib
 from array import array
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR, div_round_up
@@ -104,8 +104,7 @@ def _pad(data: bytes, size: int) -> bytes:
 # --------------------------------------------------------------------------- headers
 
 
-@dataclass(frozen=True)
-class SparseHeader:
+class SparseHeader(NamedTuple):
     """The hosted sparse extent header (``KDMV``), fields as stored."""
 
     version: int
@@ -161,8 +160,7 @@ def parse_footer(tail: bytes, name: str) -> SparseHeader:
     return parse_sparse_header(footer)
 
 
-@dataclass(frozen=True)
-class SparseLayout:
+class SparseLayout(NamedTuple):
     """A sparse extent's validated geometry (all offsets in bytes)."""
 
     capacity: int  # sectors of virtual disk this extent holds
@@ -342,8 +340,7 @@ SUPPORTED_CREATE_TYPES = frozenset(
 )
 
 
-@dataclass(frozen=True)
-class ExtentLine:
+class ExtentLine(NamedTuple):
     """One extent line qemu keeps: ``RW <sectors> <kind> "<file>" [offset]``."""
 
     sectors: int

@@ -16,9 +16,8 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import namedtuple
-from dataclasses import dataclass
 from sys import byteorder
-from urllib.parse import unquote
+from typing import NamedTuple
 
 from aiodd.formats.common import SECTOR, round_up
 from aiodd.formats.common import LayoutError as LayoutError  # what the parsers raise
@@ -93,8 +92,7 @@ def _checksummed(layout: struct.Struct, fields: _FooterFields | _DynFields) -> b
     return layout.pack(*fields._replace(checksum=checksum(layout.pack(*fields))))
 
 
-@dataclass(frozen=True)
-class Footer:
+class Footer(NamedTuple):
     data_offset: int
     creator_app: bytes
     current_size: int
@@ -139,15 +137,13 @@ def parse_footer(raw: bytes) -> Footer:
     return footer
 
 
-@dataclass(frozen=True)
-class Locator:
+class Locator(NamedTuple):
     platform: bytes
     data_length: int
     data_offset: int
 
 
-@dataclass(frozen=True)
-class DynamicHeader:
+class DynamicHeader(NamedTuple):
     table_offset: int
     max_table_entries: int
     block_size: int
@@ -239,6 +235,27 @@ def decode_locator(platform: bytes, data: bytes) -> str:
     if not text:
         raise LayoutError(f"vpc parent locator '{label}' is empty")
     return text
+
+
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def unquote(text: str) -> str:
+    """``urllib.parse.unquote``, without the import (the guest imports this module before
+    it seals itself, and urllib.parse costs it milliseconds: docs/performance.md,
+    "Start-up"): each ``%XX`` a byte, the bytes read as UTF-8 with invalid sequences
+    replaced, and a ``%`` not followed by two hex digits kept as it is."""
+    if "%" not in text:
+        return text
+    first, *rest = text.split("%")
+    out = bytearray(first.encode("utf-8"))
+    for piece in rest:
+        if len(piece) >= 2 and piece[0] in _HEX_DIGITS and piece[1] in _HEX_DIGITS:
+            out.append(int(piece[:2], 16))
+            out += piece[2:].encode("utf-8")
+        else:
+            out += b"%" + piece.encode("utf-8")
+    return out.decode("utf-8", "replace")
 
 
 def file_url_path(url: str) -> str | None:
