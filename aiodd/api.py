@@ -22,7 +22,7 @@ from aiodd.progress import ProgressCallback, ProgressMeter
 from aiodd.stages.sink import OutputFile
 from aiodd.window import Window, compute_window
 
-# anyio, the pipeline and hashlib are imported by dd() itself: a short copy
+# anyio and the pipeline are imported by dd() itself (hashlib only for a checksum): a short copy
 # (short_copy(), which the command line runs for a window of a few MiB) needs no
 # event loop.
 
@@ -309,8 +309,6 @@ async def dd(
     "-t CACHE".  ``unsafe`` skips every flush: the output is still complete or absent,
     but not durable across a power cut.
     """
-    import hashlib
-
     import anyio
 
     from aiodd.buffers import BufferPool
@@ -325,7 +323,11 @@ async def dd(
     src_path, dst_path = os.fspath(src), os.fspath(dst)
     isolation, cache = _settings(output_format, isolation, cache)
     io_size = options.io_size(io_size)
-    hasher = None if checksum is None else hashlib.new(options.checksum(checksum))
+    hasher = None
+    if checksum is not None:
+        import hashlib  # here: a copy without --checksum does not pay its import
+
+        hasher = hashlib.new(options.checksum(checksum))
     policy = Policy(allow_backing, force_share=force_share)
     memory: mmap.mmap | None = None
     if isolation != "inline":
