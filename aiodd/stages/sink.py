@@ -138,13 +138,11 @@ def direct_length(offset: int, length: int, address: int | None, alignment: int)
 
 
 # Writes through the page cache go in pieces of this size.  The kernel sizes the
-# page-cache folios it allocates for a write by the write's length; a write of 2 MiB or
-# more asks for 2 MiB folios, which on these VMs are often memory the hypervisor has to
-# back again on first touch: 4 MiB writes cost 1-4 CPU-s per GiB.  Below that size the
-# cost is steady and falls with the piece's size, per call: a GiB's copy phase took
-# 0.32-0.39 s in 128 KiB pieces, 0.26-0.28 s in 512 KiB ones (docs/performance.md,
-# "Cache modes (-t)").
-PAGE_CACHE_PIECE = 512 << 10
+# page-cache folios it allocates for a write by the write's length; a 4 MiB write asks
+# for 2 MiB folios, which on these VMs are often memory the hypervisor has to back
+# again on first touch: 4 MiB writes cost 1-4 CPU-s per GiB where 128 KiB pieces cost
+# 0.4, steadily (docs/performance.md, "Cache modes (-t)").
+PAGE_CACHE_PIECE = 128 << 10
 
 _TEMP_SUFFIX = ".aiodd-tmp"
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
