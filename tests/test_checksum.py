@@ -292,7 +292,7 @@ async def test_the_writes_do_not_wait_for_the_hash() -> None:
     pool.close()
 
 
-def _open_descriptors() -> set[str]:
+def _open_pipes() -> set[str]:
     """The pipes this process holds open (the stage's wake-up pipe is one)."""
     pipes = set()
     for fd in os.listdir("/proc/self/fd"):
@@ -332,12 +332,12 @@ async def test_the_hash_frees_buffers_the_copy_waits_for(anyio_backend: str) -> 
     thread gave it back, through the loop's side of the branch."""
     pool = BufferPool(2, 4096)
     hasher = hashlib.sha256()
-    before = _open_descriptors()
+    before = _open_pipes()
     with anyio.fail_after(10):
         seen = await _feed(pool, 10, hasher)
     assert hasher.digest() == hashlib.sha256(b"".join(seen)).digest()
     assert len(seen) == 10
-    assert _open_descriptors() <= before  # none left open
+    assert _open_pipes() <= before  # none left open
     pool.close()
 
 
@@ -353,12 +353,12 @@ async def test_a_failing_hash_fails_the_stage_and_leaves_nothing_open(
             if self.calls == 2:
                 raise ValueError("the hash broke")
 
-    before = _open_descriptors()
+    before = _open_pipes()
     pool = BufferPool(4, 4096)
     with anyio.fail_after(10), pytest.raises(BaseExceptionGroup) as caught:
         await _feed(pool, 4, Failing())
     assert caught.value.subgroup(ValueError) is not None
-    assert _open_descriptors() <= before  # none left open
+    assert _open_pipes() <= before  # none left open
     pool.close()
 
 
@@ -375,7 +375,7 @@ async def test_a_cancelled_copy_waits_for_the_hash_thread_and_hashes_no_more(
             entered.set()
             assert go.wait(10), "the hash was never let go"
 
-    before = _open_descriptors()
+    before = _open_pipes()
     pool = BufferPool(4, 4096)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -386,5 +386,5 @@ async def test_a_cancelled_copy_waits_for_the_hash_thread_and_hashes_no_more(
             threading.Timer(0.2, go.set).start()
     assert go.is_set()
     assert updates == [4096]  # the chunks queued behind it were handed back unhashed
-    assert _open_descriptors() <= before  # none left open
+    assert _open_pipes() <= before  # none left open
     pool.close()
