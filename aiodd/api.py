@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiodd import _timing, chain, options
-from aiodd.buffers import DEFAULT_COUNT, DEFAULT_UNIT, Bytes
+from aiodd.buffers import DEFAULT_COUNT, DEFAULT_UNIT
 from aiodd.errors import UsageError
 from aiodd.formats import registry as encoders
 from aiodd.formats.base import OutputPlan, VirtualDisk
@@ -19,12 +19,11 @@ from aiodd.locks import OutputLock
 from aiodd.options import Cache, Isolation
 from aiodd.policy import Policy
 from aiodd.progress import ProgressCallback, ProgressMeter
-from aiodd.stages.sink import OutputFile
+from aiodd.stages.sink import OutputFile, clone_range
 from aiodd.window import Window, compute_window
 
-# anyio and the pipeline are imported by dd() itself (hashlib only for a checksum): a short copy
-# (short_copy(), which the command line runs for a window of a few MiB) needs no
-# event loop.
+# anyio and the pipeline are imported by dd() itself (hashlib only for a checksum): the
+# command line's plain_copy() runs without an event loop.
 
 SKIP_WARNING = "cannot skip to specified offset"
 
@@ -437,10 +436,12 @@ async def dd(
     return _result(disk, output_format, window, plan, started, warnings, mode, checksum_value)
 
 
-_SHORT_UNIT = 1 << 20
+# The copy without an event loop: one thread per buffer (aiodd.pipeline.threads), the
+# pipeline's unit.  Four keep two writes in flight while the others read.
+PLAIN_BUFFERS = 4
 
 
-def short_copy(
+def plain_copy(
     src: str,
     dst: str,
     *,
@@ -455,26 +456,40 @@ def short_copy(
     force_share: bool,
     cache: Cache,
     stopped: Callable[[], bool],
+    on_progress: ProgressCallback | None = None,
+    checksum: str | None = None,
 ) -> DdResult | None:
-    """:func:`dd` for a window of at most :data:`aiodd.options.SHORT_COPY` bytes, without progress,
-    checksum or holes, and without an event loop: the command line's way to copy a few
-    sectors at the cost of a process start (docs/performance.md, "Start-up").
+    """:func:`dd` without holes, and without an event loop: the command line's copy
+    unless it asks for ``--sparse``, at the cost of a process start
+    (docs/performance.md, "Start-up"; docs/architecture.md, "The copy without an event
+    loop").
 
     The same steps as :func:`dd`, in its order, with the same locks, checks and atomic
-    output.  ``stopped`` is asked between steps (the command line's signal handlers
-    only note a signal): when it says so before the output is put in place, the output
-    is forgotten and None is returned; once it is being put in place, that completes.
+    output, and the pipeline's stages run in threads (:mod:`aiodd.pipeline.threads`),
+    which call ``on_progress`` one at a time.  ``stopped`` is asked between steps and
+    before each chunk (the command line's signal handlers only note a signal): when it
+    says so before the output is put in place, the output is forgotten and None is
+    returned; once it is being put in place, that completes.
     """
+    from aiodd.pipeline.threads import copy_in_threads
+
     started = time.monotonic()
     warnings: list[str] = []
     isolation, cache = _settings(output_format, isolation, cache)
+    hasher = None
+    if checksum is not None:
+        import hashlib  # here: a copy without --checksum does not pay its import
+
+        hasher = hashlib.new(options.checksum(checksum))
     policy = Policy(allow_backing, force_share=force_share)
+    # Mapped, not touched: a short copy's pages are the few it reads.
+    size = PLAIN_BUFFERS * DEFAULT_UNIT
     if isolation == "inline":
-        memory = mmap.mmap(-1, _SHORT_UNIT)
+        memory = mmap.mmap(-1, size)
     else:
         from aiodd.guest import shared_buffer
 
-        memory = shared_buffer(_SHORT_UNIT)
+        memory = shared_buffer(size)
     try:
         disk = chain.open_input(
             src,
@@ -491,11 +506,53 @@ def short_copy(
             )
             if stopped():
                 return None
+            meter = ProgressMeter(plan.data_size, on_progress, isolation=mode)
             guard, output = _open_output(dst, plan, output_format, cache)
             try:
+                source: int | None = None
                 try:
-                    if not _write_short(disk, window, plan, output, memory, stopped):
-                        return None
+                    meter.start()
+                    # What the threads copy: all of the window, or what the kernel did not.
+                    rest, start = plan, window.start
+                    if not output.device and window.length and hasher is None:
+                        source = _clone_source(
+                            src,
+                            disk,
+                            policy,
+                            cache=cache,
+                            isolation=isolation,
+                            input_format=input_format,
+                            output_format=output_format,
+                        )
+                    if source is not None:
+                        # Up to the input's end: the threads write the zeros past it.
+                        length = min(window.end, os.fstat(source).st_size) - window.start
+                        done = clone_range(output, source, window.start, length, meter, stopped)
+                        if done:
+                            rest = encoders.plan(output_format, window.length - done)
+                            output.offset = done
+                            start += done
+                    with memoryview(memory) as whole:
+                        buffers = [
+                            whole[i * DEFAULT_UNIT : (i + 1) * DEFAULT_UNIT]
+                            for i in range(PLAIN_BUFFERS)
+                        ]
+                        try:
+                            if not copy_in_threads(
+                                disk,
+                                start,
+                                window.end,
+                                rest,
+                                output,
+                                buffers,
+                                stopped,
+                                meter,
+                                hasher,
+                            ):
+                                return None
+                        finally:
+                            for view in buffers:
+                                view.release()
                     _timing.mark("copy")
                     output.flush(plan.file_size)
                     _timing.mark("fsync")
@@ -505,6 +562,8 @@ def short_copy(
                     _timing.mark("rename")
                 finally:
                     output.abort()
+                    if source is not None:
+                        os.close(source)
                 warnings.extend(output.warnings)
             finally:
                 guard.close()
@@ -515,45 +574,8 @@ def short_copy(
         # with the last of them.
         with contextlib.suppress(BufferError):
             memory.close()
-    return _result(disk, output_format, window, plan, started, warnings, mode)
-
-
-def _write_short(
-    disk: VirtualDisk,
-    window: Window,
-    plan: OutputPlan,
-    output: OutputFile,
-    memory: mmap.mmap,
-    stopped: Callable[[], bool],
-) -> bool:
-    """The pipeline's stages, one buffer at a time: read, pad with zeros up to the
-    plan's data size, place; False when ``stopped`` said so."""
-    output.write(list(plan.metadata()))
-    offset = 0
-    with memoryview(memory) as whole:
-        while offset < plan.data_size:
-            if stopped():
-                return False
-            length = min(len(whole), plan.data_size - offset)
-            with whole[:length] as view:
-                have = max(0, min(length, window.length - offset))
-                if have:
-                    disk.read_into(window.start + offset, view[:have])
-                if have < length:
-                    view[have:] = bytes(length - have)
-                writes: list[tuple[int, Bytes]] = []
-                pos = 0
-                for extent in plan.data_extents(offset, length):
-                    writes.append((extent.file_offset, view[pos : pos + extent.length]))
-                    pos += extent.length
-                if pos != length:
-                    raise RuntimeError(f"output plan mapped {pos} of {length} bytes at {offset:#x}")
-                output.write(writes)
-                for _, piece in writes:
-                    if isinstance(piece, memoryview):
-                        piece.release()
-            offset += length
-    return True
+    checksum_value = None if hasher is None else Checksum(hasher.name, hasher.hexdigest())
+    return _result(disk, output_format, window, plan, started, warnings, mode, checksum_value)
 
 
 def _guest_mode(disk: VirtualDisk) -> tuple[str, str]:

@@ -30,6 +30,7 @@ from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS, check_input_format, che
 # command line is known good and the guest reader is starting: its start-up then
 # overlaps ours.
 if TYPE_CHECKING:
+    from aiodd.api import DdResult
     from aiodd.options import Cache, Isolation
     from aiodd.terminal import Renderer
 
@@ -302,18 +303,42 @@ def _print_warnings(warnings: Sequence[str]) -> None:
         write_quietly(sys.stderr, f"{PROG}: {warning}\n")
 
 
-async def _run(inv: Invocation) -> None:
-    from aiodd.api import dd
+def _renderer(inv: Invocation) -> Renderer | None:
+    """The progress renderer ``--progress`` asks for."""
+    if inv.progress == "none":
+        return None
     from aiodd.terminal import BarRenderer, JsonRenderer, PercentRenderer
 
-    assert inv.src is not None and inv.dst is not None
-    renderer: Renderer | None = None
     if inv.progress == "percent":
-        renderer = PercentRenderer(sys.stdout)
-    elif inv.progress == "bar":
-        renderer = BarRenderer(sys.stderr)  # dd status=progress's stream
-    elif inv.progress == "json":
-        renderer = JsonRenderer(sys.stderr)
+        return PercentRenderer(sys.stdout)
+    if inv.progress == "bar":
+        return BarRenderer(sys.stderr)  # dd status=progress's stream
+    return JsonRenderer(sys.stderr)
+
+
+def _finish(inv: Invocation, renderer: Renderer | None, result: DdResult) -> None:
+    """What a copy prints once its output is in place: the progress summary, the
+    warnings, the checksum."""
+    assert inv.dst is not None
+    checksum = None if result.checksum is None else str(result.checksum)
+    if renderer is not None:
+        from aiodd.terminal import JsonRenderer
+
+        if isinstance(renderer, JsonRenderer):
+            renderer.finish(checksum=checksum)
+        else:
+            renderer.finish()  # the summary, only once the output is in place
+    _print_warnings(result.warnings)
+    if checksum is not None:
+        _print_checksum(checksum, inv.dst)
+
+
+async def _run(inv: Invocation) -> None:
+    """A copy with holes (``--sparse``): the library's pipeline, on an event loop."""
+    from aiodd.api import dd
+
+    assert inv.src is not None and inv.dst is not None
+    renderer = _renderer(inv)
     try:
         result = await dd(
             inv.src,
@@ -327,37 +352,40 @@ async def _run(inv: Invocation) -> None:
         if renderer is not None:
             renderer.close()  # ends the line, so that the error line starts afresh
         raise
-    checksum = None if result.checksum is None else str(result.checksum)
-    if isinstance(renderer, JsonRenderer):
-        renderer.finish(checksum=checksum)
-    elif renderer is not None:
-        renderer.finish()  # the summary, only once the output is in place
-    _print_warnings(result.warnings)
-    if checksum is not None:
-        _print_checksum(checksum, inv.dst)
+    _finish(inv, renderer, result)
 
 
-def _is_short(inv: Invocation) -> bool:
-    """Whether the window is at most SHORT_COPY bytes, as the operands alone tell it, and
-    nothing asked for needs the pipeline (progress, a checksum, holes)."""
-    if inv.count is None or inv.progress != "none" or inv.checksum is not None or inv.sparse:
-        return False
-    return (inv.count - inv.skip) * inv.bs <= options.SHORT_COPY
+def _is_plain(inv: Invocation) -> bool:
+    """Whether nothing asked for needs the pipeline's event loop: only holes do."""
+    return not inv.sparse
 
 
-def _run_short(inv: Invocation, signals: _Signals) -> bool:
-    """A short copy, with no event loop (aiodd.api.short_copy); False when a signal
+def _run_plain(inv: Invocation, signals: _Signals) -> bool:
+    """The copy without an event loop (aiodd.api.plain_copy); False when a signal
     stopped it before the output was in place."""
-    from aiodd.api import short_copy
+    from aiodd.api import plain_copy
 
     _timing.mark("library imported")
     assert inv.src is not None and inv.dst is not None
-    result = short_copy(
-        inv.src, inv.dst, stopped=lambda: signals.received is not None, **_copy_args(inv)
-    )
+    renderer = _renderer(inv)
+    try:
+        result = plain_copy(
+            inv.src,
+            inv.dst,
+            stopped=lambda: signals.received is not None,
+            on_progress=renderer,
+            checksum=inv.checksum,
+            **_copy_args(inv),
+        )
+    except BaseException:
+        if renderer is not None:
+            renderer.close()
+        raise
     if result is None:
+        if renderer is not None:
+            renderer.close()
         return False
-    _print_warnings(result.warnings)
+    _finish(inv, renderer, result)
     return True
 
 
@@ -438,8 +466,8 @@ def _main(args: list[str], signals: _Signals) -> int:
                 # command started it already: aiodd._command).
                 if prestart():
                     _timing.mark("guest spawned")
-            if _is_short(inv):
-                completed = _run_short(inv, signals)
+            if _is_plain(inv):
+                completed = _run_plain(inv, signals)
             else:
                 import anyio
 

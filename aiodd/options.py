@@ -36,11 +36,6 @@ PROGRESS_MODES = ("none", "percent", "bar", "json")
 # The digests --checksum offers, by their hashlib names: strong, and fast enough in
 # hashlib to keep up with the disk (docs/usage.md, "Checksum").
 CHECKSUM_ALGORITHMS = ("sha256", "sha512", "blake2b")
-# The longest window the command line copies without an event loop
-# (aiodd.api.short_copy): one pool buffer (aiodd.buffers.DEFAULT_UNIT), which the
-# pipeline's concurrency could not speed up anyway.
-SHORT_COPY = 4 << 20
-
 # qemu-img dd's ranges: bs is an int, count and skip are int64.
 SIZE_RANGES = {"bs": (1, BS_MAX), "count": (0, INT64_MAX), "skip": (0, INT64_MAX)}
 IO_SIZE_MIN = 64 * 1024

@@ -157,7 +157,7 @@ def run_checksum(b: Bench) -> Section:
             f"--checksum: {human(s.main)} random raw → raw",
             checksum_results,
             "Every aiodd row writes durably, as always (O_DIRECT, fsync before the rename). "
-            "own s: the pipeline's own time (the last `--progress=json` record), or for the "
+            "own s: the copy's own time (the last `--progress=json` record), or for the "
             "hashlib rows the hashing's own time, without the interpreter's start.  The row "
             "`aiodd, then sha256sum OUTPUT` hashes the output after the copy instead, with "
             "coreutils sha256sum (which reads it back from the disk: aiodd's O_DIRECT writes "

@@ -228,7 +228,7 @@ def run(b: Bench) -> Section:
         Table(
             f"Where aiodd's time goes ({human(s.main)}, bs=1M)",
             split_results,
-            "copy s: the pipeline's own elapsed time (the last `--progress=json` record); "
+            "copy s: the copy's own elapsed time (the last `--progress=json` record); "
             f"start-up: `python -c 'import aiodd.cli'` ({startup:.3f} s, fixed-cost table); "
             "rest s = median - copy - start-up: opening the input (and the guest), "
             "creating the output, the final fsync, rename and exit.",

@@ -22,13 +22,12 @@ left it idle for 5 % of the copy (docs/performance.md, "The hash alone").
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+if TYPE_CHECKING:  # the copy without an event loop hashes with this module too
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from aiodd.buffers import BufferPool, Chunk
-from aiodd.workers import WorkerThreads
+    from aiodd.buffers import BufferPool, Chunk
 
 _ZERO_PIECE = bytes(1 << 20)
 
@@ -39,7 +38,7 @@ class Hasher(Protocol):
     def update(self, data: bytes | memoryview, /) -> None: ...
 
 
-def _pad(hasher: Hasher, length: int) -> None:
+def hash_zeros(hasher: Hasher, length: int) -> None:
     """Hash ``length`` zeros, a MiB at a time."""
     while length > 0:
         n = min(length, len(_ZERO_PIECE))
@@ -55,6 +54,9 @@ async def digest_stream(
     send: MemoryObjectSendStream[Chunk],
 ) -> None:
     """Hash every chunk in order, then ``padding`` zeros, passing the chunks on unchanged."""
+    import anyio
+
+    from aiodd.workers import WorkerThreads
 
     def hashed(chunk: Chunk, error: BaseException | None) -> None:
         pool.release(chunk.buffer)
@@ -70,4 +72,4 @@ async def digest_stream(
             hash_thread.put(chunk)
             await send.send(chunk)
     if padding > 0:
-        await anyio.to_thread.run_sync(_pad, hasher, padding)
+        await anyio.to_thread.run_sync(hash_zeros, hasher, padding)

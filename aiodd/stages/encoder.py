@@ -14,18 +14,22 @@ final, then the rest at the end.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from aiodd.buffers import Bytes, WriteOp
 
-from aiodd.buffers import Bytes, Chunk, WriteOp
-from aiodd.formats.base import OutputPlan, SparsePlan
+if TYPE_CHECKING:  # the copy without an event loop batches metadata here too, without anyio
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+    from aiodd.buffers import Chunk
+    from aiodd.formats.base import OutputPlan, SparsePlan
 
 # Metadata blocks are small and many (L2 tables, BAT pages): batch them into writes
 # of about a pool buffer so each thread hand-off moves enough bytes.
 METADATA_BATCH = 4 * 1024 * 1024
 
 
-def _metadata_batches(
+def metadata_batches(
     blocks: Iterator[tuple[int, bytes]],
 ) -> Iterator[list[tuple[int, Bytes]]]:
     batch: list[tuple[int, Bytes]] = []
@@ -46,7 +50,7 @@ async def encode_stream(
     send: MemoryObjectSendStream[WriteOp],
 ) -> None:
     async with receive, send:
-        for batch in _metadata_batches(plan.metadata()):
+        for batch in metadata_batches(plan.metadata()):
             await send.send(WriteOp(batch))
         async for chunk in receive:
             data = chunk.data
@@ -68,7 +72,7 @@ async def encode_sparse(
     send: MemoryObjectSendStream[WriteOp],
 ) -> None:
     async with receive, send:
-        for batch in _metadata_batches(plan.head()):
+        for batch in metadata_batches(plan.head()):
             await send.send(WriteOp(batch))
         async for chunk in receive:
             data = chunk.data
@@ -86,5 +90,5 @@ async def encode_sparse(
                     )
             writes += plan.ready(chunk.offset + chunk.length)
             await send.send(WriteOp(writes, chunk, chunk.length))
-        for batch in _metadata_batches(plan.finish()):
+        for batch in metadata_batches(plan.finish()):
             await send.send(WriteOp(batch))

@@ -31,6 +31,7 @@ import functools
 import os
 import stat
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiodd.errors import OutputError, UsageError
@@ -612,7 +613,7 @@ async def sink_stream(
                 spans = output.granules(op.writes)
                 await slots.acquire()
                 try:
-                    while clash := [e for s, e in busy.values() if _clash(s, spans)]:
+                    while clash := [e for s, e in busy.values() if granules_clash(s, spans)]:
                         await clash[0].wait()
                 except BaseException:
                     slots.release()
@@ -626,7 +627,7 @@ async def sink_stream(
             writers.put((key, op))
 
 
-def _clash(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+def granules_clash(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
     return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
 
 
@@ -641,6 +642,47 @@ CLONE_ALIGN = 4096
 
 def _copy_range(source: int, target: int, length: int, src: int, dst: int) -> int:
     return os.copy_file_range(source, target, length, src, dst)
+
+
+def clone_range(
+    output: OutputFile,
+    source: int,
+    start: int,
+    length: int,
+    meter: ProgressMeter,
+    stopped: Callable[[], bool],
+    chunk: int | None = None,
+) -> int:
+    """:func:`clone_stream` without an event loop: ``stopped`` is asked before each call."""
+    chunk = chunk or CLONE_CHUNK
+    length -= length % CLONE_ALIGN
+    done = reported = 0
+    while done < length and not stopped():
+        n = _clone_step(output, source, start, length, done, chunk)
+        if n is None:
+            break
+        done += n
+        reported = _report_clone(meter, done, reported)
+    return reported
+
+
+def _report_clone(meter: ProgressMeter, done: int, reported: int) -> int:
+    """Count the clone's whole :data:`CLONE_ALIGN` blocks done; what is counted now."""
+    whole = done - done % CLONE_ALIGN
+    if whole > reported:
+        meter.advance(whole - reported)
+    return max(whole, reported)
+
+
+def _clone_step(
+    output: OutputFile, source: int, start: int, length: int, done: int, chunk: int
+) -> int | None:
+    """One ``copy_file_range`` call of a clone; None where the clone stops."""
+    try:
+        n = _copy_range(source, output.fd, min(chunk, length - done), start + done, done)
+    except OSError:
+        return None
+    return n if n > 0 else None  # 0: the input ended early, it shrank since it was opened
 
 
 async def clone_stream(
@@ -667,17 +709,9 @@ async def clone_stream(
     length -= length % CLONE_ALIGN
     done = reported = 0
     while done < length:
-        try:
-            n = await anyio.to_thread.run_sync(
-                _copy_range, source, output.fd, min(chunk, length - done), start + done, done
-            )
-        except OSError:
+        n = await anyio.to_thread.run_sync(_clone_step, output, source, start, length, done, chunk)
+        if n is None:
             break
-        if n <= 0:
-            break  # the input ended early: it shrank since it was opened
         done += n
-        whole = done - done % CLONE_ALIGN
-        if whole > reported:
-            meter.advance(whole - reported)
-            reported = whole
+        reported = _report_clone(meter, done, reported)
     return reported
