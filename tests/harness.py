@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiodd import chain
 from aiodd.cli import main
 
 
@@ -49,3 +50,14 @@ def qemu_dd(args: list[str], output: Path) -> Outcome:
 def leftovers(directory: Path) -> list[str]:
     """Temporary files aiodd may have left behind."""
     return sorted(p.name for p in directory.iterdir() if "aiodd-tmp" in p.name)
+
+
+def virtual_disk(path: Path, fmt: str) -> bytes:
+    """The whole virtual disk of image ``path``, decoded inline."""
+    disk = chain.open_input(str(path), fmt, isolation="inline")
+    try:
+        data = bytearray(disk.virtual_size)
+        disk.read_into(0, memoryview(data))
+        return bytes(data)
+    finally:
+        disk.close()

@@ -11,10 +11,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from aiodd import chain
 from aiodd._command import needs_no_guest
 from aiodd.api import dd
 from aiodd.cli import _is_plain, main, parse_args
+from tests.harness import virtual_disk
 
 MiB = 1 << 20
 OUTPUTS = ("raw", "qcow2", "vmdk", "vpc", "vhdx")
@@ -32,16 +32,6 @@ def image(tmp_path: Path) -> Path:
     path = tmp_path / "in.raw"
     path.write_bytes(os.urandom(IMAGE_SIZE))
     return path
-
-
-def _virtual_disk(path: Path, fmt: str) -> bytes:
-    disk = chain.open_input(str(path), fmt, isolation="inline")
-    try:
-        data = bytearray(disk.virtual_size)
-        disk.read_into(0, memoryview(data))
-        return bytes(data)
-    finally:
-        disk.close()
 
 
 @pytest.mark.parametrize("window", WINDOWS, ids=lambda w: f"bs={w[0]},count={w[1]},skip={w[2]}")
@@ -62,7 +52,7 @@ def test_the_copy_without_a_loop_writes_what_the_pipeline_writes(
         )
     )
     assert short.stat().st_size == piped.stat().st_size
-    assert _virtual_disk(short, fmt) == _virtual_disk(piped, fmt)
+    assert virtual_disk(short, fmt) == virtual_disk(piped, fmt)
     if fmt == "raw":
         assert short.read_bytes() == piped.read_bytes()
     assert {p.name for p in tmp_path.iterdir()} == {"in.raw", short.name, piped.name}

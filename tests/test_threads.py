@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from aiodd import chain
 from aiodd.buffers import Bytes
 from aiodd.errors import ImageError, StageError
 from aiodd.formats import registry
 from aiodd.formats.base import Extent, OutputPlan
 from aiodd.pipeline.threads import copy_in_threads
 from aiodd.stages.sink import WRITES_IN_FLIGHT, OutputFile
+from tests.harness import virtual_disk
 
 UNIT = 64 << 10
 THREADS = 4
@@ -70,16 +70,6 @@ def _output(tmp_path: Path, fmt: str, length: int) -> tuple[OutputFile, OutputPl
     return OutputFile.create(str(tmp_path / f"out.{fmt}"), plan.file_size, raw=fmt == "raw"), plan
 
 
-def _read_back(path: Path, fmt: str) -> bytes:
-    disk = chain.open_input(str(path), fmt, isolation="inline")
-    try:
-        data = bytearray(disk.virtual_size)
-        disk.read_into(0, memoryview(data))
-        return bytes(data)
-    finally:
-        disk.close()
-
-
 @pytest.mark.parametrize("fmt", ["raw", "qcow2", "vpc", "vhdx", "vmdk"])
 @pytest.mark.parametrize(("start", "end"), [(0, SIZE), (4096 + 3, SIZE - 100), (0, 100)])
 def test_the_threads_copy_the_window(
@@ -92,7 +82,7 @@ def test_the_threads_copy_the_window(
         output.commit(plan.file_size)
     finally:
         output.abort()
-    data = _read_back(tmp_path / f"out.{fmt}", fmt)
+    data = virtual_disk(tmp_path / f"out.{fmt}", fmt)
     assert data[: end - start] == expected(start, end - start)
     assert not any(data[end - start : plan.data_size])  # the zero padding
     if end - start > UNIT:
