@@ -360,3 +360,32 @@ def test_a_progress_callback_that_raises_fails_the_copy_and_hears_no_more(
     finally:
         output.abort()
     assert len(calls) == 3
+
+
+def test_the_writes_do_not_wait_for_the_hash(
+    tmp_path: Path, buffers: list[memoryview], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first chunk's hash is held until every buffer's chunk is written."""
+    output, plan = _output(tmp_path, "raw", SIZE)
+    written = threading.Semaphore(0)
+    write = output.write
+
+    def counted(writes: list[tuple[int, Bytes]]) -> None:
+        write(writes)
+        written.release()
+
+    class HeldHash(Hash):
+        def update(self, data: bytes | memoryview, /) -> None:
+            if not hasattr(self, "held"):
+                self.held = all(written.acquire(timeout=10) for _ in range(THREADS))
+            super().update(data)
+
+    monkeypatch.setattr(output, "write", counted)
+    hasher = HeldHash()
+    try:
+        assert copy_in_threads(
+            FakeDisk(SIZE), 0, SIZE, plan, output, buffers, lambda: False, hasher=hasher
+        )
+    finally:
+        output.abort()
+    assert hasher.held

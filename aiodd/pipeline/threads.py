@@ -9,9 +9,10 @@ The stages and their rules are the pipeline's (docs/architecture.md, "The copy w
 an event loop"): read a chunk of the window, pad the window's end with zeros up to the
 plan's data size, hash it in order (``--checksum``), map it to the file's extents,
 write, count it for progress.  Each thread takes one chunk through all of them, in its
-own buffer; chunks are handed out in order, and a thread hashes its chunk once the one
-before it is hashed.  At most ``output.writes_in_flight`` writes run at once, and never
-two that share a write granule.  A corrupt image is reported as a sequential reader
+own buffer, but for the hash: one more thread hashes the chunks in order as they are
+read, beside their writes, and a buffer is taken again once both are done with it.
+At most ``output.writes_in_flight`` writes run at once, and never two that share a
+write granule.  A corrupt image is reported as a sequential reader
 would report it: the error of the lowest chunk that fails; once the copy fails, no
 further chunk is written, hashed or counted.
 """
@@ -56,15 +57,18 @@ def copy_in_threads(
         _in_stage("sink", output.write, batch)
     unit = len(buffers[0])
     copy = _Copy(disk, start, end, plan, output, unit, stopped, meter, hasher)
-    if plan.data_size <= unit:
-        copy.run(buffers[0])
-    else:
+    alone = plan.data_size <= unit  # one chunk: read and written in this thread
+    threads = [] if alone else [threading.Thread(target=copy.run, args=(v,)) for v in buffers]
+    if threads:
         output.reserve(plan.file_size)  # a dense file, allocated whole: OutputFile.reserve
-        threads = [threading.Thread(target=copy.run, args=(view,)) for view in buffers]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    if hasher is not None:
+        threads.append(threading.Thread(target=copy.hash_in_order, args=(hasher,)))
+    for thread in threads:
+        thread.start()
+    if alone:
+        copy.run(buffers[0])
+    for thread in threads:
+        thread.join()
     if copy.failures:
         raise min(copy.failures, key=lambda failure: failure[0])[1]
     if copy.stopped:
@@ -112,9 +116,10 @@ class _Copy:
         self.asked_to_stop = stopped
         self.meter = meter
         self.hasher = hasher
+        self.unhashed: dict[int, memoryview] = {}  # read, for the hash thread
         self.hashed = 0  # the data stream's bytes hashed, in order
+        self.hash_done = False
         self.next_offset = 0  # in the output's data stream
-        self.limit = plan.data_size  # lowered to the first failing chunk
         self.failures: list[tuple[int, BaseException]] = []
         self.stopped = False
         self.changed = threading.Condition()
@@ -122,16 +127,18 @@ class _Copy:
 
     def run(self, buffer: memoryview) -> None:
         while (offset := self._take()) is not None:
-            length = min(self.unit, self.limit - offset, self.plan.data_size - offset)
-            view = buffer[:length]
+            view = buffer[: min(self.unit, self.plan.data_size - offset)]
             try:
                 writes = self._read(offset, view)
-                if self._hash(offset, view):
+                handed = self._hand_to_hash(offset, view)
+                try:
                     self._write(offset, writes, len(view))
+                finally:
+                    if handed:  # the buffer is free once the hash is done with it too
+                        self._wait_hashed(offset + len(view))
             except BaseException as exc:
                 with self.changed:
                     self.failures.append((offset, exc))
-                    self.limit = min(self.limit, offset)
                     self.changed.notify_all()
                 return
             finally:
@@ -140,14 +147,55 @@ class _Copy:
     def _take(self) -> int | None:
         """The next chunk's offset, or None once there is none, or the copy stops."""
         with self.changed:
-            if self.stopped or self.failures or self.next_offset >= self.limit:
+            if self.stopped or self.failures or self.next_offset >= self.plan.data_size:
                 return None
             if self.asked_to_stop():
                 self.stopped = True
+                self.changed.notify_all()  # the hash thread waits for no further chunk
                 return None
             offset = self.next_offset
             self.next_offset += self.unit
             return offset
+
+    def _hand_to_hash(self, offset: int, view: memoryview) -> bool:
+        if self.hasher is None:
+            return False
+        with self.changed:
+            self.unhashed[offset] = view
+            self.changed.notify_all()
+        return True
+
+    def _wait_hashed(self, end: int) -> None:
+        with self.changed:
+            while self.hashed < end and not self.hash_done:
+                self.changed.wait()
+
+    def hash_in_order(self, hasher: Hasher) -> None:
+        """The hash thread: every chunk the others hand over, in order, beside their
+        writes; it ends when the data stream is hashed, or once no chunk will come."""
+        offset = 0
+        try:
+            while offset < self.plan.data_size:
+                with self.changed:
+                    while offset not in self.unhashed:
+                        if self.failures or (self.stopped and offset >= self.next_offset):
+                            return
+                        self.changed.wait()
+                    view = self.unhashed.pop(offset)
+                try:
+                    _in_stage("digest", hasher.update, view)
+                except BaseException as exc:
+                    with self.changed:
+                        self.failures.append((offset, exc))
+                    return
+                offset += len(view)
+                with self.changed:
+                    self.hashed = offset
+                    self.changed.notify_all()
+        finally:
+            with self.changed:
+                self.hash_done = True
+                self.changed.notify_all()
 
     def _read(self, offset: int, view: memoryview) -> list[tuple[int, Bytes]]:
         """Fill ``view`` with the data stream at ``offset``; its writes, as the encoder's."""
@@ -167,24 +215,6 @@ class _Copy:
         if pos != len(view):
             raise RuntimeError(f"output plan mapped {pos} of {len(view)} bytes at {offset:#x}")
         return writes
-
-    def _hash(self, offset: int, view: memoryview) -> bool:
-        """Hash the chunk once every byte before it is hashed; False if the copy failed
-        meanwhile."""
-        if self.hasher is None:
-            return True
-        with self.changed:
-            while self.hashed != offset:
-                if self.failures:
-                    return False
-                self.changed.wait()
-        try:
-            _in_stage("digest", self.hasher.update, view)
-        finally:
-            with self.changed:
-                self.hashed += len(view)
-                self.changed.notify_all()
-        return True
 
     def _write(self, offset: int, writes: list[tuple[int, Bytes]], length: int) -> None:
         """Write, once a write may start: under the limit in flight, sharing no granule;
