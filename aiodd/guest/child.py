@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 
 WORKERS = 2
-VMS = 2  # the host asks for two reads at once (stages/reader.py's workers)
+VMS = 2  # two reads decode at once, one per core; the host may queue more
 M_TRIM_THRESHOLD = -1
 M_ARENA_MAX = -8
 THREAD_STACK = 1 << 20  # worker threads need little stack; keeps RLIMIT_AS meaningful
