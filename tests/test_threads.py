@@ -389,3 +389,30 @@ def test_the_writes_do_not_wait_for_the_hash(
     finally:
         output.abort()
     assert hasher.held
+
+
+@pytest.mark.parametrize("with_hash", [False, True])
+def test_a_thread_that_cannot_start_stops_the_others(
+    tmp_path: Path, buffers: list[memoryview], monkeypatch: pytest.MonkeyPatch, with_hash: bool
+) -> None:
+    """The threads already running finish their chunk and end; none is left behind."""
+    real_start = threading.Thread.start
+    calls: list[threading.Thread] = []
+
+    def start(self: threading.Thread) -> None:
+        calls.append(self)
+        if len(calls) == 3:
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    output, plan = _output(tmp_path, "raw", SIZE)
+    try:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            copy_in_threads(
+                FakeDisk(SIZE), 0, SIZE, plan, output, buffers, lambda: False,
+                hasher=Hash() if with_hash else None,
+            )  # fmt: skip
+    finally:
+        output.abort()
+    assert not any(thread.is_alive() for thread in calls)

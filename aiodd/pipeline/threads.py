@@ -61,14 +61,20 @@ def copy_in_threads(
     threads = [] if alone else [threading.Thread(target=copy.run, args=(v,)) for v in buffers]
     if threads:
         output.reserve(plan.file_size)  # a dense file, allocated whole: OutputFile.reserve
-    if hasher is not None:
-        threads.append(threading.Thread(target=copy.hash_in_order, args=(hasher,)))
-    for thread in threads:
-        thread.start()
-    if alone:
-        copy.run(buffers[0])
-    for thread in threads:
-        thread.join()
+    if hasher is not None:  # first: the others wait for it
+        threads.insert(0, threading.Thread(target=copy.hash_in_order, args=(hasher,)))
+    started: list[threading.Thread] = []
+    try:
+        for thread in threads:
+            thread.start()
+            started.append(thread)
+        if alone:
+            copy.run(buffers[0])
+    finally:
+        if len(started) < len(threads):  # no thread to be had: the others stop too
+            copy.stop()
+        for thread in started:
+            thread.join()
     if copy.failures:
         raise min(copy.failures, key=lambda failure: failure[0])[1]
     if copy.stopped:
@@ -143,6 +149,12 @@ class _Copy:
                 return
             finally:
                 view.release()
+
+    def stop(self) -> None:
+        """No further chunk: those taken are finished."""
+        with self.changed:
+            self.stopped = True
+            self.changed.notify_all()
 
     def _take(self) -> int | None:
         """The next chunk's offset, or None once there is none, or the copy stops."""
