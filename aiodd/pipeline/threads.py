@@ -28,7 +28,7 @@ from aiodd.errors import AioddError, StageError
 from aiodd.formats.base import OutputPlan, VirtualDisk
 from aiodd.progress import ProgressMeter
 from aiodd.stages.digest import Hasher, hash_zeros
-from aiodd.stages.encoder import metadata_batches
+from aiodd.stages.encoder import metadata_batches, place
 from aiodd.stages.sink import OutputFile, granules_clash
 
 
@@ -62,7 +62,7 @@ def copy_in_threads(
     if threads:
         output.reserve(plan.file_size)  # a dense file, allocated whole: OutputFile.reserve
     if hasher is not None:  # first: the others wait for it
-        threads.insert(0, threading.Thread(target=copy.hash_in_order, args=(hasher,)))
+        threads.insert(0, threading.Thread(target=copy.hash_in_order))
     started: list[threading.Thread] = []
     try:
         for thread in threads:
@@ -182,9 +182,11 @@ class _Copy:
             while self.hashed < end and not self.hash_done:
                 self.changed.wait()
 
-    def hash_in_order(self, hasher: Hasher) -> None:
+    def hash_in_order(self) -> None:
         """The hash thread: every chunk the others hand over, in order, beside their
         writes; it ends when the data stream is hashed, or once no chunk will come."""
+        hasher = self.hasher
+        assert hasher is not None
         offset = 0
         try:
             while offset < self.plan.data_size:
@@ -216,17 +218,7 @@ class _Copy:
             _in_stage("reader", self.disk.read_into, self.start + offset, view[:have])
         if have < len(view):
             view[have:] = bytes(len(view) - have)
-        return _in_stage("encoder", self._place, offset, view)
-
-    def _place(self, offset: int, view: memoryview) -> list[tuple[int, Bytes]]:
-        writes: list[tuple[int, Bytes]] = []
-        pos = 0
-        for extent in self.plan.data_extents(offset, len(view)):
-            writes.append((extent.file_offset, view[pos : pos + extent.length]))
-            pos += extent.length
-        if pos != len(view):
-            raise RuntimeError(f"output plan mapped {pos} of {len(view)} bytes at {offset:#x}")
-        return writes
+        return _in_stage("encoder", place, self.plan, offset, view)
 
     def _write(self, offset: int, writes: list[tuple[int, Bytes]], length: int) -> None:
         """Write, once a write may start: under the limit in flight, sharing no granule;

@@ -44,6 +44,19 @@ def metadata_batches(
         yield batch
 
 
+def place(plan: OutputPlan, offset: int, data: memoryview) -> list[tuple[int, Bytes]]:
+    """The writes that put ``data``, the data stream's bytes at ``offset``, where ``plan``
+    says they go."""
+    writes: list[tuple[int, Bytes]] = []
+    pos = 0
+    for extent in plan.data_extents(offset, len(data)):
+        writes.append((extent.file_offset, data[pos : pos + extent.length]))
+        pos += extent.length
+    if pos != len(data):
+        raise RuntimeError(f"output plan mapped {pos} of {len(data)} bytes at {offset:#x}")
+    return writes
+
+
 async def encode_stream(
     plan: OutputPlan,
     receive: MemoryObjectReceiveStream[Chunk],
@@ -53,17 +66,7 @@ async def encode_stream(
         for batch in metadata_batches(plan.metadata()):
             await send.send(WriteOp(batch))
         async for chunk in receive:
-            data = chunk.data
-            writes: list[tuple[int, Bytes]] = []
-            pos = 0
-            for extent in plan.data_extents(chunk.offset, chunk.length):
-                writes.append((extent.file_offset, data[pos : pos + extent.length]))
-                pos += extent.length
-            if pos != chunk.length:
-                raise RuntimeError(
-                    f"output plan mapped {pos} of {chunk.length} bytes at {chunk.offset:#x}"
-                )
-            await send.send(WriteOp(writes, chunk, chunk.length))
+            await send.send(WriteOp(place(plan, chunk.offset, chunk.data), chunk, chunk.length))
 
 
 async def encode_sparse(
