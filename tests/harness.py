@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aiodd import chain
 from aiodd.cli import main
+from aiodd.formats.base import VirtualDisk
 
 
 @dataclass
@@ -54,7 +55,11 @@ def leftovers(directory: Path) -> list[str]:
 
 def virtual_disk(path: Path, fmt: str) -> bytes:
     """The whole virtual disk of image ``path``, decoded inline."""
-    disk = chain.open_input(str(path), fmt, isolation="inline")
+    return whole_disk(chain.open_input(str(path), fmt, isolation="inline"))
+
+
+def whole_disk(disk: VirtualDisk) -> bytes:
+    """Every byte of ``disk``, which is closed after."""
     try:
         data = bytearray(disk.virtual_size)
         disk.read_into(0, memoryview(data))

@@ -26,15 +26,10 @@ def cluster(seed: int, size: int) -> bytes:
 
 def read_whole(decoder: Decoder, data: bytes, name: str, files: dict[str, bytes] | None) -> bytes:
     """The whole virtual disk of ``data`` (named ``name``), decoded in memory."""
+    from tests.harness import whole_disk
     from tests.test_decode_qcow2 import MemFile, MemResolver
 
-    disk = decoder.open_disk(MemFile(data, name), MemResolver(files))
-    try:
-        buf = bytearray(disk.virtual_size)
-        disk.read_into(0, memoryview(buf))
-        return bytes(buf)
-    finally:
-        disk.close()
+    return whole_disk(decoder.open_disk(MemFile(data, name), MemResolver(files)))
 
 
 def refusal(
