@@ -406,12 +406,12 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
     )
     assert proc.stderr is not None
     with proc.stderr:
-        proc.stderr.readline()  # the first progress record: the copy has started
+        first = proc.stderr.readline()  # the first progress record: the copy has started
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         rest = proc.stderr.read()
     status = proc.wait(timeout=60)
-    assert status == 130
+    assert status == 130, first + rest  # what the command said, if it did not stop so
     assert rest.endswith("aiodd: interrupted; no output was written\n")
     assert out.read_bytes() == b"precious"
     assert leftovers(tmp_path) == []
