@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check", action="store_true", help="exit 3 when any floor fails (default: report only)"
     )
+    p.add_argument(
+        "--keep-page-reporting",
+        action="store_true",
+        help="leave the kernel's free page reporting (virtio-balloon) on, as it is; by default "
+        "the bench turns it off for the run where it may, so that page-cache copies run at one "
+        'speed (docs/performance.md, "Two speeds")',
+    )
     return p
 
 
@@ -114,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
     try:
-        return _run(args, only, config, log, started)
+        with machine.steady_page_cache(args.keep_page_reporting, log) as reporting:
+            return _run(args, only, config, log, started, reporting)
     finally:
         if args.keep:
             log(f"work directory kept: {workdir}")
@@ -128,9 +136,11 @@ def _run(
     config: Config,
     log: Callable[[str], None],
     started: float,
+    reporting: str,
 ) -> int:
     bench = Bench(config, log)
     facts = machine.describe(config.workdir, config.aiodd, config.python)
+    facts.append(("free page reporting", reporting))
     mode = "quick" if config.quick else "full"
     facts.append(("bench", f"{mode}; {config.runs} runs per case unless the table says otherwise"))
     head = "## Machine\n\n" + machine.render(facts)
