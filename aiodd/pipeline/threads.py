@@ -151,7 +151,8 @@ class _Copy:
                 view.release()
 
     def stop(self) -> None:
-        """No further chunk: those taken are finished."""
+        """No further chunk: those taken are finished (``changed`` is re-entrant: callers
+        may hold it)."""
         with self.changed:
             self.stopped = True
             self.changed.notify_all()
@@ -162,8 +163,7 @@ class _Copy:
             if self.stopped or self.failures or self.next_offset >= self.plan.data_size:
                 return None
             if self.asked_to_stop():
-                self.stopped = True
-                self.changed.notify_all()  # the hash thread waits for no further chunk
+                self.stop()  # the hash thread then waits for no further chunk
                 return None
             offset = self.next_offset
             self.next_offset += self.unit
