@@ -8,7 +8,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aiodd import _timing, chain, options
 from aiodd.buffers import DEFAULT_COUNT, DEFAULT_UNIT
@@ -28,8 +28,7 @@ from aiodd.window import Window, compute_window
 SKIP_WARNING = "cannot skip to specified offset"
 
 
-@dataclass(frozen=True)
-class Checksum:
+class Checksum(NamedTuple):
     """The digest of the output's virtual disk: every byte a guest sees, the zero
     padding included (what ``qemu-img convert -O raw`` of the output holds).
     ``str()`` gives ``ALGORITHM:HEX``, as the command line prints it."""
@@ -41,8 +40,7 @@ class Checksum:
         return f"{self.algorithm}:{self.hexdigest}"
 
 
-@dataclass(frozen=True)
-class DdResult:
+class DdResult(NamedTuple):
     """What a finished copy did."""
 
     input_format: str
@@ -51,7 +49,7 @@ class DdResult:
     window: Window  # the input bytes [start, end) that were copied
     output_size: int  # the output's virtual size (the window, zero-padded)
     elapsed: float
-    warnings: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = ()
     # Where the input was decoded: "kvm" (the KVM guest reader), "sandbox" (the Python
     # decoders in the guest process) or "inline" (this process); and why, e.g.
     # "auto: /dev/kvm available" (docs/usage.md, "Isolation modes").

@@ -13,11 +13,9 @@ stage imports another: see docs/architecture.md ("The flow").
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import mmap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,22 +31,35 @@ ZERO_GRANULE = 4096
 Run = tuple[int, int]  # (offset, length)
 
 
-@dataclass(eq=False)
+# Plain classes with slots, not dataclasses: importing dataclasses (with inspect) costs
+# every copy milliseconds of start-up (docs/performance.md, "Start-up").  Compared by
+# identity: two chunks of equal bytes are still two hand-offs.
 class Buffer:
-    index: int
-    view: memoryview  # the whole slot; stages use ``view[:length]``
+    __slots__ = ("index", "view")
+
+    def __init__(self, index: int, view: memoryview) -> None:
+        self.index = index
+        self.view = view  # the whole slot; stages use ``view[:length]``
 
 
-@dataclass(eq=False)
 class Chunk:
     """``length`` bytes at ``offset`` (virtual-disk or output offset, per stage) in ``buffer``."""
 
-    offset: int
-    length: int
-    buffer: Buffer
-    # The parts that hold a non-zero byte, relative to ``offset``, at ZERO_GRANULE
-    # (aligned to the output's offsets); None when nobody looked (then all of it is data).
-    runs: list[Run] | None = None
+    __slots__ = ("buffer", "length", "offset", "runs")
+
+    def __init__(
+        self, offset: int, length: int, buffer: Buffer, runs: list[Run] | None = None
+    ) -> None:
+        self.offset = offset
+        self.length = length
+        self.buffer = buffer
+        # The parts that hold a non-zero byte, relative to ``offset``, at ZERO_GRANULE
+        # (aligned to the output's offsets); None when nobody looked (then all of it is
+        # data).
+        self.runs = runs
+
+    def __repr__(self) -> str:
+        return f"Chunk(offset={self.offset}, length={self.length}, buffer={self.buffer.index})"
 
     @property
     def data(self) -> memoryview:
@@ -58,18 +69,24 @@ class Chunk:
 Bytes = bytes | memoryview
 
 
-@dataclass(eq=False)
 class WriteOp:
     """Writes for the sink; ``chunk`` goes back to the pool once they are done."""
 
-    writes: list[tuple[int, Bytes]]
-    chunk: Chunk | None = None
-    data_bytes: int = 0  # window bytes in this op, for progress
+    __slots__ = ("chunk", "data_bytes", "writes")
+
+    def __init__(
+        self, writes: list[tuple[int, Bytes]], chunk: Chunk | None = None, data_bytes: int = 0
+    ) -> None:
+        self.writes = writes
+        self.chunk = chunk
+        self.data_bytes = data_bytes  # window bytes in this op, for progress
 
 
 @functools.cache
 def _memcmp() -> Callable[[int, int, int], int] | None:
     """libc's memcmp, which compares in place and releases the GIL (ctypes)."""
+    import ctypes  # here, not at the top: only --sparse needs it (2 ms of start-up)
+
     try:
         fn = ctypes.CDLL(None).memcmp
     except (OSError, AttributeError):  # pragma: no cover - no libc
@@ -120,6 +137,8 @@ def _data_runs(view: memoryview, granule: int) -> list[Run]:
     n = len(view)
     if not n:
         return []
+    import ctypes  # loaded by _memcmp already
+
     memcmp = _memcmp()
     try:
         address = ctypes.addressof(ctypes.c_char.from_buffer(view)) if memcmp else 0

@@ -10,7 +10,6 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypedDict
 
@@ -118,12 +117,15 @@ examples:
 """
 
 
-@dataclass
 class Invocation:
+    """What a command line asks for, filled in as it is parsed.  A plain class, not a
+    dataclass: importing dataclasses (with inspect) costs every copy milliseconds of
+    start-up (docs/performance.md, "Start-up")."""
+
     input_format: str | None = None
     output_format: str = "raw"
     progress: str = "none"
-    allow_backing: list[str] = field(default_factory=list)
+    allow_backing: list[str]
     isolation: Isolation = "auto"
     require_isolation: bool = False
     force_share: bool = False
@@ -138,7 +140,11 @@ class Invocation:
     show_help: bool = False
     show_version: bool = False
     verbose: bool = False
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str]
+
+    def __init__(self) -> None:
+        self.allow_backing = []
+        self.warnings = []
 
 
 # The command line's spellings of the library's option names, for UsageError.naming().

@@ -23,12 +23,12 @@ half is the thin ``fcntl`` layer.  Where the filesystem has no OFD locks (``EINV
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
 import stat
-from dataclasses import dataclass
+import struct
+from typing import NamedTuple
 
 from aiodd.errors import OutputError
 
@@ -53,16 +53,23 @@ PERM_NAMES = {
 _BITS = tuple(sorted(PERM_NAMES))
 
 
-@dataclass(frozen=True)
-class Access:
-    """What a user of a file needs (``perm``) and lets others have (``shared``)."""
-
+# The records here are NamedTuples, not dataclasses: every copy imports this module,
+# and dataclasses (with inspect) costs milliseconds of start-up (docs/performance.md,
+# "Start-up").
+class _AccessFields(NamedTuple):
     perm: int
     shared: int
 
-    def __post_init__(self) -> None:
-        if self.perm & ~ALL or self.shared & ~ALL:
-            raise ValueError(f"permission bits outside {ALL:#x}: {self}")
+
+class Access(_AccessFields):
+    """What a user of a file needs (``perm``) and lets others have (``shared``)."""
+
+    __slots__ = ()
+
+    def __new__(cls, perm: int, shared: int) -> Access:
+        if perm & ~ALL or shared & ~ALL:
+            raise ValueError(f"permission bits outside {ALL:#x}: Access({perm=}, {shared=})")
+        return super().__new__(cls, perm, shared)
 
 
 def lock_bytes(access: Access) -> frozenset[int]:
@@ -102,8 +109,7 @@ RAW_WRITER = Access(CONSISTENT_READ | WRITE, ALL)
 CREATOR = Access(WRITE | RESIZE, ALL & ~RESIZE)
 
 
-@dataclass(frozen=True)
-class LockSet:
+class LockSet(NamedTuple):
     """The bytes one role locks, and the bytes it tests for other users."""
 
     lock: frozenset[int]
@@ -164,29 +170,25 @@ F_OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", 38)
 UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOLCK})
 
 
-class _Flock(ctypes.Structure):
-    # struct flock with a 64-bit off_t (LP64 Linux): ctypes lays out the C padding.
-    _fields_ = (
-        ("l_type", ctypes.c_short),
-        ("l_whence", ctypes.c_short),
-        ("l_start", ctypes.c_int64),
-        ("l_len", ctypes.c_int64),
-        ("l_pid", ctypes.c_int),
-    )
+# struct flock with a 64-bit off_t (LP64 Linux), C padding spelled out: l_type,
+# l_whence, l_start, l_len, l_pid.  struct, not ctypes: ctypes costs every copy 2 ms
+# of start-up.
+_FLOCK = struct.Struct("=hh4xqqi4x")
 
 
-def _fcntl(fd: int, cmd: int, kind: int, byte: int, length: int = 1) -> _Flock:
+def _fcntl(fd: int, cmd: int, kind: int, byte: int, length: int = 1) -> int:
+    """The ``l_type`` of the answer."""
     # l_pid must be 0 for the OFD commands.
-    request = _Flock(kind, os.SEEK_SET, byte, length, 0)
-    answer = fcntl.fcntl(fd, cmd, bytes(request))
-    return _Flock.from_buffer_copy(answer)
+    answer = fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, byte, length, 0))
+    l_type: int = _FLOCK.unpack(answer)[0]
+    return l_type
 
 
 class Unsupported(Exception):
     """The file's filesystem does not take OFD locks."""
 
 
-def _call(fd: int, cmd: int, kind: int, byte: int) -> _Flock:
+def _call(fd: int, cmd: int, kind: int, byte: int) -> int:
     try:
         return _fcntl(fd, cmd, kind, byte)
     except OSError as exc:
@@ -197,8 +199,7 @@ def _call(fd: int, cmd: int, kind: int, byte: int) -> _Flock:
 
 def held_by_other(fd: int, byte: int) -> bool:
     """Whether another open file holds a lock on ``byte`` (QEMU's ``qemu_lock_fd_test``)."""
-    answer = _call(fd, F_OFD_GETLK, fcntl.F_WRLCK, byte)
-    return int(answer.l_type) != fcntl.F_UNLCK
+    return _call(fd, F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
 
 
 def take(fd: int, locks: LockSet) -> int | None:

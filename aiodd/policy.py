@@ -42,8 +42,7 @@ import posixpath
 import re
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from aiodd import locks
 from aiodd.errors import ImageError, InUseError, PolicyError
@@ -88,8 +87,7 @@ _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
-@dataclass(frozen=True)
-class Layer:
+class Layer(NamedTuple):
     """A file opened on the host: where its own references resolve, and its chain."""
 
     name: str  # as the user or the referring image spelled it (for messages)
@@ -98,8 +96,7 @@ class Layer:
     chain: frozenset[tuple[int, int]]  # (st_dev, st_ino) of this layer and those above
 
 
-@dataclass(frozen=True)
-class Opened:
+class Opened(NamedTuple):
     """A file the chain opened: what it is to the chain, for the output's check."""
 
     key: tuple[int, int]  # (st_dev, st_ino)

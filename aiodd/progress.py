@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiodd.errors import StageError
 
 
-@dataclass(frozen=True)
-class Progress:
+class Progress(NamedTuple):
     """A snapshot of a running copy.  ``total_bytes`` is the output's data length
     (the window plus the zero tail up to the output's virtual size).  ``isolation`` and
     ``isolation_reason`` say where the input is decoded and why, as

@@ -11,7 +11,7 @@ overflow simply exceeds every size.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 SECTOR = 512
 INT64_MAX = 2**63 - 1
@@ -36,8 +36,7 @@ class SizeRangeError(ValueError):
     """The text is a size, but one that does not fit in 64 bits."""
 
 
-@dataclass(frozen=True)
-class ParsedSize:
+class ParsedSize(NamedTuple):
     value: int
     deprecated_hex_suffix: bool = False
 
@@ -106,8 +105,7 @@ def _check_overflow(text: str, integral: int, rest: str) -> None:
         raise SizeSyntaxError(text) if rest else SizeRangeError(text)
 
 
-@dataclass(frozen=True)
-class Window:
+class Window(NamedTuple):
     """The bytes ``[start, end)`` of the virtual disk, copied to output offset 0."""
 
     start: int

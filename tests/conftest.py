@@ -25,7 +25,7 @@ needs_qemu = pytest.mark.skipif(
 )
 
 # As the guest sees it: AIODD_KVM_DEVICE=/nonexistent runs the suite as on a host without KVM.
-KVM_AVAILABLE, KVM_WHY = availability(GuestOptions().kvm_device)
+KVM_AVAILABLE, KVM_WHY = availability(GuestOptions().kvm_path())
 needs_kvm = pytest.mark.skipif(
     not KVM_AVAILABLE, reason=f"the KVM guest reader cannot run here: {KVM_WHY}"
 )

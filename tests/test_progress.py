@@ -3,7 +3,6 @@ stream never fails the copy (docs/usage.md, "Progress")."""
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import io
 import json
@@ -252,7 +251,7 @@ def test_json_renderer_ends_with_a_done_record() -> None:
     renderer = JsonRenderer(out, clock=clock)
     mode = ("kvm", "auto: /dev/kvm available")
     for event in _events(4 * MiB, [0.0, 0.5, 1.0]):
-        renderer(dataclasses.replace(event, isolation=mode[0], isolation_reason=mode[1]))
+        renderer(event._replace(isolation=mode[0], isolation_reason=mode[1]))
     clock.now += 1.25  # the commit (fsync, rename) took a quarter second more
     renderer.finish()
     records = [json.loads(line) for line in out.getvalue().splitlines()]

@@ -123,6 +123,33 @@ def test_only_a_sparse_copy_imports_an_event_loop(
     assert proc.stdout.splitlines()[-1].split() == ["0", str(loop), str(loop)]
 
 
+_MODULES = (
+    "import sys; from aiodd.cli import main; status = main(sys.argv[1:]);"
+    "print(status, 'dataclasses' in sys.modules, 'ctypes' in sys.modules)"
+)
+
+
+@pytest.mark.parametrize(
+    ("extra", "ctypes"),
+    [(["count=1"], True), (["-t", "directsync"], True), (["-t", "unsafe"], False),
+     (["-t", "writethrough"], False),  # page-cache writes and a flush each: no O_DIRECT
+     *((["-O", fmt, "-t", "unsafe"], False) for fmt in ("qcow2", "vmdk", "vpc", "vhdx", "vdi"))],
+)  # fmt: skip
+def test_a_copy_imports_no_dataclasses_and_ctypes_only_for_libc(
+    image: Path, tmp_path: Path, extra: list[str], ctypes: bool
+) -> None:
+    """dataclasses (with inspect) costs a copy 8 ms of start-up, ctypes 2 ms: ctypes is
+    for what os does not offer (fallocate and sync_file_range for O_DIRECT and the
+    writeback hint, memcmp for --sparse), loaded when first needed.  (--sparse runs on
+    anyio, which imports dataclasses itself.)"""
+    out = tmp_path / "out.img"
+    argv = ["--isolation=inline", f"if={image}", f"of={out}", *extra]
+    proc = subprocess.run(
+        [sys.executable, "-c", _MODULES, *argv], capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.splitlines()[-1].split() == ["0", "False", str(ctypes)]
+
+
 @pytest.mark.parametrize("isolation", ["inline", "sandbox", "auto"])
 def test_aiodd_timing_prints_the_phases(image: Path, tmp_path: Path, isolation: str) -> None:
     out = tmp_path / "out.raw"

@@ -10,9 +10,8 @@ import sys
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from aiodd.formats.base import Extent
 from aiodd.formats.common import MiB
@@ -24,17 +23,23 @@ _ZEROS = bytes(ZERO_CHUNK)
 _NATIVE: Literal["big", "little"] = "little" if sys.byteorder == "little" else "big"
 
 
-@dataclass(frozen=True)
-class Identity:
+# The records of the output plans are NamedTuples and plain classes, not dataclasses:
+# importing dataclasses (with inspect) costs every copy milliseconds of start-up
+# (docs/performance.md, "Start-up").
+class Identity(NamedTuple):
     """What makes one output image distinct from another of the same size: the seed its
     UUIDs and IDs are derived from, and its creation time (Unix seconds).
 
-    The default is fresh randomness and the current time, as qemu-img gives each image
-    it creates; tests pass a fixed identity to get byte-reproducible metadata.
+    :meth:`fresh` gives fresh randomness and the current time, as qemu-img gives each
+    image it creates; tests pass a fixed identity to get byte-reproducible metadata.
     """
 
-    seed: bytes = field(default_factory=lambda: os.urandom(16))
-    timestamp: int = field(default_factory=lambda: int(time.time()))
+    seed: bytes
+    timestamp: int
+
+    @classmethod
+    def fresh(cls) -> Identity:
+        return cls(os.urandom(16), int(time.time()))
 
     def guid(self, label: str) -> bytes:
         """16 bytes shaped as a random (version 4, RFC 4122 variant) UUID."""

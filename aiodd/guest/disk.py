@@ -110,7 +110,7 @@ class GuestDisk:
             cpu=options.start_cpu,
             probe=probe,
             isolation=options.isolation,
-            kvm_device=options.kvm_device,
+            kvm_device=options.kvm_path(),
         )
         ready = self.channel.start(init, fds, self._resolve)
         _timing.mark("guest ready")
@@ -118,7 +118,7 @@ class GuestDisk:
         self._set_mode(ready.mode, ready.reason)
         if options.isolation == "kvm" and ready.mode != "kvm":
             self.close()
-            raise IsolationError(kvm_unavailable(self._name, ready.reason, options.kvm_device))
+            raise IsolationError(kvm_unavailable(self._name, ready.reason, options.kvm_path()))
         missing = {k: v for k, v in self.isolation.items() if v.startswith("missing")}
         if missing and options.require_isolation:
             self.close()

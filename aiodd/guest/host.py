@@ -71,7 +71,7 @@ def isolation_report(options: GuestOptions | None = None) -> list[str]:
     lines = [f"{layer}: {line}" for layer, line in disk.isolation.items()]
     if options.isolation == "auto":
         if disk.mode == "kvm":
-            lines.append(f"kvm: available ({options.kvm_device}, the guest binary built)")
+            lines.append(f"kvm: available ({options.kvm_path()}, the guest binary built)")
         else:
             lines.append(f"kvm: unavailable: {disk.mode_reason.removeprefix('auto: ')}")
         lines.append(f"auto: picks {disk.mode}")

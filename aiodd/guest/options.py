@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aiodd.guest.sandbox import LAYERS
 from aiodd.guest.spawn import ENTRY
@@ -16,9 +16,10 @@ def _kvm_device() -> str:
     return os.environ.get(KVM_DEVICE_VARIABLE) or "/dev/kvm"
 
 
-@dataclass(frozen=True)
-class GuestOptions:
-    """Knobs of the guest reader (the defaults are the product's)."""
+class GuestOptions(NamedTuple):
+    """Knobs of the guest reader (the defaults are the product's).  A NamedTuple, not a
+    dataclass: importing dataclasses costs every copy milliseconds of start-up
+    (docs/performance.md, "Start-up")."""
 
     layers: tuple[str, ...] = LAYERS
     memory_limit: int = 1 << 30  # bytes the guest may allocate beyond its start-up size
@@ -29,7 +30,12 @@ class GuestOptions:
     require_isolation: bool = False
     # auto, kvm or sandbox (aiodd.guest.protocol.GUEST_MODES): where the guest decodes.
     isolation: str = "auto"
-    kvm_device: str = field(default_factory=_kvm_device)
+    # None: $AIODD_KVM_DEVICE, else /dev/kvm, read when the guest starts (kvm_path).
+    kvm_device: str | None = None
     # The module whose ``main(control_fd)`` the guest runs: tests name one that adds
     # test-only requests (tests/guest_entry.py); the product's is the plain guest.
     entry: str = ENTRY
+
+    def kvm_path(self) -> str:
+        """The KVM device the guest opens."""
+        return self.kvm_device or _kvm_device()

@@ -14,7 +14,6 @@ a guest spinning on the CPU dies of it even if the host stopped watching.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import resource
 import signal
@@ -30,11 +29,15 @@ from aiodd.guest.protocol import Done, Failed, Init, Opened, Ready, Request, Res
 from aiodd.guest.spawn import Spawned
 
 
-@dataclasses.dataclass
 class _Pending:
-    event: threading.Event = dataclasses.field(default_factory=threading.Event)
-    error: BaseException | None = None
-    answer: Any = None
+    """One request's answer, or its error, once ``event`` is set."""
+
+    __slots__ = ("answer", "error", "event")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: BaseException | None = None
+        self.answer: Any = None
 
 
 class ProcessChannel:

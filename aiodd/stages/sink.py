@@ -25,7 +25,6 @@ made or how it is put in place: docs/usage.md, "-t CACHE", says what each promis
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import os
@@ -45,43 +44,51 @@ if TYPE_CHECKING:
     from aiodd.progress import ProgressMeter
 
 
-def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    """libc's sync_file_range, which Python's os module does not offer."""
+# ctypes and libc are loaded on first use, not at import: ctypes costs 2 ms of start-up,
+# and a copy that never writes through O_DIRECT or the writeback hint needs neither.
+@functools.cache
+def _libc_function(names: tuple[str, ...], argtypes: tuple[str, ...]) -> Callable[..., int] | None:
+    """The first of libc's ``names`` that exists, taking ``argtypes`` (ctypes type names)
+    and returning a C int; None where there is none."""
+    import ctypes
+
     try:
         # The process's own symbols: find_library would run ldconfig at every start-up.
         libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
+    except OSError:  # pragma: no cover - no libc
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
+    for name in names:
+        fn = getattr(libc, name, None)
+        if fn is not None:
+            fn.argtypes = [getattr(ctypes, t) for t in argtypes]
+            fn.restype = ctypes.c_int
+            return fn  # type: ignore[no-any-return]
+    return None
 
 
-_sync_file_range = _load_sync_file_range()
+def _sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
+    """libc's sync_file_range, which Python's os module does not offer; a hint, so a
+    libc without it is no error."""
+    fn = _libc_function(("sync_file_range",), ("c_int", "c_int64", "c_int64", "c_uint"))
+    if fn is not None:
+        fn(fd, offset, length, flags)
+
+
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _load_fallocate() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    """libc's fallocate(2), which Python's os module does not offer.
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """libc's fallocate(2), which Python's os module does not offer: 0, or -1 (also where
+    libc has none).
 
     Not os.posix_fallocate: where the filesystem cannot allocate, glibc emulates it by
     writing zeros over the whole range, a second copy's worth of writing.
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover - no libc
-        return None
     # fallocate64 takes 64-bit offsets on every ABI; musl has only fallocate (64-bit there).
-    fn = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
-    if fn is None:
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
+    fn = _libc_function(("fallocate64", "fallocate"), ("c_int", "c_int", "c_int64", "c_int64"))
+    return -1 if fn is None else fn(fd, mode, offset, length)
 
 
-_fallocate = _load_fallocate()
 _KEEP_SIZE = 0x01  # FALLOC_FL_KEEP_SIZE
 _PUNCH_HOLE = 0x02  # FALLOC_FL_PUNCH_HOLE
 
@@ -125,6 +132,8 @@ def _open_direct(path: str, fd: int, *, device: bool) -> int | None:
 
 def _address(view: memoryview) -> int | None:
     """Where ``view``'s bytes are in memory; None for read-only buffers (never aligned)."""
+    import ctypes
+
     try:
         return ctypes.addressof(ctypes.c_char.from_buffer(view))
     except (TypeError, ValueError):
@@ -404,7 +413,7 @@ class OutputFile:
             view = view[n:]
             offset += n
         hint = self.cache in ("none", "writeback")  # the others flush at once, or never
-        if hint and _sync_file_range is not None and offset - start >= 1 << 20:
+        if hint and offset - start >= 1 << 20:
             # Start writeback now, so the fsync before the rename finds little
             # left to do: flushing overlaps copying instead of following it.
             _sync_file_range(self.fd, start, offset - start, _SYNC_FILE_RANGE_WRITE)
@@ -428,7 +437,7 @@ class OutputFile:
         before, and a real error (a full disk) is left for the write that meets it to
         report, in the words it always used.
         """
-        if self.device or self.direct_fd is None or _fallocate is None or size <= 0:
+        if self.device or self.direct_fd is None or size <= 0:
             return
         # At most half the free space: a window that a hostile header makes huge, or a
         # disk shared with others, must not be filled in one call before the first read

@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
@@ -51,8 +51,7 @@ HEADER_LENGTH = 112  # v3 header with the compression type byte, padded to 8
 MAX_L1_ENTRIES = L.MAX_L1_BYTES // 8
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     """Cluster indexes of every structure, a pure function of the virtual size."""
 
     virtual_size: int
@@ -109,8 +108,7 @@ def layout(virtual_size: int) -> Layout:
     return Layout(virtual_size, data, l1_entries, table, blocks, l1_clusters)
 
 
-@dataclass(frozen=True)
-class Qcow2Plan:
+class Qcow2Plan(NamedTuple):
     layout: Layout
 
     @property
@@ -177,16 +175,15 @@ class Qcow2Plan:
         yield from zeros(lay.data_offset + lay.virtual_size, tail)
 
 
-@dataclass
 class Qcow2SparsePlan:
     """The dense plan's metadata positions; data clusters packed as data arrives."""
 
     layout: Layout
-    _l2_used: bytearray = field(init=False, repr=False)
-    _packer: Packer = field(init=False, repr=False)
+    _l2_used: bytearray
+    _packer: Packer
 
-    def __post_init__(self) -> None:
-        lay = self.layout
+    def __init__(self, layout: Layout) -> None:
+        self.layout = lay = layout
         self._l2_used = bytearray(lay.l1_entries)
         self._packer = Packer(
             block=CLUSTER,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiodd.formats.base import Extent
 from aiodd.formats.raw import layout as L
@@ -11,8 +11,7 @@ from aiodd.formats.raw import layout as L
 NAME = L.NAME
 
 
-@dataclass(frozen=True)
-class RawPlan:
+class RawPlan(NamedTuple):
     virtual_size: int
 
     @property
@@ -30,10 +29,11 @@ class RawPlan:
         return iter(())
 
 
-@dataclass(frozen=True)
 class RawSparsePlan(RawPlan):
     """The same file, with the zero runs left as holes: nothing is written there, and
     the file's size, set at the end, makes them read as zeros."""
+
+    __slots__ = ()
 
     def head(self) -> Iterator[tuple[int, bytes]]:
         return iter(())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
@@ -35,10 +35,9 @@ BMAP_OFFSET = L.HEADER_SIZE
 _BMAP_PIECE = 65536
 
 
-@dataclass(frozen=True)
-class VdiPlan:
+class VdiPlan(NamedTuple):
     window: int  # bytes of data the window holds
-    identity: Identity = field(default_factory=Identity)
+    identity: Identity
 
     @property
     def virtual_size(self) -> int:
@@ -93,15 +92,15 @@ class VdiPlan:
         )
 
 
-@dataclass
 class VdiSparsePlan(PackedPlan):
     """The dense plan's header and block map position; blocks packed as data arrives.
     The header, which counts the blocks allocated, comes last."""
 
     dense: VdiPlan
-    _packer: Packer = field(init=False, repr=False)
+    _packer: Packer
 
-    def __post_init__(self) -> None:
+    def __init__(self, dense: VdiPlan) -> None:
+        self.dense = dense
         self._packer = Packer(
             block=BLOCK,
             blocks=self.dense.blocks,
@@ -143,7 +142,7 @@ def plan(out: int, *, filename: str | None = None, identity: Identity | None = N
         raise UsageError(
             f"vdi cannot hold {out} bytes: qemu's VDI maximum is {MAX_DISK_SIZE} bytes"
         )
-    return VdiPlan(out, identity or Identity())
+    return VdiPlan(out, identity or Identity.fresh())
 
 
 def sparse_plan(

@@ -27,8 +27,8 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 
 from aiodd._version import __version__
 from aiodd.errors import UsageError
@@ -97,8 +97,7 @@ def block_size_for(size: int) -> int:
     return 8 * MiB
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     virtual_size: int
     block_size: int
 
@@ -133,10 +132,9 @@ class Layout:
         return self.payload_offset + self.payload_blocks * self.block_size
 
 
-@dataclass(frozen=True)
-class VhdxPlan:
+class VhdxPlan(NamedTuple):
     layout: Layout
-    identity: Identity = field(default_factory=Identity)
+    identity: Identity
 
     @property
     def virtual_size(self) -> int:
@@ -232,17 +230,17 @@ class VhdxPlan:
         yield from zeros(offset, BAT_OFFSET + lay.bat_length - offset)
 
 
-@dataclass
 class VhdxSparsePlan(PackedPlan):
     """The dense plan's headers, regions and metadata; payload blocks packed as data
     arrives.  Each BAT piece is the dense plan's: ``chunks`` runs of ``chunk ratio``
     payload entries, each followed by its (zero) sector bitmap entry."""
 
     dense: VhdxPlan
-    _packer: Packer = field(init=False, repr=False)
-    _chunks: int = field(init=False, repr=False)  # chunks per BAT piece
+    _packer: Packer
+    _chunks: int  # chunks per BAT piece
 
-    def __post_init__(self) -> None:
+    def __init__(self, dense: VhdxPlan) -> None:
+        self.dense = dense
         lay = self.dense.layout
         self._chunks = max(1, _BAT_PIECE // (lay.chunk_ratio + 1))
         self._packer = Packer(
@@ -325,7 +323,7 @@ def plan(out: int, *, filename: str | None = None, identity: Identity | None = N
     size = round_up(out, SECTOR)
     if size > L.MAX_VIRTUAL_SIZE:
         raise UsageError(f"vhdx cannot hold {size} bytes: the maximum is 64 TiB")
-    return VhdxPlan(Layout(size, block_size_for(size)), identity or Identity())
+    return VhdxPlan(Layout(size, block_size_for(size)), identity or Identity.fresh())
 
 
 def sparse_plan(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
@@ -49,8 +49,7 @@ _GTS_PER_PIECE = 128
 DEFAULT_FILENAME = "image.vmdk"
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     capacity: int  # sectors
     grains: int
     gt_count: int
@@ -115,11 +114,10 @@ def descriptor(capacity: int, cid: int, filename: str) -> bytes:
     return pad(raw, DESCRIPTOR_SECTORS * SECTOR)
 
 
-@dataclass(frozen=True)
-class VmdkPlan:
+class VmdkPlan(NamedTuple):
     layout: Layout
-    filename: str = DEFAULT_FILENAME
-    identity: Identity = field(default_factory=Identity)
+    filename: str
+    identity: Identity
 
     @property
     def virtual_size(self) -> int:
@@ -185,14 +183,14 @@ class VmdkPlan:
             yield (first_gt + piece * GT_SECTORS) * SECTOR, pad(table, gts * GT_SECTORS * SECTOR)
 
 
-@dataclass
 class VmdkSparsePlan(PackedPlan):
     """The dense plan's header, descriptor and directories; grains packed as data arrives."""
 
     dense: VmdkPlan
-    _packer: Packer = field(init=False, repr=False)
+    _packer: Packer
 
-    def __post_init__(self) -> None:
+    def __init__(self, dense: VmdkPlan) -> None:
+        self.dense = dense
         lay = self.dense.layout
         self._packer = Packer(
             block=GRAIN,
@@ -250,7 +248,9 @@ def plan(out: int, *, filename: str | None = None, identity: Identity | None = N
             "of at least one sector (the window is 0 bytes)"
         )
     return VmdkPlan(
-        layout(div_round_up(out, SECTOR)), filename or DEFAULT_FILENAME, identity or Identity()
+        layout(div_round_up(out, SECTOR)),
+        filename or DEFAULT_FILENAME,
+        identity or Identity.fresh(),
     )
 
 

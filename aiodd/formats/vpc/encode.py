@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
@@ -74,8 +74,7 @@ def geometry(sectors: int) -> tuple[int, int, int]:
     return cth // heads, heads, spt
 
 
-@dataclass(frozen=True)
-class Size:
+class Size(NamedTuple):
     """The disk's size and geometry for a window of ``n`` sectors."""
 
     sectors: int
@@ -104,11 +103,10 @@ def size_for(n: int) -> Size:
     return Size(cyls * heads * spt, cyls, heads, spt)
 
 
-@dataclass(frozen=True)
-class VpcPlan:
+class VpcPlan(NamedTuple):
     size: Size
     window: int  # bytes of data the window holds, before the CHS padding
-    identity: Identity = field(default_factory=Identity)
+    identity: Identity
 
     @property
     def virtual_size(self) -> int:
@@ -190,15 +188,16 @@ class VpcPlan:
 _UNALLOCATED = 0xFFFFFFFF
 
 
-@dataclass
 class VpcSparsePlan(PackedPlan):
     """The dense plan's footer, header and BAT position; blocks packed as data arrives."""
 
     dense: VpcPlan
-    _packer: Packer = field(init=False, repr=False)
-    _bitmaps: int = field(default=0, init=False, repr=False)  # blocks whose bitmap is out
+    _packer: Packer
+    _bitmaps: int  # blocks whose bitmap is out
 
-    def __post_init__(self) -> None:
+    def __init__(self, dense: VpcPlan) -> None:
+        self.dense = dense
+        self._bitmaps = 0
         self._packer = Packer(
             block=BLOCK,
             blocks=self.dense.blocks,
@@ -257,7 +256,7 @@ def plan(out: int, *, filename: str | None = None, identity: Identity | None = N
     """The plan for a window of ``out`` bytes (virtual size: CHS-rounded, see module)."""
     if out < 0:
         raise ValueError("negative window length")
-    return VpcPlan(size_for(div_round_up(out, SECTOR)), out, identity or Identity())
+    return VpcPlan(size_for(div_round_up(out, SECTOR)), out, identity or Identity.fresh())
 
 
 def sparse_plan(
