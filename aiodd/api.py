@@ -7,7 +7,7 @@ import mmap
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 from aiodd import _timing, chain, options
@@ -198,20 +198,18 @@ def _prepare(
     dst: str,
     window_operands: tuple[int, int | None, int],
     output_format: str,
-    isolation: Isolation,
     policy: Policy,
     warnings: list[str],
-) -> tuple[tuple[str, str], Window, OutputPlan]:
-    """What a copy does with the open input before it touches the output: where it is
-    decoded (and why), the window of (bs, count, skip), the output's plan, and the
-    output's check against the input's files."""
-    mode = ("inline", "requested") if isolation == "inline" else _guest_mode(disk)
+) -> tuple[Window, OutputPlan]:
+    """What a copy does with the open input before it touches the output: the window of
+    (bs, count, skip), the output's plan, and the output's check against the input's
+    files."""
     window = compute_window(disk.virtual_size, *window_operands)
     if window.skip_past_end:
         warnings.append(f"{src}: {SKIP_WARNING}")
     plan = encoders.plan(output_format, window.length, filename=os.path.basename(dst))
     _check_output(src, dst, policy)
-    return mode, window, plan
+    return window, plan
 
 
 def _open_output(
@@ -350,9 +348,8 @@ async def dd(
     _timing.mark("input opened")
     try:
         operands = (bs_value, count_value, skip_value)
-        mode, window, plan = _prepare(
-            disk, src_path, dst_path, operands, output_format, isolation, policy, warnings
-        )
+        mode = _mode(disk, isolation)
+        window, plan = _prepare(disk, src_path, dst_path, operands, output_format, policy, warnings)
         meter = ProgressMeter(plan.data_size, on_progress, progress_interval, mode)
         # A cancel that comes while a worker thread creates the output waits for it, and
         # takes effect at the next await: within the try blocks that close it.
@@ -468,6 +465,10 @@ def plain_copy(
     before each chunk (the command line's signal handlers only note a signal): when it
     says so before the output is put in place, the output is forgotten and None is
     returned; once it is being put in place, that completes.
+
+    An input the caller names as raw is read here while the guest, if any, opens it
+    beside the copy (:mod:`aiodd.guest.raw_beside`), unless progress is asked for (its
+    events say where the input is decoded from the first one on).
     """
     from aiodd.pipeline.threads import copy_in_threads
 
@@ -480,9 +481,10 @@ def plain_copy(
 
         hasher = hashlib.new(options.checksum(checksum))
     policy = Policy(allow_backing, force_share=force_share)
+    beside = isolation != "inline" and input_format == "raw" and on_progress is None
     # Mapped, not touched: a short copy's pages are the few it reads.
     size = PLAIN_BUFFERS * DEFAULT_UNIT
-    if isolation == "inline":
+    if isolation == "inline" or beside:
         memory = mmap.mmap(-1, size)
     else:
         from aiodd.guest import shared_buffer
@@ -496,75 +498,81 @@ def plain_copy(
             require_isolation=require_isolation,
             memory=memory,
             policy=policy,
+            raw_beside=beside,
         )
         _timing.mark("input opened")
         try:
-            mode, window, plan = _prepare(
-                disk, src, dst, (bs, count, skip), output_format, isolation, policy, warnings
-            )
-            if stopped():
-                return None
-            meter = ProgressMeter(plan.data_size, on_progress, isolation=mode)
-            guard, output = _open_output(dst, plan, output_format, cache)
-            try:
-                source: int | None = None
+            with _guest_first(disk):
+                # Beside the copy, the guest says where it opened the input at the end.
+                mode = ("", "") if beside else _mode(disk, isolation)
+                window, plan = _prepare(
+                    disk, src, dst, (bs, count, skip), output_format, policy, warnings
+                )
+                if stopped():
+                    return None
+                meter = ProgressMeter(plan.data_size, on_progress, isolation=mode)
+                guard, output = _open_output(dst, plan, output_format, cache)
                 try:
-                    meter.start()
-                    # What the threads copy: all of the window, or what the kernel did not.
-                    rest, start = plan, window.start
-                    if not output.device and window.length and hasher is None:
-                        source = _clone_source(
-                            src,
-                            disk,
-                            policy,
-                            cache=cache,
-                            isolation=isolation,
-                            input_format=input_format,
-                            output_format=output_format,
-                        )
-                    if source is not None:
-                        # Up to the input's end: the threads write the zeros past it.
-                        length = min(window.end, os.fstat(source).st_size) - window.start
-                        done = clone_range(output, source, window.start, length, meter, stopped)
-                        if done:
-                            rest = encoders.plan(output_format, window.length - done)
-                            output.offset = done
-                            start += done
-                    with memoryview(memory) as whole:
-                        buffers = [
-                            whole[i * DEFAULT_UNIT : (i + 1) * DEFAULT_UNIT]
-                            for i in range(PLAIN_BUFFERS)
-                        ]
-                        try:
-                            if not copy_in_threads(
+                    source: int | None = None
+                    try:
+                        meter.start()
+                        # What the threads copy: all of the window, or what the kernel did
+                        # not.
+                        rest, start = plan, window.start
+                        if not output.device and window.length and hasher is None:
+                            source = _clone_source(
+                                src,
                                 disk,
-                                start,
-                                window.end,
-                                rest,
-                                output,
-                                buffers,
-                                stopped,
-                                meter,
-                                hasher,
-                            ):
-                                return None
-                        finally:
-                            for view in buffers:
-                                view.release()
-                    _timing.mark("copy")
-                    output.flush(plan.file_size)
-                    _timing.mark("fsync")
-                    if stopped():
-                        return None
-                    output.publish()
-                    _timing.mark("rename")
+                                policy,
+                                cache=cache,
+                                isolation=isolation,
+                                input_format=input_format,
+                                output_format=output_format,
+                            )
+                        if source is not None:
+                            # Up to the input's end: the threads write the zeros past it.
+                            length = min(window.end, os.fstat(source).st_size) - window.start
+                            done = clone_range(output, source, window.start, length, meter, stopped)
+                            if done:
+                                rest = encoders.plan(output_format, window.length - done)
+                                output.offset = done
+                                start += done
+                        with memoryview(memory) as whole:
+                            buffers = [
+                                whole[i * DEFAULT_UNIT : (i + 1) * DEFAULT_UNIT]
+                                for i in range(PLAIN_BUFFERS)
+                            ]
+                            try:
+                                if not copy_in_threads(
+                                    disk,
+                                    start,
+                                    window.end,
+                                    rest,
+                                    output,
+                                    buffers,
+                                    stopped,
+                                    meter,
+                                    hasher,
+                                ):
+                                    return None
+                            finally:
+                                for view in buffers:
+                                    view.release()
+                        _timing.mark("copy")
+                        output.flush(plan.file_size)
+                        _timing.mark("fsync")
+                        mode = _mode(disk, isolation)  # beside the copy: the guest has opened it
+                        if stopped():
+                            return None
+                        output.publish()
+                        _timing.mark("rename")
+                    finally:
+                        output.abort()
+                        if source is not None:
+                            os.close(source)
+                    warnings.extend(output.warnings)
                 finally:
-                    output.abort()
-                    if source is not None:
-                        os.close(source)
-                warnings.extend(output.warnings)
-            finally:
-                guard.close()
+                    guard.close()
         finally:
             disk.close()
     finally:
@@ -576,9 +584,27 @@ def plain_copy(
     return _result(disk, output_format, window, plan, started, warnings, mode, checksum_value)
 
 
-def _guest_mode(disk: VirtualDisk) -> tuple[str, str]:
-    """Where the guest reader decodes ``disk``, and why."""
-    from aiodd.guest.disk import GuestDisk
+@contextlib.contextmanager
+def _guest_first(disk: VirtualDisk) -> Iterator[None]:
+    """Report the error of a guest beside the copy, if it had one, instead of the
+    block's: opening the input comes first, so its error is the one a copy reports."""
+    try:
+        yield
+    except Exception:
+        from aiodd.guest.raw_beside import RawBesideGuest
 
-    assert isinstance(disk, GuestDisk)
-    return disk.mode, disk.mode_reason
+        if isinstance(disk, RawBesideGuest):
+            disk.confirm()
+        raise
+
+
+def _mode(disk: VirtualDisk, isolation: Isolation) -> tuple[str, str]:
+    """Where ``disk`` is decoded, and why; beside the copy, once the guest has opened it."""
+    if isolation == "inline":
+        return "inline", "requested"
+    from aiodd.guest.disk import GuestDisk
+    from aiodd.guest.raw_beside import RawBesideGuest
+
+    guest = disk.confirm() if isinstance(disk, RawBesideGuest) else disk
+    assert isinstance(guest, GuestDisk)
+    return guest.mode, guest.mode_reason

@@ -69,6 +69,7 @@ def open_input(
     require_isolation: bool = False,
     memory: mmap.mmap | None = None,
     policy: Policy | None = None,
+    raw_beside: bool = False,
 ) -> VirtualDisk:
     """Open the user's input image and decode it.
 
@@ -80,6 +81,10 @@ def open_input(
     ``require_isolation`` refuses to run when a sandbox layer cannot be set up.
     ``policy``, when given, is used instead of a new one made from ``allow_dirs``: it
     then records every file the chain opened, and is sealed once the chain is open.
+    ``raw_beside``, with ``fmt="raw"`` and a guest, returns at once a
+    :class:`~aiodd.guest.raw_beside.RawBesideGuest`, read here while the guest opens
+    the image: the caller must :meth:`~aiodd.guest.raw_beside.RawBesideGuest.confirm`
+    it before the output is published.
     """
     isolation = options.isolation(isolation)  # dd() checked it; other callers come here
     if fmt is not None:
@@ -101,9 +106,13 @@ def open_input(
             disk: VirtualDisk = decoders.open_disk(file, LocalResolver(policy, top), fmt)
             policy.seal()  # decoders open what they need in open_disk, never later
             return disk
-        from aiodd.guest.host import GuestOptions, open_guest
+        from aiodd.guest.host import GuestOptions, open_guest, open_raw_beside_guest
 
         guest_options = GuestOptions(require_isolation=require_isolation, isolation=isolation)
+        if raw_beside and fmt == "raw":
+            disk = open_raw_beside_guest(path, file, policy, top, guest_options)
+            policy.seal()  # a raw image names no files
+            return disk
         disk = open_guest(path, file.fd, fmt, policy, top, memory=memory, options=guest_options)
     except BaseException:
         file.close()

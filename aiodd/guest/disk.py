@@ -233,3 +233,8 @@ class GuestDisk:
     @property
     def pid(self) -> int:
         return self.channel.pid
+
+    @property
+    def name(self) -> str:
+        """The image's name, as the user gave it (for messages)."""
+        return self._name

@@ -1,0 +1,142 @@
+"""An input named as raw (``-f raw``) is read by the host while its guest opens it
+(aiodd/guest/raw_beside.py): the same bytes, the same isolation report, the guest's
+error before any other, and no output until the guest has opened the image."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiodd import api
+from aiodd.errors import IsolationError
+from aiodd.guest.disk import GuestDisk
+from aiodd.guest.options import KVM_DEVICE_VARIABLE
+from aiodd.guest.raw_beside import RawBesideGuest
+from tests.conftest import KVM_AVAILABLE
+from tests.harness import aiodd_run, leftovers
+
+MISSING_DEVICE = "/nonexistent/kvm"
+MODES = ["sandbox", *(["kvm"] if KVM_AVAILABLE else [])]
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "in.raw"
+    path.write_bytes(os.urandom((1 << 20) + 1000))
+    return path
+
+
+def _copy(
+    src: Path,
+    dst: Path,
+    isolation: str,
+    input_format: str | None = "raw",
+    stopped: Callable[[], bool] = lambda: False,
+    **kw: Any,
+) -> api.DdResult | None:
+    return api.plain_copy(
+        str(src), str(dst), bs=512, count=None, skip=0, input_format=input_format,
+        output_format="raw", isolation=isolation, allow_backing=(),  # type: ignore[arg-type]
+        require_isolation=False, force_share=False, cache="none", stopped=stopped, **kw,
+    )  # fmt: skip
+
+
+def _guests(monkeypatch: pytest.MonkeyPatch) -> list[GuestDisk]:
+    """Every GuestDisk made from now on."""
+    made: list[GuestDisk] = []
+    init = GuestDisk.__init__
+
+    def record(self: GuestDisk, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(GuestDisk, "__init__", record)
+    return made
+
+
+@pytest.mark.parametrize("isolation", MODES)
+def test_the_host_reads_and_the_guest_opens(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolation: str
+) -> None:
+    reads: list[int] = []
+    read_into = RawBesideGuest.read_into
+
+    def counted(self: RawBesideGuest, offset: int, buf: memoryview) -> None:
+        reads.append(len(buf))
+        read_into(self, offset, buf)
+
+    monkeypatch.setattr(RawBesideGuest, "read_into", counted)
+    guests = _guests(monkeypatch)
+    result = _copy(image, tmp_path / "beside.raw", isolation)
+    told = (result.isolation, result.isolation_reason) if result else None
+    assert told == (isolation, "requested")
+    data = image.read_bytes()
+    assert (tmp_path / "beside.raw").read_bytes() == data + bytes(-len(data) % 512)
+    assert sum(reads) == result.output_size if result else False  # all of it read here
+    assert len(guests) == 1 and guests[0].format_name == "raw"  # and opened there
+    # Detected, or with progress: decoded in the guest, as before.
+    reads.clear()
+    detected = _copy(image, tmp_path / "detected.raw", isolation, input_format=None)
+    assert detected is not None and (detected.isolation, reads) == (isolation, [])
+    assert _copy(image, tmp_path / "p.raw", isolation, on_progress=lambda p: None) is not None
+    assert reads == []
+    assert all(g.channel._process.proc.poll() is not None for g in guests)  # type: ignore[attr-defined]
+
+
+def test_the_guests_error_comes_first(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KVM asked for where it cannot run: the same refusal as a detected input's, also
+    where the output would have failed on its own, and nothing left behind."""
+    monkeypatch.setenv(KVM_DEVICE_VARIABLE, MISSING_DEVICE)
+    out, unreachable = tmp_path / "o.raw", tmp_path / "missing" / "o.raw"
+    refusal = (
+        f"aiodd: {image}: the KVM guest reader cannot run here: cannot open {MISSING_DEVICE}"
+        " read-write: No such file or directory; this host offers no KVM (a container needs"
+        " the device passed in, a VM nested virtualisation), choose the auto or sandbox"
+        " isolation\n"
+    )
+    cases = [([], out), (["-f", "raw"], out), (["-f", "raw", "-t", "unsafe"], out),
+             (["-f", "raw"], unreachable), (["-f", "raw", "bs=1M"], unreachable)]  # fmt: skip
+    for extra, dst in cases:
+        run = aiodd_run(["--isolation=kvm", *extra, f"if={image}", f"of={dst}"], dst)
+        assert (run.status, run.output, run.stderr) == (1, None, refusal), extra
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.raw"]
+    assert leftovers(tmp_path) == []
+
+
+def test_a_guest_that_opens_something_else_is_refused(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start = GuestDisk.start
+
+    def lying(self: GuestDisk, *args: Any, **kwargs: Any) -> None:
+        start(self, *args, **kwargs)
+        self.virtual_size += 512
+
+    monkeypatch.setattr(GuestDisk, "start", lying)
+    with pytest.raises(IsolationError, match=r"in\.raw: the guest reader broke the protocol$"):
+        _copy(image, tmp_path / "o.raw", "sandbox")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.raw"]
+
+
+@pytest.mark.parametrize("when", [1, 2])
+def test_stopped_beside_a_starting_guest(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: int
+) -> None:
+    """A signal while the guest still starts: nothing published, the guest gone."""
+    guests = _guests(monkeypatch)
+    asked = 0
+
+    def stopped() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked >= when
+
+    assert _copy(image, tmp_path / "o.raw", "sandbox", stopped=stopped) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.raw"]
+    assert len(guests) == 1 and guests[0].channel._process.proc.poll() is not None  # type: ignore[attr-defined]
