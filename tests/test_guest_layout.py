@@ -50,9 +50,10 @@ ALLOWED: dict[str, set[str]] = {
     "channel": {"protocol"},
     "process": {"channel", "protocol", "spawn"},
     "disk": {"channel", "memory", "options", "protocol"},
-    "host": {"disk", "memory", "options", "process", "spawn"},
+    "host": {"disk", "memory", "options", "process", "raw_beside", "spawn"},
+    "raw_beside": {"disk"},
 }
-HOST_SIDE = ("host", "disk", "process", "spawn", "channel", "memory", "options")
+HOST_SIDE = ("host", "disk", "process", "spawn", "channel", "memory", "options", "raw_beside")
 
 
 def _imports(path: Path) -> set[str]:
