@@ -605,6 +605,7 @@ def _mode(disk: VirtualDisk, isolation: Isolation) -> tuple[str, str]:
     from aiodd.guest.disk import GuestDisk
     from aiodd.guest.raw_beside import RawBesideGuest
 
-    guest = disk.confirm() if isinstance(disk, RawBesideGuest) else disk
-    assert isinstance(guest, GuestDisk)
-    return guest.mode, guest.mode_reason
+    if isinstance(disk, RawBesideGuest):
+        return disk.confirm()
+    assert isinstance(disk, GuestDisk)
+    return disk.mode, disk.mode_reason

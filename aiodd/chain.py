@@ -106,13 +106,17 @@ def open_input(
             disk: VirtualDisk = decoders.open_disk(file, LocalResolver(policy, top), fmt)
             policy.seal()  # decoders open what they need in open_disk, never later
             return disk
-        from aiodd.guest.host import GuestOptions, open_guest, open_raw_beside_guest
-
-        guest_options = GuestOptions(require_isolation=require_isolation, isolation=isolation)
         if raw_beside and fmt == "raw":
-            disk = open_raw_beside_guest(path, file, policy, top, guest_options)
+            from aiodd.guest.raw_beside import RawBesideGuest
+
+            disk = RawBesideGuest(
+                path, file, policy, top, isolation=isolation, require_isolation=require_isolation
+            )
             policy.seal()  # a raw image names no files
             return disk
+        from aiodd.guest.host import GuestOptions, open_guest
+
+        guest_options = GuestOptions(require_isolation=require_isolation, isolation=isolation)
         disk = open_guest(path, file.fd, fmt, policy, top, memory=memory, options=guest_options)
     except BaseException:
         file.close()

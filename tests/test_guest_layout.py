@@ -50,8 +50,8 @@ ALLOWED: dict[str, set[str]] = {
     "channel": {"protocol"},
     "process": {"channel", "protocol", "spawn"},
     "disk": {"channel", "memory", "options", "protocol"},
-    "host": {"disk", "memory", "options", "process", "raw_beside", "spawn"},
-    "raw_beside": {"disk"},
+    "host": {"disk", "memory", "options", "process", "spawn"},
+    "raw_beside": {"disk", "options", "process", "spawn"},
 }
 HOST_SIDE = ("host", "disk", "process", "spawn", "channel", "memory", "options", "raw_beside")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import mmap
 import time
-from typing import TYPE_CHECKING
 
 from aiodd.errors import IsolationError
 from aiodd.guest.disk import GuestDisk, IsolationWarning
@@ -19,11 +18,7 @@ from aiodd.guest.memory import SharedBuffer, shared_buffer
 from aiodd.guest.options import GuestOptions
 from aiodd.guest.process import ProcessChannel
 from aiodd.guest.spawn import Spawned, prestart, take
-from aiodd.io import LocalFile
 from aiodd.policy import Layer, Policy
-
-if TYPE_CHECKING:
-    from aiodd.guest.raw_beside import RawBesideGuest
 
 __all__ = (
     "GuestDisk",
@@ -32,7 +27,6 @@ __all__ = (
     "SharedBuffer",
     "isolation_report",
     "open_guest",
-    "open_raw_beside_guest",
     "prestart",
     "shared_buffer",
 )
@@ -58,23 +52,6 @@ def open_guest(
         disk.close()
         raise
     return disk
-
-
-def open_raw_beside_guest(
-    name: str, file: LocalFile, policy: Policy, top: Layer, options: GuestOptions
-) -> RawBesideGuest:
-    """The raw image ``file`` read here while a guest opens it beside the copy
-    (:mod:`aiodd.guest.raw_beside`); the disk owns ``file`` from now on."""
-    from aiodd.formats.raw.decode import RawDisk
-    from aiodd.guest.raw_beside import RawBesideGuest
-
-    channel = ProcessChannel(name, take(options.entry), options.open_timeout)
-    guest = GuestDisk(name, channel, policy, top, options)
-    try:
-        return RawBesideGuest(RawDisk(file), guest, file.fd)
-    except BaseException:
-        guest.close()
-        raise
 
 
 def isolation_report(options: GuestOptions | None = None) -> list[str]:

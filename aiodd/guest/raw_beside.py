@@ -14,10 +14,15 @@ error, and the result still says where the input was opened.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from aiodd.errors import IsolationError
 from aiodd.formats.raw.decode import RawDisk
-from aiodd.guest.disk import GuestDisk
+
+if TYPE_CHECKING:
+    from aiodd.guest.disk import GuestDisk
+    from aiodd.io import LocalFile
+    from aiodd.policy import Layer, Policy
 
 
 class RawBesideGuest:
@@ -25,25 +30,60 @@ class RawBesideGuest:
 
     Call :meth:`confirm` before the output is published and before reporting any other
     error: the guest's error, when it has one, is the one to report (it is the error
-    the copy would have met first).
+    the copy would have met first).  The guest's machinery is imported in its thread
+    too (about 8 ms), so the copy does not wait for that either.
     """
 
     format_name = "raw"
 
-    def __init__(self, raw: RawDisk, guest: GuestDisk, input_fd: int) -> None:
-        self._raw = raw
-        self._guest = guest
+    def __init__(
+        self,
+        name: str,
+        file: LocalFile,
+        policy: Policy,
+        top: Layer,
+        *,
+        isolation: str,
+        require_isolation: bool,
+    ) -> None:
+        self._raw = RawDisk(file)  # owns ``file`` from now on
+        self._name = name
+        self._lock = threading.Lock()
+        self._closed = False
+        self._guest: GuestDisk | None = None
         self._error: BaseException | None = None
-        self._checked = False
+        self._mode = ("", "")
         self._thread = threading.Thread(
-            target=self._start, args=(input_fd,), name="aiodd-guest-open", daemon=True
+            target=self._open,
+            args=(file.fd, policy, top, isolation, require_isolation),
+            name="aiodd-guest-open",
+            daemon=True,
         )
         self._thread.start()
 
-    def _start(self, input_fd: int) -> None:
+    def _open(
+        self, fd: int, policy: Policy, top: Layer, isolation: str, require_isolation: bool
+    ) -> None:
         try:
+            from aiodd.guest.disk import GuestDisk
+            from aiodd.guest.options import GuestOptions
+            from aiodd.guest.process import ProcessChannel
+            from aiodd.guest.spawn import take
+
+            options = GuestOptions(require_isolation=require_isolation, isolation=isolation)
+            with self._lock:
+                if self._closed:
+                    return
+                channel = ProcessChannel(self._name, take(options.entry), options.open_timeout)
+                guest = self._guest = GuestDisk(self._name, channel, policy, top, options)
             # The guest reads nothing: no shared memory for it.
-            self._guest.start(input_fd, "raw", None)
+            guest.start(fd, "raw", None)
+            if guest.format_name != "raw" or guest.virtual_size != self._raw.virtual_size:
+                raise IsolationError(f"{self._name}: the guest reader broke the protocol")
+            self._mode = (guest.mode, guest.mode_reason)
+            # Its work is done: it exits while the copy goes on.  The input's locks stay,
+            # held by this process's descriptor of the same open file.
+            guest.close()
         except BaseException as exc:  # reported by confirm(), in the caller's thread
             self._error = exc
 
@@ -54,22 +94,25 @@ class RawBesideGuest:
     def read_into(self, offset: int, buf: memoryview) -> None:
         self._raw.read_into(offset, buf)
 
-    def confirm(self) -> GuestDisk:
-        """Wait for the guest to have opened the image; raise its error if it failed."""
+    def confirm(self) -> tuple[str, str]:
+        """Wait for the guest to have opened the image; raise its error if it failed.
+        Returns where it decodes, and why (as :class:`~aiodd.guest.disk.GuestDisk`)."""
         self._thread.join()
         if self._error is not None:
             raise self._error
-        guest = self._guest
-        if not self._checked:
-            if guest.format_name != "raw" or guest.virtual_size != self._raw.virtual_size:
-                raise IsolationError(f"{guest.name}: the guest reader broke the protocol")
-            self._checked = True
-        return guest
+        if self._guest is None:
+            raise IsolationError(f"{self._name}: the guest reader is closed")
+        return self._mode
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            guest = self._guest
         # A guest still starting is stopped: its thread then ends with an error nobody
         # reads.
-        self._guest.close()
+        if guest is not None:
+            guest.close()
         self._thread.join()
-        self._guest.close()  # what start() set up after the first close, if anything
+        if guest is not None:
+            guest.close()  # what start() set up after the first close, if anything
         self._raw.close()
