@@ -4,6 +4,7 @@ error before any other, and no output until the guest has opened the image."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from aiodd import api
+from aiodd import api, locks
 from aiodd.errors import IsolationError
 from aiodd.guest.disk import GuestDisk
 from aiodd.guest.options import KVM_DEVICE_VARIABLE
@@ -140,3 +141,32 @@ def test_stopped_beside_a_starting_guest(
     assert _copy(image, tmp_path / "o.raw", "sandbox", stopped=stopped) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.raw"]
     assert len(guests) == 1 and guests[0].channel._process.proc.poll() is not None  # type: ignore[attr-defined]
+
+
+def test_the_input_stays_locked_once_its_guest_has_gone(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest exits as soon as it has opened the image; qemu's reader locks stay,
+    held by this process's descriptor of the same open file, until the copy ends."""
+    guests = _guests(monkeypatch)
+    seen: list[tuple[bool, bool]] = []
+
+    def stopped() -> bool:
+        if guests and not seen:
+            proc = guests[0].channel._process.proc  # type: ignore[attr-defined]
+            with contextlib.suppress(TimeoutError):
+                proc.wait(10)
+            probe = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                seen.append((proc.poll() is not None, locks.held_by_other(probe, 100)))
+            finally:
+                os.close(probe)
+        return False
+
+    assert _copy(image, tmp_path / "o.raw", "sandbox", stopped=stopped) is not None
+    assert seen == [(True, True)]
+    probe = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert not locks.held_by_other(probe, 100)  # and released at the end
+    finally:
+        os.close(probe)
