@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from aiodd import api, locks
-from aiodd.errors import IsolationError
+from aiodd.errors import ImageError, IsolationError
 from aiodd.guest.disk import GuestDisk
 from aiodd.guest.options import KVM_DEVICE_VARIABLE
 from aiodd.guest.raw_beside import RawBesideGuest
@@ -110,17 +110,30 @@ def test_the_guests_error_comes_first(
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [("format", IsolationError, "the guest reader broke the protocol"),
+     ("size", ImageError, "changed size while it was being opened")],
+)  # fmt: skip
 def test_a_guest_that_opens_something_else_is_refused(
-    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    image: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    change: str,
+    error: type[Exception],
+    message: str,
 ) -> None:
     start = GuestDisk.start
 
-    def lying(self: GuestDisk, *args: Any, **kwargs: Any) -> None:
+    def other(self: GuestDisk, *args: Any, **kwargs: Any) -> None:
         start(self, *args, **kwargs)
-        self.virtual_size += 512
+        if change == "format":
+            self.format_name = "qcow2"
+        else:
+            self.virtual_size += 512
 
-    monkeypatch.setattr(GuestDisk, "start", lying)
-    with pytest.raises(IsolationError, match=r"in\.raw: the guest reader broke the protocol$"):
+    monkeypatch.setattr(GuestDisk, "start", other)
+    with pytest.raises(error, match=rf"in\.raw: {message}$"):
         _copy(image, tmp_path / "o.raw", "sandbox")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.raw"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from aiodd.errors import IsolationError
+from aiodd.errors import ImageError, IsolationError
 from aiodd.formats.raw.decode import RawDisk
 
 if TYPE_CHECKING:
@@ -78,8 +78,11 @@ class RawBesideGuest:
                 guest = self._guest = GuestDisk(self._name, channel, policy, top, options)
             # The guest reads nothing: no shared memory for it.
             guest.start(fd, "raw", None)
-            if guest.format_name != "raw" or guest.virtual_size != self._raw.virtual_size:
+            if guest.format_name != "raw":
                 raise IsolationError(f"{self._name}: the guest reader broke the protocol")
+            if guest.virtual_size != self._raw.virtual_size:
+                # Only another writer could do this: qemu's users are locked out.
+                raise ImageError(self._name, "changed size while it was being opened")
             self._mode = (guest.mode, guest.mode_reason)
             # Its work is done: it exits while the copy goes on.  The input's locks stay,
             # held by this process's descriptor of the same open file.
