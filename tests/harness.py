@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from aiodd import chain
 from aiodd.cli import main
@@ -66,3 +69,23 @@ def whole_disk(disk: VirtualDisk) -> bytes:
         return bytes(data)
     finally:
         disk.close()
+
+
+@contextlib.contextmanager
+def terminal_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP at their defaults, whatever this test run inherited,
+    for the commands a test starts and signals: aiodd keeps an ignored signal ignored
+    (nohup; tests/test_signals.py, test_nohup_keeps_sighup_ignored), so under ``nohup
+    pytest``, or ``pytest &`` in a script (SIGINT ignored), a test's SIGINT would
+    otherwise go unheard and the copy run on."""
+    defaults: dict[int, Callable[[int, FrameType | None], object] | int] = {
+        signal.SIGINT: signal.default_int_handler,
+        signal.SIGTERM: signal.SIG_DFL,
+        signal.SIGHUP: signal.SIG_DFL,
+    }
+    previous = {signum: signal.signal(signum, handler) for signum, handler in defaults.items()}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

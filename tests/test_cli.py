@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from aiodd.cli import parse_args
 from aiodd.errors import UsageError
 from tests.conftest import needs_qemu
-from tests.harness import aiodd_run, aiodd_subprocess, leftovers, qemu_dd
+from tests.harness import aiodd_run, aiodd_subprocess, leftovers, qemu_dd, terminal_signals
 
 MiB = 1 << 20
 
@@ -399,17 +400,22 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
         f.truncate(64 << 30)  # sparse: reads fast, never finishes before the signal
     out = tmp_path / "o.raw"
     out.write_bytes(b"precious")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aiodd", f"if={big}", f"of={out}", "--progress=json"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with terminal_signals():  # SIGINT heard even where this run inherited it ignored
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aiodd", f"if={big}", f"of={out}", "--progress=json"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     assert proc.stderr is not None
+    # A copy the signal does not stop is killed before it fills the disk.
+    watchdog = threading.Timer(10, proc.kill)
     with proc.stderr:
         first = proc.stderr.readline()  # the first progress record: the copy has started
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
+        watchdog.start()
         rest = proc.stderr.read()
+    watchdog.cancel()
     status = proc.wait(timeout=60)
     assert status == 130, first + rest  # what the command said, if it did not stop so
     assert rest.endswith("aiodd: interrupted; no output was written\n")

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 import pytest
 
@@ -33,6 +32,7 @@ from aiodd.cli import main
 from aiodd.stages import sink
 from aiodd.stages.sink import OutputFile
 from tests.conftest import needs_kvm
+from tests.harness import terminal_signals
 
 MiB = 1024 * 1024
 ROOT = str(Path(aiodd.__file__).resolve().parents[1])
@@ -41,21 +41,9 @@ SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
 
 @pytest.fixture(autouse=True)
 def _signals_as_from_a_terminal() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP at their defaults, whatever this test run inherited:
-    aiodd keeps an ignored signal ignored (nohup; test_nohup_keeps_sighup_ignored), so
-    under ``nohup pytest``, or ``pytest &`` in a script (SIGINT ignored), those cases
-    would otherwise copy on to the end of a 64 GiB window."""
-    defaults: dict[int, Callable[[int, FrameType | None], object] | int] = {
-        signal.SIGINT: signal.default_int_handler,
-        signal.SIGTERM: signal.SIG_DFL,
-        signal.SIGHUP: signal.SIG_DFL,
-    }
-    previous = {signum: signal.signal(signum, handler) for signum, handler in defaults.items()}
-    try:
+    """Every case here signals the command it starts (tests/harness.py says why)."""
+    with terminal_signals():
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 PRECIOUS = b"precious, and not to be touched\n" * 100
