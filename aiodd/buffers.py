@@ -13,10 +13,11 @@ stage imports another: see docs/architecture.md ("The flow").
 
 from __future__ import annotations
 
-import functools
 import mmap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from aiodd.io import buffer_address, libc_function
 
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -82,20 +83,6 @@ class WriteOp:
         self.data_bytes = data_bytes  # window bytes in this op, for progress
 
 
-@functools.cache
-def _memcmp() -> Callable[[int, int, int], int] | None:
-    """libc's memcmp, which compares in place and releases the GIL (ctypes)."""
-    import ctypes  # here, not at the top: only --sparse needs it (2 ms of start-up)
-
-    try:
-        fn = ctypes.CDLL(None).memcmp
-    except (OSError, AttributeError):  # pragma: no cover - no libc
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 _ZERO_GRANULE_BYTES = bytes(ZERO_GRANULE)
 
 
@@ -137,13 +124,9 @@ def _data_runs(view: memoryview, granule: int) -> list[Run]:
     n = len(view)
     if not n:
         return []
-    import ctypes  # loaded by _memcmp already
-
-    memcmp = _memcmp()
-    try:
-        address = ctypes.addressof(ctypes.c_char.from_buffer(view)) if memcmp else 0
-    except (TypeError, ValueError):
-        address = 0
+    # libc's memcmp compares in place and releases the GIL.
+    memcmp = libc_function(("memcmp",), ("c_void_p", "c_void_p", "c_size_t"))
+    address = buffer_address(view) if memcmp is not None else None
     if memcmp is not None and address:
 
         def is_zero(at: int, length: int) -> bool:

@@ -4,21 +4,53 @@ the :class:`~aiodd.formats.base.SparseFile` capability)."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
+from collections.abc import Callable
 
 from aiodd.formats.common import zero_fill
+
+
+# ctypes is loaded on first use, not at import: it costs a copy 2 ms of start-up, and a
+# copy that needs no libc function (a -t unsafe one) does not pay it.
+@functools.cache
+def libc_function(names: tuple[str, ...], argtypes: tuple[str, ...]) -> Callable[..., int] | None:
+    """The first of libc's ``names`` that exists, for what Python's os module does not
+    offer: taking ``argtypes`` (ctypes type names), returning a C int, keeping
+    ``errno``; None where libc has none of them."""
+    import ctypes
+
+    try:
+        # The process's own symbols: find_library would run ldconfig at every start-up.
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - no libc
+        return None
+    for name in names:
+        fn = getattr(libc, name, None)
+        if fn is not None:
+            fn.argtypes = [getattr(ctypes, t) for t in argtypes]
+            fn.restype = ctypes.c_int
+            return fn  # type: ignore[no-any-return]
+    return None
+
+
+def buffer_address(view: memoryview) -> int | None:
+    """Where ``view``'s bytes are in memory; None for a read-only buffer."""
+    import ctypes
+
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return None
 
 
 def filesystem_magic(fd: int) -> int | None:
     """The filesystem type of ``fd`` (``fstatfs().f_type``), or None if unknown."""
     import ctypes  # only the host asks; the guest never imports it
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover - no libc
-        return None
+    fstatfs = libc_function(("fstatfs",), ("c_int", "c_void_p"))
     buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is the first field
-    if libc.fstatfs(fd, buf) != 0:
+    if fstatfs is None or fstatfs(fd, buf) != 0:
         return None
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiodd.errors import OutputError, UsageError
-from aiodd.io import filesystem_magic
+from aiodd.io import buffer_address, filesystem_magic, libc_function
 
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream
@@ -44,32 +44,10 @@ if TYPE_CHECKING:
     from aiodd.progress import ProgressMeter
 
 
-# ctypes and libc are loaded on first use, not at import: ctypes costs 2 ms of start-up,
-# and a copy that never writes through O_DIRECT or the writeback hint needs neither.
-@functools.cache
-def _libc_function(names: tuple[str, ...], argtypes: tuple[str, ...]) -> Callable[..., int] | None:
-    """The first of libc's ``names`` that exists, taking ``argtypes`` (ctypes type names)
-    and returning a C int; None where there is none."""
-    import ctypes
-
-    try:
-        # The process's own symbols: find_library would run ldconfig at every start-up.
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover - no libc
-        return None
-    for name in names:
-        fn = getattr(libc, name, None)
-        if fn is not None:
-            fn.argtypes = [getattr(ctypes, t) for t in argtypes]
-            fn.restype = ctypes.c_int
-            return fn  # type: ignore[no-any-return]
-    return None
-
-
 def _sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
     """libc's sync_file_range, which Python's os module does not offer; a hint, so a
     libc without it is no error."""
-    fn = _libc_function(("sync_file_range",), ("c_int", "c_int64", "c_int64", "c_uint"))
+    fn = libc_function(("sync_file_range",), ("c_int", "c_int64", "c_int64", "c_uint"))
     if fn is not None:
         fn(fd, offset, length, flags)
 
@@ -85,7 +63,7 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
     writing zeros over the whole range, a second copy's worth of writing.
     """
     # fallocate64 takes 64-bit offsets on every ABI; musl has only fallocate (64-bit there).
-    fn = _libc_function(("fallocate64", "fallocate"), ("c_int", "c_int", "c_int64", "c_int64"))
+    fn = libc_function(("fallocate64", "fallocate"), ("c_int", "c_int", "c_int64", "c_int64"))
     return -1 if fn is None else fn(fd, mode, offset, length)
 
 
@@ -127,16 +105,6 @@ def _open_direct(path: str, fd: int, *, device: bool) -> int | None:
     try:
         return os.open(path, os.O_WRONLY | _O_DIRECT | os.O_CLOEXEC)
     except OSError:
-        return None
-
-
-def _address(view: memoryview) -> int | None:
-    """Where ``view``'s bytes are in memory; None for read-only buffers (never aligned)."""
-    import ctypes
-
-    try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(view))
-    except (TypeError, ValueError):
         return None
 
 
@@ -372,7 +340,7 @@ class OutputFile:
 
     def _write_direct(self, offset: int, view: memoryview) -> int:
         """Write what O_DIRECT takes of ``view``; return how many bytes that was."""
-        address = _address(view)
+        address = buffer_address(view)
         while True:
             fd = self.direct_fd
             if fd is None:  # another write gave O_DIRECT up meanwhile
