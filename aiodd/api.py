@@ -561,7 +561,8 @@ def plain_copy(
                         _timing.mark("copy")
                         output.flush(plan.file_size)
                         _timing.mark("fsync")
-                        mode = _mode(disk, isolation)  # beside the copy: the guest has opened it
+                        if beside:  # waits for the guest to have opened the image
+                            mode = _mode(disk, isolation)
                         if stopped():
                             return None
                         output.publish()
