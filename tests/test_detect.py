@@ -8,6 +8,7 @@ import base64
 import re
 import struct
 import subprocess
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -118,6 +119,8 @@ def create_luks(d: Path, name: str) -> Path:
         if proc.returncode == 0:
             return path
         assert b"Unable to get accurate CPU usage" in proc.stderr, proc.stderr
+        # Spread over seconds: 20 attempts back to back all failed once in a CI run.
+        time.sleep(0.25)
     pytest.fail("qemu-img could not create a luks image")
 
 
