@@ -16,6 +16,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +341,7 @@ def test_a_short_unaligned_copy_resumes_on_an_aligned_boundary(
 
     monkeypatch.setattr(os, "copy_file_range", copy_range)
     monkeypatch.setattr(sink, "CLONE_CHUNK", MiB)
+    monkeypatch.setattr(sink, "CLONE_WAYS", 1)  # the calls in a known order
     events: list[aiodd.Progress] = []
     _dd(
         src, out, cache="unsafe", isolation="inline", on_progress=events.append, progress_interval=0
@@ -348,6 +350,93 @@ def test_a_short_unaligned_copy_resumes_on_an_aligned_boundary(
     assert [offset for _, offset in asked] == [0, MiB, MiB + 1000]
     # The 1000 bytes redone by the pipeline are counted once.
     assert [e.bytes_done for e in events][-1] == len(_padded(data))
+
+
+def test_after_the_first_chunk_two_go_at_once(
+    source: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunks of a round are copied side by side: each call waits for the other."""
+    src, data = source
+    out = tmp_path / "out.raw"
+    both = threading.Barrier(2, timeout=10)
+    apart: list[int] = []
+
+    def copy_range(src_fd: int, dst_fd: int, length: int, offset_src: int, offset_dst: int) -> int:
+        if offset_dst in (MiB, 2 * MiB):  # the second round
+            try:
+                both.wait()
+            except threading.BrokenBarrierError:
+                apart.append(offset_dst)
+        return _real_copy_range(src_fd, dst_fd, length, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", copy_range)
+    monkeypatch.setattr(sink, "CLONE_CHUNK", MiB)
+    events: list[aiodd.Progress] = []
+    _dd(
+        src, out, cache="unsafe", isolation="inline", on_progress=events.append, progress_interval=0
+    )
+    assert out.read_bytes() == _padded(data)
+    assert apart == []
+    done = [e.bytes_done for e in events]
+    assert done == sorted(done) and {MiB, 2 * MiB, 3 * MiB, 4 * MiB, 5 * MiB} <= set(done)
+
+
+def test_a_chunk_stopped_short_beside_a_whole_one_ends_the_clone_there(
+    source: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What counts is the run of whole chunks from the start: the chunk beside the one
+    that stopped is copied again by the pipeline, and counted once."""
+    src, data = source
+    out = tmp_path / "out.raw"
+    asked: list[int] = []
+
+    def copy_range(src_fd: int, dst_fd: int, length: int, offset_src: int, offset_dst: int) -> int:
+        asked.append(offset_dst)
+        if offset_dst == MiB:
+            return _real_copy_range(src_fd, dst_fd, 1000, offset_src, offset_dst)
+        if offset_dst == MiB + 1000:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return _real_copy_range(src_fd, dst_fd, length, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", copy_range)
+    monkeypatch.setattr(sink, "CLONE_CHUNK", MiB)
+    events: list[aiodd.Progress] = []
+    _dd(
+        src, out, cache="unsafe", isolation="inline", on_progress=events.append, progress_interval=0
+    )
+    assert out.read_bytes() == _padded(data)
+    assert sorted(asked) == [0, MiB, MiB + 1000, 2 * MiB]  # no round after that one
+    done = [e.bytes_done for e in events]
+    assert done == sorted(done) and done[-1] == len(_padded(data))
+
+
+@pytest.mark.parametrize("filesystem", [0xEF53, 0x58465342], ids=["ext4", "xfs"])
+def test_the_clone_allocates_its_output_first_where_the_kernel_copies(
+    filesystem: int, source: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ext4 copies into blocks it allocated first faster; xfs shares the input's blocks
+    instead, so blocks allocated first would only be dropped."""
+    src, data = source
+    out = tmp_path / "out.raw"
+    steps: list[str] = []
+
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+        steps.append(f"fallocate {mode} {offset} {length}")
+        return 0
+
+    def copy_range(src_fd: int, dst_fd: int, length: int, offset_src: int, offset_dst: int) -> int:
+        steps.append("copy")
+        return _real_copy_range(src_fd, dst_fd, length, offset_src, offset_dst)
+
+    monkeypatch.setattr(sink, "filesystem_magic", lambda fd: filesystem)
+    monkeypatch.setattr(sink, "PAGE_CACHE_RESERVE", MiB)
+    monkeypatch.setattr(sink, "_fallocate", fallocate)
+    monkeypatch.setattr(os, "copy_file_range", copy_range)
+    _dd(src, out, cache="unsafe", isolation="inline")
+    assert out.read_bytes() == _padded(data)
+    first = steps.index("copy")
+    whole = len(data) - len(data) % sink.CLONE_ALIGN
+    assert steps[:first] == ([f"fallocate 0 0 {whole}"] if filesystem == 0xEF53 else [])
 
 
 def test_an_input_that_shrinks_is_read_as_zeros_past_its_end(

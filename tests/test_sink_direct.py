@@ -361,6 +361,56 @@ def test_an_allocation_that_fails_is_no_error(
     assert (tmp_path / "out.raw").read_bytes() == b"w" * MiB
 
 
+@pytest.mark.parametrize("cache", ["writeback", "unsafe", "writethrough"])
+def test_through_the_page_cache_a_dense_file_is_allocated_first(
+    cache: Cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Buffered writes into allocated blocks skip delayed allocation's bookkeeping;
+    not worth it below PAGE_CACHE_RESERVE."""
+    from aiodd.stages import sink
+
+    monkeypatch.setattr(sink, "PAGE_CACHE_RESERVE", 4 * MiB)
+    out = OutputFile.create(str(tmp_path / "out.raw"), 4 * MiB, raw=True, cache=cache)
+    try:
+        if filesystem_magic(out.fd) not in DIRECT_FILESYSTEMS:
+            pytest.skip(f"{tmp_path} is not on a local disk's filesystem")
+        assert out.direct_fd is None
+        out.reserve(4 * MiB - 4096)
+        assert not out.reserved and os.fstat(out.fd).st_blocks == 0
+        out.reserve(4 * MiB)
+        if not out.reserved:
+            pytest.skip(f"{tmp_path} cannot allocate ahead")
+        assert os.fstat(out.fd).st_blocks * 512 >= 4 * MiB
+        assert out.writes_in_flight == 1  # one at a time through the page cache
+        out.write([(0, b"p" * 4 * MiB)])
+        out.commit(4 * MiB)
+    finally:
+        out.abort()
+    assert (tmp_path / "out.raw").read_bytes() == b"p" * 4 * MiB
+
+
+def test_elsewhere_nothing_is_allocated_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tmpfs, NFS and the like: allocating there may write zeros, or cost a round trip."""
+    from aiodd.stages import sink
+
+    calls: list[tuple[int, ...]] = []
+
+    def fallocate(*args: int) -> int:
+        calls.append(args)
+        return 0
+
+    monkeypatch.setattr(sink, "filesystem_magic", lambda fd: 0x01021994)  # tmpfs
+    monkeypatch.setattr(sink, "_fallocate", fallocate)
+    monkeypatch.setattr(sink, "PAGE_CACHE_RESERVE", MiB)
+    out = OutputFile.create(str(tmp_path / "out.raw"), MiB, raw=True, cache="unsafe")
+    out.reserve(MiB)
+    out.reserve(MiB, clone=True)
+    assert calls == [] and not out.reserved
+    out.abort()
+
+
 def test_an_output_over_half_the_free_space_is_not_allocated_ahead(
     direct_output: OutputFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
