@@ -191,9 +191,12 @@ def test_aiodd_timing_prints_the_phases(image: Path, tmp_path: Path, isolation: 
     assert (quiet.returncode, quiet.stderr) == (0, "")
 
 
-def _guest_modules(image: Path, isolation: str, names: list[str]) -> tuple[str, set[str]]:
-    """Where the guest of ``isolation`` decodes ``image``, and which of the modules
-    ``names`` (or ``".suffix"``: those whose name ends so) it imported."""
+def _guest_modules(
+    image: Path, isolation: str, names: list[str], fmt: str | None = None
+) -> tuple[str, set[str]]:
+    """Where the guest of ``isolation`` decodes ``image`` (named ``fmt``, or detected),
+    and which of the modules ``names`` (or ``".suffix"``: those whose name ends so) it
+    imported."""
     from aiodd.guest import GuestOptions, open_guest, shared_buffer
     from aiodd.policy import Policy
     from tests.guest_attempts import ENTRY, attempt
@@ -203,7 +206,7 @@ def _guest_modules(image: Path, isolation: str, names: list[str]) -> tuple[str, 
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
         options = GuestOptions(entry=ENTRY, isolation=isolation)
-        disk = open_guest(str(image), fd, None, policy, policy.top(str(image), fd),
+        disk = open_guest(str(image), fd, fmt, policy, policy.top(str(image), fd),
                           memory=memory, options=options)  # fmt: skip
     finally:
         os.close(fd)
@@ -224,6 +227,14 @@ def test_the_sandbox_guest_imports_the_python_decoders(image: Path) -> None:
     mode, modules = _guest_modules(image, "sandbox", list(_DECODING))
     assert mode == "sandbox"
     assert set(_DECODING) <= modules
+
+
+def test_a_sandbox_guest_told_raw_imports_the_raw_decoder_alone(image: Path) -> None:
+    """A raw image names no other file and holds nothing compressed: with ``-f raw`` the
+    guest's start skips the other decoders, zlib and zstandard."""
+    mode, modules = _guest_modules(image, "sandbox", [*_DECODING, ".decode"], fmt="raw")
+    assert mode == "sandbox"
+    assert modules == {"aiodd.formats.raw.decode"}
 
 
 def test_the_kvm_guest_imports_no_python_decoder(image: Path) -> None:

@@ -260,7 +260,7 @@ class Guest:
 
             registry.import_probes()
         elif self.init.isolation != "kvm":
-            _import_python_decoders()
+            _import_python_decoders(self.init.fmt)
         _timing.mark("decoders imported")
         base_vm = sandbox.vm_size()  # the VM's memory is part of the start-up size
         if status["namespaces"].startswith("active"):
@@ -392,13 +392,22 @@ class Guest:
                 os._exit(2)
 
 
-def _import_python_decoders() -> None:
-    """Import everything the Python decoders may need, while open() is still allowed.
+def _import_python_decoders(fmt: str | None) -> None:
+    """Import everything the Python decoders may need for ``fmt`` (None: any format),
+    while open() is still allowed.
 
     Only a guest that decodes in Python (``sandbox``, or ``auto`` where the VM cannot
     be made) pays for it: the VM decodes every format, and a guest that runs it never
     imports a decoder, ``zlib`` or ``zstandard`` (docs/performance.md, "Start-up").
+    An input named raw needs the raw decoder alone: it names no other file and holds
+    nothing compressed or encoded.  Any other format may name a backing file of any
+    format.
     """
+    if fmt == "raw":
+        from aiodd.formats import registry
+
+        registry.decoder("raw")
+        return
     import codecs
     import zlib  # noqa: F401
 
