@@ -251,6 +251,9 @@ def test_the_kvm_guest_imports_no_python_decoder(image: Path) -> None:
     assert mode == "kvm"
     modules.discard("aiodd.guest.kvm.layout")  # the VM's own
     assert modules == {"aiodd.formats.qcow2.probe"}  # detection's
+    # Named raw, there is nothing to detect: not even the probes.
+    mode, modules = _guest_modules(image, "kvm", [".probe", ".decode"], fmt="raw")
+    assert (mode, modules) == ("kvm", set())
 
 
 @pytest.mark.parametrize(

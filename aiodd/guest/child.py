@@ -255,10 +255,12 @@ class Guest:
         _timing.mark("KVM VM made")
         if self.reader is not None:
             # The reader detects formats in Python: their probes, now, while open()
-            # is allowed; it needs no Python decoder.
-            from aiodd.formats import registry
+            # is allowed; it needs no Python decoder.  An input named raw needs none:
+            # it names no backing file to detect.
+            if self.init.fmt != "raw":
+                from aiodd.formats import registry
 
-            registry.import_probes()
+                registry.import_probes()
         elif self.init.isolation != "kvm":
             _import_python_decoders(self.init.fmt)
         _timing.mark("decoders imported")
