@@ -410,6 +410,27 @@ def test_a_chunk_stopped_short_beside_a_whole_one_ends_the_clone_there(
     assert done == sorted(done) and done[-1] == len(_padded(data))
 
 
+@pytest.mark.parametrize("cache", ["writeback", "unsafe"])
+def test_the_clone_starts_writeback_where_the_mode_flushes_at_the_end(
+    cache: str, source: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under writeback each chunk the kernel copied is sent on to the disk at once, so
+    the fsync before the rename does not write the whole file after the copy."""
+    src, data = source
+    out = tmp_path / "out.raw"
+    started: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(sink, "CLONE_CHUNK", MiB)
+    monkeypatch.setattr(
+        sink,
+        "_sync_file_range",
+        lambda fd, offset, length, flags: started.append((offset, length, flags)),
+    )
+    _dd(src, out, cache=cache, isolation="inline")
+    assert out.read_bytes() == _padded(data)
+    chunks = [(i * MiB, MiB, 2) for i in range(5)]  # SYNC_FILE_RANGE_WRITE
+    assert sorted(started) == (chunks if cache == "writeback" else [])
+
+
 @pytest.mark.parametrize("filesystem", [0xEF53, 0x58465342], ids=["ext4", "xfs"])
 def test_the_clone_allocates_its_output_first_where_the_kernel_copies(
     filesystem: int, source: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -386,11 +386,15 @@ class OutputFile:
             n = os.pwrite(self.fd, view[:PAGE_CACHE_PIECE], offset)
             view = view[n:]
             offset += n
-        hint = self.cache in ("none", "writeback")  # the others flush at once, or never
-        if hint and offset - start >= 1 << 20:
-            # Start writeback now, so the fsync before the rename finds little
-            # left to do: flushing overlaps copying instead of following it.
-            _sync_file_range(self.fd, start, offset - start, _SYNC_FILE_RANGE_WRITE)
+        self.start_writeback(start, offset - start)
+
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Start writing what was just written at ``offset`` back to the disk, where the
+        mode flushes once at the end (``none``, ``writeback``; the others flush at once,
+        or never): the fsync before the rename then finds little left to do, flushing
+        overlapping the copy instead of following it.  A MiB or more at a time."""
+        if self.cache in ("none", "writeback") and length >= 1 << 20:
+            _sync_file_range(self.fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
     def _stop_direct(self) -> None:
         """Close the O_DIRECT descriptors; only once no write is in flight."""
@@ -765,4 +769,5 @@ class _Clone:
             if n <= 0:  # 0: the input ended early, it shrank since it was opened
                 break
             done += n
+        self.output.start_writeback(offset, done)
         return done
