@@ -352,6 +352,23 @@ def test_a_short_unaligned_copy_resumes_on_an_aligned_boundary(
     assert [e.bytes_done for e in events][-1] == len(_padded(data))
 
 
+def _clone_in_chunks_of_a_mib(
+    monkeypatch: pytest.MonkeyPatch,
+    copy_range: Callable[[int, int, int, int, int], int],
+    src: Path,
+    out: Path,
+) -> list[int]:
+    """Copy ``src`` with ``-t unsafe`` inline, through ``copy_range`` in 1 MiB chunks;
+    the bytes done of each progress event."""
+    monkeypatch.setattr(os, "copy_file_range", copy_range)
+    monkeypatch.setattr(sink, "CLONE_CHUNK", MiB)
+    events: list[aiodd.Progress] = []
+    _dd(
+        src, out, cache="unsafe", isolation="inline", on_progress=events.append, progress_interval=0
+    )
+    return [e.bytes_done for e in events]
+
+
 def test_after_the_first_chunk_two_go_at_once(
     source: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -369,15 +386,9 @@ def test_after_the_first_chunk_two_go_at_once(
                 apart.append(offset_dst)
         return _real_copy_range(src_fd, dst_fd, length, offset_src, offset_dst)
 
-    monkeypatch.setattr(os, "copy_file_range", copy_range)
-    monkeypatch.setattr(sink, "CLONE_CHUNK", MiB)
-    events: list[aiodd.Progress] = []
-    _dd(
-        src, out, cache="unsafe", isolation="inline", on_progress=events.append, progress_interval=0
-    )
+    done = _clone_in_chunks_of_a_mib(monkeypatch, copy_range, src, out)
     assert out.read_bytes() == _padded(data)
     assert apart == []
-    done = [e.bytes_done for e in events]
     assert done == sorted(done) and {MiB, 2 * MiB, 3 * MiB, 4 * MiB, 5 * MiB} <= set(done)
 
 
@@ -398,15 +409,9 @@ def test_a_chunk_stopped_short_beside_a_whole_one_ends_the_clone_there(
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
         return _real_copy_range(src_fd, dst_fd, length, offset_src, offset_dst)
 
-    monkeypatch.setattr(os, "copy_file_range", copy_range)
-    monkeypatch.setattr(sink, "CLONE_CHUNK", MiB)
-    events: list[aiodd.Progress] = []
-    _dd(
-        src, out, cache="unsafe", isolation="inline", on_progress=events.append, progress_interval=0
-    )
+    done = _clone_in_chunks_of_a_mib(monkeypatch, copy_range, src, out)
     assert out.read_bytes() == _padded(data)
     assert sorted(asked) == [0, MiB, MiB + 1000, 2 * MiB]  # no round after that one
-    done = [e.bytes_done for e in events]
     assert done == sorted(done) and done[-1] == len(_padded(data))
 
 

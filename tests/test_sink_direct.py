@@ -361,6 +361,20 @@ def test_an_allocation_that_fails_is_no_error(
     assert (tmp_path / "out.raw").read_bytes() == b"w" * MiB
 
 
+def _record_fallocate(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The sink's fallocate calls from now on, each answered as a success."""
+    from aiodd.stages import sink
+
+    calls: list[tuple[int, ...]] = []
+
+    def fallocate(*args: int) -> int:
+        calls.append(args)
+        return 0
+
+    monkeypatch.setattr(sink, "_fallocate", fallocate)
+    return calls
+
+
 @pytest.mark.parametrize("cache", ["writeback", "unsafe", "writethrough"])
 def test_through_the_page_cache_a_dense_file_is_allocated_first(
     cache: Cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -395,14 +409,8 @@ def test_elsewhere_nothing_is_allocated_first(
     """tmpfs, NFS and the like: allocating there may write zeros, or cost a round trip."""
     from aiodd.stages import sink
 
-    calls: list[tuple[int, ...]] = []
-
-    def fallocate(*args: int) -> int:
-        calls.append(args)
-        return 0
-
+    calls = _record_fallocate(monkeypatch)
     monkeypatch.setattr(sink, "filesystem_magic", lambda fd: 0x01021994)  # tmpfs
-    monkeypatch.setattr(sink, "_fallocate", fallocate)
     monkeypatch.setattr(sink, "PAGE_CACHE_RESERVE", MiB)
     out = OutputFile.create(str(tmp_path / "out.raw"), MiB, raw=True, cache="unsafe")
     out.reserve(MiB)
@@ -415,15 +423,7 @@ def test_an_output_over_half_the_free_space_is_not_allocated_ahead(
     direct_output: OutputFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A huge window (a hostile header's, say) must not fill the disk in one call."""
-    from aiodd.stages import sink
-
-    calls: list[tuple[int, ...]] = []
-
-    def fallocate(*args: int) -> int:
-        calls.append(args)
-        return 0
-
-    monkeypatch.setattr(sink, "_fallocate", fallocate)
+    calls = _record_fallocate(monkeypatch)
     free = os.fstatvfs(direct_output.fd)
     half = free.f_bavail * free.f_frsize // 2
     direct_output.reserve(half + 4096)
