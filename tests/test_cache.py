@@ -392,6 +392,35 @@ def test_after_the_first_chunk_two_go_at_once(
     assert done == sorted(done) and {MiB, 2 * MiB, 3 * MiB, 4 * MiB, 5 * MiB} <= set(done)
 
 
+def test_without_a_second_thread_a_round_is_copied_in_one(
+    source: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that cannot start another thread still gets the whole clone, one chunk
+    after the other."""
+    from aiodd.progress import ProgressMeter
+
+    src, data = source
+
+    class NoThread(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(sink, "CLONE_CHUNK", MiB)
+    out = OutputFile.create(str(tmp_path / "out.raw"), len(data), raw=True, cache="unsafe")
+    fd = os.open(src, os.O_RDONLY)
+    meter = ProgressMeter(len(data), None)
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(threading, "Thread", NoThread)
+            done = sink.clone_range(out, fd, 0, len(data), meter, lambda: False)
+    finally:
+        os.close(fd)
+    whole = len(data) - len(data) % sink.CLONE_ALIGN
+    assert done == meter.done == whole
+    out.commit(whole)
+    assert (tmp_path / "out.raw").read_bytes() == data[:whole]
+
+
 def test_a_chunk_stopped_short_beside_a_whole_one_ends_the_clone_there(
     source: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -414,10 +414,9 @@ class OutputFile:
         cache into allocated blocks skips delayed allocation's bookkeeping page by
         page: a GiB costs about a fifth less (docs/performance.md, "Allocating the
         output first"); from :data:`PAGE_CACHE_RESERVE` on.  Only on a local disk's
-        filesystem, where allocating is a
-        change to the extent tree and not a write of zeros.  For a ``clone``, not where
-        ``copy_file_range`` shares the input's blocks (xfs, btrfs): blocks allocated
-        first would only be dropped again.
+        filesystem, where allocating is a change to the extent tree and not a write of
+        zeros.  For a ``clone``, not where ``copy_file_range`` shares the input's
+        blocks (xfs, btrfs): blocks allocated first would only be dropped again.
 
         Best effort: a filesystem that cannot allocate is written as before, and a real
         error (a full disk) is left for the write that meets it to report, in the words
@@ -730,11 +729,19 @@ class _Clone:
         def copy(i: int) -> None:
             copied[i] = self._copy(*pieces[i])
 
-        threads = [threading.Thread(target=copy, args=(i,)) for i in range(1, len(pieces))]
-        for thread in threads:
-            thread.start()
+        threads: list[threading.Thread] = []
+        alone: list[int] = []  # no thread to be had: copied here, after the first
+        for i in range(1, len(pieces)):
+            thread = threading.Thread(target=copy, args=(i,))
+            try:
+                thread.start()
+            except RuntimeError:
+                alone.append(i)
+            else:
+                threads.append(thread)
         try:
-            copy(0)
+            for i in (0, *alone):
+                copy(i)
         finally:
             for thread in threads:
                 thread.join()
