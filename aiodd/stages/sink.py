@@ -99,14 +99,15 @@ DIRECT_FILESYSTEMS = {
 # ctypes, 2 ms of a short copy's start.
 PAGE_CACHE_RESERVE = 64 << 20
 # Where copy_file_range shares the input's blocks instead of copying them.
-_SHARING_FILESYSTEMS = {0x58465342, 0x9123683E}
+_SHARING_FILESYSTEMS = {
+    magic for magic, name in DIRECT_FILESYSTEMS.items() if name in ("xfs", "btrfs")
+}
 
 
-def _open_direct(path: str, fd: int, *, device: bool) -> int | None:
-    """A second, ``O_DIRECT`` descriptor on ``path`` (open as ``fd``), or None."""
-    if not _O_DIRECT:
-        return None
-    if not device and filesystem_magic(fd) not in DIRECT_FILESYSTEMS:
+def _open_direct(path: str, *, local: bool) -> int | None:
+    """A second, ``O_DIRECT`` descriptor on ``path``, or None; only ``local``: a block
+    device or a file on one of :data:`DIRECT_FILESYSTEMS`."""
+    if not _O_DIRECT or not local:
         return None
     try:
         return os.open(path, os.O_WRONLY | _O_DIRECT | os.O_CLOEXEC)
@@ -204,7 +205,8 @@ class OutputFile:
         self.direct_fd: int | None = None
         if cache in ("none", "directsync"):
             direct_path = _proc_fd(fd) if unnamed else (temp_path or path)
-            self.direct_fd = _open_direct(direct_path, fd, device=self.device)
+            local = self.device or self._filesystem in DIRECT_FILESYSTEMS
+            self.direct_fd = _open_direct(direct_path, local=local)
         # A block device takes 512-byte pieces directly.  A filesystem takes them too,
         # but ext4 serialises a direct write that is not aligned to its 4 KiB block,
         # waits for every other one and zeroes the rest of the block: through the page
@@ -405,6 +407,13 @@ class OutputFile:
             with contextlib.suppress(OSError):
                 os.close(self._retired.pop())
 
+    @functools.cached_property
+    def _filesystem(self) -> int | None:
+        """The output's filesystem type (:func:`~aiodd.io.filesystem_magic`), asked once;
+        only where it decides something (``O_DIRECT``, allocating first), as asking
+        loads ctypes."""
+        return filesystem_magic(self.fd)
+
     def reserve(self, size: int, *, clone: bool = False) -> None:
         """Allocate the file's ``size`` bytes (from :attr:`offset`) before writing them.
 
@@ -426,7 +435,7 @@ class OutputFile:
             return
         if self.direct_fd is None and size < PAGE_CACHE_RESERVE:
             return
-        magic = filesystem_magic(self.fd)
+        magic = self._filesystem
         if magic not in DIRECT_FILESYSTEMS or (clone and magic in _SHARING_FILESYSTEMS):
             return
         # At most half the free space: a window that a hostile header makes huge, or a
@@ -712,12 +721,11 @@ class _Clone:
         self.done = 0  # bytes in place from offset 0
         self.reported = 0  # of those, the whole CLONE_ALIGN blocks counted to the meter
         self.over = self.length == 0
-        self._rounds = 0
 
     def round(self) -> list[int]:
         """Copy the next round's chunks; the counts to report, in order."""
-        ways = 1 if self._rounds == 0 else CLONE_WAYS
-        self._rounds += 1
+        # Alone while nothing is copied yet: a round that copies nothing ends the clone.
+        ways = 1 if self.done == 0 else CLONE_WAYS
         pieces: list[tuple[int, int]] = []
         offset = self.done
         while len(pieces) < ways and offset < self.length:
