@@ -432,8 +432,20 @@ async def dd(
 
 
 # The copy without an event loop: one thread per buffer (aiodd.pipeline.threads), the
-# pipeline's unit.  Four keep two writes in flight while the others read.
+# buffers slices of one PLAIN_MEMORY (shared with the guest, so mapped before the
+# output is open).  Past the page cache, four of the pipeline's unit keep two writes in
+# flight while the others read.  Through it, a write is a copy into memory, CPU as a
+# read is: more threads than the two cores here only contend, and each read a guest
+# serves costs a round trip, so two threads in buffers twice as big go faster
+# (docs/performance.md, "Two threads through the page cache").
 PLAIN_BUFFERS = 4
+PAGE_CACHE_BUFFERS = 2
+PLAIN_MEMORY = PLAIN_BUFFERS * DEFAULT_UNIT
+
+
+def plain_buffers(output: OutputFile) -> int:
+    """How many buffers (threads) the copy without an event loop cuts PLAIN_MEMORY into."""
+    return PLAIN_BUFFERS if output.direct_fd is not None else PAGE_CACHE_BUFFERS
 
 
 def plain_copy(
@@ -483,13 +495,12 @@ def plain_copy(
     policy = Policy(allow_backing, force_share=force_share)
     beside = isolation != "inline" and input_format == "raw" and on_progress is None
     # Mapped, not touched: a short copy's pages are the few it reads.
-    size = PLAIN_BUFFERS * DEFAULT_UNIT
     if isolation == "inline" or beside:
-        memory = mmap.mmap(-1, size)
+        memory = mmap.mmap(-1, PLAIN_MEMORY)
     else:
         from aiodd.guest import shared_buffer
 
-        memory = shared_buffer(size)
+        memory = shared_buffer(PLAIN_MEMORY)
     try:
         disk = chain.open_input(
             src,
@@ -538,10 +549,8 @@ def plain_copy(
                                 output.offset = done
                                 start += done
                         with memoryview(memory) as whole:
-                            buffers = [
-                                whole[i * DEFAULT_UNIT : (i + 1) * DEFAULT_UNIT]
-                                for i in range(PLAIN_BUFFERS)
-                            ]
+                            unit = PLAIN_MEMORY // plain_buffers(output)
+                            buffers = [whole[at : at + unit] for at in range(0, PLAIN_MEMORY, unit)]
                             try:
                                 if not copy_in_threads(
                                     disk,

@@ -33,7 +33,7 @@ from aiodd.io import filesystem_magic
 from aiodd.stages import sink
 from aiodd.stages.sink import DIRECT_FILESYSTEMS, OutputFile
 from tests.conftest import needs_qemu
-from tests.harness import aiodd_run, leftovers, qemu_dd
+from tests.harness import aiodd_run, leftovers, qemu_dd, virtual_disk
 
 MiB = 1 << 20
 CACHES = list(options.CACHE_MODES)
@@ -769,3 +769,42 @@ def test_the_bytes_are_qemu_img_dds_in_every_mode(
         assert expected.status == 0 and got.status == 0, got.stderr
         assert got.output == expected.output, window
         assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_the_threads_cut_their_memory_by_where_the_output_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str
+) -> None:
+    """Past the page cache, four buffers of the pipeline's unit keep two writes in
+    flight while the others read; through it, two threads in buffers twice as big copy
+    as fast as the cores allow, with half the reads to ask of a guest."""
+    from aiodd import api
+    from aiodd.pipeline import threads
+
+    data = _data(3 * api.PLAIN_MEMORY + 1234)  # every buffer taken more than once
+    src = tmp_path / "in.raw"
+    src.write_bytes(data)
+    seen: list[tuple[bool, list[int]]] = []
+    real = threads.copy_in_threads
+
+    def record(*args: Any, **kwargs: Any) -> bool:
+        output, buffers = args[4], args[5]
+        seen.append((output.direct_fd is not None, [len(view) for view in buffers]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(threads, "copy_in_threads", record)
+    dst = tmp_path / "out.qcow2"  # an image format: the threads copy all of it
+    result = api.plain_copy(
+        str(src), str(dst), bs=MiB, count=None, skip=0, input_format="raw",
+        output_format="qcow2", isolation="inline", allow_backing=(), require_isolation=False,
+        force_share=False, cache=cache, stopped=lambda: False,  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert result is not None
+    takes_direct = False
+    if cache in ("none", "directsync"):  # where the filesystem takes O_DIRECT (tmpfs does not)
+        probe = OutputFile.create(str(tmp_path / "probe.raw"), MiB, raw=True, cache=cache)  # type: ignore[arg-type]
+        takes_direct = probe.direct_fd is not None
+        probe.abort()
+    shape = [4 * MiB] * 4 if takes_direct else [8 * MiB] * 2
+    assert seen == [(takes_direct, shape)]
+    assert virtual_disk(dst, "qcow2") == _padded(data)
