@@ -1,20 +1,26 @@
 """Running one command line and measuring it: wall time, CPU time, peak memory.
 
-Every run is a fresh child started with :func:`os.posix_spawnp` and reaped with
-:func:`os.wait4`, so the peak RSS is the child's own (``ru_maxrss``), never the bench's.
-Linux folds a reaped grandchild into that figure as a *maximum*, not a sum: for aiodd
-with ``--isolation=sandbox`` it is the larger of the host process and its guest.  Where
-the sum matters, :class:`TreeSampler` polls the proportional set size (PSS, which
-splits shared pages between the processes that map them) of the whole process tree.
+Every run is a fresh process started with :func:`os.posix_spawnp` and reaped with
+:func:`os.wait4` by a small spawner process (:class:`Spawner`), not by the bench
+itself: Linux carries a process's peak RSS (``ru_maxrss``) across ``exec`` from the
+memory it had before, so a command started by the bench, 40-50 MiB of Python, would
+report at least the bench's size (``dd`` included).  Started by the spawner, a command
+reports at least the spawner's, about 9 MiB, and otherwise its own.  Linux folds a
+reaped grandchild into that figure as a *maximum*, not a sum: for aiodd with
+``--isolation=sandbox`` it is the larger of the host process and its guest.  Where the
+sum matters, :class:`TreeSampler` polls the proportional set size (PSS, which splits
+shared pages between the processes that map them) of the whole process tree.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import statistics
+import subprocess
+import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +114,103 @@ def _pss(pid: int) -> int:
     return 0
 
 
+# The spawner: one request per line on stdin (argv, env, stderr path), and for each two
+# lines on stdout: the child's pid as soon as it runs, then how it ended.  It imports
+# nothing it does not need, to stay small (its size is the floor of every peak RSS).
+_SPAWNER = """
+import json, os, sys, time
+out = sys.stdout
+for line in sys.stdin:
+    argv, env, stderr_path = json.loads(line)
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 2, stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
+    ]
+    started = time.perf_counter()
+    try:
+        pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions)
+    except OSError as exc:
+        out.write(json.dumps({"error": f"{argv[0]}: {exc.strerror}"}) + "\\n")
+        out.flush()
+        continue
+    out.write(json.dumps({"pid": pid}) + "\\n")
+    out.flush()
+    _, status, usage = os.wait4(pid, 0)
+    wall = time.perf_counter() - started
+    out.write(json.dumps({
+        "wall": wall,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "max_rss": usage.ru_maxrss * 1024,
+        "code": os.waitstatus_to_exitcode(status),
+    }) + "\\n")
+    out.flush()
+"""
+
+
+class Spawner:
+    """A small process that starts and reaps the measured commands (see the module's
+    docstring for why); one command at a time."""
+
+    def __init__(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _SPAWNER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._lock = threading.Lock()
+
+    def _answer(self) -> dict[str, object]:
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError("the bench's spawner exited")
+        answer: dict[str, object] = json.loads(line)
+        return answer
+
+    def run(
+        self,
+        argv: Argv,
+        env: dict[str, str],
+        stderr_path: Path,
+        started: Callable[[int], contextlib.AbstractContextManager[object]],
+    ) -> tuple[float, float, int, int]:
+        """Run ``argv`` to its end: (wall seconds, CPU seconds, peak RSS bytes, exit code).
+        ``started(pid)`` is entered while it runs."""
+        assert self._process.stdin is not None
+        with self._lock:
+            self._process.stdin.write(json.dumps([list(argv), env, str(stderr_path)]) + "\n")
+            self._process.stdin.flush()
+            first = self._answer()
+            if "error" in first:
+                raise FileNotFoundError(str(first["error"]))
+            pid = first["pid"]
+            assert isinstance(pid, int)
+            with started(pid):
+                end = self._answer()
+        wall, cpu, rss, code = end["wall"], end["cpu"], end["max_rss"], end["code"]
+        assert isinstance(wall, float) and isinstance(cpu, float)
+        assert isinstance(rss, int) and isinstance(code, int)
+        return wall, cpu, rss, code
+
+    def close(self) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        self._process.wait()
+
+
+_spawner: Spawner | None = None
+
+
+def spawner() -> Spawner:
+    """The bench's spawner, started on first use."""
+    global _spawner
+    if _spawner is None:
+        _spawner = Spawner()
+    return _spawner
+
+
 def run_once(
     steps: Sequence[Argv],
     *,
@@ -121,31 +224,25 @@ def run_once(
     tree_peak: int | None = 0 if sample_tree else None
     tail = ""
     for argv in steps:
-        actions = [
-            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
-            (
-                os.POSIX_SPAWN_OPEN,
-                2,
-                str(stderr_path),
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                0o644,
-            ),
-        ]
-        started = time.perf_counter()
-        pid = os.posix_spawnp(argv[0], list(argv), env or dict(os.environ), file_actions=actions)
-        if sample_tree:
-            with TreeSampler(pid) as sampler:
-                _, status, usage = os.wait4(pid, 0)
+        sampler: TreeSampler | None = None
+
+        def started(pid: int) -> contextlib.AbstractContextManager[object]:
+            nonlocal sampler
+            if not sample_tree:
+                return contextlib.nullcontext()
+            sampler = TreeSampler(pid)
+            return sampler
+
+        step_wall, step_cpu, rss, code = spawner().run(
+            argv, env or dict(os.environ), stderr_path, started
+        )
+        if sampler is not None:
             assert tree_peak is not None
             tree_peak = max(tree_peak, sampler.peak)
-        else:
-            _, status, usage = os.wait4(pid, 0)
-        wall += time.perf_counter() - started
-        cpu += usage.ru_utime + usage.ru_stime
-        max_rss = max(max_rss, usage.ru_maxrss * 1024)  # Linux reports KiB
+        wall += step_wall
+        cpu += step_cpu
+        max_rss = max(max_rss, rss)
         tail = _tail(stderr_path)
-        code = os.waitstatus_to_exitcode(status)
         if code != 0:
             raise CommandFailed(argv, code, tail)
     return Sample(wall, cpu, max_rss, tree_peak, tail)

@@ -237,7 +237,9 @@ def run(b: Bench) -> Section:
         Table(
             "Peak memory",
             rss_results,
-            "peak RSS: the child's ru_maxrss from wait4 (for sandbox: the larger of the "
+            "peak RSS: the child's ru_maxrss from wait4, started by a small spawner "
+            "process (about 9 MiB, the floor of the figure: a process's peak carries "
+            "across exec) rather than by the bench (for sandbox: the larger of the "
             "host and guest processes); tree PSS: the sampled (every 20 ms) peak of the "
             "summed proportional set size of aiodd and its guest, shared memory counted once.  "
             "The sparse runs are single runs: reading a hole still allocates a zeroed page "
