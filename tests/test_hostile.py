@@ -49,6 +49,7 @@ from tests.hostile import (
     base_fmt,
     flip_bits,
     make_tree,
+    python_work_unit,
     qcow2,
     qcow2_chain,
     qcow2_set_l2,
@@ -275,12 +276,19 @@ def test_hostile_case_is_refused(case: Case, isolation: str, tmp_path: Path) -> 
     tree = make_tree(tmp_path)
     built = case.build(tree)
     before = snapshot(tree.root)
+    unit = python_work_unit() if case.cpu_units is not None else 0.0
     run = run_aiodd(tree, cli_args(tree, case, built.image), isolation)
     line = assert_refused(run, tree, before, built.expect)
-    if case.timeout is not None:
-        # A tighter bound catches quadratic work: counted in CPU seconds, which a busy
-        # machine does not stretch as it stretches the wall clock.
-        assert run.cpu < case.timeout, f"{run.cpu:.1f} s of CPU (bound {case.timeout} s)"
+    if case.cpu_units is not None:
+        # A tighter bound catches quadratic work: counted in CPU time, which a busy
+        # machine stretches less than the wall clock, and in units of pure-Python work
+        # measured before and after the run, which a slow or busy one stretches alike.
+        unit = max(unit, python_work_unit())
+        units = run.cpu / unit
+        assert units < case.cpu_units, (
+            f"{run.cpu:.1f} s of CPU, {units:.0f} units of {unit:.3f} s"
+            f" (bound {case.cpu_units} units)"
+        )
     for text in built.hidden:
         assert text not in line, f"the message reveals {text!r}: {line}"
 
