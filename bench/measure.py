@@ -131,7 +131,7 @@ for line in sys.stdin:
     try:
         pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions)
     except OSError as exc:
-        out.write(json.dumps({"error": f"{argv[0]}: {exc.strerror}"}) + "\\n")
+        out.write(json.dumps({"errno": exc.errno, "error": exc.strerror}) + "\\n")
         out.flush()
         continue
     out.write(json.dumps({"pid": pid}) + "\\n")
@@ -170,34 +170,26 @@ class Spawner:
         return answer
 
     def run(
-        self,
-        argv: Argv,
-        env: dict[str, str],
-        stderr_path: Path,
-        started: Callable[[int], contextlib.AbstractContextManager[object]],
-    ) -> tuple[float, float, int, int]:
-        """Run ``argv`` to its end: (wall seconds, CPU seconds, peak RSS bytes, exit code).
-        ``started(pid)`` is entered while it runs."""
+        self, argv: Argv, env: dict[str, str], stderr_path: Path, *, sample_tree: bool
+    ) -> tuple[int, Sample]:
+        """Run ``argv`` to its end: its exit code, and its measurements (no stderr tail),
+        with the tree's peak PSS sampled while it runs where ``sample_tree``."""
         assert self._process.stdin is not None
         with self._lock:
             self._process.stdin.write(json.dumps([list(argv), env, str(stderr_path)]) + "\n")
             self._process.stdin.flush()
             first = self._answer()
-            if "error" in first:
-                raise FileNotFoundError(str(first["error"]))
+            if "errno" in first:  # as posix_spawnp raised it in the spawner
+                raise OSError(first["errno"], first["error"], argv[0])
             pid = first["pid"]
             assert isinstance(pid, int)
-            with started(pid):
+            sampler = TreeSampler(pid) if sample_tree else None
+            with sampler or contextlib.nullcontext():
                 end = self._answer()
         wall, cpu, rss, code = end["wall"], end["cpu"], end["max_rss"], end["code"]
         assert isinstance(wall, float) and isinstance(cpu, float)
         assert isinstance(rss, int) and isinstance(code, int)
-        return wall, cpu, rss, code
-
-    def close(self) -> None:
-        assert self._process.stdin is not None
-        self._process.stdin.close()
-        self._process.wait()
+        return code, Sample(wall, cpu, rss, None if sampler is None else sampler.peak, "")
 
 
 _spawner: Spawner | None = None
@@ -224,24 +216,15 @@ def run_once(
     tree_peak: int | None = 0 if sample_tree else None
     tail = ""
     for argv in steps:
-        sampler: TreeSampler | None = None
-
-        def started(pid: int) -> contextlib.AbstractContextManager[object]:
-            nonlocal sampler
-            if not sample_tree:
-                return contextlib.nullcontext()
-            sampler = TreeSampler(pid)
-            return sampler
-
-        step_wall, step_cpu, rss, code = spawner().run(
-            argv, env or dict(os.environ), stderr_path, started
+        code, step = spawner().run(
+            argv, env or dict(os.environ), stderr_path, sample_tree=sample_tree
         )
-        if sampler is not None:
+        if step.tree_pss is not None:
             assert tree_peak is not None
-            tree_peak = max(tree_peak, sampler.peak)
-        wall += step_wall
-        cpu += step_cpu
-        max_rss = max(max_rss, rss)
+            tree_peak = max(tree_peak, step.tree_pss)
+        wall += step.wall
+        cpu += step.cpu
+        max_rss = max(max_rss, step.max_rss)
         tail = _tail(stderr_path)
         if code != 0:
             raise CommandFailed(argv, code, tail)
