@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 
 WORKERS = 2
 VMS = 2  # two reads decode at once, one per core; the host may queue more
+# The codecs the Python decoders use (names, the vhdx and vpc parent locators, the vmdk
+# descriptor), by their modules in the encodings package; utf-8 is the interpreter's own.
+CODEC_MODULES = ("utf_16", "utf_16_le", "utf_16_be", "latin_1", "ascii")
 M_TRIM_THRESHOLD = -1
 M_ARENA_MAX = -8
 THREAD_STACK = 1 << 20  # worker threads need little stack; keeps RLIMIT_AS meaningful
@@ -403,25 +406,33 @@ def _import_python_decoders(fmt: str | None) -> None:
     imports a decoder, ``zlib`` or ``zstandard`` (docs/performance.md, "Start-up").
     An input named raw needs the raw decoder alone: it names no other file and holds
     nothing compressed or encoded.  Any other format may name a backing file of any
-    format.
+    format: every decoder is read now, and runs when first imported
+    (:mod:`aiodd.guest.preload`).
     """
     if fmt == "raw":
         from aiodd.formats import registry
 
         registry.decoder("raw")
         return
-    import codecs
+    # What the decoders import from outside aiodd.formats, which the preloader does not
+    # serve (tests/test_startup.py checks the list).
+    import array  # noqa: F401
+    import bisect  # noqa: F401
+    import encodings
+    import heapq  # noqa: F401
     import zlib  # noqa: F401
 
     import zstandard  # noqa: F401  # the qcow2 decoder's zstd clusters
 
-    from aiodd.formats import registry
+    import aiodd.formats
+    from aiodd.guest.preload import Preloaded
 
-    # The registry imports decoders on first use: import them all, now.
-    registry.import_decoders()
-    # Codecs are imported on first use: look up every one a decoder may use, now.
-    for codec in ("utf-8", "utf-16-le", "utf-16-be", "utf-16", "latin-1", "ascii"):
-        codecs.lookup(codec)
+    preloaded = Preloaded()
+    # Every probe and decoder (a guest encodes nothing), and the codecs a decoder may
+    # look up (imported by the codec registry on first use).
+    preloaded.add_package(aiodd.formats, skip=("encode",))
+    preloaded.add_modules(encodings, CODEC_MODULES)
+    preloaded.install()
 
 
 def _receive(sock: _socket.socket) -> tuple[bytes, list[int]]:
