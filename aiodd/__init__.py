@@ -9,8 +9,6 @@ pipeline's imports at start-up.
 # First: AIODD_TIMING's clock starts with the package (docs/performance.md, "Start-up").
 from aiodd import _timing as _timing  # isort: skip
 
-from typing import TYPE_CHECKING, Any
-
 from aiodd._version import __version__ as __version__
 from aiodd.errors import AioddError as AioddError
 from aiodd.errors import ImageError as ImageError
@@ -22,7 +20,12 @@ from aiodd.errors import StageError as StageError
 from aiodd.errors import UnsupportedImageError as UnsupportedImageError
 from aiodd.errors import UsageError as UsageError
 
+# typing.TYPE_CHECKING, without importing typing (with re and enum, most of the time
+# to the command's first act, starting its guest: docs/performance.md, "Start-up").
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from aiodd.api import Checksum as Checksum
     from aiodd.api import DdResult as DdResult
     from aiodd.api import dd as dd
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from aiodd.progress import Progress as Progress
     from aiodd.progress import ProgressCallback as ProgressCallback
     from aiodd.window import Window as Window
+del TYPE_CHECKING  # not part of the package
 
 __all__ = (
     "AioddError",
@@ -62,7 +66,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'aiodd' has no attribute {name!r}")

@@ -12,8 +12,13 @@ not take it (a usage error, a signal).
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+
+# typing.TYPE_CHECKING without typing, nor collections.abc, before the guest is started
+# (aiodd/__init__.py says why).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import NoReturn
 
 
 def needs_no_guest(args: Sequence[str]) -> bool:

@@ -281,3 +281,27 @@ def test_the_kvm_guest_imports_no_python_decoder(image: Path) -> None:
 )
 def test_the_command_starts_a_guest_unless_none_is_needed(args: list[str], expected: bool) -> None:
     assert needs_no_guest(args) is expected
+
+
+# What the command imports before it starts its guest: the package, its entry point and
+# the spawner, in an interpreter that imported nothing else (-I -S, as the guest's).
+_BEFORE_THE_GUEST = (
+    "import sys; sys.path[:0] = sys.argv[1:]; before = set(sys.modules);"
+    "import aiodd._command, aiodd.guest.spawn;"
+    "print(' '.join(sorted(set(sys.modules) - before)))"
+)
+# Each of these is milliseconds (typing alone brings re, enum, collections, functools
+# and contextlib) spent before the guest, the longest path of a short copy, starts.
+_HEAVY = {"typing", "enum", "re", "collections", "functools", "contextlib", "threading",
+          "signal", "dataclasses", "subprocess", "socket"}  # fmt: skip
+
+
+def test_the_command_starts_its_guest_before_importing_anything_heavy() -> None:
+    paths = [p for p in sys.path if os.path.isabs(p)]
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _BEFORE_THE_GUEST, *paths],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    imported = set(proc.stdout.split())
+    assert {"aiodd._command", "aiodd.guest.spawn"} <= imported
+    assert not imported & _HEAVY, sorted(imported & _HEAVY)

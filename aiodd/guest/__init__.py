@@ -17,9 +17,12 @@ package too, does not pay for the host's machinery at start-up.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+# typing.TYPE_CHECKING without typing's import: the command imports this package to
+# start its guest, first thing (aiodd/__init__.py).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from aiodd.guest.disk import GuestDisk as GuestDisk
     from aiodd.guest.disk import IsolationWarning as IsolationWarning
     from aiodd.guest.host import isolation_report as isolation_report
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     from aiodd.guest.options import GuestOptions as GuestOptions
     from aiodd.guest.spawn import discard_prestarted as discard_prestarted
     from aiodd.guest.spawn import prestart as prestart
+del TYPE_CHECKING
 
 # Each name, by the module that defines it: ``prestart`` must not wait for the host's
 # machinery, it runs first thing in the CLI.

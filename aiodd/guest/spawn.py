@@ -3,19 +3,19 @@
 The guest's interpreter start-up and imports take longer than the host's work, so the
 ``aiodd`` command starts it first thing (:func:`prestart`, from :mod:`aiodd._command`),
 and this module imports only what starting a process needs (not ``subprocess``, not
-``socket``); the CLI and the transport's machinery (:mod:`aiodd.guest.process`) load
-meanwhile.
+``socket``, not ``signal``, ``threading`` or ``contextlib``, which bring ``enum``,
+``collections`` and ``functools``: their C cores will do); the CLI
+and the transport's machinery (:mod:`aiodd.guest.process`) load meanwhile.
 """
 
 from __future__ import annotations
 
+import _signal  # signal's C core: signal itself imports enum, 6 ms before the guest starts
 import _socket
-import contextlib
+import _thread
 import os
 import select
-import signal
 import sys
-import threading
 import time
 
 from aiodd.errors import IsolationError
@@ -48,7 +48,7 @@ class GuestProcess:
         self.pid = pid
         self.returncode: int | None = None
         self._pidfd = os.pidfd_open(pid)
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def poll(self) -> int | None:
         try:
@@ -76,7 +76,7 @@ class GuestProcess:
     def kill(self) -> None:
         with self._lock:
             if self.returncode is None:  # the pidfd cannot name a reused pid
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                _signal.pidfd_send_signal(self._pidfd, _signal.SIGKILL)
 
     def _exited(self, timeout: float | None) -> bool:
         with self._lock:
@@ -115,7 +115,7 @@ class Spawned:
                 argv,
                 env,
                 file_actions=actions,
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # as Popen's restore_signals
+                setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ),  # as Popen's restore_signals
                 setsigmask=(),
             )
         except OSError as exc:
@@ -126,7 +126,7 @@ class Spawned:
         try:
             self.proc = GuestProcess(pid)
         except OSError as exc:  # no pidfd (Linux before 5.3): no way to wait safely
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, _signal.SIGKILL)
             os.waitpid(pid, 0)
             parent.close()
             raise IsolationError(f"cannot watch the guest reader: {exc.strerror}") from None
@@ -134,7 +134,7 @@ class Spawned:
 
 
 _spare: Spawned | None = None
-_spare_lock = threading.Lock()
+_spare_lock = _thread.allocate_lock()
 
 
 def prestart() -> bool:
@@ -158,6 +158,8 @@ def discard_prestarted() -> None:
     with _spare_lock:
         proc, _spare = _spare, None
     if proc is not None:
+        import contextlib  # here: not before the command's guest is started
+
         proc.sock.close()
         with contextlib.suppress(OSError):
             proc.proc.kill()
