@@ -40,7 +40,8 @@ GUEST = Path(aiodd.__file__).parent / "guest"
 ALLOWED: dict[str, set[str]] = {
     "__init__": set(),  # loads its names lazily, by module name
     "__main__": {"child"},
-    "child": {"protocol", "sandbox", "seccomp", "kvm"},  # kvm: the package aiodd/guest/kvm/
+    "child": {"protocol", "sandbox", "seccomp", "kvm", "preload"},  # kvm: aiodd/guest/kvm/
+    "preload": set(),
     "protocol": set(),
     "sandbox": {"seccomp"},
     "seccomp": set(),
