@@ -120,7 +120,10 @@ sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", "") != "P
 sys.path_hooks.clear()
 sys.path_importer_cache.clear()
 from aiodd.formats import registry
-registry.import_decoders()
+registry.import_probes()
+for name, fmt in registry.FORMATS.items():
+    if fmt.reads:
+        registry.decoder(name)
 for codec in ("utf-8", "utf-16-le", "utf-16-be", "utf-16", "latin-1", "ascii"):
     codecs.lookup(codec)
 print("ok", len([m for m in sys.modules if m.endswith(".decode")]))

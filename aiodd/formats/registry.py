@@ -47,7 +47,6 @@ __all__ = (
     "decoder",
     "detect",
     "encoder",
-    "import_decoders",
     "import_probes",
     "input_formats",
     "open_disk",
@@ -154,14 +153,6 @@ def import_probes() -> None:
     for fmt in FORMATS.values():
         if fmt.reads:
             fmt.probe  # noqa: B018
-
-
-def import_decoders() -> None:
-    """Import every decoder now (a process about to lose the right to open files)."""
-    import_probes()
-    for fmt in FORMATS.values():
-        if fmt.reads:
-            fmt.decoder  # noqa: B018
 
 
 def _probes() -> list[tuple[str, Probe]]:

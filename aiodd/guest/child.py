@@ -415,7 +415,7 @@ def _import_python_decoders(fmt: str | None) -> None:
         registry.decoder("raw")
         return
     # What the decoders import from outside aiodd.formats, which the preloader does not
-    # serve (tests/test_startup.py checks the list).
+    # serve (tests/test_preload.py checks the list).
     import array  # noqa: F401
     import bisect  # noqa: F401
     import encodings

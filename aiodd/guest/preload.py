@@ -10,7 +10,7 @@ compiled code into memory while files may still be read and, placed first on
 imports it, and nothing is looked up on disk.
 
 What those modules import from elsewhere (the standard library's C modules among them)
-must be imported before the seal, as any module the guest needs: tests/test_startup.py
+must be imported before the seal, as any module the guest needs: tests/test_preload.py
 imports every decoder with the file system's finders removed, to find any missing.
 """
 

@@ -4,8 +4,8 @@ The guest's interpreter start-up and imports take longer than the host's work, s
 ``aiodd`` command starts it first thing (:func:`prestart`, from :mod:`aiodd._command`),
 and this module imports only what starting a process needs (not ``subprocess``, not
 ``socket``, not ``signal``, ``threading`` or ``contextlib``, which bring ``enum``,
-``collections`` and ``functools``: their C cores will do); the CLI
-and the transport's machinery (:mod:`aiodd.guest.process`) load meanwhile.
+``collections`` and ``functools``: their C cores will do); the CLI and the transport's
+machinery (:mod:`aiodd.guest.process`) load meanwhile.
 """
 
 from __future__ import annotations
