@@ -16,12 +16,14 @@ import os
 import resource
 import socket
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from aiodd.guest import sandbox
 from aiodd.guest.protocol import Call
 
 if TYPE_CHECKING:  # the guest imports this module too: it needs neither
+    from aiodd.formats.base import VirtualDisk
     from aiodd.guest.child import Guest
     from aiodd.guest.disk import GuestDisk
 
@@ -112,6 +114,16 @@ def _run(guest: Guest, what: object, arg: object) -> str:
     if what == "spin":
         while True:
             pass
+    if what == "spin_reads":  # every further read spins, on whichever thread serves it
+        guest.disk = _SpinningDisk()
+        return "ok"
+    if what == "slow_reads":  # every further read waits half a second first
+        guest.disk = _SlowDisk(guest.disk)
+        return "ok"
+    if what == "lane_noise":  # an answer on every read lane, to no read the host sent
+        for lane in guest.lanes:
+            lane.send(b'{"op": "done", "id": 424242}')
+        return f"ok: {len(guest.lanes)}"
     if what == "kvm_ioctl":
         # An ioctl the KVM rule does not allow: on a descriptor that is not the VM's
         # (stdin, /dev/null: the kernel would say ENOTTY), or a request the monitor does
@@ -152,3 +164,30 @@ def _run(guest: Guest, what: object, arg: object) -> str:
         resource.setrlimit(resource.RLIMIT_CPU, (resource.RLIM_INFINITY,) * 2)
         return "ok"
     return f"unknown attempt {what!r}"
+
+
+class _SpinningDisk:
+    format_name = "raw"
+    virtual_size = 1 << 30
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        while True:
+            pass
+
+    def close(self) -> None:
+        pass
+
+
+class _SlowDisk:
+    def __init__(self, disk: VirtualDisk | None) -> None:
+        assert disk is not None
+        self._disk = disk
+        self.format_name = disk.format_name
+        self.virtual_size = disk.virtual_size
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        time.sleep(0.5)
+        self._disk.read_into(offset, buf)
+
+    def close(self) -> None:
+        self._disk.close()

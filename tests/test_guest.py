@@ -24,7 +24,7 @@ from aiodd.errors import ImageError, IsolationError, UsageError
 from aiodd.guest import child, host, isolation_report, sandbox, seccomp, shared_buffer
 from aiodd.guest.host import GuestDisk, GuestOptions, IsolationWarning, open_guest
 from aiodd.guest.process import death_reason
-from aiodd.guest.protocol import clean
+from aiodd.guest.protocol import Read, clean
 from aiodd.policy import Policy
 from tests.conftest import KVM_AVAILABLE, KVM_WHY, needs_kvm
 from tests.guest_attempts import ENTRY, attempt
@@ -102,6 +102,21 @@ def test_seccomp_program(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", sorted(seccomp.SYSCALLS))
+def test_seccomp_program_lets_the_lanes_be_written(arch: str) -> None:
+    table = seccomp.SYSCALLS[arch]
+    prog = seccomp.build_filter(arch, 7, lanes=(9, 12))
+    eperm = seccomp.RET_ERRNO | errno.EPERM
+    for name in seccomp.ALLOW_ON_CONTROL:
+        for fd in (7, 9, 12):
+            assert seccomp.run_filter(prog, arch, table[name], fd) == seccomp.RET_ALLOW
+        for fd in (0, 1, 8, 10, 11, 13, 9 | 1 << 32):
+            assert seccomp.run_filter(prog, arch, table[name], fd) == eperm
+    for name in seccomp.KILL:
+        if name in table:
+            assert seccomp.run_filter(prog, arch, table[name], 9) == seccomp.RET_KILL_PROCESS
+
+
+@pytest.mark.parametrize("arch", sorted(seccomp.SYSCALLS))
 def test_seccomp_kvm_rule(arch: str) -> None:
     """With two VMs: KVM_RUN on any of their four descriptors, nothing else; the
     watchdogs' timer calls only then; creating a timer never (it is made before)."""
@@ -161,28 +176,36 @@ def test_reads_into_shared_memory_and_plain_buffers(raw_image: tuple[Path, bytes
         memory.close()
 
 
-def test_two_threads_read_concurrently(raw_image: tuple[Path, bytes]) -> None:
+@pytest.mark.parametrize("isolation", ["auto", "sandbox", pytest.param("kvm", marks=needs_kvm)])
+@pytest.mark.parametrize("threads", [2, 4])
+def test_threads_read_concurrently(
+    raw_image: tuple[Path, bytes], threads: int, isolation: str
+) -> None:
+    """Reads from several threads at once; four share the two read lanes (under kvm,
+    the two VMs' own threads)."""
     path, data = raw_image
-    memory = shared_buffer(4 << 20)
-    disk = open_input(str(path), None, memory=memory)
+    memory = shared_buffer(threads << 20)
+    disk = open_input(str(path), None, memory=memory, isolation=isolation)  # type: ignore[arg-type]
+    if isolation != "auto":
+        assert getattr(disk, "mode", None) == isolation
     view = memoryview(memory)
     errors: list[BaseException] = []
 
-    def reader(half: int) -> None:
+    def reader(n: int) -> None:
         try:
             for i in range(20):
-                start = (i * 65536 + half * 1000) % (len(data) - (2 << 20))
-                part = view[half << 21 : (half << 21) + (1 << 20)]
+                start = (i * 65536 + n * 1000) % (len(data) - (1 << 20))
+                part = view[n << 20 : (n + 1) << 20]
                 disk.read_into(start, part)
                 assert part == data[start : start + (1 << 20)]
                 part.release()
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=reader, args=(h,)) for h in (0, 1)]
-    for t in threads:
+    started = [threading.Thread(target=reader, args=(n,)) for n in range(threads)]
+    for t in started:
         t.start()
-    for t in threads:
+    for t in started:
         t.join()
     disk.close()
     view.release()
@@ -375,20 +398,81 @@ def test_rlimit_cpu(make_guest: object) -> None:
 
 
 def test_watchdog_kills_a_guest_that_stops_answering(make_guest: object) -> None:
+    """A read that never ends: its deadline kills the guest, and the read says so."""
     disk = make_guest(watchdog_floor=1.0)  # type: ignore[operator]
-    spinners = [threading.Thread(target=_swallow, args=(disk,)) for _ in range(2)]
-    for t in spinners:
-        t.start()
-    time.sleep(0.3)  # both workers now spin; the read below waits behind them
+    assert attempt(disk, "spin_reads") == "ok"
     started = time.perf_counter()
     with pytest.raises(IsolationError, match="watchdog") as info:
         disk.read_into(0, memoryview(bytearray(4096)))
     assert time.perf_counter() - started < 10
     assert "did not finish reading 4096 bytes at offset 0" in str(info.value)
-    for t in spinners:
-        t.join()
+    assert "was killed" in str(info.value)
     with pytest.raises(IsolationError):
         disk.read_into(0, memoryview(bytearray(512)))
+
+
+def test_reads_do_not_wait_for_the_workers(
+    make_guest: object, raw_image: tuple[Path, bytes]
+) -> None:
+    """Reads take their lanes: with both workers spinning, a read is answered, and a
+    further request, which waits behind the workers, meets its watchdog."""
+    disk = make_guest()  # type: ignore[operator]
+    spinners = [threading.Thread(target=_swallow, args=(disk,)) for _ in range(2)]
+    for t in spinners:
+        t.start()
+    time.sleep(0.3)  # both workers now spin
+    buf = bytearray(4096)
+    disk.read_into(8192, memoryview(buf))
+    assert buf == raw_image[1][8192 : 8192 + 4096]
+    with pytest.raises(IsolationError, match="did not answer within 1 s"):
+        attempt(disk, "stat", "/", timeout=1.0)
+    for t in spinners:
+        t.join()
+
+
+def test_a_lane_answer_to_no_read_kills_the_guest(make_guest: object) -> None:
+    disk = make_guest()  # type: ignore[operator]
+    assert attempt(disk, "lane_noise") == "ok: 2"
+    with pytest.raises(IsolationError, match="broke the protocol and was killed"):
+        disk.read_into(0, memoryview(bytearray(512)))
+
+
+def test_a_read_stopped_while_it_waits_leaves_the_lane_usable(
+    make_guest: object, raw_image: tuple[Path, bytes]
+) -> None:
+    """A read interrupted by an exception (here a signal handler's) leaves its answer on
+    its lane: the next read there skips it rather than take it for its own."""
+    disk = make_guest()  # type: ignore[operator]
+    assert attempt(disk, "slow_reads") == "ok"
+
+    class Stopped(Exception):
+        pass
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped
+
+    old = signal.signal(signal.SIGALRM, stop)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(Stopped):
+            disk.read_into(0, memoryview(bytearray(512)))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    for offset in (4096, 8192, 12288):  # both lanes, the stopped read's included
+        buf = bytearray(512)
+        disk.read_into(offset, memoryview(buf))
+        assert buf == raw_image[1][offset : offset + 512]
+
+
+def test_a_read_on_the_control_socket_is_refused(make_guest: object) -> None:
+    """A guest given lanes takes reads on them only."""
+    disk = make_guest()  # type: ignore[operator]
+    disk.channel._send(Read(0, 0, 0, 512, id=99))
+    with pytest.raises(IsolationError, match=r"exited unexpectedly \(status 2\)"):
+        for _ in range(100):
+            disk.read_into(0, memoryview(bytearray(512)))
+            time.sleep(0.05)
 
 
 def _swallow(disk: GuestDisk) -> None:

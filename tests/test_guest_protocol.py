@@ -86,6 +86,7 @@ host_messages = st.one_of(
         st.booleans(),
         st.sampled_from(protocol.GUEST_MODES),
         any_text,
+        st.integers(0, protocol.MAX_LANES),
     ),
     st.builds(Read, ids, ids, ids, ids, ids),
     st.builds(
@@ -314,6 +315,15 @@ def _guest(message: dict[str, Any]) -> protocol.GuestMessage:
 def test_broken_messages_are_refused(message: dict[str, Any]) -> None:
     with pytest.raises((ValueError, TypeError)):
         _guest(message)
+
+
+@pytest.mark.parametrize("lanes", [-1, protocol.MAX_LANES + 1, True, "2", None])
+def test_an_init_with_bad_lanes_is_refused(lanes: object) -> None:
+    message = json.loads(to_bytes(Init("x", None, (), (), False, 0, 0, lanes=2)))
+    assert from_host(json.dumps(message).encode()) == Init("x", None, (), (), False, 0, 0, lanes=2)
+    message["lanes"] = lanes
+    with pytest.raises(ValueError, match="lanes"):
+        from_host(json.dumps(message).encode())
 
 
 @pytest.mark.parametrize("data", [b"[1]", b'{"op": 1}', b"{", b" " * (protocol.MAX_MESSAGE + 1)])

@@ -6,16 +6,19 @@ reads image bytes.  From then on it can read the descriptors it holds, use memor
 talk on its control socket; each further file the image names is asked of the host, which
 decides under the backing-file policy and answers with a descriptor or a refusal.
 
+Reads come on the read lanes (:mod:`aiodd.guest.process`), one socket each, a read at a
+time: with the Python decoders a thread per lane receives, decodes and answers.
+
 In the ``kvm`` mode (and ``auto``, where KVM runs) it also sets up the KVM guest reader
 (:mod:`aiodd.guest.kvm.reader`) before it seals itself, and the decoding happens in that
 micro-VM: the main thread runs the VM's work (``KVM_RUN`` runs there, for the
-watchdog's ``SIGPROF``), another thread receives the host's messages.  A second VM,
-opening the same image, serves reads on a thread of its own, under a watchdog of its
-own, so two reads decode at once (a compressed image uses both cores, as the Python
-decoders' two workers do).  Under ``auto``, a host where KVM cannot run sends it back to
-the Python decoders, in this same sandboxed process; where the VM runs, it decodes every
-format, and the process imports no Python decoder (only the probes that detect a format),
-``zlib`` or ``zstandard``.
+watchdog's ``SIGPROF``) and serves the first lane, another thread receives the host's
+other messages.  A second VM, opening the same image, serves the second lane on a
+thread of its own, under a watchdog of its own, so two reads decode at once (a
+compressed image uses both cores, as the Python decoders' two lanes do).  Under
+``auto``, a host where KVM cannot run sends it back to the Python decoders, in this same
+sandboxed process; where the VM runs, it decodes every format, and the process imports
+no Python decoder (only the probes that detect a format), ``zlib`` or ``zstandard``.
 """
 
 from __future__ import annotations
@@ -170,6 +173,16 @@ class Guest:
         for fd, size in zip(fds[1:], init.mems, strict=False):
             self.mems.append(mmap.mmap(fd, size))
             os.close(fd)
+        lane_fds = fds[1 + len(init.mems) :]
+        if len(lane_fds) != init.lanes:
+            os._exit(2)
+        self.lanes = [
+            _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, fd) for fd in lane_fds
+        ]
+        # Under kvm each VM's thread receives its own lane's reads (serve_lane); where a
+        # VM has no thread of its own, plain threads receive them for the VMs' queue.
+        self.lanes_direct = False
+        self.lanes_decided = threading.Event()
         self.disk: VirtualDisk | None = None
         self.jobs: _queue.SimpleQueue[Job] = _queue.SimpleQueue()  # the worker threads'
         self.main_jobs: _queue.SimpleQueue[Job] = _queue.SimpleQueue()  # the VM's
@@ -205,25 +218,43 @@ class Guest:
     def start_vm_threads(self, reader: KvmReader) -> int:
         """A thread for each further VM, reading as the main thread does, each with its
         watchdog's timer made before sealing (it cannot be made after); a VM whose
-        thread could not get one is closed.  How many threads were started."""
+        thread could not get one is closed.  Each VM's thread then serves its own lane,
+        if every VM has a thread and a lane; else a thread per lane receives the reads
+        for the VMs' queue.  How many threads were started."""
         started = 0
-        for _ in range(reader.vms - 1):
+        bound: list[bool] = []
+        for index in range(1, reader.vms):
             ready = threading.Event()
-            threading.Thread(target=self._vm_thread, args=(reader, ready), daemon=True).start()
+            threading.Thread(
+                target=self._vm_thread, args=(reader, ready, index, bound), daemon=True
+            ).start()
             ready.wait()
             started += 1
         reader.drop_unbound()
+        self.lanes_direct = len(self.lanes) == reader.vms and all(bound)
+        self.lanes_decided.set()
+        if not self.lanes_direct:
+            for lane in self.lanes:
+                _thread(functools.partial(self.serve_lane, lane, queued=True))
+            started += len(self.lanes)
         return started
 
-    def _vm_thread(self, reader: KvmReader, ready: threading.Event) -> None:
+    def _vm_thread(
+        self, reader: KvmReader, ready: threading.Event, index: int, bound: list[bool]
+    ) -> None:
         # SIGPROF stays unblocked here: the watchdog's tick must interrupt KVM_RUN.
         try:
             watchdog = ThreadWatchdog()
         except OSError:
+            bound.append(False)
             ready.set()  # reads wait for the other VM
             return
         reader.bind(watchdog)
+        bound.append(True)
         ready.set()
+        self.lanes_decided.wait()
+        if self.lanes_direct:
+            self.serve_lane(self.lanes[index])
         self.worker(self.main_jobs)
 
     # -- sandbox -------------------------------------------------------------------
@@ -283,6 +314,10 @@ class Guest:
         if self.reader is not None:  # the main thread is the VM's: receive on another
             _thread(self.serve)  # (now: seccomp forbids starting threads)
             threads += self.start_vm_threads(self.reader)
+        else:
+            for lane in self.lanes:
+                _thread(functools.partial(self.serve_lane, lane))
+            threads += len(self.lanes)
         if "rlimits" in wanted and status["rlimits"].startswith("active"):
             limit = base_vm + self.init.memory_limit + threads * 2 * THREAD_STACK
             try:
@@ -299,11 +334,12 @@ class Guest:
 
             def install_seccomp() -> str:
                 reader = self.reader
+                lanes = [lane.fileno() for lane in self.lanes]
                 if reader is None:
-                    seccomp.install(self.link.sock.fileno())
+                    seccomp.install(self.link.sock.fileno(), lanes=lanes)
                     return "allow-list; open/exec/socket/ptrace/... kill the guest"
                 rule = seccomp.KvmRule(reader.ioctl_fds, reader.ioctl_requests)
-                seccomp.install(self.link.sock.fileno(), rule)
+                seccomp.install(self.link.sock.fileno(), rule, lanes=lanes)
                 return (
                     "allow-list; open/exec/socket/ptrace/... kill the guest;"
                     " ioctl only on the KVM VM's descriptors, with its monitor's requests"
@@ -349,7 +385,8 @@ class Guest:
             file.close()
             raise
 
-    def read(self, request: Read) -> None:
+    def read(self, request: Read, reply: Callable[[protocol.GuestMessage], None]) -> None:
+        """Decode ``request`` into its shared memory; answer on ``reply``."""
         try:
             disk = self.disk
             if disk is None:
@@ -359,9 +396,37 @@ class Guest:
             length = _within(request.len, len(mem) - moff, "len")
             with memoryview(mem) as view:
                 disk.read_into(request.offset, view[moff : moff + length])
-            self.link.send(Done(request.id))
+            reply(Done(request.id))
         except BaseException as exc:
-            self.link.send(Done(request.id, WireError.of_vm(exc)))
+            reply(Done(request.id, WireError.of_vm(exc)))
+
+    def serve_lane(self, lane: _socket.socket, queued: bool = False) -> None:
+        """Answer the reads the host sends on ``lane``, one at a time, here (or,
+        ``queued``, on the VMs' threads); a lane carries nothing else."""
+
+        def reply(message: protocol.GuestMessage) -> None:
+            try:
+                lane.send(protocol.to_bytes(message))
+            except OSError:
+                os._exit(1)
+
+        while True:
+            try:
+                data, fds = _receive(lane)
+            except OSError:
+                os._exit(1)
+            if not data:
+                os._exit(0)  # the host is gone or closing: as for the control socket
+            try:
+                message = protocol.from_host(data)
+            except (ValueError, KeyError, TypeError):
+                os._exit(2)
+            if fds or not isinstance(message, Read):
+                os._exit(2)
+            if queued:
+                self.main_jobs.put(functools.partial(self.read, message, reply))
+            else:
+                self.read(message, reply)
 
     def call(self, request: Call) -> None:
         try:
@@ -385,8 +450,10 @@ class Guest:
             except (ValueError, KeyError, TypeError):
                 os._exit(2)
             if isinstance(message, Read):
+                if self.lanes:  # then reads come on the lanes only
+                    os._exit(2)
                 jobs = self.main_jobs if self.reads_on_main else self.jobs
-                jobs.put(functools.partial(self.read, message))
+                jobs.put(functools.partial(self.read, message, self.link.send))
             elif isinstance(message, Resolved):
                 self.link.answered(message, fds)
             elif isinstance(message, Call) and message.op in self.handlers:
@@ -502,5 +569,7 @@ def main(control_fd: int, handlers: Mapping[str, Handler] | None = None) -> None
         guest.jobs.put(guest.open)
         guest.serve()
     guest.open()  # here: a VM's thread would take it from the queue
+    if guest.lanes_direct:
+        guest.serve_lane(guest.lanes[0])
     guest.worker(guest.main_jobs)
     sys.exit(0)  # pragma: no cover - serve() never returns

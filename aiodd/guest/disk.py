@@ -30,6 +30,10 @@ MAX_FILES = 4096
 STAGE = 4 << 20
 """Size of each staging slot used when the caller's buffer is not shared memory."""
 
+LANES = 2
+"""Read lanes to the guest: as many reads as it decodes at once (two workers, or two
+VMs); a further reading thread waits for a free lane (aiodd.guest.process)."""
+
 
 class IsolationWarning(UserWarning):
     """A sandbox layer could not be set up; the guest runs with the others."""
@@ -111,6 +115,7 @@ class GuestDisk:
             probe=probe,
             isolation=options.isolation,
             kvm_device=options.kvm_path(),
+            lanes=0 if probe else LANES,
         )
         ready = self.channel.start(init, fds, self._resolve)
         _timing.mark("guest ready")

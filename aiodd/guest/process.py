@@ -4,6 +4,15 @@
 ``SOCK_SEQPACKET`` socket pair: descriptors travel with ``SCM_RIGHTS``, a thread per
 guest receives its messages, and request ids match answers to the threads waiting.
 
+Reads take a shorter way, the *read lanes*: one more socket pair each, given to the
+guest with its work (:attr:`~aiodd.guest.protocol.Init.lanes`).  A lane carries one
+:class:`~aiodd.guest.protocol.Read` at a time: the host's reading thread sends it and
+receives its :class:`~aiodd.guest.protocol.Done` itself, and in the guest one thread
+receives, decodes and answers, a VM's own thread under ``kvm``.  Through the control
+socket a read passes two more threads, one on each side, and each hand-off waits for
+a core: on a copy that keeps both cores busy, that made a read of 8 MiB take twice as
+long (docs/performance.md, "Read lanes").
+
 The watchdog: every request has a deadline; a guest that misses it is killed and the
 request raises :class:`~aiodd.errors.IsolationError`.  While starting and opening, the
 guest is killed only if it makes no progress (sends nothing) for ``open_timeout``
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import resource
 import signal
 import socket
@@ -25,7 +35,7 @@ from typing import Any
 from aiodd.errors import IsolationError
 from aiodd.guest import protocol
 from aiodd.guest.channel import FileResolver
-from aiodd.guest.protocol import Done, Failed, Init, Opened, Ready, Request, Resolve
+from aiodd.guest.protocol import Done, Failed, Init, Opened, Read, Ready, Request, Resolve
 from aiodd.guest.spawn import Spawned
 
 
@@ -60,6 +70,10 @@ class ProcessChannel:
         self._killed_for: str | None = None
         self._cpu_budget = 0.0
         self._closed = False
+        self._gone = threading.Event()  # set once the guest is reaped and _dead says why
+        self._lanes: list[socket.socket] = []
+        self._free_lanes: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        self._owed: dict[socket.socket, int] = {}  # lane -> a request whose answer is unread
         self._pump = threading.Thread(target=self._receive, name="aiodd-guest", daemon=True)
 
     @property
@@ -69,15 +83,27 @@ class ProcessChannel:
     # -- start ---------------------------------------------------------------------
 
     def start(self, init: Init, fds: Sequence[int], resolve: FileResolver) -> Ready:
+        """As :meth:`Channel.start`; the guest is also given ``init.lanes`` read lanes,
+        after ``fds``."""
         self._resolve = resolve
         self._cpu_budget = float(init.cpu)
+        theirs: list[socket.socket] = []
         try:
-            socket.send_fds(self._sock, [protocol.to_bytes(init)], list(fds))
+            for _ in range(init.lanes):
+                ours, their = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                self._lanes.append(ours)
+                theirs.append(their)
+                self._free_lanes.put(ours)
+            message = protocol.to_bytes(init)
+            socket.send_fds(self._sock, [message], [*fds, *(t.fileno() for t in theirs)])
         except OSError as exc:
             self._kill("could not be handed the image")
             raise IsolationError(
                 f"{self._name}: cannot hand the image to the guest reader: {exc.strerror}"
             ) from None
+        finally:
+            for their in theirs:
+                their.close()
         self._pump.start()
         self._wait_progress(self._ready, "starting")
         ready: Ready = self._ready.answer
@@ -107,21 +133,16 @@ class ProcessChannel:
     # -- requests ------------------------------------------------------------------
 
     def call(self, request: Request, timeout: float, *, cpu: float, late: str) -> Done:
+        if self._lanes and isinstance(request, Read):
+            return self._read(request, timeout, cpu=cpu, late=late)
         with self._lock:
-            if self._dead is not None:
-                raise self._dead
-            if self._closed:
-                raise IsolationError(f"{self._name}: the guest reader is closed")
+            self._check_open()
             self._next_id += 1
             rid = self._next_id
             pending = _Pending()
             self._pending[rid] = pending
-            self._cpu_budget += cpu
-            budget = int(self._cpu_budget) + 1
-        with contextlib.suppress(OSError):  # the CPU limit grows with the work asked
-            resource.prlimit(
-                self._process.proc.pid, resource.RLIMIT_CPU, (budget, resource.RLIM_INFINITY)
-            )
+            budget = self._grant(cpu)
+        self._raise_cpu_limit(budget)
         self._send(request.replace(id=rid))
         if not pending.event.wait(timeout):
             self._kill(late)
@@ -132,6 +153,79 @@ class ProcessChannel:
             raise IsolationError(f"{self._name}: the guest reader stopped answering")
         done: Done = pending.answer
         return done
+
+    def _check_open(self) -> None:
+        """Raise if no request may be sent (called holding ``_lock``)."""
+        if self._dead is not None:
+            raise self._dead
+        if self._closed:
+            raise IsolationError(f"{self._name}: the guest reader is closed")
+
+    def _grant(self, cpu: float) -> int:
+        """Add ``cpu`` seconds to the guest's CPU budget: the new limit (holding ``_lock``)."""
+        self._cpu_budget += cpu
+        return int(self._cpu_budget) + 1
+
+    def _raise_cpu_limit(self, budget: int) -> None:
+        with contextlib.suppress(OSError):  # the CPU limit grows with the work asked
+            resource.prlimit(
+                self._process.proc.pid, resource.RLIMIT_CPU, (budget, resource.RLIM_INFINITY)
+            )
+
+    def _read(self, request: Read, timeout: float, *, cpu: float, late: str) -> Done:
+        """``request`` over a free lane (waiting for one if all are busy), answered on it."""
+        lane = self._free_lanes.get()
+        rid, answered = 0, False
+        try:
+            with self._lock:
+                self._check_open()
+                self._next_id += 1
+                rid = self._next_id
+                budget = self._grant(cpu)
+            self._raise_cpu_limit(budget)
+            # A read stopped while it waited (an exception in this thread) left its
+            # answer on the lane: it is skipped, once.
+            owed = self._owed.pop(lane, None)
+            try:
+                lane.settimeout(timeout)
+                lane.send(protocol.to_bytes(request.replace(id=rid)))
+                while True:
+                    answer = self._lane_answer(lane.recv(protocol.MAX_MESSAGE))
+                    if answer.id == rid:
+                        answered = True
+                        return answer
+                    if answer.id != owed:
+                        self._kill("broke the protocol")
+                        raise self._death()
+                    owed = None
+            except TimeoutError:
+                self._kill(late)
+                raise self._death() from None
+            except OSError:  # the guest is gone, or the channel closed
+                raise self._death() from None
+        finally:
+            if rid and not answered:
+                self._owed[lane] = rid
+            self._free_lanes.put(lane)
+
+    def _lane_answer(self, data: bytes) -> Done:
+        if not data:
+            raise self._death()
+        try:
+            answer = protocol.from_guest(data)
+        except (ValueError, KeyError, TypeError):
+            answer = None
+        if not isinstance(answer, Done):
+            self._kill("broke the protocol")
+            raise self._death()
+        return answer
+
+    def _death(self) -> IsolationError:
+        """Why the guest is gone, once the receiving thread has reaped it."""
+        if not self._gone.wait(10):  # pragma: no cover - the guest was killed or closed
+            return IsolationError(f"{self._name}: the guest reader stopped answering")
+        assert self._dead is not None
+        return self._dead
 
     def _send(self, message: protocol.HostMessage, fds: list[int] | None = None) -> None:
         data = protocol.to_bytes(message)
@@ -214,6 +308,7 @@ class ProcessChannel:
             self._dead = error
             pending = list(self._pending.values())
             self._pending.clear()
+        self._gone.set()
         for p in [*pending, self._ready, self._opened]:
             if not p.event.is_set():
                 p.error = error
@@ -235,6 +330,8 @@ class ProcessChannel:
             self._process.proc.kill()
             self._process.proc.wait()
         self._sock.close()
+        for lane in self._lanes:
+            lane.close()
 
 
 def death_reason(rc: int, killed_for: str | None = None, closed: bool = False) -> str:

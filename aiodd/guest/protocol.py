@@ -38,6 +38,7 @@ from aiodd.errors import (
 )
 
 MAX_MESSAGE = 65536
+MAX_LANES = 4  # read lanes a guest serves (the host opens one per reading thread it runs)
 
 Message = dict[str, Any]
 
@@ -248,13 +249,15 @@ class Init(_Record):
     """The first message: the guest's work and its sandbox.
 
     Carries the image's descriptor (except in ``probe`` mode, which only reports the
-    sandbox) followed by one memfd per size in ``mems``: the shared memory reads go into.
-    ``isolation`` is one of :data:`GUEST_MODES`; ``kvm_device`` the KVM device to use.
+    sandbox) followed by one memfd per size in ``mems``: the shared memory reads go into;
+    then ``lanes`` sockets, each carrying one :class:`Read` at a time and its
+    :class:`Done` (:mod:`aiodd.guest.process`).  ``isolation`` is one of
+    :data:`GUEST_MODES`; ``kvm_device`` the KVM device to use.
     """
 
     __slots__ = (
-        "cpu", "fmt", "isolation", "kvm_device", "layers", "memory_limit", "mems", "name",
-        "probe", "require",
+        "cpu", "fmt", "isolation", "kvm_device", "lanes", "layers", "memory_limit", "mems",
+        "name", "probe", "require",
     )  # fmt: skip
 
     def __init__(
@@ -269,6 +272,7 @@ class Init(_Record):
         probe: bool = False,
         isolation: str = "sandbox",
         kvm_device: str = "/dev/kvm",
+        lanes: int = 0,
     ) -> None:
         self.name = name
         self.fmt = fmt
@@ -280,6 +284,7 @@ class Init(_Record):
         self.probe = probe
         self.isolation = isolation
         self.kvm_device = kvm_device
+        self.lanes = lanes
 
     def encode(self) -> Message:
         return {
@@ -294,6 +299,7 @@ class Init(_Record):
             "probe": self.probe,
             "isolation": self.isolation,
             "kvm_device": self.kvm_device,
+            "lanes": self.lanes,
         }
 
     @classmethod
@@ -305,6 +311,7 @@ class Init(_Record):
             raise ValueError("bad field 'layers'")
         if message.get("isolation") not in GUEST_MODES:
             raise ValueError("bad field 'isolation'")
+        lanes = int_field(message, "lanes", hi=MAX_LANES)
         return cls(
             _str(message, "name"),
             str_field(message, "fmt", optional=True),
@@ -316,6 +323,7 @@ class Init(_Record):
             message.get("probe") is True,
             _str(message, "isolation"),
             _str(message, "kvm_device"),
+            lanes,
         )
 
 

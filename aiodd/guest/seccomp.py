@@ -8,7 +8,8 @@ socket's descriptor it builds the classic-BPF program.  The program
 - allows what decoding needs: reads on descriptors already held (``read``, ``pread64``,
   ``preadv``, ``lseek``), memory (``mmap``, ``munmap``, ``mremap``, ``mprotect``,
   ``madvise``, ``brk``), threads waiting (``futex``), clocks, signals returning, exit;
-- allows ``write``/``sendto``/``sendmsg`` only on the control socket;
+- allows ``write``/``sendto``/``sendmsg`` only on the control socket and the read lanes
+  (:mod:`aiodd.guest.process`);
 - for the KVM guest reader only (a :class:`KvmRule`): ``ioctl`` only on the VM's
   descriptors and only with the requests its monitor makes (``KVM_RUN``), and
   ``setitimer``, ``timer_settime`` and ``timer_delete`` for its watchdogs;
@@ -23,6 +24,7 @@ import ctypes
 import errno
 import os
 import struct
+from collections.abc import Sequence
 from typing import NamedTuple
 
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
@@ -111,7 +113,7 @@ ALLOW = (
 """Allowed with any arguments."""
 
 ALLOW_ON_CONTROL = ("write", "sendto", "sendmsg")
-"""Allowed only when the first argument is the control socket."""
+"""Allowed only when the first argument is the control socket or a read lane."""
 
 KILL = (
     "open", "openat", "openat2", "creat", "open_by_handle_at", "name_to_handle_at",
@@ -202,9 +204,12 @@ def _kvm_rule(table: dict[str, int], rule: KvmRule) -> list[bytes]:
     return [_insn(_JEQ_K, 0, len(body), table["ioctl"]), *body]
 
 
-def build_filter(arch: str, control_fd: int, kvm: KvmRule | None = None) -> bytes:
+def build_filter(
+    arch: str, control_fd: int, kvm: KvmRule | None = None, *, lanes: Sequence[int] = ()
+) -> bytes:
     """The BPF program (a sequence of ``struct sock_filter``) for ``arch``; ``kvm``
-    opens what the KVM guest reader needs."""
+    opens what the KVM guest reader needs; ``lanes`` are the read lanes' sockets, which
+    may be written to as the control socket may."""
     table = SYSCALLS[arch]
     prog = [
         _insn(_LD_W_ABS, 0, 0, _ARCH),
@@ -220,13 +225,12 @@ def build_filter(arch: str, control_fd: int, kvm: KvmRule | None = None) -> byte
     if kvm is not None:
         prog += _kvm_rule(table, kvm)
     eperm = RET_ERRNO | errno.EPERM
+    sockets = (control_fd, *lanes)
     for name in ALLOW_ON_CONTROL:
+        block = _one_of(sockets, _ARG0_LO, _ARG0_HI, 0, 1)
         prog += [
-            _insn(_JEQ_K, 0, 6, table[name]),
-            _insn(_LD_W_ABS, 0, 0, _ARG0_HI),
-            _insn(_JEQ_K, 0, 3, 0),
-            _insn(_LD_W_ABS, 0, 0, _ARG0_LO),
-            _insn(_JEQ_K, 0, 1, control_fd),
+            _insn(_JEQ_K, 0, len(block) + 2, table[name]),
+            *block,
             _insn(_RET_K, 0, 0, RET_ALLOW),
             _insn(_RET_K, 0, 0, eperm),
         ]
@@ -265,12 +269,12 @@ SECCOMP_FILTER_FLAG_TSYNC = 1
 _SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}
 
 
-def install(control_fd: int, kvm: KvmRule | None = None) -> None:
+def install(control_fd: int, kvm: KvmRule | None = None, *, lanes: Sequence[int] = ()) -> None:
     """Install the filter on every thread of this process (needs no_new_privs first)."""
     arch = machine()
     if arch not in SYSCALLS:
         raise OSError(errno.ENOSYS, f"no syscall table for {arch}")
-    program = build_filter(arch, control_fd, kvm)
+    program = build_filter(arch, control_fd, kvm, lanes=lanes)
     buf = ctypes.create_string_buffer(program, len(program))
     prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
     libc = ctypes.CDLL(None, use_errno=True)
