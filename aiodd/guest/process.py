@@ -73,7 +73,8 @@ class ProcessChannel:
         self._gone = threading.Event()  # set once the guest is reaped and _dead says why
         self._lanes: list[socket.socket] = []
         self._free_lanes: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
-        self._owed: dict[socket.socket, int] = {}  # lane -> a request whose answer is unread
+        # lane -> the requests whose answers are still to come and nobody waits for
+        self._owed: dict[socket.socket, set[int]] = {}
         self._pump = threading.Thread(target=self._receive, name="aiodd-guest", daemon=True)
 
     @property
@@ -185,7 +186,7 @@ class ProcessChannel:
             self._raise_cpu_limit(budget)
             # A read stopped while it waited (an exception in this thread) left its
             # answer on the lane: it is skipped, once.
-            owed = self._owed.pop(lane, None)
+            owed = self._owed.setdefault(lane, set())
             try:
                 lane.settimeout(timeout)
                 lane.send(protocol.to_bytes(request.replace(id=rid)))
@@ -194,10 +195,10 @@ class ProcessChannel:
                     if answer.id == rid:
                         answered = True
                         return answer
-                    if answer.id != owed:
+                    if answer.id not in owed:
                         self._kill("broke the protocol")
                         raise self._death()
-                    owed = None
+                    owed.discard(answer.id)
             except TimeoutError:
                 self._kill(late)
                 raise self._death() from None
@@ -205,7 +206,7 @@ class ProcessChannel:
                 raise self._death() from None
         finally:
             if rid and not answered:
-                self._owed[lane] = rid
+                self._owed.setdefault(lane, set()).add(rid)
             self._free_lanes.put(lane)
 
     def _lane_answer(self, data: bytes) -> Done:
