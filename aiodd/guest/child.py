@@ -411,16 +411,7 @@ class Guest:
                 os._exit(1)
 
         while True:
-            try:
-                data, fds = _receive(lane)
-            except OSError:
-                os._exit(1)
-            if not data:
-                os._exit(0)  # the host is gone or closing: as for the control socket
-            try:
-                message = protocol.from_host(data)
-            except (ValueError, KeyError, TypeError):
-                os._exit(2)
+            message, fds = _next_message(lane)
             if fds or not isinstance(message, Read):
                 os._exit(2)
             if queued:
@@ -437,18 +428,8 @@ class Guest:
         self.link.send(Done(request.id, result=result))
 
     def serve(self) -> None:
-        sock = self.link.sock
         while True:
-            try:
-                data, fds = _receive(sock)
-            except OSError:
-                os._exit(1)
-            if not data:
-                os._exit(0)
-            try:
-                message = protocol.from_host(data)
-            except (ValueError, KeyError, TypeError):
-                os._exit(2)
+            message, fds = _next_message(self.link.sock)
             if isinstance(message, Read):
                 if self.lanes:  # then reads come on the lanes only
                     os._exit(2)
@@ -500,6 +481,22 @@ def _import_python_decoders(fmt: str | None) -> None:
     preloaded.add_package(aiodd.formats, skip=("encode",))
     preloaded.add_modules(encodings, CODEC_MODULES)
     preloaded.install()
+
+
+def _next_message(sock: _socket.socket) -> tuple[protocol.HostMessage, list[int]]:
+    """The host's next message on ``sock`` and its descriptors.  The process exits when
+    the host is gone or closes the socket (status 0), when the socket fails (1), and on
+    a message that does not decode (2)."""
+    try:
+        data, fds = _receive(sock)
+    except OSError:
+        os._exit(1)
+    if not data:
+        os._exit(0)
+    try:
+        return protocol.from_host(data), fds
+    except (ValueError, KeyError, TypeError):
+        os._exit(2)
 
 
 def _receive(sock: _socket.socket) -> tuple[bytes, list[int]]:
