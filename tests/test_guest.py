@@ -468,7 +468,7 @@ def test_reads_stopped_while_they_wait_leave_the_lanes_usable(
 
 
 def test_a_read_on_the_control_socket_is_refused(make_guest: object) -> None:
-    """A guest given lanes takes reads on them only."""
+    """A guest takes reads on its lanes only."""
     disk = make_guest()  # type: ignore[operator]
     disk.channel._send(Read(0, 0, 0, 512, id=99))
     with pytest.raises(IsolationError, match=r"exited unexpectedly \(status 2\)"):

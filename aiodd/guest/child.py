@@ -84,12 +84,8 @@ class HostLink:
         self._next = 0
 
     def send(self, message: protocol.GuestMessage) -> None:
-        data = protocol.to_bytes(message)
         with self._send_lock:
-            try:
-                self.sock.send(data)
-            except OSError:
-                os._exit(1)
+            _send(self.sock, message)
 
     def ask(self, request: Resolve) -> tuple[Resolved, list[int]]:
         """Send a request to the host and wait for its answer."""
@@ -190,7 +186,6 @@ class Guest:
         self.reader: KvmReader | None = None
         self.mode = "sandbox"  # where the image is decoded: kvm or sandbox
         self.reason = "requested"
-        self.reads_on_main = False  # reads go to the VMs' threads
 
     # -- the KVM guest reader --------------------------------------------------------
 
@@ -222,16 +217,15 @@ class Guest:
         if every VM has a thread and a lane; else a thread per lane receives the reads
         for the VMs' queue.  How many threads were started."""
         started = 0
-        bound: list[bool] = []
         for index in range(1, reader.vms):
             ready = threading.Event()
             threading.Thread(
-                target=self._vm_thread, args=(reader, ready, index, bound), daemon=True
+                target=self._vm_thread, args=(reader, ready, index), daemon=True
             ).start()
             ready.wait()
             started += 1
-        reader.drop_unbound()
-        self.lanes_direct = len(self.lanes) == reader.vms and all(bound)
+        reader.drop_unbound()  # reader.vms now counts the VMs with a thread
+        self.lanes_direct = len(self.lanes) == reader.vms
         self.lanes_decided.set()
         if not self.lanes_direct:
             for lane in self.lanes:
@@ -239,18 +233,14 @@ class Guest:
             started += len(self.lanes)
         return started
 
-    def _vm_thread(
-        self, reader: KvmReader, ready: threading.Event, index: int, bound: list[bool]
-    ) -> None:
+    def _vm_thread(self, reader: KvmReader, ready: threading.Event, index: int) -> None:
         # SIGPROF stays unblocked here: the watchdog's tick must interrupt KVM_RUN.
         try:
             watchdog = ThreadWatchdog()
         except OSError:
-            bound.append(False)
             ready.set()  # reads wait for the other VM
             return
         reader.bind(watchdog)
-        bound.append(True)
         ready.set()
         self.lanes_decided.wait()
         if self.lanes_direct:
@@ -368,7 +358,6 @@ class Guest:
                 from aiodd.formats import registry  # imported before the seal
 
                 self.disk = registry.open_disk(file, resolver, self.init.fmt)
-            self.reads_on_main = self.reader is not None
             disk = self.disk
             self.link.send(Opened(disk.format_name, disk.virtual_size, self.mode, self.reason))
         except BaseException as exc:
@@ -404,12 +393,7 @@ class Guest:
         """Answer the reads the host sends on ``lane``, one at a time, here (or,
         ``queued``, on the VMs' threads); a lane carries nothing else."""
 
-        def reply(message: protocol.GuestMessage) -> None:
-            try:
-                lane.send(protocol.to_bytes(message))
-            except OSError:
-                os._exit(1)
-
+        reply = functools.partial(_send, lane)
         while True:
             message, fds = _next_message(lane)
             if fds or not isinstance(message, Read):
@@ -430,18 +414,13 @@ class Guest:
     def serve(self) -> None:
         while True:
             message, fds = _next_message(self.link.sock)
-            if isinstance(message, Read):
-                if self.lanes:  # then reads come on the lanes only
-                    os._exit(2)
-                jobs = self.main_jobs if self.reads_on_main else self.jobs
-                jobs.put(functools.partial(self.read, message, self.link.send))
-            elif isinstance(message, Resolved):
+            if isinstance(message, Resolved):
                 self.link.answered(message, fds)
             elif isinstance(message, Call) and message.op in self.handlers:
                 self.jobs.put(functools.partial(self.call, message))
             elif isinstance(message, Close):
                 os._exit(0)
-            else:
+            else:  # a Read among them: reads come on the lanes only
                 os._exit(2)
 
 
@@ -481,6 +460,14 @@ def _import_python_decoders(fmt: str | None) -> None:
     preloaded.add_package(aiodd.formats, skip=("encode",))
     preloaded.add_modules(encodings, CODEC_MODULES)
     preloaded.install()
+
+
+def _send(sock: _socket.socket, message: protocol.GuestMessage) -> None:
+    """Send ``message``; a socket that fails means the host is gone: so is the guest."""
+    try:
+        sock.send(protocol.to_bytes(message))
+    except OSError:
+        os._exit(1)
 
 
 def _next_message(sock: _socket.socket) -> tuple[protocol.HostMessage, list[int]]:

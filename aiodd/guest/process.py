@@ -134,7 +134,7 @@ class ProcessChannel:
     # -- requests ------------------------------------------------------------------
 
     def call(self, request: Request, timeout: float, *, cpu: float, late: str) -> Done:
-        if self._lanes and isinstance(request, Read):
+        if isinstance(request, Read):  # reads go on the lanes only
             return self._read(request, timeout, cpu=cpu, late=late)
         with self._lock:
             self._check_open()
@@ -175,6 +175,8 @@ class ProcessChannel:
 
     def _read(self, request: Read, timeout: float, *, cpu: float, late: str) -> Done:
         """``request`` over a free lane (waiting for one if all are busy), answered on it."""
+        if not self._lanes:  # a guest started to probe only: it reads nothing
+            raise IsolationError(f"{self._name}: the guest reader was given no read lanes")
         lane = self._free_lanes.get()
         rid, answered = 0, False
         try:
