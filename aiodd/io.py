@@ -4,20 +4,32 @@ the :class:`~aiodd.formats.base.SparseFile` capability)."""
 from __future__ import annotations
 
 import errno
-import functools
 import os
-from collections.abc import Callable
 
-from aiodd.formats.common import zero_fill
+from aiodd.formats.zeros import zero_fill
+
+# The guest process imports this module: functools and collections would cost its
+# start-up milliseconds (docs/performance.md, "Start-up").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+_libc_functions: dict[tuple[tuple[str, ...], tuple[str, ...]], Callable[..., int] | None] = {}
 
 
 # ctypes is loaded on first use, not at import: it costs a copy 2 ms of start-up, and a
 # copy that needs no libc function (a -t unsafe one) does not pay it.
-@functools.cache
 def libc_function(names: tuple[str, ...], argtypes: tuple[str, ...]) -> Callable[..., int] | None:
     """The first of libc's ``names`` that exists, for what Python's os module does not
     offer: taking ``argtypes`` (ctypes type names), returning a C int, keeping
-    ``errno``; None where libc has none of them."""
+    ``errno``; None where libc has none of them.  Looked up once."""
+    key = (names, argtypes)
+    if key not in _libc_functions:
+        _libc_functions[key] = _libc_function(names, argtypes)
+    return _libc_functions[key]
+
+
+def _libc_function(names: tuple[str, ...], argtypes: tuple[str, ...]) -> Callable[..., int] | None:
     import ctypes
 
     try:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -330,6 +333,75 @@ def test_an_init_with_bad_lanes_is_refused(lanes: object) -> None:
 def test_what_is_not_a_message_is_refused(data: bytes) -> None:
     with pytest.raises(ValueError):
         from_guest(data)
+
+
+# -- the guest's JSON, without the json package ----------------------------------------
+
+json_trees = st.recursive(
+    json_values | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(any_text, inner, max_size=4),
+    max_leaves=12,
+)
+json_objects = st.dictionaries(any_text, json_trees, max_size=6).map(lambda d: {**d, "op": "x"})
+
+
+@given(json_objects)
+def test_the_guests_encoder_writes_what_json_dumps_writes(message: dict[str, Any]) -> None:
+    assert protocol.encode(message) == json.dumps(message, separators=(",", ":")).encode()
+
+
+@given(json_objects)
+def test_the_guests_decoder_reads_what_json_loads_reads(message: dict[str, Any]) -> None:
+    for text in (json.dumps(message), json.dumps(message, indent=1, ensure_ascii=False)):
+        # Leading or trailing whitespace is not what an encoder writes: refused there.
+        assert protocol.decode_trusted(text.encode()) == json.loads(text)
+
+
+@given(st.binary(max_size=64) | st.text(max_size=64).map(str.encode))
+def test_the_guests_decoder_refuses_what_json_loads_refuses(data: bytes) -> None:
+    try:
+        expected = json.loads(data.decode())
+    except ValueError:  # malformed UTF-8 or JSON
+        with pytest.raises(ValueError):
+            protocol.decode_trusted(data)
+        return
+    if isinstance(expected, dict) and isinstance(expected.get("op"), str):
+        if data == data.strip():
+            assert protocol.decode_trusted(data) == expected
+    else:
+        with pytest.raises(ValueError):
+            protocol.decode_trusted(data)
+
+
+# As the guest runs it: json (whose json.decoder gives the C scanner its error class)
+# never imported.  Each of these must be refused as a ValueError, not crash or pass.
+_WITHOUT_JSON = r"""
+import sys
+sys.path[:0] = sys.argv[1:]
+from aiodd.guest import protocol
+assert "json" not in sys.modules
+for data in (b'{"op": 1', b'{"op" 1}', b'{"op": "\\x"}', b'[NaN]', b'{"op": "a"} x',
+             b'{"op": "a", "n": Infinity}', b"\xff", b"", b"[1]"):
+    try:
+        protocol.decode_trusted(data)
+    except ValueError:
+        continue
+    raise SystemExit(f"accepted {data!r}")
+assert protocol.decode_trusted(b'{"op": "a", "n": [1.5, null]}') == {"op": "a", "n": [1.5, None]}
+assert "json" not in sys.modules
+print("ok")
+"""
+
+
+def test_the_guests_decoder_refuses_malformed_messages_without_the_json_package() -> None:
+    paths = [p for p in sys.path if os.path.isabs(p)]
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _WITHOUT_JSON, *paths],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (proc.returncode, proc.stdout.strip()) == (0, "ok"), proc.stderr
 
 
 def test_guest_strings_are_cleaned_and_bounded() -> None:

@@ -112,8 +112,11 @@ def test_a_module_imported_already_is_not_read_again(package: Path) -> None:
 # Every decoder and all it imports, after the sandbox guest's preparation, with the
 # file system's finders removed: a module it failed to import or read fails here by
 # name, instead of killing a sealed guest (seccomp) at its first image of that format.
+# In an interpreter started as the guest's is (-I -S: no site, whose imports would hide
+# a module the preparation forgot), on this interpreter's sys.path.
 _SEALED = """
 import codecs, sys
+sys.path[:0] = sys.argv[1:]
 from aiodd.guest import child
 child._import_python_decoders(None)
 sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", "") != "PathFinder"]
@@ -130,9 +133,12 @@ print("ok", len([m for m in sys.modules if m.endswith(".decode")]))
 """
 
 
+_PATHS = [p for p in sys.path if os.path.isabs(p)]
+
+
 def test_the_sandbox_guest_has_all_the_decoders_need_before_its_seal() -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", _SEALED],
+        [sys.executable, "-I", "-S", "-c", _SEALED, *_PATHS],
         capture_output=True,
         text=True,
         check=False,
@@ -146,7 +152,10 @@ def test_without_the_preparation_the_sealed_import_fails() -> None:
     """The check above can fail: with no decoder read first, the first import does."""
     without = _SEALED.replace("child._import_python_decoders(None)", "")
     proc = subprocess.run(
-        [sys.executable, "-c", without], capture_output=True, text=True, check=False
+        [sys.executable, "-I", "-S", "-c", without, *_PATHS],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode != 0
     last = proc.stderr.splitlines()[-1]  # ModuleNotFoundError is an ImportError

@@ -283,25 +283,44 @@ def test_the_command_starts_a_guest_unless_none_is_needed(args: list[str], expec
     assert needs_no_guest(args) is expected
 
 
-# What the command imports before it starts its guest: the package, its entry point and
-# the spawner, in an interpreter that imported nothing else (-I -S, as the guest's).
-_BEFORE_THE_GUEST = (
-    "import sys; sys.path[:0] = sys.argv[1:]; before = set(sys.modules);"
-    "import aiodd._command, aiodd.guest.spawn;"
-    "print(' '.join(sorted(set(sys.modules) - before)))"
-)
 # Each of these is milliseconds (typing alone brings re, enum, collections, functools
 # and contextlib) spent before the guest, the longest path of a short copy, starts.
 _HEAVY = {"typing", "enum", "re", "collections", "functools", "contextlib", "threading",
           "signal", "dataclasses", "subprocess", "socket"}  # fmt: skip
 
 
-def test_the_command_starts_its_guest_before_importing_anything_heavy() -> None:
+def _imported_by(statements: str) -> set[str]:
+    """The modules ``statements`` import in an interpreter that imported nothing else
+    (-I -S, as the guest's is started), on this interpreter's sys.path."""
+    script = (
+        "import sys; sys.path[:0] = sys.argv[1:]; before = set(sys.modules);"
+        f"{statements};"
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
     paths = [p for p in sys.path if os.path.isabs(p)]
     proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", _BEFORE_THE_GUEST, *paths],
+        [sys.executable, "-I", "-S", "-c", script, *paths],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    imported = set(proc.stdout.split())
+    return set(proc.stdout.split())
+
+
+def test_the_command_starts_its_guest_before_importing_anything_heavy() -> None:
+    # The package, its entry point and the spawner.
+    imported = _imported_by("import aiodd._command, aiodd.guest.spawn")
     assert {"aiodd._command", "aiodd.guest.spawn"} <= imported
     assert not imported & _HEAVY, sorted(imported & _HEAVY)
+
+
+def test_the_kvm_guest_starts_without_anything_heavy() -> None:
+    """The guest's imports are the longest part of its start, which a short copy waits
+    for: it takes the C cores of signal, threading, socket and json, and no typing
+    (docs/performance.md, "Start-up")."""
+    # The guest's entry (with the sandbox and the VM's monitor), and the probes that
+    # detect a format.
+    imported = _imported_by(
+        "import aiodd.guest.child; from aiodd.formats import registry; registry.import_probes()"
+    )
+    assert {"aiodd.guest.kvm.vmm", "aiodd.formats.qcow2.probe", "_json", "ctypes"} <= imported
+    heavy = _HEAVY | {"json", "queue"}
+    assert not imported & heavy, sorted(imported & heavy)

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
+from aiodd.formats.reference import Reference as Reference
+
 ReferenceKind = Literal["backing", "data_file", "extent", "parent"]
 
 
@@ -106,18 +108,6 @@ class VirtualDisk(Protocol):
         ...
 
 
-# The records here are NamedTuples, not dataclasses: the guest process imports this
-# module, and importing dataclasses would cost it milliseconds of start-up
-# (docs/performance.md, "Start-up").
-class Reference(NamedTuple):
-    """A file named inside an image."""
-
-    kind: ReferenceKind
-    name: str  # exactly as written in the image
-    referrer: str  # the name of the image that holds the reference
-    format: str | None = None  # the format the referrer declares (qcow2 backing_fmt), if any
-
-
 class Resolver(Protocol):
     """Turns references into opened files, under the policy of whoever supplies it."""
 
@@ -139,6 +129,7 @@ class Resolver(Protocol):
         ...
 
 
+# A NamedTuple, not a dataclass: importing dataclasses costs milliseconds of start-up.
 class Extent(NamedTuple):
     """``length`` bytes of the window land at ``file_offset`` in the container."""
 

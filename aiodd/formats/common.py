@@ -12,12 +12,11 @@ from typing import Generic, TypeVar
 
 from aiodd.errors import ImageError
 from aiodd.formats.base import RandomAccessFile, VirtualDisk
+from aiodd.formats.zeros import zero_fill as zero_fill  # the decoders' room for it
 
 SECTOR = 512
 KiB = 1 << 10
 MiB = 1 << 20
-
-_ZEROS = memoryview(bytes(MiB))
 
 _Key = TypeVar("_Key", bound=Hashable)
 _Table = TypeVar("_Table")
@@ -48,15 +47,6 @@ def naming(file: str, fmt: str) -> Iterator[None]:
         yield
     except LayoutError as exc:
         raise ImageError(file, exc.detail, fmt) from None
-
-
-def zero_fill(buf: memoryview) -> None:
-    """Zero ``buf`` in place, without allocating a buffer of its size."""
-    pos, n = 0, len(buf)
-    while pos < n:
-        k = min(n - pos, len(_ZEROS))
-        buf[pos : pos + k] = _ZEROS[:k]
-        pos += k
 
 
 def block_pieces(

@@ -12,15 +12,18 @@ exactly :data:`PROBE_SIZE` bytes (qemu reads a shorter file's tail as zeros), an
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from aiodd.errors import UnsupportedImageError
 from aiodd.formats import READS
 
+TYPE_CHECKING = False  # collections.abc, not imported: the guest imports this module
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeAlias
+
+    Probe: TypeAlias = Callable[[bytes, str], int]
+
 # qemu's BLOCK_PROBE_BUF_SIZE.
 PROBE_SIZE = 2048
-
-Probe = Callable[[bytes, str], int]
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
 BOCHS_MAGIC = b"Bochs Virtual HD Image"

@@ -15,9 +15,6 @@ as raw (docs/formats.md).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from functools import cached_property
-from typing import TYPE_CHECKING, cast
 
 from aiodd.formats import (
     INPUT_FORMATS,
@@ -26,16 +23,24 @@ from aiodd.formats import (
     check_output_format,
     foreign,
 )
-from aiodd.formats.base import (
-    Decoder,
-    Encoder,
-    OutputPlan,
-    RandomAccessFile,
-    Resolver,
-    SparsePlan,
-    VirtualDisk,
-)
-from aiodd.formats.foreign import PROBE_SIZE, Probe
+from aiodd.formats.foreign import PROBE_SIZE
+
+# The KVM guest's process detects formats with this module: typing, functools and
+# collections would cost its start-up milliseconds (docs/performance.md, "Start-up").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from aiodd.formats.base import (
+        Decoder,
+        Encoder,
+        OutputPlan,
+        RandomAccessFile,
+        Resolver,
+        SparsePlan,
+        VirtualDisk,
+    )
+    from aiodd.formats.foreign import Probe
 
 __all__ = (
     "FORMATS",
@@ -68,23 +73,27 @@ class Format:
         self.name = name
         self.reads = reads
         self.writes = writes
+        self._probe: Callable[[bytes], int] | None = None
 
     def __repr__(self) -> str:
         return f"Format({self.name!r}, reads={self.reads}, writes={self.writes})"
 
-    @cached_property
+    @property
     def probe(self) -> Callable[[bytes], int]:
         """The decoder's ``probe``, from a module that holds only it."""
-        module = cast(Decoder, importlib.import_module(f"aiodd.formats.{self.name}.probe"))
-        return module.probe
+        if self._probe is None:
+            module: Decoder = importlib.import_module(f"aiodd.formats.{self.name}.probe")
+            self._probe = module.probe
+        return self._probe
 
-    @cached_property
+    @property
     def decoder(self) -> Decoder:
-        return cast(Decoder, importlib.import_module(f"aiodd.formats.{self.name}.decode"))
+        # Imported once: the import system's own cache (sys.modules) answers again.
+        return importlib.import_module(f"aiodd.formats.{self.name}.decode")
 
-    @cached_property
+    @property
     def encoder(self) -> Encoder:
-        return cast(Encoder, importlib.import_module(f"aiodd.formats.{self.name}.encode"))
+        return importlib.import_module(f"aiodd.formats.{self.name}.encode")
 
 
 FORMATS: dict[str, Format] = {

@@ -24,17 +24,14 @@ no Python decoder (only the probes that detect a format), ``zlib`` or ``zstandar
 from __future__ import annotations
 
 import _queue
+import _signal
 import _socket
-import functools
+import _thread
 import mmap
 import os
-import signal
 import struct
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
 
 from aiodd import _timing
 from aiodd.errors import ImageError, IsolationError
@@ -56,7 +53,14 @@ from aiodd.guest.protocol import (
 )
 from aiodd.io import LocalFile
 
+# The guest imports the C cores of signal and threading, and neither typing nor
+# collections: each brings enum, re or functools, milliseconds of its start-up, which a
+# short copy waits for (docs/performance.md, "Start-up"; tests/test_startup.py checks).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any, TypeAlias
+
     from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 
 WORKERS = 2
@@ -73,14 +77,30 @@ MAX_FDS = 4096 + 256
 _FD = struct.Struct("i")  # one descriptor in an SCM_RIGHTS message
 
 
+class Flag:
+    """What the guest needs of :class:`threading.Event`: set once, waited for by any
+    number of threads."""
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        self._lock.release()
+
+    def wait(self) -> None:
+        with self._lock:  # each waiter passes it on to the next
+            pass
+
+
 class HostLink:
     """The control socket to the host, shared by the receiving thread and the workers."""
 
     def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
-        self._send_lock = threading.Lock()
+        self._send_lock = _thread.allocate_lock()
         self._waiters: dict[int, list[Any]] = {}
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._next = 0
 
     def send(self, message: protocol.GuestMessage) -> None:
@@ -89,7 +109,7 @@ class HostLink:
 
     def ask(self, request: Resolve) -> tuple[Resolved, list[int]]:
         """Send a request to the host and wait for its answer."""
-        event = threading.Event()
+        event = Flag()
         with self._lock:
             self._next += 1
             rid = self._next
@@ -150,12 +170,14 @@ class GuestResolver:
         return file, GuestResolver(self._link, layer)
 
 
-Job = Callable[[], None] | None
-"""Work for a thread (None: stop)."""
+if TYPE_CHECKING:
+    Job: TypeAlias = Callable[[], None] | None
+    """Work for a thread (None: stop)."""
 
-Handler = Callable[["Guest", Call], str]
-"""Answers a :class:`~aiodd.guest.protocol.Call` its entry point registered; runs on a
-worker thread, inside the sandbox.  An exception is answered as the request's error."""
+    Handler: TypeAlias = Callable[["Guest", Call], str]
+    """Answers a :class:`~aiodd.guest.protocol.Call` its entry point registered; runs on
+    a worker thread, inside the sandbox.  An exception is answered as the request's
+    error."""
 
 
 class Guest:
@@ -178,7 +200,7 @@ class Guest:
         # Under kvm each VM's thread receives its own lane's reads (serve_lane); where a
         # VM has no thread of its own, plain threads receive them for the VMs' queue.
         self.lanes_direct = False
-        self.lanes_decided = threading.Event()
+        self.lanes_decided = Flag()
         self.disk: VirtualDisk | None = None
         self.jobs: _queue.SimpleQueue[Job] = _queue.SimpleQueue()  # the worker threads'
         self.main_jobs: _queue.SimpleQueue[Job] = _queue.SimpleQueue()  # the VM's
@@ -218,10 +240,9 @@ class Guest:
         for the VMs' queue.  How many threads were started."""
         started = 0
         for index in range(1, reader.vms):
-            ready = threading.Event()
-            threading.Thread(
-                target=self._vm_thread, args=(reader, ready, index), daemon=True
-            ).start()
+            ready = Flag()
+            # SIGPROF stays unblocked there: the watchdog's tick must interrupt KVM_RUN.
+            _thread.start_new_thread(self._vm_thread, (reader, ready, index))
             ready.wait()
             started += 1
         reader.drop_unbound()  # reader.vms now counts the VMs with a thread
@@ -229,12 +250,11 @@ class Guest:
         self.lanes_decided.set()
         if not self.lanes_direct:
             for lane in self.lanes:
-                _thread(functools.partial(self.serve_lane, lane, queued=True))
+                _start(self.serve_lane, lane, True)
             started += len(self.lanes)
         return started
 
-    def _vm_thread(self, reader: KvmReader, ready: threading.Event, index: int) -> None:
-        # SIGPROF stays unblocked here: the watchdog's tick must interrupt KVM_RUN.
+    def _vm_thread(self, reader: KvmReader, ready: Flag, index: int) -> None:
         try:
             watchdog = ThreadWatchdog()
         except OSError:
@@ -297,16 +317,16 @@ class Guest:
         # Now: RLIMIT_FSIZE=0 forbids writing to a regular file, and seccomp any stderr.
         _timing.report("aiodd guest")
         attempt("rlimits", lambda: sandbox.rlimits(MAX_FDS, self.init.cpu))
-        threading.stack_size(THREAD_STACK)
+        _thread.stack_size(THREAD_STACK)
         for _ in range(WORKERS):
-            _thread(functools.partial(self.worker, self.jobs))
+            _start(self.worker, self.jobs)
         threads = WORKERS + 2
         if self.reader is not None:  # the main thread is the VM's: receive on another
-            _thread(self.serve)  # (now: seccomp forbids starting threads)
+            _start(self.serve)  # (now: seccomp forbids starting threads)
             threads += self.start_vm_threads(self.reader)
         else:
             for lane in self.lanes:
-                _thread(functools.partial(self.serve_lane, lane))
+                _start(self.serve_lane, lane)
             threads += len(self.lanes)
         if "rlimits" in wanted and status["rlimits"].startswith("active"):
             limit = base_vm + self.init.memory_limit + threads * 2 * THREAD_STACK
@@ -393,13 +413,18 @@ class Guest:
         """Answer the reads the host sends on ``lane``, one at a time, here (or,
         ``queued``, on the VMs' threads); a lane carries nothing else."""
 
-        reply = functools.partial(_send, lane)
+        def reply(answer: protocol.GuestMessage) -> None:
+            _send(lane, answer)
+
+        def read(message: Read) -> Job:
+            return lambda: self.read(message, reply)
+
         while True:
             message, fds = _next_message(lane)
             if fds or not isinstance(message, Read):
                 os._exit(2)
             if queued:
-                self.main_jobs.put(functools.partial(self.read, message, reply))
+                self.main_jobs.put(read(message))
             else:
                 self.read(message, reply)
 
@@ -411,13 +436,16 @@ class Guest:
             return
         self.link.send(Done(request.id, result=result))
 
+    def _call_job(self, request: Call) -> Job:
+        return lambda: self.call(request)
+
     def serve(self) -> None:
         while True:
             message, fds = _next_message(self.link.sock)
             if isinstance(message, Resolved):
                 self.link.answered(message, fds)
             elif isinstance(message, Call) and message.op in self.handlers:
-                self.jobs.put(functools.partial(self.call, message))
+                self.jobs.put(self._call_job(message))
             elif isinstance(message, Close):
                 os._exit(0)
             else:  # a Read among them: reads come on the lanes only
@@ -442,11 +470,16 @@ def _import_python_decoders(fmt: str | None) -> None:
         registry.decoder("raw")
         return
     # What the decoders import from outside aiodd.formats, which the preloader does not
-    # serve (tests/test_preload.py checks the list).
+    # serve (tests/test_preload.py checks the list); the guest's own start imports none.
     import array  # noqa: F401
     import bisect  # noqa: F401
+    import collections  # noqa: F401
+    import contextlib  # noqa: F401
     import encodings
+    import functools  # noqa: F401
     import heapq  # noqa: F401
+    import threading  # noqa: F401
+    import typing  # noqa: F401
     import zlib  # noqa: F401
 
     import zstandard  # noqa: F401  # the qcow2 decoder's zstd clusters
@@ -507,15 +540,16 @@ def _unshare() -> str:
     return "unshared"
 
 
-def _thread(target: Callable[[], object]) -> None:
-    """A daemon thread that leaves ``SIGPROF`` to the main thread: the VM's watchdog
-    needs it there, to interrupt ``KVM_RUN``."""
+def _start(target: Callable[..., object], *args: object) -> None:
+    """A thread running ``target(*args)`` that leaves ``SIGPROF`` to the main thread:
+    the VM's watchdog needs it there, to interrupt ``KVM_RUN``.  Like every thread of
+    the guest, it ends with the process."""
+    _thread.start_new_thread(_unprofiled, (target, args))
 
-    def run() -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPROF})
-        target()
 
-    threading.Thread(target=run, daemon=True).start()
+def _unprofiled(target: Callable[..., object], args: tuple[object, ...]) -> None:
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGPROF})
+    target(*args)
 
 
 def _unnamed(message: str, name: str) -> str:
@@ -538,7 +572,7 @@ def main(control_fd: int, handlers: Mapping[str, Handler] | None = None) -> None
     if not data:
         os._exit(0)
     _timing.mark("waiting for the host")
-    init = Init.decode(protocol.decode(data))
+    init = Init.decode(protocol.decode_trusted(data))
     guest = Guest(link, init, fds, handlers or {})
     status = guest.enter_sandbox()
     missing = [name for name, line in status.items() if line.startswith("missing")]

@@ -1,7 +1,11 @@
 """The wire format between the host and the guest reader: every message, both directions.
 
 One JSON object per ``SOCK_SEQPACKET`` message (descriptors travel alongside with
-``SCM_RIGHTS``).  JSON, not pickle: the host must never run code the guest chose.
+``SCM_RIGHTS``).  JSON, not pickle: the host must never run code the guest chose.  The
+guest writes and reads it with the ``json`` package's C core alone, as the package
+does: the package itself imports ``re`` and ``enum``, milliseconds of the guest's
+start-up (docs/performance.md, "Start-up"); the host reads the guest's messages with the
+package.
 
 Each message is a class whose ``encode`` (to a JSON-ready dict) and ``decode``
 (from one) sit side by side; :func:`to_bytes`, :func:`from_guest` and :func:`from_host`
@@ -22,9 +26,7 @@ checks types.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from typing import Any, Self, TypeAlias
+import _json
 
 from aiodd.errors import (
     AioddError,
@@ -40,7 +42,12 @@ from aiodd.errors import (
 MAX_MESSAGE = 65536
 MAX_LANES = 4  # read lanes a guest serves (the host opens one per reading thread it runs)
 
-Message = dict[str, Any]
+TYPE_CHECKING = False  # typing, not imported: the guest imports this module
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any, Self, TypeAlias
+
+    Message: TypeAlias = dict[str, Any]
 
 # Exception classes that cross the boundary as themselves, by name.  Anything else is
 # reported as a decoder failure (an ImageError), never re-created from the guest's word.
@@ -57,21 +64,74 @@ REFERENCE_KINDS = ("backing", "data_file", "extent", "parent")
 # -- framing and fields ---------------------------------------------------------------
 
 
+def _unencodable(value: object) -> object:
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+# What json.dumps(message, separators=(",", ":")) runs: the same bytes.
+_DUMPS = _json.make_encoder(
+    None, _unencodable, _json.encode_basestring_ascii, None, ":", ",", False, False, True
+)
+
+
+class _Strict:
+    """What the C scanner asks of its decoder: json.JSONDecoder's defaults, but
+    ``NaN`` and ``Infinity`` refused (no message holds them)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name: str) -> object:
+        raise ValueError(f"{name} in a message")
+
+
+# typeshed asks for a scanner: it has the attributes the C scanner reads, as _Strict does.
+_SCAN = _json.make_scanner(_Strict())  # type: ignore[arg-type]
+
+
 def encode(message: Message) -> bytes:
-    data = json.dumps(message, separators=(",", ":")).encode()
+    data = "".join(_DUMPS(message, 0)).encode()
     if len(data) > MAX_MESSAGE:
         raise ValueError("message too large")
     return data
 
 
 def decode(data: bytes) -> Message:
-    """Parse one message; raises ValueError on anything that is not a JSON object."""
+    """Parse one message from the guest (the host's side: the ``json`` package, which
+    says where a message is malformed); raises ValueError on anything that is not a
+    JSON object."""
+    import json  # here: the guest does not import it (decode_trusted)
+
     if len(data) > MAX_MESSAGE:
         raise ValueError("message too large")
-    message = json.loads(data)
-    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+    return _message(json.loads(data))
+
+
+def decode_trusted(data: bytes) -> Message:
+    """Parse one message from the host (the guest's side: the C scanner alone).  Raises
+    ValueError on anything that is not one JSON object, as :func:`decode` does; the
+    scanner's own errors arrive without their class (``json.decoder`` is not
+    imported), as ``SystemError``, and are reported as what they are."""
+    if len(data) > MAX_MESSAGE:
+        raise ValueError("message too large")
+    text = data.decode()
+    try:
+        value, end = _SCAN(text, 0)
+    except (StopIteration, SystemError):
+        raise ValueError("not JSON") from None
+    if end != len(text):
+        raise ValueError("not one JSON value")
+    return _message(value)
+
+
+def _message(value: object) -> Message:
+    if not isinstance(value, dict) or not isinstance(value.get("op"), str):
         raise ValueError("not a message")
-    return message
+    return value
 
 
 def clean(value: object, limit: int = 500) -> str:
@@ -436,7 +496,7 @@ _FROM_HOST: dict[str, type[Init | Read | Resolved | Close]] = {
 
 def from_host(data: bytes) -> HostMessage:
     """A message from the host; an op this module does not know is a :class:`Call`."""
-    message = decode(data)
+    message = decode_trusted(data)
     kind = _FROM_HOST.get(message["op"])
     return kind.decode(message) if kind is not None else Call.decode(message)
 

@@ -24,8 +24,10 @@ import ctypes
 import errno
 import os
 import struct
-from collections.abc import Sequence
-from typing import NamedTuple
+
+TYPE_CHECKING = False  # typing and collections, not imported: the guest's start-up
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 
@@ -142,12 +144,15 @@ main thread's interval timer, a reading thread's CPU-time timer, made before sea
 process's timers are its own)."""
 
 
-class KvmRule(NamedTuple):  # not a dataclass: see aiodd/formats/base.py
+class KvmRule:
     """What the KVM guest reader needs of the kernel once sealed: ``ioctl`` with a
     descriptor among ``fds`` and a request among ``requests``, nothing else."""
 
-    fds: tuple[int, ...]
-    requests: tuple[int, ...]
+    __slots__ = ("fds", "requests")
+
+    def __init__(self, fds: tuple[int, ...], requests: tuple[int, ...]) -> None:
+        self.fds = fds
+        self.requests = requests
 
 
 RET_KILL_PROCESS = 0x80000000

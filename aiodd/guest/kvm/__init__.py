@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import os
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing, not imported: the guest's process imports this package
 if TYPE_CHECKING:
     from pathlib import Path
 

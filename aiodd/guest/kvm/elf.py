@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import struct
-from typing import NamedTuple
 
 from aiodd.guest.kvm.layout import IMAGE_BASE, IMAGE_END, PAGE
 
@@ -22,11 +21,16 @@ _PHDR = struct.Struct("<IIQQQQQQ")
 _MAX_FILE = IMAGE_END - IMAGE_BASE + PAGE
 
 
-class Segment(NamedTuple):  # not a dataclass: see aiodd/formats/base.py
-    vaddr: int
-    data: bytes  # p_filesz bytes; the rest of memsz is zero
-    memsz: int
-    flags: int  # PF_*
+# Plain classes: the guest's process imports this module, and neither typing (for a
+# NamedTuple) nor dataclasses (docs/performance.md, "Start-up").
+class Segment:
+    __slots__ = ("data", "flags", "memsz", "vaddr")
+
+    def __init__(self, vaddr: int, data: bytes, memsz: int, flags: int) -> None:
+        self.vaddr = vaddr
+        self.data = data  # p_filesz bytes; the rest of memsz is zero
+        self.memsz = memsz
+        self.flags = flags  # PF_*
 
     @property
     def writable(self) -> bool:
@@ -37,9 +41,12 @@ class Segment(NamedTuple):  # not a dataclass: see aiodd/formats/base.py
         return bool(self.flags & PF_X)
 
 
-class Image(NamedTuple):
-    entry: int
-    segments: tuple[Segment, ...]
+class Image:
+    __slots__ = ("entry", "segments")
+
+    def __init__(self, entry: int, segments: tuple[Segment, ...]) -> None:
+        self.entry = entry
+        self.segments = segments
 
 
 def parse(data: bytes) -> Image:

@@ -29,7 +29,10 @@ runs.
 from __future__ import annotations
 
 import struct
-from typing import Final
+
+TYPE_CHECKING = False  # typing, not imported: the guest's process imports this module
+if TYPE_CHECKING:
+    from typing import Final
 
 PAGE: Final = 0x1000
 LARGE_PAGE: Final = 0x200000

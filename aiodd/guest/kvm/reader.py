@@ -12,16 +12,14 @@ reader").
 
 from __future__ import annotations
 
+import _thread
 import mmap
 import os
-import threading
-from collections.abc import Sequence
-from typing import Final
 
 from aiodd.errors import IsolationError
 from aiodd.formats import INPUT_FORMATS, check_input_format, foreign
-from aiodd.formats.base import RandomAccessFile, Reference, ReferenceKind, Resolver
-from aiodd.formats.common import zero_fill
+from aiodd.formats.reference import Reference
+from aiodd.formats.zeros import zero_fill
 from aiodd.guest.kvm import layout as L
 from aiodd.guest.kvm import vmm
 from aiodd.guest.kvm.vmm import (
@@ -30,6 +28,15 @@ from aiodd.guest.kvm.vmm import (
     GuestVM,
     ThreadWatchdog,
 )
+
+# Annotations only: the guest's process imports neither typing nor collections
+# (docs/performance.md, "Start-up").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Final
+
+    from aiodd.formats.base import RandomAccessFile, ReferenceKind, Resolver
 
 __all__ = (
     "GUEST_FORMATS",
@@ -119,7 +126,7 @@ class KvmReader:
         self._opened: dict[tuple[int, int, str, str | None], list[tuple[RandomAccessFile, int]]]
         self._opened = {}
         self._asked: dict[int, dict[tuple[int, int, str, str | None], int]] = {}  # by VM
-        self._lock = threading.Lock()  # opens from two VMs' threads
+        self._lock = _thread.allocate_lock()  # opens from two VMs' threads
         self._disk: KvmDisk | None = None
         self._open_vms: set[int] = set()  # the VMs that opened the disk, by id
         self._vm = self._make_vm(name, guest, memories, open_timeout)
@@ -286,7 +293,7 @@ class KvmReader:
             file.close()
 
     def _read(self, disk: KvmDisk, offset: int, buf: memoryview) -> None:
-        vm = self._threads.get(threading.get_ident(), self._vm)
+        vm = self._threads.get(_thread.get_ident(), self._vm)
         if disk is not self._disk or disk.closed:
             raise IsolationError(f"{self.name}: the disk is closed")
         if id(vm) not in self._open_vms:

@@ -18,25 +18,32 @@ bound to (:meth:`GuestVM.bind`), whose own :class:`ThreadWatchdog` interrupts it
 
 from __future__ import annotations
 
-import contextlib
+import _signal
+import _thread
 import ctypes
 import fcntl
 import mmap
 import os
-import signal
 import struct
-import threading
 import time
-from collections.abc import Callable, Sequence
-from types import FrameType
-from typing import Final, TypeVar
 
 from aiodd.errors import ImageError, IsolationError, UnsupportedImageError
-from aiodd.formats.base import RandomAccessFile
 from aiodd.guest.kvm import elf
 from aiodd.guest.kvm import layout as L
 
-T = TypeVar("T")
+# The guest's process imports this module: it takes the C cores of signal and threading,
+# and neither typing nor collections, which bring enum, re and functools, milliseconds of
+# its start-up (docs/performance.md, "Start-up").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from collections.abc import Callable, Sequence
+    from types import FrameType
+    from typing import Final, TypeAlias, TypeVar
+
+    from aiodd.formats.base import RandomAccessFile
+
+    T = TypeVar("T")
 
 # ioctl numbers (linux/kvm.h; measured in docs/kvm.md).
 KVM_GET_API_VERSION: Final = 0xAE00
@@ -276,14 +283,17 @@ def _on_tick(signum: int, frame: FrameType | None) -> None:
         raise _Expired
 
 
-SignalHandler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
+if TYPE_CHECKING:
+    SignalHandler: TypeAlias = (
+        Callable[[int, FrameType | None], object] | int | signal.Handlers | None
+    )
 
 
 def _stop_watchdog(previous: SignalHandler) -> None:
     _Watchdog.deadline = None  # first: from here on the handler never raises
-    signal.setitimer(signal.ITIMER_PROF, 0, 0)
+    _signal.setitimer(_signal.ITIMER_PROF, 0, 0)
     # None: the previous handler was not set from Python; the default is all we can give
-    signal.signal(signal.SIGPROF, previous if previous is not None else signal.SIG_DFL)
+    _signal.signal(_signal.SIGPROF, previous if previous is not None else _signal.SIG_DFL)
 
 
 # A VM run from another thread than the main one has a watchdog of its own: a kernel
@@ -316,9 +326,9 @@ class ThreadWatchdog:
         self._numbers = numbers
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.syscall.restype = ctypes.c_long
-        self.thread = threading.get_ident()
+        self.thread = _thread.get_ident()
         event = ctypes.create_string_buffer(
-            _SIGEVENT.pack(0, signal.SIGPROF, _SIGEV_THREAD_ID, threading.get_native_id()),
+            _SIGEVENT.pack(0, _signal.SIGPROF, _SIGEV_THREAD_ID, _thread.get_native_id()),
             _SIGEVENT.size,
         )
         timer = ctypes.c_int(-1)
@@ -350,19 +360,22 @@ class ThreadWatchdog:
 
     def close(self) -> None:
         if self._timer is not None:
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105  (not contextlib: the guest's start-up)
                 self._syscall("timer_delete", ctypes.c_long(self._timer))
+            except OSError:
+                pass
             self._timer = None
 
 
 def keep_handler() -> SignalHandler:
     """Give ``SIGPROF`` the watchdog's handler for good (main thread): a thread's
     watchdog tick may come at any time.  The previous handler, for :func:`restore_handler`."""
-    return signal.signal(signal.SIGPROF, _on_tick)
+    handler: SignalHandler = _signal.signal(_signal.SIGPROF, _on_tick)
+    return handler
 
 
 def restore_handler(previous: SignalHandler) -> None:
-    signal.signal(signal.SIGPROF, previous if previous is not None else signal.SIG_DFL)
+    _signal.signal(_signal.SIGPROF, previous if previous is not None else _signal.SIG_DFL)
 
 
 # -- the VM ----------------------------------------------------------------------------
@@ -379,7 +392,8 @@ FORMAT_NAMES: Final = {
 }
 """The formats the host names to the guest (``FMT_*``), by their registry names."""
 
-Opener = Callable[[int, int, str, str | None], tuple[int, int, int]]
+if TYPE_CHECKING:
+    Opener: TypeAlias = Callable[[int, int, str, str | None], tuple[int, int, int]]
 """Opens a file the guest's layer ``referrer`` names: ``(referrer, kind, name, format or
 None) -> (handle, size, format code)``, the file added with :meth:`GuestVM.add_file`.
 Any :class:`Exception` refuses it (raised once the command ends); :class:`AbiViolation`
@@ -427,7 +441,7 @@ class GuestVM:
     ) -> None:
         from aiodd.guest.kvm import GUEST_PATH, KVM_DEVICE
 
-        if threading.current_thread() is not threading.main_thread():
+        if _thread.get_native_id() != os.getpid():  # Linux: the main thread's id is the pid
             raise IsolationError(f"{name}: the KVM guest reader must run in the main thread")
         if len(memories) > L.MAX_SLOTS:
             raise ValueError(f"at most {L.MAX_SLOTS} memories, not {len(memories)}")
@@ -491,8 +505,10 @@ class GuestVM:
         for slot, (guest_address, size, host_address) in enumerate(regions):
             region = struct.pack("<IIQQQ", slot, 0, guest_address, size, host_address)
             fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, region)
-        with contextlib.suppress(OSError):  # Intel VMX wants it; PVM may not know it
+        try:  # noqa: SIM105  (not contextlib: the guest's start-up)
             fcntl.ioctl(vm, KVM_SET_TSS_ADDR, L.VMX_TSS)
+        except OSError:  # Intel VMX wants it; PVM may not know it
+            pass
         self._vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
         self._fds.append(self._vcpu)
         size = fcntl.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
@@ -616,16 +632,16 @@ class GuestVM:
         if self._run is None:
             raise IsolationError(f"{self.name}: the guest reader is closed")
         watchdog = self._watchdog
-        if watchdog is not None and watchdog.thread == threading.get_ident():
+        if watchdog is not None and watchdog.thread == _thread.get_ident():
             return self._guarded_on_thread(body, timeout, watchdog)
         try:
-            previous = signal.signal(signal.SIGPROF, _on_tick)
+            previous: SignalHandler = _signal.signal(_signal.SIGPROF, _on_tick)
         except ValueError:  # not the main thread
             raise self._fail("must run in the main thread") from None
         try:
             try:
                 _Watchdog.deadline = time.monotonic() + timeout
-                signal.setitimer(signal.ITIMER_PROF, _TICK, _TICK)
+                _signal.setitimer(_signal.ITIMER_PROF, _TICK, _TICK)
                 return body()
             finally:
                 _stop_watchdog(previous)
@@ -960,8 +976,10 @@ class GuestVM:
             # A view may outlive the VM (a traceback of a stopped read holds one): the
             # pages then go with the last view.
             if area is not None:
-                with contextlib.suppress(BufferError):
+                try:  # noqa: SIM105  (not contextlib: the guest's start-up)
                     area.close()
+                except BufferError:
+                    pass
         self._run = self._ram = None
         for fd in reversed(self._fds):
             os.close(fd)
