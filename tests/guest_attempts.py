@@ -124,6 +124,9 @@ def _run(guest: Guest, what: object, arg: object) -> str:
         for lane in guest.lanes:
             lane.send(b'{"op": "done", "id": 424242}')
         return f"ok: {len(guest.lanes)}"
+    if what == "deep_nesting":  # a message nested past the host's recursion limit
+        guest.link.sock.send(b'{"op": "resolve", "rid": ' + b"[" * 30000)
+        return "ok"
     if what == "kvm_ioctl":
         # An ioctl the KVM rule does not allow: on a descriptor that is not the VM's
         # (stdin, /dev/null: the kernel would say ENOTTY), or a request the monitor does

@@ -437,6 +437,14 @@ def test_a_lane_answer_to_no_read_kills_the_guest(make_guest: object) -> None:
         disk.read_into(0, memoryview(bytearray(512)))
 
 
+def test_a_message_nested_too_deep_kills_the_guest(make_guest: object) -> None:
+    """Nesting past the host's recursion limit is a broken message, not the end of the
+    host's receiving thread (which would leave the guest's reads waiting)."""
+    disk = make_guest()  # type: ignore[operator]
+    with pytest.raises(IsolationError, match="broke the protocol and was killed"):
+        attempt(disk, "deep_nesting")
+
+
 def test_reads_stopped_while_they_wait_leave_the_lanes_usable(
     make_guest: object, raw_image: tuple[Path, bytes]
 ) -> None:

@@ -329,13 +329,24 @@ def test_an_init_with_bad_lanes_is_refused(lanes: object) -> None:
         from_host(json.dumps(message).encode())
 
 
-@pytest.mark.parametrize("data", [b"[1]", b'{"op": 1}', b"{", b" " * (protocol.MAX_MESSAGE + 1)])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[1]",
+        b'{"op": 1}',
+        b"{",
+        b" " * (protocol.MAX_MESSAGE + 1),
+        b'{"op": "done", "id": 1, "result": ' + b"[" * 30000,  # past the recursion limit
+        b'{"op": "done", "id": 1} ',
+        '{"op": "done", "id": 1}'.encode("utf-16"),
+    ],
+)
 def test_what_is_not_a_message_is_refused(data: bytes) -> None:
     with pytest.raises(ValueError):
         from_guest(data)
 
 
-# -- the guest's JSON, without the json package ----------------------------------------
+# -- the JSON, without the json package -----------------------------------------------
 
 json_trees = st.recursive(
     json_values | st.floats(allow_nan=False, allow_infinity=False),
@@ -346,35 +357,36 @@ json_objects = st.dictionaries(any_text, json_trees, max_size=6).map(lambda d: {
 
 
 @given(json_objects)
-def test_the_guests_encoder_writes_what_json_dumps_writes(message: dict[str, Any]) -> None:
+def test_the_wire_encoder_writes_what_json_dumps_writes(message: dict[str, Any]) -> None:
     assert protocol.encode(message) == json.dumps(message, separators=(",", ":")).encode()
 
 
 @given(json_objects)
-def test_the_guests_decoder_reads_what_json_loads_reads(message: dict[str, Any]) -> None:
+def test_the_wire_decoder_reads_what_json_loads_reads(message: dict[str, Any]) -> None:
     for text in (json.dumps(message), json.dumps(message, indent=1, ensure_ascii=False)):
         # Leading or trailing whitespace is not what an encoder writes: refused there.
-        assert protocol.decode_trusted(text.encode()) == json.loads(text)
+        assert protocol.decode(text.encode()) == json.loads(text)
 
 
 @given(st.binary(max_size=64) | st.text(max_size=64).map(str.encode))
-def test_the_guests_decoder_refuses_what_json_loads_refuses(data: bytes) -> None:
+def test_the_wire_decoder_refuses_what_json_loads_refuses(data: bytes) -> None:
     try:
         expected = json.loads(data.decode())
     except ValueError:  # malformed UTF-8 or JSON
         with pytest.raises(ValueError):
-            protocol.decode_trusted(data)
+            protocol.decode(data)
         return
     if isinstance(expected, dict) and isinstance(expected.get("op"), str):
         if data == data.strip():
-            assert protocol.decode_trusted(data) == expected
+            assert protocol.decode(data) == expected
     else:
         with pytest.raises(ValueError):
-            protocol.decode_trusted(data)
+            protocol.decode(data)
 
 
-# As the guest runs it: json (whose json.decoder gives the C scanner its error class)
-# never imported.  Each of these must be refused as a ValueError, not crash or pass.
+# As the guest runs it, and the host until something else imports json: json.decoder,
+# which gives the C scanner its error class, not imported.  Each of these must be
+# refused as a ValueError, not crash or pass.
 _WITHOUT_JSON = r"""
 import sys
 sys.path[:0] = sys.argv[1:]
@@ -383,17 +395,17 @@ assert "json" not in sys.modules
 for data in (b'{"op": 1', b'{"op" 1}', b'{"op": "\\x"}', b'[NaN]', b'{"op": "a"} x',
              b'{"op": "a", "n": Infinity}', b"\xff", b"", b"[1]"):
     try:
-        protocol.decode_trusted(data)
+        protocol.decode(data)
     except ValueError:
         continue
     raise SystemExit(f"accepted {data!r}")
-assert protocol.decode_trusted(b'{"op": "a", "n": [1.5, null]}') == {"op": "a", "n": [1.5, None]}
+assert protocol.decode(b'{"op": "a", "n": [1.5, null]}') == {"op": "a", "n": [1.5, None]}
 assert "json" not in sys.modules
 print("ok")
 """
 
 
-def test_the_guests_decoder_refuses_malformed_messages_without_the_json_package() -> None:
+def test_the_wire_decoder_refuses_malformed_messages_without_the_json_package() -> None:
     paths = [p for p in sys.path if os.path.isabs(p)]
     proc = subprocess.run(
         [sys.executable, "-I", "-S", "-c", _WITHOUT_JSON, *paths],

@@ -572,7 +572,7 @@ def main(control_fd: int, handlers: Mapping[str, Handler] | None = None) -> None
     if not data:
         os._exit(0)
     _timing.mark("waiting for the host")
-    init = Init.decode(protocol.decode_trusted(data))
+    init = Init.decode(protocol.decode(data))
     guest = Guest(link, init, fds, handlers or {})
     status = guest.enter_sandbox()
     missing = [name for name, line in status.items() if line.startswith("missing")]

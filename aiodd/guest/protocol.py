@@ -1,11 +1,11 @@
 """The wire format between the host and the guest reader: every message, both directions.
 
 One JSON object per ``SOCK_SEQPACKET`` message (descriptors travel alongside with
-``SCM_RIGHTS``).  JSON, not pickle: the host must never run code the guest chose.  The
-guest writes and reads it with the ``json`` package's C core alone, as the package
-does: the package itself imports ``re`` and ``enum``, milliseconds of the guest's
-start-up (docs/performance.md, "Start-up"); the host reads the guest's messages with the
-package.
+``SCM_RIGHTS``).  JSON, not pickle: the host must never run code the guest chose.  Both
+sides write and read it with the ``json`` package's C core, the encoder and scanner the
+package runs: the package itself imports ``re`` and ``enum``, milliseconds of the
+guest's start-up, and of the host's before its first message from the guest
+(docs/performance.md, "Start-up").
 
 Each message is a class whose ``encode`` (to a JSON-ready dict) and ``decode``
 (from one) sit side by side; :func:`to_bytes`, :func:`from_guest` and :func:`from_host`
@@ -101,34 +101,24 @@ def encode(message: Message) -> bytes:
 
 
 def decode(data: bytes) -> Message:
-    """Parse one message from the guest (the host's side: the ``json`` package, which
-    says where a message is malformed); raises ValueError on anything that is not a
-    JSON object."""
-    import json  # here: the guest does not import it (decode_trusted)
+    """Parse one message; raises ValueError on anything that is not one JSON object,
+    in UTF-8, as :func:`encode` writes it (no whitespace around it).
 
-    if len(data) > MAX_MESSAGE:
-        raise ValueError("message too large")
-    return _message(json.loads(data))
-
-
-def decode_trusted(data: bytes) -> Message:
-    """Parse one message from the host (the guest's side: the C scanner alone).  Raises
-    ValueError on anything that is not one JSON object, as :func:`decode` does; the
-    scanner's own errors arrive without their class (``json.decoder`` is not
-    imported), as ``SystemError``, and are reported as what they are."""
+    ``json.loads`` runs the same scanner, but the scanner reports its errors with
+    ``json.decoder``'s class, and where that module is not imported, without a class
+    (``SystemError``): either is a malformed message here.  So is nesting deeper than
+    the interpreter's recursion limit, which a hostile guest would otherwise use to end
+    the host's receiving thread with a ``RecursionError``.
+    """
     if len(data) > MAX_MESSAGE:
         raise ValueError("message too large")
     text = data.decode()
     try:
         value, end = _SCAN(text, 0)
-    except (StopIteration, SystemError):
+    except (StopIteration, SystemError, RecursionError):
         raise ValueError("not JSON") from None
     if end != len(text):
         raise ValueError("not one JSON value")
-    return _message(value)
-
-
-def _message(value: object) -> Message:
     if not isinstance(value, dict) or not isinstance(value.get("op"), str):
         raise ValueError("not a message")
     return value
@@ -496,7 +486,7 @@ _FROM_HOST: dict[str, type[Init | Read | Resolved | Close]] = {
 
 def from_host(data: bytes) -> HostMessage:
     """A message from the host; an op this module does not know is a :class:`Call`."""
-    message = decode_trusted(data)
+    message = decode(data)
     kind = _FROM_HOST.get(message["op"])
     return kind.decode(message) if kind is not None else Call.decode(message)
 
