@@ -24,27 +24,34 @@ if TYPE_CHECKING:
 def needs_no_guest(args: Sequence[str]) -> bool:
     """Whether ``args`` certainly run without a guest (a wrong ``False`` costs a spare
     process that the CLI stops; a wrong ``True`` only the early start)."""
-    for i, arg in enumerate(args):
-        if arg == "--":
-            break
-        if arg == "-h" or arg.startswith(("--h", "--vers")):
-            return True
+    if any(arg == "-h" or arg.startswith(("--h", "--vers")) for arg in _options(args)):
+        return True
+    return isolation_named(args) == "inline"
+
+
+def isolation_named(args: Sequence[str]) -> str:
+    """The ``--isolation`` that ``args`` name, as far as can be told before parsing them
+    (``auto`` when none): what the guest started now prepares for."""
+    named = "auto"
+    for i, arg in enumerate(_options(args)):
         # getopt takes any unambiguous prefix of --isolation, with = or a separate value.
         name, eq, value = arg.partition("=")
         if len(name) >= 3 and "--isolation".startswith(name):
-            if not eq:
-                value = args[i + 1] if i + 1 < len(args) else ""
-            if value == "inline":
-                return True
-    return False
+            named = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    return named
+
+
+def _options(args: Sequence[str]) -> Sequence[str]:
+    return args[: args.index("--")] if "--" in args else args
 
 
 def run() -> NoReturn:
-    if not needs_no_guest(sys.argv[1:]):
+    args = sys.argv[1:]
+    if not needs_no_guest(args):
         from aiodd import _timing
         from aiodd.guest.spawn import prestart
 
-        prestart()
+        prestart(isolation_named(args))
         _timing.mark("guest spawned")
     from aiodd.cli import run as run_cli
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from aiodd._command import needs_no_guest
+from aiodd._command import isolation_named, needs_no_guest
 from aiodd.api import dd
 from aiodd.cli import _is_plain, main, parse_args
 from tests.harness import virtual_disk
@@ -178,7 +178,8 @@ def test_aiodd_timing_prints_the_phases(image: Path, tmp_path: Path, isolation: 
     if isolation == "inline":
         assert guest == []
     else:
-        assert guest == ["interpreter (CPU)", "imports", "waiting for the host", "namespaces",
+        assert guest == ["interpreter (CPU)", "imports", "prepared", "waiting for the host",
+                         "namespaces",
                          "KVM VM made", "decoders imported", "root, privileges, landlock",
                          "total after interpreter"]  # fmt: skip
     assert out.read_bytes() == image.read_bytes()[:512]
@@ -324,3 +325,41 @@ def test_the_kvm_guest_starts_without_anything_heavy() -> None:
     assert {"aiodd.guest.kvm.vmm", "aiodd.formats.qcow2.probe", "_json", "ctypes"} <= imported
     heavy = _HEAVY | {"json", "queue"}
     assert not imported & heavy, sorted(imported & heavy)
+
+
+@pytest.mark.parametrize(
+    ("expected", "kvm_runs", "prepares"),
+    [("auto", True, False), ("auto", False, True), ("sandbox", True, True), ("kvm", False, False)],
+)
+def test_the_guest_prepares_for_the_python_decoders_it_will_most_likely_run(
+    expected: str, kvm_runs: bool, prepares: bool
+) -> None:
+    """While it waits for the host, a guest that will most likely decode in Python
+    (asked for sandbox, or auto where KVM cannot run) imports what the decoders import;
+    one that will most likely run the VM does not."""
+    imported = _imported_by(
+        "from aiodd.guest import child, kvm;"
+        f"sys.argv[1:] = ['3', 'aiodd.guest.child', {expected!r}];"
+        f"kvm.availability = lambda *args: ({kvm_runs}, '');"
+        "child.prepare()"
+    )
+    decoders_need = {"typing", "threading", "collections", "contextlib", "functools"}
+    if prepares:
+        assert decoders_need <= imported
+    else:
+        assert not imported & decoders_need
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["if=a", "of=b"], "auto"),
+        (["--isolation=sandbox", "if=a"], "sandbox"),
+        (["--iso", "kvm", "if=a"], "kvm"),
+        (["--isolation=kvm", "--isolation=sandbox"], "sandbox"),  # the last one counts
+        (["--", "--isolation=sandbox"], "auto"),  # an operand, not an option
+        (["--isolation"], ""),
+    ],
+)
+def test_the_command_tells_its_guest_the_isolation_it_names(args: list[str], expected: str) -> None:
+    assert isolation_named(args) == expected

@@ -35,7 +35,7 @@ import time
 
 from aiodd import _timing
 from aiodd.errors import ImageError, IsolationError
-from aiodd.guest import kvm, protocol, sandbox, seccomp
+from aiodd.guest import kvm, protocol, sandbox, seccomp, spawn
 from aiodd.guest.kvm.reader import KvmReader
 from aiodd.guest.kvm.vmm import ThreadWatchdog
 from aiodd.guest.protocol import (
@@ -469,17 +469,13 @@ def _import_python_decoders(fmt: str | None) -> None:
 
         registry.decoder("raw")
         return
+    _import_what_decoders_share()
     # What the decoders import from outside aiodd.formats, which the preloader does not
-    # serve (tests/test_preload.py checks the list); the guest's own start imports none.
+    # serve (tests/test_preload.py checks the list).
     import array  # noqa: F401
     import bisect  # noqa: F401
-    import collections  # noqa: F401
-    import contextlib  # noqa: F401
     import encodings
-    import functools  # noqa: F401
     import heapq  # noqa: F401
-    import threading  # noqa: F401
-    import typing  # noqa: F401
     import zlib  # noqa: F401
 
     import zstandard  # noqa: F401  # the qcow2 decoder's zstd clusters
@@ -493,6 +489,32 @@ def _import_python_decoders(fmt: str | None) -> None:
     preloaded.add_package(aiodd.formats, skip=("encode",))
     preloaded.add_modules(encodings, CODEC_MODULES)
     preloaded.install()
+
+
+def _import_what_decoders_share() -> None:
+    """What every Python decoder imports, the raw one too (through
+    :mod:`aiodd.formats.common` and :mod:`aiodd.formats.base`), which the guest's own
+    start does not: milliseconds of ``typing``, ``re`` and ``enum``."""
+    import collections  # noqa: F401
+    import contextlib  # noqa: F401
+    import functools  # noqa: F401
+    import threading  # noqa: F401
+    import typing  # noqa: F401
+
+
+def prepare() -> None:
+    """While the host starts (its imports outlast the guest's): import what the Python
+    decoders share, if this guest will most likely run them: asked for ``sandbox``, or
+    for ``auto`` where KVM cannot run (the mode the host expects to ask for:
+    :func:`aiodd.guest.spawn.expected_mode`).
+
+    The host's ``Init`` decides; the guess only moves work that a guest decoding in
+    Python does after ``Init`` before it, onto the core the host is not using.  A wrong
+    guess costs the imports after ``Init``, or imports a VM does not need.
+    """
+    expected = spawn.expected_mode()
+    if expected == "sandbox" or (expected == "auto" and not kvm.availability()[0]):
+        _import_what_decoders_share()
 
 
 def _send(sock: _socket.socket, message: protocol.GuestMessage) -> None:
@@ -568,6 +590,8 @@ def main(control_fd: int, handlers: Mapping[str, Handler] | None = None) -> None
     _timing.mark("imports")
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, control_fd)
     link = HostLink(sock)
+    prepare()
+    _timing.mark("prepared")
     data, fds = _receive(sock)
     if not data:
         os._exit(0)

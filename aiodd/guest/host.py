@@ -44,7 +44,7 @@ def open_guest(
 ) -> GuestDisk:
     """Start a guest reader on the opened image ``input_fd`` (the caller keeps it)."""
     options = options or GuestOptions()
-    channel = ProcessChannel(name, take(options.entry), options.open_timeout)
+    channel = ProcessChannel(name, take(options.entry, options.isolation), options.open_timeout)
     disk = GuestDisk(name, channel, policy, top, options)
     try:
         disk.start(input_fd, fmt, memory)

@@ -74,7 +74,8 @@ class RawBesideGuest:
             with self._lock:
                 if self._closed:
                     return
-                channel = ProcessChannel(self._name, take(options.entry), options.open_timeout)
+                spawned = take(options.entry, isolation)
+                channel = ProcessChannel(self._name, spawned, options.open_timeout)
                 guest = self._guest = GuestDisk(self._name, channel, policy, top, options)
             # The guest reads nothing: no shared memory for it.
             guest.start(fd, "raw", None)

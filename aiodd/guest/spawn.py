@@ -26,14 +26,23 @@ ENTRY = "aiodd.guest.child"
 CONTROL_FD = 3
 """The guest's end of the control socket, as the guest sees it."""
 
-# argv: the control socket, the entry module, then sys.path, one entry per argument.
-# First the guest drops every descriptor it did not get on purpose: posix_spawn, unlike
-# subprocess, leaves a caller's inheritable ones (a shell's 3<file) open.
+
+# argv: the control socket, the entry module, the isolation mode the host expects to
+# ask for (expected_mode), then sys.path, one entry per argument.  First the guest drops
+# every descriptor it did not get on purpose: posix_spawn, unlike subprocess, leaves a
+# caller's inheritable ones (a shell's 3<file) open.
 _BOOT = (
     "import os,sys;os.closerange(int(sys.argv[1])+1,1<<20);os.chdir('/');"
-    "sys.path[:]=sys.argv[3:];"
+    "sys.path[:]=sys.argv[4:];"
     "__import__(sys.argv[2],fromlist=('main',)).main(int(sys.argv[1]))"
 )
+_EXPECTED_ARG = 3
+
+
+def expected_mode() -> str:
+    """In the guest: the isolation mode the host expects to ask it for (``auto``,
+    ``sandbox``, ``kvm``), a guess that only saves time (:class:`Spawned`)."""
+    return sys.argv[_EXPECTED_ARG] if len(sys.argv) > _EXPECTED_ARG else "auto"
 
 
 class GuestProcess:
@@ -89,9 +98,14 @@ class GuestProcess:
 
 
 class Spawned:
-    """A started guest process, possibly not yet given any work."""
+    """A started guest process, possibly not yet given any work.
 
-    def __init__(self, entry: str = ENTRY) -> None:
+    ``isolation`` is the mode the guest will most likely be asked for: it prepares for
+    it while it waits for its work (:func:`aiodd.guest.child.prepare`); the work it is
+    then given decides.
+    """
+
+    def __init__(self, entry: str = ENTRY, isolation: str = "auto") -> None:
         self.started = time.perf_counter()
         self.entry = entry
         parent, child = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
@@ -108,7 +122,7 @@ class Spawned:
         ]
         if not shown:
             actions.append((os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0))
-        argv = [sys.executable, "-I", "-S", "-c", _BOOT, str(CONTROL_FD), entry, *paths]
+        argv = [sys.executable, "-I", "-S", "-c", _BOOT, str(CONTROL_FD), entry, isolation, *paths]
         try:
             pid = os.posix_spawn(
                 sys.executable,
@@ -137,9 +151,9 @@ _spare: Spawned | None = None
 _spare_lock = _thread.allocate_lock()
 
 
-def prestart() -> bool:
+def prestart(isolation: str = "auto") -> bool:
     """Start a guest now so that the next :func:`take` finds it ready; whether one was
-    started (``False``: one already waits).
+    started (``False``: one already waits).  ``isolation``: see :class:`Spawned`.
 
     Meant for the ``aiodd`` command to call first thing (:mod:`aiodd._command`): the
     guest's interpreter start-up and imports then overlap with the host's own.
@@ -148,7 +162,7 @@ def prestart() -> bool:
     with _spare_lock:
         if _spare is not None:
             return False
-        _spare = Spawned()
+        _spare = Spawned(isolation=isolation)
         return True
 
 
@@ -166,8 +180,9 @@ def discard_prestarted() -> None:
         proc.proc.wait()
 
 
-def take(entry: str = ENTRY) -> Spawned:
-    """The prestarted guest if it runs ``entry`` and lives, else a new one."""
+def take(entry: str = ENTRY, isolation: str = "auto") -> Spawned:
+    """The prestarted guest if it runs ``entry`` and lives, else a new one (expecting
+    ``isolation``: see :class:`Spawned`)."""
     global _spare
     with _spare_lock:
         proc = _spare
@@ -180,4 +195,4 @@ def take(entry: str = ENTRY) -> Spawned:
             return proc
         proc.sock.close()  # it died waiting: reap it
         proc.proc.wait()
-    return Spawned(entry)
+    return Spawned(entry, isolation)
