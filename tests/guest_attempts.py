@@ -124,6 +124,10 @@ def _run(guest: Guest, what: object, arg: object) -> str:
         for lane in guest.lanes:
             lane.send(b'{"op": "done", "id": 424242}')
         return f"ok: {len(guest.lanes)}"
+    if what == "expected_mode":  # what the host told the guest to expect
+        from aiodd.guest import child
+
+        return child.expected_mode()
     if what == "deep_nesting":  # a message nested past the host's recursion limit
         guest.link.sock.send(b'{"op": "resolve", "rid": ' + b"[" * 30000)
         return "ok"

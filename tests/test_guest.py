@@ -282,6 +282,17 @@ def test_guest_environment_is_empty(make_guest: object, monkeypatch: pytest.Monk
     assert b"hunter2".hex() not in result and "AIODD" not in bytes.fromhex(result[4:]).decode()
 
 
+@pytest.mark.parametrize("isolation", ["sandbox", "auto"])
+def test_the_guest_is_told_the_mode_to_expect(make_guest: object, isolation: str) -> None:
+    """What the spawner passes is what the guest reads (aiodd.guest.child.prepare)."""
+    from aiodd.guest import kvm
+
+    if isolation == "auto" and not kvm.availability()[0]:
+        isolation = "sandbox"  # auto would decode in Python: the same as above
+    disk = make_guest(isolation=isolation)  # type: ignore[operator]
+    assert attempt(disk, "expected_mode") == isolation
+
+
 def test_the_shipped_guest_answers_no_test_request(raw_image: tuple[Path, bytes]) -> None:
     pol = Policy()
     fd = os.open(raw_image[0], os.O_RDONLY | os.O_CLOEXEC)

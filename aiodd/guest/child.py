@@ -35,7 +35,7 @@ import time
 
 from aiodd import _timing
 from aiodd.errors import ImageError, IsolationError
-from aiodd.guest import kvm, protocol, sandbox, seccomp, spawn
+from aiodd.guest import kvm, protocol, sandbox, seccomp
 from aiodd.guest.kvm.reader import KvmReader
 from aiodd.guest.kvm.vmm import ThreadWatchdog
 from aiodd.guest.protocol import (
@@ -502,17 +502,25 @@ def _import_what_decoders_share() -> None:
     import typing  # noqa: F401
 
 
+def expected_mode() -> str:
+    """The isolation mode the host expects to ask for (``auto``, ``sandbox``, ``kvm``),
+    a guess that only saves time: the third of the arguments
+    :class:`aiodd.guest.spawn.Spawned` starts the guest with (tests/test_guest.py checks
+    the two agree)."""
+    return sys.argv[3] if len(sys.argv) > 3 else "auto"
+
+
 def prepare() -> None:
     """While the host starts (its imports outlast the guest's): import what the Python
     decoders share, if this guest will most likely run them: asked for ``sandbox``, or
     for ``auto`` where KVM cannot run (the mode the host expects to ask for:
-    :func:`aiodd.guest.spawn.expected_mode`).
+    :func:`expected_mode`).
 
     The host's ``Init`` decides; the guess only moves work that a guest decoding in
     Python does after ``Init`` before it, onto the core the host is not using.  A wrong
     guess costs the imports after ``Init``, or imports a VM does not need.
     """
-    expected = spawn.expected_mode()
+    expected = expected_mode()
     if expected == "sandbox" or (expected == "auto" and not kvm.availability()[0]):
         _import_what_decoders_share()
 

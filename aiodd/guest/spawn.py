@@ -28,7 +28,8 @@ CONTROL_FD = 3
 
 
 # argv: the control socket, the entry module, the isolation mode the host expects to
-# ask for (expected_mode), then sys.path, one entry per argument.  First the guest drops
+# ask for (aiodd.guest.child.expected_mode), then sys.path, one entry per argument.  First
+# the guest drops
 # every descriptor it did not get on purpose: posix_spawn, unlike subprocess, leaves a
 # caller's inheritable ones (a shell's 3<file) open.
 _BOOT = (
@@ -36,13 +37,6 @@ _BOOT = (
     "sys.path[:]=sys.argv[4:];"
     "__import__(sys.argv[2],fromlist=('main',)).main(int(sys.argv[1]))"
 )
-_EXPECTED_ARG = 3
-
-
-def expected_mode() -> str:
-    """In the guest: the isolation mode the host expects to ask it for (``auto``,
-    ``sandbox``, ``kvm``), a guess that only saves time (:class:`Spawned`)."""
-    return sys.argv[_EXPECTED_ARG] if len(sys.argv) > _EXPECTED_ARG else "auto"
 
 
 class GuestProcess:
