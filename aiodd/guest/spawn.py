@@ -26,12 +26,10 @@ ENTRY = "aiodd.guest.child"
 CONTROL_FD = 3
 """The guest's end of the control socket, as the guest sees it."""
 
-
-# argv: the control socket, the entry module, the isolation mode the host expects to
-# ask for (aiodd.guest.child.expected_mode), then sys.path, one entry per argument.  First
-# the guest drops
-# every descriptor it did not get on purpose: posix_spawn, unlike subprocess, leaves a
-# caller's inheritable ones (a shell's 3<file) open.
+# argv: the control socket, the entry module, the isolation mode the host expects to ask
+# for (aiodd.guest.child.expected_mode), then sys.path, one entry per argument.  First the
+# guest drops every descriptor it did not get on purpose: posix_spawn, unlike subprocess,
+# leaves a caller's inheritable ones (a shell's 3<file) open.
 _BOOT = (
     "import os,sys;os.closerange(int(sys.argv[1])+1,1<<20);os.chdir('/');"
     "sys.path[:]=sys.argv[4:];"
