@@ -416,15 +416,12 @@ class Guest:
         def reply(answer: protocol.GuestMessage) -> None:
             _send(lane, answer)
 
-        def read(message: Read) -> Job:
-            return lambda: self.read(message, reply)
-
         while True:
             message, fds = _next_message(lane)
             if fds or not isinstance(message, Read):
                 os._exit(2)
             if queued:
-                self.main_jobs.put(read(message))
+                self.main_jobs.put(_job(self.read, message, reply))
             else:
                 self.read(message, reply)
 
@@ -436,16 +433,13 @@ class Guest:
             return
         self.link.send(Done(request.id, result=result))
 
-    def _call_job(self, request: Call) -> Job:
-        return lambda: self.call(request)
-
     def serve(self) -> None:
         while True:
             message, fds = _next_message(self.link.sock)
             if isinstance(message, Resolved):
                 self.link.answered(message, fds)
             elif isinstance(message, Call) and message.op in self.handlers:
-                self.jobs.put(self._call_job(message))
+                self.jobs.put(_job(self.call, message))
             elif isinstance(message, Close):
                 os._exit(0)
             else:  # a Read among them: reads come on the lanes only
@@ -568,6 +562,12 @@ def _receive(sock: _socket.socket) -> tuple[bytes, list[int]]:
 def _unshare() -> str:
     sandbox.unshare()
     return "unshared"
+
+
+def _job(target: Callable[..., None], *args: object) -> Job:
+    """``target(*args)`` as work for a thread (``functools.partial``, which the guest
+    does not import)."""
+    return lambda: target(*args)
 
 
 def _start(target: Callable[..., object], *args: object) -> None:
