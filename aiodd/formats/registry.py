@@ -73,22 +73,21 @@ class Format:
         self.name = name
         self.reads = reads
         self.writes = writes
-        self._probe: Callable[[bytes], int] | None = None
 
     def __repr__(self) -> str:
         return f"Format({self.name!r}, reads={self.reads}, writes={self.writes})"
 
+    # Each module is imported once: the import system's own cache (sys.modules) answers
+    # again, and a sealed guest finds there what it imported before its seal.
+
     @property
     def probe(self) -> Callable[[bytes], int]:
         """The decoder's ``probe``, from a module that holds only it."""
-        if self._probe is None:
-            module: Decoder = importlib.import_module(f"aiodd.formats.{self.name}.probe")
-            self._probe = module.probe
-        return self._probe
+        module: Decoder = importlib.import_module(f"aiodd.formats.{self.name}.probe")
+        return module.probe
 
     @property
     def decoder(self) -> Decoder:
-        # Imported once: the import system's own cache (sys.modules) answers again.
         return importlib.import_module(f"aiodd.formats.{self.name}.decode")
 
     @property
