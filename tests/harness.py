@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -22,6 +23,18 @@ class Outcome:
     status: int
     stderr: str
     output: bytes | None  # None: no output file
+
+
+def run_as_guest(script: str) -> subprocess.CompletedProcess[str]:
+    """``script`` in an interpreter started as the guest's is (``python -I -S``: no
+    ``site``, whose imports would hide a module the guest does not import itself), on
+    this interpreter's module search path."""
+    paths = [p for p in sys.path if os.path.isabs(p)]
+    return subprocess.run(
+        [sys.executable, "-I", "-S", "-c", "import sys; sys.path[:0] = sys.argv[1:]\n" + script,
+         *paths],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
 
 
 def _read(path: Path) -> bytes | None:

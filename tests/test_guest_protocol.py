@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -47,6 +44,7 @@ from aiodd.guest.protocol import (
     from_host,
     to_bytes,
 )
+from tests.harness import run_as_guest
 
 # -- strategies -----------------------------------------------------------------------
 
@@ -388,8 +386,6 @@ def test_the_wire_decoder_refuses_what_json_loads_refuses(data: bytes) -> None:
 # which gives the C scanner its error class, not imported.  Each of these must be
 # refused as a ValueError, not crash or pass.
 _WITHOUT_JSON = r"""
-import sys
-sys.path[:0] = sys.argv[1:]
 from aiodd.guest import protocol
 assert "json" not in sys.modules
 for data in (b'{"op": 1', b'{"op" 1}', b'{"op": "\\x"}', b'[NaN]', b'{"op": "a"} x',
@@ -406,13 +402,7 @@ print("ok")
 
 
 def test_the_wire_decoder_refuses_malformed_messages_without_the_json_package() -> None:
-    paths = [p for p in sys.path if os.path.isabs(p)]
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", _WITHOUT_JSON, *paths],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = run_as_guest(_WITHOUT_JSON)
     assert (proc.returncode, proc.stdout.strip()) == (0, "ok"), proc.stderr
 
 

@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import importlib
-import os
 import py_compile
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ from types import ModuleType
 import pytest
 
 from aiodd.guest.preload import Preloaded
+from tests.harness import run_as_guest
 
 PACKAGE = "preload_probe_pkg"  # a name nothing else imports
 
@@ -112,11 +111,9 @@ def test_a_module_imported_already_is_not_read_again(package: Path) -> None:
 # Every decoder and all it imports, after the sandbox guest's preparation, with the
 # file system's finders removed: a module it failed to import or read fails here by
 # name, instead of killing a sealed guest (seccomp) at its first image of that format.
-# In an interpreter started as the guest's is (-I -S: no site, whose imports would hide
-# a module the preparation forgot), on this interpreter's sys.path.
+# In an interpreter started as the guest's is (tests.harness.run_as_guest).
 _SEALED = """
-import codecs, sys
-sys.path[:0] = sys.argv[1:]
+import codecs
 from aiodd.guest import child
 child._import_python_decoders(None)
 sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", "") != "PathFinder"]
@@ -133,17 +130,8 @@ print("ok", len([m for m in sys.modules if m.endswith(".decode")]))
 """
 
 
-_PATHS = [p for p in sys.path if os.path.isabs(p)]
-
-
 def test_the_sandbox_guest_has_all_the_decoders_need_before_its_seal() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", _SEALED, *_PATHS],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
+    proc = run_as_guest(_SEALED)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["ok", "9"]
 
@@ -151,12 +139,7 @@ def test_the_sandbox_guest_has_all_the_decoders_need_before_its_seal() -> None:
 def test_without_the_preparation_the_sealed_import_fails() -> None:
     """The check above can fail: with no decoder read first, the first import does."""
     without = _SEALED.replace("child._import_python_decoders(None)", "")
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", without, *_PATHS],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = run_as_guest(without)
     assert proc.returncode != 0
     last = proc.stderr.splitlines()[-1]  # ModuleNotFoundError is an ImportError
     assert last.startswith(("ImportError: ", "ModuleNotFoundError: ")), proc.stderr

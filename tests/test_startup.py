@@ -14,7 +14,7 @@ import pytest
 from aiodd._command import isolation_named, needs_no_guest
 from aiodd.api import dd
 from aiodd.cli import _is_plain, main, parse_args
-from tests.harness import virtual_disk
+from tests.harness import run_as_guest, virtual_disk
 
 MiB = 1 << 20
 OUTPUTS = ("raw", "qcow2", "vmdk", "vpc", "vhdx")
@@ -291,18 +291,13 @@ _HEAVY = {"typing", "enum", "re", "collections", "functools", "contextlib", "thr
 
 
 def _imported_by(statements: str) -> set[str]:
-    """The modules ``statements`` import in an interpreter that imported nothing else
-    (-I -S, as the guest's is started), on this interpreter's sys.path."""
-    script = (
-        "import sys; sys.path[:0] = sys.argv[1:]; before = set(sys.modules);"
-        f"{statements};"
+    """The modules ``statements`` import in an interpreter that imported nothing else,
+    started as the guest's is."""
+    proc = run_as_guest(
+        f"before = set(sys.modules); {statements}; "
         "print(' '.join(sorted(set(sys.modules) - before)))"
     )
-    paths = [p for p in sys.path if os.path.isabs(p)]
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", script, *paths],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
     return set(proc.stdout.split())
 
 
