@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -91,16 +92,22 @@ class Bench:
 
     def run(self, cases: Sequence[Case]) -> list[Result]:
         """Run every case ``runs`` times, round-robin, so a burst of load elsewhere on
-        the machine is spread over the tools instead of landing on one of them."""
+        the machine is spread over the tools instead of landing on one of them.
+
+        Every other round runs the cases in the reverse order: a tool's place in the
+        rotation (first after another input, right after a heavier tool) is then not
+        the same in every round, and what that place costs is shared between tools
+        instead of falling on whichever comes first (docs/performance.md, "The order
+        of the runs")."""
         (self.config.workdir / "out").mkdir(exist_ok=True)
         target = {id(c): c.runs or self.config.runs for c in cases}
-        while True:
+        for round_ in itertools.count():
             todo = [
                 c for c in cases if c.result.error is None and len(c.result.samples) < target[id(c)]
             ]
             if not todo:
                 break
-            for case in todo:
+            for case in todo if round_ % 2 == 0 else todo[::-1]:
                 self._run_case(case)
                 first = case.result.samples[:1]
                 if case.runs is None and first and first[0].wall > self.config.slow:
