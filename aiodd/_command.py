@@ -41,6 +41,35 @@ def isolation_named(args: Sequence[str]) -> str:
     return named
 
 
+def input_format_named(args: Sequence[str]) -> str:
+    """The input format that ``args`` name with ``-f`` (``""`` when none), as far as can
+    be told before parsing them: what the guest started now prepares for."""
+    named = ""
+    options = _options(args)
+    i = 0
+    while i < len(options):
+        arg = options[i]
+        i += 1
+        if not arg.startswith("-") or arg.startswith("--"):
+            continue
+        # getopt's short options: flags run together, and one taking a value ends the
+        # run, the value being the rest of the word or the next one (-pf raw, -fraw).
+        for j, letter in enumerate(arg[1:], start=2):
+            if letter in _SHORT_WITH_VALUE:
+                if j < len(arg):
+                    value = arg[j:]
+                else:
+                    value = options[i] if i < len(options) else ""
+                    i += 1  # the next word is the value, not an option
+                if letter == "f":
+                    named = value
+                break
+    return named
+
+
+_SHORT_WITH_VALUE = "fOt"  # the short options that take a value (aiodd.cli)
+
+
 def _options(args: Sequence[str]) -> Sequence[str]:
     return args[: args.index("--")] if "--" in args else args
 
@@ -51,7 +80,7 @@ def run() -> NoReturn:
         from aiodd import _timing
         from aiodd.guest.spawn import prestart
 
-        prestart(isolation_named(args))
+        prestart(isolation_named(args), input_format_named(args))
         _timing.mark("guest spawned")
     from aiodd.cli import run as run_cli
 

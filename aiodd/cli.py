@@ -470,7 +470,7 @@ def _main(args: list[str], signals: _Signals) -> int:
 
                 # The guest's interpreter starts while this one sets up (the aiodd
                 # command started it already: aiodd._command).
-                if prestart(inv.isolation):
+                if prestart(inv.isolation, inv.input_format or ""):
                     _timing.mark("guest spawned")
             if _is_plain(inv):
                 completed = _run_plain(inv, signals)

@@ -128,6 +128,10 @@ def _run(guest: Guest, what: object, arg: object) -> str:
         from aiodd.guest import child
 
         return child.expected_mode()
+    if what == "expected_format":
+        from aiodd.guest import child
+
+        return child.expected_format()
     if what == "deep_nesting":  # a message nested past the host's recursion limit
         guest.link.sock.send(b'{"op": "resolve", "rid": ' + b"[" * 30000)
         return "ok"

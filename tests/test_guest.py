@@ -293,6 +293,27 @@ def test_the_guest_is_told_the_mode_to_expect(make_guest: object, isolation: str
     assert attempt(disk, "expected_mode") == isolation
 
 
+@pytest.mark.parametrize("fmt", ["raw", None])
+def test_the_guest_is_told_the_input_format_to_expect(
+    raw_image: tuple[Path, bytes], fmt: str | None
+) -> None:
+    """The format the host names for the input is what the guest reads before its
+    ``Init`` (aiodd.guest.child.prepare skips the decoders' imports for raw)."""
+    pol = Policy()
+    path = str(raw_image[0])
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        disk = open_guest(path, fd, fmt, pol, pol.top(path, fd),
+                          options=GuestOptions(entry=ENTRY, isolation="sandbox"))  # fmt: skip
+    finally:
+        os.close(fd)
+    try:
+        assert attempt(disk, "expected_format") == (fmt or "")
+        assert attempt(disk, "expected_mode") == "sandbox"
+    finally:
+        disk.close()
+
+
 def test_the_shipped_guest_answers_no_test_request(raw_image: tuple[Path, bytes]) -> None:
     pol = Policy()
     fd = os.open(raw_image[0], os.O_RDONLY | os.O_CLOEXEC)

@@ -88,3 +88,45 @@ def test_the_holes_reported_are_the_files_holes_and_the_end(tmp_path: object) ->
         assert bytes(view) == path.read_bytes()[2 * BLOCK :] + bytes(412)
     finally:
         file.close()
+
+
+class _PlainFile:
+    """A file that cannot report its holes (no ``readinto_sparse``), as a guest's
+    resolver or a test's in-memory file."""
+
+    name = "plain.raw"
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.size = len(data)
+        self.reads = 0
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self._data[offset : offset + length]
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        self.reads += 1
+        chunk = self._data[offset : offset + len(buf)]
+        buf[: len(chunk)] = chunk
+        return len(chunk)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_raw_disk_reads_a_file_without_holes_through_readinto() -> None:
+    """Without ``readinto_sparse`` every byte is read, and the one hole reported is the
+    tail past the file's end (what a hole-reporting file adds is tested above)."""
+    from aiodd.formats.raw.decode import RawDisk
+
+    data = bytes(range(256)) * 4 + b"\x07" * 100  # ends mid-sector
+    file = _PlainFile(data)
+    disk = RawDisk(file)
+    assert disk.virtual_size == 1536
+    view = memoryview(bytearray(b"\xaa" * 1536))
+    assert disk.read_into_holes(0, view) == [(1124, 412)]
+    assert bytes(view) == data + bytes(412)
+    view = memoryview(bytearray(b"\xaa" * 600))
+    disk.read_into(1000, view)
+    assert bytes(view) == data[1000:] + bytes(600 - 124)
+    assert file.reads == 2

@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from aiodd._command import isolation_named, needs_no_guest
+from aiodd._command import input_format_named, isolation_named, needs_no_guest
 from aiodd.api import dd
 from aiodd.cli import _is_plain, main, parse_args
 from tests.harness import run_as_guest, virtual_disk
@@ -358,3 +358,60 @@ def test_the_guest_prepares_for_the_python_decoders_it_will_most_likely_run(
 )
 def test_the_command_tells_its_guest_the_isolation_it_names(args: list[str], expected: str) -> None:
     assert isolation_named(args) == expected
+
+
+_FORMAT_NAMED = [
+    (["if=a", "of=b"], ""),
+    (["-f", "raw", "if=a", "of=b"], "raw"),
+    (["-fraw", "if=a", "of=b"], "raw"),
+    (["-pf", "raw", "if=a", "of=b"], "raw"),  # flags run together, then -f
+    (["-pUfraw", "if=a", "of=b"], "raw"),
+    (["if=a", "of=b", "-f", "qcow2"], "qcow2"),  # options after operands, as gnu_getopt
+    (["-f", "raw", "-f", "qcow2", "if=a", "of=b"], "qcow2"),  # the last one counts
+    (["-O", "-f", "if=a", "of=b"], ""),  # -f is -O's value here, not an option
+    (["-Of", "raw", "if=a", "of=b"], ""),  # the same, run together
+    (["-t", "unsafe", "-f", "raw", "if=a", "of=b"], "raw"),
+    (["--isolation", "sandbox", "-f", "raw", "if=a", "of=b"], "raw"),
+    (["if=a", "of=b", "--", "-f", "raw"], ""),  # operands, not options
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), _FORMAT_NAMED)
+def test_the_command_tells_its_guest_the_input_format_it_names(
+    args: list[str], expected: str
+) -> None:
+    assert input_format_named(args) == expected
+
+
+@pytest.mark.parametrize(("args", "expected"), [c for c in _FORMAT_NAMED if "--" not in c[0]])
+def test_the_guess_of_the_input_format_is_what_the_parser_reads(
+    args: list[str], expected: str
+) -> None:
+    """The guess reads short options as the CLI's parser does: where the parser takes
+    the command line, both name the same format (or none)."""
+    from aiodd.cli import parse_args
+    from aiodd.errors import UsageError
+
+    try:
+        parsed = parse_args(args).input_format or ""
+    except UsageError:  # -O's value "-f" is no format
+        return
+    assert input_format_named(args) == parsed == expected
+
+
+def test_a_guest_expecting_a_raw_input_prepares_nothing() -> None:
+    """The raw decoder imports none of what the other decoders share (typing,
+    threading, ...): a guest told the input is raw skips their import, in every mode."""
+    imported = _imported_by(
+        "from aiodd.guest import child, kvm;"
+        "sys.argv[1:] = ['3', 'aiodd.guest.child', 'sandbox', 'raw'];"
+        "kvm.availability = lambda *args: (False, '');"
+        "child.prepare()"
+    )
+    assert not imported & _HEAVY, sorted(imported & _HEAVY)
+    # And what it then imports to read the input needs none of it either.
+    imported = _imported_by(
+        "import aiodd.guest.child; from aiodd.formats import registry; registry.decoder('raw')"
+    )
+    assert "aiodd.formats.raw.decode" in imported
+    assert not imported & _HEAVY, sorted(imported & _HEAVY)

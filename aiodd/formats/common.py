@@ -12,22 +12,15 @@ from typing import Generic, TypeVar
 
 from aiodd.errors import ImageError
 from aiodd.formats.base import RandomAccessFile, VirtualDisk
-from aiodd.formats.zeros import zero_fill as zero_fill  # the decoders' room for it
-
-SECTOR = 512
-KiB = 1 << 10
-MiB = 1 << 20
+from aiodd.formats.units import SECTOR as SECTOR  # the decoders' room for the units
+from aiodd.formats.units import KiB as KiB
+from aiodd.formats.units import MiB as MiB
+from aiodd.formats.units import div_round_up as div_round_up
+from aiodd.formats.units import round_up as round_up
+from aiodd.formats.zeros import zero_fill as zero_fill  # and for zeroing
 
 _Key = TypeVar("_Key", bound=Hashable)
 _Table = TypeVar("_Table")
-
-
-def round_up(n: int, unit: int) -> int:
-    return -(-n // unit) * unit
-
-
-def div_round_up(n: int, unit: int) -> int:
-    return -(-n // unit)
 
 
 class LayoutError(ImageError):

@@ -486,7 +486,7 @@ def _import_python_decoders(fmt: str | None) -> None:
 
 
 def _import_what_decoders_share() -> None:
-    """What every Python decoder imports, the raw one too (through
+    """What every Python decoder but the raw one imports (through
     :mod:`aiodd.formats.common` and :mod:`aiodd.formats.base`), which the guest's own
     start does not: milliseconds of ``typing``, ``re`` and ``enum``."""
     import collections  # noqa: F401
@@ -504,16 +504,25 @@ def expected_mode() -> str:
     return sys.argv[3] if len(sys.argv) > 3 else "auto"
 
 
+def expected_format() -> str:
+    """The input format the user named (``-f``; ``""`` for none), as the host guessed it
+    before parsing its command line: the fourth argument, like :func:`expected_mode`."""
+    return sys.argv[4] if len(sys.argv) > 4 else ""
+
+
 def prepare() -> None:
     """While the host starts (its imports outlast the guest's): import what the Python
     decoders share, if this guest will most likely run them: asked for ``sandbox``, or
     for ``auto`` where KVM cannot run (the mode the host expects to ask for:
-    :func:`expected_mode`).
+    :func:`expected_mode`), on an input not named raw (the raw decoder needs none of it:
+    :func:`expected_format`).
 
     The host's ``Init`` decides; the guess only moves work that a guest decoding in
     Python does after ``Init`` before it, onto the core the host is not using.  A wrong
     guess costs the imports after ``Init``, or imports a VM does not need.
     """
+    if expected_format() == "raw":
+        return
     expected = expected_mode()
     if expected == "sandbox" or (expected == "auto" and not kvm.availability()[0]):
         _import_what_decoders_share()

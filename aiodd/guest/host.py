@@ -44,7 +44,8 @@ def open_guest(
 ) -> GuestDisk:
     """Start a guest reader on the opened image ``input_fd`` (the caller keeps it)."""
     options = options or GuestOptions()
-    channel = ProcessChannel(name, take(options.entry, options.isolation), options.open_timeout)
+    spawned = take(options.entry, options.isolation, fmt or "")
+    channel = ProcessChannel(name, spawned, options.open_timeout)
     disk = GuestDisk(name, channel, policy, top, options)
     try:
         disk.start(input_fd, fmt, memory)

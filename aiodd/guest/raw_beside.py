@@ -74,7 +74,7 @@ class RawBesideGuest:
             with self._lock:
                 if self._closed:
                     return
-                spawned = take(options.entry, isolation)
+                spawned = take(options.entry, isolation, "raw")
                 channel = ProcessChannel(self._name, spawned, options.open_timeout)
                 guest = self._guest = GuestDisk(self._name, channel, policy, top, options)
             # The guest reads nothing: no shared memory for it.

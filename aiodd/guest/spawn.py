@@ -27,12 +27,13 @@ CONTROL_FD = 3
 """The guest's end of the control socket, as the guest sees it."""
 
 # argv: the control socket, the entry module, the isolation mode the host expects to ask
-# for (aiodd.guest.child.expected_mode), then sys.path, one entry per argument.  First the
+# for and the input format the user named ("" for none: aiodd.guest.child.expected_mode,
+# expected_format), then sys.path, one entry per argument.  First the
 # guest drops every descriptor it did not get on purpose: posix_spawn, unlike subprocess,
 # leaves a caller's inheritable ones (a shell's 3<file) open.
 _BOOT = (
     "import os,sys;os.closerange(int(sys.argv[1])+1,1<<20);os.chdir('/');"
-    "sys.path[:]=sys.argv[4:];"
+    "sys.path[:]=sys.argv[5:];"
     "__import__(sys.argv[2],fromlist=('main',)).main(int(sys.argv[1]))"
 )
 
@@ -92,12 +93,13 @@ class GuestProcess:
 class Spawned:
     """A started guest process, possibly not yet given any work.
 
-    ``isolation`` is the mode the guest will most likely be asked for: it prepares for
-    it while it waits for its work (:func:`aiodd.guest.child.prepare`); the work it is
-    then given decides.
+    ``isolation`` is the mode the guest will most likely be asked for, and
+    ``input_format`` the format the user named for the input (``""``: none): it prepares
+    for them while it waits for its work (:func:`aiodd.guest.child.prepare`); the work
+    it is then given decides.
     """
 
-    def __init__(self, entry: str = ENTRY, isolation: str = "auto") -> None:
+    def __init__(self, entry: str = ENTRY, isolation: str = "auto", input_format: str = "") -> None:
         self.started = time.perf_counter()
         self.entry = entry
         parent, child = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
@@ -114,7 +116,8 @@ class Spawned:
         ]
         if not shown:
             actions.append((os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0))
-        argv = [sys.executable, "-I", "-S", "-c", _BOOT, str(CONTROL_FD), entry, isolation, *paths]
+        argv = [sys.executable, "-I", "-S", "-c", _BOOT, str(CONTROL_FD), entry, isolation,
+                input_format, *paths]  # fmt: skip
         try:
             pid = os.posix_spawn(
                 sys.executable,
@@ -143,9 +146,10 @@ _spare: Spawned | None = None
 _spare_lock = _thread.allocate_lock()
 
 
-def prestart(isolation: str = "auto") -> bool:
+def prestart(isolation: str = "auto", input_format: str = "") -> bool:
     """Start a guest now so that the next :func:`take` finds it ready; whether one was
-    started (``False``: one already waits).  ``isolation``: see :class:`Spawned`.
+    started (``False``: one already waits).  ``isolation``, ``input_format``: see
+    :class:`Spawned`.
 
     Meant for the ``aiodd`` command to call first thing (:mod:`aiodd._command`): the
     guest's interpreter start-up and imports then overlap with the host's own.
@@ -154,7 +158,7 @@ def prestart(isolation: str = "auto") -> bool:
     with _spare_lock:
         if _spare is not None:
             return False
-        _spare = Spawned(isolation=isolation)
+        _spare = Spawned(isolation=isolation, input_format=input_format)
         return True
 
 
@@ -172,9 +176,9 @@ def discard_prestarted() -> None:
         proc.proc.wait()
 
 
-def take(entry: str = ENTRY, isolation: str = "auto") -> Spawned:
+def take(entry: str = ENTRY, isolation: str = "auto", input_format: str = "") -> Spawned:
     """The prestarted guest if it runs ``entry`` and lives, else a new one (expecting
-    ``isolation``: see :class:`Spawned`)."""
+    ``isolation`` and ``input_format``: see :class:`Spawned`)."""
     global _spare
     with _spare_lock:
         proc = _spare
@@ -187,4 +191,4 @@ def take(entry: str = ENTRY, isolation: str = "auto") -> Spawned:
             return proc
         proc.sock.close()  # it died waiting: reap it
         proc.proc.wait()
-    return Spawned(entry, isolation)
+    return Spawned(entry, isolation, input_format)

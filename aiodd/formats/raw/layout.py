@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from aiodd.formats.common import SECTOR, round_up
-
 # Detection imports the probe's module alone (docs/performance.md, "Start-up").
 from aiodd.formats.raw.probe import probe as probe
+from aiodd.formats.units import SECTOR, round_up
 
 NAME = "raw"
 
