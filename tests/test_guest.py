@@ -47,15 +47,17 @@ def secret(tmp_path: Path) -> Path:
     return path
 
 
-def guest(path: Path, layers: tuple[str, ...] = sandbox.LAYERS, **kw: object) -> GuestDisk:
-    """A guest on ``path``; the Python decoders (``isolation="sandbox"``) unless ``kw``
-    says otherwise."""
+def guest(
+    path: Path, layers: tuple[str, ...] = sandbox.LAYERS, fmt: str | None = None, **kw: object
+) -> GuestDisk:
+    """A guest on ``path`` (opened as ``fmt``, or detected); the Python decoders
+    (``isolation="sandbox"``) unless ``kw`` says otherwise."""
     pol = Policy()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     kw.setdefault("isolation", "sandbox")
     try:
         top = pol.top(str(path), fd)
-        return open_guest(str(path), fd, None, pol, top,
+        return open_guest(str(path), fd, fmt, pol, top,
                           options=GuestOptions(layers=layers, entry=ENTRY, **kw))  # type: ignore[arg-type]  # fmt: skip
     finally:
         os.close(fd)
@@ -65,8 +67,10 @@ def guest(path: Path, layers: tuple[str, ...] = sandbox.LAYERS, **kw: object) ->
 def make_guest(raw_image: tuple[Path, bytes]) -> Iterator[object]:
     made: list[GuestDisk] = []
 
-    def make(layers: tuple[str, ...] = sandbox.LAYERS, **kw: object) -> GuestDisk:
-        disk = guest(raw_image[0], layers, **kw)
+    def make(
+        layers: tuple[str, ...] = sandbox.LAYERS, fmt: str | None = None, **kw: object
+    ) -> GuestDisk:
+        disk = guest(raw_image[0], layers, fmt, **kw)
         made.append(disk)
         return disk
 
@@ -294,24 +298,12 @@ def test_the_guest_is_told_the_mode_to_expect(make_guest: object, isolation: str
 
 
 @pytest.mark.parametrize("fmt", ["raw", None])
-def test_the_guest_is_told_the_input_format_to_expect(
-    raw_image: tuple[Path, bytes], fmt: str | None
-) -> None:
+def test_the_guest_is_told_the_input_format_to_expect(make_guest: object, fmt: str | None) -> None:
     """The format the host names for the input is what the guest reads before its
     ``Init`` (aiodd.guest.child.prepare skips the decoders' imports for raw)."""
-    pol = Policy()
-    path = str(raw_image[0])
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        disk = open_guest(path, fd, fmt, pol, pol.top(path, fd),
-                          options=GuestOptions(entry=ENTRY, isolation="sandbox"))  # fmt: skip
-    finally:
-        os.close(fd)
-    try:
-        assert attempt(disk, "expected_format") == (fmt or "")
-        assert attempt(disk, "expected_mode") == "sandbox"
-    finally:
-        disk.close()
+    disk = make_guest(fmt=fmt)  # type: ignore[operator]
+    assert attempt(disk, "expected_format") == (fmt or "")
+    assert attempt(disk, "expected_mode") == "sandbox"
 
 
 def test_the_shipped_guest_answers_no_test_request(raw_image: tuple[Path, bytes]) -> None:

@@ -389,7 +389,6 @@ def test_the_guess_of_the_input_format_is_what_the_parser_reads(
 ) -> None:
     """The guess reads short options as the CLI's parser does: where the parser takes
     the command line, both name the same format (or none)."""
-    from aiodd.cli import parse_args
     from aiodd.errors import UsageError
 
     assert input_format_named(args) == expected
