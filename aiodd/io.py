@@ -76,6 +76,9 @@ class LocalFile:
         self._owned = owned
         # lseek, not fstat: a block device's st_size is 0.
         self._size = os.lseek(fd, 0, os.SEEK_END)
+        # The last data and hole the kernel reported, as [start, end) (readinto_sparse).
+        self._data_seen = (0, 0)
+        self._hole_seen = (0, 0)
 
     @classmethod
     def open(cls, path: str, name: str | None = None) -> LocalFile:
@@ -132,20 +135,25 @@ class LocalFile:
         several times slower than zeroing our buffer; ``SEEK_DATA``/``SEEK_HOLE`` tell
         where the holes are.  Returns the bytes filled before the end of the file; each
         hole zeroed is appended to ``holes``, if given, as ``(start, length)`` in ``buf``.
+
+        The last data and hole the kernel reported are remembered, and a read inside
+        them asks nothing: ``SEEK_HOLE`` searches to the next hole, however far, and on
+        ext4 a file with unwritten extents in the page cache (a preallocated image, as
+        qemu-img makes parallels and ``preallocation=falloc`` images) costs it a walk
+        of those pages every time, about 3 ms a call on a GiB (docs/performance.md,
+        "Where the holes are").  An input does not change while it is read: its lock
+        keeps writers out.
         """
         end = min(offset + len(buf), self._size)
         pos = offset
         while pos < end:
             try:
-                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+                data = min(self._next_data(pos), end)
             except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
-                    data = end
-                elif exc.errno == errno.EINVAL:  # SEEK_DATA unsupported here: plain reads
-                    return pos - offset + self.readinto(pos, buf[pos - offset : end - offset])
-                else:
+                if exc.errno != errno.EINVAL:
                     raise
-            data = min(data, end)
+                # SEEK_DATA unsupported here: plain reads.
+                return pos - offset + self.readinto(pos, buf[pos - offset : end - offset])
             if data > pos:
                 zero_fill(buf[pos - offset : data - offset])
                 if holes is not None:
@@ -153,12 +161,39 @@ class LocalFile:
                 pos = data
                 if pos >= end:
                     break
-            hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
+            hole = min(self._next_hole(pos), end)
             n = self.readinto(pos, buf[pos - offset : hole - offset])
             pos += n
             if pos < hole:  # the file shrank under us
                 break
         return pos - offset
+
+    def _next_data(self, pos: int) -> int:
+        """Where the data at or after ``pos`` begins (the file's size if none does)."""
+        start, stop = self._data_seen  # one tuple: a thread reads it whole
+        if start <= pos < stop:
+            return pos
+        start, stop = self._hole_seen
+        if start < stop and start <= pos <= stop:  # in the hole, or where its data begins
+            return stop
+        try:
+            data = os.lseek(self._fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            data = self._size  # only a hole up to the end of the file
+        if data > pos:
+            self._hole_seen = (pos, data)
+        return data
+
+    def _next_hole(self, pos: int) -> int:
+        """Where the data at ``pos`` ends."""
+        start, stop = self._data_seen
+        if start <= pos < stop:
+            return stop
+        hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
+        self._data_seen = (pos, hole)
+        return hole
 
     def close(self) -> None:
         if self._owned and self._fd >= 0:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,11 +20,15 @@ BLOCK = 4096  # ext4 and tmpfs make holes in whole blocks
 @given(
     layout=st.lists(st.tuples(st.booleans(), st.integers(1, 40)), min_size=1, max_size=8),
     tail=st.integers(0, BLOCK - 1),
-    window=st.tuples(st.integers(0, 400 * BLOCK), st.integers(0, 200 * BLOCK)),
+    windows=st.lists(
+        st.tuples(st.integers(0, 400 * BLOCK), st.integers(0, 200 * BLOCK)), min_size=1, max_size=6
+    ),
 )
 def test_sparse_read_matches_plain_read(
-    layout: list[tuple[bool, int]], tail: int, window: tuple[int, int]
+    layout: list[tuple[bool, int]], tail: int, windows: list[tuple[int, int]]
 ) -> None:
+    """Several reads of one file, in any order: what one read learns of the holes is
+    remembered, and must not mislead the next."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "sparse.raw")
         expected = bytearray()
@@ -39,17 +45,52 @@ def test_sparse_read_matches_plain_read(
             f.seek(len(expected) - tail)
             f.write(expected[len(expected) - tail :])
             f.truncate(len(expected))
-        offset, length = window
         file = LocalFile.open(path)
         try:
-            got = bytearray(b"\xaa" * length)
-            n = file.readinto_sparse(offset, memoryview(got))
-            want = bytes(expected[offset : offset + length])
-            assert n == len(want)
-            assert got[:n] == want
-            assert got[n:] == b"\xaa" * (length - n)  # past the end: untouched
+            for offset, length in windows:
+                got = bytearray(b"\xaa" * length)
+                n = file.readinto_sparse(offset, memoryview(got))
+                want = bytes(expected[offset : offset + length])
+                assert n == len(want)
+                assert got[:n] == want
+                assert got[n:] == b"\xaa" * (length - n)  # past the end: untouched
         finally:
             file.close()
+
+
+def test_sparse_reads_ask_the_kernel_once_per_hole_and_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a file in pieces asks ``SEEK_DATA``/``SEEK_HOLE`` once for each hole
+    and each data span, not at every piece: ``SEEK_HOLE`` searches to the next hole,
+    which on a preallocated file in the page cache costs a walk of its pages."""
+    path = tmp_path / "pieces.raw"
+    data = os.urandom(16 * BLOCK)
+    with path.open("wb") as f:
+        f.seek(8 * BLOCK)  # a hole of 8 blocks, 16 of data, a hole of 8 to the end
+        f.write(data)
+        f.truncate(32 * BLOCK)
+    asked: list[int] = []
+    real_lseek = os.lseek
+
+    def lseek(fd: int, pos: int, how: int) -> int:
+        if how in (os.SEEK_DATA, os.SEEK_HOLE):
+            asked.append(how)
+        return real_lseek(fd, pos, how)
+
+    file = LocalFile.open(str(path))
+    try:
+        monkeypatch.setattr(os, "lseek", lseek)
+        got = bytearray()
+        for offset in range(0, 32 * BLOCK, BLOCK // 2):
+            piece = bytearray(b"\xaa" * (BLOCK // 2))
+            assert file.readinto_sparse(offset, memoryview(piece)) == len(piece)
+            got += piece
+    finally:
+        file.close()
+    assert got == bytes(8 * BLOCK) + data + bytes(8 * BLOCK)
+    # The first hole, the data, the last hole (a SEEK_DATA from inside it).
+    assert asked == [os.SEEK_DATA, os.SEEK_HOLE, os.SEEK_DATA]
 
 
 def test_zero_fill_large_and_small() -> None:
