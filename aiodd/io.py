@@ -67,6 +67,11 @@ def filesystem_magic(fd: int) -> int | None:
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
+# A hole shorter than this, followed by data in the same read, is read rather than
+# zeroed in memory (docs/performance.md, "Where the holes are").
+SMALL_HOLE = 16 * 1024
+
+
 class LocalFile:
     """A read-only descriptor read with ``pread``; safe to share between threads."""
 
@@ -135,6 +140,9 @@ class LocalFile:
         several times slower than zeroing our buffer; ``SEEK_DATA``/``SEEK_HOLE`` tell
         where the holes are.  Returns the bytes filled before the end of the file; each
         hole zeroed is appended to ``holes``, if given, as ``(start, length)`` in ``buf``.
+        A hole of less than :data:`SMALL_HOLE` after data is the exception: two lookups
+        and a read per hole of a block or two cost more than the kernel's zeroing, so
+        from there on the read is a plain one (its holes are not reported).
 
         The last data and hole the kernel reported are remembered, and a read inside
         them asks nothing: ``SEEK_HOLE`` searches to the next hole, however far, and on
@@ -148,12 +156,17 @@ class LocalFile:
         pos = offset
         while pos < end:
             try:
-                data = min(self._next_data(pos), end)
+                data = self._next_data(pos)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 # SEEK_DATA unsupported here: plain reads.
                 return pos - offset + self.readinto(pos, buf[pos - offset : end - offset])
+            if offset < pos < data < min(end, pos + SMALL_HOLE):
+                # Only a hole that begins where this read's data ended is known to be
+                # small: one the read starts in may have begun long before.
+                return pos - offset + self.readinto(pos, buf[pos - offset : end - offset])
+            data = min(data, end)
             if data > pos:
                 zero_fill(buf[pos - offset : data - offset])
                 if holes is not None:

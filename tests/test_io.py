@@ -93,6 +93,41 @@ def test_sparse_reads_ask_the_kernel_once_per_hole_and_data(
     assert asked == [os.SEEK_DATA, os.SEEK_HOLE, os.SEEK_DATA]
 
 
+def test_small_holes_after_data_are_read_not_looked_up(tmp_path: Path) -> None:
+    """From the first hole of less than ``SMALL_HOLE`` after data, the read is a plain
+    one: none of its holes is reported, and the bytes are the same.  A small hole the
+    read starts in is zeroed and reported as before (it may have begun long before)."""
+    from aiodd.io import SMALL_HOLE
+
+    path = tmp_path / "small.raw"
+    small = SMALL_HOLE - BLOCK
+    pieces = [os.urandom(BLOCK), bytes(small), os.urandom(BLOCK), bytes(SMALL_HOLE * 4)]
+    pieces.append(os.urandom(BLOCK))
+    with path.open("wb") as f:
+        pos = 0
+        for piece in pieces:
+            if any(piece):
+                f.seek(pos)
+                f.write(piece)
+            pos += len(piece)
+    expected = b"".join(pieces)
+    file = LocalFile.open(str(path))
+    try:
+        holes: list[tuple[int, int]] = []
+        buf = bytearray(b"\xaa" * len(expected))
+        assert file.readinto_sparse(0, memoryview(buf), holes) == len(expected)
+        assert bytes(buf) == expected
+        assert holes == []  # the large hole after the small one was read too
+        holes = []
+        buf = bytearray(b"\xaa" * (len(expected) - 2 * BLOCK))
+        assert file.readinto_sparse(2 * BLOCK, memoryview(buf), holes) == len(buf)
+        assert bytes(buf) == expected[2 * BLOCK :]
+        # The hole the read starts in (its last block or two), and the large hole.
+        assert holes == [(0, small - BLOCK), (small, SMALL_HOLE * 4)]
+    finally:
+        file.close()
+
+
 def test_zero_fill_large_and_small() -> None:
     buf = bytearray(b"\x01" * (3 * 1024 * 1024 + 5))
     zero_fill(memoryview(buf)[7:])
