@@ -155,58 +155,53 @@ class LocalFile:
         end = min(offset + len(buf), self._size)
         pos = offset
         while pos < end:
-            try:
-                data = self._next_data(pos)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                # SEEK_DATA unsupported here: plain reads.
-                return pos - offset + self.readinto(pos, buf[pos - offset : end - offset])
-            if offset < pos < data < min(end, pos + SMALL_HOLE):
-                # Only a hole that begins where this read's data ended is known to be
-                # small: one the read starts in may have begun long before.
-                return pos - offset + self.readinto(pos, buf[pos - offset : end - offset])
-            data = min(data, end)
+            # Where the data at or after pos begins: known, or asked.
+            start, stop = self._data_seen  # one tuple: a thread reads it whole
+            if start <= pos < stop:
+                data = pos
+            else:
+                start, stop = self._hole_seen
+                if start < stop and start <= pos <= stop:  # in it, or where its data begins
+                    data = stop
+                else:
+                    try:
+                        data = os.lseek(self._fd, pos, os.SEEK_DATA)
+                    except OSError as exc:
+                        if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
+                            data = self._size
+                        elif exc.errno == errno.EINVAL:  # SEEK_DATA unsupported: plain reads
+                            return (
+                                pos - offset + self.readinto(pos, buf[pos - offset : end - offset])
+                            )
+                        else:
+                            raise
+                    if data > pos:
+                        self._hole_seen = (pos, data)
             if data > pos:
+                if offset < pos and data < min(end, pos + SMALL_HOLE):
+                    # Only a hole that begins where this read's data ended is known to
+                    # be small: one the read starts in may have begun long before.
+                    return pos - offset + self.readinto(pos, buf[pos - offset : end - offset])
+                data = min(data, end)
                 zero_fill(buf[pos - offset : data - offset])
                 if holes is not None:
                     holes.append((pos - offset, data - pos))
                 pos = data
                 if pos >= end:
                     break
-            hole = min(self._next_hole(pos), end)
+            # Where the data at pos ends.
+            start, stop = self._data_seen
+            if start <= pos < stop:
+                hole = stop
+            else:
+                hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
+                self._data_seen = (pos, hole)
+            hole = min(hole, end)
             n = self.readinto(pos, buf[pos - offset : hole - offset])
             pos += n
             if pos < hole:  # the file shrank under us
                 break
         return pos - offset
-
-    def _next_data(self, pos: int) -> int:
-        """Where the data at or after ``pos`` begins (the file's size if none does)."""
-        start, stop = self._data_seen  # one tuple: a thread reads it whole
-        if start <= pos < stop:
-            return pos
-        start, stop = self._hole_seen
-        if start < stop and start <= pos <= stop:  # in the hole, or where its data begins
-            return stop
-        try:
-            data = os.lseek(self._fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                raise
-            data = self._size  # only a hole up to the end of the file
-        if data > pos:
-            self._hole_seen = (pos, data)
-        return data
-
-    def _next_hole(self, pos: int) -> int:
-        """Where the data at ``pos`` ends."""
-        start, stop = self._data_seen
-        if start <= pos < stop:
-            return stop
-        hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
-        self._data_seen = (pos, hole)
-        return hole
 
     def close(self) -> None:
         if self._owned and self._fd >= 0:
