@@ -138,7 +138,6 @@ def run(b: Bench) -> Section:
 
 def _formats(b: Bench, ms: tuple[str, ...]) -> tuple[list[Result], list[Floor]]:
     size = b.sizes.main
-    raw = b.data.mixed_raw(size)
     random = b.data.random_raw(size)
     cases: list[Case] = []
     rows: list[str] = []  # one label per format row, for its floors
@@ -151,7 +150,7 @@ def _formats(b: Bench, ms: tuple[str, ...]) -> tuple[list[Result], list[Floor]]:
                 _r(f"aiodd ({mode})", f"{label}, -t unsafe", size),
                 (b.aiodd(src, out, bs="1M", isolation=mode, fmt_in=kind.fmt, cache="unsafe"),),
                 (out,),
-                check=b.same_bytes(raw, out, size),
+                check=b.same_bytes(b.data.source(kind, size), out, size),
             )
             for mode in ms
         ]

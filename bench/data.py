@@ -28,6 +28,7 @@ class ImageKind:
     label: str  # for the tables
     options: tuple[str, ...]  # extra qemu-img convert arguments
     compressed: bool
+    source: str = "mixed"  # the raw it is made from: Data.source()
 
 
 IMAGE_KINDS = (
@@ -49,6 +50,8 @@ IMAGE_KINDS = (
     # convert -c -O qcow ends with an error after writing the image.
     ImageKind("qcow", "qcow", "qcow (version 1)", (), False),
     ImageKind("qed", "qed", "qed", (), False),
+    # What qemu-img convert -O raw makes of a used disk: a hole for every 4 KiB of zeros.
+    ImageKind("raw-holes", "raw", "raw with 4 KiB holes", (), False, source="holed"),
 )
 
 
@@ -106,11 +109,35 @@ class Data:
         self._made[path] = f"mixed compressible, {human(size)}"
         return path
 
+    def holed_raw(self, size: int) -> Path:
+        """``mixed_raw(size)`` with a quarter of its 4 KiB blocks zeroed at random (fixed
+        seed), written dense: ``qemu-img convert -O raw`` of it has a hole for each."""
+        path = self._dir / f"holed-{size}.raw"
+        if path in self._made:
+            return path
+        mixed = self.mixed_raw(size)
+        self._log(f"making {path.name} ({human(size)}, a quarter of its 4 KiB blocks zero)")
+        rng = random.Random(20261201)
+        block = 4096
+        with mixed.open("rb") as src, path.open("wb") as f:
+            while piece := bytearray(src.read(CHUNK)):
+                for start in range(0, len(piece), block):
+                    if rng.random() < 0.25:
+                        end = min(start + block, len(piece))
+                        piece[start:end] = bytes(end - start)
+                f.write(piece)
+        self._made[path] = f"{mixed.name}, a quarter of its 4 KiB blocks zero"
+        return path
+
+    def source(self, kind: ImageKind, size: int) -> Path:
+        """The raw file ``kind`` is made from, which a copy of it back to raw must equal."""
+        return self.holed_raw(size) if kind.source == "holed" else self.mixed_raw(size)
+
     def image(self, kind: ImageKind, size: int) -> Path:
-        """``mixed_raw(size)`` converted by ``qemu-img convert`` to ``kind``."""
+        """``source(kind, size)`` converted by ``qemu-img convert`` to ``kind``."""
         path = self._dir / f"{kind.key}-{size}.{kind.fmt}"
         if path not in self._made:
-            raw = self.mixed_raw(size)
+            raw = self.source(kind, size)
             self._log(f"making {path.name} (qemu-img convert {' '.join(kind.options)})")
             argv = ["qemu-img", "convert", "-f", "raw", "-O", kind.fmt, *kind.options]
             subprocess.run([*argv, str(raw), str(path)], check=True)
