@@ -93,6 +93,38 @@ def test_sparse_reads_ask_the_kernel_once_per_hole_and_data(
     assert asked == [os.SEEK_DATA, os.SEEK_HOLE, os.SEEK_DATA]
 
 
+def test_a_file_system_without_seek_data_is_read_plainly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ``SEEK_DATA`` is refused (``EINVAL``), the read is a plain one: the same
+    bytes, its holes read as the kernel's zeros and none reported."""
+    import errno
+
+    path = tmp_path / "plain.raw"
+    data = os.urandom(BLOCK)
+    with path.open("wb") as f:
+        f.seek(4 * BLOCK)
+        f.write(data)
+    real_lseek = os.lseek
+
+    def lseek(fd: int, pos: int, how: int) -> int:
+        if how in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "not here")
+        return real_lseek(fd, pos, how)
+
+    file = LocalFile.open(str(path))
+    try:
+        monkeypatch.setattr(os, "lseek", lseek)
+        holes: list[tuple[int, int]] = []
+        buf = bytearray(b"\xaa" * 6 * BLOCK)
+        assert file.readinto_sparse(0, memoryview(buf), holes) == 5 * BLOCK
+    finally:
+        file.close()
+    assert bytes(buf[: 5 * BLOCK]) == bytes(4 * BLOCK) + data
+    assert bytes(buf[5 * BLOCK :]) == b"\xaa" * BLOCK  # past the end: untouched
+    assert holes == []
+
+
 def test_small_holes_after_data_are_read_not_looked_up(tmp_path: Path) -> None:
     """From the first hole of less than ``SMALL_HOLE`` after data, the read is a plain
     one: none of its holes is reported, and the bytes are the same.  A small hole the
