@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiodd.formats.common import zero_fill
-from aiodd.io import LocalFile
+from aiodd.io import SMALL_HOLE, LocalFile
 
 BLOCK = 4096  # ext4 and tmpfs make holes in whole blocks
 
@@ -98,8 +99,6 @@ def test_a_file_system_without_seek_data_is_read_plainly(
 ) -> None:
     """Where ``SEEK_DATA`` is refused (``EINVAL``), the read is a plain one: the same
     bytes, its holes read as the kernel's zeros and none reported."""
-    import errno
-
     path = tmp_path / "plain.raw"
     data = os.urandom(BLOCK)
     with path.open("wb") as f:
@@ -129,8 +128,6 @@ def test_small_holes_after_data_are_read_not_looked_up(tmp_path: Path) -> None:
     """From the first hole of less than ``SMALL_HOLE`` after data, the read is a plain
     one: none of its holes is reported, and the bytes are the same.  A small hole the
     read starts in is zeroed and reported as before (it may have begun long before)."""
-    from aiodd.io import SMALL_HOLE
-
     path = tmp_path / "small.raw"
     small = SMALL_HOLE - BLOCK
     pieces = [os.urandom(BLOCK), bytes(small), os.urandom(BLOCK), bytes(SMALL_HOLE * 4)]
@@ -167,13 +164,11 @@ def test_zero_fill_large_and_small() -> None:
     zero_fill(memoryview(buf)[:0])
 
 
-def test_the_holes_reported_are_the_files_holes_and_the_end(tmp_path: object) -> None:
+def test_the_holes_reported_are_the_files_holes_and_the_end(tmp_path: Path) -> None:
     """``--sparse`` trusts these ranges to be zeros without looking (docs/usage.md)."""
-    from pathlib import Path
-
     from aiodd.formats.raw.decode import RawDisk
 
-    path = Path(str(tmp_path)) / "holes.raw"
+    path = tmp_path / "holes.raw"
     with path.open("wb") as f:
         f.seek(3 * BLOCK)
         f.write(b"\x01" * BLOCK)
