@@ -227,10 +227,12 @@ _DECODING = ("zlib", "zstandard", "aiodd.formats.raw.decode", "aiodd.formats.qco
 def test_the_sandbox_guest_runs_the_decoders_it_uses(image: Path) -> None:
     """The sandbox guest reads every decoder before its seal and runs one when first
     used (aiodd/guest/preload.py): a raw image's, not vhdx's or qcow2's; what the
-    decoders import from elsewhere is imported at the start."""
-    mode, modules = _guest_modules(image, "sandbox", [*_DECODING, ".decode", ".layout"])
+    decoders import from elsewhere is imported at the start.  It makes no VM, and does
+    not import the VM's monitor either (aiodd.guest.kvm.layout is among the layouts)."""
+    mode, modules = _guest_modules(
+        image, "sandbox", [*_DECODING, ".decode", ".layout", ".reader", "aiodd.guest.kvm.vmm"]
+    )
     assert mode == "sandbox"
-    modules.discard("aiodd.guest.kvm.layout")  # the VM's, which sandbox makes none of
     assert modules == {"zlib", "zstandard", "aiodd.formats.raw.decode", "aiodd.formats.raw.layout"}
 
 
@@ -315,7 +317,8 @@ def test_the_kvm_guest_starts_without_anything_heavy() -> None:
     # The guest's entry (with the sandbox and the VM's monitor), and the probes that
     # detect a format.
     imported = _imported_by(
-        "import aiodd.guest.child; from aiodd.formats import registry; registry.import_probes()"
+        "import aiodd.guest.child, aiodd.guest.kvm.reader;"
+        "from aiodd.formats import registry; registry.import_probes()"
     )
     assert {"aiodd.guest.kvm.vmm", "aiodd.formats.qcow2.probe", "_json", "ctypes"} <= imported
     heavy = _HEAVY | {"json", "queue"}
@@ -331,7 +334,9 @@ def test_the_guest_prepares_for_the_python_decoders_it_will_most_likely_run(
 ) -> None:
     """While it waits for the host, a guest that will most likely decode in Python
     (asked for sandbox, or auto where KVM cannot run) imports what the decoders import;
-    one that will most likely run the VM does not."""
+    one that will most likely run the VM imports the VM's monitor instead.  The guest's
+    entry imports neither: a guess that turns out wrong costs only the imports after
+    the host's Init, never both."""
     imported = _imported_by(
         "from aiodd.guest import child, kvm;"
         f"sys.argv[1:] = ['3', 'aiodd.guest.child', {expected!r}];"
@@ -339,10 +344,15 @@ def test_the_guest_prepares_for_the_python_decoders_it_will_most_likely_run(
         "child.prepare()"
     )
     decoders_need = {"typing", "threading", "collections", "contextlib", "functools"}
+    monitor = {"aiodd.guest.kvm.reader", "aiodd.guest.kvm.vmm"}
     if prepares:
         assert decoders_need <= imported
+        assert not imported & monitor
     else:
         assert not imported & decoders_need
+        assert monitor <= imported
+    entry = _imported_by("from aiodd.guest import child")
+    assert not entry & (decoders_need | monitor), sorted(entry & (decoders_need | monitor))
 
 
 @pytest.mark.parametrize(
@@ -410,6 +420,7 @@ def test_a_guest_expecting_a_raw_input_prepares_nothing() -> None:
         "child.prepare()"
     )
     assert not imported & _HEAVY, sorted(imported & _HEAVY)
+    assert "aiodd.guest.kvm.reader" not in imported  # no VM in sandbox mode
     # And what it then imports to read the input needs none of it either.
     imported = _imported_by(
         "import aiodd.guest.child; from aiodd.formats import registry; registry.decoder('raw')"

@@ -36,8 +36,6 @@ import time
 from aiodd import _timing
 from aiodd.errors import ImageError, IsolationError
 from aiodd.guest import kvm, protocol, sandbox, seccomp
-from aiodd.guest.kvm.reader import KvmReader
-from aiodd.guest.kvm.vmm import ThreadWatchdog
 from aiodd.guest.protocol import (
     Call,
     Close,
@@ -62,6 +60,7 @@ if TYPE_CHECKING:
     from typing import Any, TypeAlias
 
     from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
+    from aiodd.guest.kvm.reader import KvmReader
 
 WORKERS = 2
 VMS = 2  # two reads decode at once, one per core; the host may queue more
@@ -219,6 +218,11 @@ class Guest:
         device = self.init.kvm_device
         available, why = kvm.availability(device)
         if available:
+            # Here, not at the module's import: a guest that decodes in Python does not
+            # need the VM's monitor, 3 ms of its start (prepare() imports it earlier
+            # where the VM will most likely run).
+            from aiodd.guest.kvm.reader import KvmReader
+
             try:
                 self.reader = KvmReader(self.init.name, self.mems, vms=VMS)
             except (IsolationError, OSError) as exc:
@@ -255,6 +259,8 @@ class Guest:
         return started
 
     def _vm_thread(self, reader: KvmReader, ready: Flag, index: int) -> None:
+        from aiodd.guest.kvm.vmm import ThreadWatchdog  # imported with the reader
+
         try:
             watchdog = ThreadWatchdog()
         except OSError:
@@ -511,20 +517,22 @@ def expected_format() -> str:
 
 
 def prepare() -> None:
-    """While the host starts (its imports outlast the guest's): import what the Python
-    decoders share, if this guest will most likely run them: asked for ``sandbox``, or
-    for ``auto`` where KVM cannot run (the mode the host expects to ask for:
-    :func:`expected_mode`), on an input not named raw (the raw decoder needs none of it:
-    :func:`expected_format`).
+    """While the host starts (its imports outlast the guest's): import what this guest
+    will most likely run (the mode the host expects to ask for: :func:`expected_mode`).
+    Where the VM will run (asked for ``kvm``, or for ``auto`` where KVM can run), its
+    monitor, :mod:`aiodd.guest.kvm.reader`.  Otherwise what the Python decoders share,
+    on an input not named raw (the raw decoder needs none of it: :func:`expected_format`).
 
-    The host's ``Init`` decides; the guess only moves work that a guest decoding in
-    Python does after ``Init`` before it, onto the core the host is not using.  A wrong
-    guess costs the imports after ``Init``, or imports a VM does not need.
+    The host's ``Init`` decides; the guess only moves work that the guest does after
+    ``Init`` before it, onto the core the host is not using.  A wrong guess costs the
+    imports after ``Init``, or imports what the guest does not need.
     """
-    if expected_format() == "raw":
-        return
     expected = expected_mode()
-    if expected == "sandbox" or (expected == "auto" and not kvm.availability()[0]):
+    if expected == "kvm" or (expected == "auto" and kvm.availability()[0]):
+        from aiodd.guest.kvm import reader  # noqa: F401  # start_vm() makes the VMs with it
+
+        return
+    if expected_format() != "raw":
         _import_what_decoders_share()
 
 
