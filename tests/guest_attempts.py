@@ -17,12 +17,14 @@ import resource
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from aiodd.guest import sandbox
 from aiodd.guest.protocol import Call
 
-if TYPE_CHECKING:  # the guest imports this module too: it needs neither
+# The guest imports this module too: not typing (tests/test_startup.py asks the guest
+# what it imported), nor the modules below.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     from aiodd.formats.base import VirtualDisk
     from aiodd.guest.child import Guest
     from aiodd.guest.disk import GuestDisk

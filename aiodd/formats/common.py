@@ -8,16 +8,19 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from typing import Generic, TypeVar
 
 from aiodd.errors import ImageError
-from aiodd.formats.base import RandomAccessFile, VirtualDisk
+from aiodd.formats.typing_names import Generic, TypeVar
 from aiodd.formats.units import SECTOR as SECTOR  # the decoders' room for the units
 from aiodd.formats.units import KiB as KiB
 from aiodd.formats.units import MiB as MiB
 from aiodd.formats.units import div_round_up as div_round_up
 from aiodd.formats.units import round_up as round_up
 from aiodd.formats.zeros import zero_fill as zero_fill  # and for zeroing
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from aiodd.formats.base import RandomAccessFile, VirtualDisk
 
 _Key = TypeVar("_Key", bound=Hashable)
 _Table = TypeVar("_Table")

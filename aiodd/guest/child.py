@@ -478,8 +478,6 @@ def _import_python_decoders(fmt: str | None) -> None:
     import heapq  # noqa: F401
     import zlib  # noqa: F401
 
-    import zstandard  # noqa: F401  # the qcow2 decoder's zstd clusters
-
     import aiodd.formats
     from aiodd.guest.preload import Preloaded
 
@@ -489,17 +487,42 @@ def _import_python_decoders(fmt: str | None) -> None:
     preloaded.add_package(aiodd.formats, skip=("encode",))
     preloaded.add_modules(encodings, CODEC_MODULES)
     preloaded.install()
+    _import_zstandard()
+
+
+def _import_zstandard() -> None:
+    """The qcow2 decoder's zstd clusters: ``zstandard``'s C module, loaded as the package
+    itself.  The package's ``__init__`` would import ``platform`` and ``typing`` (with
+    ``re`` and ``enum``) to choose that very module on CPython, milliseconds of the
+    guest's start-up; the decoder uses only what the C module defines
+    (``ZstdDecompressor``, ``ZstdError``).  Where the package is laid out otherwise, it
+    is imported as it is."""
+    from importlib.machinery import PathFinder
+    from importlib.util import module_from_spec
+
+    package = PathFinder.find_spec("zstandard")
+    backend = None
+    if package is not None and package.submodule_search_locations:
+        backend = PathFinder.find_spec(
+            "zstandard.backend_c", list(package.submodule_search_locations)
+        )
+    if backend is None or backend.loader is None:
+        import zstandard  # noqa: F401
+
+        return
+    module = module_from_spec(backend)
+    backend.loader.exec_module(module)
+    sys.modules["zstandard"] = module
 
 
 def _import_what_decoders_share() -> None:
     """What every Python decoder but the raw one imports (through
-    :mod:`aiodd.formats.common` and :mod:`aiodd.formats.base`), which the guest's own
-    start does not: milliseconds of ``typing``, ``re`` and ``enum``."""
+    :mod:`aiodd.formats.common`), which the guest's own start does not.  Not ``typing``
+    (:mod:`aiodd.formats.typing_names`), nor with it ``re`` and ``enum``."""
     import collections  # noqa: F401
     import contextlib  # noqa: F401
     import functools  # noqa: F401
     import threading  # noqa: F401
-    import typing  # noqa: F401
 
 
 def expected_mode() -> str:

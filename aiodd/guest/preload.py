@@ -23,11 +23,15 @@ from collections.abc import Iterable
 from importlib.machinery import ModuleSpec
 from importlib.util import MAGIC_NUMBER, cache_from_source
 from types import CodeType, ModuleType
-from typing import TYPE_CHECKING, cast
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    # Not imported at run time: importlib.abc imports importlib.resources and pathlib.
-    from importlib.abc import Loader
+    # A loader to mypy; not imported at run time, where the import system asks for the
+    # methods alone: importlib.abc imports importlib.resources and pathlib, and typing
+    # (for a cast) re and enum.
+    from importlib.abc import Loader as _Loader
+else:
+    _Loader = object
 
 _HEADER = 16  # PEP 552: magic, flags, then the source's mtime and size (or a hash)
 
@@ -80,7 +84,7 @@ def _current(cached: bytes, stat: os.stat_result) -> bool:
     return mtime == int(stat.st_mtime) & 0xFFFFFFFF and size == stat.st_size & 0xFFFFFFFF
 
 
-class Preloaded:
+class Preloaded(_Loader):
     """The finder and loader of the modules read before the seal."""
 
     def __init__(self) -> None:
@@ -126,7 +130,7 @@ class Preloaded:
         module = self.modules.get(name)
         if module is None:
             return None
-        spec = ModuleSpec(name, cast("Loader", self), origin=module.path, is_package=module.package)
+        spec = ModuleSpec(name, self, origin=module.path, is_package=module.package)
         spec.has_location = True  # sets __file__, as the file system's finder does
         if module.package:
             spec.submodule_search_locations = [os.path.dirname(module.path)]

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from array import array
 
-from aiodd.formats.base import RandomAccessFile, Resolver, VirtualDisk
 from aiodd.formats.common import naming, zero_fill
 from aiodd.formats.parallels import layout as L
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from aiodd.formats.base import RandomAccessFile, Resolver, VirtualDisk
 
 NAME = L.NAME
 probe = L.probe

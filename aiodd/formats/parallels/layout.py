@@ -18,7 +18,6 @@ from __future__ import annotations
 import struct
 from array import array
 from sys import byteorder
-from typing import NamedTuple
 
 from aiodd.formats.common import SECTOR, LayoutError
 
@@ -29,6 +28,7 @@ from aiodd.formats.parallels.probe import MAGIC_EXT as MAGIC_EXT
 from aiodd.formats.parallels.probe import MAGICS as MAGICS
 from aiodd.formats.parallels.probe import VERSION as VERSION
 from aiodd.formats.parallels.probe import probe as probe
+from aiodd.formats.typing_names import NamedTuple
 
 NAME = "parallels"
 INUSE_MAGIC = 0x746F6E59

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from array import array
 
-from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
 from aiodd.formats.common import SECTOR, MappedDisk, Runs, TableCache
 from aiodd.formats.qcow import layout
 from aiodd.formats.qcow.layout import OFLAG_COMPRESSED, Header
 from aiodd.formats.qcow2.layout import be64_table
+from aiodd.formats.reference import Reference
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from aiodd.formats.base import RandomAccessFile, Resolver, VirtualDisk
 
 NAME = layout.NAME
 probe = layout.probe

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import NamedTuple
 
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR
@@ -21,6 +20,7 @@ from aiodd.formats.qcow.probe import HEADER_SIZE as HEADER_SIZE
 from aiodd.formats.qcow.probe import MAGIC as MAGIC
 from aiodd.formats.qcow.probe import VERSION as VERSION
 from aiodd.formats.qcow.probe import probe as probe
+from aiodd.formats.typing_names import NamedTuple
 
 NAME = "qcow"
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 16

@@ -14,7 +14,6 @@ from array import array
 
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats import INPUT_FORMATS
-from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
 from aiodd.formats.common import MappedDisk, TableCache, read_parent, zero_fill
 from aiodd.formats.qcow2 import layout
 from aiodd.formats.qcow2.layout import (
@@ -26,6 +25,11 @@ from aiodd.formats.qcow2.layout import (
     OFLAG_ZERO,
     Header,
 )
+from aiodd.formats.reference import Reference
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from aiodd.formats.base import RandomAccessFile, Resolver, VirtualDisk
 
 NAME = layout.NAME
 probe = layout.probe

@@ -14,7 +14,6 @@ import struct
 import sys
 import zlib
 from array import array
-from typing import NamedTuple
 
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR
@@ -22,6 +21,7 @@ from aiodd.formats.common import SECTOR
 # Detection imports the probe's module alone (docs/performance.md, "Start-up").
 from aiodd.formats.qcow2.probe import MAGIC as MAGIC
 from aiodd.formats.qcow2.probe import probe as probe
+from aiodd.formats.typing_names import NamedTuple
 
 NAME = "qcow2"
 

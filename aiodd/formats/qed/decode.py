@@ -12,10 +12,14 @@ read-only: as it is.
 
 from __future__ import annotations
 
-from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
 from aiodd.formats.common import MappedDisk, Runs, TableCache
 from aiodd.formats.qed import layout
 from aiodd.formats.qed.layout import UNALLOCATED, ZERO_CLUSTER, Header
+from aiodd.formats.reference import Reference
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from aiodd.formats.base import RandomAccessFile, Resolver, VirtualDisk
 
 NAME = layout.NAME
 probe = layout.probe

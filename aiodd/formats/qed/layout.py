@@ -8,7 +8,6 @@ subclass :class:`~aiodd.errors.UnsupportedImageError`) on bad input and nothing 
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR
@@ -17,6 +16,7 @@ from aiodd.formats.common import SECTOR
 from aiodd.formats.qed.probe import HEADER_SIZE as HEADER_SIZE
 from aiodd.formats.qed.probe import MAGIC as MAGIC
 from aiodd.formats.qed.probe import probe as probe
+from aiodd.formats.typing_names import NamedTuple
 
 NAME = "qed"
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 from array import array
 
 from aiodd.errors import ImageError, UnsupportedImageError
-from aiodd.formats.base import RandomAccessFile, Resolver, VirtualDisk
 from aiodd.formats.common import LayoutError, block_pieces, zero_fill
 from aiodd.formats.vdi import layout as L
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from aiodd.formats.base import RandomAccessFile, Resolver, VirtualDisk
 
 NAME = L.NAME
 probe = L.probe

@@ -14,9 +14,13 @@ from functools import partial
 from sys import byteorder
 
 from aiodd.errors import ImageError
-from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
 from aiodd.formats.common import MiB, bit_runs, naming, read_by_bitmap, read_parent, zero_fill
+from aiodd.formats.reference import Reference
 from aiodd.formats.vhdx import layout as L
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from aiodd.formats.base import RandomAccessFile, Resolver, VirtualDisk
 
 NAME = L.NAME
 probe = L.probe

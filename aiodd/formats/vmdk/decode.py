@@ -17,9 +17,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from aiodd.errors import ImageError, UnsupportedImageError
-from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
 from aiodd.formats.common import SECTOR, read_parent, round_up, zero_fill
+from aiodd.formats.reference import Reference
 from aiodd.formats.vmdk import layout as L
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from aiodd.formats.base import RandomAccessFile, Resolver, VirtualDisk
 
 NAME = L.NAME
 probe = L.probe

@@ -14,7 +14,6 @@ from array import array
 from functools import partial
 
 from aiodd.errors import ImageError
-from aiodd.formats.base import RandomAccessFile, Reference, Resolver, VirtualDisk
 from aiodd.formats.common import (
     SECTOR,
     bit_runs,
@@ -23,7 +22,12 @@ from aiodd.formats.common import (
     read_by_bitmap,
     read_parent,
 )
+from aiodd.formats.reference import Reference
 from aiodd.formats.vpc import layout as L
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from aiodd.formats.base import RandomAccessFile, Resolver, VirtualDisk
 
 NAME = L.NAME
 probe = L.probe
