@@ -367,6 +367,7 @@ def test_the_kvm_guest_starts_without_anything_heavy() -> None:
 
 _DECODERS_NEED = {"threading", "collections", "contextlib", "functools"}
 _MONITOR = {"aiodd.guest.kvm.reader", "aiodd.guest.kvm.vmm"}
+_PROBES = {f"aiodd.formats.{name}.probe" for name in ("qcow2", "vmdk", "vpc", "vhdx")}
 
 
 @pytest.mark.parametrize(
@@ -378,7 +379,8 @@ def test_the_guest_prepares_for_the_python_decoders_it_will_most_likely_run(
 ) -> None:
     """While it waits for the host, a guest that will most likely decode in Python
     (asked for sandbox, or auto where KVM cannot run) imports what the decoders import;
-    one that will most likely run the VM imports the VM's monitor instead."""
+    one that will most likely run the VM imports the VM's monitor instead; both import
+    the probes that detect the input's format."""
     imported = _imported_by(
         "from aiodd.guest import child, kvm;"
         f"sys.argv[1:] = ['3', 'aiodd.guest.child', {expected!r}];"
@@ -391,6 +393,7 @@ def test_the_guest_prepares_for_the_python_decoders_it_will_most_likely_run(
     else:
         assert not imported & _DECODERS_NEED
         assert imported >= _MONITOR
+    assert imported >= _PROBES  # both detect the input's format
 
 
 def test_the_guests_entry_imports_neither_the_decoders_needs_nor_the_vms_monitor() -> None:
@@ -456,8 +459,9 @@ def test_the_guess_of_the_input_format_is_what_the_parser_reads(
 
 
 def test_a_guest_expecting_a_raw_input_prepares_nothing() -> None:
-    """The raw decoder imports none of what the other decoders share (typing,
-    threading, ...): a guest told the input is raw skips their import, in every mode."""
+    """The raw decoder imports none of what the other decoders share (threading,
+    collections, ...), and a raw input is not detected: a guest told the input is raw
+    skips their import and the probes', in every mode."""
     imported = _imported_by(
         "from aiodd.guest import child, kvm;"
         "sys.argv[1:] = ['3', 'aiodd.guest.child', 'sandbox', 'raw'];"
@@ -466,6 +470,7 @@ def test_a_guest_expecting_a_raw_input_prepares_nothing() -> None:
     )
     assert not imported & _HEAVY, sorted(imported & _HEAVY)
     assert "aiodd.guest.kvm.reader" not in imported  # no VM in sandbox mode
+    assert not imported & _PROBES  # nothing to detect
     # And what it then imports to read the input needs none of it either.
     imported = _imported_by(
         "import aiodd.guest.child; from aiodd.formats import registry; registry.decoder('raw')"

@@ -545,17 +545,24 @@ def prepare() -> None:
     Where the VM will run (asked for ``kvm``, or for ``auto`` where KVM can run), its
     monitor, :mod:`aiodd.guest.kvm.reader`.  Otherwise what the Python decoders share,
     on an input not named raw (the raw decoder needs none of it: :func:`expected_format`).
+    In both, on an input not named raw, the probes that detect formats, which both
+    run (the VM's monitor and the Python decoders' detection alike).
 
     The host's ``Init`` decides; the guess only moves work that the guest does after
     ``Init`` before it, onto the core the host is not using.  A wrong guess costs the
     imports after ``Init``, or imports what the guest does not need.
     """
     expected = expected_mode()
+    detects = expected_format() != "raw"
+    if detects:
+        from aiodd.formats import registry
+
+        registry.import_probes()
     if expected == "kvm" or (expected == "auto" and kvm.availability()[0]):
         from aiodd.guest.kvm import reader  # noqa: F401  # start_vm() makes the VMs with it
 
         return
-    if expected_format() != "raw":
+    if detects:
         _import_what_decoders_share()
 
 
