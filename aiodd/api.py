@@ -8,19 +8,22 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
 
 from aiodd import _timing, chain, options
+from aiodd._typing_names import NamedTuple
 from aiodd.buffers import DEFAULT_COUNT, DEFAULT_UNIT
 from aiodd.errors import UsageError
 from aiodd.formats import registry as encoders
 from aiodd.formats.base import OutputPlan, VirtualDisk
 from aiodd.locks import OutputLock
-from aiodd.options import Cache, Isolation
 from aiodd.policy import Policy
 from aiodd.progress import ProgressCallback, ProgressMeter
 from aiodd.stages.sink import OutputFile, clone_range
 from aiodd.window import Window, compute_window
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from aiodd.options import Cache, Isolation
 
 # anyio and the pipeline are imported by dd() itself (hashlib only for a checksum): the
 # command line's plain_copy() runs without an event loop.

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from aiodd.io import buffer_address, libc_function
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 

@@ -20,10 +20,13 @@ from aiodd.errors import ImageError
 from aiodd.formats import check_input_format
 from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.io import LocalFile
-from aiodd.options import Isolation
 from aiodd.policy import MAX_CHAIN, Layer, Policy
 
-__all__ = ("MAX_CHAIN", "Isolation", "LocalResolver", "open_input")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from aiodd.options import Isolation
+
+__all__ = ("MAX_CHAIN", "LocalResolver", "open_input")
 
 
 class LocalResolver:

@@ -11,7 +11,6 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypedDict
 
 from aiodd import __version__, _timing, options
 from aiodd.errors import (
@@ -28,10 +27,29 @@ from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS, check_input_format, che
 # The pipeline's modules (anyio, the API, the decoders) are imported only once the
 # command line is known good and the guest reader is starting: its start-up then
 # overlaps ours.
+# typing.TYPE_CHECKING, without importing typing (docs/performance.md, "Start-up").
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, NoReturn, TextIO, TypedDict
+
     from aiodd.api import DdResult
     from aiodd.options import Cache, Isolation
     from aiodd.terminal import Renderer
+
+    class _CopyArgs(TypedDict):
+        """The operands and options both ways of copying take alike."""
+
+        bs: int
+        count: int | None
+        skip: int
+        input_format: str | None
+        output_format: str
+        isolation: Isolation
+        allow_backing: list[str]
+        require_isolation: bool
+        force_share: bool
+        cache: Cache
+
 
 PROG = "aiodd"
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
@@ -268,34 +286,19 @@ def _version_text(verbose: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _CopyArgs(TypedDict):
-    """The operands and options both ways of copying take alike."""
-
-    bs: int
-    count: int | None
-    skip: int
-    input_format: str | None
-    output_format: str
-    isolation: Isolation
-    allow_backing: list[str]
-    require_isolation: bool
-    force_share: bool
-    cache: Cache
-
-
 def _copy_args(inv: Invocation) -> _CopyArgs:
-    return _CopyArgs(
-        bs=inv.bs,
-        count=inv.count,
-        skip=inv.skip,
-        input_format=inv.input_format,
-        output_format=inv.output_format,
-        isolation=inv.isolation,
-        allow_backing=inv.allow_backing,
-        require_isolation=inv.require_isolation,
-        force_share=inv.force_share,
-        cache=inv.cache,
-    )
+    return {
+        "bs": inv.bs,
+        "count": inv.count,
+        "skip": inv.skip,
+        "input_format": inv.input_format,
+        "output_format": inv.output_format,
+        "isolation": inv.isolation,
+        "allow_backing": inv.allow_backing,
+        "require_isolation": inv.require_isolation,
+        "force_share": inv.force_share,
+        "cache": inv.cache,
+    }
 
 
 def _print_warnings(warnings: Sequence[str]) -> None:

@@ -28,8 +28,8 @@ import fcntl
 import os
 import stat
 import struct
-from typing import NamedTuple
 
+from aiodd._typing_names import NamedTuple
 from aiodd.errors import OutputError
 
 # -- permissions and the bytes that name them (sans-IO) -----------------------------

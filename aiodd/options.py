@@ -15,7 +15,6 @@ whole command line with it before the pipeline is imported.
 from __future__ import annotations
 
 import os
-from typing import Literal
 
 from aiodd.errors import UsageError
 from aiodd.window import (
@@ -27,10 +26,15 @@ from aiodd.window import (
     parse_size,
 )
 
-Isolation = Literal["auto", "kvm", "sandbox", "inline"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal, TypeAlias
+
+    Isolation: TypeAlias = Literal["auto", "kvm", "sandbox", "inline"]
+    # qemu's cache modes, as qemu-img convert -t spells them (docs/usage.md, "-t CACHE").
+    Cache: TypeAlias = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
+
 ISOLATION_MODES: tuple[Isolation, ...] = ("auto", "kvm", "sandbox", "inline")
-# qemu's cache modes, spelled as qemu-img convert -t spells them (docs/usage.md, "-t CACHE").
-Cache = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
 CACHE_MODES: tuple[Cache, ...] = ("none", "writeback", "writethrough", "directsync", "unsafe")
 PROGRESS_MODES = ("none", "percent", "bar", "json")
 # The digests --checksum offers, by their hashlib names: strong, and fast enough in
@@ -137,3 +141,17 @@ def io_size(value: object) -> int:
             f"must be a multiple of {IO_ALIGN} of at least {IO_SIZE_MIN}",
         )
     return value
+
+
+def __getattr__(name: str) -> object:
+    """``Isolation`` and ``Cache`` (``aiodd.Isolation`` among them) for a caller that
+    looks them up at run time: made on first use, since a copy never does and ``typing``
+    costs its start milliseconds (docs/performance.md, "Start-up")."""
+    modes = {"Isolation": ISOLATION_MODES, "Cache": CACHE_MODES}.get(name)
+    if modes is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from typing import Literal
+
+    alias = Literal[modes]  # type: ignore[valid-type]  # a tuple of the values: the same alias
+    globals()[name] = alias
+    return alias

@@ -42,13 +42,17 @@ import posixpath
 import re
 import stat
 from collections.abc import Sequence
-from typing import NamedTuple, NoReturn
 
 from aiodd import locks
+from aiodd._typing_names import NamedTuple
 from aiodd.errors import ImageError, InUseError, PolicyError
 from aiodd.formats.base import Reference
 from aiodd.io import filesystem_magic
 from aiodd.options import allow_backing_dir
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 MAX_CHAIN = 64
 """The most layers a chain may hold, the user's image included."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
+from aiodd._typing_names import NamedTuple
 from aiodd.errors import StageError
 
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import math
 import os
 import time
 from collections.abc import Callable
-from typing import TextIO
 
 from aiodd.progress import Progress
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TextIO
 
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
@@ -283,6 +285,8 @@ class JsonRenderer:
             fields["isolation_reason"] = progress.isolation_reason
         if checksum is not None:
             fields["checksum"] = checksum
+        import json  # here: a copy without JSON progress (most) never needs it
+
         return json.dumps(fields)
 
     def __call__(self, progress: Progress) -> None:

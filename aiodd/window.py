@@ -11,7 +11,8 @@ overflow simply exceeds every size.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+
+from aiodd._typing_names import NamedTuple
 
 SECTOR = 512
 INT64_MAX = 2**63 - 1

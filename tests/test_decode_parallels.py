@@ -10,12 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiodd.chain import Isolation, open_input
+from aiodd.chain import open_input
 from aiodd.errors import ImageError
 from aiodd.formats import registry
 from aiodd.formats.base import VirtualDisk
 from aiodd.formats.common import LayoutError
 from aiodd.formats.parallels import layout as L
+from aiodd.options import Isolation
 from tests.conftest import needs_qemu, qemu_img, qemu_io, qemu_raw_bytes, with_kvm
 from tests.fuzz.hosted import ChainResolver, MemFile
 from tests.harness import aiodd_run, qemu_dd

@@ -12,13 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiodd.chain import Isolation
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats import registry
 from aiodd.formats.plans import Identity
 from aiodd.formats.vdi import decode as vdi
 from aiodd.formats.vdi import layout as L
 from aiodd.formats.vdi.encode import plan
+from aiodd.options import Isolation
 from tests import test_decode_vpc
 from tests.conftest import needs_qemu, qemu_img, qemu_io, qemu_raw_bytes
 from tests.fuzz.hosted import MemFile

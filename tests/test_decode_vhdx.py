@@ -12,12 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiodd.chain import Isolation, open_input
+from aiodd.chain import open_input
 from aiodd.errors import ImageError
 from aiodd.formats import registry as decoders
 from aiodd.formats.crc32c import crc32c
 from aiodd.formats.vhdx import decode as vhdx
 from aiodd.formats.vhdx import layout as L
+from aiodd.options import Isolation
 from tests.conftest import QEMU_IMG, needs_qemu, qemu_img, qemu_io, qemu_raw_bytes
 from tests.hostile import VhdxImage as Image
 from tests.hostile import vhdx_locator_item as locator_item

@@ -11,12 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiodd.chain import Isolation, open_input
+from aiodd.chain import open_input
 from aiodd.errors import ImageError
 from aiodd.formats import registry as decoders
 from aiodd.formats.vpc import decode as vpc
 from aiodd.formats.vpc import layout as L
 from aiodd.io import LocalFile
+from aiodd.options import Isolation
 from tests.conftest import needs_qemu, qemu_img, qemu_io, qemu_raw_bytes
 
 MiB = 1 << 20

@@ -34,6 +34,13 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def qcow2_image(image: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "in.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", image, path], check=True)
+    return path
+
+
 @pytest.mark.parametrize("window", WINDOWS, ids=lambda w: f"bs={w[0]},count={w[1]},skip={w[2]}")
 @pytest.mark.parametrize("fmt", OUTPUTS)
 def test_the_copy_without_a_loop_writes_what_the_pipeline_writes(
@@ -192,6 +199,35 @@ def test_aiodd_timing_prints_the_phases(image: Path, tmp_path: Path, isolation: 
     assert (quiet.returncode, quiet.stderr) == (0, "")
 
 
+_WITHOUT_SITE = (
+    "import os, sys; sys.path[:0] = sys.argv[1].split(os.pathsep);"
+    "from aiodd.cli import main; status = main(sys.argv[2:]);"
+    "print(status, 'typing' in sys.modules)"
+)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--isolation=inline", "bs=512", "count=1"], ["bs=512", "count=1"],
+     ["--isolation=sandbox", "-f", "qcow2"], ["--isolation=sandbox", "-t", "unsafe"],
+     ["--isolation=inline", "--checksum=sha256", "-p"],
+     *(["--isolation=inline", "-O", fmt, "-t", "unsafe"]
+       for fmt in ("qcow2", "vmdk", "vpc", "vhdx", "vdi"))],
+)  # fmt: skip
+def test_a_copy_imports_no_typing(qcow2_image: Path, tmp_path: Path, extra: list[str]) -> None:
+    """typing costs a process 3 ms of its start (aiodd._typing_names), which a short
+    copy waits for in every mode, the guest's start included.  In an interpreter
+    without site (whose .pth files may import typing themselves)."""
+    out = tmp_path / "out.img"
+    argv = [*extra, f"if={qcow2_image}", f"of={out}"]
+    paths = os.pathsep.join(p for p in sys.path if os.path.isabs(p))
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _WITHOUT_SITE, paths, *argv],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert proc.stdout.splitlines()[-1].split() == ["0", "False"], proc.stderr
+
+
 def _guest_modules(
     image: Path,
     isolation: str,
@@ -246,7 +282,7 @@ def test_the_sandbox_guest_runs_the_decoders_it_uses(image: Path) -> None:
 
 def test_a_sandbox_guest_decodes_zstd_clusters_without_typing(tmp_path: Path) -> None:
     """The guest loads zstandard's C module as the package (aiodd.guest.child), and
-    nothing it runs to decode imports typing (aiodd.formats.typing_names): neither that,
+    nothing it runs to decode imports typing (aiodd._typing_names): neither that,
     re nor platform, milliseconds of its start-up, where the image needs the qcow2
     decoder and its zstd clusters."""
     from tests.formats_corpus import qcow2_zstd

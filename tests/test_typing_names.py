@@ -1,4 +1,4 @@
-"""aiodd.formats.typing_names: the decoders' records behave as typing's own do."""
+"""aiodd._typing_names: the decoders' records behave as typing's own do."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from aiodd.formats import typing_names
+from aiodd import _typing_names as typing_names
 from aiodd.formats.qcow2.layout import Header
 
 

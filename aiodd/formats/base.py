@@ -20,14 +20,17 @@ A format's ``decode`` module satisfies :class:`Decoder` and its ``encode`` modul
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
+from aiodd._typing_names import NamedTuple, Protocol
 from aiodd.formats.reference import Reference as Reference
 
-ReferenceKind = Literal["backing", "data_file", "extent", "parent"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal, TypeAlias
+
+    ReferenceKind: TypeAlias = Literal["backing", "data_file", "extent", "parent"]
 
 
-@runtime_checkable
 class RandomAccessFile(Protocol):
     """A file opened read-only, read by offset.  Thread-safe (``pread``)."""
 
@@ -54,7 +57,6 @@ class RandomAccessFile(Protocol):
         ...
 
 
-@runtime_checkable
 class SparseFile(Protocol):
     """A capability some files have: reading that skips the file's holes.
 
@@ -71,7 +73,6 @@ class SparseFile(Protocol):
         ...
 
 
-@runtime_checkable
 class HoleReportingDisk(Protocol):
     """A capability some disks have: reading that says which parts were holes.
 

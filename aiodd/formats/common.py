@@ -9,8 +9,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 
+from aiodd._typing_names import Generic, TypeVar
 from aiodd.errors import ImageError
-from aiodd.formats.typing_names import Generic, TypeVar
 from aiodd.formats.units import SECTOR as SECTOR  # the decoders' room for the units
 from aiodd.formats.units import KiB as KiB
 from aiodd.formats.units import MiB as MiB

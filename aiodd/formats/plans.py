@@ -11,16 +11,22 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
-from typing import Literal, NamedTuple, Protocol
 
+from aiodd._typing_names import NamedTuple, Protocol
 from aiodd.formats.base import Extent
 from aiodd.formats.common import MiB
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal, TypeAlias
+
+    ByteOrder: TypeAlias = Literal["big", "little"]
 
 # Zero padding is handed out in pieces of at most this size, so a 64 MiB VHDX block
 # tail never sits in memory at once.
 ZERO_CHUNK = MiB
 _ZEROS = bytes(ZERO_CHUNK)
-_NATIVE: Literal["big", "little"] = "little" if sys.byteorder == "little" else "big"
+_NATIVE: ByteOrder = "little" if sys.byteorder == "little" else "big"
 
 
 # The records of the output plans are NamedTuples and plain classes, not dataclasses:
@@ -90,9 +96,6 @@ def strided_extents(
 def pack_u16_ones(count: int) -> bytes:
     """``count`` big-endian 16-bit ones (a qcow2 refcount block's "used once")."""
     return b"\x00\x01" * count
-
-
-ByteOrder = Literal["big", "little"]
 
 
 @lru_cache(maxsize=32)

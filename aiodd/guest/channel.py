@@ -11,8 +11,8 @@ messages.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
+from aiodd._typing_names import Protocol
 from aiodd.guest.protocol import Done, Failed, Init, Opened, Ready, Request, Resolve, Resolved
 
 FileAnswer = tuple[Resolved, int | None]

@@ -518,11 +518,13 @@ def _import_zstandard() -> None:
 def _import_what_decoders_share() -> None:
     """What every Python decoder but the raw one imports (through
     :mod:`aiodd.formats.common`), which the guest's own start does not.  Not ``typing``
-    (:mod:`aiodd.formats.typing_names`), nor with it ``re`` and ``enum``."""
+    (:mod:`aiodd._typing_names`), nor with it ``re`` and ``enum``."""
     import collections  # noqa: F401
     import contextlib  # noqa: F401
     import functools  # noqa: F401
     import threading  # noqa: F401
+
+    import aiodd._typing_names  # noqa: F401  # outside aiodd.formats: not preloaded
 
 
 def expected_mode() -> str:

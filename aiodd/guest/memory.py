@@ -10,7 +10,10 @@ import contextlib
 import ctypes
 import mmap
 import os
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class SharedBuffer(mmap.mmap):

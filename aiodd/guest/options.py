@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
+from aiodd._typing_names import NamedTuple
 from aiodd.guest.sandbox import LAYERS
 from aiodd.guest.spawn import ENTRY
 

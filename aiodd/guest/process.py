@@ -30,13 +30,16 @@ import signal
 import socket
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 from aiodd.errors import IsolationError
 from aiodd.guest import protocol
 from aiodd.guest.channel import FileResolver
 from aiodd.guest.protocol import Done, Failed, Init, Opened, Read, Ready, Request, Resolve
 from aiodd.guest.spawn import Spawned
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class _Pending:

@@ -14,11 +14,11 @@ error, and the result still says where the input was opened.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
 
 from aiodd.errors import ImageError, IsolationError
 from aiodd.formats.raw.decode import RawDisk
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from aiodd.guest.disk import GuestDisk
     from aiodd.io import LocalFile

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TypeVar
 
+from aiodd._typing_names import TypeVar
 from aiodd.buffers import Bytes
 from aiodd.errors import AioddError, StageError
 from aiodd.formats.base import OutputPlan, VirtualDisk

@@ -22,8 +22,9 @@ left it idle for 5 % of the copy (docs/performance.md, "The hash alone").
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from aiodd._typing_names import Protocol
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # the copy without an event loop hashes with this module too
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 

@@ -14,10 +14,10 @@ final, then the rest at the end.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from aiodd.buffers import Bytes, WriteOp
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # the copy without an event loop batches metadata here too, without anyio
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 

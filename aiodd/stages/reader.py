@@ -15,12 +15,14 @@ lowest chunk that fails, whichever worker happened to fail first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from aiodd.buffers import BufferPool, Chunk, Run, data_runs
 from aiodd.errors import AioddError
-from aiodd.formats.base import HoleReportingDisk, VirtualDisk
+from aiodd.formats.base import VirtualDisk
 
 
 async def read_window(
@@ -39,15 +41,17 @@ async def read_window(
     the output's offsets, so the runs ``find_zeros`` reports are aligned there.
     """
 
-    reports_holes = isinstance(disk, HoleReportingDisk)
+    # A HoleReportingDisk's method, looked up: the protocols are mypy's alone.
+    read_into_holes: Callable[[int, memoryview], list[tuple[int, int]]] | None = getattr(
+        disk, "read_into_holes", None
+    )
 
     def read(offset: int, view: memoryview) -> list[Run] | None:
         if not find_zeros:
             disk.read_into(offset, view)
             return None
-        if reports_holes:  # its holes need no looking at
-            assert isinstance(disk, HoleReportingDisk)
-            return data_runs(view, holes=disk.read_into_holes(offset, view))
+        if read_into_holes is not None:  # its holes need no looking at
+            return data_runs(view, holes=read_into_holes(offset, view))
         disk.read_into(offset, view)
         return data_runs(view)
 

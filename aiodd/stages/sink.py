@@ -31,11 +31,11 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from aiodd.errors import OutputError, UsageError
 from aiodd.io import buffer_address, filesystem_magic, libc_function
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream
 

@@ -15,13 +15,16 @@ import ctypes
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiodd.errors import ImageError, PolicyError, UnsupportedImageError
 from aiodd.formats import INPUT_FORMATS, foreign, registry
-from aiodd.formats.base import RandomAccessFile, Reference, ReferenceKind, VirtualDisk
+from aiodd.formats.base import RandomAccessFile, Reference, VirtualDisk
 from aiodd.formats.foreign import PROBE_SIZE
 from aiodd.formats.registry import detect
+
+if TYPE_CHECKING:
+    from aiodd.formats.base import ReferenceKind
 
 FMT_NONE, FMT_RAW, FMT_QCOW2, FMT_VMDK, FMT_VPC, FMT_VHDX, FMT_VDI = 0, 1, 2, 3, 4, 5, 6
 FMT_PARALLELS = 9

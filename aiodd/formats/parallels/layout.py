@@ -19,6 +19,7 @@ import struct
 from array import array
 from sys import byteorder
 
+from aiodd._typing_names import NamedTuple
 from aiodd.formats.common import SECTOR, LayoutError
 
 # Detection imports the probe's module alone (docs/performance.md, "Start-up").
@@ -28,7 +29,6 @@ from aiodd.formats.parallels.probe import MAGIC_EXT as MAGIC_EXT
 from aiodd.formats.parallels.probe import MAGICS as MAGICS
 from aiodd.formats.parallels.probe import VERSION as VERSION
 from aiodd.formats.parallels.probe import probe as probe
-from aiodd.formats.typing_names import NamedTuple
 
 NAME = "parallels"
 INUSE_MAGIC = 0x746F6E59

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+from aiodd._typing_names import NamedTuple
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR
 
@@ -20,7 +21,6 @@ from aiodd.formats.qcow.probe import HEADER_SIZE as HEADER_SIZE
 from aiodd.formats.qcow.probe import MAGIC as MAGIC
 from aiodd.formats.qcow.probe import VERSION as VERSION
 from aiodd.formats.qcow.probe import probe as probe
-from aiodd.formats.typing_names import NamedTuple
 
 NAME = "qcow"
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 16

@@ -15,13 +15,13 @@ import sys
 import zlib
 from array import array
 
+from aiodd._typing_names import NamedTuple
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR
 
 # Detection imports the probe's module alone (docs/performance.md, "Start-up").
 from aiodd.formats.qcow2.probe import MAGIC as MAGIC
 from aiodd.formats.qcow2.probe import probe as probe
-from aiodd.formats.typing_names import NamedTuple
 
 NAME = "qcow2"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 
+from aiodd._typing_names import NamedTuple
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR
 
@@ -16,7 +17,6 @@ from aiodd.formats.common import SECTOR
 from aiodd.formats.qed.probe import HEADER_SIZE as HEADER_SIZE
 from aiodd.formats.qed.probe import MAGIC as MAGIC
 from aiodd.formats.qed.probe import probe as probe
-from aiodd.formats.typing_names import NamedTuple
 
 NAME = "qed"
 

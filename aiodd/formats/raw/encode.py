@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple
 
+from aiodd._typing_names import NamedTuple
 from aiodd.formats.base import Extent
 from aiodd.formats.raw import layout as L
 

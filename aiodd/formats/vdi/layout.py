@@ -19,9 +19,9 @@ from array import array
 from collections import namedtuple
 from sys import byteorder
 
+from aiodd._typing_names import NamedTuple
 from aiodd.formats.common import SECTOR, MiB, div_round_up, round_up
 from aiodd.formats.common import LayoutError as LayoutError  # what the parsers raise
-from aiodd.formats.typing_names import NamedTuple
 
 # Detection imports the probe's module alone (docs/performance.md, "Start-up").
 from aiodd.formats.vdi.probe import HEADER_SIZE as HEADER_SIZE

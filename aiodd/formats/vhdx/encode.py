@@ -28,8 +28,8 @@ import sys
 from array import array
 from collections.abc import Iterator
 from functools import lru_cache
-from typing import NamedTuple
 
+from aiodd._typing_names import NamedTuple
 from aiodd._version import __version__
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent

@@ -18,11 +18,11 @@ import heapq
 import struct
 from bisect import bisect_right
 
+from aiodd._typing_names import NamedTuple
 from aiodd.formats.common import KiB, div_round_up
 from aiodd.formats.common import LayoutError as LayoutError  # what the parsers raise
 from aiodd.formats.common import MiB as MiB  # the unit of every region's alignment
 from aiodd.formats.crc32c import crc32c
-from aiodd.formats.typing_names import NamedTuple
 
 # Detection imports the probe's module alone (docs/performance.md, "Start-up").
 from aiodd.formats.vhdx.probe import SIGNATURE as SIGNATURE

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterator
-from typing import NamedTuple
 
+from aiodd._typing_names import NamedTuple
 from aiodd.errors import UsageError
 from aiodd.formats.base import Extent
 from aiodd.formats.common import SECTOR, div_round_up, round_up

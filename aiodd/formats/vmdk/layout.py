@@ -28,9 +28,9 @@ import sys
 import zlib
 from array import array
 
+from aiodd._typing_names import NamedTuple
 from aiodd.errors import ImageError, UnsupportedImageError
 from aiodd.formats.common import SECTOR, div_round_up
-from aiodd.formats.typing_names import NamedTuple
 
 # Detection imports the probe's module alone (docs/performance.md, "Start-up").
 from aiodd.formats.vmdk.probe import MAGIC_COWD as MAGIC_COWD

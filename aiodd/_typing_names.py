@@ -1,12 +1,13 @@
-"""The names of :mod:`typing` the decoders build with (``NamedTuple``, ``Generic``,
-``TypeVar``), without importing it.
+"""The names of :mod:`typing` that the modules of a copy build with (``NamedTuple``,
+``Protocol``, ``Generic``, ``TypeVar``), without importing it.
 
-A guest that decodes in Python imports the decoders' layouts before its seal, and
-``typing`` would bring ``re`` and ``enum`` with it: milliseconds of the guest's start-up,
-which a short copy waits for (docs/performance.md, "Start-up").  mypy reads the names as
-:mod:`typing`'s own, so the records keep their types; at run time a ``NamedTuple`` class
-is a :func:`collections.namedtuple` with the class body's methods, as ``typing`` makes it,
-and a generic class is a plain one.
+``typing`` costs about 3 ms of a process's start, and brings ``re`` and ``enum``: a
+guest that decodes in Python imports the decoders' layouts before its seal, and the
+command imports the copy's modules before it can ask its guest for anything, so a short
+copy waits for both (docs/performance.md, "Start-up").  mypy reads these names as
+:mod:`typing`'s own, so the types are checked as before.  At run time a ``NamedTuple``
+class is a :func:`collections.namedtuple` with the class body's methods, as ``typing``
+makes it; a protocol and a generic class are plain classes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Generic as Generic
     from typing import NamedTuple as NamedTuple
+    from typing import Protocol as Protocol
     from typing import TypeVar as TypeVar
 else:
     from collections import namedtuple
@@ -42,6 +44,13 @@ else:
             return record
 
     NamedTuple = type.__new__(_NamedTupleMeta, "NamedTuple", (), {})
+
+    class Protocol:
+        """A protocol: to mypy, what a class must have; at run time a plain base class,
+        never checked with isinstance (mypy refuses that of a protocol that is not
+        runtime-checkable, and none is)."""
+
+        __slots__ = ()
 
     class Generic:
         """A generic base class: subscripted, it is itself."""
