@@ -26,8 +26,7 @@ from aiodd.formats import INPUT_FORMATS, OUTPUT_FORMATS, check_input_format, che
 
 # The pipeline's modules (anyio, the API, the decoders) are imported only once the
 # command line is known good and the guest reader is starting: its start-up then
-# overlaps ours.
-# typing.TYPE_CHECKING, without importing typing (docs/performance.md, "Start-up").
+# overlaps ours.  typing is not imported at all (docs/performance.md, "Start-up").
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, NoReturn, TextIO, TypedDict

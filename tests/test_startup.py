@@ -199,13 +199,6 @@ def test_aiodd_timing_prints_the_phases(image: Path, tmp_path: Path, isolation: 
     assert (quiet.returncode, quiet.stderr) == (0, "")
 
 
-_WITHOUT_SITE = (
-    "import os, sys; sys.path[:0] = sys.argv[1].split(os.pathsep);"
-    "from aiodd.cli import main; status = main(sys.argv[2:]);"
-    "print(status, 'typing' in sys.modules)"
-)
-
-
 @pytest.mark.parametrize(
     "extra",
     [["--isolation=inline", "bs=512", "count=1"], ["bs=512", "count=1"],
@@ -218,13 +211,11 @@ def test_a_copy_imports_no_typing(qcow2_image: Path, tmp_path: Path, extra: list
     """typing costs a process 3 ms of its start (aiodd._typing_names), which a short
     copy waits for in every mode, the guest's start included.  In an interpreter
     without site (whose .pth files may import typing themselves)."""
-    out = tmp_path / "out.img"
-    argv = [*extra, f"if={qcow2_image}", f"of={out}"]
-    paths = os.pathsep.join(p for p in sys.path if os.path.isabs(p))
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", _WITHOUT_SITE, paths, *argv],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    argv = [*extra, f"if={qcow2_image}", f"of={tmp_path / 'out.img'}"]
+    proc = run_as_guest(
+        f"from aiodd.cli import main; status = main({argv!r});"
+        "print(status, 'typing' in sys.modules)"
+    )
     assert proc.stdout.splitlines()[-1].split() == ["0", "False"], proc.stderr
 
 
