@@ -137,6 +137,11 @@ class Bench:
             f"  {r.tool} | {r.case} | run {n}: {sample.wall:.3f} s, "
             f"{sample.max_rss / MiB:.1f} MiB peak RSS"
         )
+        if sample.waited:
+            self.log(
+                f"    waited ({sample.cpu:.2f} s of CPU): "
+                + "; ".join(f"{where} ({share:.0%})" for where, share in sample.waits)
+            )
 
     # --- command lines ---------------------------------------------------------------
 

@@ -9,7 +9,9 @@ reports at least the spawner's, about 9 MiB, and otherwise its own.  Linux folds
 reaped grandchild into that figure as a *maximum*, not a sum: for aiodd with
 ``--isolation=sandbox`` it is the larger of the host process and its guest.  Where the
 sum matters, :class:`TreeSampler` polls the proportional set size (PSS, which splits
-shared pages between the processes that map them) of the whole process tree.
+shared pages between the processes that map them) of the whole process tree.  A run
+that lasts longer than a second is also watched by :class:`WaitSampler`, which notes
+where the tree's threads sleep in the kernel, so that a run that stalls says on what.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ class Sample:
     max_rss: int  # bytes: the largest ru_maxrss among the steps
     tree_pss: int | None  # bytes: sampled peak PSS of the whole tree, when asked for
     stderr_tail: str  # the last lines of the last step's stderr
+    # Where the tree's threads were while the run lasted past WaitSampler.AFTER: the
+    # most seen first, each with its share of the looks (see WaitSampler).
+    waits: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def waited(self) -> bool:
+        """Long and mostly off the CPU: a run that waited on something, not worked."""
+        return self.wall >= WAITED_WALL and self.cpu <= self.wall * WAITED_CPU_SHARE
 
 
 class CommandFailed(RuntimeError):
@@ -85,6 +95,98 @@ class TreeSampler:
             total = sum(_pss(pid) for pid in _tree(self._pid))
             self.peak = max(self.peak, total)
             self._stop.wait(self._interval)
+
+
+# A run "waited" when it took at least this long with at most this share of it on a CPU
+# (the sum over its processes).  A durable copy on a slow disk waits too: on the disk,
+# which its waits then show.
+WAITED_WALL = 2.0
+WAITED_CPU_SHARE = 0.25
+
+
+class WaitSampler:
+    """Where the threads of a process tree are, looked at every ``interval`` seconds from
+    ``AFTER`` seconds into the run: each thread's state and what it sleeps in.
+
+    The sleep is the top of the thread's kernel stack (``/proc/PID/task/TID/stack``,
+    readable by root) or, without it, its ``wchan``.  A run that stalled for seconds
+    with its CPU idle (docs/performance.md, "ninth round") then names what it waited
+    on.  Nothing is read during a run's first second, which most runs never pass, so the
+    short rows are not disturbed."""
+
+    AFTER = 1.0
+    FRAMES = 4  # of the kernel stack, innermost first
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        self._pid = pid
+        self._interval = interval
+        self._stop = threading.Event()
+        self._seen: dict[str, int] = {}
+        self._looks = 0
+        self._thread = threading.Thread(target=self._run, name=f"waits-{pid}", daemon=True)
+
+    def __enter__(self) -> WaitSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        if self._stop.wait(self.AFTER):
+            return
+        while not self._stop.is_set():
+            self.look()
+            self._stop.wait(self._interval)
+
+    def look(self) -> None:
+        """Note once where every thread of the tree is; a look that finds the tree gone
+        (the run ending meanwhile) does not count."""
+        found = False
+        for pid in _tree(self._pid):
+            with contextlib.suppress(OSError):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    where = _thread_state(f"/proc/{pid}/task/{tid}", self.FRAMES)
+                    if where is not None:
+                        self._seen[where] = self._seen.get(where, 0) + 1
+                        found = True
+        self._looks += found
+
+    def summary(self, top: int = 4) -> tuple[tuple[str, float], ...]:
+        """The ``top`` most seen places, each with the share of looks it was seen in
+        (a place two threads sleep in at once can pass 1.0)."""
+        if not self._looks:
+            return ()
+        ranked = sorted(self._seen.items(), key=lambda item: -item[1])[:top]
+        return tuple((where, count / self._looks) for where, count in ranked)
+
+
+def _thread_state(task: str, frames: int) -> str | None:
+    """``comm state: where``, for the thread whose ``/proc`` directory is ``task``; None
+    once it has exited.  ``where`` is the innermost kernel frames, or the ``wchan``."""
+    try:
+        stat = Path(f"{task}/stat").read_text()
+    except OSError:
+        return None
+    comm = stat[stat.find("(") + 1 : stat.rfind(")")]
+    state = stat[stat.rfind(")") + 2 :][:1]
+    if state in ("Z", "X"):  # exited, not yet reaped
+        return None
+    if state == "R":
+        return f"{comm} R: on a CPU"
+    where = ""
+    with contextlib.suppress(OSError):
+        names = [
+            line.split("] ", 1)[-1].split("+", 1)[0]
+            for line in Path(f"{task}/stack").read_text().splitlines()
+        ]
+        where = " < ".join(name for name in names[:frames] if name)
+    if not where:
+        with contextlib.suppress(OSError):
+            wchan = Path(f"{task}/wchan").read_text().strip()
+            where = wchan if wchan not in ("", "0") else ""
+    return f"{comm} {state}: {where or '?'}"
 
 
 def _tree(root: int) -> list[int]:
@@ -184,12 +286,13 @@ class Spawner:
             pid = first["pid"]
             assert isinstance(pid, int)
             sampler = TreeSampler(pid) if sample_tree else None
-            with sampler or contextlib.nullcontext():
+            with sampler or contextlib.nullcontext(), WaitSampler(pid) as waits:
                 end = self._answer()
         wall, cpu, rss, code = end["wall"], end["cpu"], end["max_rss"], end["code"]
         assert isinstance(wall, float) and isinstance(cpu, float)
         assert isinstance(rss, int) and isinstance(code, int)
-        return code, Sample(wall, cpu, rss, None if sampler is None else sampler.peak, "")
+        peak = None if sampler is None else sampler.peak
+        return code, Sample(wall, cpu, rss, peak, "", waits.summary())
 
 
 _spawner: Spawner | None = None
@@ -215,6 +318,7 @@ def run_once(
     max_rss = 0
     tree_peak: int | None = 0 if sample_tree else None
     tail = ""
+    waits: list[tuple[str, float]] = []
     for argv in steps:
         code, step = spawner().run(
             argv, env or dict(os.environ), stderr_path, sample_tree=sample_tree
@@ -225,10 +329,11 @@ def run_once(
         wall += step.wall
         cpu += step.cpu
         max_rss = max(max_rss, step.max_rss)
+        waits += step.waits
         tail = _tail(stderr_path)
         if code != 0:
             raise CommandFailed(argv, code, tail)
-    return Sample(wall, cpu, max_rss, tree_peak, tail)
+    return Sample(wall, cpu, max_rss, tree_peak, tail, tuple(waits))
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
@@ -292,6 +397,7 @@ class Result:
             "cpus": [s.cpu for s in self.samples],
             "max_rss": [s.max_rss for s in self.samples],
             "tree_pss": [s.tree_pss for s in self.samples],
+            "waits": [[list(w) for w in s.waits] for s in self.samples],
         }
 
 
