@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from aiodd import _timing, chain, options
 from aiodd._typing_names import NamedTuple
-from aiodd.buffers import DEFAULT_COUNT, DEFAULT_UNIT
+from aiodd.buffers import DEFAULT_COUNT, DEFAULT_UNIT, private_memory
 from aiodd.errors import UsageError
 from aiodd.formats import registry as encoders
 from aiodd.formats.base import OutputPlan, VirtualDisk
@@ -499,7 +499,7 @@ def plain_copy(
     beside = isolation != "inline" and input_format == "raw" and on_progress is None
     # Mapped, not touched: a short copy's pages are the few it reads.
     if isolation == "inline" or beside:
-        memory = mmap.mmap(-1, PLAIN_MEMORY)
+        memory = private_memory(PLAIN_MEMORY)
     else:
         from aiodd.guest import shared_buffer
 

@@ -3,7 +3,8 @@
 The pool is the pipeline's memory bound and its back-pressure: a reader that finds no
 free buffer waits until the sink has written one out.  All buffers are slices of one
 ``mmap`` so that, with isolation on, the guest process can fill them in place (the
-mmap is then backed by a memfd it maps too).
+mmap is then backed by a memfd it maps too); without a guest, one private to this
+process (:func:`private_memory`).
 
 A :class:`Chunk` carries a buffer from the reader through the windower to the encoder;
 a :class:`WriteOp` carries it (with the container's metadata) from the encoder to the
@@ -13,6 +14,7 @@ stage imports another: see docs/architecture.md ("The flow").
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 from collections.abc import Sequence
 
@@ -166,6 +168,26 @@ def _data_runs(view: memoryview, granule: int) -> list[Run]:
     return runs
 
 
+def private_memory(size: int) -> mmap.mmap:
+    """``size`` bytes of buffers that no other process maps, in huge pages where the
+    kernel offers them to a program that asks (transparent huge pages, ``madvise``).
+
+    An ``O_DIRECT`` write goes to the disk as requests of at most ``max_segments``
+    pieces of physically contiguous memory, about 1 MiB of 4 KiB pages: from 2 MiB
+    pages, a 4 MiB write is one request.  On a virtual disk that serves requests one at
+    a time, that halved the time of a durable copy (docs/performance.md, "Huge pages
+    for the buffers").  Private, not shared: the kernel gives a program's shared memory
+    huge pages only where its administrator turned that on (``shmem_enabled``).
+    """
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        # A kernel without transparent huge pages refuses: small pages it is.
+        with contextlib.suppress(OSError):
+            memory.madvise(advice)
+    return memory
+
+
 class BufferPool:
     def __init__(
         self, count: int = DEFAULT_COUNT, size: int = DEFAULT_UNIT, memory: mmap.mmap | None = None
@@ -173,7 +195,7 @@ class BufferPool:
         if count < 2 or size < 4096 or size % 4096:
             raise ValueError("a pool needs at least 2 buffers of a multiple of 4 KiB")
         if memory is None:
-            memory = mmap.mmap(-1, count * size)
+            memory = private_memory(count * size)
         elif len(memory) < count * size:
             raise ValueError("the pool's memory is smaller than count * size")
         self.memory = memory
