@@ -359,6 +359,8 @@ async def dd(
         guard, output = await anyio.to_thread.run_sync(
             lambda: _open_output(dst_path, plan, output_format, cache)
         )
+        if memory is not None:  # shared with the guest, in small pages
+            output.stage_direct_writes()
         try:
             pool: BufferPool | None = None
             source: int | None = None
@@ -526,6 +528,8 @@ def plain_copy(
                     return None
                 meter = ProgressMeter(plan.data_size, on_progress, isolation=mode)
                 guard, output = _open_output(dst, plan, output_format, cache)
+                if not (isolation == "inline" or beside):  # shared with the guest
+                    output.stage_direct_writes()
                 try:
                     source: int | None = None
                     try:
