@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -72,60 +73,20 @@ class CommandFailed(RuntimeError):
         super().__init__(f"{shown}: exit {status}: {stderr.strip()[-500:]}")
 
 
-class TreeSampler:
-    """Polls the summed PSS of a process and all its descendants in a thread."""
+class _TreeWatcher:
+    """Looks at a process tree from a thread: every ``interval`` seconds from ``AFTER``
+    seconds into the run until the run ends (:meth:`look`, in the subclasses)."""
 
-    def __init__(self, pid: int, interval: float = 0.02) -> None:
+    AFTER = 0.0
+
+    def __init__(self, pid: int, interval: float) -> None:
         self._pid = pid
         self._interval = interval
         self._stop = threading.Event()
-        self.peak = 0
-        self._thread = threading.Thread(target=self._run, name=f"pss-{pid}", daemon=True)
+        name = f"{type(self).__name__}-{pid}"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def __enter__(self) -> TreeSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            total = sum(_pss(pid) for pid in _tree(self._pid))
-            self.peak = max(self.peak, total)
-            self._stop.wait(self._interval)
-
-
-# A run "waited" when it took at least this long with at most this share of it on a CPU
-# (the sum over its processes).  A durable copy on a slow disk waits too: on the disk,
-# which its waits then show.
-WAITED_WALL = 2.0
-WAITED_CPU_SHARE = 0.25
-
-
-class WaitSampler:
-    """Where the threads of a process tree are, looked at every ``interval`` seconds from
-    ``AFTER`` seconds into the run: each thread's state and what it sleeps in.
-
-    The sleep is the top of the thread's kernel stack (``/proc/PID/task/TID/stack``,
-    readable by root) or, without it, its ``wchan``.  A run that stalled for seconds
-    with its CPU idle (docs/performance.md, "ninth round") then names what it waited
-    on.  Nothing is read during a run's first second, which most runs never pass, so the
-    short rows are not disturbed."""
-
-    AFTER = 1.0
-    FRAMES = 4  # of the kernel stack, innermost first
-
-    def __init__(self, pid: int, interval: float = 0.25) -> None:
-        self._pid = pid
-        self._interval = interval
-        self._stop = threading.Event()
-        self._seen: dict[str, int] = {}
-        self._looks = 0
-        self._thread = threading.Thread(target=self._run, name=f"waits-{pid}", daemon=True)
-
-    def __enter__(self) -> WaitSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -139,6 +100,47 @@ class WaitSampler:
         while not self._stop.is_set():
             self.look()
             self._stop.wait(self._interval)
+
+    def look(self) -> None:
+        raise NotImplementedError
+
+
+class TreeSampler(_TreeWatcher):
+    """Polls the summed PSS of a process and all its descendants in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        super().__init__(pid, interval)
+        self.peak = 0
+
+    def look(self) -> None:
+        total = sum(_pss(pid) for pid in _tree(self._pid))
+        self.peak = max(self.peak, total)
+
+
+# A run "waited" when it took at least this long with at most this share of it on a CPU
+# (the sum over its processes).  A durable copy on a slow disk waits too: on the disk,
+# which its waits then show.
+WAITED_WALL = 2.0
+WAITED_CPU_SHARE = 0.25
+
+
+class WaitSampler(_TreeWatcher):
+    """Where the threads of a process tree are, looked at every ``interval`` seconds from
+    ``AFTER`` seconds into the run: each thread's state and what it sleeps in.
+
+    The sleep is the top of the thread's kernel stack (``/proc/PID/task/TID/stack``,
+    readable by root) or, without it, its ``wchan``.  A run that stalled for seconds
+    with its CPU idle (docs/performance.md, "ninth round") then names what it waited
+    on.  Nothing is read during a run's first second, which most runs never pass, so the
+    short rows are not disturbed."""
+
+    AFTER = 1.0
+    FRAMES = 4  # of the kernel stack, innermost first
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        super().__init__(pid, interval)
+        self._seen: dict[str, int] = {}
+        self._looks = 0
 
     def look(self) -> None:
         """Note once where every thread of the tree is; a look that finds the tree gone
