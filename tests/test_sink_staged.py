@@ -159,3 +159,16 @@ def test_the_pipeline_stages_what_the_guest_fills(
     assert dst.read_bytes() == data
     anyio.run(lambda: api.dd(str(src), str(dst), isolation="inline"))
     assert asked == [True]
+
+
+def test_a_piece_off_the_alignment_is_not_staged(staged_output: OutputFile, tmp_path: Path) -> None:
+    data = os.urandom(2 * MiB)
+    shared = mmap.mmap(-1, len(data))
+    shared[:] = data
+    with memoryview(shared) as view:
+        staged_output.write([(5 * MiB + 512, view)])  # a vpc block's data: 512-aligned
+    shared.close()
+    assert staged_output._stage_memory == []  # not copied for nothing
+    assert staged_output.direct_bytes == 0
+    staged_output.commit(12 * MiB)
+    assert (tmp_path / "out.raw").read_bytes()[5 * MiB + 512 : 7 * MiB + 512] == data
