@@ -265,6 +265,13 @@ class Spawner:
         )
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        """End the spawner: its loop ends with its input."""
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._process.stdin.close()
+        self._process.wait()
+        self._process.stdout.close()
+
     def _answer(self) -> dict[str, object]:
         assert self._process.stdout is not None
         line = self._process.stdout.readline()

@@ -4,12 +4,22 @@ count as waiting (bench/measure.py, ``WaitSampler``)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bench import measure
 from bench.measure import run_once
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _spawner_ended() -> Iterator[None]:
+    """The bench's spawner outlives a run (the bench ends with it); these tests end it."""
+    yield
+    if measure._spawner is not None:
+        measure._spawner.close()
+        measure._spawner = None
 
 
 @pytest.fixture(autouse=True)
