@@ -499,8 +499,9 @@ def plain_copy(
         hasher = hashlib.new(options.checksum(checksum))
     policy = Policy(allow_backing, force_share=force_share)
     beside = isolation != "inline" and input_format == "raw" and on_progress is None
+    guest_fills = isolation != "inline" and not beside  # the buffers, shared with it
     # Mapped, not touched: a short copy's pages are the few it reads.
-    if isolation == "inline" or beside:
+    if not guest_fills:
         memory = private_memory(PLAIN_MEMORY)
     else:
         from aiodd.guest import shared_buffer
@@ -528,7 +529,7 @@ def plain_copy(
                     return None
                 meter = ProgressMeter(plan.data_size, on_progress, isolation=mode)
                 guard, output = _open_output(dst, plan, output_format, cache)
-                if not (isolation == "inline" or beside):  # shared with the guest
+                if guest_fills:
                     output.stage_direct_writes()
                 try:
                     source: int | None = None

@@ -40,7 +40,7 @@ def test_segments_bind_on_the_disks_measured() -> None:
     assert not segments_bind(254, 4096 * 1024, 512 * 1024)  # a write too small to cut
 
 
-def test_no_queue_no_staging(tmp_path: Path) -> None:
+def test_no_queue_no_staging() -> None:
     fd = os.open("/proc/self/status", os.O_RDONLY)  # procfs: no block device under it
     try:
         assert not segments_bound_requests(fd, 4 * MiB)
