@@ -384,10 +384,11 @@ class OutputFile:
 
         For a copy whose buffers are memory shared with the guest: the kernel gives shared
         memory huge pages only where its administrator turned that on, and from 4 KiB
-        pages a 4 MiB write goes to such a disk as four requests.  Copying costs about a
-        quarter of a millisecond of CPU a write (0.06 s a GiB where it was measured), and
+        pages a 4 MiB write goes to such a disk as four requests.  Copying costs about
+        half a millisecond of CPU a write (0.11-0.20 s a GiB where it was measured), and
         there the durable copy took two thirds of the time it took without
-        (docs/performance.md, "Huge pages for the buffers").
+        (docs/performance.md, "Huge pages for the buffers" and "The fourth machine
+        again").
         """
         if (
             self.direct_fd is not None
