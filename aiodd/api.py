@@ -484,8 +484,9 @@ def plain_copy(
     returned; once it is being put in place, that completes.
 
     An input the caller names as raw is read here while the guest, if any, opens it
-    beside the copy (:mod:`aiodd.guest.raw_beside`), unless progress is asked for (its
-    events say where the input is decoded from the first one on).
+    beside the copy (:mod:`aiodd.guest.raw_beside`).  With progress asked for, the
+    first event waits for the guest to have opened it, as a copy decoded in the guest
+    would: the events say where the input is decoded from the first one on.
     """
     from aiodd.pipeline.threads import copy_in_threads
 
@@ -498,7 +499,7 @@ def plain_copy(
 
         hasher = hashlib.new(options.checksum(checksum))
     policy = Policy(allow_backing, force_share=force_share)
-    beside = isolation != "inline" and input_format == "raw" and on_progress is None
+    beside = isolation != "inline" and input_format == "raw"
     guest_fills = isolation != "inline" and not beside  # the buffers, shared with it
     # Mapped, not touched: a short copy's pages are the few it reads.
     if not guest_fills:
@@ -520,11 +521,14 @@ def plain_copy(
         _timing.mark("input opened")
         try:
             with _guest_first(disk):
-                # Beside the copy, the guest says where it opened the input at the end.
+                # Beside the copy, the guest says where it opened the input at the end,
+                # or before the first progress event.
                 mode = ("", "") if beside else _mode(disk, isolation)
                 window, plan = _prepare(
                     disk, src, dst, (bs, count, skip), output_format, policy, warnings
                 )
+                if beside and on_progress is not None:
+                    mode = _mode(disk, isolation)  # waits for the guest, for the events
                 if stopped():
                     return None
                 meter = ProgressMeter(plan.data_size, on_progress, isolation=mode)

@@ -17,6 +17,7 @@ from aiodd.errors import ImageError, IsolationError
 from aiodd.guest.disk import GuestDisk
 from aiodd.guest.options import KVM_DEVICE_VARIABLE
 from aiodd.guest.raw_beside import RawBesideGuest
+from aiodd.progress import Progress
 from tests.conftest import KVM_AVAILABLE
 from tests.harness import aiodd_run, leftovers
 
@@ -79,12 +80,17 @@ def test_the_host_reads_and_the_guest_opens(
     assert (tmp_path / "beside.raw").read_bytes() == data + bytes(-len(data) % 512)
     assert sum(reads) == result.output_size if result else False  # all of it read here
     assert len(guests) == 1 and guests[0].format_name == "raw"  # and opened there
-    # Detected, or with progress: decoded in the guest, as before.
+    # Detected: decoded in the guest, as before.
     reads.clear()
     detected = _copy(image, tmp_path / "detected.raw", isolation, input_format=None)
     assert detected is not None and (detected.isolation, reads) == (isolation, [])
-    assert _copy(image, tmp_path / "p.raw", isolation, on_progress=lambda p: None) is not None
-    assert reads == []
+    # With progress: read here too, and the first event already says where it is decoded.
+    events: list[Progress] = []
+    assert _copy(image, tmp_path / "p.raw", isolation, on_progress=events.append) is not None
+    assert sum(reads) == result.output_size if result else False
+    assert (tmp_path / "p.raw").read_bytes() == (tmp_path / "beside.raw").read_bytes()
+    assert events[0].bytes_done == 0
+    assert {(e.isolation, e.isolation_reason) for e in events} == {(isolation, "requested")}
     assert all(g.channel._process.proc.poll() is not None for g in guests)  # type: ignore[attr-defined]
 
 
@@ -102,6 +108,7 @@ def test_the_guests_error_comes_first(
         " isolation\n"
     )
     cases = [([], out), (["-f", "raw"], out), (["-f", "raw", "-t", "unsafe"], out),
+             (["-f", "raw", "--progress=json"], out),
              (["-f", "raw"], unreachable), (["-f", "raw", "bs=1M"], unreachable)]  # fmt: skip
     for extra, dst in cases:
         run = aiodd_run(["--isolation=kvm", *extra, f"if={image}", f"of={dst}"], dst)
