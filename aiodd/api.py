@@ -327,8 +327,10 @@ async def dd(
 
         hasher = hashlib.new(options.checksum(checksum))
     policy = Policy(allow_backing, force_share=force_share)
+    # An input named raw is read here while the guest opens it (aiodd/guest/raw_beside.py).
+    beside = isolation != "inline" and input_format == "raw"
     memory: mmap.mmap | None = None
-    if isolation != "inline":
+    if isolation != "inline" and not beside:
         from aiodd.guest import shared_buffer
 
         # The pool lives in shared memory, so the guest decodes straight into it.
@@ -342,6 +344,7 @@ async def dd(
                 require_isolation=require_isolation,
                 memory=memory,
                 policy=policy,
+                raw_beside=beside,
             )
         )
     except BaseException:
@@ -351,7 +354,10 @@ async def dd(
     _timing.mark("input opened")
     try:
         operands = (bs_value, count_value, skip_value)
-        mode = _mode(disk, isolation)
+        if beside and on_progress is None:
+            mode = ("", "")  # the guest says where it opened the input at the end
+        else:  # beside, this waits for the guest: the events say it from the first on
+            mode = await anyio.to_thread.run_sync(_mode, disk, isolation)
         window, plan = _prepare(disk, src_path, dst_path, operands, output_format, policy, warnings)
         meter = ProgressMeter(plan.data_size, on_progress, progress_interval, mode)
         # A cancel that comes while a worker thread creates the output waits for it, and
@@ -415,6 +421,8 @@ async def dd(
                 # undoes the copy; once the output is being put in place, that completes.
                 await anyio.to_thread.run_sync(output.flush, file_size)
                 _timing.mark("fsync")
+                if beside:  # waits for the guest to have opened the image
+                    mode = await anyio.to_thread.run_sync(_mode, disk, isolation)
                 await anyio.lowlevel.checkpoint_if_cancelled()
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(output.publish)
@@ -428,6 +436,12 @@ async def dd(
             warnings.extend(output.warnings)
         finally:
             guard.close()
+    except Exception:
+        # Opening the input comes first, so a guest's error beside the copy is the one
+        # the copy reports.
+        if beside:
+            await anyio.to_thread.run_sync(_mode, disk, isolation)
+        raise
     finally:
         disk.close()
         if memory is not None:

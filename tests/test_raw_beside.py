@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import aiodd
 from aiodd import api, locks
 from aiodd.errors import ImageError, IsolationError
 from aiodd.guest.disk import GuestDisk
@@ -190,3 +191,79 @@ def test_the_input_stays_locked_once_its_guest_has_gone(
         assert not locks.held_by_other(probe, 100)  # and released at the end
     finally:
         os.close(probe)
+
+
+# The library: the same, under an event loop.
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("isolation", MODES)
+async def test_the_library_reads_here_too(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolation: str
+) -> None:
+    reads: list[int] = []
+    read_into = RawBesideGuest.read_into
+
+    def counted(self: RawBesideGuest, offset: int, buf: memoryview) -> None:
+        reads.append(len(buf))
+        read_into(self, offset, buf)
+
+    monkeypatch.setattr(RawBesideGuest, "read_into", counted)
+    guests = _guests(monkeypatch)
+    events: list[Progress] = []
+    plain = await aiodd.dd(image, tmp_path / "plain.raw", input_format="raw", isolation=isolation)  # type: ignore[arg-type]
+    told = await aiodd.dd(
+        image, tmp_path / "told.raw", input_format="raw", isolation=isolation,  # type: ignore[arg-type]
+        on_progress=events.append, progress_interval=0,
+    )  # fmt: skip
+    data = image.read_bytes()
+    for result, name in ((plain, "plain.raw"), (told, "told.raw")):
+        assert (result.isolation, result.isolation_reason) == (isolation, "requested")
+        assert (tmp_path / name).read_bytes() == data + bytes(-len(data) % 512)
+    assert sum(reads) == 2 * plain.output_size  # all of it read here, both times
+    assert [g.format_name for g in guests] == ["raw", "raw"]  # and opened there
+    assert events[0].bytes_done == 0
+    assert {(e.isolation, e.isolation_reason) for e in events} == {(isolation, "requested")}
+
+
+@pytest.mark.anyio
+async def test_the_librarys_sparse_copy_is_told_the_holes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A raw file's holes, reported by the host's read, are not looked at for zeros."""
+    holey = tmp_path / "holey.raw"
+    with open(holey, "wb") as f:
+        f.write(b"x" * 4096)
+        f.truncate(8 << 20)
+    told: list[list[tuple[int, int]]] = []
+    read_into_holes = RawBesideGuest.read_into_holes
+
+    def counted(self: RawBesideGuest, offset: int, buf: memoryview) -> list[tuple[int, int]]:
+        told.append(read_into_holes(self, offset, buf))
+        return told[-1]
+
+    monkeypatch.setattr(RawBesideGuest, "read_into_holes", counted)
+    out = tmp_path / "o.raw"
+    result = await aiodd.dd(holey, out, input_format="raw", isolation="sandbox", sparse=True)
+    assert result.isolation == "sandbox"
+    assert out.read_bytes() == holey.read_bytes()
+    assert told  # read here
+    if any(told):  # where the filesystem reports holes (tmpfs and ext4 do)
+        assert os.stat(out).st_blocks * 512 < 1 << 20
+
+
+@pytest.mark.anyio
+async def test_the_librarys_guest_error_comes_first(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KVM asked for where it cannot run, and an output that cannot be made: the guest's
+    refusal is the error, as where the input is not named raw, and nothing is left."""
+    monkeypatch.setenv(KVM_DEVICE_VARIABLE, MISSING_DEVICE)
+    for dst in (tmp_path / "o.raw", tmp_path / "missing" / "o.raw"):
+        for progress in (None, lambda p: None):
+            with pytest.raises(IsolationError, match="the KVM guest reader cannot run here"):
+                await aiodd.dd(
+                    image, dst, input_format="raw", isolation="kvm", on_progress=progress
+                )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.raw"]
+    assert leftovers(tmp_path) == []

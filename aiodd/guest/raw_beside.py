@@ -98,6 +98,11 @@ class RawBesideGuest:
     def read_into(self, offset: int, buf: memoryview) -> None:
         self._raw.read_into(offset, buf)
 
+    def read_into_holes(self, offset: int, buf: memoryview) -> list[tuple[int, int]]:
+        """:meth:`~aiodd.formats.raw.decode.RawDisk.read_into_holes`: ``--sparse`` needs
+        no looking at the file's holes."""
+        return self._raw.read_into_holes(offset, buf)
+
     def confirm(self) -> tuple[str, str]:
         """Wait for the guest to have opened the image; raise its error if it failed.
         Returns where it decodes, and why (as :class:`~aiodd.guest.disk.GuestDisk`)."""
