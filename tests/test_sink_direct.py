@@ -9,13 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aiodd import chain
+from aiodd.buffers import Bytes
 from aiodd.errors import OutputError
 from aiodd.io import filesystem_magic
 from aiodd.options import Cache
-from aiodd.stages.sink import DIRECT_FILESYSTEMS, OutputFile, direct_length
+from aiodd.stages.sink import (
+    DIRECT_FILESYSTEMS,
+    RECUT_LENGTH,
+    OutputFile,
+    direct_length,
+    granules_clash,
+)
 
 MiB = 1024 * 1024
 
@@ -62,11 +70,14 @@ def test_aligned_pool_buffers_go_direct_and_the_rest_buffered(
     direct_output.write(
         [
             (0, view[: 4 * MiB + 700]),  # 4 MiB direct, a 700-byte tail buffered
-            (5 * MiB + 3, view[1 : 2 * MiB]),  # unaligned offset and address: buffered
+            # Off the alignment: buffered up to the next granule, then direct through
+            # the stage, up to the last whole granule.
+            (5 * MiB + 3, view[1 : 2 * MiB]),
             (7 * MiB, bytes(data[:4096])),  # read-only bytes: buffered
         ]
     )
-    assert direct_output.direct_bytes == 4 * MiB
+    granule = direct_output.granule
+    assert direct_output.direct_bytes == 4 * MiB + 2 * MiB - granule
     direct_output.commit(8 * MiB)
     view.release()
     memory.close()
@@ -196,21 +207,143 @@ def test_a_real_copy_goes_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert outputs[0].direct_bytes == 9 * MiB  # the 512-byte tail is not a whole block
 
 
-def test_pieces_off_the_filesystem_block_go_buffered(
+@pytest.mark.parametrize("fmt", ["vdi", "vpc"])
+def test_layouts_off_the_alignment_go_direct_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """vdi's data starts at byte 4608, vpc's blocks 512 bytes past a 4 KiB boundary, as
+    qemu lays them out: all but a page around each write's ends goes past the page
+    cache, and the image reads back as the input."""
+    from aiodd.api import plain_copy
+
+    outputs: list[OutputFile] = []
+    real_create = OutputFile.create
+
+    def create(path: str, size: int, **options: Any) -> OutputFile:
+        out = real_create(path, size, **options)
+        outputs.append(out)
+        return out
+
+    monkeypatch.setattr(OutputFile, "create", create)
+    src, dst = tmp_path / "in.raw", tmp_path / f"out.{fmt}"
+    data = os.urandom(9 * MiB)
+    src.write_bytes(data)
+    plain_copy(
+        str(src), str(dst), bs=512, count=None, skip=0, input_format="raw",
+        output_format=fmt, isolation="inline", allow_backing=(), require_isolation=False,
+        force_share=False, cache="none", stopped=lambda: False,
+    )  # fmt: skip
+    if outputs[0].direct_fd is None and outputs[0].direct_bytes == 0:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    # At most two granules a MiB through the page cache (vpc's 2 MiB blocks, vdi's
+    # 4 MiB writes), and the chunk's edges.
+    assert outputs[0].direct_bytes >= 9 * MiB - 16 * outputs[0].granule
+    disk = chain.open_input(str(dst), fmt, isolation="inline")
+    try:
+        got = bytearray(9 * MiB)
+        disk.read_into(0, memoryview(got))
+    finally:
+        disk.close()
+    assert bytes(got) == data
+
+
+def test_pieces_off_the_filesystem_block_go_direct_from_the_next_one(
     direct_output: OutputFile, tmp_path: Path
 ) -> None:
-    """512-aligned, as vpc's data is past each bitmap, but not on a 4 KiB block."""
+    """512-aligned, as vpc's data is past each bitmap, but not on a 4 KiB block: a long
+    piece goes direct from its first whole granule to its last, through the stage; a
+    short one, not worth the copy, and the ends go through the page cache."""
     data = os.urandom(2 * MiB)
     memory = _pool_memory(data)
     view = memoryview(memory)
-    direct_output.write([(MiB + 512, view[512 : MiB + 512]), (4 * MiB, view[:MiB])])
-    assert direct_output.direct_bytes == MiB  # only the aligned one
+    short = RECUT_LENGTH // 2
+    direct_output.write(
+        [
+            (MiB + 512, view[512 : MiB + 512]),
+            (3 * MiB + 512, view[:short]),
+            (4 * MiB, view[:MiB]),
+        ]
+    )
+    granule = direct_output.granule
+    assert direct_output.direct_bytes == MiB + MiB - granule
     direct_output.commit(5 * MiB)
     view.release()
     memory.close()
     got = (tmp_path / "out.raw").read_bytes()
     assert got[MiB + 512 : 2 * MiB + 512] == data[512 : MiB + 512]
+    assert got[3 * MiB + 512 : 3 * MiB + 512 + short] == data[:short]
     assert got[4 * MiB :] == data[:MiB]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    pieces=st.lists(
+        st.tuples(st.integers(0, 64), st.integers(0, 6 * 4096 + 600)), min_size=1, max_size=4
+    )
+)
+def test_what_goes_direct_is_what_granules_calls_direct(
+    tmp_path_factory: pytest.TempPathFactory,
+    pieces: list[tuple[int, int]],
+) -> None:
+    """The sink's clash rule rests on this: every byte written past the page cache lies
+    in a granule :meth:`OutputFile.granules` marks direct, and those are whole
+    granules of one write."""
+    tmp = tmp_path_factory.mktemp("granules")
+    out = OutputFile.create(str(tmp / "out.raw"), 64 * MiB, raw=True)
+    try:
+        if out.direct_fd is None:
+            pytest.skip(f"{tmp} does not take O_DIRECT")
+        granule = out.granule
+        direct: list[tuple[int, int]] = []
+        real_pwrite = os.pwrite
+
+        def pwrite(fd: int, data: memoryview, offset: int) -> int:
+            if fd == out.direct_fd:
+                direct.append((offset, len(data)))
+            return real_pwrite(fd, data, offset)
+
+        memory = _pool_memory(os.urandom(MiB))
+        view = memoryview(memory)
+        writes: list[tuple[int, Bytes]] = []
+        at = 0
+        for gap, length in pieces:
+            at += gap * 512
+            # Odd lengths are long enough to be cut into pieces; the address follows the
+            # offset's place in its page, as a pool buffer's does.
+            size = RECUT_LENGTH + length if length % 2 else length
+            writes.append((at, view[at % 4096 : at % 4096 + size]))
+            at += size
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(os, "pwrite", pwrite)
+            out.write(writes)
+        spans = out.granules(writes)
+        marked = [(s * granule, e * granule) for s, e, d in spans if d]
+        for offset, length in direct:
+            assert offset % granule == 0 and length % granule == 0
+            assert any(lo <= offset and offset + length <= hi for lo, hi in marked)
+        for s, e, d in spans:
+            if not d:
+                assert 0 < e - s <= 2  # the granules a write covers only in part
+        for _, piece in writes:
+            assert isinstance(piece, memoryview)
+            piece.release()
+        view.release()
+        memory.close()
+    finally:
+        out.abort()
+
+
+def test_writes_that_share_only_granules_in_part_do_not_clash() -> None:
+    """vdi's data: each 4 MiB write starts 512 bytes past a 4 KiB boundary, and its
+    neighbour ends there; they share one page, written through the page cache by both."""
+    g = 4096
+    a = [(1, 2, False), (2, 1025, True), (1025, 1026, False)]
+    b = [(1025, 1026, False), (1026, 2049, True), (2049, 2050, False)]
+    assert not granules_clash(a, b)
+    assert granules_clash(a, [(1024, 1026, False)])  # touches a's direct granule 1024
+    assert granules_clash([(5, 9, True)], [(8, 12, True)])
+    assert not granules_clash([(5, 9, True)], [(9, 12, True)])
+    assert g == 4096
 
 
 def _ops(pool: Any, layout: list[tuple[int, int]]) -> list[Any]:
@@ -285,15 +418,35 @@ def test_two_writes_go_to_an_allocated_file_together(
     assert got == b"".join(bytes([i + 1]) * MiB for i in range(6))
 
 
-def test_writes_sharing_a_granule_never_overlap(direct_output: OutputFile, tmp_path: Path) -> None:
-    """Each op touches the 64 KiB granule of the one before: they go one by one."""
-    layout = [(0, 1000), (1000, 3096), (4096, 4096), (8192, 4096)]
-    seen = _run_sink(direct_output, layout, 3 * 4096)
+def test_writes_sharing_a_page_in_part_go_together(
+    direct_output: OutputFile, tmp_path: Path
+) -> None:
+    """Neighbours that each cover part of one granule write it through the page cache,
+    and may be in flight together: vdi's data, 512 bytes past each 4 KiB boundary."""
+    g = direct_output.granule
+    layout = [(0, g + 1000), (g + 1000, g - 1000), (2 * g, g), (3 * g, g)]
+    seen = _run_sink(direct_output, layout, 4 * g)
     if not direct_output.reserved:
         pytest.skip(f"{tmp_path} cannot allocate ahead")
-    assert seen == [1, 1, 1, 1]
-    direct_output.commit(3 * 4096)
-    expected = b"\1" * 1000 + b"\2" * 3096 + b"\3" * 4096 + b"\4" * 4096
+    assert max(seen) == 2
+    direct_output.commit(4 * g)
+    expected = b"\1" * (g + 1000) + b"\2" * (g - 1000) + b"\3" * g + b"\4" * g
+    assert (tmp_path / "out.raw").read_bytes() == expected
+
+
+def test_writes_sharing_a_granule_that_goes_direct_never_overlap(
+    direct_output: OutputFile, tmp_path: Path
+) -> None:
+    """A granule one op may write past the page cache, another touches: they go one by
+    one, in the order received (no plan overlaps, but the sink does not rely on it)."""
+    g = direct_output.granule
+    layout = [(0, 2 * g), (g, 2 * g), (4 * g, g)]
+    seen = _run_sink(direct_output, layout, 5 * g)
+    if not direct_output.reserved:
+        pytest.skip(f"{tmp_path} cannot allocate ahead")
+    assert seen[:2] == [1, 1]
+    direct_output.commit(5 * g)
+    expected = b"\1" * g + b"\2" * 2 * g + bytes(g) + b"\3" * g
     assert (tmp_path / "out.raw").read_bytes() == expected
 
 

@@ -161,14 +161,37 @@ def test_the_pipeline_stages_what_the_guest_fills(
     assert asked == [True]
 
 
-def test_a_piece_off_the_alignment_is_not_staged(staged_output: OutputFile, tmp_path: Path) -> None:
-    data = os.urandom(2 * MiB)
+def test_a_short_piece_off_the_alignment_is_not_staged(
+    staged_output: OutputFile, tmp_path: Path
+) -> None:
+    short = sink.RECUT_LENGTH // 2
+    data = os.urandom(short)
     shared = mmap.mmap(-1, len(data))
     shared[:] = data
     with memoryview(shared) as view:
-        staged_output.write([(5 * MiB + 512, view)])  # a vpc block's data: 512-aligned
+        staged_output.write([(5 * MiB + 512, view)])  # 512-aligned, as vpc's data
     shared.close()
     assert staged_output._stage_memory == []  # not copied for nothing
     assert staged_output.direct_bytes == 0
     staged_output.commit(12 * MiB)
+    assert (tmp_path / "out.raw").read_bytes()[5 * MiB + 512 : 5 * MiB + 512 + short] == data
+
+
+def test_a_long_piece_off_the_alignment_goes_direct_through_the_stage(
+    tmp_path: Path,
+) -> None:
+    """Staged whether or not the guest fills the buffers: the stage is what aligns it."""
+    out = OutputFile.create(str(tmp_path / "out.raw"), 12 * MiB, raw=True)
+    if out.direct_fd is None:
+        out.abort()
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    data = os.urandom(2 * MiB)
+    private = mmap.mmap(-1, len(data))
+    private[:] = data
+    with memoryview(private) as view:
+        out.write([(5 * MiB + 512, view)])  # a vpc block's data: 512-aligned
+    private.close()
+    assert len(out._stage_memory) == 1
+    assert out.direct_bytes == 2 * MiB - out.granule
+    out.commit(12 * MiB)
     assert (tmp_path / "out.raw").read_bytes()[5 * MiB + 512 : 7 * MiB + 512] == data

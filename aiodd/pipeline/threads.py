@@ -29,7 +29,7 @@ from aiodd.formats.base import OutputPlan, VirtualDisk
 from aiodd.progress import ProgressMeter
 from aiodd.stages.digest import Hasher, hash_zeros
 from aiodd.stages.encoder import metadata_batches, place
-from aiodd.stages.sink import OutputFile, granules_clash
+from aiodd.stages.sink import OutputFile, Span, granules_clash
 
 
 def copy_in_threads(
@@ -129,7 +129,7 @@ class _Copy:
         self.failures: list[tuple[int, BaseException]] = []
         self.stopped = False
         self.changed = threading.Condition()
-        self.writing: dict[int, list[tuple[int, int]]] = {}  # offset -> its granules
+        self.writing: dict[int, list[Span]] = {}  # offset -> its granules
 
     def run(self, buffer: memoryview) -> None:
         while (offset := self._take()) is not None:

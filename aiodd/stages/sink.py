@@ -12,10 +12,12 @@ Aligned data goes out through a second, ``O_DIRECT`` descriptor.  The fsync that
 durability requires (docs/usage.md, "Durability") makes the copy wait for the disk
 anyway, so staging the output in the page cache only adds a memory copy per byte and
 fills memory with pages nobody will read; on these VMs, taking fresh page-cache pages
-is also what made half of the buffered copies two to three times slower.  Whatever the
-filesystem refuses to take directly (unaligned pieces, small metadata) is written
-through the page cache, and so is everything on a filesystem that is not a local
-disk's (NFS, tmpfs, FUSE...).
+is also what made half of the buffered copies two to three times slower.  Only whole
+granules (pages, or filesystem blocks) go that way; a long piece that starts off them
+(vdi's data, vpc's blocks) is copied into aligned memory between its ends.  Whatever
+the filesystem refuses to take directly (the ends of pieces, small metadata) is
+written through the page cache, and so is everything on a filesystem that is not a
+local disk's (NFS, tmpfs, FUSE...).
 
 That is the default cache mode, ``none``; the others (``-t``, qemu's names) change
 only how the bytes reach the disk and when they are flushed, never where the file is
@@ -76,10 +78,15 @@ _PUNCH_HOLE = 0x02  # FALLOC_FL_PUNCH_HOLE
 # each write's completion comes back through the worker thread and the next is
 # handed out (docs/performance.md, "Durable at the disk's speed").
 WRITES_IN_FLIGHT = 2
-# Writes in flight together never share one of these: a buffered write into a page
-# that an O_DIRECT write covers at the same time could write stale bytes back over it.
-# 64 KiB covers every page size and filesystem block size in use.
-_WRITE_GRANULE = 64 << 10
+# What goes past the page cache is whole write granules (a page, or the filesystem's
+# block where that is larger; OutputFile.granule): a buffered write into a page that
+# an O_DIRECT write covers at the same time could write stale bytes back over it, so
+# a granule written O_DIRECT is one write's alone, and an op that touches one another
+# op may write that way waits for it (granules_clash).  Where the granule cannot be
+# told, this, which covers every page size and filesystem block size in use.
+_LARGEST_GRANULE = 64 << 10
+# ``(first, last, direct)``: granules ``[first, last)`` of one write (OutputFile.granules).
+Span = tuple[int, int, bool]
 
 # O_DIRECT needs the file offset, the length and the memory address aligned to the
 # device's logical block.  512 is the common case; a device that wants 4096 says so
@@ -155,6 +162,10 @@ def direct_length(offset: int, length: int, address: int | None, alignment: int)
 # again on first touch: 4 MiB writes cost 1-4 CPU-s per GiB where 128 KiB pieces cost
 # 0.4, steadily (docs/performance.md, "Cache modes (-t)").
 PAGE_CACHE_PIECE = 128 << 10
+# A long write that starts off the granule (vdi's data begins at byte 4608, each of
+# vpc's blocks 512 bytes past a 4 KiB boundary) goes past the page cache from the next
+# granule on, copied into an aligned stage first; a shorter one is not worth the copy.
+RECUT_LENGTH = 256 << 10
 
 _TEMP_SUFFIX = ".aiodd-tmp"
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
@@ -248,7 +259,8 @@ class OutputFile:
         self.reserved = False  # the whole file is allocated (reserve)
         # Each writer thread's private copy of what it writes O_DIRECT, where the
         # buffers are shared memory in small pages (stage_direct_writes).
-        self._stages: threading.local | None = None
+        self._stage_all = False
+        self._stages = threading.local()
         self._stage_memory: list[mmap.mmap] = []
         # Where the writes' offset 0 lies in the file: past what a clone put in place.
         self.offset = 0
@@ -392,17 +404,32 @@ class OutputFile:
         """
         if (
             self.direct_fd is not None
-            and self._stages is None
+            and not self._stage_all
             and segments_bound_requests(self.fd, DEFAULT_UNIT)
         ):
-            self._stages = threading.local()
-        return self._stages is not None
+            self._stage_all = True
+        return self._stage_all
 
     def _write_direct(self, offset: int, view: memoryview) -> int:
-        """Write what O_DIRECT takes of ``view``; return how many bytes that was."""
-        if self._stages is None or offset % _DIRECT_ALIGNMENTS[self._alignment]:
-            # Nothing to copy for: a piece off the alignment goes through the page cache.
-            return self._write_direct_from(offset, view)
+        """Write the whole granules of ``view`` O_DIRECT where the filesystem takes them,
+        and what comes before them through the page cache; return how many leading bytes
+        are written (the caller writes the rest through the page cache)."""
+        granule = self.granule
+        head = -offset % granule
+        end = offset + len(view)
+        core = end - end % granule - offset - head
+        if core <= 0 or (head and core < RECUT_LENGTH):
+            return 0
+        if head:
+            # Off the alignment, wherever the data is: copied into the stage, aligned.
+            self._write_buffered(offset, view[:head])
+            return head + self._write_staged(offset + head, view[head : head + core])
+        if self._stage_all:
+            return self._write_staged(offset, view[:core])
+        return self._write_direct_from(offset, view[:core])
+
+    def _write_staged(self, offset: int, view: memoryview) -> int:
+        """:meth:`_write_direct` through this thread's stage."""
         stage: mmap.mmap | None = getattr(self._stages, "memory", None)
         if stage is None:
             stage = self._stages.memory = private_memory(DEFAULT_UNIT)
@@ -535,13 +562,39 @@ class OutputFile:
             return 1
         return WRITES_IN_FLIGHT
 
-    def granules(self, writes: list[tuple[int, Bytes]]) -> list[tuple[int, int]]:
-        """The write granules ``writes`` touch, as ``[first, last)`` ranges."""
-        spans = []
+    @functools.cached_property
+    def granule(self) -> int:
+        """The unit of what goes past the page cache: a page, or the filesystem's block
+        where that is larger (:data:`_LARGEST_GRANULE` where it cannot be told)."""
+        try:
+            block = os.fstat(self.fd).st_blksize
+        except OSError:
+            return _LARGEST_GRANULE
+        unit = max(mmap.PAGESIZE, block, _DIRECT_ALIGNMENTS[-1])
+        return unit if unit <= _LARGEST_GRANULE and unit & (unit - 1) == 0 else _LARGEST_GRANULE
+
+    def granules(self, writes: list[tuple[int, Bytes]]) -> list[Span]:
+        """The write granules ``writes`` touch, as ``(first, last, direct)``: ``[first,
+        last)`` in granules, and whether they may go past the page cache (the whole
+        granules of a write), which no write in flight beside it may share
+        (:func:`granules_clash`).  The granules a write covers only in part go through
+        the page cache, where two writes to separate bytes of one page may meet."""
+        granule = self.granule
+        spans: list[Span] = []
         for offset, data in writes:
             start = offset + self.offset
             end = start + memoryview(data).nbytes
-            spans.append((start // _WRITE_GRANULE, -(-end // _WRITE_GRANULE)))
+            if end == start:
+                continue
+            first, last = -(-start // granule), end // granule
+            if first >= last:
+                spans.append((start // granule, -(-end // granule), False))
+                continue
+            if start % granule:
+                spans.append((first - 1, first, False))
+            spans.append((first, last, True))
+            if end % granule:
+                spans.append((last, last + 1, False))
         return spans
 
     def flush(self, size: int) -> None:
@@ -649,10 +702,10 @@ async def sink_stream(
     again wait queued behind them, so that a thread that finishes a write starts the
     next at once instead of waiting for the event loop to hand it out
     (:class:`~aiodd.workers.WorkerThreads`).  An op waits, before it is queued, for the
-    ops queued or in flight whose granules it shares; in a dense file none do but the
-    odd neighbours of a metadata block, and the order they land in is the only thing
-    two writes to separate bytes could change.  With one thread the ops are written in
-    the order received.
+    ops queued or in flight that share a granule with it that either may write past
+    the page cache (:func:`granules_clash`); in a plan, whose writes never overlap,
+    none do, and neighbours that meet in a granule both write it through the page
+    cache.  With one thread the ops are written in the order received.
     """
     import anyio  # here: a short copy writes through OutputFile with no event loop
 
@@ -662,7 +715,7 @@ async def sink_stream(
         await anyio.to_thread.run_sync(output.reserve, reserve)
     threads = output.writes_in_flight
     slots = anyio.Semaphore(2 * threads)
-    busy: dict[int, tuple[list[tuple[int, int]], anyio.Event]] = {}
+    busy: dict[int, tuple[list[Span], anyio.Event]] = {}
 
     def write(item: tuple[int, WriteOp]) -> None:
         output.write(item[1].writes)
@@ -710,8 +763,10 @@ async def sink_stream(
             writers.put((key, op))
 
 
-def granules_clash(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
-    return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
+def granules_clash(a: list[Span], b: list[Span]) -> bool:
+    """Whether two writes may not be in flight together: a granule one may write past the
+    page cache is one the other touches."""
+    return any(s1 < e2 and s2 < e1 and (d1 or d2) for s1, e1, d1 in a for s2, e2, d2 in b)
 
 
 # Each CLONE_CHUNK is one copy_file_range job: between two rounds of them the copy can
