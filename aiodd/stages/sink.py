@@ -257,8 +257,9 @@ class OutputFile:
         # as a closed descriptor's number can come back as another file's.
         self._retired: list[int] = []
         self.reserved = False  # the whole file is allocated (reserve)
-        # Each writer thread's private copy of what it writes O_DIRECT, where the
-        # buffers are shared memory in small pages (stage_direct_writes).
+        # Each writer thread's private, aligned copy of what it writes O_DIRECT: all of
+        # it where the buffers are shared memory in small pages (stage_direct_writes),
+        # else what a long write off the alignment has between its ends.
         self._stage_all = False
         self._stages = threading.local()
         self._stage_memory: list[mmap.mmap] = []
