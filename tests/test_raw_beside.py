@@ -61,10 +61,8 @@ def _guests(monkeypatch: pytest.MonkeyPatch) -> list[GuestDisk]:
     return made
 
 
-@pytest.mark.parametrize("isolation", MODES)
-def test_the_host_reads_and_the_guest_opens(
-    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolation: str
-) -> None:
+def _host_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every read the host makes of an input beside its guest, from now on."""
     reads: list[int] = []
     read_into = RawBesideGuest.read_into
 
@@ -73,6 +71,14 @@ def test_the_host_reads_and_the_guest_opens(
         read_into(self, offset, buf)
 
     monkeypatch.setattr(RawBesideGuest, "read_into", counted)
+    return reads
+
+
+@pytest.mark.parametrize("isolation", MODES)
+def test_the_host_reads_and_the_guest_opens(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolation: str
+) -> None:
+    reads = _host_reads(monkeypatch)
     guests = _guests(monkeypatch)
     result = _copy(image, tmp_path / "beside.raw", isolation)
     told = (result.isolation, result.isolation_reason) if result else None
@@ -201,14 +207,7 @@ def test_the_input_stays_locked_once_its_guest_has_gone(
 async def test_the_library_reads_here_too(
     image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolation: str
 ) -> None:
-    reads: list[int] = []
-    read_into = RawBesideGuest.read_into
-
-    def counted(self: RawBesideGuest, offset: int, buf: memoryview) -> None:
-        reads.append(len(buf))
-        read_into(self, offset, buf)
-
-    monkeypatch.setattr(RawBesideGuest, "read_into", counted)
+    reads = _host_reads(monkeypatch)
     guests = _guests(monkeypatch)
     events: list[Progress] = []
     plain = await aiodd.dd(image, tmp_path / "plain.raw", input_format="raw", isolation=isolation)  # type: ignore[arg-type]

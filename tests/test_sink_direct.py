@@ -182,12 +182,8 @@ def test_only_local_disk_filesystems_go_direct(tmp_path: Path) -> None:
         out.abort()
 
 
-def test_a_real_copy_goes_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pipeline hands the sink pool buffers that O_DIRECT takes whole."""
-    import anyio
-
-    from aiodd.api import dd
-
+def _outputs_made(monkeypatch: pytest.MonkeyPatch) -> list[OutputFile]:
+    """Every OutputFile a copy creates from now on."""
     outputs: list[OutputFile] = []
     real_create = OutputFile.create
 
@@ -197,6 +193,16 @@ def test_a_real_copy_goes_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         return out
 
     monkeypatch.setattr(OutputFile, "create", create)
+    return outputs
+
+
+def test_a_real_copy_goes_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline hands the sink pool buffers that O_DIRECT takes whole."""
+    import anyio
+
+    from aiodd.api import dd
+
+    outputs = _outputs_made(monkeypatch)
     src = tmp_path / "in.raw"
     data = os.urandom(9 * MiB + 512)
     src.write_bytes(data)
@@ -216,15 +222,7 @@ def test_layouts_off_the_alignment_go_direct_too(
     cache, and the image reads back as the input."""
     from aiodd.api import plain_copy
 
-    outputs: list[OutputFile] = []
-    real_create = OutputFile.create
-
-    def create(path: str, size: int, **options: Any) -> OutputFile:
-        out = real_create(path, size, **options)
-        outputs.append(out)
-        return out
-
-    monkeypatch.setattr(OutputFile, "create", create)
+    outputs = _outputs_made(monkeypatch)
     src, dst = tmp_path / "in.raw", tmp_path / f"out.{fmt}"
     data = os.urandom(9 * MiB)
     src.write_bytes(data)
