@@ -354,9 +354,11 @@ async def dd(
     _timing.mark("input opened")
     try:
         operands = (bs_value, count_value, skip_value)
-        if beside and on_progress is None:
+        if not beside:
+            mode = _mode(disk, isolation)
+        elif on_progress is None:
             mode = ("", "")  # the guest says where it opened the input at the end
-        else:  # beside, this waits for the guest: the events say it from the first on
+        else:  # waits for the guest: the events say where from the first on
             mode = await anyio.to_thread.run_sync(_mode, disk, isolation)
         window, plan = _prepare(disk, src_path, dst_path, operands, output_format, policy, warnings)
         meter = ProgressMeter(plan.data_size, on_progress, progress_interval, mode)
@@ -535,14 +537,12 @@ def plain_copy(
         _timing.mark("input opened")
         try:
             with _guest_first(disk):
-                # Beside the copy, the guest says where it opened the input at the end,
-                # or before the first progress event.
-                mode = ("", "") if beside else _mode(disk, isolation)
+                # Beside the copy, the guest says where it opened the input at the end;
+                # with progress, this waits for it: the events say so from the first on.
+                mode = ("", "") if beside and on_progress is None else _mode(disk, isolation)
                 window, plan = _prepare(
                     disk, src, dst, (bs, count, skip), output_format, policy, warnings
                 )
-                if beside and on_progress is not None:
-                    mode = _mode(disk, isolation)  # waits for the guest, for the events
                 if stopped():
                     return None
                 meter = ProgressMeter(plan.data_size, on_progress, isolation=mode)
