@@ -25,7 +25,7 @@ import zstandard
 
 from aiodd.errors import ImageError, IsolationError, UnsupportedImageError
 from aiodd.formats.base import RandomAccessFile
-from aiodd.guest.kvm import GUEST, availability, elf
+from aiodd.guest.kvm import GUEST, availability, elf, vmm
 from aiodd.guest.kvm import layout as L
 from aiodd.guest.kvm.build import RUNTIME, BuildError, build
 from aiodd.guest.kvm.vmm import KVM_RUN, AbiViolation, GuestVM, slot_address
@@ -807,6 +807,37 @@ def test_readv_fills_its_segments_and_reports_got(
             answer, req = readv(guest, *many)
             assert answer[5] == L.OK
             assert all(L.SEGMENT.unpack_from(req, i * 40)[5] == 1 for i in range(len(many)))
+    finally:
+        memory.close()
+
+
+def test_reads_into_the_output_are_made_at_the_end_and_stay_few(
+    kvm_hostile_guest: Path, data_file: tuple[LocalFile, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read into the command's output is put off to the command's end (docs/kvm.md,
+    "Reads the host finishes"), but past PUT_OFF_MAX of them they are made at once."""
+    monkeypatch.setattr(vmm, "PUT_OFF_MAX", 2)
+    file, data = data_file
+    memory = shared_buffer(1 << 20)
+    try:
+        guest = GuestVM([file], guest=kvm_hostile_guest, memories=[memory])
+        made: list[int] = []
+        make = guest._make_put_off
+
+        def spy() -> None:
+            made.append(len(guest._put_off))
+            make()
+
+        monkeypatch.setattr(guest, "_make_put_off", spy)
+        with guest:
+            # five reads, none next to another in the file and in the output
+            pieces = [segment(0, 100 * i, 10, slot_address(0) + 1000 * i) for i in range(5)]
+            answer, req = readv(guest, *pieces, output=(slot_address(0), 65536))
+            assert answer[5] == L.OK
+            assert [L.SEGMENT.unpack_from(req, i * 40)[5] for i in range(5)] == [10] * 5
+            assert made == [2, 2, 1]  # at the third and the fifth, then at the end
+            for i in range(5):
+                assert memory[1000 * i : 1000 * i + 10] == data[100 * i : 100 * i + 10]
     finally:
         memory.close()
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache, partial
@@ -294,6 +297,39 @@ def test_compressed_errors_and_table_errors_come_in_python_order(hosted: Hosted)
     entries = {0: 4 * CS + 512, 1: _compressed_entry(4 * CS, len(bad))}
     got = compare(hosted, image(entries, [bad]))
     assert got is not None and "not cluster aligned" in str(got.reads[0])
+
+
+# A decoder's command standing in for one that keeps off (0) or writes over (1) the byte
+# a read into its output asked for, run by the hosted build's check (tests/fuzz/hosted.c).
+_WRITE_AFTER_READ = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+lib.hosted_add_file.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+lib.hosted_write_after_read.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+lib.hosted_reset()
+data, dest, seen = (ctypes.create_string_buffer(b"\\x7f", 1), ctypes.create_string_buffer(1),
+                    ctypes.create_string_buffer(1))
+lib.hosted_add_file(data, 1)
+status = lib.hosted_write_after_read(dest, int(sys.argv[2]), seen)
+print(status, dest.raw.hex(), seen.raw.hex())
+"""
+
+
+def test_a_decoder_that_writes_over_a_put_off_read_is_caught(hosted: Hosted) -> None:
+    # The host makes a read into the output when the command ends (docs/kvm.md, "Reads
+    # the host finishes"); until then the bytes hold a pattern, which a decoder that
+    # reads them back would see, and one that writes over them breaks.
+    def run(overwrite: int) -> subprocess.CompletedProcess[str]:
+        args = [sys.executable, "-c", _WRITE_AFTER_READ, str(hosted.library), str(overwrite)]
+        return subprocess.run(args, capture_output=True, text=True, check=False)
+
+    kept = run(0)
+    assert kept.returncode == 0, kept.stderr
+    status, dest, seen = kept.stdout.split()
+    assert (status, dest) == ("0", "7f") and seen != "7f"
+    broken = run(1)
+    assert broken.returncode == -signal.SIGABRT
+    assert "a write into the output's bytes a read was put off for" in broken.stderr
 
 
 def test_a_long_chain_of_small_layers(hosted: Hosted) -> None:

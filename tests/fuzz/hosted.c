@@ -6,6 +6,11 @@
  * or inside the running command's output, offsets and lengths below 2^63.  A decoder
  * that breaks one aborts, which the fuzzer reports as a crash.
  *
+ * A read into the command's output is put off to the command's end, as the VMM puts it
+ * off (docs/kvm.md, "Reads the host finishes"): its bytes are filled with a pattern
+ * meanwhile, and a decoder that wrote over them after asking for the read aborts too.
+ * One that read them back reads the pattern, and its output differs from Python's.
+ *
  * Used by the libFuzzer harnesses (fuzz_qcow2.c, fuzz_vmdk.c) and, as a shared library, by
  * tests/test_kvm_decoder*.py through ctypes (the hosted_* functions). */
 #include <stdio.h>
@@ -101,6 +106,9 @@ static struct {
     hosted_opener opener;
     uint64_t doorbells;
     uintptr_t opened;
+    struct host_segment *deferred;  /* the output's reads, put off to the command's end */
+    size_t deferred_count;
+    size_t deferred_capacity;
 } host;
 
 static void check(int ok, const char *what) {
@@ -128,6 +136,48 @@ static int inside(const unsigned char *p, uint64_t length, const unsigned char *
     return p >= base && (uint64_t)(p - base) <= size && length <= size - (uint64_t)(p - base);
 }
 
+/* The pattern a put-off read's bytes hold until the command ends: position-dependent, so
+ * that no decoder writes it by chance (zeros, a copy of other bytes). */
+static unsigned char pattern(const unsigned char *p) {
+    uintptr_t x = (uintptr_t)p;
+    x ^= x >> 7;
+    x *= 0x9E3779B97F4A7C15ULL;
+    return (unsigned char)((x >> 56) | 1u);
+}
+
+static void defer(const struct host_segment *s) {
+    if (host.deferred_count == host.deferred_capacity) {
+        size_t capacity = host.deferred_capacity ? 2 * host.deferred_capacity : 64;
+        struct host_segment *grown = realloc(host.deferred, capacity * sizeof *grown);
+        check(grown != NULL, "no memory for the put-off reads");
+        host.deferred = grown;
+        host.deferred_capacity = capacity;
+    }
+    host.deferred[host.deferred_count++] = *s;
+    for (uint64_t i = 0; i < s->got; i++) {
+        s->dest[i] = pattern(s->dest + i);
+    }
+}
+
+/* The command ended: every put-off read's bytes still hold the pattern (the decoder kept
+ * off them), then the reads are made, in the order asked. */
+static void finish_deferred(void) {
+    for (size_t k = 0; k < host.deferred_count; k++) {
+        const struct host_segment *s = &host.deferred[k];
+        for (uint64_t i = 0; i < s->got; i++) {
+            /* A later read over the same bytes (a parent's, then its child's) wrote the
+             * same pattern: only the decoder's own writes show. */
+            check(s->dest[i] == pattern(s->dest + i),
+                  "a write into the output's bytes a read was put off for");
+        }
+    }
+    for (size_t k = 0; k < host.deferred_count; k++) {
+        const struct host_segment *s = &host.deferred[k];
+        memcpy(s->dest, host.data[s->handle] + s->offset, (size_t)s->got);
+    }
+    host.deferred_count = 0;
+}
+
 uint32_t host_readv(struct host_segment *segments, size_t count) {
     host.doorbells += (count + AIODD_MAX_SEGMENTS - 1) / AIODD_MAX_SEGMENTS;
     for (size_t i = 0; i < count; i++) {
@@ -141,10 +191,12 @@ uint32_t host_readv(struct host_segment *segments, size_t count) {
         uint64_t size = host.size[s->handle];
         uint64_t got = s->offset < size ? size - s->offset : 0;
         got = got < s->length ? got : s->length;
-        if (got > 0) {
+        s->got = got;
+        if (got > 0 && host.out != NULL && inside(s->dest, s->length, host.out, host.out_length)) {
+            defer(s);
+        } else if (got > 0) {
             memcpy(s->dest, host.data[s->handle] + s->offset, (size_t)got);
         }
-        s->got = got;
     }
     return AIODD_OK;
 }
@@ -215,9 +267,27 @@ uint32_t hosted_read(uint64_t offset, unsigned char *dest, uint64_t length) {
     }
     host.out = dest;
     host.out_length = length;
+    host.deferred_count = 0;
     uint32_t status = disk_read(offset, dest, length);
+    finish_deferred();
     host.out = NULL;
     heap_release(host.opened);
+    return status;
+}
+
+uint32_t hosted_write_after_read(unsigned char *dest, int overwrite, unsigned char *seen) {
+    check(host.count > 0 && host.size[0] > 0, "no byte in file 0");
+    host.out = dest;
+    host.out_length = 1;
+    host.deferred_count = 0;
+    struct host_segment segment = {0, 0, 1, dest, 0};
+    uint32_t status = host_readv(&segment, 1);
+    *seen = dest[0];
+    if (overwrite) {
+        dest[0] = 0;
+    }
+    finish_deferred();
+    host.out = NULL;
     return status;
 }
 

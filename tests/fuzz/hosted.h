@@ -18,6 +18,10 @@ void hosted_set_opener(hosted_opener opener);
 /* CMD_OPEN of handle 0 and CMD_READ, as the guest's main loop runs them. */
 uint32_t hosted_open(uint32_t format, uint64_t *virtual_size);
 uint32_t hosted_read(uint64_t offset, unsigned char *dest, uint64_t length);
+/* A command of a decoder that reads file 0's first byte into its output, dest[0] (what
+ * it then holds goes to seen), and with `overwrite` writes over it before the command
+ * ends, as no decoder may: the check that catches one (tests only). */
+uint32_t hosted_write_after_read(unsigned char *dest, int overwrite, unsigned char *seen);
 /* The error last recorded (AIODD_E_IMAGE, AIODD_E_UNSUPPORTED). */
 const char *hosted_error(uint64_t *length, uint32_t *layer);
 /* Doorbells rung since the reset (OP_READV, OP_OPEN), and the heap's high-water mark. */

@@ -154,6 +154,7 @@ def python_outcome(open_disk: Callable[[], VirtualDisk], reads: Reads) -> Outcom
 class Hosted:
     def __init__(self, library: Path, *, tiny_tables: bool = False) -> None:
         self.tiny_tables = tiny_tables  # how the library was built (build.TINY_TABLES)
+        self.library = library
         lib = ctypes.CDLL(str(library))
         lib.hosted_reset.restype = None
         lib.hosted_add_file.argtypes = [ctypes.c_void_p, ctypes.c_uint64]

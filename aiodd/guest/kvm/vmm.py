@@ -28,6 +28,7 @@ import struct
 import time
 
 from aiodd.errors import ImageError, IsolationError, UnsupportedImageError
+from aiodd.formats.zeros import zero_fill
 from aiodd.guest.kvm import elf
 from aiodd.guest.kvm import layout as L
 
@@ -412,6 +413,10 @@ class AbiViolation(Exception):
 SPARSE_MIN: Final = 256 << 10
 """A readv segment this long asks where the file's holes are (two ``lseek`` calls)."""
 
+PUT_OFF_MAX: Final = 4096
+"""Reads into a command's output put off at most (each one a few words of the host's
+memory): past it, those are made at once, as they may be at any time."""
+
 
 def _inside(address: int, length: int, base: int, size: int) -> bool:
     """``[address, address + length)`` lies in ``[base, base + size)``; cannot overflow."""
@@ -460,6 +465,13 @@ class GuestVM:
         self._opener = opener
         self._slots = slots
         self._output: tuple[int, int] | None = None  # the running command's output range
+        # The reads into the output put off to the command's end, in the order asked:
+        # [handle, offset, length, guest address] (docs/kvm.md, "Reads the host finishes").
+        self._put_off: list[list[int]] = []
+        # Which put-off reads may be left to the caller (None: none; then every one is
+        # made here at the end), and how many at most.
+        self._leave: Callable[[int], bool] | None = None
+        self._leave_max = 0
         self._failure: Exception | None = None  # the host's own failure in this command
         self._fds: list[int] = []
         self._ram: mmap.mmap | None = None
@@ -789,26 +801,61 @@ class GuestVM:
             got = 0
             if status == L.OK and length:
                 file = self.files[handle]
-                # A local file's holes are zeroed here, not read: reading a hole makes
-                # the kernel zero a page-cache page per 4 KiB, several times slower
-                # (the raw decoder does the same where it runs in Python, aiodd/io.py).
-                with self._view(dest, length) as view:
+                if output is not None and not _inside(dest, length, L.IN_BASE, L.IN_SIZE):
+                    # Into the output: put off (the guest keeps off those bytes until it
+                    # ends the command), up to where the file ends.
+                    got = max(0, min(length, file.size - offset))
+                    if got:
+                        self._put_off_read(handle, offset, got, dest)
+                else:
                     try:
-                        # The method looked up, not isinstance(file, SparseFile): a
-                        # Protocol's isinstance walks its members, ~25 µs a call.
-                        sparse = getattr(file, "readinto_sparse", None)
-                        if length >= SPARSE_MIN and sparse is not None:
-                            got = sparse(offset, view)
-                        else:
-                            got = file.readinto(offset, view)
+                        got = self._read_now(file, offset, length, dest)
                     except OSError as exc:
                         self._failure = self._failure or exc
                         status = L.E_IO
                         got = 0
-                if not 0 <= got <= length:
-                    raise IsolationError(f"{file.name}: readinto returned {got} for {length} bytes")
             _U64.pack_into(self._ram, L.REQ_BASE + i * L.SEGMENT.size + L.SEGMENT_GOT, got)
         self._answer(L.OP_READV, length=count, status=status)
+
+    def _read_now(self, file: RandomAccessFile, offset: int, length: int, dest: int) -> int:
+        """Read ``length`` bytes of ``file`` into guest memory at ``dest``: how many."""
+        # A local file's holes are zeroed here, not read: reading a hole makes the kernel
+        # zero a page-cache page per 4 KiB, several times slower (the raw decoder does
+        # the same where it runs in Python, aiodd/io.py).
+        with self._view(dest, length) as view:
+            # The method looked up, not isinstance(file, SparseFile): a Protocol's
+            # isinstance walks its members, ~25 µs a call.
+            sparse = getattr(file, "readinto_sparse", None)
+            if length >= SPARSE_MIN and sparse is not None:
+                got: int = sparse(offset, view)
+            else:
+                got = file.readinto(offset, view)
+        if not 0 <= got <= length:
+            raise IsolationError(f"{file.name}: readinto returned {got} for {length} bytes")
+        return got
+
+    def _put_off_read(self, handle: int, offset: int, length: int, dest: int) -> None:
+        put_off = self._put_off
+        if put_off:
+            last = put_off[-1]
+            if last[0] == handle and last[1] + last[2] == offset and last[3] + last[2] == dest:
+                last[2] += length  # the next bytes of the file, to the next of the output
+                return
+        leave = self._leave
+        if leave is not None and (len(put_off) >= self._leave_max or not leave(handle)):
+            self._leave = leave = None  # from here on every one is made here
+        if leave is None and len(put_off) >= PUT_OFF_MAX:
+            self._make_put_off()
+        self._put_off.append([handle, offset, length, dest])
+
+    def _make_put_off(self) -> None:
+        """Make the reads put off, in order, into guest memory."""
+        put_off, self._put_off = self._put_off, []
+        for handle, offset, length, dest in put_off:
+            got = self._read_now(self.files[handle], offset, length, dest)
+            if got < length:  # the file shrank since it was opened: zeros, as past its end
+                with self._view(dest + got, length - got) as rest:
+                    zero_fill(rest)
 
     def _serve_open(self) -> None:
         req = self._req()
@@ -868,10 +915,11 @@ class GuestVM:
         """Run one command (``CMD_*``): its result, READY's length.
 
         ``output`` is the range ``(address, length)`` the guest may read files into
-        besides IN (inside OUT or one slot).  The host's own failure while serving the
-        command (a file that could not be read, a refused open) is raised as it was
-        raised; the guest's errors become :class:`ImageError` and its subclasses; anything
-        it does wrong is an IsolationError.
+        besides IN (inside OUT or one slot); those reads are made once the guest has
+        ended the command (docs/kvm.md, "Reads the host finishes").  The host's own
+        failure while serving the command (a file that could not be read, a refused
+        open) is raised as it was raised; the guest's errors become :class:`ImageError`
+        and its subclasses; anything it does wrong is an IsolationError.
         """
         if output is not None and not self._writable(*output):
             raise ValueError("output range outside OUT and the slots")
@@ -879,6 +927,7 @@ class GuestVM:
         def run() -> tuple[int, int]:
             self._output = output
             self._failure = None
+            self._put_off = []
             self._answer(op, handle, offset, length, address)
             try:
                 return self._wait_ready()
@@ -891,6 +940,8 @@ class GuestVM:
             # The host's failure decides, whatever the guest made of it: the Python
             # decoders would have stopped at it.
             raise failure
+        if status == L.OK and self._leave is None:
+            self._make_put_off()
         if status == L.OK:
             if op == L.CMD_OPEN and result > MAX_OFFSET:
                 raise self._broke(f"reported a virtual size of {result} bytes")
@@ -923,14 +974,37 @@ class GuestVM:
             raise ValueError("no image to open")
         return self.command(L.CMD_OPEN, 0, fmt, self.files[0].size, timeout=timeout)
 
-    def read(self, offset: int, length: int, address: int, *, timeout: float | None = None) -> None:
+    def read(
+        self,
+        offset: int,
+        length: int,
+        address: int,
+        *,
+        timeout: float | None = None,
+        leave: Callable[[int], bool] | None = None,
+        leave_max: int = 0,
+    ) -> list[list[int]]:
         """Decode the open image's ``[offset, offset + length)`` into guest memory at
-        ``address`` (inside OUT or one slot)."""
+        ``address`` (inside OUT or one slot).
+
+        With ``leave``, up to ``leave_max`` reads of files whose handle it accepts are
+        left to the caller, who must make them, in order, over the guest's output:
+        returned as ``[handle, offset, length, offset in the output]`` (a file's end
+        within them reads as zeros).  Without, or once a read cannot be left, none is.
+        """
         if not 0 <= offset <= MAX_OFFSET - length or length < 0:
             raise ValueError("read out of range")
-        self.command(
-            L.CMD_READ, 0, offset, length, address, output=(address, length), timeout=timeout
-        )
+        self._leave, self._leave_max = leave, leave_max
+        try:
+            self.command(
+                L.CMD_READ, 0, offset, length, address, output=(address, length), timeout=timeout
+            )
+            left, self._put_off = self._put_off, []  # none unless they may be left
+            for extent in left:
+                extent[3] -= address
+            return left
+        finally:
+            self._put_off, self._leave = [], None
 
     def output(self, length: int) -> bytes:
         """The first ``length`` bytes of OUT (``length`` as a command returned it)."""
