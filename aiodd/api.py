@@ -330,7 +330,7 @@ async def dd(
     # An input named raw is read here while the guest opens it (aiodd/guest/raw_beside.py).
     beside = isolation != "inline" and input_format == "raw"
     memory: mmap.mmap | None = None
-    if isolation != "inline" and not beside:
+    if _guest_fills(isolation, beside, cache):
         from aiodd.guest import shared_buffer
 
         # The pool lives in shared memory, so the guest decodes straight into it.
@@ -516,7 +516,7 @@ def plain_copy(
         hasher = hashlib.new(options.checksum(checksum))
     policy = Policy(allow_backing, force_share=force_share)
     beside = isolation != "inline" and input_format == "raw"
-    guest_fills = isolation != "inline" and not beside  # the buffers, shared with it
+    guest_fills = _guest_fills(isolation, beside, cache)  # the buffers, shared with it
     # Mapped, not touched: a short copy's pages are the few it reads.
     if not guest_fills:
         memory = private_memory(PLAIN_MEMORY)
@@ -632,6 +632,27 @@ def _guest_first(disk: VirtualDisk) -> Iterator[None]:
         if isinstance(disk, RawBesideGuest):
             disk.confirm()
         raise
+
+
+def _guest_fills(isolation: Isolation, beside: bool, cache: Cache) -> bool:
+    """Whether the buffers are to be shared with a guest, which then decodes into them.
+
+    Not where no guest decodes (inline, or an input named raw read beside it), nor where
+    the KVM guest reader will run and the output is written past the page cache: its
+    reads then come back as maps, whose extents the host reads itself into private
+    memory in huge pages, one copy, not two (aiodd/guest/disk.py; docs/performance.md,
+    "Maps for the KVM guest's reads").  Through the page cache the guest's own reads
+    are faster: its process reads while this one writes."""
+    if isolation == "inline" or beside:
+        return False
+    if cache not in ("none", "directsync"):
+        return True
+    if isolation == "auto":
+        from aiodd.guest import kvm
+        from aiodd.guest.options import GuestOptions
+
+        return not kvm.availability(GuestOptions().kvm_path())[0]
+    return isolation != "kvm"
 
 
 def _mode(disk: VirtualDisk, isolation: Isolation) -> tuple[str, str]:

@@ -9,7 +9,7 @@ import mmap
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -175,9 +175,11 @@ class BytesChannel:
             mem.close()
 
 
-def _disk(tmp_path: Path, channel: Channel, options: GuestOptions | None = None) -> GuestDisk:
+def _disk(
+    tmp_path: Path, channel: Channel, options: GuestOptions | None = None, data: bytes = b""
+) -> GuestDisk:
     path = tmp_path / "disk.raw"
-    path.write_bytes(b"")
+    path.write_bytes(data)
     policy = Policy()
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -239,3 +241,75 @@ def test_the_disk_holds_the_guest_to_the_mode_it_asked_for(tmp_path: Path) -> No
     disk = _disk(tmp_path, channel, GuestOptions(isolation="auto"))
     assert (disk.mode, disk.mode_reason) == ("kvm", "auto: /dev/kvm available")
     disk.close()
+
+
+# -- maps: the reads a KVM guest leaves to the host --------------------------------------
+
+
+class MapChannel(BytesChannel):
+    """A guest in the VM that answers each read with what ``answer`` gives: the bytes it
+    decodes into the staging slot, and its map (aiodd.guest.protocol.Done)."""
+
+    def __init__(
+        self, data: bytes, answer: Callable[[Read], tuple[bytes, tuple[int, ...] | None]]
+    ) -> None:
+        super().__init__(data, mode=("kvm", "auto: in-process"))
+        self.answer = answer
+
+    def call(self, request: Request, timeout: float, *, cpu: float, late: str) -> Done:
+        assert isinstance(request, Read)
+        self.requests.append(request)
+        written, extents = self.answer(request)
+        self.mems[request.mem][request.moff : request.moff + len(written)] = written
+        return Done(len(self.requests), map=extents)
+
+
+def test_a_kvm_guests_map_is_read_by_the_host_in_order(tmp_path: Path) -> None:
+    data = os.urandom(65536)
+    extents = (
+        0, 100, 1000, 0,  # layer, file offset, length, offset in the read
+        0, 5000, 2000, 500,  # over the end of the one before: the later read wins
+        0, len(data) - 10, 50, 6000,  # where the file ends: zeros
+    )  # fmt: skip
+    channel = MapChannel(data, lambda request: (b"G" * request.len, extents))
+    disk = _disk(tmp_path, channel, data=data)
+    buf = bytearray(8192)
+    disk.read_into(0, memoryview(buf))
+    assert all(request.map for request in channel.requests)
+    expected = bytearray(b"G" * 8192)  # what the guest decoded, where no extent falls
+    expected[0:1000] = data[100:1100]
+    expected[500:2500] = data[5000:7000]
+    expected[6000:6050] = data[-10:] + bytes(40)
+    assert buf == expected
+    disk.close()
+
+
+@pytest.mark.parametrize(
+    ("extents", "why"),
+    [
+        ((1, 0, 10, 0), "a map of an unknown layer"),  # the host holds layer 0 alone
+        ((0, 0, 10, 8190), "a map past its read"),
+    ],
+)
+def test_a_map_the_host_did_not_allow_ends_the_guest(
+    tmp_path: Path, extents: tuple[int, ...], why: str
+) -> None:
+    channel = MapChannel(b"x" * 65536, lambda request: (b"", extents))
+    disk = _disk(tmp_path, channel, data=b"x" * 65536)
+    with pytest.raises(IsolationError, match=rf"broke the protocol \({why}\)"):
+        disk.read_into(0, memoryview(bytearray(8192)))
+    assert channel.closed
+
+
+def test_a_map_unasked_ends_the_guest(tmp_path: Path) -> None:
+    # A sandboxed guest decodes with the Python decoders, and is asked for no map.
+    class Mapping(BytesChannel):
+        def call(self, request: Request, timeout: float, *, cpu: float, late: str) -> Done:
+            assert isinstance(request, Read) and not request.map
+            return Done(1, map=(0, 0, 1, 0))
+
+    channel = Mapping(b"x" * 512)
+    disk = _disk(tmp_path, channel, data=b"x" * 512)
+    with pytest.raises(IsolationError, match=r"broke the protocol \(a map unasked\)"):
+        disk.read_into(0, memoryview(bytearray(512)))
+    assert channel.closed

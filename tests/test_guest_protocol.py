@@ -89,7 +89,7 @@ host_messages = st.one_of(
         any_text,
         st.integers(0, protocol.MAX_LANES),
     ),
-    st.builds(Read, ids, ids, ids, ids, ids),
+    st.builds(Read, ids, ids, ids, ids, ids, st.booleans()),
     st.builds(
         Call,
         st.text(min_size=1, max_size=10).filter(
@@ -102,6 +102,20 @@ host_messages = st.one_of(
     st.builds(lambda rid, error: Resolved(rid, error=error), ids, wire_errors),
     st.just(Close()),
 )
+
+TOP = (1 << 63) - 1
+# A read's map: (layer, file offset, length, offset in the read) each, in bounds.
+maps = st.lists(
+    st.integers(1, TOP).flatmap(
+        lambda length: st.tuples(
+            st.integers(0, protocol.MAP_LAYERS - 1),
+            st.integers(0, TOP - length),
+            st.just(length),
+            st.integers(0, TOP - length),
+        )
+    ),
+    max_size=protocol.MAP_EXTENTS,
+).map(lambda extents: tuple(n for extent in extents for n in extent))
 
 guest_messages = st.one_of(
     st.builds(
@@ -118,7 +132,7 @@ guest_messages = st.one_of(
         printable,
     ),
     st.builds(Failed, wire_errors),
-    st.builds(Done, ids, st.none() | wire_errors, st.none() | printable),
+    st.builds(Done, ids, st.none() | wire_errors, st.none() | printable, st.none() | maps),
     st.builds(
         Resolve,
         ids,
@@ -155,7 +169,7 @@ def test_a_request_takes_its_id() -> None:
     read = Read(4096, 1, 0, 512)
     assert read.replace(id=7) == Read(4096, 1, 0, 512, 7)
     assert read.id == 0  # the original is unchanged
-    assert repr(read.replace(id=7)) == "Read(id=7, len=512, mem=1, moff=0, offset=4096)"
+    assert repr(read.replace(id=7)) == "Read(id=7, len=512, map=False, mem=1, moff=0, offset=4096)"
     assert Read(1, 2, 3, 4) != Call("read", {})
 
 
@@ -163,6 +177,12 @@ def test_the_messages_on_the_wire() -> None:
     # The bytes themselves: what a second transport must speak.
     assert json.loads(to_bytes(Read(4096, 1, 8, 512, 3))) == {
         "op": "read", "offset": 4096, "mem": 1, "moff": 8, "len": 512, "id": 3,
+    }  # fmt: skip
+    assert json.loads(to_bytes(Read(0, 1, 0, 512, 4, map=True))) == {
+        "op": "read", "offset": 0, "mem": 1, "moff": 0, "len": 512, "id": 4, "map": True,
+    }  # fmt: skip
+    assert json.loads(to_bytes(Done(4, map=(0, 4096, 512, 0)))) == {
+        "op": "done", "id": 4, "map": [0, 4096, 512, 0],
     }  # fmt: skip
     assert json.loads(to_bytes(Call("attempt", {"what": "ids", "arg": None}, 2))) == {
         "op": "attempt", "what": "ids", "arg": None, "id": 2,
@@ -308,6 +328,16 @@ def _guest(message: dict[str, Any]) -> protocol.GuestMessage:
         {"op": "done", "id": "1"},
         {"op": "done", "id": 1 << 64},
         {"op": "done", "id": 1, "error": {"class": ["ImageError"]}},
+        {"op": "done", "id": 1, "map": {}},
+        {"op": "done", "id": 1, "map": [0, 0, 1]},  # not four numbers each
+        {"op": "done", "id": 1, "map": [0, 0, 0, 0]},  # nothing to read
+        {"op": "done", "id": 1, "map": [-1, 0, 1, 0]},
+        {"op": "done", "id": 1, "map": [64, 0, 1, 0]},  # a layer the host does not hold
+        {"op": "done", "id": 1, "map": [0, (1 << 63) - 1, 1, 0]},  # past 2^63 - 1
+        {"op": "done", "id": 1, "map": [0, 0, 1, (1 << 63) - 1]},
+        {"op": "done", "id": 1, "map": [0, 0, True, 0]},
+        {"op": "done", "id": 1, "map": [0, 0.0, 1, 0]},
+        {"op": "done", "id": 1, "map": [0, 0, 1, 0] * 257},  # more than MAP_EXTENTS
         {"op": "resolve", "rid": 1, "layer": 0, "kind": "socket", "name": "x", "disk": True},
         {"op": "resolve", "rid": 1, "layer": -1, "kind": "backing", "name": "x"},
         {"op": "resolve", "rid": 1, "layer": 0, "kind": "backing", "name": None},

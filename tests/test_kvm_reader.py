@@ -35,7 +35,7 @@ from aiodd.guest.kvm.vmm import KVM_RUN, slot_address
 from aiodd.guest.memory import shared_buffer
 from aiodd.io import LocalFile
 from tests import hostile
-from tests.conftest import needs_qemu
+from tests.conftest import needs_qemu, qemu_img, qemu_io
 
 _AVAILABLE, _WHY = availability()
 pytestmark = pytest.mark.skipif(not _AVAILABLE, reason=f"KVM guest reader unavailable: {_WHY}")
@@ -111,6 +111,32 @@ class MemResolver:
         child.opened = self.opened  # one list of every file the chain opened
         child.refusals = self.refusals
         return file, child
+
+
+class HeldResolver:
+    """Opens the chain's files from ``directory``, as the host does for a guest, and
+    numbers each as the host numbers the layers it holds (the image 0, then each in
+    turn): by descriptor in ``layers``, the files in ``files``."""
+
+    def __init__(self, directory: Path, layers: dict[int, int]) -> None:
+        self.directory = directory
+        self.layers = layers
+        self.files: list[LocalFile] = []
+
+    def open(self, name: str) -> LocalFile:
+        file = LocalFile.open(str(self.directory / name), name)
+        self.layers[file.fd] = len(self.files)
+        self.files.append(file)
+        return file
+
+    def open_file(self, ref: Reference) -> RandomAccessFile:
+        return self.open(ref.name)
+
+    def open_disk(self, ref: Reference) -> VirtualDisk:  # the Python decoders' way
+        return registry.open_disk(self.open(ref.name), self, ref.format)
+
+    def open_layer(self, ref: Reference) -> tuple[RandomAccessFile, HeldResolver]:
+        return self.open(ref.name), self
 
 
 @pytest.fixture
@@ -652,3 +678,51 @@ def test_the_watchdog_stops_a_read(kvm_hostile_guest: Path) -> None:
     )
     disk.close()
     kvm.close()
+
+
+@needs_qemu
+@pytest.mark.parametrize(("most", "held"), [(256, True), (1, True), (256, False)])
+def test_a_mapped_read_leaves_the_reads_of_held_files_to_the_host(
+    tmp_path: Path, most: int, held: bool
+) -> None:
+    """A read's map (KvmDisk.read_map): the reads of the files the host holds, left to
+    it, made in order over what the guest wrote, are the image's bytes; with more
+    extents than the map may hold, or a file the host does not hold, the guest reads
+    everything itself and the map is empty (docs/kvm.md, "Reads the host finishes")."""
+    (tmp_path / "base.raw").write_bytes(data_of(4 * MiB, seed=7))
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top)
+    # Clusters written last-first lie first-last in the file: an extent each.
+    writes = ["write -P 0x11 3M 64k", "write -P 0x22 2M 64k", "write -P 0x33 1M 128k"]
+    qemu_io(top, [*writes, "write -z 512k 64k"], fmt="qcow2")
+    want = bytearray(4 * MiB)
+    python = HeldResolver(tmp_path, {})
+    expected = registry.open_disk(python.open("top.qcow2"), python, None)
+    expected.read_into(0, memoryview(want))
+    expected.close()
+    layers: dict[int, int] = {}
+    resolver = HeldResolver(tmp_path, layers if held else {})
+    memory = shared_buffer(4 * MiB)
+    kvm = KvmReader("top.qcow2", [memory], host_layers=layers, map_extents=most)
+    try:
+        disk = kvm.open_disk(resolver.open("top.qcow2"), resolver, None)
+        with memoryview(memory) as view:
+            view[:] = b"\xaa" * len(view)
+            extents = disk.read_map(0, view)
+            for i in range(0, len(extents), 4):
+                layer, offset, length, moff = extents[i : i + 4]
+                part = view[moff : moff + length]
+                got = resolver.files[layer].readinto(offset, part)
+                part[got:] = bytes(length - got)
+            assert view == want
+            disk.read_into(0, view)  # never a map
+            assert view == want
+        if most == 256 and held:
+            assert {extents[i] for i in range(0, len(extents), 4)} == {0, 1}  # both layers
+            assert len(extents) // 4 >= 8  # three of the top's, five of the base's
+        else:
+            assert extents == ()
+        disk.close()
+    finally:
+        kvm.close()
+        memory.close()

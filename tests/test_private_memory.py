@@ -14,6 +14,8 @@ import pytest
 
 from aiodd import api, buffers
 from aiodd.buffers import BufferPool, private_memory
+from aiodd.guest.disk import GuestDisk
+from tests.conftest import needs_kvm, needs_qemu, qemu_img, qemu_io
 
 MiB = 1 << 20
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -120,3 +122,64 @@ def test_a_pool_given_its_memory_keeps_it(monkeypatch: pytest.MonkeyPatch) -> No
     assert sizes == []
     pool.close()
     memory.close()
+
+
+def _chain(tmp_path: Path) -> tuple[Path, bytes]:
+    """A qcow2 over a raw backing file, and what it reads as (qemu-img's word)."""
+    (tmp_path / "base.raw").write_bytes(os.urandom(6 * MiB))
+    top, expected = tmp_path / "top.qcow2", tmp_path / "expected.raw"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top)
+    qemu_io(top, ["write -P 0x5a 1M 2M"], fmt="qcow2")
+    qemu_img("convert", "-O", "raw", top, expected)
+    return top, expected.read_bytes()
+
+
+def _mapped_layers(monkeypatch: pytest.MonkeyPatch) -> set[int]:
+    """The layers whose extents the host reads from the guest's maps, as they come."""
+    layers: set[int] = set()
+    place = GuestDisk._place
+
+    def spy(disk: GuestDisk, buf: memoryview, staged: memoryview, extents: tuple[int, ...]) -> None:
+        layers.update(extents[0::4])
+        place(disk, buf, staged, extents)
+
+    monkeypatch.setattr(GuestDisk, "_place", spy)
+    return layers
+
+
+@needs_kvm
+@needs_qemu
+@pytest.mark.parametrize(("cache", "maps"), [("none", True), ("writeback", False)])
+def test_under_kvm_past_the_page_cache_the_host_reads_the_guests_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str, maps: bool
+) -> None:
+    """Written O_DIRECT, a kvm copy's buffers are private (in huge pages) and the host
+    reads the extents of the guest's maps into them itself, from the image and its
+    backing file; through the page cache the guest fills shared buffers, its process
+    reading while this one writes (docs/performance.md, "Maps for the KVM guest's
+    reads")."""
+    sizes = _recorded(monkeypatch, api)
+    layers = _mapped_layers(monkeypatch)
+    top, expected = _chain(tmp_path)
+    dst = tmp_path / "out.raw"
+    api.plain_copy(
+        str(top), str(dst), bs=65536, count=None, skip=0, input_format=None,
+        output_format="raw", isolation="kvm", allow_backing=(), require_isolation=False,
+        force_share=False, cache=cache, stopped=lambda: False,  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert dst.read_bytes() == expected
+    assert (sizes, layers) == (([api.PLAIN_MEMORY], {0, 1}) if maps else ([], set()))
+
+
+@needs_kvm
+@needs_qemu
+def test_the_pipelines_kvm_copy_reads_the_guests_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes = _recorded(monkeypatch, buffers)
+    layers = _mapped_layers(monkeypatch)
+    top, expected = _chain(tmp_path)
+    dst = tmp_path / "out.raw"
+    anyio.run(lambda: api.dd(str(top), str(dst), isolation="kvm"))
+    assert dst.read_bytes() == expected
+    assert (sizes, layers) == ([buffers.DEFAULT_COUNT * buffers.DEFAULT_UNIT], {0, 1})

@@ -101,6 +101,9 @@ class HostLink:
         self._waiters: dict[int, list[Any]] = {}
         self._lock = _thread.allocate_lock()
         self._next = 0
+        # The host's number for each file it gave and holds open (those below
+        # MAP_LAYERS), by descriptor: a read's map names the layer (protocol.Done).
+        self.layers: dict[int, int] = {}
 
     def send(self, message: protocol.GuestMessage) -> None:
         with self._send_lock:
@@ -148,6 +151,8 @@ class GuestResolver:
             if answer.error is None:
                 raise ImageError(ref.referrer, "refused")
             raise answer.error.exception(ref.referrer)
+        if answer.layer < protocol.MAP_LAYERS:
+            self._link.layers[fds[0]] = answer.layer
         return LocalFile(fds[0], ref.name), answer.layer
 
     def open_file(self, ref: Reference) -> RandomAccessFile:
@@ -186,6 +191,7 @@ class Guest:
         self.link = link
         self.init = init
         self.input_fd = fds[0] if fds else -1
+        link.layers[self.input_fd] = 0
         self.mems: list[mmap.mmap] = []
         for fd, size in zip(fds[1:], init.mems, strict=False):
             self.mems.append(mmap.mmap(fd, size))
@@ -224,7 +230,13 @@ class Guest:
             from aiodd.guest.kvm.reader import KvmReader
 
             try:
-                self.reader = KvmReader(self.init.name, self.mems, vms=VMS)
+                self.reader = KvmReader(
+                    self.init.name,
+                    self.mems,
+                    vms=VMS,
+                    host_layers=self.link.layers,
+                    map_extents=protocol.MAP_EXTENTS,
+                )
             except (IsolationError, OSError) as exc:
                 if self.reader is not None:
                     self.reader.close()
@@ -409,9 +421,14 @@ class Guest:
             mem = self.mems[_within(request.mem, len(self.mems) - 1, "mem")]
             moff = _within(request.moff, len(mem), "moff")
             length = _within(request.len, len(mem) - moff, "len")
+            read_map = getattr(disk, "read_map", None) if request.map else None
             with memoryview(mem) as view:
-                disk.read_into(request.offset, view[moff : moff + length])
-            reply(Done(request.id))
+                if read_map is None:
+                    disk.read_into(request.offset, view[moff : moff + length])
+                    reply(Done(request.id))
+                    return
+                extents = read_map(request.offset, view[moff : moff + length])
+            reply(Done(request.id, map=extents))
         except BaseException as exc:
             reply(Done(request.id, WireError.of_vm(exc)))
 

@@ -6,11 +6,17 @@ becomes :class:`~aiodd.guest.protocol.Read` requests: straight into the caller's
 when that lies in the shared memory the guest maps, else through two staging slots.  The
 files the image names are asked of the host by the guest; the disk opens them under the
 :class:`~aiodd.policy.Policy` and the channel hands them over.
+
+Under ``kvm`` a read through a staging slot asks for a map: the guest leaves the reads
+of the files the disk holds open (the image and its first layers) to the disk, which
+makes them straight into the caller's buffer and copies only the rest from the slot
+(docs/architecture.md, "The wire protocol").
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import queue
 import threading
 import warnings
@@ -18,10 +24,12 @@ import warnings
 from aiodd import _timing
 from aiodd.errors import AioddError, ImageError, IsolationError, PolicyError
 from aiodd.formats.base import Reference
+from aiodd.formats.zeros import zero_fill
 from aiodd.guest.channel import Channel, FileAnswer
 from aiodd.guest.memory import address, shared_buffer
 from aiodd.guest.options import GuestOptions
-from aiodd.guest.protocol import Failed, Init, Read, Resolve, Resolved, WireError
+from aiodd.guest.protocol import MAP_LAYERS, Done, Failed, Init, Read, Resolve, Resolved, WireError
+from aiodd.io import LocalFile
 from aiodd.policy import Layer, Policy
 
 MAX_FILES = 4096
@@ -29,6 +37,10 @@ MAX_FILES = 4096
 
 STAGE = 4 << 20
 """Size of each staging slot used when the caller's buffer is not shared memory."""
+
+SPARSE_MIN = 256 << 10
+"""An extent of a map this long asks where its file's holes are, as the guest's own reads
+do (aiodd.guest.kvm.vmm.SPARSE_MIN)."""
 
 LANES = 2
 """Read lanes to the guest: as many reads as it decodes at once (two workers, or two
@@ -83,6 +95,8 @@ class GuestDisk:
         self._mems: list[tuple[int, int, int]] = []  # (mem id, base address, size)
         self._stage: mmap.mmap | None = None
         self._stage_slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+        # The layers this disk reads a map's extents from, by number (kvm only).
+        self._held: dict[int, LocalFile] = {}
 
     # -- start ---------------------------------------------------------------------
 
@@ -137,6 +151,7 @@ class GuestDisk:
             )
         if probe:
             return
+        self._hold(0, input_fd, self._name)
         opened = self.channel.opened()
         _timing.mark("guest opened input")
         if isinstance(opened, Failed):
@@ -163,16 +178,52 @@ class GuestDisk:
             self._request(offset, where[0], where[1], length)
             return
         assert self._stage is not None
+        maps = self.mode == "kvm"
         slot = self._stage_slots.get()
         try:
             done = 0
             while done < length:
                 n = min(STAGE, length - done)
-                self._request(offset + done, len(self._mems), slot, n)
-                buf[done : done + n] = self._stage[slot : slot + n]
+                answer = self._request(offset + done, len(self._mems), slot, n, maps)
+                part = buf[done : done + n]
+                with memoryview(self._stage) as stage, stage[slot : slot + n] as staged:
+                    if answer.map is None:
+                        part[:] = staged
+                    else:
+                        self._place(part, staged, answer.map)
                 done += n
         finally:
             self._stage_slots.put(slot)
+
+    def _place(self, buf: memoryview, staged: memoryview, extents: tuple[int, ...]) -> None:
+        """Fill ``buf`` as a read's map says: the reads the guest left, made here in
+        order, over what it wrote (``staged``), which is copied where none falls."""
+        spans = []
+        for i in range(0, len(extents), 4):
+            layer, offset, length, moff = extents[i : i + 4]
+            if layer not in self._held or moff + length > len(buf):
+                why = "a map past its read" if layer in self._held else "a map of an unknown layer"
+                self.close()
+                raise IsolationError(f"{self._name}: the guest reader broke the protocol ({why})")
+            spans.append((moff, moff + length))
+        spans.sort()
+        pos = 0
+        for start, end in spans:
+            if start > pos:
+                buf[pos:start] = staged[pos:start]
+            pos = max(pos, end)
+        if pos < len(buf):
+            buf[pos:] = staged[pos:]
+        for i in range(0, len(extents), 4):
+            layer, offset, length, moff = extents[i : i + 4]
+            file, part = self._held[layer], buf[moff : moff + length]
+            got = (
+                file.readinto_sparse(offset, part)
+                if length >= SPARSE_MIN
+                else file.readinto(offset, part)
+            )
+            if got < length:  # where the file ends: zeros, as the guest reads it
+                zero_fill(part[got:])
 
     def _locate(self, buf: memoryview) -> tuple[int, int] | None:
         if not self._mems or buf.readonly:
@@ -186,10 +237,10 @@ class GuestDisk:
                 return mem_id, start - base
         return None
 
-    def _request(self, offset: int, mem: int, moff: int, length: int) -> None:
+    def _request(self, offset: int, mem: int, moff: int, length: int, maps: bool = False) -> Done:
         deadline = self._options.watchdog_floor + length / self._options.watchdog_rate
         done = self.channel.call(
-            Read(offset, mem, moff, length),
+            Read(offset, mem, moff, length, map=maps),
             deadline,
             cpu=deadline,
             late=f"did not finish reading {length} bytes at offset {offset} within"
@@ -197,6 +248,12 @@ class GuestDisk:
         )
         if done.error is not None:
             raise self.error_of(done.error)
+        if done.map is not None and not maps:
+            self.close()
+            raise IsolationError(
+                f"{self._name}: the guest reader broke the protocol (a map unasked)"
+            )
+        return done
 
     def error_of(self, wire: WireError) -> AioddError:
         """The exception a guest's error stands for."""
@@ -226,7 +283,28 @@ class GuestDisk:
         with self._lock:
             self._layers.append(new)
             new_id = len(self._layers) - 1
+        try:
+            self._hold(new_id, fd, new.name)
+        except OSError as exc:  # no descriptor left to hold it with
+            os.close(fd)
+            error = ImageError(layer.name, f"cannot hold {new.name} open: {exc.strerror}")
+            return Resolved(request.rid, error=WireError.of(error)), None
         return Resolved(request.rid, new_id), fd
+
+    def _hold(self, layer: int, fd: int, name: str) -> None:
+        """Keep layer ``layer`` open, to read a map's extents from it: the layers below
+        MAP_LAYERS, unless the guest may not run the VM (which makes the maps).  Not
+        decided by the mode the guest reported: it may ask for files before the
+        thread that started it has read its report."""
+        if self._options.isolation != "sandbox" and layer < MAP_LAYERS:
+            held = os.dup(fd)
+            try:
+                file = LocalFile(held, name)
+            except BaseException:
+                os.close(held)
+                raise
+            with self._lock:
+                self._held[layer] = file
 
     # -- the end -------------------------------------------------------------------
 
@@ -234,6 +312,10 @@ class GuestDisk:
         self.channel.close()
         if self._stage is not None:
             self._stage.close()
+        with self._lock:
+            held, self._held = self._held, {}
+        for file in held.values():
+            file.close()
 
     @property
     def pid(self) -> int:

@@ -41,6 +41,11 @@ from aiodd.errors import (
 
 MAX_MESSAGE = 65536
 MAX_LANES = 4  # read lanes a guest serves (the host opens one per reading thread it runs)
+MAP_LAYERS = 64
+"""The layers a host holds open to read a map's extents itself: those numbered below it
+(the image is 0, then each :class:`Resolved` file in turn)."""
+MAP_EXTENTS = 256
+"""The most extents in one read's map (a :class:`Done` stays far below MAX_MESSAGE)."""
 
 TYPE_CHECKING = False  # typing, not imported: the guest imports this module
 if TYPE_CHECKING:
@@ -379,19 +384,26 @@ class Init(_Record):
 
 class Read(_Record):
     """Decode ``len`` bytes of the virtual disk at ``offset`` into shared memory ``mem``
-    (an index into :attr:`Init.mems`) at ``moff``.  Answered by :class:`Done`."""
+    (an index into :attr:`Init.mems`) at ``moff``.  Answered by :class:`Done`.
 
-    __slots__ = ("id", "len", "mem", "moff", "offset")
+    With ``map``, the guest may leave reads of the layers below :data:`MAP_LAYERS` to
+    the host: its :class:`Done` then lists them (``map``), and the host makes them over
+    what the guest wrote (docs/architecture.md, "The wire protocol")."""
 
-    def __init__(self, offset: int, mem: int, moff: int, len: int, id: int = 0) -> None:
+    __slots__ = ("id", "len", "map", "mem", "moff", "offset")
+
+    def __init__(
+        self, offset: int, mem: int, moff: int, len: int, id: int = 0, map: bool = False
+    ) -> None:
         self.offset = offset
         self.mem = mem
         self.moff = moff
         self.len = len
         self.id = id
+        self.map = map
 
     def encode(self) -> Message:
-        return {
+        message: Message = {
             "op": "read",
             "offset": self.offset,
             "mem": self.mem,
@@ -399,6 +411,9 @@ class Read(_Record):
             "len": self.len,
             "id": self.id,
         }
+        if self.map:
+            message["map"] = True
+        return message
 
     @classmethod
     def decode(cls, message: Message) -> Read:
@@ -408,6 +423,7 @@ class Read(_Record):
             int_field(message, "moff"),
             int_field(message, "len"),
             int_field(message, "id"),
+            message.get("map") is True,
         )
 
 
@@ -581,14 +597,28 @@ class Failed(_Record):
 
 class Done(_Record):
     """The answer to request ``id``: its ``error``, or success (with a :class:`Call`'s
-    ``result``)."""
+    ``result``, or a mapped :class:`Read`'s ``map``).
 
-    __slots__ = ("error", "id", "result")
+    ``map`` is the reads the guest left to the host, in the order to make them, four
+    numbers each: the layer, the offset in its file, the length, and the offset in the
+    read's output; where the file ends within one, it reads as zeros.  Decoding checks
+    the numbers' shape and bounds (at most :data:`MAP_EXTENTS`, layers below
+    :data:`MAP_LAYERS`, lengths above 0, nothing past 2^63 - 1), not the read's length,
+    which the host alone knows."""
 
-    def __init__(self, id: int, error: WireError | None = None, result: str | None = None) -> None:
+    __slots__ = ("error", "id", "map", "result")
+
+    def __init__(
+        self,
+        id: int,
+        error: WireError | None = None,
+        result: str | None = None,
+        map: tuple[int, ...] | None = None,
+    ) -> None:
         self.id = id
         self.error = error
         self.result = result
+        self.map = map
 
     def encode(self) -> Message:
         message: Message = {"op": "done", "id": self.id}
@@ -596,6 +626,8 @@ class Done(_Record):
             message["error"] = self.error.encode()
         if self.result is not None:
             message["result"] = self.result
+        if self.map is not None:
+            message["map"] = list(self.map)
         return message
 
     @classmethod
@@ -605,7 +637,29 @@ class Done(_Record):
             int_field(message, "id"),
             WireError.decode(message["error"]) if "error" in message else None,
             clean(result) if result is not None else None,
+            _map(message["map"]) if "map" in message else None,
         )
+
+
+def _map(value: object) -> tuple[int, ...]:
+    """A :class:`Done`'s ``map``, checked as the host needs it."""
+    top = (1 << 63) - 1
+    if type(value) is not list or len(value) % 4 or len(value) > 4 * MAP_EXTENTS:
+        raise ValueError("bad field 'map'")
+    for i in range(0, len(value), 4):
+        layer, offset, length, moff = value[i : i + 4]
+        if not (
+            type(layer) is int
+            and type(offset) is int
+            and type(length) is int
+            and type(moff) is int
+            and 0 <= layer < MAP_LAYERS
+            and 0 < length <= top
+            and 0 <= offset <= top - length
+            and 0 <= moff <= top - length
+        ):
+            raise ValueError("bad field 'map'")
+    return tuple(value)
 
 
 class Resolve(_Record):

@@ -33,7 +33,7 @@ from aiodd.guest.kvm.vmm import (
 # (docs/performance.md, "Start-up").
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from typing import Final
 
     from aiodd.formats.base import RandomAccessFile, ReferenceKind, Resolver
@@ -112,8 +112,14 @@ class KvmReader:
         watchdog_floor: float = WATCHDOG_FLOOR,
         watchdog_rate: float = WATCHDOG_RATE,
         vms: int = 1,
+        host_layers: Mapping[int, int] | None = None,
+        map_extents: int = 0,
     ) -> None:
         self.name = name
+        # The host's layer number of each file it holds open, by descriptor (the child's
+        # HostLink.layers): a read's map may leave up to map_extents reads of those to it.
+        self._host_layers: Mapping[int, int] = {} if host_layers is None else host_layers
+        self._map_extents = map_extents
         self._open_timeout = open_timeout
         self._watchdog_floor = watchdog_floor
         self._watchdog_rate = watchdog_rate
@@ -292,7 +298,9 @@ class KvmReader:
         for file in reversed(files):
             file.close()
 
-    def _read(self, disk: KvmDisk, offset: int, buf: memoryview) -> None:
+    def _read(
+        self, disk: KvmDisk, offset: int, buf: memoryview, *, leave: bool = False
+    ) -> list[int]:
         vm = self._threads.get(_thread.get_ident(), self._vm)
         if disk is not self._disk or disk.closed:
             raise IsolationError(f"{self.name}: the disk is closed")
@@ -306,19 +314,36 @@ class KvmReader:
         if inside < length:
             zero_fill(buf[inside:])
         if inside == 0:
-            return
+            return []
         assert offset <= MAX_OFFSET - inside  # the virtual size is at most MAX_OFFSET
         view = buf[:inside] if inside < length else buf
         address = vm.locate(view)
         if address is not None:
-            vm.read(offset, inside, address, timeout=self._deadline(inside))
-            return
+            if not leave:
+                vm.read(offset, inside, address, timeout=self._deadline(inside))
+                return []
+            files = vm.files
+            left = vm.read(
+                offset,
+                inside,
+                address,
+                timeout=self._deadline(inside),
+                leave=lambda handle: self._host_layer(vm.files[handle]) >= 0,
+                leave_max=self._map_extents,
+            )
+            return [n for handle, *rest in left for n in (self._host_layer(files[handle]), *rest)]
         done = 0
         while done < inside:
             n = min(L.OUT_SIZE, inside - done)
             vm.read(offset + done, n, L.OUT_BASE, timeout=self._deadline(n))
             vm.copy_output(view[done : done + n])
             done += n
+        return []
+
+    def _host_layer(self, file: RandomAccessFile) -> int:
+        """The host's number for ``file`` when the host holds it open, else -1."""
+        fd = getattr(file, "fd", None)
+        return -1 if fd is None else self._host_layers.get(fd, -1)
 
     def _deadline(self, length: int) -> float:
         return self._watchdog_floor + length / self._watchdog_rate
@@ -359,6 +384,13 @@ class KvmDisk:
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         self._reader._read(self, offset, buf)
+
+    def read_map(self, offset: int, buf: memoryview) -> tuple[int, ...]:
+        """:meth:`read_into`, but the reads of files the host holds (a
+        :class:`~aiodd.guest.protocol.Done`'s ``map``) may be left to the caller: four
+        numbers each (the host's layer, the file offset, the length, the offset in
+        ``buf``), to be made in order over what was written."""
+        return tuple(self._reader._read(self, offset, buf, leave=True))
 
     def close(self) -> None:
         """Close every file of the chain (the top layer included); idempotent."""
