@@ -801,19 +801,19 @@ class GuestVM:
             got = 0
             if status == L.OK and length:
                 file = self.files[handle]
-                if output is not None and not _inside(dest, length, L.IN_BASE, L.IN_SIZE):
-                    # Into the output: put off (the guest keeps off those bytes until it
-                    # ends the command), up to where the file ends.
-                    got = max(0, min(length, file.size - offset))
-                    if got:
-                        self._put_off_read(handle, offset, got, dest)
-                else:
-                    try:
+                try:
+                    if output is not None and not _inside(dest, length, L.IN_BASE, L.IN_SIZE):
+                        # Into the output: put off (the guest keeps off those bytes until
+                        # it ends the command), up to where the file ends.
+                        got = max(0, min(length, file.size - offset))
+                        if got:
+                            self._put_off_read(handle, offset, got, dest)
+                    else:
                         got = self._read_now(file, offset, length, dest)
-                    except OSError as exc:
-                        self._failure = self._failure or exc
-                        status = L.E_IO
-                        got = 0
+                except OSError as exc:  # here, or in reads put off and made now
+                    self._failure = self._failure or exc
+                    status = L.E_IO
+                    got = 0
             _U64.pack_into(self._ram, L.REQ_BASE + i * L.SEGMENT.size + L.SEGMENT_GOT, got)
         self._answer(L.OP_READV, length=count, status=status)
 
