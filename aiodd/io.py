@@ -14,6 +14,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from aiodd.formats.base import RandomAccessFile
+
 _libc_functions: dict[tuple[tuple[str, ...], tuple[str, ...]], Callable[..., int] | None] = {}
 
 
@@ -70,6 +72,24 @@ def filesystem_magic(fd: int) -> int | None:
 # A hole shorter than this, followed by data in the same read, is read rather than
 # zeroed in memory (docs/performance.md, "Where the holes are").
 SMALL_HOLE = 16 * 1024
+
+SPARSE_MIN = 256 << 10
+"""A read this long asks where the file's holes are (two ``lseek`` calls)."""
+
+
+def read_through_holes(file: RandomAccessFile, offset: int, buf: memoryview) -> int:
+    """Fill ``buf`` from ``file`` at ``offset``: how many bytes lie before its end.
+
+    A read of :data:`SPARSE_MIN` or more zeroes the holes of a file that knows them
+    (:meth:`LocalFile.readinto_sparse`) instead of reading them: reading a hole makes
+    the kernel zero a page-cache page per 4 KiB, several times slower.  The method is
+    looked up, not ``isinstance(file, SparseFile)``: a Protocol's isinstance walks its
+    members, about 25 µs a call."""
+    sparse = getattr(file, "readinto_sparse", None)
+    if len(buf) >= SPARSE_MIN and sparse is not None:
+        got: int = sparse(offset, buf)
+        return got
+    return file.readinto(offset, buf)
 
 
 class LocalFile:

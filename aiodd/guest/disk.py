@@ -29,7 +29,7 @@ from aiodd.guest.channel import Channel, FileAnswer
 from aiodd.guest.memory import address, shared_buffer
 from aiodd.guest.options import GuestOptions
 from aiodd.guest.protocol import MAP_LAYERS, Done, Failed, Init, Read, Resolve, Resolved, WireError
-from aiodd.io import LocalFile
+from aiodd.io import LocalFile, read_through_holes
 from aiodd.policy import Layer, Policy
 
 MAX_FILES = 4096
@@ -37,10 +37,6 @@ MAX_FILES = 4096
 
 STAGE = 4 << 20
 """Size of each staging slot used when the caller's buffer is not shared memory."""
-
-SPARSE_MIN = 256 << 10
-"""An extent of a map this long asks where its file's holes are, as the guest's own reads
-do (aiodd.guest.kvm.vmm.SPARSE_MIN)."""
 
 LANES = 2
 """Read lanes to the guest: as many reads as it decodes at once (two workers, or two
@@ -216,12 +212,8 @@ class GuestDisk:
             buf[pos:] = staged[pos:]
         for i in range(0, len(extents), 4):
             layer, offset, length, moff = extents[i : i + 4]
-            file, part = self._held[layer], buf[moff : moff + length]
-            got = (
-                file.readinto_sparse(offset, part)
-                if length >= SPARSE_MIN
-                else file.readinto(offset, part)
-            )
+            part = buf[moff : moff + length]
+            got = read_through_holes(self._held[layer], offset, part)
             if got < length:  # where the file ends: zeros, as the guest reads it
                 zero_fill(part[got:])
 

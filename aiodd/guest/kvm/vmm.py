@@ -31,6 +31,7 @@ from aiodd.errors import ImageError, IsolationError, UnsupportedImageError
 from aiodd.formats.zeros import zero_fill
 from aiodd.guest.kvm import elf
 from aiodd.guest.kvm import layout as L
+from aiodd.io import read_through_holes
 
 # The guest's process imports this module: it takes the C cores of signal and threading,
 # and neither typing nor collections, which bring enum, re and functools, milliseconds of
@@ -409,9 +410,6 @@ class GuestOutOfMemory(IsolationError):
 class AbiViolation(Exception):
     """Raised by an :data:`Opener` when the request itself breaks the ABI (the reason)."""
 
-
-SPARSE_MIN: Final = 256 << 10
-"""A readv segment this long asks where the file's holes are (two ``lseek`` calls)."""
 
 PUT_OFF_MAX: Final = 4096
 """Reads into a command's output put off at most (each one a few words of the host's
@@ -819,17 +817,8 @@ class GuestVM:
 
     def _read_now(self, file: RandomAccessFile, offset: int, length: int, dest: int) -> int:
         """Read ``length`` bytes of ``file`` into guest memory at ``dest``: how many."""
-        # A local file's holes are zeroed here, not read: reading a hole makes the kernel
-        # zero a page-cache page per 4 KiB, several times slower (the raw decoder does
-        # the same where it runs in Python, aiodd/io.py).
         with self._view(dest, length) as view:
-            # The method looked up, not isinstance(file, SparseFile): a Protocol's
-            # isinstance walks its members, ~25 µs a call.
-            sparse = getattr(file, "readinto_sparse", None)
-            if length >= SPARSE_MIN and sparse is not None:
-                got: int = sparse(offset, view)
-            else:
-                got = file.readinto(offset, view)
+            got = read_through_holes(file, offset, view)
         if not 0 <= got <= length:
             raise IsolationError(f"{file.name}: readinto returned {got} for {length} bytes")
         return got
