@@ -422,12 +422,12 @@ class Guest:
             moff = _within(request.moff, len(mem), "moff")
             length = _within(request.len, len(mem) - moff, "len")
             read_map = getattr(disk, "read_map", None) if request.map else None
+            extents = None  # a decoder that makes no maps (Python's) reads it all
             with memoryview(mem) as view:
                 if read_map is None:
                     disk.read_into(request.offset, view[moff : moff + length])
-                    reply(Done(request.id))
-                    return
-                extents = read_map(request.offset, view[moff : moff + length])
+                else:
+                    extents = read_map(request.offset, view[moff : moff + length])
             reply(Done(request.id, map=extents))
         except BaseException as exc:
             reply(Done(request.id, WireError.of_vm(exc)))

@@ -328,7 +328,7 @@ class KvmReader:
                 inside,
                 address,
                 timeout=self._deadline(inside),
-                leave=lambda handle: self._host_layer(vm.files[handle]) >= 0,
+                leave=lambda handle: self._host_layer(files[handle]) >= 0,
                 leave_max=self._map_extents,
             )
             return [n for handle, *rest in left for n in (self._host_layer(files[handle]), *rest)]

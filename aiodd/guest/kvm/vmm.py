@@ -988,7 +988,7 @@ class GuestVM:
             self.command(
                 L.CMD_READ, 0, offset, length, address, output=(address, length), timeout=timeout
             )
-            left, self._put_off = self._put_off, []  # none unless they may be left
+            left = self._put_off  # none unless they may be left
             for extent in left:
                 extent[3] -= address
             return left
