@@ -243,6 +243,22 @@ def test_the_disk_holds_the_guest_to_the_mode_it_asked_for(tmp_path: Path) -> No
     disk.close()
 
 
+@pytest.mark.parametrize(("opened", "held"), [("kvm", [0]), ("sandbox", [])])
+def test_the_disk_holds_the_image_for_maps_only_while_the_vm_decodes(
+    tmp_path: Path, opened: str, held: list[int]
+) -> None:
+    # The guest started its VM, then opened the image in it or fell back to Python.
+    class Opening(BytesChannel):
+        def opened(self) -> Opened | Failed:
+            return Opened("raw", len(self.data), opened, "auto: in-process")
+
+    channel = Opening(b"x" * 512, mode=("kvm", "auto: /dev/kvm available"))
+    disk = _disk(tmp_path, channel, GuestOptions(isolation="auto"), data=b"x" * 512)
+    assert sorted(disk._held) == held
+    disk.close()
+    assert disk._held == {}
+
+
 # -- maps: the reads a KVM guest leaves to the host --------------------------------------
 
 
@@ -289,6 +305,7 @@ def test_a_kvm_guests_map_is_read_by_the_host_in_order(tmp_path: Path) -> None:
     [
         ((1, 0, 10, 0), "a map of an unknown layer"),  # the host holds layer 0 alone
         ((0, 0, 10, 8190), "a map past its read"),
+        ((0, 0, 8192, 0) * 2 + (0, 0, 1, 0), "a map of more than 2 times its read"),
     ],
 )
 def test_a_map_the_host_did_not_allow_ends_the_guest(
@@ -299,6 +316,18 @@ def test_a_map_the_host_did_not_allow_ends_the_guest(
     with pytest.raises(IsolationError, match=rf"broke the protocol \({why}\)"):
         disk.read_into(0, memoryview(bytearray(8192)))
     assert channel.closed
+
+
+def test_a_map_may_read_twice_its_length(tmp_path: Path) -> None:
+    # A parent's block read under its child's sectors: bytes read twice, the later wins.
+    data = os.urandom(65536)
+    extents = (0, 0, 8192, 0, 0, 10000, 8192, 0)
+    channel = MapChannel(data, lambda request: (b"", extents))
+    disk = _disk(tmp_path, channel, data=data)
+    buf = bytearray(8192)
+    disk.read_into(0, memoryview(buf))
+    assert buf == data[10000:18192]
+    disk.close()
 
 
 def test_a_map_unasked_ends_the_guest(tmp_path: Path) -> None:

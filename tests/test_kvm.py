@@ -842,6 +842,30 @@ def test_reads_into_the_output_are_made_at_the_end_and_stay_few(
         memory.close()
 
 
+@pytest.mark.parametrize(("budget", "left"), [(30, 3), (29, 0)])
+def test_reads_left_to_the_caller_stay_within_their_bytes(
+    kvm_hostile_guest: Path, data_file: tuple[LocalFile, bytes], budget: int, left: int
+) -> None:
+    """A read may leave at most ``leave_bytes`` to its caller: past them, the VMM makes
+    every one itself, those it had put aside included, and leaves none."""
+    file, data = data_file
+    memory = shared_buffer(1 << 20)
+    try:
+        guest = GuestVM([file], guest=kvm_hostile_guest, memories=[memory])
+        with guest:
+            guest._leave, guest._leave_max, guest._leave_bytes = (lambda h: True), 256, budget
+            # three reads of 10 bytes, the last two over the same output bytes
+            pieces = [segment(0, 100 * i, 10, slot_address(0) + 1000 * min(i, 1)) for i in range(3)]
+            answer, _ = readv(guest, *pieces, output=(slot_address(0), 65536))
+            assert answer[5] == L.OK
+            assert len(guest._put_off) == left
+            if not left:
+                assert memory[:10] == data[:10]
+                assert memory[1000:1010] == data[200:210]  # in order: the later wins
+    finally:
+        memory.close()
+
+
 def test_a_failed_readv_is_raised_after_the_command(kvm_hostile_guest: Path) -> None:
     failure = OSError(errno.EIO, "Input/output error")
     with GuestVM([MemFile(b"abc", error=failure)], guest=kvm_hostile_guest) as guest:

@@ -33,6 +33,7 @@ from aiodd.guest.kvm.reader import (
 )
 from aiodd.guest.kvm.vmm import KVM_RUN, slot_address
 from aiodd.guest.memory import shared_buffer
+from aiodd.guest.protocol import MAP_FACTOR
 from aiodd.io import LocalFile
 from tests import hostile
 from tests.conftest import needs_qemu, qemu_img, qemu_io
@@ -681,14 +682,19 @@ def test_the_watchdog_stops_a_read(kvm_hostile_guest: Path) -> None:
 
 
 @needs_qemu
-@pytest.mark.parametrize(("most", "held"), [(256, True), (1, True), (256, False)])
+@pytest.mark.parametrize(
+    ("most", "factor", "held"),
+    [(256, 1, True), (256, MAP_FACTOR, True), (1, MAP_FACTOR, True), (256, 0, True),
+     (256, MAP_FACTOR, False)],
+)  # fmt: skip
 def test_a_mapped_read_leaves_the_reads_of_held_files_to_the_host(
-    tmp_path: Path, most: int, held: bool
+    tmp_path: Path, most: int, factor: int, held: bool
 ) -> None:
     """A read's map (KvmDisk.read_map): the reads of the files the host holds, left to
-    it, made in order over what the guest wrote, are the image's bytes; with more
-    extents than the map may hold, or a file the host does not hold, the guest reads
-    everything itself and the map is empty (docs/kvm.md, "Reads the host finishes")."""
+    it, made in order over what the guest wrote, are the image's bytes, each byte read
+    once; with more extents or bytes than the map may hold, or a file the host does not
+    hold, the guest reads everything itself and the map is empty (docs/kvm.md, "Reads
+    the host finishes")."""
     (tmp_path / "base.raw").write_bytes(data_of(4 * MiB, seed=7))
     top = tmp_path / "top.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top)
@@ -703,7 +709,7 @@ def test_a_mapped_read_leaves_the_reads_of_held_files_to_the_host(
     layers: dict[int, int] = {}
     resolver = HeldResolver(tmp_path, layers if held else {})
     memory = shared_buffer(4 * MiB)
-    kvm = KvmReader("top.qcow2", [memory], host_layers=layers, map_extents=most)
+    kvm = KvmReader("top.qcow2", [memory], host_layers=layers, map_extents=most, map_factor=factor)
     try:
         disk = kvm.open_disk(resolver.open("top.qcow2"), resolver, None)
         with memoryview(memory) as view:
@@ -717,7 +723,7 @@ def test_a_mapped_read_leaves_the_reads_of_held_files_to_the_host(
             assert view == want
             disk.read_into(0, view)  # never a map
             assert view == want
-        if most == 256 and held:
+        if most == 256 and factor and held:
             assert {extents[i] for i in range(0, len(extents), 4)} == {0, 1}  # both layers
             assert len(extents) // 4 >= 8  # three of the top's, five of the base's
         else:

@@ -236,6 +236,7 @@ class Guest:
                     vms=VMS,
                     host_layers=self.link.layers,
                     map_extents=protocol.MAP_EXTENTS,
+                    map_factor=protocol.MAP_FACTOR,
                 )
             except (IsolationError, OSError) as exc:
                 if self.reader is not None:

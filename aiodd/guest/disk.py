@@ -28,9 +28,23 @@ from aiodd.formats.zeros import zero_fill
 from aiodd.guest.channel import Channel, FileAnswer
 from aiodd.guest.memory import address, shared_buffer
 from aiodd.guest.options import GuestOptions
-from aiodd.guest.protocol import MAP_LAYERS, Done, Failed, Init, Read, Resolve, Resolved, WireError
+from aiodd.guest.protocol import (
+    MAP_FACTOR,
+    MAP_LAYERS,
+    Done,
+    Failed,
+    Init,
+    Read,
+    Resolve,
+    Resolved,
+    WireError,
+)
 from aiodd.io import LocalFile, read_through_holes
 from aiodd.policy import Layer, Policy
+
+TYPE_CHECKING = False  # typing, not imported: not needed to copy
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 MAX_FILES = 4096
 """References one image may resolve (vmdk extents included) before the guest is stopped."""
@@ -91,8 +105,10 @@ class GuestDisk:
         self._mems: list[tuple[int, int, int]] = []  # (mem id, base address, size)
         self._stage: mmap.mmap | None = None
         self._stage_slots: queue.SimpleQueue[int] = queue.SimpleQueue()
-        # The layers this disk reads a map's extents from, by number (kvm only).
+        # The layers this disk reads a map's extents from, by number (kvm only), and
+        # whether it still keeps them: until the guest says the VM does not decode.
         self._held: dict[int, LocalFile] = {}
+        self._holding = options.isolation != "sandbox"
 
     # -- start ---------------------------------------------------------------------
 
@@ -162,6 +178,8 @@ class GuestDisk:
             self.close()
             raise IsolationError(f"{self._name}: the guest reader broke the protocol")
         self.mode, self.mode_reason = mode, reason
+        if mode == "sandbox":  # no VM, no maps: the files need not stay open twice
+            self._let_go()
 
     # -- reading -------------------------------------------------------------------
 
@@ -199,9 +217,10 @@ class GuestDisk:
             layer, offset, length, moff = extents[i : i + 4]
             if layer not in self._held or moff + length > len(buf):
                 why = "a map past its read" if layer in self._held else "a map of an unknown layer"
-                self.close()
-                raise IsolationError(f"{self._name}: the guest reader broke the protocol ({why})")
+                self._broke(why)
             spans.append((moff, moff + length))
+        if sum(end - start for start, end in spans) > MAP_FACTOR * len(buf):
+            self._broke(f"a map of more than {MAP_FACTOR} times its read")
         spans.sort()
         pos = 0
         for start, end in spans:
@@ -241,11 +260,12 @@ class GuestDisk:
         if done.error is not None:
             raise self.error_of(done.error)
         if done.map is not None and not maps:
-            self.close()
-            raise IsolationError(
-                f"{self._name}: the guest reader broke the protocol (a map unasked)"
-            )
+            self._broke("a map unasked")
         return done
+
+    def _broke(self, why: str) -> NoReturn:
+        self.close()
+        raise IsolationError(f"{self._name}: the guest reader broke the protocol ({why})")
 
     def error_of(self, wire: WireError) -> AioddError:
         """The exception a guest's error stands for."""
@@ -287,8 +307,8 @@ class GuestDisk:
         """Keep layer ``layer`` open, to read a map's extents from it: the layers below
         MAP_LAYERS, unless the guest may not run the VM (which makes the maps).  Not
         decided by the mode the guest reported: it may ask for files before the
-        thread that started it has read its report."""
-        if self._options.isolation != "sandbox" and layer < MAP_LAYERS:
+        thread that started it has read its report, only to stop once it has."""
+        if self._holding and layer < MAP_LAYERS:
             held = os.dup(fd)
             try:
                 file = LocalFile(held, name)
@@ -296,7 +316,18 @@ class GuestDisk:
                 os.close(held)
                 raise
             with self._lock:
-                self._held[layer] = file
+                if self._holding:
+                    self._held[layer] = file
+                    return
+            file.close()
+
+    def _let_go(self) -> None:
+        """Close the layers held for maps, and hold no more."""
+        with self._lock:
+            self._holding = False
+            held, self._held = self._held, {}
+        for file in held.values():
+            file.close()
 
     # -- the end -------------------------------------------------------------------
 
@@ -304,10 +335,7 @@ class GuestDisk:
         self.channel.close()
         if self._stage is not None:
             self._stage.close()
-        with self._lock:
-            held, self._held = self._held, {}
-        for file in held.values():
-            file.close()
+        self._let_go()
 
     @property
     def pid(self) -> int:

@@ -46,6 +46,11 @@ MAP_LAYERS = 64
 (the image is 0, then each :class:`Resolved` file in turn)."""
 MAP_EXTENTS = 256
 """The most extents in one read's map (a :class:`Done` stays far below MAX_MESSAGE)."""
+MAP_FACTOR = 2
+"""A read's map totals at most this many times the read's length.  A decoder's reads
+cover each byte of its output about once (a parent's read fills only what its child
+lacks), so this leaves room to spare, and a guest cannot make the host read much more
+than the host asked for."""
 
 TYPE_CHECKING = False  # typing, not imported: the guest imports this module
 if TYPE_CHECKING:
@@ -603,8 +608,8 @@ class Done(_Record):
     numbers each: the layer, the offset in its file, the length, and the offset in the
     read's output; where the file ends within one, it reads as zeros.  Decoding checks
     the numbers' shape and bounds (at most :data:`MAP_EXTENTS`, layers below
-    :data:`MAP_LAYERS`, lengths above 0, nothing past 2^63 - 1), not the read's length,
-    which the host alone knows."""
+    :data:`MAP_LAYERS`, lengths above 0, nothing past 2^63 - 1), not against the read's
+    length (at most :data:`MAP_FACTOR` times it in all), which the host alone knows."""
 
     __slots__ = ("error", "id", "map", "result")
 

@@ -114,12 +114,15 @@ class KvmReader:
         vms: int = 1,
         host_layers: Mapping[int, int] | None = None,
         map_extents: int = 0,
+        map_factor: int = 0,
     ) -> None:
         self.name = name
         # The host's layer number of each file it holds open, by descriptor (the child's
-        # HostLink.layers): a read's map may leave up to map_extents reads of those to it.
+        # HostLink.layers): a read's map may leave up to map_extents reads of those to
+        # it, map_factor times the read's length in all.
         self._host_layers: Mapping[int, int] = {} if host_layers is None else host_layers
         self._map_extents = map_extents
+        self._map_factor = map_factor
         self._open_timeout = open_timeout
         self._watchdog_floor = watchdog_floor
         self._watchdog_rate = watchdog_rate
@@ -330,6 +333,7 @@ class KvmReader:
                 timeout=self._deadline(inside),
                 leave=lambda handle: self._host_layer(files[handle]) >= 0,
                 leave_max=self._map_extents,
+                leave_bytes=self._map_factor * inside,
             )
             return [n for handle, *rest in left for n in (self._host_layer(files[handle]), *rest)]
         done = 0

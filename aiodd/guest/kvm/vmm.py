@@ -467,9 +467,10 @@ class GuestVM:
         # [handle, offset, length, guest address] (docs/kvm.md, "Reads the host finishes").
         self._put_off: list[list[int]] = []
         # Which put-off reads may be left to the caller (None: none; then every one is
-        # made here at the end), and how many at most.
+        # made here at the end), how many at most, and how many bytes they may still add.
         self._leave: Callable[[int], bool] | None = None
         self._leave_max = 0
+        self._leave_bytes = 0
         self._failure: Exception | None = None  # the host's own failure in this command
         self._fds: list[int] = []
         self._ram: mmap.mmap | None = None
@@ -824,15 +825,19 @@ class GuestVM:
         return got
 
     def _put_off_read(self, handle: int, offset: int, length: int, dest: int) -> None:
+        leave = self._leave
+        if leave is not None:
+            self._leave_bytes -= length
+            if self._leave_bytes < 0 or not leave(handle):
+                self._leave = leave = None  # from here on every one is made here
         put_off = self._put_off
         if put_off:
             last = put_off[-1]
             if last[0] == handle and last[1] + last[2] == offset and last[3] + last[2] == dest:
                 last[2] += length  # the next bytes of the file, to the next of the output
                 return
-        leave = self._leave
-        if leave is not None and (len(put_off) >= self._leave_max or not leave(handle)):
-            self._leave = leave = None  # from here on every one is made here
+        if leave is not None and len(put_off) >= self._leave_max:
+            self._leave = leave = None
         if leave is None and len(put_off) >= PUT_OFF_MAX:
             self._make_put_off()
         self._put_off.append([handle, offset, length, dest])
@@ -972,18 +977,20 @@ class GuestVM:
         timeout: float | None = None,
         leave: Callable[[int], bool] | None = None,
         leave_max: int = 0,
+        leave_bytes: int = 0,
     ) -> list[list[int]]:
         """Decode the open image's ``[offset, offset + length)`` into guest memory at
         ``address`` (inside OUT or one slot).
 
-        With ``leave``, up to ``leave_max`` reads of files whose handle it accepts are
-        left to the caller, who must make them, in order, over the guest's output:
-        returned as ``[handle, offset, length, offset in the output]`` (a file's end
-        within them reads as zeros).  Without, or once a read cannot be left, none is.
+        With ``leave``, up to ``leave_max`` reads of files whose handle it accepts,
+        ``leave_bytes`` in all, are left to the caller, who must make them, in order,
+        over the guest's output: returned as ``[handle, offset, length, offset in the
+        output]`` (a file's end within them reads as zeros).  Without, or once a read
+        cannot be left, none is.
         """
         if not 0 <= offset <= MAX_OFFSET - length or length < 0:
             raise ValueError("read out of range")
-        self._leave, self._leave_max = leave, leave_max
+        self._leave, self._leave_max, self._leave_bytes = leave, leave_max, leave_bytes
         try:
             self.command(
                 L.CMD_READ, 0, offset, length, address, output=(address, length), timeout=timeout
