@@ -828,7 +828,7 @@ class GuestVM:
         leave = self._leave
         if leave is not None:
             self._leave_bytes -= length
-            if self._leave_bytes < 0 or not leave(handle):
+            if self._leave_bytes < 0:
                 self._leave = leave = None  # from here on every one is made here
         put_off = self._put_off
         if put_off:
@@ -836,7 +836,7 @@ class GuestVM:
             if last[0] == handle and last[1] + last[2] == offset and last[3] + last[2] == dest:
                 last[2] += length  # the next bytes of the file, to the next of the output
                 return
-        if leave is not None and len(put_off) >= self._leave_max:
+        if leave is not None and (len(put_off) >= self._leave_max or not leave(handle)):
             self._leave = leave = None
         if leave is None and len(put_off) >= PUT_OFF_MAX:
             self._make_put_off()
