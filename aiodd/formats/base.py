@@ -49,7 +49,14 @@ class RandomAccessFile(Protocol):
         ...
 
     def readinto(self, offset: int, buf: memoryview) -> int:
-        """Fill ``buf`` from ``offset``; returns the byte count (short only at EOF)."""
+        """Fill ``buf`` from ``offset``; returns the byte count (short only at EOF).
+
+        Into a disk's output, what it reads is final: in that read the decoder neither
+        reads those bytes back nor writes them again, but by a later ``readinto`` (a
+        child's sectors over its parent's), so a guest may leave the read to the host
+        (docs/kvm.md, "Reads the host finishes"; tests/test_guest_maps.py).  A decoder
+        that changes what it read reads it elsewhere (``pread``) and copies it in.
+        """
         ...
 
     def close(self) -> None:

@@ -56,9 +56,12 @@ class LoggedFile:
     def readinto(self, offset: int, buf: memoryview) -> int:
         want = max(0, min(len(buf), self._size - offset))
         view = buf[:want]
-        n = self._file.readinto(offset, view) if offset < self._file.size else 0
-        if n < want:
-            zero_fill(view[n:])
+        # Read into the caller's buffer, the file's bytes would be final there
+        # (base.RandomAccessFile.readinto), and the overlay changes them: read apart.
+        data = self._file.pread(offset, want) if offset < self._file.size else b""
+        view[: len(data)] = data
+        if len(data) < want:
+            zero_fill(view[len(data) :])
         self._overlay.apply(offset, view)
         return want
 
