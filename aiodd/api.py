@@ -638,21 +638,14 @@ def _guest_fills(isolation: Isolation, beside: bool, cache: Cache) -> bool:
     """Whether the buffers are to be shared with a guest, which then decodes into them.
 
     Not where no guest decodes (inline, or an input named raw read beside it), nor where
-    the KVM guest reader will run and the output is written past the page cache: its
-    reads then come back as maps, whose extents the host reads itself into private
-    memory in huge pages, one copy, not two (aiodd/guest/disk.py; docs/performance.md,
-    "Maps for the KVM guest's reads").  Through the page cache the guest's own reads
+    the output is written past the page cache: a guest's reads then come back as maps,
+    whose extents the host reads itself into private memory in huge pages, one copy,
+    not two (aiodd/guest/disk.py; docs/performance.md, "Maps for the KVM guest's reads"
+    and "Maps for the sandbox's reads").  Through the page cache the guest's own reads
     are faster: its process reads while this one writes."""
     if isolation == "inline" or beside:
         return False
-    if cache not in ("none", "directsync"):
-        return True
-    if isolation == "auto":
-        from aiodd.guest import kvm
-        from aiodd.guest.options import GuestOptions
-
-        return not kvm.availability(GuestOptions().kvm_path())[0]
-    return isolation != "kvm"
+    return cache not in ("none", "directsync")
 
 
 def _mode(disk: VirtualDisk, isolation: Isolation) -> tuple[str, str]:

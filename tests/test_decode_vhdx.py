@@ -347,7 +347,8 @@ def test_4096_byte_logical_sectors(tmp_path: Path) -> None:
 
 
 @needs_qemu
-def test_dirty_log_is_replayed_in_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("isolation", ["inline", "sandbox"])  # sandbox: reads mapped
+def test_dirty_log_is_replayed_in_memory(tmp_path: Path, isolation: Isolation) -> None:
     image = make(tmp_path, "d.vhdx", "8M", "block_size=1M")
     qemu_io(image, ["write -P 0x11 0 2M"], "vhdx")
     img = Image(image)
@@ -376,7 +377,7 @@ def test_dirty_log_is_replayed_in_memory(tmp_path: Path) -> None:
     info = qemu_img("info", image, check=False)
     assert info.returncode == 1
     assert b"contains a log that needs to be replayed" in info.stderr
-    assert read_all(image) == qemu_replayed(image, tmp_path)
+    assert read_all(image, isolation=isolation) == qemu_replayed(image, tmp_path)
     assert image.read_bytes() == before  # never written back
 
 

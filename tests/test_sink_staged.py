@@ -4,6 +4,7 @@ in huge pages where the disk's queue gathers too few pieces of memory per reques
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 from pathlib import Path
@@ -117,13 +118,15 @@ def _staging_asked(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
 
 @pytest.mark.parametrize(
-    ("isolation", "input_format", "staged"),
+    ("isolation", "input_format", "cache", "staged"),
     [
-        ("inline", None, False),
-        ("sandbox", "raw", False),  # read here, beside the guest: private memory
-        ("sandbox", None, True),
-        # the guest's reads come back as maps, read into private memory here
-        *([("kvm", None, False)] if KVM_AVAILABLE else []),
+        ("inline", None, "none", False),
+        ("sandbox", "raw", "none", False),  # read here, beside the guest: private memory
+        # past the page cache the guest's reads come back as maps, read into private
+        # memory here; through it, the guest fills the buffers, shared with it
+        ("sandbox", None, "none", False),
+        ("sandbox", None, "writeback", True),
+        *([("kvm", None, "none", False)] if KVM_AVAILABLE else []),
     ],
 )
 def test_a_copy_stages_only_what_the_guest_fills(
@@ -131,6 +134,7 @@ def test_a_copy_stages_only_what_the_guest_fills(
     monkeypatch: pytest.MonkeyPatch,
     isolation: str,
     input_format: str | None,
+    cache: str,
     staged: bool,
 ) -> None:
     asked = _staging_asked(monkeypatch)
@@ -140,7 +144,7 @@ def test_a_copy_stages_only_what_the_guest_fills(
     args: dict[str, Any] = dict(
         bs=65536, count=None, skip=0, input_format=input_format, output_format="raw",
         isolation=isolation, allow_backing=(), require_isolation=False, force_share=False,
-        cache="none",
+        cache=cache,
     )  # fmt: skip
     api.plain_copy(str(src), str(dst), stopped=lambda: False, **args)
     assert dst.read_bytes() == data
@@ -156,8 +160,9 @@ def test_the_pipeline_stages_what_the_guest_fills(
     src, dst = tmp_path / "in.raw", tmp_path / "out.raw"
     data = os.urandom(3 * MiB)
     src.write_bytes(data)
-    anyio.run(lambda: api.dd(str(src), str(dst), isolation="sandbox"))
-    assert dst.read_bytes() == data
+    for cache in ("writeback", "none"):  # shared with the guest, then maps
+        anyio.run(functools.partial(api.dd, str(src), str(dst), isolation="sandbox", cache=cache))
+        assert dst.read_bytes() == data
     anyio.run(lambda: api.dd(str(src), str(dst), isolation="inline"))
     assert asked == [True]
 

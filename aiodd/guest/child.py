@@ -104,6 +104,19 @@ class HostLink:
         # The host's number for each file it gave and holds open (those below
         # MAP_LAYERS), by descriptor: a read's map names the layer (protocol.Done).
         self.layers: dict[int, int] = {}
+        # Whether the Python decoders read those files, and leave a mapped read's reads
+        # of them to the host (aiodd.guest.maps); the VM's reader maps them itself.
+        self.mappable = False
+
+    def file(self, fd: int, name: str, layer: int) -> LocalFile:
+        """The file the host gave as ``layer``, as the decoders are to read it."""
+        if layer < protocol.MAP_LAYERS:
+            self.layers[fd] = layer
+            if self.mappable:
+                from aiodd.guest.maps import MappableFile  # imported before the seal
+
+                return MappableFile(fd, name, layer)
+        return LocalFile(fd, name)
 
     def send(self, message: protocol.GuestMessage) -> None:
         with self._send_lock:
@@ -151,9 +164,7 @@ class GuestResolver:
             if answer.error is None:
                 raise ImageError(ref.referrer, "refused")
             raise answer.error.exception(ref.referrer)
-        if answer.layer < protocol.MAP_LAYERS:
-            self._link.layers[fds[0]] = answer.layer
-        return LocalFile(fds[0], ref.name), answer.layer
+        return self._link.file(fds[0], ref.name, answer.layer), answer.layer
 
     def open_file(self, ref: Reference) -> RandomAccessFile:
         return self._ask(ref, disk=False)[0]
@@ -191,7 +202,6 @@ class Guest:
         self.link = link
         self.init = init
         self.input_fd = fds[0] if fds else -1
-        link.layers[self.input_fd] = 0
         self.mems: list[mmap.mmap] = []
         for fd, size in zip(fds[1:], init.mems, strict=False):
             self.mems.append(mmap.mmap(fd, size))
@@ -326,6 +336,7 @@ class Guest:
                 registry.import_probes()
         elif self.init.isolation != "kvm":
             _import_python_decoders(self.init.fmt)
+            self.link.mappable = True
         _timing.mark("decoders imported")
         base_vm = sandbox.vm_size()  # the VM's memory is part of the start-up size
         if status["namespaces"].startswith("active"):
@@ -389,7 +400,7 @@ class Guest:
 
     def open(self) -> None:
         try:
-            file = LocalFile(self.input_fd, self.init.name)
+            file = self.link.file(self.input_fd, self.init.name, 0)
             resolver = GuestResolver(self.link, 0)
             if self.reader is not None:
                 self.disk = self._open_in_vm(self.reader, file, resolver)
@@ -422,13 +433,18 @@ class Guest:
             mem = self.mems[_within(request.mem, len(self.mems) - 1, "mem")]
             moff = _within(request.moff, len(mem), "moff")
             length = _within(request.len, len(mem) - moff, "len")
-            read_map = getattr(disk, "read_map", None) if request.map else None
-            extents = None  # a decoder that makes no maps (Python's) reads it all
+            extents = None
             with memoryview(mem) as view:
-                if read_map is None:
-                    disk.read_into(request.offset, view[moff : moff + length])
-                else:
-                    extents = read_map(request.offset, view[moff : moff + length])
+                out = view[moff : moff + length]
+                if not request.map:
+                    disk.read_into(request.offset, out)
+                elif (read_map := getattr(disk, "read_map", None)) is not None:
+                    extents = read_map(request.offset, out)  # the VM's, which maps its reads
+                else:  # the Python decoders'
+                    from aiodd.guest import maps  # imported before the seal
+
+                    extents = maps.read_map(disk, request.offset, out)
+                out.release()
             reply(Done(request.id, map=extents))
         except BaseException as exc:
             reply(Done(request.id, WireError.of_vm(exc)))
@@ -482,6 +498,8 @@ def _import_python_decoders(fmt: str | None) -> None:
     format: every decoder is read now, and runs when first imported
     (:mod:`aiodd.guest.preload`).
     """
+    import aiodd.guest.maps  # a read asked with a map leaves reads to the host
+
     if fmt == "raw":
         from aiodd.formats import registry
 
@@ -566,7 +584,9 @@ def prepare() -> None:
     monitor, :mod:`aiodd.guest.kvm.reader`.  Otherwise what the Python decoders share,
     on an input not named raw (the raw decoder needs none of it: :func:`expected_format`).
     In both, on an input not named raw, the probes that detect formats, which both
-    run (the VM's monitor and the Python decoders' detection alike).
+    run (the VM's monitor and the Python decoders' detection alike).  Where the Python
+    decoders will run, :mod:`aiodd.guest.maps`, whose files leave a mapped read's reads
+    to the host.
 
     The host's ``Init`` decides; the guess only moves work that the guest does after
     ``Init`` before it, onto the core the host is not using.  A wrong guess costs the
@@ -582,6 +602,8 @@ def prepare() -> None:
         from aiodd.guest.kvm import reader  # noqa: F401  # start_vm() makes the VMs with it
 
         return
+    import aiodd.guest.maps  # noqa: F401  # for the mapped reads
+
     if detects:
         _import_what_decoders_share()
 

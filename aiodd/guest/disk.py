@@ -7,10 +7,11 @@ when that lies in the shared memory the guest maps, else through two staging slo
 files the image names are asked of the host by the guest; the disk opens them under the
 :class:`~aiodd.policy.Policy` and the channel hands them over.
 
-Under ``kvm`` a read through a staging slot asks for a map: the guest leaves the reads
-of the files the disk holds open (the image and its first layers) to the disk, which
-makes them straight into the caller's buffer and copies only the rest from the slot
-(docs/architecture.md, "The wire protocol").
+A read through a staging slot asks for a map: the guest (its VM under ``kvm``, its
+Python decoders under ``sandbox``) leaves the reads of the files the disk holds open
+(the image and its first layers) to the disk, which makes them straight into the
+caller's buffer and copies only the rest from the slot (docs/architecture.md, "The
+wire protocol").
 """
 
 from __future__ import annotations
@@ -105,10 +106,10 @@ class GuestDisk:
         self._mems: list[tuple[int, int, int]] = []  # (mem id, base address, size)
         self._stage: mmap.mmap | None = None
         self._stage_slots: queue.SimpleQueue[int] = queue.SimpleQueue()
-        # The layers this disk reads a map's extents from, by number (kvm only), and
-        # whether it still keeps them: until the guest says the VM does not decode.
+        # The layers this disk reads a map's extents from, by number, and whether it
+        # still keeps them: until it closes.
         self._held: dict[int, LocalFile] = {}
-        self._holding = options.isolation != "sandbox"
+        self._holding = True
 
     # -- start ---------------------------------------------------------------------
 
@@ -178,8 +179,6 @@ class GuestDisk:
             self.close()
             raise IsolationError(f"{self._name}: the guest reader broke the protocol")
         self.mode, self.mode_reason = mode, reason
-        if mode == "sandbox":  # no VM, no maps: the files need not stay open twice
-            self._let_go()
 
     # -- reading -------------------------------------------------------------------
 
@@ -192,13 +191,12 @@ class GuestDisk:
             self._request(offset, where[0], where[1], length)
             return
         assert self._stage is not None
-        maps = self.mode == "kvm"
         slot = self._stage_slots.get()
         try:
             done = 0
             while done < length:
                 n = min(STAGE, length - done)
-                answer = self._request(offset + done, len(self._mems), slot, n, maps)
+                answer = self._request(offset + done, len(self._mems), slot, n, True)
                 part = buf[done : done + n]
                 with memoryview(self._stage) as stage, stage[slot : slot + n] as staged:
                     if answer.map is None:
@@ -305,9 +303,7 @@ class GuestDisk:
 
     def _hold(self, layer: int, fd: int, name: str) -> None:
         """Keep layer ``layer`` open, to read a map's extents from it: the layers below
-        MAP_LAYERS, unless the guest may not run the VM (which makes the maps).  Not
-        decided by the mode the guest reported: it may ask for files before the
-        thread that started it has read its report, only to stop once it has."""
+        MAP_LAYERS, until the disk closes."""
         if self._holding and layer < MAP_LAYERS:
             held = os.dup(fd)
             try:
@@ -322,7 +318,8 @@ class GuestDisk:
             file.close()
 
     def _let_go(self) -> None:
-        """Close the layers held for maps, and hold no more."""
+        """Close the layers held for maps, and hold no more (a file the guest asks for
+        while the disk closes is not held)."""
         with self._lock:
             self._holding = False
             held, self._held = self._held, {}
