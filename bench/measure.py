@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import statistics
 import subprocess
 import sys
@@ -437,6 +438,38 @@ def find(results: Sequence[Result], tool: str, case: str) -> Result:
         if r.tool == tool and r.case == case:
             return r
     raise KeyError((tool, case))
+
+
+# Inputs up to this size are read before a group's first round (Bench.run); a bigger
+# one (the memory rows' sparse GiBs) would fill the page cache with its holes' zeros.
+WARM_LIMIT = 2 * GiB
+
+
+def named_inputs(cases: Sequence[Case], limit: int = WARM_LIMIT) -> list[Path]:
+    """The files the cases' command lines name to read, once each, in order: every
+    argument (``if=`` aside) that is an existing regular file of at most ``limit``
+    bytes, and not one of the case's outputs.  A chain's lower layers, which only its
+    top names, are not among them."""
+    found: dict[Path, None] = {}
+    for case in cases:
+        for step in case.steps:
+            for arg in step:
+                path = Path(arg.removeprefix("if="))
+                if not path.is_absolute() or path in case.outputs or path in found:
+                    continue
+                with contextlib.suppress(OSError):
+                    st = path.stat()
+                    if stat.S_ISREG(st.st_mode) and st.st_size <= limit:
+                        found[path] = None
+    return list(found)
+
+
+def read_through(path: Path, chunk: int = 8 * MiB) -> None:
+    """Read ``path`` once, so that the page cache holds it."""
+    buf = bytearray(chunk)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
 
 
 def clear(paths: Sequence[Path]) -> None:
