@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -63,12 +63,14 @@ class Layers:
         self.files.append(MappableFile(fd, name, len(self.files)))
         return self.files[-1]
 
-    def finish(self, out: bytearray, extents: tuple[int, ...]) -> None:
-        """What the host does with a map (aiodd.guest.disk.GuestDisk._place)."""
-        for i in range(0, len(extents), 4):
-            layer, offset, length, at = extents[i : i + 4]
-            data = self.files[layer].pread(offset, length)
-            out[at : at + length] = data + bytes(length - len(data))
+
+def _finish(out: bytearray, extents: tuple[int, ...], files: Sequence[LocalFile]) -> None:
+    """What the host does with a map (aiodd.guest.disk.GuestDisk._place): each read left,
+    made in order from the file of its layer, zeros past the file's end."""
+    for i in range(0, len(extents), 4):
+        layer, offset, length, at = extents[i : i + 4]
+        data = files[layer].pread(offset, length)
+        out[at : at + length] = data + bytes(length - len(data))
 
 
 @pytest.fixture
@@ -126,7 +128,7 @@ def test_every_decoder_leaves_its_reads_final(
             for at, pattern in poisoned_leaves:
                 end = at + len(pattern)
                 assert out[at:end] == untouched[at:end], f"{name}: a read left at {at} written"
-            layers.finish(out, extents)
+            _finish(out, extents, layers.files)
             assert out == expected, f"{name}: read ({offset}, {length})"
             mapped += sum(extents[2::4])
     finally:
@@ -172,10 +174,8 @@ def _mapped(disk: Pieces, length: int) -> tuple[tuple[int, ...], bytearray]:
     out = bytearray(_poisoned(length))
     extents = read_map(disk, 0, memoryview(out))
     finished = bytearray(out)
-    for i in range(0, len(extents), 4):
-        layer, offset, n, at = extents[i : i + 4]
-        assert layer == 3
-        finished[at : at + n] = disk.file.pread(offset, n)
+    assert set(extents[0::4]) <= {3}
+    _finish(finished, extents, [disk.file] * 4)
     return extents, finished
 
 
